@@ -1,0 +1,281 @@
+//! The cutover agent: one per cluster. It dials out to the coordinator (so
+//! clusters need no inbound port), follows redirects to the leader, keeps one
+//! `AgentService.Connect` stream open, heartbeats, and executes tasks.
+//!
+//! Tasks are deduplicated by id through the on-disk [`store::Store`]: a task
+//! the coordinator re-sends (after a reconnect, a leader change or an agent
+//! restart) is answered with the recorded result, never executed twice.
+
+#![forbid(unsafe_code)]
+
+pub mod store;
+pub mod tasks;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cutover_shared::config::AgentConfig;
+use cutover_shared::domain::{ClusterRef, TaskProgress, TaskSpec, now_unix_ms};
+use cutover_shared::proto::agent_service_client::AgentServiceClient;
+use cutover_shared::proto::{self, ConnectRequest, connect_request, connect_response};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use store::Store;
+
+/// Metadata key with the leader's address on a refused stream.
+const LEADER_METADATA: &str = "cutover-leader";
+
+/// Errors that stop an agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] cutover_shared::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("agent certificate {0}: {1}")]
+    Certificate(String, String),
+}
+
+/// Why one session with a coordinator ended.
+enum SessionEnd {
+    Shutdown,
+    Redirect(String),
+    Lost(String),
+}
+
+type Outbox = Arc<Mutex<Option<mpsc::Sender<ConnectRequest>>>>;
+
+/// A configured agent.
+pub struct Agent {
+    cfg: AgentConfig,
+    cluster: ClusterRef,
+    store: Arc<Store>,
+    /// The current session's sender; tasks send through whatever session is
+    /// open when they finish.
+    outbox: Outbox,
+    running: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Reads the region and cluster an agent certificate binds it to.
+pub fn cluster_from_cert(path: &std::path::Path) -> Result<ClusterRef, AgentError> {
+    let id = cutover_shared::identity::identity_from_pem_file(path)?;
+    id.agent_cluster()
+        .ok_or_else(|| AgentError::Certificate(path.display().to_string(), format!("names {id}, not an agent")))
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        cfg.validate()?;
+        cutover_shared::tls::install_crypto_provider();
+        let cluster = cluster_from_cert(&cfg.tls.cert)?;
+        let store = Arc::new(Store::open(&cfg.data_dir)?);
+        Ok(Agent { cfg, cluster, store, outbox: Default::default(), running: Default::default() })
+    }
+
+    pub fn cluster(&self) -> &ClusterRef {
+        &self.cluster
+    }
+
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// Runs until `shutdown` completes: connect, serve, and on any loss
+    /// reconnect to the next coordinator with jittered exponential backoff.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let n = self.cfg.coordinators.len();
+        let mut next = rand::rng().random_range(0..n);
+        let mut failures: u32 = 0;
+        let mut redirect: Option<String> = None;
+        loop {
+            let addr = redirect.take().unwrap_or_else(|| {
+                let a = self.cfg.coordinators[next % n].clone();
+                next += 1;
+                a
+            });
+            let started = Instant::now();
+            let end = tokio::select! {
+                _ = &mut shutdown => SessionEnd::Shutdown,
+                end = self.session(&addr) => end,
+            };
+            *self.outbox.lock().expect("outbox") = None;
+            match end {
+                SessionEnd::Shutdown => {
+                    tracing::info!("agent stopping");
+                    return;
+                }
+                SessionEnd::Redirect(leader) => {
+                    tracing::info!(from = %addr, to = %leader, "redirected to the leader");
+                    redirect = Some(leader);
+                    failures = failures.saturating_add(1).min(3);
+                    if failures < 3 {
+                        continue;
+                    }
+                }
+                SessionEnd::Lost(why) => {
+                    tracing::warn!(coordinator = %addr, "session ended: {why}");
+                    // A session that lived a while was healthy: start over.
+                    if started.elapsed() > Duration::from_secs(10) {
+                        failures = 0;
+                    }
+                    failures = failures.saturating_add(1);
+                }
+            }
+            let delay = self.backoff(failures);
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Exponential backoff with equal jitter: half fixed, half random, so
+    /// a fleet that lost the same node does not reconnect in lockstep.
+    fn backoff(&self, failures: u32) -> Duration {
+        let exp = self.cfg.reconnect_min_ms.saturating_mul(1u64 << failures.min(16).saturating_sub(1));
+        let cap = exp.min(self.cfg.reconnect_max_ms).max(1);
+        Duration::from_millis(cap / 2 + rand::rng().random_range(0..=cap / 2))
+    }
+
+    async fn session(&self, addr: &str) -> SessionEnd {
+        let channel = match self.cfg.tls.channel(addr, self.cfg.server_name.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Lost(e.to_string()),
+        };
+        let mut client = AgentServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<ConnectRequest>(256);
+        let register = proto::Register {
+            cluster: Some(self.cluster.clone().into()),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            task_kinds: tasks::KINDS.iter().map(|s| s.to_string()).collect(),
+        };
+        let _ = tx.send(ConnectRequest { message: Some(connect_request::Message::Register(register)) }).await;
+        let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                if let Some(leader) = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok())
+                    && leader != addr
+                {
+                    return SessionEnd::Redirect(leader.to_owned());
+                }
+                return SessionEnd::Lost(format!("{:?}: {}", status.code(), status.message()));
+            }
+        };
+        let interval = match inbound.message().await {
+            Ok(Some(proto::ConnectResponse { message: Some(connect_response::Message::Registered(r)) })) => {
+                tracing::info!(coordinator = %addr, leader = r.leader_node_id, cluster = %self.cluster, "registered");
+                Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(10)))
+            }
+            Ok(other) => return SessionEnd::Lost(format!("unexpected first message {other:?}")),
+            Err(s) => return SessionEnd::Lost(format!("{:?}: {}", s.code(), s.message())),
+        };
+        *self.outbox.lock().expect("outbox") = Some(tx.clone());
+        let mut ticker = tokio::time::interval(interval);
+        let mut seq = 0u64;
+        let mut last_ack = Instant::now();
+        let mut sent_at = std::collections::HashMap::new();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    // No acknowledgement for three intervals: the connection is
+                    // half-open or the leader is gone. Find another.
+                    if last_ack.elapsed() > interval * 3 {
+                        return SessionEnd::Lost("no heartbeat acknowledgement for 3 intervals".into());
+                    }
+                    seq += 1;
+                    sent_at.insert(seq, Instant::now());
+                    let hb = proto::Heartbeat { sequence: seq, sent_at_unix_ms: now_unix_ms() };
+                    if tx.send(ConnectRequest { message: Some(connect_request::Message::Heartbeat(hb)) }).await.is_err() {
+                        return SessionEnd::Lost("outbound stream closed".into());
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => match m.message {
+                        Some(connect_response::Message::HeartbeatAck(ack)) => {
+                            last_ack = Instant::now();
+                            if let Some(t) = sent_at.remove(&ack.sequence) {
+                                metrics::histogram!("cutover_agent_heartbeat_rtt_seconds").record(t.elapsed().as_secs_f64());
+                            }
+                            sent_at.retain(|s, _| *s > ack.sequence);
+                        }
+                        Some(connect_response::Message::Task(t)) => match TaskSpec::try_from(t) {
+                            Ok(spec) => self.accept(spec),
+                            Err(e) => tracing::warn!("malformed task: {e}"),
+                        },
+                        _ => {}
+                    },
+                    Ok(None) => return SessionEnd::Lost("coordinator closed the stream".into()),
+                    Err(s) => return SessionEnd::Lost(format!("{:?}: {}", s.code(), s.message())),
+                }
+            }
+        }
+    }
+
+    /// Takes a task from the coordinator: replays a recorded result, ignores
+    /// one already running, runs a new one.
+    fn accept(&self, spec: TaskSpec) {
+        if spec.target != self.cluster {
+            tracing::warn!(task = %spec.task_id, target = %spec.target, "task addressed to another cluster; ignored");
+            return;
+        }
+        match self.store.result(&spec.task_id) {
+            Ok(Some(mut earlier)) => {
+                tracing::info!(task = %spec.task_id, "task already finished; replaying its result");
+                earlier.replayed = true;
+                send(&self.outbox, connect_request::Message::Result(earlier.into()));
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(task = %spec.task_id, "cannot read task store, refusing to run: {e}");
+                return;
+            }
+        }
+        if !self.running.lock().expect("running").insert(spec.task_id.clone()) {
+            return;
+        }
+        let store = self.store.clone();
+        let outbox = self.outbox.clone();
+        let running = self.running.clone();
+        tokio::spawn(async move {
+            let task_id = spec.task_id.clone();
+            match store.record_start(&task_id) {
+                Ok(n) => tracing::info!(task = %task_id, kind = %spec.kind, attempt = n, "task started"),
+                Err(e) => {
+                    tracing::error!(task = %task_id, "cannot record task start, refusing to run: {e}");
+                    running.lock().expect("running").remove(&task_id);
+                    return;
+                }
+            }
+            metrics::counter!("cutover_agent_tasks_started_total", "kind" => spec.kind.clone()).increment(1);
+            let progress_outbox = outbox.clone();
+            let progress_id = task_id.clone();
+            let result = tasks::execute(&spec, move |message| {
+                let p = TaskProgress { task_id: progress_id.clone(), message, at_unix_ms: now_unix_ms() };
+                send(&progress_outbox, connect_request::Message::Progress(p.into()));
+            })
+            .await;
+            // Durable before reported: a crash after this line replays.
+            if let Err(e) = store.save_result(&result) {
+                tracing::error!(task = %task_id, "cannot record task result: {e}");
+            }
+            tracing::info!(task = %task_id, success = result.success, "task finished");
+            send(&outbox, connect_request::Message::Result(result.into()));
+            running.lock().expect("running").remove(&task_id);
+        });
+    }
+}
+
+/// Sends on the current session, if any. A message that finds no session is
+/// dropped: results are on disk and the coordinator re-sends the task.
+fn send(outbox: &Outbox, message: connect_request::Message) {
+    if let Some(tx) = outbox.lock().expect("outbox").as_ref() {
+        let _ = tx.try_send(ConnectRequest { message: Some(message) });
+    }
+}
+

@@ -1,0 +1,96 @@
+//! Connection options shared by every operator verb, and a client that tries
+//! each coordinator address in turn (any node answers; writes are forwarded
+//! to the leader by the node that receives them).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use cutover_shared::proto::control_service_client::ControlServiceClient;
+use cutover_shared::tls::TlsFiles;
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Where the coordinator is and who we are.
+#[derive(Clone, Debug, Args)]
+pub struct ConnOpts {
+    /// Coordinator address(es), comma-separated host:port.
+    #[arg(long, env = "CUTOVER_ADDR", value_delimiter = ',', global = true)]
+    pub addr: Vec<String>,
+    /// CA certificate (PEM) that signed the coordinators' certificates.
+    #[arg(long, env = "CUTOVER_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) naming an operator or viewer.
+    #[arg(long, env = "CUTOVER_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, env = "CUTOVER_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// TLS server name to expect instead of the address host.
+    #[arg(long, env = "CUTOVER_SERVER_NAME", global = true)]
+    pub server_name: Option<String>,
+    /// `text` for people, `json` for scripts.
+    #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
+}
+
+impl ConnOpts {
+    fn tls(&self) -> Result<TlsFiles> {
+        let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
+            v.clone().with_context(|| format!("no {flag} given (flag --{flag} or {env})"))
+        };
+        Ok(TlsFiles {
+            ca: need(&self.ca, "ca", "CUTOVER_CA")?,
+            cert: need(&self.cert, "cert", "CUTOVER_CERT")?,
+            key: need(&self.key, "key", "CUTOVER_KEY")?,
+        })
+    }
+
+    /// One control client per configured address, in order.
+    pub fn clients(&self) -> Result<Vec<(String, ControlServiceClient<Channel>)>> {
+        if self.addr.is_empty() {
+            bail!("no coordinator address given (flag --addr or CUTOVER_ADDR)");
+        }
+        let tls = self.tls()?;
+        self.addr
+            .iter()
+            .map(|a| {
+                let ch = tls.channel(a, self.server_name.as_deref())?;
+                Ok((a.clone(), ControlServiceClient::new(ch)))
+            })
+            .collect()
+    }
+}
+
+/// Is this status a failure to reach the node (try the next one) rather
+/// than an answer?
+fn unreachable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown && s.message().contains("transport")
+}
+
+/// Runs `f` against the first coordinator that answers.
+pub async fn call<T, F, Fut>(opts: &ConnOpts, f: F) -> Result<T>
+where
+    F: Fn(ControlServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut last = None;
+    for (addr, client) in opts.clients()? {
+        match f(client).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if unreachable(&s) => last = Some(format!("{addr}: {}", s.message())),
+            Err(s) => bail!("{}: {}", code_name(s.code()), s.message()),
+        }
+    }
+    bail!("no coordinator reachable ({})", last.unwrap_or_default())
+}
+
+pub fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}").chars().flat_map(|ch| if ch.is_uppercase() { vec!['_', ch] } else { vec![ch.to_ascii_uppercase()] }).collect::<String>().trim_start_matches('_').to_owned()
+}

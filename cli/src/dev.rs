@@ -1,0 +1,166 @@
+//! `cutover dev`: a whole local system in one process on loopback — three
+//! coordinator nodes, one agent per region — with fresh certificates.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cutover_agent::Agent;
+use cutover_coordinator::Node;
+use cutover_shared::certs::{DevPki, init_dev_pki};
+use cutover_shared::config::{AgentConfig, CoordinatorConfig, Member, RaftConfig};
+use cutover_shared::domain::AgentState;
+use cutover_shared::telemetry::LogFormat;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const DEV_REGIONS: &[(&str, &str)] = &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
+
+pub struct DevAgent {
+    pub region: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+pub struct DevSystem {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub pki: DevPki,
+    pub nodes: Vec<Option<Node>>,
+    pub addrs: Vec<String>,
+    pub agents: Vec<DevAgent>,
+}
+
+impl DevSystem {
+    pub async fn start(data_dir: Option<PathBuf>, regions: &[(&str, &str)]) -> Result<DevSystem> {
+        let (dir, tmp) = match data_dir {
+            Some(d) => (d, None),
+            None => {
+                let t = tempfile::Builder::new().prefix("cutover-dev-").tempdir()?;
+                (t.path().to_owned(), Some(t))
+            }
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let pki = init_dev_pki(&dir.join("certs"), 3, regions)?;
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+        let members: Vec<Member> = addrs.iter().enumerate().map(|(i, a)| Member { id: i as u64 + 1, address: a.clone() }).collect();
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let id = i as u64 + 1;
+            let cfg = CoordinatorConfig {
+                node_id: id,
+                listen: addrs[i].clone(),
+                advertise: None,
+                data_dir: dir.join(format!("coordinator-{id}")),
+                ops_listen: None,
+                log_format: LogFormat::Human,
+                tls: pki.coordinators[i].1.clone(),
+                initial_members: members.clone(),
+                agent_heartbeat_interval_ms: 1000,
+                raft: RaftConfig::default(),
+            };
+            nodes.push(Some(Node::start(cfg, listener, None).await?));
+        }
+        let mut sys = DevSystem { dir, _tmp: tmp, pki, nodes, addrs, agents: vec![] };
+        for i in 0..regions.len() {
+            sys.start_agent(i)?;
+        }
+        Ok(sys)
+    }
+
+    pub fn agent_config(&self, i: usize) -> AgentConfig {
+        let (region, cluster, tls) = &self.pki.agents[i];
+        AgentConfig {
+            coordinators: self.addrs.clone(),
+            data_dir: self.dir.join(format!("agent-{region}-{cluster}")),
+            server_name: None,
+            ops_listen: None,
+            log_format: LogFormat::Human,
+            tls: tls.clone(),
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 2000,
+        }
+    }
+
+    fn start_agent(&mut self, i: usize) -> Result<()> {
+        let agent = Agent::new(self.agent_config(i))?;
+        let (stop, rx) = oneshot::channel();
+        let region = agent.cluster().region.clone();
+        let task = tokio::spawn(agent.run(async move {
+            let _ = rx.await;
+        }));
+        self.agents.push(DevAgent { region, stop: Some(stop), task });
+        Ok(())
+    }
+
+    /// Lines a shell can `eval` to drive this system as the operator.
+    pub fn exports(&self) -> String {
+        let q = |p: &Path| format!("'{}'", p.display());
+        format!(
+            "export CUTOVER_ADDR={}\nexport CUTOVER_CA={}\nexport CUTOVER_CERT={}\nexport CUTOVER_KEY={}\n",
+            self.addrs.join(","),
+            q(&self.pki.ca),
+            q(&self.pki.operator.cert),
+            q(&self.pki.operator.key)
+        )
+    }
+
+    /// Any running node.
+    pub fn any_node(&self) -> &Node {
+        self.nodes.iter().flatten().next().expect("at least one node runs")
+    }
+
+    /// The index of the node that currently leads, if a running node knows.
+    pub fn leader_index(&self) -> Option<usize> {
+        let id = self.any_node().consensus().status().leader?;
+        let i = id as usize - 1;
+        self.nodes.get(i).and_then(|n| n.as_ref()).map(|_| i)
+    }
+
+    /// Waits until a leader is elected and every agent is registered up.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let want = self.agents.len();
+        loop {
+            let node = self.any_node();
+            let ups = node.consensus().read(|s| s.agents.values().filter(|a| a.state == AgentState::Up).count());
+            if node.consensus().status().leader.is_some() && ups >= want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("system not ready after {timeout:?}: leader={:?}, agents up {ups}/{want}", node.consensus().status().leader);
+            }
+            let mut applied = node.consensus().applied();
+            let _ = tokio::time::timeout(Duration::from_millis(100), applied.changed()).await;
+        }
+    }
+
+    /// Stops one coordinator node (in-process, like a clean crash of it).
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for a in &mut self.agents {
+            if let Some(s) = a.stop.take() {
+                let _ = s.send(());
+            }
+        }
+        for a in self.agents.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), a.task).await;
+            let _ = a.region;
+        }
+        for n in self.nodes.iter_mut() {
+            if let Some(n) = n.take() {
+                n.shutdown().await;
+            }
+        }
+    }
+}

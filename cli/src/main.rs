@@ -1,0 +1,159 @@
+//! `cutover`: the single binary. Runs a coordinator node or an agent, creates
+//! development certificates, runs a whole local system (`dev`, `demo`), and
+//! carries every operator verb.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod demo;
+mod dev;
+mod verbs;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use cutover_shared::config::{AgentConfig, CoordinatorConfig};
+use cutover_shared::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "cutover", version, about = "Multi-region blue-green cutovers and disaster recovery")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one coordinator node.
+    Coordinator {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one agent.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// A whole local system in one process: 3 coordinators and one agent per region.
+    Dev {
+        /// Keep data and certificates here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Start what `dev` starts, run a scripted scenario, print a report, exit 0 only if it all held.
+    Demo {
+        #[arg(long, short, value_enum, default_value_t = client::Output::Text)]
+        output: client::Output,
+    },
+    #[command(flatten)]
+    Verb(verbs::Verb),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write a development CA plus coordinator, agent, operator and viewer certificates.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    cutover_shared::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Coordinator { config } => {
+            let cfg: CoordinatorConfig = cutover_shared::config::load(&config)?;
+            telemetry::init_tracing(cfg.log_format);
+            telemetry::metrics_handle();
+            let node = cutover_coordinator::Node::bind_and_start(cfg).await?;
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            node.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Agent { config } => {
+            let cfg: AgentConfig = cutover_shared::config::load(&config)?;
+            telemetry::init_tracing(cfg.log_format);
+            telemetry::metrics_handle();
+            let ops = match &cfg.ops_listen {
+                Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+                None => None,
+            };
+            let agent = cutover_agent::Agent::new(cfg)?;
+            if let Some(l) = ops {
+                tokio::spawn(telemetry::serve_ops(l, std::sync::Arc::new(|| true), std::future::pending()));
+            }
+            agent.run(shutdown_signal()).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Certs { cmd: CertsCmd::Init { dir } } => {
+            let pki = cutover_shared::certs::init_dev_pki(&dir, 3, dev::DEV_REGIONS)?;
+            println!("wrote a development CA and certificates to {}", pki.dir.display());
+            println!("  CA:           {}", pki.ca.display());
+            for (id, f) in &pki.coordinators {
+                println!("  coordinator {id}: {}", f.cert.display());
+            }
+            for (r, c, f) in &pki.agents {
+                println!("  agent {r}/{c}: {}", f.cert.display());
+            }
+            println!("  operator:     {}", pki.operator.cert.display());
+            println!("  viewer:       {}", pki.viewer.cert.display());
+            println!("private keys are mode 0600");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dev { data_dir } => {
+            telemetry::init_tracing(LogFormat::Human);
+            let sys = dev::DevSystem::start(data_dir, dev::DEV_REGIONS).await?;
+            sys.wait_ready(std::time::Duration::from_secs(30)).await?;
+            println!("# cutover dev: 3 coordinators, agents for {}; Ctrl-C stops it", dev::DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", "));
+            print!("{}", sys.exports());
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            shutdown_signal().await;
+            eprintln!("stopping");
+            sys.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { output } => demo::run(output).await,
+        Cmd::Verb(v) => verbs::run(v).await,
+    }
+}

@@ -1,0 +1,398 @@
+//! Operator verbs: thin wrappers over `ControlService` with text and JSON output.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use cutover_shared::proto as pb;
+use serde_json::json;
+
+use crate::client::{ConnOpts, Output, call};
+
+#[derive(Subcommand)]
+pub enum Verb {
+    /// Coordinator cluster membership and progress.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Agents and their liveness.
+    Agents {
+        #[command(subcommand)]
+        cmd: AgentsCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Per region and cluster: agent state (apps arrive with deploys).
+    Status {
+        #[arg(long)]
+        app: Option<String>,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Operations: list, get, watch.
+    Operations {
+        #[command(subcommand)]
+        cmd: OperationsCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Run one ad-hoc task on one cluster's agent (diagnostics: noop, echo).
+    Task {
+        #[command(subcommand)]
+        cmd: TaskCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Record CI facts about a release image: --check tests=passed.
+    Attest {
+        #[arg(long)]
+        image: String,
+        #[arg(long = "check", required = true)]
+        checks: Vec<String>,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// The audit trail, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    Status,
+    /// Add a coordinator node (learner first, then voter).
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a coordinator node.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentsCmd {
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum OperationsCmd {
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    Get { id: String },
+    /// Follow an operation until it finishes; exits non-zero if it failed.
+    Watch { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum TaskCmd {
+    Run {
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, default_value = "echo")]
+        kind: String,
+        /// key=value, repeatable.
+        #[arg(long = "param")]
+        params: Vec<String>,
+        /// Return at once instead of following the task.
+        #[arg(long)]
+        detach: bool,
+    },
+}
+
+fn kv(items: &[String], what: &str) -> Result<std::collections::HashMap<String, String>> {
+    items
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => bail!("{what} {s:?} is not key=value"),
+        })
+        .collect()
+}
+
+fn state_name(s: i32) -> &'static str {
+    match pb::TaskState::try_from(s).unwrap_or(pb::TaskState::Unspecified) {
+        pb::TaskState::Pending => "pending",
+        pb::TaskState::Running => "running",
+        pb::TaskState::Succeeded => "succeeded",
+        pb::TaskState::Failed => "failed",
+        pb::TaskState::Unspecified => "unknown",
+    }
+}
+
+fn agent_state(s: i32) -> &'static str {
+    match pb::AgentState::try_from(s).unwrap_or(pb::AgentState::Unspecified) {
+        pb::AgentState::Up => "up",
+        pb::AgentState::Down => "down",
+        pb::AgentState::Unspecified => "unknown",
+    }
+}
+
+fn members_json(m: &[pb::ClusterMember]) -> serde_json::Value {
+    json!(m.iter().map(|m| json!({
+        "node_id": m.node_id, "address": m.address, "leader": m.leader,
+        "role": if m.role == pb::MemberRole::Voter as i32 { "voter" } else { "learner" },
+    })).collect::<Vec<_>>())
+}
+
+fn print_members(m: &[pb::ClusterMember]) {
+    println!("{:<6} {:<24} {:<8} LEADER", "NODE", "ADDRESS", "ROLE");
+    for m in m {
+        let role = if m.role == pb::MemberRole::Voter as i32 { "voter" } else { "learner" };
+        println!("{:<6} {:<24} {:<8} {}", m.node_id, m.address, role, if m.leader { "*" } else { "" });
+    }
+}
+
+pub fn operation_json(o: &pb::Operation) -> serde_json::Value {
+    json!({
+        "id": o.id, "state": state_name(o.state), "created_by": o.created_by,
+        "created_at_unix_ms": o.created_at_unix_ms, "updated_at_unix_ms": o.updated_at_unix_ms,
+        "summary": o.summary,
+        "tasks": o.tasks.iter().map(|t| {
+            let spec = t.task.clone().unwrap_or_default();
+            let target = spec.target.clone().unwrap_or_default();
+            json!({
+                "task_id": spec.task_id, "kind": spec.kind, "target": format!("{}/{}", target.region, target.cluster),
+                "state": state_name(t.state), "dispatch_count": t.dispatch_count,
+                "progress": t.progress.iter().map(|p| json!({"at_unix_ms": p.at_unix_ms, "message": p.message})).collect::<Vec<_>>(),
+                "result": t.result.as_ref().map(|r| json!({"success": r.success, "message": r.message, "outputs": r.outputs, "replayed": r.replayed})),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn print_operation(o: &pb::Operation) {
+    println!("operation {}  {}  by {}", o.id, state_name(o.state), o.created_by);
+    for t in &o.tasks {
+        let spec = t.task.clone().unwrap_or_default();
+        let target = spec.target.clone().unwrap_or_default();
+        println!("  task {} {} on {}/{}: {}", spec.task_id, spec.kind, target.region, target.cluster, state_name(t.state));
+        for p in &t.progress {
+            println!("    - {}", p.message);
+        }
+        if let Some(r) = &t.result {
+            println!("    result: {} {}", if r.success { "ok" } else { "FAILED" }, r.message);
+        }
+    }
+}
+
+fn finished(o: &pb::Operation) -> bool {
+    o.state == pb::TaskState::Succeeded as i32 || o.state == pb::TaskState::Failed as i32
+}
+
+/// Follows an operation to its end; true if it succeeded.
+async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
+    let mut last: Option<pb::Operation> = None;
+    for (addr, mut client) in conn.clients()? {
+        let stream = client.watch_operation(pb::WatchOperationRequest { operation_id: id.to_owned() }).await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable => continue,
+            Err(s) => bail!("{}: {}", crate::client::code_name(s.code()), s.message()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(update)) => {
+                    let Some(op) = update.operation else { continue };
+                    if conn.output == Output::Text {
+                        print_operation(&op);
+                    }
+                    let done = finished(&op);
+                    last = Some(op);
+                    if done {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("lost {addr}: {}; trying another node", e.message());
+                    break;
+                }
+            }
+        }
+        if last.as_ref().is_some_and(finished) {
+            break;
+        }
+    }
+    let Some(op) = last else { bail!("no coordinator reachable to watch {id}") };
+    if conn.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&operation_json(&op))?);
+    }
+    Ok(op.state == pb::TaskState::Succeeded as i32)
+}
+
+pub async fn run(v: Verb) -> Result<ExitCode> {
+    match v {
+        Verb::Cluster { cmd, conn } => match cmd {
+            ClusterCmd::Status => {
+                let s = call(&conn, |mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await }).await?;
+                if conn.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&json!({
+                        "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "server_state": s.server_state,
+                        "last_log_index": s.last_log_index, "commit_index": s.commit_index, "applied_index": s.applied_index,
+                        "snapshot_index": s.snapshot_index, "purged_index": s.purged_index, "members": members_json(&s.members),
+                    }))?);
+                } else {
+                    println!("answered by node {} ({}), leader {}, term {}", s.node_id, s.server_state, s.leader_id, s.term);
+                    println!("log: last {} committed {} applied {} snapshot {} purged {}", s.last_log_index, s.commit_index, s.applied_index, s.snapshot_index, s.purged_index);
+                    print_members(&s.members);
+                }
+                if s.leader_id == 0 {
+                    eprintln!("error: no leader");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            ClusterCmd::AddNode { id, address } => {
+                let r = call(&conn, |mut c| {
+                    let address = address.clone();
+                    async move { c.add_node(pb::AddNodeRequest { node_id: id, address }).await }
+                })
+                .await?;
+                if conn.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&json!({"members": members_json(&r.members)}))?);
+                } else {
+                    println!("node {id} added");
+                    print_members(&r.members);
+                }
+            }
+            ClusterCmd::RemoveNode { id } => {
+                let r = call(&conn, |mut c| async move { c.remove_node(pb::RemoveNodeRequest { node_id: id }).await }).await?;
+                if conn.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&json!({"members": members_json(&r.members)}))?);
+                } else {
+                    println!("node {id} removed");
+                    print_members(&r.members);
+                }
+            }
+        },
+        Verb::Agents { cmd: AgentsCmd::List, conn } => {
+            let r = call(&conn, |mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await }).await?;
+            if conn.output == Output::Json {
+                let v: Vec<_> = r.agents.iter().map(|a| {
+                    let c = a.cluster.clone().unwrap_or_default();
+                    json!({"region": c.region, "cluster": c.cluster, "state": agent_state(a.state), "since_unix_ms": a.since_unix_ms, "version": a.agent_version, "task_kinds": a.task_kinds})
+                }).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<12} {:<16} {:<6} VERSION", "REGION", "CLUSTER", "STATE");
+                for a in &r.agents {
+                    let c = a.cluster.clone().unwrap_or_default();
+                    println!("{:<12} {:<16} {:<6} {}", c.region, c.cluster, agent_state(a.state), a.agent_version);
+                }
+            }
+        }
+        Verb::Status { app, conn } => {
+            let app = app.unwrap_or_default();
+            let r = call(&conn, |mut c| {
+                let app = app.clone();
+                async move { c.get_status(pb::GetStatusRequest { app }).await }
+            })
+            .await?;
+            if conn.output == Output::Json {
+                let v: Vec<_> = r.clusters.iter().map(|s| {
+                    let c = s.cluster.clone().unwrap_or_default();
+                    json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)})
+                }).collect();
+                println!("{}", serde_json::to_string_pretty(&json!({"leader_id": r.leader_id, "clusters": v}))?);
+            } else {
+                println!("{:<12} {:<16} AGENT", "REGION", "CLUSTER");
+                for s in &r.clusters {
+                    let c = s.cluster.clone().unwrap_or_default();
+                    println!("{:<12} {:<16} {}", c.region, c.cluster, agent_state(s.agent_state));
+                }
+            }
+        }
+        Verb::Operations { cmd, conn } => match cmd {
+            OperationsCmd::List { limit } => {
+                let r = call(&conn, |mut c| async move { c.list_operations(pb::ListOperationsRequest { limit }).await }).await?;
+                if conn.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&r.operations.iter().map(operation_json).collect::<Vec<_>>())?);
+                } else {
+                    println!("{:<40} {:<10} CREATED BY", "ID", "STATE");
+                    for o in &r.operations {
+                        println!("{:<40} {:<10} {}", o.id, state_name(o.state), o.created_by);
+                    }
+                }
+            }
+            OperationsCmd::Get { id } => {
+                let r = call(&conn, |mut c| {
+                    let operation_id = id.clone();
+                    async move { c.get_operation(pb::GetOperationRequest { operation_id }).await }
+                })
+                .await?;
+                let op = r.operation.unwrap_or_default();
+                if conn.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&operation_json(&op))?);
+                } else {
+                    print_operation(&op);
+                }
+            }
+            OperationsCmd::Watch { id } => {
+                if !watch(&conn, &id).await? {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        },
+        Verb::Task { cmd: TaskCmd::Run { region, cluster, kind, params, detach }, conn } => {
+            let params = kv(&params, "param")?;
+            let r = call(&conn, |mut c| {
+                let req = pb::RunTaskRequest {
+                    target: Some(pb::ClusterRef { region: region.clone(), cluster: cluster.clone() }),
+                    kind: kind.clone(),
+                    params: params.clone(),
+                };
+                async move { c.run_task(req).await }
+            })
+            .await?;
+            if detach {
+                if conn.output == Output::Json {
+                    println!("{}", json!({"operation_id": r.operation_id, "task_id": r.task_id}));
+                } else {
+                    println!("{}", r.operation_id);
+                }
+            } else if !watch(&conn, &r.operation_id).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Verb::Attest { image, checks, conn } => {
+            let checks = kv(&checks, "check")?;
+            let r = call(&conn, |mut c| {
+                let req = pb::CreateAttestationRequest { image: image.clone(), checks: checks.clone() };
+                async move { c.create_attestation(req).await }
+            })
+            .await?;
+            if conn.output == Output::Json {
+                println!("{}", json!({"image": image, "log_index": r.log_index}));
+            } else {
+                println!("attested {image} ({} checks) at log index {}", checks.len(), r.log_index);
+            }
+        }
+        Verb::Audit { limit, conn } => {
+            let r = call(&conn, |mut c| async move { c.list_audit_events(pb::ListAuditEventsRequest { limit }).await }).await?;
+            if conn.output == Output::Json {
+                let v: Vec<_> = r.events.iter().map(|e| json!({"sequence": e.sequence, "at_unix_ms": e.at_unix_ms, "actor": e.actor, "action": e.action, "parameters": e.parameters, "outcome": e.outcome})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in &r.events {
+                    println!("#{:<5} {} {} {} -> {}", e.sequence, e.actor, e.action, e.parameters, e.outcome);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,325 @@
+//! The agent side of the coordinator: the `AgentService.Connect` stream,
+//! agent liveness, and task dispatch. Only the leader serves agents.
+//!
+//! Heartbeats stay out of the log: the leader keeps `last_seen` per agent in
+//! memory and commits only transitions (up on register, down after
+//! `DEAD_AFTER_INTERVALS` silent heartbeat intervals). A new leader starts
+//! every agent's clock at the moment it took over, so agents that do not
+//! reconnect to it are marked down just as promptly.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cutover_shared::domain::{AgentState, ClusterRef, TaskResult, now_unix_ms};
+use cutover_shared::grpc::caller;
+use cutover_shared::proto::agent_service_server::AgentService;
+use cutover_shared::proto::{self, ConnectRequest, ConnectResponse, connect_request, connect_response};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::raft::{Consensus, Proposal, ProposeError};
+use crate::state::Command;
+
+/// Silent heartbeat intervals after which an agent is marked down. With the
+/// reaper ticking every quarter interval, "down" is committed well within
+/// three intervals.
+pub const DEAD_AFTER_INTERVALS: f64 = 2.5;
+
+/// Metadata key carrying the leader's address on a refused agent stream.
+pub const LEADER_METADATA: &str = "cutover-leader";
+
+struct Session {
+    id: u64,
+    tx: mpsc::Sender<Result<ConnectResponse, Status>>,
+    last_seen: Instant,
+    /// Tasks already sent on this session.
+    sent: HashSet<String>,
+}
+
+/// Agent sessions on this node (empty unless it leads).
+pub struct AgentHub {
+    consensus: Consensus,
+    heartbeat: Duration,
+    sessions: Mutex<HashMap<ClusterRef, Session>>,
+    leader_since: Mutex<Instant>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Rejected(m) => Status::failed_precondition(m),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+impl AgentHub {
+    pub fn new(consensus: Consensus, heartbeat: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            consensus,
+            heartbeat,
+            sessions: Mutex::new(HashMap::new()),
+            leader_since: Mutex::new(Instant::now()),
+            next_session: 0.into(),
+        })
+    }
+
+    fn dead_after(&self) -> Duration {
+        self.heartbeat.mul_f64(DEAD_AFTER_INTERVALS)
+    }
+
+    /// Number of agents with an open stream to this node.
+    pub fn connected(&self) -> usize {
+        self.sessions.lock().expect("sessions").len()
+    }
+
+    /// Runs the leader duties (reaping silent agents, dispatching new tasks)
+    /// for as long as the node lives. Duties are idle while it follows.
+    pub async fn run(self: Arc<Self>) {
+        let mut leadership = self.consensus.leadership();
+        let mut applied = self.consensus.applied();
+        let tick = self.heartbeat / 4;
+        let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_generation = u64::MAX;
+        loop {
+            tokio::select! {
+                r = leadership.changed() => {
+                    if r.is_err() { return; }
+                    let leading = *leadership.borrow_and_update();
+                    if leading {
+                        *self.leader_since.lock().expect("leader_since") = Instant::now();
+                        seen_generation = u64::MAX;
+                    } else {
+                        // Agents must follow the leader: close every stream.
+                        self.sessions.lock().expect("sessions").clear();
+                    }
+                    metrics::gauge!("cutover_agents_connected", "node" => self.consensus.node_id().to_string()).set(self.connected() as f64);
+                }
+                r = applied.changed() => {
+                    if r.is_err() { return; }
+                    let generation = self.consensus.read(|s| s.task_generation);
+                    if generation != seen_generation && *leadership.borrow() {
+                        seen_generation = generation;
+                        self.dispatch_all();
+                    }
+                }
+                _ = ticker.tick() => {
+                    if *leadership.borrow() {
+                        self.reap().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits `AgentDown` for every agent recorded up that has been silent
+    /// for too long.
+    async fn reap(&self) {
+        let now = Instant::now();
+        let since = *self.leader_since.lock().expect("leader_since");
+        let up: Vec<ClusterRef> = self.consensus.read(|s| {
+            s.agents.values().filter(|a| a.state == AgentState::Up).map(|a| a.cluster.clone()).collect()
+        });
+        for cluster in up {
+            let last = {
+                let sessions = self.sessions.lock().expect("sessions");
+                sessions.get(&cluster).map_or(since, |s| s.last_seen.max(since))
+            };
+            if now.duration_since(last) > self.dead_after() {
+                self.sessions.lock().expect("sessions").remove(&cluster);
+                tracing::warn!(agent = %cluster, "no heartbeat for {:?}: marking agent down", now.duration_since(last));
+                let cmd = Command::AgentDown { cluster: cluster.clone(), at_unix_ms: now_unix_ms() };
+                if let Err(e) = self.consensus.propose(Proposal::Command(cmd)).await {
+                    tracing::warn!(agent = %cluster, "could not commit agent down: {e}");
+                }
+            }
+        }
+    }
+
+    fn dispatch_all(self: &Arc<Self>) {
+        let clusters: Vec<ClusterRef> = self.sessions.lock().expect("sessions").keys().cloned().collect();
+        for c in clusters {
+            self.dispatch(&c);
+        }
+    }
+
+    /// Sends every unfinished task of `cluster` that this session has not
+    /// seen yet. Re-sending after a reconnect is safe: agents dedupe by id.
+    fn dispatch(self: &Arc<Self>, cluster: &ClusterRef) {
+        let tasks = self.consensus.read(|s| s.unfinished_tasks_for(cluster));
+        let mut sent_now = Vec::new();
+        {
+            let mut sessions = self.sessions.lock().expect("sessions");
+            let Some(session) = sessions.get_mut(cluster) else { return };
+            for t in tasks {
+                if session.sent.contains(&t.task_id) {
+                    continue;
+                }
+                let id = t.task_id.clone();
+                let msg = ConnectResponse { message: Some(connect_response::Message::Task(t.into())) };
+                if session.tx.try_send(Ok(msg)).is_err() {
+                    // Full or closed: the next trigger or reconnect retries.
+                    break;
+                }
+                session.sent.insert(id.clone());
+                sent_now.push(id);
+            }
+        }
+        for task_id in sent_now {
+            tracing::info!(agent = %cluster, task = %task_id, "task dispatched");
+            let hub = self.clone();
+            tokio::spawn(async move {
+                let _ = hub.consensus.propose(Proposal::Command(Command::TaskDispatched { task_id })).await;
+            });
+        }
+    }
+
+    fn refuse_if_follower(&self) -> Result<(), Status> {
+        if self.consensus.is_leader() {
+            return Ok(());
+        }
+        let mut status = Status::unavailable("this coordinator is not the leader; reconnect to the leader");
+        if let Some((_, addr)) = self.consensus.leader()
+            && let Ok(v) = addr.parse()
+        {
+            status.metadata_mut().insert(LEADER_METADATA, v);
+        }
+        Err(status)
+    }
+}
+
+/// `AgentService` over an [`AgentHub`].
+pub struct AgentApi {
+    pub hub: Arc<AgentHub>,
+}
+
+type ConnectStream = Pin<Box<dyn Stream<Item = Result<ConnectResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type ConnectStream = ConnectStream;
+
+    async fn connect(&self, req: Request<Streaming<ConnectRequest>>) -> Result<Response<ConnectStream>, Status> {
+        let identity = caller(&req)?;
+        let cluster = identity
+            .agent_cluster()
+            .ok_or_else(|| Status::permission_denied(format!("{identity} is not an agent")))?;
+        let hub = self.hub.clone();
+        hub.refuse_if_follower()?;
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("stream closed before register"))??;
+        let Some(connect_request::Message::Register(reg)) = first.message else {
+            return Err(Status::invalid_argument("the first message must be register"));
+        };
+        if let Some(claimed) = reg.cluster.as_ref()
+            && (!claimed.region.is_empty() || !claimed.cluster.is_empty())
+            && (claimed.region != cluster.region || claimed.cluster != cluster.cluster)
+        {
+            return Err(Status::permission_denied(format!(
+                "certificate binds this agent to {cluster}; it cannot act as {}/{}",
+                claimed.region, claimed.cluster
+            )));
+        }
+        let up = Command::AgentUp {
+            cluster: cluster.clone(),
+            agent_version: reg.agent_version.chars().take(64).collect(),
+            task_kinds: reg.task_kinds.into_iter().take(64).map(|k| k.chars().take(63).collect()).collect(),
+            at_unix_ms: now_unix_ms(),
+        };
+        hub.consensus.propose(Proposal::Command(up)).await.map_err(propose_status)?;
+
+        let (tx, rx) = mpsc::channel(256);
+        let session_id = hub.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let leader = hub.consensus.node_id();
+        tx.try_send(Ok(ConnectResponse {
+            message: Some(connect_response::Message::Registered(proto::Registered {
+                session_id: session_id.to_string(),
+                leader_node_id: leader,
+                heartbeat_interval_ms: hub.heartbeat.as_millis() as u32,
+            })),
+        }))
+        .map_err(|_| Status::internal("session channel closed"))?;
+        hub.sessions.lock().expect("sessions").insert(
+            cluster.clone(),
+            Session { id: session_id, tx: tx.clone(), last_seen: Instant::now(), sent: HashSet::new() },
+        );
+        metrics::gauge!("cutover_agents_connected", "node" => leader.to_string()).set(hub.connected() as f64);
+        tracing::info!(agent = %cluster, session = session_id, "agent registered");
+        hub.dispatch(&cluster);
+
+        // Reports are committed in order by one writer per session, so a slow
+        // commit never delays heartbeat handling.
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Command>();
+        let writer_hub = hub.clone();
+        tokio::spawn(async move {
+            while let Some(cmd) = report_rx.recv().await {
+                if let Err(e) = writer_hub.consensus.propose(Proposal::Command(cmd)).await {
+                    tracing::warn!("could not commit agent report: {e}");
+                }
+            }
+        });
+        let reader_hub = hub.clone();
+        let reader_cluster = cluster.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound.next().await {
+                let Ok(msg) = msg else { break };
+                match msg.message {
+                    Some(connect_request::Message::Heartbeat(hb)) => {
+                        metrics::counter!("cutover_agent_heartbeats_total").increment(1);
+                        let sessions = &mut *reader_hub.sessions.lock().expect("sessions");
+                        match sessions.get_mut(&reader_cluster) {
+                            Some(s) if s.id == session_id => {
+                                s.last_seen = Instant::now();
+                                let ack = connect_response::Message::HeartbeatAck(proto::HeartbeatAck { sequence: hb.sequence });
+                                let _ = s.tx.try_send(Ok(ConnectResponse { message: Some(ack) }));
+                            }
+                            // Replaced by a newer session or dropped on a
+                            // leadership change: stop reading this one.
+                            _ => break,
+                        }
+                    }
+                    Some(connect_request::Message::Progress(p)) => {
+                        let _ = report_tx.send(Command::TaskProgress { from: reader_cluster.clone(), progress: p.into() });
+                    }
+                    Some(connect_request::Message::Result(r)) => {
+                        let result: TaskResult = r.into();
+                        tracing::info!(agent = %reader_cluster, task = %result.task_id, success = result.success, replayed = result.replayed, "task result");
+                        let _ = report_tx.send(Command::TaskFinished {
+                            from: reader_cluster.clone(),
+                            result,
+                            at_unix_ms: now_unix_ms(),
+                        });
+                    }
+                    Some(connect_request::Message::Register(_)) | None => {
+                        tracing::warn!(agent = %reader_cluster, "unexpected message on agent stream");
+                    }
+                }
+            }
+            let mut sessions = reader_hub.sessions.lock().expect("sessions");
+            if sessions.get(&reader_cluster).is_some_and(|s| s.id == session_id) {
+                // Keep last_seen: the reaper decides when the agent is down.
+                if let Some(s) = sessions.get_mut(&reader_cluster) {
+                    let (dead_tx, _) = mpsc::channel(1);
+                    s.tx = dead_tx;
+                }
+            }
+            tracing::info!(agent = %reader_cluster, session = session_id, "agent stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl AgentHub {
+    /// Ends every agent stream on this node (shutdown).
+    pub fn close_all(&self) {
+        self.sessions.lock().expect("sessions").clear();
+    }
+}

@@ -1,0 +1,333 @@
+//! `ControlService`: what operators, CI and dashboards call. Reads are served
+//! from this node's applied state; writes go through [`Consensus::propose`],
+//! which forwards them to the leader, so any node accepts any call.
+//!
+//! Every handler validates its input completely before proposing anything:
+//! a refused call changes nothing.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use cutover_shared::convert::cluster_from_proto;
+use cutover_shared::domain::{
+    self, Attestation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms, validate_name,
+};
+use cutover_shared::grpc::caller;
+use cutover_shared::identity::Identity;
+use cutover_shared::proto::control_service_server::ControlService;
+use cutover_shared::proto::{self as pb};
+use cutover_shared::tls::normalize_addr;
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::raft::{Consensus, Proposal, ProposeError, RaftStatus};
+use crate::state::{AuditDraft, Command};
+
+/// Bounds on user input, so one call cannot bloat the replicated state.
+const MAX_PARAMS: usize = 64;
+const MAX_PARAM_VALUE: usize = 4096;
+const MAX_IMAGE_LEN: usize = 512;
+const MAX_CHECK_VALUE: usize = 256;
+const MAX_ID_LEN: usize = 128;
+
+pub struct ControlApi {
+    pub consensus: Consensus,
+}
+
+pub(crate) fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Rejected(m) => Status::failed_precondition(m),
+        ProposeError::UnknownNode(id) => Status::not_found(format!("node {id} is not a member of the cluster")),
+        ProposeError::NotLeader { .. } | ProposeError::NoLeader(_) => Status::unavailable(e.to_string()),
+        ProposeError::Raft(m) => Status::unavailable(format!("raft: {m}")),
+    }
+}
+
+fn audit(who: &Identity, action: &str, params: serde_json::Value, outcome: &str) -> AuditDraft {
+    AuditDraft {
+        at_unix_ms: now_unix_ms(),
+        actor: who.to_string(),
+        action: action.to_owned(),
+        parameters: params.to_string(),
+        outcome: outcome.to_owned(),
+    }
+}
+
+fn members(s: &RaftStatus) -> Vec<pb::ClusterMember> {
+    s.members
+        .iter()
+        .map(|(id, addr, voter)| pb::ClusterMember {
+            node_id: *id,
+            address: addr.clone(),
+            role: if *voter { pb::MemberRole::Voter } else { pb::MemberRole::Learner } as i32,
+            leader: s.leader == Some(*id),
+        })
+        .collect()
+}
+
+/// Checks an image reference: non-empty, bounded, no whitespace or control
+/// characters. (Full reference parsing arrives with deploys.)
+pub fn validate_image(image: &str) -> Result<(), Status> {
+    if image.is_empty() {
+        return Err(Status::invalid_argument("image must not be empty"));
+    }
+    if image.len() > MAX_IMAGE_LEN {
+        return Err(Status::invalid_argument(format!("image is longer than {MAX_IMAGE_LEN} characters")));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Status::invalid_argument(format!("image {image:?} contains whitespace or control characters")));
+    }
+    Ok(())
+}
+
+fn validate_id(field: &str, id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(Status::invalid_argument(format!("{field} {id:?} is not a valid id")));
+    }
+    Ok(())
+}
+
+impl ControlApi {
+    fn operation(&self, id: &str) -> Result<domain::Operation, Status> {
+        validate_id("operation_id", id)?;
+        self.consensus
+            .read(|s| s.operations.get(id).cloned())
+            .ok_or_else(|| Status::not_found(format!("no operation {id}")))
+    }
+
+    async fn membership_change(&self, who: &Identity, proposal: Proposal, action: &str, params: serde_json::Value) -> Result<Vec<pb::ClusterMember>, Status> {
+        let result = self.consensus.propose(proposal).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("error: {e}"),
+        };
+        // Record the attempt either way; the change itself is already decided.
+        let _ = self.consensus.propose(Proposal::Command(Command::Audit(audit(who, action, params, &outcome)))).await;
+        result.map_err(propose_status)?;
+        Ok(members(&self.consensus.status()))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOperationResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn get_cluster_status(&self, _req: Request<pb::GetClusterStatusRequest>) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+        let s = self.consensus.status();
+        Ok(Response::new(pb::GetClusterStatusResponse {
+            node_id: s.node_id,
+            leader_id: s.leader.unwrap_or(0),
+            term: s.term,
+            last_log_index: s.last_log_index,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            snapshot_index: s.snapshot_index,
+            purged_index: s.purged_index,
+            members: members(&s),
+            server_state: s.server_state.to_owned(),
+        }))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AddNodeResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument("node_id must be non-zero"));
+        }
+        normalize_addr(&r.address)?;
+        if self.consensus.status().members.iter().any(|(id, _, voter)| *id == r.node_id && *voter) {
+            return Err(Status::already_exists(format!("node {} is already a voter", r.node_id)));
+        }
+        let params = serde_json::json!({ "node_id": r.node_id, "address": r.address });
+        let members = self
+            .membership_change(&who, Proposal::AddNode { id: r.node_id, address: r.address }, "AddNode", params)
+            .await?;
+        Ok(Response::new(pb::AddNodeResponse { members }))
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let status = self.consensus.status();
+        if !status.members.iter().any(|(id, _, _)| *id == r.node_id) {
+            return Err(Status::not_found(format!("node {} is not a member of the cluster", r.node_id)));
+        }
+        let voters = status.members.iter().filter(|(_, _, v)| *v).count();
+        if voters <= 1 && status.members.iter().any(|(id, _, v)| *id == r.node_id && *v) {
+            return Err(Status::failed_precondition("cannot remove the last voter"));
+        }
+        let params = serde_json::json!({ "node_id": r.node_id });
+        let members = self.membership_change(&who, Proposal::RemoveNode { id: r.node_id }, "RemoveNode", params).await?;
+        Ok(Response::new(pb::RemoveNodeResponse { members }))
+    }
+
+    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self.consensus.read(|s| s.agents.values().cloned().map(Into::into).collect());
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let r = req.into_inner();
+        if !r.app.is_empty() {
+            validate_name("app", &r.app)?;
+            return Err(Status::not_found(format!("unknown app {:?}", r.app)));
+        }
+        let clusters = self.consensus.read(|s| {
+            s.agents
+                .values()
+                .map(|a| pb::ClusterStatus {
+                    cluster: Some(a.cluster.clone().into()),
+                    agent_state: pb::AgentState::from(a.state) as i32,
+                })
+                .collect()
+        });
+        Ok(Response::new(pb::GetStatusResponse { clusters, leader_id: self.consensus.status().leader.unwrap_or(0) }))
+    }
+
+    async fn run_task(&self, req: Request<pb::RunTaskRequest>) -> Result<Response<pb::RunTaskResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let target = cluster_from_proto(r.target, "target")?;
+        validate_name("kind", &r.kind)?;
+        if r.params.len() > MAX_PARAMS {
+            return Err(Status::invalid_argument(format!("at most {MAX_PARAMS} params are allowed")));
+        }
+        for (k, v) in &r.params {
+            validate_name("param name", &k.replace('_', "-"))?;
+            if v.len() > MAX_PARAM_VALUE {
+                return Err(Status::invalid_argument(format!("param {k} is longer than {MAX_PARAM_VALUE} bytes")));
+            }
+        }
+        let agent = self
+            .consensus
+            .read(|s| s.agents.get(&target.to_string()).cloned())
+            .ok_or_else(|| Status::not_found(format!("no agent serves {target}")))?;
+        if !agent.task_kinds.iter().any(|k| k == &r.kind) {
+            return Err(Status::invalid_argument(format!(
+                "agent {target} does not run {:?} tasks (it runs: {})",
+                r.kind,
+                agent.task_kinds.join(", ")
+            )));
+        }
+        let now = now_unix_ms();
+        let op_id = format!("op-{}", uuid::Uuid::new_v4().simple());
+        let task_id = format!("{op_id}-1");
+        let params: BTreeMap<String, String> = r.params.into_iter().collect();
+        let audit_params = serde_json::json!({ "target": target.to_string(), "kind": r.kind, "params": params });
+        let operation = domain::Operation {
+            id: op_id.clone(),
+            kind: OperationKind::Task,
+            state: TaskState::Pending,
+            created_by: who.to_string(),
+            created_at_unix_ms: now,
+            updated_at_unix_ms: now,
+            tasks: vec![TaskRecord {
+                spec: TaskSpec { task_id: task_id.clone(), operation_id: op_id.clone(), kind: r.kind, params, target },
+                state: TaskState::Pending,
+                progress: vec![],
+                result: None,
+                dispatch_count: 0,
+            }],
+            summary: String::new(),
+        };
+        let cmd = Command::CreateOperation { operation, audit: audit(&who, "RunTask", audit_params, "accepted") };
+        self.consensus.propose(Proposal::Command(cmd)).await.map_err(propose_status)?;
+        Ok(Response::new(pb::RunTaskResponse { operation_id: op_id, task_id }))
+    }
+
+    async fn list_operations(&self, req: Request<pb::ListOperationsRequest>) -> Result<Response<pb::ListOperationsResponse>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let mut ops: Vec<domain::Operation> = self.consensus.read(|s| s.operations.values().cloned().collect());
+        ops.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
+        ops.truncate(limit);
+        Ok(Response::new(pb::ListOperationsResponse { operations: ops.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn get_operation(&self, req: Request<pb::GetOperationRequest>) -> Result<Response<pb::GetOperationResponse>, Status> {
+        let op = self.operation(&req.into_inner().operation_id)?;
+        Ok(Response::new(pb::GetOperationResponse { operation: Some(op.into()) }))
+    }
+
+    type WatchOperationStream = WatchStream;
+
+    async fn watch_operation(&self, req: Request<pb::WatchOperationRequest>) -> Result<Response<WatchStream>, Status> {
+        let id = req.into_inner().operation_id;
+        let mut last = self.operation(&id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let consensus = self.consensus.clone();
+        let mut applied = consensus.applied();
+        tokio::spawn(async move {
+            if tx.send(Ok(pb::WatchOperationResponse { operation: Some(last.clone().into()) })).await.is_err() {
+                return;
+            }
+            while !last.state.is_finished() {
+                // A periodic wake-up as well, in case this node stops applying
+                // (it lost contact with the leader): the client then still
+                // sees the stream alive.
+                let _ = tokio::time::timeout(Duration::from_secs(5), applied.changed()).await;
+                let Some(now) = consensus.read(|s| s.operations.get(&id).cloned()) else { return };
+                if now != last {
+                    last = now;
+                    if tx.send(Ok(pb::WatchOperationResponse { operation: Some(last.clone().into()) })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn create_attestation(&self, req: Request<pb::CreateAttestationRequest>) -> Result<Response<pb::CreateAttestationResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        validate_image(&r.image)?;
+        if r.checks.is_empty() {
+            return Err(Status::invalid_argument("at least one check is required"));
+        }
+        if r.checks.len() > MAX_PARAMS {
+            return Err(Status::invalid_argument(format!("at most {MAX_PARAMS} checks are allowed")));
+        }
+        let now = now_unix_ms();
+        let mut attestations = Vec::new();
+        for (check, value) in &r.checks {
+            validate_name("check", check)?;
+            if value.is_empty() || value.len() > MAX_CHECK_VALUE || value.chars().any(char::is_control) {
+                return Err(Status::invalid_argument(format!("check {check}: value must be 1..{MAX_CHECK_VALUE} printable characters")));
+            }
+            attestations.push(Attestation {
+                image: r.image.clone(),
+                check: check.clone(),
+                value: value.clone(),
+                attested_by: who.to_string(),
+                at_unix_ms: now,
+            });
+        }
+        let params = serde_json::json!({ "image": r.image, "checks": r.checks });
+        let cmd = Command::Attest { attestations, audit: audit(&who, "CreateAttestation", params, "accepted") };
+        let resp = self.consensus.propose(Proposal::Command(cmd)).await.map_err(propose_status)?;
+        Ok(Response::new(pb::CreateAttestationResponse { log_index: resp.log_index }))
+    }
+
+    async fn list_attestations(&self, req: Request<pb::ListAttestationsRequest>) -> Result<Response<pb::ListAttestationsResponse>, Status> {
+        let image = req.into_inner().image;
+        validate_image(&image)?;
+        let attestations = self.consensus.read(|s| {
+            s.attestations.get(&image).map(|m| m.values().cloned().map(Into::into).collect()).unwrap_or_default()
+        });
+        Ok(Response::new(pb::ListAttestationsResponse { attestations }))
+    }
+
+    async fn list_audit_events(&self, req: Request<pb::ListAuditEventsRequest>) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n => n as usize,
+        };
+        let events = self.consensus.read(|s| s.audit.iter().rev().take(limit).cloned().map(Into::into).collect());
+        Ok(Response::new(pb::ListAuditEventsResponse { events }))
+    }
+}

@@ -1,0 +1,18 @@
+//! The cutover coordinator: one node of the Raft-replicated control plane.
+//!
+//! - `raft`: consensus (the only module that knows openraft) and its storage;
+//! - `state`: the replicated state machine, pure and deterministic;
+//! - `control`: the operator-facing `ControlService`;
+//! - `agents`: the `AgentService` stream, agent liveness and task dispatch,
+//!   which only the leader runs;
+//! - `node`: wiring, the gRPC server, bootstrap and shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod control;
+pub mod node;
+pub mod raft;
+pub mod state;
+
+pub use node::{Node, NodeError};

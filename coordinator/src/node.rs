@@ -1,0 +1,176 @@
+//! One coordinator node: opens consensus, serves every gRPC service on one
+//! mutual-TLS port, runs the leader duties, and shuts down cleanly.
+//!
+//! Like mini-redis, [`Node::start`] takes already-bound listeners so tests
+//! can bind port 0, and [`Node::shutdown`] stops everything it started.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_shared::config::CoordinatorConfig;
+use cutover_shared::grpc::{GuardLayer, Policy, reflection_services};
+use cutover_shared::identity::Role;
+use cutover_shared::proto::agent_service_server::AgentServiceServer;
+use cutover_shared::proto::control_service_server::ControlServiceServer;
+use cutover_shared::telemetry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::agents::{AgentApi, AgentHub};
+use crate::control::ControlApi;
+use crate::raft::{Consensus, OpenError};
+
+/// Errors starting or running a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] cutover_shared::Error),
+    #[error(transparent)]
+    Consensus(#[from] OpenError),
+    #[error("gRPC server: {0}")]
+    Server(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+const READS: &[Role] = &[Role::Operator, Role::Viewer, Role::Coordinator];
+const WRITES: &[Role] = &[Role::Operator];
+const PEERS: &[Role] = &[Role::Coordinator];
+const AGENTS: &[Role] = &[Role::Agent];
+
+/// Who may call what. A method missing here is refused.
+pub fn access_policy(path: &str) -> Option<&'static [Role]> {
+    if path.starts_with("/cutover.v1.RaftService/") {
+        return Some(PEERS);
+    }
+    let method = path.strip_prefix("/cutover.v1.ControlService/");
+    Some(match (path, method) {
+        ("/cutover.v1.AgentService/Connect", _) => AGENTS,
+        (_, Some("AddNode" | "RemoveNode" | "RunTask" | "CreateAttestation")) => WRITES,
+        (
+            _,
+            Some(
+                "GetClusterStatus" | "ListAgents" | "GetStatus" | "ListOperations" | "GetOperation" | "WatchOperation"
+                | "ListAttestations" | "ListAuditEvents",
+            ),
+        ) => READS,
+        _ => return None,
+    })
+}
+
+/// A running coordinator node.
+pub struct Node {
+    consensus: Consensus,
+    hub: Arc<AgentHub>,
+    addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<Result<(), String>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts a node serving on `listener` (and the ops endpoint on
+    /// `ops_listener`, if given).
+    pub async fn start(cfg: CoordinatorConfig, listener: TcpListener, ops_listener: Option<TcpListener>) -> Result<Node, NodeError> {
+        cfg.validate()?;
+        cutover_shared::tls::install_crypto_provider();
+        let tls = cfg.tls.server_config()?;
+        let addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
+        let consensus = Consensus::open(cfg.node_id, &cfg.data_dir, &cfg.raft, cfg.tls.clone()).await?;
+        let hub = AgentHub::new(consensus.clone(), Duration::from_millis(cfg.agent_heartbeat_interval_ms));
+        let (stop, stop_rx) = watch::channel(false);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ControlServiceServer<ControlApi>>().await;
+        health.set_serving::<AgentServiceServer<AgentApi>>().await;
+        let (reflection_v1, reflection_v1alpha) = reflection_services();
+        let policy: Policy = Arc::new(access_policy);
+        let control = ControlServiceServer::new(ControlApi { consensus: consensus.clone() });
+        let agent = AgentServiceServer::new(AgentApi { hub: hub.clone() });
+        let raft = consensus.grpc_service();
+        let mut shutdown = stop_rx.clone();
+        let router = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|e| NodeError::Server(e.to_string()))?
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .layer(GuardLayer::new(policy))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(control)
+            .add_service(agent)
+            .add_service(raft);
+        let server = tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+        });
+
+        let mut tasks = vec![tokio::spawn(hub.clone().run())];
+        if let Some(ops) = ops_listener {
+            let c = consensus.clone();
+            let ready = Arc::new(move || c.status().leader.is_some());
+            let mut shutdown = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                };
+                if let Err(e) = telemetry::serve_ops(ops, ready, stop).await {
+                    tracing::error!("{e}");
+                }
+            }));
+        }
+
+        consensus.bootstrap(&cfg.initial_members).await?;
+        tracing::info!(node = cfg.node_id, %addr, "coordinator started");
+        Ok(Node { consensus, hub, addr, stop, server, tasks })
+    }
+
+    /// Binds the configured addresses and starts.
+    pub async fn bind_and_start(cfg: CoordinatorConfig) -> Result<Node, NodeError> {
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| NodeError::Bind { addr: cfg.listen.clone(), source })?;
+        let ops = match &cfg.ops_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|source| NodeError::Bind { addr: a.clone(), source })?),
+            None => None,
+        };
+        Node::start(cfg, listener, ops).await
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    pub fn consensus(&self) -> &Consensus {
+        &self.consensus
+    }
+
+    /// Agents with an open stream to this node.
+    pub fn connected_agents(&self) -> usize {
+        self.hub.connected()
+    }
+
+    /// Stops serving, then stops Raft. Storage stays valid for a restart.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Open agent streams would keep the graceful shutdown waiting.
+        self.hub.close_all();
+        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
+            Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e}"),
+            Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
+            _ => {}
+        }
+        self.consensus.shutdown().await;
+    }
+}

@@ -1,0 +1,366 @@
+//! Consensus: the one module that knows openraft (pinned to one exact
+//! version in the workspace manifest). Everything else in the coordinator
+//! talks to [`Consensus`]: propose a command, read the state, change
+//! membership, look at progress. An openraft upgrade touches only this folder.
+
+mod log_store;
+mod network;
+pub mod service;
+mod state_machine;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cutover_shared::config::{Member, RaftConfig};
+use cutover_shared::proto::ProposeRequest;
+use cutover_shared::tls::TlsFiles;
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use redb::Database;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use network::MAX_PEER_MESSAGE;
+use network::PeerChannels;
+use state_machine::{Shared, StateMachineStore};
+
+use crate::state::{Command, CommandResponse, State};
+
+openraft::declare_raft_types!(
+    /// cutover's Raft types: commands in, command responses out.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+);
+
+pub type NodeId = u64;
+type Raft = openraft::Raft<TypeConfig, StateMachineStore>;
+
+/// What a node forwards to the leader over `RaftService.Propose`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Proposal {
+    Command(Command),
+    AddNode { id: NodeId, address: String },
+    RemoveNode { id: NodeId },
+}
+
+/// Why a proposal did not take effect.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    #[error("not the leader")]
+    NotLeader { leader: Option<(NodeId, String)> },
+    #[error("no leader elected within {0:?}; is a majority of coordinators up?")]
+    NoLeader(Duration),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("node {0} is not a member")]
+    UnknownNode(NodeId),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Errors opening the consensus layer.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("storage in {dir}: {msg}")]
+    Storage { dir: String, msg: String },
+    #[error("raft configuration: {0}")]
+    Config(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Raft progress as seen by this node.
+#[derive(Clone, Debug)]
+pub struct RaftStatus {
+    pub node_id: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub server_state: &'static str,
+    /// (id, address, is_voter)
+    pub members: Vec<(NodeId, String, bool)>,
+}
+
+/// A running Raft node and the replicated state it applies.
+#[derive(Clone)]
+pub struct Consensus {
+    raft: Raft,
+    node_id: NodeId,
+    shared: Arc<Shared>,
+    peers: PeerChannels,
+}
+
+/// How long a write waits for a leader before giving up.
+const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+impl Consensus {
+    /// Opens (or creates) the node's storage in `data_dir` and starts Raft.
+    pub async fn open(node_id: NodeId, data_dir: &Path, timings: &RaftConfig, tls: TlsFiles) -> Result<Self, OpenError> {
+        let storage = |e: &dyn std::fmt::Display| OpenError::Storage { dir: data_dir.display().to_string(), msg: e.to_string() };
+        std::fs::create_dir_all(data_dir).map_err(|e| storage(&e))?;
+        let db = Arc::new(Database::create(data_dir.join("raft.redb")).map_err(|e| storage(&e))?);
+        let config = openraft::Config {
+            cluster_name: "cutover".into(),
+            heartbeat_interval: timings.heartbeat_interval_ms,
+            election_timeout_min: timings.election_timeout_min_ms,
+            election_timeout_max: timings.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_every),
+            max_in_snapshot_log_to_keep: timings.keep_after_snapshot,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| OpenError::Config(e.to_string()))?;
+        let log = log_store::LogStore::new(db.clone()).map_err(|e| storage(&e))?;
+        let sm = StateMachineStore::open(db).map_err(|e| storage(&e))?;
+        let shared = sm.shared.clone();
+        let peers = PeerChannels::new(tls);
+        let raft = Raft::new(node_id, Arc::new(config), peers.clone(), log, sm)
+            .await
+            .map_err(|e| OpenError::Raft(e.to_string()))?;
+        let this = Self { raft, node_id, shared, peers };
+        this.spawn_metrics();
+        Ok(this)
+    }
+
+    /// Initializes a brand-new cluster with `members` as voters. Only the
+    /// member with the smallest id does it, once; it is a no-op afterwards.
+    pub async fn bootstrap(&self, members: &[Member]) -> Result<(), OpenError> {
+        let Some(first) = members.iter().map(|m| m.id).min() else { return Ok(()) };
+        if first != self.node_id || self.raft.is_initialized().await.map_err(|e| OpenError::Raft(e.to_string()))? {
+            return Ok(());
+        }
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            members.iter().map(|m| (m.id, BasicNode { addr: m.address.clone() })).collect();
+        match self.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            // Another start already initialized it: fine.
+            Err(RaftError::APIError(e)) => {
+                tracing::info!("cluster already initialized: {e}");
+                Ok(())
+            }
+            Err(e) => Err(OpenError::Raft(e.to_string())),
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Reads the replicated state (as applied on this node).
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.shared.data.read().expect("state lock poisoned").state)
+    }
+
+    /// Fires with the last applied index after every apply.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.state == ServerState::Leader
+    }
+
+    /// The current leader's id and address, if known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Waits until some leader is known, up to `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// Watches for leadership changes of this node (true while it leads).
+    pub fn leadership(&self) -> watch::Receiver<bool> {
+        let mut metrics = self.raft.metrics();
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let leading = metrics.borrow_and_update().state == ServerState::Leader;
+                tx.send_if_modified(|v| std::mem::replace(v, leading) != leading);
+                if metrics.changed().await.is_err() || tx.is_closed() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Applies `proposal` if this node leads.
+    pub async fn propose_local(&self, proposal: Proposal) -> Result<CommandResponse, ProposeError> {
+        let not_leader = |leader_id: Option<NodeId>, node: Option<BasicNode>| ProposeError::NotLeader {
+            leader: leader_id.zip(node.map(|n| n.addr)),
+        };
+        let map_err = |e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(f.leader_id, f.leader_node),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => ProposeError::Rejected(e.to_string()),
+            other => ProposeError::Raft(other.to_string()),
+        };
+        match proposal {
+            Proposal::Command(cmd) => {
+                let resp = self.raft.client_write(cmd).await.map_err(map_err)?.data;
+                match resp.error {
+                    Some(e) => Err(ProposeError::Rejected(e)),
+                    None => Ok(resp),
+                }
+            }
+            Proposal::AddNode { id, address } => {
+                if !self.is_leader() {
+                    let (l, n) = self.leader().map(|(i, a)| (Some(i), Some(BasicNode { addr: a }))).unwrap_or((None, None));
+                    return Err(not_leader(l, n));
+                }
+                // Learner first: it catches up on the log without affecting
+                // the quorum, then becomes a voter.
+                self.raft.add_learner(id, BasicNode { addr: address }, true).await.map_err(map_err)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(map_err)?;
+                Ok(CommandResponse::default())
+            }
+            Proposal::RemoveNode { id } => {
+                let m = self.raft.metrics().borrow_watched().clone();
+                if m.membership_config.membership().get_node(&id).is_none() {
+                    return Err(ProposeError::UnknownNode(id));
+                }
+                if m.state != ServerState::Leader {
+                    let l = m.current_leader;
+                    let n = l.and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+                    return Err(not_leader(l, n));
+                }
+                let is_voter = m.membership_config.membership().voter_ids().any(|v| v == id);
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+                } else {
+                    ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+                };
+                self.raft.change_membership(change, false).await.map_err(map_err)?;
+                Ok(CommandResponse::default())
+            }
+        }
+    }
+
+    /// Applies `proposal` through the leader, wherever it is: locally when
+    /// this node leads, otherwise forwarded over `RaftService.Propose`.
+    /// Waits (bounded) for an election in progress.
+    pub async fn propose(&self, proposal: Proposal) -> Result<CommandResponse, ProposeError> {
+        let deadline = Instant::now() + PROPOSE_DEADLINE;
+        loop {
+            let err = match self.propose_local(proposal.clone()).await {
+                Err(ProposeError::NotLeader { leader: Some((id, addr)) }) if id != self.node_id => {
+                    match self.forward(&addr, &proposal).await {
+                        Ok(r) => return r,
+                        Err(e) => e,
+                    }
+                }
+                Err(ProposeError::NotLeader { .. }) => "no leader".to_owned(),
+                other => return other,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("giving up on a write: {err}");
+                return Err(ProposeError::NoLeader(PROPOSE_DEADLINE));
+            }
+            // Wait for the metrics to change (a new leader) rather than spin.
+            let mut m = self.raft.metrics();
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), m.changed()).await;
+        }
+    }
+
+    /// Sends a proposal to the leader at `addr`. The outer error means "try
+    /// again" (the leader moved or is unreachable).
+    async fn forward(&self, addr: &str, proposal: &Proposal) -> Result<Result<CommandResponse, ProposeError>, String> {
+        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
+        let command = serde_json::to_vec(proposal).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(ProposeRequest { command });
+        req.set_timeout(PROPOSE_DEADLINE);
+        let reply = client.propose(req).await.map_err(|s| format!("forward to {addr}: {}", s.message()))?;
+        let r: Result<CommandResponse, String> = serde_json::from_slice(&reply.into_inner().payload).map_err(|e| e.to_string())?;
+        Ok(r.map_err(ProposeError::Rejected))
+    }
+
+    /// Raft progress and membership as this node sees them.
+    pub fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership.nodes().map(|(id, n)| (*id, n.addr.clone(), voters.contains(id))).collect();
+        RaftStatus {
+            node_id: self.node_id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: m.local_committed.as_ref().map_or(0, |l| l.index),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+            purged_index: m.purged.as_ref().map_or(0, |l| l.index),
+            server_state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            members,
+        }
+    }
+
+    /// Builds a snapshot now (and lets the log be purged behind it).
+    pub async fn snapshot_now(&self) -> Result<(), String> {
+        self.raft.trigger().snapshot().await.map_err(|e| e.to_string())
+    }
+
+    /// Stops Raft. The storage stays valid for a restart.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+    }
+
+    /// The `RaftService` implementation for this node.
+    pub fn grpc_service(&self) -> cutover_shared::proto::raft_service_server::RaftServiceServer<service::RaftGrpc> {
+        cutover_shared::proto::raft_service_server::RaftServiceServer::new(service::RaftGrpc { consensus: self.clone() })
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+    }
+
+    /// Exports Raft progress as Prometheus gauges, labelled by node.
+    fn spawn_metrics(&self) {
+        let mut rx = self.raft.metrics();
+        let node = self.node_id.to_string();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let m = rx.borrow_and_update();
+                    let l = [("node", node.clone())];
+                    metrics::gauge!("cutover_raft_term", &l).set(m.current_term as f64);
+                    metrics::gauge!("cutover_raft_leader_id", &l).set(m.current_leader.unwrap_or(0) as f64);
+                    metrics::gauge!("cutover_raft_is_leader", &l).set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+                    metrics::gauge!("cutover_raft_last_log_index", &l).set(m.last_log_index.unwrap_or(0) as f64);
+                    metrics::gauge!("cutover_raft_commit_index", &l).set(m.local_committed.as_ref().map_or(0, |x| x.index) as f64);
+                    metrics::gauge!("cutover_raft_applied_index", &l).set(m.last_applied.as_ref().map_or(0, |x| x.index) as f64);
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}

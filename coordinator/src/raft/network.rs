@@ -1,0 +1,166 @@
+//! Raft RPCs to peer coordinators over mutual TLS. openraft messages travel as
+//! JSON inside the `RaftService` protobuf envelopes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cutover_shared::proto::raft_service_client::RaftServiceClient;
+use cutover_shared::proto::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use cutover_shared::tls::TlsFiles;
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesResponse, SnapshotResponse, VoteResponse};
+use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use openraft::BasicNode;
+use tonic::transport::Channel;
+
+use super::{NodeId, TypeConfig};
+
+/// Largest gRPC message between peers (snapshots travel in one message).
+pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Creates and caches one channel per peer address.
+#[derive(Clone)]
+pub struct PeerChannels {
+    tls: TlsFiles,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerChannels {
+    pub fn new(tls: TlsFiles) -> Self {
+        Self { tls, channels: Default::default() }
+    }
+
+    /// A Raft client for the node at `addr`.
+    pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, cutover_shared::Error> {
+        let mut map = self.channels.lock().expect("peer channel map poisoned");
+        let channel = match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.tls.channel(addr, None)?;
+                map.insert(addr.to_owned(), c.clone());
+                c
+            }
+        };
+        Ok(RaftServiceClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerChannels {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient { target, client: self.client(&node.addr).map_err(|e| e.to_string()) }
+    }
+}
+
+/// The connection to one peer.
+pub struct PeerClient {
+    target: NodeId,
+    client: Result<RaftServiceClient<Channel>, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+fn unreachable<E: std::fmt::Display>(e: E) -> Unreachable<TypeConfig> {
+    Unreachable::new(&Msg(e.to_string()))
+}
+
+fn status_to_rpc(s: tonic::Status) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            RPCError::Unreachable(unreachable(format!("{}: {}", s.code(), s.message())))
+        }
+        _ => RPCError::Network(NetworkError::new(&Msg(format!("{}: {}", s.code(), s.message())))),
+    }
+}
+
+fn request<T>(msg: T, ttl: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(ttl);
+    r
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftServiceClient<Channel>, RPCError<TypeConfig>> {
+        self.client.clone().map_err(|e| RPCError::Unreachable(unreachable(e)))
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, RPCError<TypeConfig>> {
+        serde_json::from_slice(payload)
+            .map_err(|e| RPCError::Network(NetworkError::new(&Msg(format!("undecodable reply from node {}: {e}", self.target)))))
+    }
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RPCError<TypeConfig>> {
+    serde_json::to_vec(v).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let payload = encode(&rpc)?;
+        let reply = self
+            .client()?
+            .append_entries(request(AppendEntriesRequest { payload }, option.hard_ttl()))
+            .await
+            .map_err(status_to_rpc)?
+            .into_inner();
+        let r: Result<AppendEntriesResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: openraft::raft::VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let payload = encode(&rpc)?;
+        let reply = self
+            .client()?
+            .vote(request(VoteRequest { payload }, option.hard_ttl()))
+            .await
+            .map_err(status_to_rpc)?
+            .into_inner();
+        let r: Result<VoteResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let to_stream = |e: RPCError<TypeConfig>| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Network(n) => StreamingError::Network(n),
+            other => StreamingError::Network(NetworkError::new(&Msg(other.to_string()))),
+        };
+        let req = InstallSnapshotRequest {
+            vote: encode(&vote).map_err(to_stream)?,
+            meta: encode(&snapshot.meta).map_err(to_stream)?,
+            data: snapshot.snapshot,
+        };
+        let mut client = self.client().map_err(to_stream)?;
+        let call = client.install_snapshot(request(req, option.hard_ttl()));
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = call => r.map_err(|s| to_stream(status_to_rpc(s)))?.into_inner(),
+        };
+        let r: Result<SnapshotResponse<TypeConfig>, String> = self.decode(&reply.payload).map_err(to_stream)?;
+        r.map_err(|e| StreamingError::Network(NetworkError::new(&Msg(e))))
+    }
+}

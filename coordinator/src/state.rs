@@ -1,0 +1,232 @@
+//! The replicated state machine: what every coordinator node agrees on.
+//!
+//! This module knows nothing about Raft. Commands are applied in log order by
+//! whichever consensus layer drives it; `apply` is deterministic (no clocks,
+//! no randomness: times and ids travel inside the commands).
+
+use std::collections::BTreeMap;
+
+use cutover_shared::domain::{
+    AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, Operation, TaskProgress, TaskResult, TaskState,
+};
+use serde::{Deserialize, Serialize};
+
+/// Progress events kept per task; older ones are dropped.
+const MAX_PROGRESS_PER_TASK: usize = 100;
+
+/// An audit entry before the state machine numbers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditDraft {
+    pub at_unix_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub parameters: String,
+    pub outcome: String,
+}
+
+/// A state transition, as committed to the Raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// An agent registered with the leader (only transitions are logged).
+    AgentUp { cluster: ClusterRef, agent_version: String, task_kinds: Vec<String>, at_unix_ms: i64 },
+    /// The leader stopped hearing from an agent.
+    AgentDown { cluster: ClusterRef, at_unix_ms: i64 },
+    /// A new operation with its tasks.
+    CreateOperation { operation: Operation, audit: AuditDraft },
+    /// A leader sent a task to its agent.
+    TaskDispatched { task_id: String },
+    /// An agent reported progress. `from` is the reporting agent's cluster.
+    TaskProgress { from: ClusterRef, progress: TaskProgress },
+    /// An agent reported a final result.
+    TaskFinished { from: ClusterRef, result: TaskResult, at_unix_ms: i64 },
+    /// CI posted facts about a release image.
+    Attest { attestations: Vec<Attestation>, audit: AuditDraft },
+    /// An audited action that changes nothing else here (membership changes).
+    Audit(AuditDraft),
+}
+
+/// What applying a command produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// Empty on success, otherwise why the command changed nothing.
+    pub error: Option<String>,
+    /// Log index the command was committed at (set by the consensus layer).
+    #[serde(default)]
+    pub log_index: u64,
+}
+
+impl CommandResponse {
+    fn err(msg: impl Into<String>) -> Self {
+        Self { error: Some(msg.into()), log_index: 0 }
+    }
+}
+
+/// The replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Keyed by `region/cluster`.
+    pub agents: BTreeMap<String, AgentRecord>,
+    pub operations: BTreeMap<String, Operation>,
+    /// Task id → operation id.
+    pub task_index: BTreeMap<String, String>,
+    /// Image → check → attestation.
+    pub attestations: BTreeMap<String, BTreeMap<String, Attestation>>,
+    pub audit: Vec<AuditEvent>,
+    /// Bumped whenever tasks are created, so dispatchers know when to look.
+    pub task_generation: u64,
+}
+
+impl State {
+    fn audit(&mut self, d: AuditDraft) {
+        let sequence = self.audit.last().map_or(1, |e| e.sequence + 1);
+        self.audit.push(AuditEvent {
+            sequence,
+            at_unix_ms: d.at_unix_ms,
+            actor: d.actor,
+            action: d.action,
+            parameters: d.parameters,
+            outcome: d.outcome,
+        });
+    }
+
+    /// Applies one command.
+    pub fn apply(&mut self, cmd: Command) -> CommandResponse {
+        match cmd {
+            Command::AgentUp { cluster, agent_version, task_kinds, at_unix_ms } => {
+                self.agents.insert(
+                    cluster.to_string(),
+                    AgentRecord { cluster, state: AgentState::Up, since_unix_ms: at_unix_ms, agent_version, task_kinds },
+                );
+            }
+            Command::AgentDown { cluster, at_unix_ms } => {
+                if let Some(a) = self.agents.get_mut(&cluster.to_string())
+                    && a.state == AgentState::Up
+                {
+                    a.state = AgentState::Down;
+                    a.since_unix_ms = at_unix_ms;
+                }
+            }
+            Command::CreateOperation { operation, audit } => {
+                if self.operations.contains_key(&operation.id) {
+                    return CommandResponse::err(format!("operation {} already exists", operation.id));
+                }
+                for t in &operation.tasks {
+                    self.task_index.insert(t.spec.task_id.clone(), operation.id.clone());
+                }
+                self.operations.insert(operation.id.clone(), operation);
+                self.task_generation += 1;
+                self.audit(audit);
+            }
+            Command::TaskDispatched { task_id } => {
+                if let Some((op, i)) = self.task_mut(&task_id) {
+                    op.tasks[i].dispatch_count += 1;
+                }
+            }
+            Command::TaskProgress { from, progress } => {
+                let at = progress.at_unix_ms;
+                let Some((op, i)) = self.task_mut(&progress.task_id) else {
+                    return CommandResponse::err(format!("unknown task {}", progress.task_id));
+                };
+                let task = &mut op.tasks[i];
+                if task.spec.target != from {
+                    return CommandResponse::err(format!("task {} belongs to {}, not {from}", task.spec.task_id, task.spec.target));
+                }
+                if task.state.is_finished() {
+                    return CommandResponse::default();
+                }
+                task.state = TaskState::Running;
+                task.progress.push(progress);
+                if task.progress.len() > MAX_PROGRESS_PER_TASK {
+                    task.progress.remove(0);
+                }
+                refresh_operation(op, at);
+            }
+            Command::TaskFinished { from, result, at_unix_ms } => {
+                let Some((op, i)) = self.task_mut(&result.task_id) else {
+                    return CommandResponse::err(format!("unknown task {}", result.task_id));
+                };
+                let task = &mut op.tasks[i];
+                if task.spec.target != from {
+                    return CommandResponse::err(format!("task {} belongs to {}, not {from}", task.spec.task_id, task.spec.target));
+                }
+                if task.state.is_finished() {
+                    // A duplicate report (e.g. after a leader change): the first wins.
+                    return CommandResponse::default();
+                }
+                task.state = if result.success { TaskState::Succeeded } else { TaskState::Failed };
+                task.result = Some(result);
+                refresh_operation(op, at_unix_ms);
+            }
+            Command::Attest { attestations, audit } => {
+                for a in attestations {
+                    self.attestations.entry(a.image.clone()).or_default().insert(a.check.clone(), a);
+                }
+                self.audit(audit);
+            }
+            Command::Audit(d) => self.audit(d),
+        }
+        CommandResponse::default()
+    }
+
+    /// The operation holding `task_id` and the task's index in it.
+    fn task_mut(&mut self, task_id: &str) -> Option<(&mut Operation, usize)> {
+        let op = self.operations.get_mut(self.task_index.get(task_id)?)?;
+        let idx = op.tasks.iter().position(|t| t.spec.task_id == task_id)?;
+        Some((op, idx))
+    }
+
+    /// Unfinished tasks addressed to `cluster`, oldest operation first.
+    pub fn unfinished_tasks_for(&self, cluster: &ClusterRef) -> Vec<cutover_shared::domain::TaskSpec> {
+        let mut ops: Vec<&Operation> = self.operations.values().filter(|o| !o.state.is_finished()).collect();
+        ops.sort_by_key(|o| o.created_at_unix_ms);
+        ops.iter()
+            .flat_map(|o| o.tasks.iter())
+            .filter(|t| !t.state.is_finished() && &t.spec.target == cluster)
+            .map(|t| t.spec.clone())
+            .collect()
+    }
+}
+
+fn refresh_operation(op: &mut Operation, at: i64) {
+    op.updated_at_unix_ms = at;
+    let all_done = op.tasks.iter().all(|t| t.state.is_finished());
+    op.state = if all_done {
+        if op.tasks.iter().all(|t| t.state == TaskState::Succeeded) { TaskState::Succeeded } else { TaskState::Failed }
+    } else if op.tasks.iter().any(|t| t.state != TaskState::Pending) {
+        TaskState::Running
+    } else {
+        TaskState::Pending
+    };
+    if all_done {
+        op.summary = op
+            .tasks
+            .iter()
+            .map(|t| format!("{}: {}", t.spec.target, t.result.as_ref().map_or("", |r| r.message.as_str())))
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::AgentUp { cluster, .. } => write!(f, "AgentUp({cluster})"),
+            Command::AgentDown { cluster, .. } => write!(f, "AgentDown({cluster})"),
+            Command::CreateOperation { operation, .. } => write!(f, "CreateOperation({})", operation.id),
+            Command::TaskDispatched { task_id } => write!(f, "TaskDispatched({task_id})"),
+            Command::TaskProgress { progress, .. } => write!(f, "TaskProgress({})", progress.task_id),
+            Command::TaskFinished { result, .. } => write!(f, "TaskFinished({})", result.task_id),
+            Command::Attest { attestations, .. } => write!(f, "Attest({} checks)", attestations.len()),
+            Command::Audit(d) => write!(f, "Audit({})", d.action),
+        }
+    }
+}
+
+impl std::fmt::Display for CommandResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.error {
+            None => write!(f, "ok"),
+            Some(e) => write!(f, "error: {e}"),
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! One doc-commented configuration struct per process, read from TOML, with
+//! explicit defaults and a few environment overrides (`CUTOVER_LOG_FORMAT`,
+//! `CUTOVER_DATA_DIR`). Unknown keys are errors, so a typo never silently
+//! falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::telemetry::LogFormat;
+use crate::tls::TlsFiles;
+
+/// A coordinator node that is part of the initial cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// Raft node id, unique and non-zero.
+    pub id: u64,
+    /// `host:port` of the node's gRPC listener, as the other nodes reach it.
+    pub address: String,
+}
+
+/// Raft timings and log bounds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat to followers, ms. Default 100.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomized election timeout, ms. Default 400.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomized election timeout, ms. Default 800.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many new log entries. Default 2000.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, for slow followers. Default 500.
+    pub keep_after_snapshot: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_every: 2000,
+            keep_after_snapshot: 500,
+        }
+    }
+}
+
+/// `cutover coordinator --config FILE`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// This node's Raft id; must appear in `initial_members` when bootstrapping.
+    pub node_id: u64,
+    /// Address the gRPC listener binds, e.g. `0.0.0.0:7001`.
+    pub listen: String,
+    /// Address other nodes and agents use to reach this node. Defaults to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where the Raft log, vote and snapshots live.
+    pub data_dir: PathBuf,
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint; none if unset.
+    #[serde(default)]
+    pub ops_listen: Option<String>,
+    /// `human` (default) or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// This node's certificate, key and the CA it trusts.
+    pub tls: TlsFiles,
+    /// The voters a brand-new cluster starts with. The member with the
+    /// smallest id initializes the cluster once; later starts ignore this.
+    #[serde(default)]
+    pub initial_members: Vec<Member>,
+    /// Agent heartbeat interval the coordinator asks for, ms. An agent is
+    /// marked down after 2.5 missed intervals. Default 1000.
+    #[serde(default = "default_agent_heartbeat_ms")]
+    pub agent_heartbeat_interval_ms: u64,
+    #[serde(default)]
+    pub raft: RaftConfig,
+}
+
+fn default_agent_heartbeat_ms() -> u64 {
+    1000
+}
+
+impl CoordinatorConfig {
+    pub fn advertise_addr(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.node_id == 0 {
+            return Err(Error::Config("node_id must be non-zero".into()));
+        }
+        let mut ids: Vec<u64> = self.initial_members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.initial_members.len() {
+            return Err(Error::Config("initial_members lists one id twice".into()));
+        }
+        if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {
+            return Err(Error::Config(format!("initial_members does not include this node ({})", self.node_id)));
+        }
+        if self.raft.election_timeout_min_ms <= self.raft.heartbeat_interval_ms
+            || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
+        {
+            return Err(Error::Config(
+                "raft timings need heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
+            ));
+        }
+        if self.agent_heartbeat_interval_ms == 0 {
+            return Err(Error::Config("agent_heartbeat_interval_ms must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `cutover agent --config FILE`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Coordinator addresses (`host:port`); any node will do, the agent
+    /// follows redirects to the leader.
+    pub coordinators: Vec<String>,
+    /// Where the agent keeps its record of finished tasks.
+    pub data_dir: PathBuf,
+    /// TLS server name to expect from coordinators instead of the address host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub ops_listen: Option<String>,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// This agent's certificate (which names its region and cluster), key and CA.
+    pub tls: TlsFiles,
+    /// Smallest reconnect delay, ms; doubles per failure, with equal jitter. Default 200.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Largest reconnect delay, ms. Default 5000.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_reconnect_min_ms() -> u64 {
+    200
+}
+fn default_reconnect_max_ms() -> u64 {
+    5000
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.coordinators.is_empty() {
+            return Err(Error::Config("coordinators must list at least one address".into()));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(Error::Config("need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a TOML config file and applies environment overrides.
+pub fn load<T: DeserializeOwned + EnvOverride>(path: &Path) -> Result<T, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    let mut cfg: T = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    cfg.apply_env();
+    Ok(cfg)
+}
+
+/// Environment variables that override file settings.
+pub trait EnvOverride {
+    fn apply_env(&mut self);
+}
+
+fn env_log_format() -> Option<LogFormat> {
+    match std::env::var("CUTOVER_LOG_FORMAT").ok()?.as_str() {
+        "json" => Some(LogFormat::Json),
+        "human" => Some(LogFormat::Human),
+        _ => None,
+    }
+}
+
+impl EnvOverride for CoordinatorConfig {
+    fn apply_env(&mut self) {
+        if let Some(f) = env_log_format() {
+            self.log_format = f;
+        }
+        if let Ok(d) = std::env::var("CUTOVER_DATA_DIR") {
+            self.data_dir = d.into();
+        }
+    }
+}
+
+impl EnvOverride for AgentConfig {
+    fn apply_env(&mut self) {
+        if let Some(f) = env_log_format() {
+            self.log_format = f;
+        }
+        if let Ok(d) = std::env::var("CUTOVER_DATA_DIR") {
+            self.data_dir = d.into();
+        }
+    }
+}
+
+/// Writes a config as TOML (used by `cutover dev` and tests).
+pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String, Error> {
+    toml::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))
+}

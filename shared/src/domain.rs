@@ -1,0 +1,199 @@
+//! Plain Rust domain types: what the coordinator replicates and the agent
+//! executes. Protobuf types never appear here; `convert` maps between the two.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Longest name accepted for a region, cluster, app or principal.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks that `value` is a plain DNS-style label: lowercase ASCII letters,
+/// digits and `-`, starting with a letter or digit, at most 63 characters.
+/// This is what keeps `../x`, spaces and oversize names out of paths, metric
+/// labels and Kubernetes object names.
+pub fn validate_name(field: &str, value: &str) -> Result<(), Error> {
+    let bad = |why: &str| Error::InvalidArgument(format!("{field} {value:?} {why}"));
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} must not be empty")));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {} characters long; at most {MAX_NAME_LEN} are allowed",
+            value.len()
+        )));
+    }
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(bad("may contain only lowercase letters, digits and '-'"));
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Err(bad("must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// One cluster in one region: the unit an agent serves.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClusterRef {
+    pub region: String,
+    pub cluster: String,
+}
+
+impl ClusterRef {
+    /// Builds a validated reference.
+    pub fn new(region: &str, cluster: &str) -> Result<Self, Error> {
+        validate_name("region", region)?;
+        validate_name("cluster", cluster)?;
+        Ok(Self { region: region.to_owned(), cluster: cluster.to_owned() })
+    }
+}
+
+impl fmt::Display for ClusterRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.region, self.cluster)
+    }
+}
+
+/// Liveness of an agent as committed to the log (transitions only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentState {
+    Up,
+    Down,
+}
+
+/// Lifecycle of a task and of an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl TaskState {
+    /// True once nothing more will happen.
+    pub fn is_finished(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed)
+    }
+}
+
+/// One idempotent instruction for one agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub task_id: String,
+    pub operation_id: String,
+    pub kind: String,
+    pub params: BTreeMap<String, String>,
+    pub target: ClusterRef,
+}
+
+/// A progress event reported while a task runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    pub task_id: String,
+    pub message: String,
+    pub at_unix_ms: i64,
+}
+
+/// The final result of a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task_id: String,
+    pub success: bool,
+    pub message: String,
+    pub outputs: BTreeMap<String, String>,
+    /// True when the agent answered from its record instead of executing.
+    pub replayed: bool,
+    pub finished_at_unix_ms: i64,
+}
+
+/// Milliseconds since the Unix epoch, from the wall clock.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_refuse_paths_spaces_and_oversize() {
+        for bad in ["../x", "a b", "", "UPPER", "-x", "x-", &"a".repeat(300), "a/b", "a.b"] {
+            assert!(validate_name("app", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["us-east", "oatie-backend", "a", "x1"] {
+            validate_name("app", good).unwrap();
+        }
+        let err = validate_name("app", "../x").unwrap_err().to_string();
+        assert!(err.contains("app") && err.contains("../x"), "{err}");
+    }
+}
+
+/// What an operation does. More kinds (cutover, rollback, migration, backup,
+/// restore, failover, drill) arrive with their capabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperationKind {
+    /// One ad-hoc task on one agent.
+    Task,
+}
+
+/// A task as the coordinator tracks it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    pub progress: Vec<TaskProgress>,
+    pub result: Option<TaskResult>,
+    /// How many times a leader sent the task to the agent.
+    pub dispatch_count: u32,
+}
+
+/// One durable orchestration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: String,
+    pub kind: OperationKind,
+    pub state: TaskState,
+    pub created_by: String,
+    pub created_at_unix_ms: i64,
+    pub updated_at_unix_ms: i64,
+    pub tasks: Vec<TaskRecord>,
+    pub summary: String,
+}
+
+/// An agent as the coordinator knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub cluster: ClusterRef,
+    pub state: AgentState,
+    pub since_unix_ms: i64,
+    pub agent_version: String,
+    pub task_kinds: Vec<String>,
+}
+
+/// A fact CI established about a release image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attestation {
+    pub image: String,
+    pub check: String,
+    pub value: String,
+    pub attested_by: String,
+    pub at_unix_ms: i64,
+}
+
+/// One entry of the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub sequence: u64,
+    pub at_unix_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub parameters: String,
+    pub outcome: String,
+}

@@ -1,0 +1,166 @@
+//! Caller identity, taken from the peer's client certificate.
+//!
+//! A certificate names its holder with one URI SAN of the form
+//! `spiffe://cutover/<role>/<name>`; for agents the name is
+//! `<region>/<cluster>`. Nothing a caller sends in a message can change who it
+//! is: identity comes from the verified certificate only.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::domain::{ClusterRef, validate_name};
+use crate::Error;
+
+/// The trust domain in every cutover SPIFFE ID.
+pub const TRUST_DOMAIN: &str = "cutover";
+
+/// What a caller may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Another coordinator node: Raft RPCs and forwarded writes.
+    Coordinator,
+    /// An agent: may only act for its own region and cluster.
+    Agent,
+    /// May start operations and change the cluster.
+    Operator,
+    /// Read-only.
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "coordinator" => Role::Coordinator,
+            "agent" => Role::Agent,
+            "operator" => Role::Operator,
+            "viewer" => Role::Viewer,
+            _ => return None,
+        })
+    }
+}
+
+/// Who is calling, as proven by a certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub role: Role,
+    /// The principal's name; `region/cluster` for agents.
+    pub name: String,
+}
+
+impl Identity {
+    /// The SPIFFE URI naming this identity.
+    pub fn spiffe_uri(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/{}/{}", self.role.as_str(), self.name)
+    }
+
+    /// Parses `spiffe://cutover/<role>/<name...>`.
+    pub fn from_spiffe_uri(uri: &str) -> Result<Identity, Error> {
+        let bad = |why: &str| Error::Identity(format!("certificate URI {uri:?}: {why}"));
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| bad("not a spiffe:// URI"))?;
+        let (domain, path) = rest.split_once('/').ok_or_else(|| bad("no path"))?;
+        if domain != TRUST_DOMAIN {
+            return Err(bad("trust domain is not \"cutover\""));
+        }
+        let (role, name) = path.split_once('/').ok_or_else(|| bad("expected <role>/<name>"))?;
+        let role = Role::parse(role).ok_or_else(|| bad("unknown role"))?;
+        let segments: Vec<&str> = name.split('/').collect();
+        let expected = if role == Role::Agent { 2 } else { 1 };
+        if segments.len() != expected {
+            return Err(bad(if role == Role::Agent {
+                "agent names are <region>/<cluster>"
+            } else {
+                "name must be one segment"
+            }));
+        }
+        for s in &segments {
+            validate_name("certificate name", s).map_err(|e| bad(&e.to_string()))?;
+        }
+        Ok(Identity { role, name: name.to_owned() })
+    }
+
+    /// Reads the identity from a DER certificate's URI SANs. Exactly one
+    /// `spiffe://cutover/...` URI must be present.
+    pub fn from_certificate_der(der: &[u8]) -> Result<Identity, Error> {
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| Error::Identity(format!("unreadable client certificate: {e}")))?;
+        let mut found = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name
+                    && uri.starts_with("spiffe://")
+                {
+                    found.push(Identity::from_spiffe_uri(uri)?);
+                }
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(Error::Identity(
+                "client certificate has no spiffe://cutover/<role>/<name> URI SAN".into(),
+            )),
+            _ => Err(Error::Identity("client certificate has more than one SPIFFE URI SAN".into())),
+        }
+    }
+
+    /// For agents: the cluster the certificate binds it to.
+    pub fn agent_cluster(&self) -> Option<ClusterRef> {
+        if self.role != Role::Agent {
+            return None;
+        }
+        let (region, cluster) = self.name.split_once('/')?;
+        Some(ClusterRef { region: region.to_owned(), cluster: cluster.to_owned() })
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.role.as_str(), self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_roles_and_refuses_malformed_uris() {
+        let a = Identity::from_spiffe_uri("spiffe://cutover/agent/us-east/c1").unwrap();
+        assert_eq!(a.role, Role::Agent);
+        assert_eq!(a.agent_cluster().unwrap(), ClusterRef::new("us-east", "c1").unwrap());
+        let o = Identity::from_spiffe_uri("spiffe://cutover/operator/alice").unwrap();
+        assert_eq!(o.to_string(), "operator/alice");
+        for bad in [
+            "spiffe://other/operator/alice",
+            "spiffe://cutover/root/alice",
+            "spiffe://cutover/agent/us-east",
+            "spiffe://cutover/agent/../c1",
+            "spiffe://cutover/operator/a/b",
+            "https://cutover/operator/alice",
+        ] {
+            assert!(Identity::from_spiffe_uri(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
+
+/// Reads the identity named by the first certificate in a PEM file.
+pub fn identity_from_pem_file(path: &std::path::Path) -> Result<Identity, Error> {
+    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .ok_or_else(|| Error::Tls(format!("{}: no PEM certificate found", path.display())))?
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    Identity::from_certificate_der(der.as_ref())
+}

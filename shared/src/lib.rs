@@ -1,0 +1,42 @@
+//! The crate every cutover crate uses: the generated API (`proto`), plain
+//! domain types (`domain`), conversions between the two (`convert`), caller
+//! identity (`identity`), mutual TLS (`tls`), the development PKI (`certs`),
+//! gRPC server plumbing (`grpc`), process configuration (`config`) and
+//! telemetry (`telemetry`).
+
+#![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod config;
+pub mod convert;
+pub mod domain;
+pub mod grpc;
+pub mod identity;
+pub mod proto;
+pub mod telemetry;
+pub mod tls;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("io: {0}")]
+    Io(String),
+    #[error("config: {0}")]
+    Config(String),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            Error::Identity(m) => tonic::Status::unauthenticated(m),
+            other => tonic::Status::internal(other.to_string()),
+        }
+    }
+}
