@@ -8,7 +8,12 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../proto");
-    let files = ["cutover/v1/common.proto", "cutover/v1/agent.proto", "cutover/v1/control.proto", "cutover/v1/raft.proto"];
+    let files = [
+        "cutover/v1/common.proto",
+        "cutover/v1/agent.proto",
+        "cutover/v1/control.proto",
+        "cutover/v1/raft.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

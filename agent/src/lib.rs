@@ -73,7 +73,13 @@ impl Agent {
         cutover_shared::tls::install_crypto_provider();
         let cluster = cluster_from_cert(&cfg.tls.cert)?;
         let store = Arc::new(Store::open(&cfg.data_dir)?);
-        Ok(Agent { cfg, cluster, store, outbox: Default::default(), running: Default::default() })
+        Ok(Agent {
+            cfg,
+            cluster,
+            store,
+            outbox: Default::default(),
+            running: Default::default(),
+        })
     }
 
     pub fn cluster(&self) -> &ClusterRef {
@@ -137,7 +143,10 @@ impl Agent {
     /// Exponential backoff with equal jitter: half fixed, half random, so
     /// a fleet that lost the same node does not reconnect in lockstep.
     fn backoff(&self, failures: u32) -> Duration {
-        let exp = self.cfg.reconnect_min_ms.saturating_mul(1u64 << failures.min(16).saturating_sub(1));
+        let exp = self
+            .cfg
+            .reconnect_min_ms
+            .saturating_mul(1u64 << failures.min(16).saturating_sub(1));
         let cap = exp.min(self.cfg.reconnect_max_ms).max(1);
         Duration::from_millis(cap / 2 + rand::rng().random_range(0..=cap / 2))
     }
@@ -154,7 +163,11 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             task_kinds: tasks::KINDS.iter().map(|s| s.to_string()).collect(),
         };
-        let _ = tx.send(ConnectRequest { message: Some(connect_request::Message::Register(register)) }).await;
+        let _ = tx
+            .send(ConnectRequest {
+                message: Some(connect_request::Message::Register(register)),
+            })
+            .await;
         let mut inbound = match client.connect(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
@@ -167,7 +180,9 @@ impl Agent {
             }
         };
         let interval = match inbound.message().await {
-            Ok(Some(proto::ConnectResponse { message: Some(connect_response::Message::Registered(r)) })) => {
+            Ok(Some(proto::ConnectResponse {
+                message: Some(connect_response::Message::Registered(r)),
+            })) => {
                 tracing::info!(coordinator = %addr, leader = r.leader_node_id, cluster = %self.cluster, "registered");
                 Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(10)))
             }
@@ -256,7 +271,11 @@ impl Agent {
             let progress_outbox = outbox.clone();
             let progress_id = task_id.clone();
             let result = tasks::execute(&spec, move |message| {
-                let p = TaskProgress { task_id: progress_id.clone(), message, at_unix_ms: now_unix_ms() };
+                let p = TaskProgress {
+                    task_id: progress_id.clone(),
+                    message,
+                    at_unix_ms: now_unix_ms(),
+                };
                 send(&progress_outbox, connect_request::Message::Progress(p.into()));
             })
             .await;
@@ -278,4 +297,3 @@ fn send(outbox: &Outbox, message: connect_request::Message) {
         let _ = tx.try_send(ConnectRequest { message: Some(message) });
     }
 }
-

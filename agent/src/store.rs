@@ -38,7 +38,11 @@ impl Store {
             tx.open_table(EXECUTIONS).map_err(err)?;
             let cutoff = now_unix_ms() - RETENTION_MS;
             results
-                .retain(|_, v| serde_json::from_slice::<TaskResult>(v).map(|r| r.finished_at_unix_ms >= cutoff).unwrap_or(false))
+                .retain(|_, v| {
+                    serde_json::from_slice::<TaskResult>(v)
+                        .map(|r| r.finished_at_unix_ms >= cutoff)
+                        .unwrap_or(false)
+                })
                 .map_err(err)?;
         }
         tx.commit().map_err(err)?;
@@ -80,7 +84,10 @@ impl Store {
     pub fn save_result(&self, result: &TaskResult) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(result).map_err(err)?;
         let tx = self.db.begin_write().map_err(err)?;
-        tx.open_table(RESULTS).map_err(err)?.insert(result.task_id.as_str(), bytes.as_slice()).map_err(err)?;
+        tx.open_table(RESULTS)
+            .map_err(err)?
+            .insert(result.task_id.as_str(), bytes.as_slice())
+            .map_err(err)?;
         tx.commit().map_err(err)
     }
 }

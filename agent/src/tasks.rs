@@ -38,6 +38,10 @@ pub async fn execute(spec: &TaskSpec, progress: impl Fn(String)) -> TaskResult {
             }
             done(true, message.clone(), vec![("message".into(), message)])
         }
-        other => done(false, format!("unknown task kind {other:?}; this agent runs {}", KINDS.join(", ")), vec![]),
+        other => done(
+            false,
+            format!("unknown task kind {other:?}; this agent runs {}", KINDS.join(", ")),
+            vec![],
+        ),
     }
 }

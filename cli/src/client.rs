@@ -43,7 +43,8 @@ pub struct ConnOpts {
 impl ConnOpts {
     fn tls(&self) -> Result<TlsFiles> {
         let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
-            v.clone().with_context(|| format!("no {flag} given (flag --{flag} or {env})"))
+            v.clone()
+                .with_context(|| format!("no {flag} given (flag --{flag} or {env})"))
         };
         Ok(TlsFiles {
             ca: need(&self.ca, "ca", "CUTOVER_CA")?,
@@ -92,5 +93,16 @@ where
 }
 
 pub fn code_name(c: tonic::Code) -> String {
-    format!("{c:?}").chars().flat_map(|ch| if ch.is_uppercase() { vec!['_', ch] } else { vec![ch.to_ascii_uppercase()] }).collect::<String>().trim_start_matches('_').to_owned()
+    format!("{c:?}")
+        .chars()
+        .flat_map(|ch| {
+            if ch.is_uppercase() {
+                vec!['_', ch]
+            } else {
+                vec![ch.to_ascii_uppercase()]
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('_')
+        .to_owned()
 }

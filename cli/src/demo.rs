@@ -29,7 +29,10 @@ async fn echo_everywhere(conn: &ConnOpts, label: &str) -> Result<String> {
     let mut ids = Vec::new();
     for (region, cluster) in DEV_REGIONS {
         let req = pb::RunTaskRequest {
-            target: Some(pb::ClusterRef { region: region.to_string(), cluster: cluster.to_string() }),
+            target: Some(pb::ClusterRef {
+                region: region.to_string(),
+                cluster: cluster.to_string(),
+            }),
             kind: "echo".into(),
             params: [("message".to_string(), format!("{label} from {region}"))].into(),
         };
@@ -51,7 +54,12 @@ async fn echo_everywhere(conn: &ConnOpts, label: &str) -> Result<String> {
             .await?;
             let op = r.operation.context("operation missing")?;
             if op.state == pb::TaskState::Succeeded as i32 {
-                let msg = op.tasks.first().and_then(|t| t.result.as_ref()).map(|r| r.message.clone()).unwrap_or_default();
+                let msg = op
+                    .tasks
+                    .first()
+                    .and_then(|t| t.result.as_ref())
+                    .map(|r| r.message.clone())
+                    .unwrap_or_default();
                 replies.push(format!("{region}: {msg:?}"));
                 break;
             }
@@ -68,7 +76,10 @@ async fn echo_everywhere(conn: &ConnOpts, label: &str) -> Result<String> {
 }
 
 async fn attest(conn: &ConnOpts, image: &str) -> Result<String> {
-    let req = pb::CreateAttestationRequest { image: image.into(), checks: [("tests".to_string(), "passed".to_string())].into() };
+    let req = pb::CreateAttestationRequest {
+        image: image.into(),
+        checks: [("tests".to_string(), "passed".to_string())].into(),
+    };
     let r = call(conn, |mut c| {
         let req = req.clone();
         async move { c.create_attestation(req).await }
@@ -95,31 +106,48 @@ pub async fn run(output: Output) -> Result<ExitCode> {
             let t = Instant::now();
             let r: Result<String> = $fut.await;
             let ok = r.is_ok();
-            steps.push(Step { name: $name.to_string(), ok, millis: t.elapsed().as_millis(), detail: r.unwrap_or_else(|e| format!("{e:#}")) });
+            steps.push(Step {
+                name: $name.to_string(),
+                ok,
+                millis: t.elapsed().as_millis(),
+                detail: r.unwrap_or_else(|e| format!("{e:#}")),
+            });
             ok
         }};
     }
 
     let mut all_ok = step!("cluster forms, agents register", async {
         sys.wait_ready(Duration::from_secs(30)).await?;
-        Ok(format!("leader node {}, {} agents up", sys.any_node().consensus().status().leader.unwrap_or(0), DEV_REGIONS.len()))
+        Ok(format!(
+            "leader node {}, {} agents up",
+            sys.any_node().consensus().status().leader.unwrap_or(0),
+            DEV_REGIONS.len()
+        ))
     });
     all_ok &= all_ok && step!("echo task in every region", echo_everywhere(&conn, "hello"));
-    all_ok &= all_ok && step!("replicated write (attestation)", attest(&conn, "registry.example/demo:v1"));
+    all_ok &= all_ok
+        && step!(
+            "replicated write (attestation)",
+            attest(&conn, "registry.example/demo:v1")
+        );
     let mut failover_ms = 0;
     if all_ok {
         let leader = sys.leader_index().context("no leader")?;
         let t = Instant::now();
         sys.stop_node(leader).await;
-        all_ok &= step!(format!("leader (node {}) lost: first write on the new leader", leader + 1), async {
-            let d = attest(&conn, "registry.example/demo:v2").await?;
-            failover_ms = t.elapsed().as_millis();
-            Ok(format!("{d}, {failover_ms} ms after the leader stopped"))
-        });
-        all_ok &= all_ok && step!("agents follow the new leader: echo in every region", async {
-            sys.wait_ready(Duration::from_secs(30)).await?;
-            echo_everywhere(&conn, "hello again").await
-        });
+        all_ok &= step!(
+            format!("leader (node {}) lost: first write on the new leader", leader + 1),
+            async {
+                let d = attest(&conn, "registry.example/demo:v2").await?;
+                failover_ms = t.elapsed().as_millis();
+                Ok(format!("{d}, {failover_ms} ms after the leader stopped"))
+            }
+        );
+        all_ok &= all_ok
+            && step!("agents follow the new leader: echo in every region", async {
+                sys.wait_ready(Duration::from_secs(30)).await?;
+                echo_everywhere(&conn, "hello again").await
+            });
     }
     let total = started.elapsed();
     sys.shutdown().await;
@@ -133,11 +161,24 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("cutover demo: 3 coordinators, agents in {}", DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", "));
+        println!(
+            "cutover demo: 3 coordinators, agents in {}",
+            DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+        );
         for s in &steps {
-            println!("  [{}] {:<58} {:>6} ms  {}", if s.ok { " ok " } else { "FAIL" }, s.name, s.millis, s.detail);
+            println!(
+                "  [{}] {:<58} {:>6} ms  {}",
+                if s.ok { " ok " } else { "FAIL" },
+                s.name,
+                s.millis,
+                s.detail
+            );
         }
-        println!("{} in {:.1} s", if all_ok { "all expectations held" } else { "DEMO FAILED" }, total.as_secs_f64());
+        println!(
+            "{} in {:.1} s",
+            if all_ok { "all expectations held" } else { "DEMO FAILED" },
+            total.as_secs_f64()
+        );
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

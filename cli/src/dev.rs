@@ -47,8 +47,18 @@ impl DevSystem {
         for _ in 0..3 {
             listeners.push(TcpListener::bind("127.0.0.1:0").await?);
         }
-        let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
-        let members: Vec<Member> = addrs.iter().enumerate().map(|(i, a)| Member { id: i as u64 + 1, address: a.clone() }).collect();
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<Result<_, _>>()?;
+        let members: Vec<Member> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Member {
+                id: i as u64 + 1,
+                address: a.clone(),
+            })
+            .collect();
         let mut nodes = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let id = i as u64 + 1;
@@ -66,7 +76,14 @@ impl DevSystem {
             };
             nodes.push(Some(Node::start(cfg, listener, None).await?));
         }
-        let mut sys = DevSystem { dir, _tmp: tmp, pki, nodes, addrs, agents: vec![] };
+        let mut sys = DevSystem {
+            dir,
+            _tmp: tmp,
+            pki,
+            nodes,
+            addrs,
+            agents: vec![],
+        };
         for i in 0..regions.len() {
             sys.start_agent(i)?;
         }
@@ -94,7 +111,11 @@ impl DevSystem {
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
-        self.agents.push(DevAgent { region, stop: Some(stop), task });
+        self.agents.push(DevAgent {
+            region,
+            stop: Some(stop),
+            task,
+        });
         Ok(())
     }
 
@@ -128,12 +149,17 @@ impl DevSystem {
         let want = self.agents.len();
         loop {
             let node = self.any_node();
-            let ups = node.consensus().read(|s| s.agents.values().filter(|a| a.state == AgentState::Up).count());
+            let ups = node
+                .consensus()
+                .read(|s| s.agents.values().filter(|a| a.state == AgentState::Up).count());
             if node.consensus().status().leader.is_some() && ups >= want {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("system not ready after {timeout:?}: leader={:?}, agents up {ups}/{want}", node.consensus().status().leader);
+                bail!(
+                    "system not ready after {timeout:?}: leader={:?}, agents up {ups}/{want}",
+                    node.consensus().status().leader
+                );
             }
             let mut applied = node.consensus().applied();
             let _ = tokio::time::timeout(Duration::from_millis(100), applied.changed()).await;

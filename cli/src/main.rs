@@ -18,7 +18,11 @@ use cutover_shared::config::{AgentConfig, CoordinatorConfig};
 use cutover_shared::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "cutover", version, about = "Multi-region blue-green cutovers and disaster recovery")]
+#[command(
+    name = "cutover",
+    version,
+    about = "Multi-region blue-green cutovers and disaster recovery"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -88,7 +92,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -120,12 +125,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let agent = cutover_agent::Agent::new(cfg)?;
             if let Some(l) = ops {
-                tokio::spawn(telemetry::serve_ops(l, std::sync::Arc::new(|| true), std::future::pending()));
+                tokio::spawn(telemetry::serve_ops(
+                    l,
+                    std::sync::Arc::new(|| true),
+                    std::future::pending(),
+                ));
             }
             agent.run(shutdown_signal()).await;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Certs { cmd: CertsCmd::Init { dir } } => {
+        Cmd::Certs {
+            cmd: CertsCmd::Init { dir },
+        } => {
             let pki = cutover_shared::certs::init_dev_pki(&dir, 3, dev::DEV_REGIONS)?;
             println!("wrote a development CA and certificates to {}", pki.dir.display());
             println!("  CA:           {}", pki.ca.display());
@@ -144,7 +155,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             telemetry::init_tracing(LogFormat::Human);
             let sys = dev::DevSystem::start(data_dir, dev::DEV_REGIONS).await?;
             sys.wait_ready(std::time::Duration::from_secs(30)).await?;
-            println!("# cutover dev: 3 coordinators, agents for {}; Ctrl-C stops it", dev::DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", "));
+            println!(
+                "# cutover dev: 3 coordinators, agents for {}; Ctrl-C stops it",
+                dev::DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+            );
             print!("{}", sys.exports());
             use std::io::Write;
             let _ = std::io::stdout().flush();

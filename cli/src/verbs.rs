@@ -92,9 +92,13 @@ pub enum OperationsCmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    Get { id: String },
+    Get {
+        id: String,
+    },
     /// Follow an operation until it finishes; exits non-zero if it failed.
-    Watch { id: String },
+    Watch {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,17 +148,31 @@ fn agent_state(s: i32) -> &'static str {
 }
 
 fn members_json(m: &[pb::ClusterMember]) -> serde_json::Value {
-    json!(m.iter().map(|m| json!({
-        "node_id": m.node_id, "address": m.address, "leader": m.leader,
-        "role": if m.role == pb::MemberRole::Voter as i32 { "voter" } else { "learner" },
-    })).collect::<Vec<_>>())
+    json!(
+        m.iter()
+            .map(|m| json!({
+                "node_id": m.node_id, "address": m.address, "leader": m.leader,
+                "role": if m.role == pb::MemberRole::Voter as i32 { "voter" } else { "learner" },
+            }))
+            .collect::<Vec<_>>()
+    )
 }
 
 fn print_members(m: &[pb::ClusterMember]) {
     println!("{:<6} {:<24} {:<8} LEADER", "NODE", "ADDRESS", "ROLE");
     for m in m {
-        let role = if m.role == pb::MemberRole::Voter as i32 { "voter" } else { "learner" };
-        println!("{:<6} {:<24} {:<8} {}", m.node_id, m.address, role, if m.leader { "*" } else { "" });
+        let role = if m.role == pb::MemberRole::Voter as i32 {
+            "voter"
+        } else {
+            "learner"
+        };
+        println!(
+            "{:<6} {:<24} {:<8} {}",
+            m.node_id,
+            m.address,
+            role,
+            if m.leader { "*" } else { "" }
+        );
     }
 }
 
@@ -181,7 +199,14 @@ fn print_operation(o: &pb::Operation) {
     for t in &o.tasks {
         let spec = t.task.clone().unwrap_or_default();
         let target = spec.target.clone().unwrap_or_default();
-        println!("  task {} {} on {}/{}: {}", spec.task_id, spec.kind, target.region, target.cluster, state_name(t.state));
+        println!(
+            "  task {} {} on {}/{}: {}",
+            spec.task_id,
+            spec.kind,
+            target.region,
+            target.cluster,
+            state_name(t.state)
+        );
         for p in &t.progress {
             println!("    - {}", p.message);
         }
@@ -199,7 +224,11 @@ fn finished(o: &pb::Operation) -> bool {
 async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
     let mut last: Option<pb::Operation> = None;
     for (addr, mut client) in conn.clients()? {
-        let stream = client.watch_operation(pb::WatchOperationRequest { operation_id: id.to_owned() }).await;
+        let stream = client
+            .watch_operation(pb::WatchOperationRequest {
+                operation_id: id.to_owned(),
+            })
+            .await;
         let mut stream = match stream {
             Ok(s) => s.into_inner(),
             Err(s) if s.code() == tonic::Code::Unavailable => continue,
@@ -229,7 +258,9 @@ async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
             break;
         }
     }
-    let Some(op) = last else { bail!("no coordinator reachable to watch {id}") };
+    let Some(op) = last else {
+        bail!("no coordinator reachable to watch {id}")
+    };
     if conn.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&operation_json(&op))?);
     }
@@ -240,16 +271,28 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
     match v {
         Verb::Cluster { cmd, conn } => match cmd {
             ClusterCmd::Status => {
-                let s = call(&conn, |mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await }).await?;
+                let s = call(&conn, |mut c| async move {
+                    c.get_cluster_status(pb::GetClusterStatusRequest {}).await
+                })
+                .await?;
                 if conn.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&json!({
-                        "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "server_state": s.server_state,
-                        "last_log_index": s.last_log_index, "commit_index": s.commit_index, "applied_index": s.applied_index,
-                        "snapshot_index": s.snapshot_index, "purged_index": s.purged_index, "members": members_json(&s.members),
-                    }))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&json!({
+                            "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "server_state": s.server_state,
+                            "last_log_index": s.last_log_index, "commit_index": s.commit_index, "applied_index": s.applied_index,
+                            "snapshot_index": s.snapshot_index, "purged_index": s.purged_index, "members": members_json(&s.members),
+                        }))?
+                    );
                 } else {
-                    println!("answered by node {} ({}), leader {}, term {}", s.node_id, s.server_state, s.leader_id, s.term);
-                    println!("log: last {} committed {} applied {} snapshot {} purged {}", s.last_log_index, s.commit_index, s.applied_index, s.snapshot_index, s.purged_index);
+                    println!(
+                        "answered by node {} ({}), leader {}, term {}",
+                        s.node_id, s.server_state, s.leader_id, s.term
+                    );
+                    println!(
+                        "log: last {} committed {} applied {} snapshot {} purged {}",
+                        s.last_log_index, s.commit_index, s.applied_index, s.snapshot_index, s.purged_index
+                    );
                     print_members(&s.members);
                 }
                 if s.leader_id == 0 {
@@ -264,24 +307,40 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 })
                 .await?;
                 if conn.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&json!({"members": members_json(&r.members)}))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&json!({"members": members_json(&r.members)}))?
+                    );
                 } else {
                     println!("node {id} added");
                     print_members(&r.members);
                 }
             }
             ClusterCmd::RemoveNode { id } => {
-                let r = call(&conn, |mut c| async move { c.remove_node(pb::RemoveNodeRequest { node_id: id }).await }).await?;
+                let r = call(&conn, |mut c| async move {
+                    c.remove_node(pb::RemoveNodeRequest { node_id: id }).await
+                })
+                .await?;
                 if conn.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&json!({"members": members_json(&r.members)}))?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&json!({"members": members_json(&r.members)}))?
+                    );
                 } else {
                     println!("node {id} removed");
                     print_members(&r.members);
                 }
             }
         },
-        Verb::Agents { cmd: AgentsCmd::List, conn } => {
-            let r = call(&conn, |mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await }).await?;
+        Verb::Agents {
+            cmd: AgentsCmd::List,
+            conn,
+        } => {
+            let r = call(
+                &conn,
+                |mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await },
+            )
+            .await?;
             if conn.output == Output::Json {
                 let v: Vec<_> = r.agents.iter().map(|a| {
                     let c = a.cluster.clone().unwrap_or_default();
@@ -292,7 +351,13 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 println!("{:<12} {:<16} {:<6} VERSION", "REGION", "CLUSTER", "STATE");
                 for a in &r.agents {
                     let c = a.cluster.clone().unwrap_or_default();
-                    println!("{:<12} {:<16} {:<6} {}", c.region, c.cluster, agent_state(a.state), a.agent_version);
+                    println!(
+                        "{:<12} {:<16} {:<6} {}",
+                        c.region,
+                        c.cluster,
+                        agent_state(a.state),
+                        a.agent_version
+                    );
                 }
             }
         }
@@ -304,11 +369,18 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
             })
             .await?;
             if conn.output == Output::Json {
-                let v: Vec<_> = r.clusters.iter().map(|s| {
-                    let c = s.cluster.clone().unwrap_or_default();
-                    json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)})
-                }).collect();
-                println!("{}", serde_json::to_string_pretty(&json!({"leader_id": r.leader_id, "clusters": v}))?);
+                let v: Vec<_> = r
+                    .clusters
+                    .iter()
+                    .map(|s| {
+                        let c = s.cluster.clone().unwrap_or_default();
+                        json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"leader_id": r.leader_id, "clusters": v}))?
+                );
             } else {
                 println!("{:<12} {:<16} AGENT", "REGION", "CLUSTER");
                 for s in &r.clusters {
@@ -319,9 +391,15 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         }
         Verb::Operations { cmd, conn } => match cmd {
             OperationsCmd::List { limit } => {
-                let r = call(&conn, |mut c| async move { c.list_operations(pb::ListOperationsRequest { limit }).await }).await?;
+                let r = call(&conn, |mut c| async move {
+                    c.list_operations(pb::ListOperationsRequest { limit }).await
+                })
+                .await?;
                 if conn.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&r.operations.iter().map(operation_json).collect::<Vec<_>>())?);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r.operations.iter().map(operation_json).collect::<Vec<_>>())?
+                    );
                 } else {
                     println!("{:<40} {:<10} CREATED BY", "ID", "STATE");
                     for o in &r.operations {
@@ -348,11 +426,24 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 }
             }
         },
-        Verb::Task { cmd: TaskCmd::Run { region, cluster, kind, params, detach }, conn } => {
+        Verb::Task {
+            cmd:
+                TaskCmd::Run {
+                    region,
+                    cluster,
+                    kind,
+                    params,
+                    detach,
+                },
+            conn,
+        } => {
             let params = kv(&params, "param")?;
             let r = call(&conn, |mut c| {
                 let req = pb::RunTaskRequest {
-                    target: Some(pb::ClusterRef { region: region.clone(), cluster: cluster.clone() }),
+                    target: Some(pb::ClusterRef {
+                        region: region.clone(),
+                        cluster: cluster.clone(),
+                    }),
                     kind: kind.clone(),
                     params: params.clone(),
                 };
@@ -372,24 +463,37 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         Verb::Attest { image, checks, conn } => {
             let checks = kv(&checks, "check")?;
             let r = call(&conn, |mut c| {
-                let req = pb::CreateAttestationRequest { image: image.clone(), checks: checks.clone() };
+                let req = pb::CreateAttestationRequest {
+                    image: image.clone(),
+                    checks: checks.clone(),
+                };
                 async move { c.create_attestation(req).await }
             })
             .await?;
             if conn.output == Output::Json {
                 println!("{}", json!({"image": image, "log_index": r.log_index}));
             } else {
-                println!("attested {image} ({} checks) at log index {}", checks.len(), r.log_index);
+                println!(
+                    "attested {image} ({} checks) at log index {}",
+                    checks.len(),
+                    r.log_index
+                );
             }
         }
         Verb::Audit { limit, conn } => {
-            let r = call(&conn, |mut c| async move { c.list_audit_events(pb::ListAuditEventsRequest { limit }).await }).await?;
+            let r = call(&conn, |mut c| async move {
+                c.list_audit_events(pb::ListAuditEventsRequest { limit }).await
+            })
+            .await?;
             if conn.output == Output::Json {
                 let v: Vec<_> = r.events.iter().map(|e| json!({"sequence": e.sequence, "at_unix_ms": e.at_unix_ms, "actor": e.actor, "action": e.action, "parameters": e.parameters, "outcome": e.outcome})).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in &r.events {
-                    println!("#{:<5} {} {} {} -> {}", e.sequence, e.actor, e.action, e.parameters, e.outcome);
+                    println!(
+                        "#{:<5} {} {} {} -> {}",
+                        e.sequence, e.actor, e.action, e.parameters, e.outcome
+                    );
                 }
             }
         }

@@ -123,7 +123,11 @@ impl AgentHub {
         let now = Instant::now();
         let since = *self.leader_since.lock().expect("leader_since");
         let up: Vec<ClusterRef> = self.consensus.read(|s| {
-            s.agents.values().filter(|a| a.state == AgentState::Up).map(|a| a.cluster.clone()).collect()
+            s.agents
+                .values()
+                .filter(|a| a.state == AgentState::Up)
+                .map(|a| a.cluster.clone())
+                .collect()
         });
         for cluster in up {
             let last = {
@@ -133,7 +137,10 @@ impl AgentHub {
             if now.duration_since(last) > self.dead_after() {
                 self.sessions.lock().expect("sessions").remove(&cluster);
                 tracing::warn!(agent = %cluster, "no heartbeat for {:?}: marking agent down", now.duration_since(last));
-                let cmd = Command::AgentDown { cluster: cluster.clone(), at_unix_ms: now_unix_ms() };
+                let cmd = Command::AgentDown {
+                    cluster: cluster.clone(),
+                    at_unix_ms: now_unix_ms(),
+                };
                 if let Err(e) = self.consensus.propose(Proposal::Command(cmd)).await {
                     tracing::warn!(agent = %cluster, "could not commit agent down: {e}");
                 }
@@ -155,13 +162,17 @@ impl AgentHub {
         let mut sent_now = Vec::new();
         {
             let mut sessions = self.sessions.lock().expect("sessions");
-            let Some(session) = sessions.get_mut(cluster) else { return };
+            let Some(session) = sessions.get_mut(cluster) else {
+                return;
+            };
             for t in tasks {
                 if session.sent.contains(&t.task_id) {
                     continue;
                 }
                 let id = t.task_id.clone();
-                let msg = ConnectResponse { message: Some(connect_response::Message::Task(t.into())) };
+                let msg = ConnectResponse {
+                    message: Some(connect_response::Message::Task(t.into())),
+                };
                 if session.tx.try_send(Ok(msg)).is_err() {
                     // Full or closed: the next trigger or reconnect retries.
                     break;
@@ -174,7 +185,10 @@ impl AgentHub {
             tracing::info!(agent = %cluster, task = %task_id, "task dispatched");
             let hub = self.clone();
             tokio::spawn(async move {
-                let _ = hub.consensus.propose(Proposal::Command(Command::TaskDispatched { task_id })).await;
+                let _ = hub
+                    .consensus
+                    .propose(Proposal::Command(Command::TaskDispatched { task_id }))
+                    .await;
             });
         }
     }
@@ -231,10 +245,18 @@ impl AgentService for AgentApi {
         let up = Command::AgentUp {
             cluster: cluster.clone(),
             agent_version: reg.agent_version.chars().take(64).collect(),
-            task_kinds: reg.task_kinds.into_iter().take(64).map(|k| k.chars().take(63).collect()).collect(),
+            task_kinds: reg
+                .task_kinds
+                .into_iter()
+                .take(64)
+                .map(|k| k.chars().take(63).collect())
+                .collect(),
             at_unix_ms: now_unix_ms(),
         };
-        hub.consensus.propose(Proposal::Command(up)).await.map_err(propose_status)?;
+        hub.consensus
+            .propose(Proposal::Command(up))
+            .await
+            .map_err(propose_status)?;
 
         let (tx, rx) = mpsc::channel(256);
         let session_id = hub.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -249,7 +271,12 @@ impl AgentService for AgentApi {
         .map_err(|_| Status::internal("session channel closed"))?;
         hub.sessions.lock().expect("sessions").insert(
             cluster.clone(),
-            Session { id: session_id, tx: tx.clone(), last_seen: Instant::now(), sent: HashSet::new() },
+            Session {
+                id: session_id,
+                tx: tx.clone(),
+                last_seen: Instant::now(),
+                sent: HashSet::new(),
+            },
         );
         metrics::gauge!("cutover_agents_connected", "node" => leader.to_string()).set(hub.connected() as f64);
         tracing::info!(agent = %cluster, session = session_id, "agent registered");
@@ -278,7 +305,9 @@ impl AgentService for AgentApi {
                         match sessions.get_mut(&reader_cluster) {
                             Some(s) if s.id == session_id => {
                                 s.last_seen = Instant::now();
-                                let ack = connect_response::Message::HeartbeatAck(proto::HeartbeatAck { sequence: hb.sequence });
+                                let ack = connect_response::Message::HeartbeatAck(proto::HeartbeatAck {
+                                    sequence: hb.sequence,
+                                });
                                 let _ = s.tx.try_send(Ok(ConnectResponse { message: Some(ack) }));
                             }
                             // Replaced by a newer session or dropped on a
@@ -287,7 +316,10 @@ impl AgentService for AgentApi {
                         }
                     }
                     Some(connect_request::Message::Progress(p)) => {
-                        let _ = report_tx.send(Command::TaskProgress { from: reader_cluster.clone(), progress: p.into() });
+                        let _ = report_tx.send(Command::TaskProgress {
+                            from: reader_cluster.clone(),
+                            progress: p.into(),
+                        });
                     }
                     Some(connect_request::Message::Result(r)) => {
                         let result: TaskResult = r.into();

@@ -61,7 +61,11 @@ fn members(s: &RaftStatus) -> Vec<pb::ClusterMember> {
         .map(|(id, addr, voter)| pb::ClusterMember {
             node_id: *id,
             address: addr.clone(),
-            role: if *voter { pb::MemberRole::Voter } else { pb::MemberRole::Learner } as i32,
+            role: if *voter {
+                pb::MemberRole::Voter
+            } else {
+                pb::MemberRole::Learner
+            } as i32,
             leader: s.leader == Some(*id),
         })
         .collect()
@@ -74,10 +78,14 @@ pub fn validate_image(image: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument("image must not be empty"));
     }
     if image.len() > MAX_IMAGE_LEN {
-        return Err(Status::invalid_argument(format!("image is longer than {MAX_IMAGE_LEN} characters")));
+        return Err(Status::invalid_argument(format!(
+            "image is longer than {MAX_IMAGE_LEN} characters"
+        )));
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Status::invalid_argument(format!("image {image:?} contains whitespace or control characters")));
+        return Err(Status::invalid_argument(format!(
+            "image {image:?} contains whitespace or control characters"
+        )));
     }
     Ok(())
 }
@@ -97,14 +105,23 @@ impl ControlApi {
             .ok_or_else(|| Status::not_found(format!("no operation {id}")))
     }
 
-    async fn membership_change(&self, who: &Identity, proposal: Proposal, action: &str, params: serde_json::Value) -> Result<Vec<pb::ClusterMember>, Status> {
+    async fn membership_change(
+        &self,
+        who: &Identity,
+        proposal: Proposal,
+        action: &str,
+        params: serde_json::Value,
+    ) -> Result<Vec<pb::ClusterMember>, Status> {
         let result = self.consensus.propose(proposal).await;
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
             Err(e) => format!("error: {e}"),
         };
         // Record the attempt either way; the change itself is already decided.
-        let _ = self.consensus.propose(Proposal::Command(Command::Audit(audit(who, action, params, &outcome)))).await;
+        let _ = self
+            .consensus
+            .propose(Proposal::Command(Command::Audit(audit(who, action, params, &outcome))))
+            .await;
         result.map_err(propose_status)?;
         Ok(members(&self.consensus.status()))
     }
@@ -114,7 +131,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOperationResponse, 
 
 #[tonic::async_trait]
 impl ControlService for ControlApi {
-    async fn get_cluster_status(&self, _req: Request<pb::GetClusterStatusRequest>) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+    async fn get_cluster_status(
+        &self,
+        _req: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
         let s = self.consensus.status();
         Ok(Response::new(pb::GetClusterStatusResponse {
             node_id: s.node_id,
@@ -137,34 +157,61 @@ impl ControlService for ControlApi {
             return Err(Status::invalid_argument("node_id must be non-zero"));
         }
         normalize_addr(&r.address)?;
-        if self.consensus.status().members.iter().any(|(id, _, voter)| *id == r.node_id && *voter) {
+        if self
+            .consensus
+            .status()
+            .members
+            .iter()
+            .any(|(id, _, voter)| *id == r.node_id && *voter)
+        {
             return Err(Status::already_exists(format!("node {} is already a voter", r.node_id)));
         }
         let params = serde_json::json!({ "node_id": r.node_id, "address": r.address });
         let members = self
-            .membership_change(&who, Proposal::AddNode { id: r.node_id, address: r.address }, "AddNode", params)
+            .membership_change(
+                &who,
+                Proposal::AddNode {
+                    id: r.node_id,
+                    address: r.address,
+                },
+                "AddNode",
+                params,
+            )
             .await?;
         Ok(Response::new(pb::AddNodeResponse { members }))
     }
 
-    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         let who = caller(&req)?;
         let r = req.into_inner();
         let status = self.consensus.status();
         if !status.members.iter().any(|(id, _, _)| *id == r.node_id) {
-            return Err(Status::not_found(format!("node {} is not a member of the cluster", r.node_id)));
+            return Err(Status::not_found(format!(
+                "node {} is not a member of the cluster",
+                r.node_id
+            )));
         }
         let voters = status.members.iter().filter(|(_, _, v)| *v).count();
         if voters <= 1 && status.members.iter().any(|(id, _, v)| *id == r.node_id && *v) {
             return Err(Status::failed_precondition("cannot remove the last voter"));
         }
         let params = serde_json::json!({ "node_id": r.node_id });
-        let members = self.membership_change(&who, Proposal::RemoveNode { id: r.node_id }, "RemoveNode", params).await?;
+        let members = self
+            .membership_change(&who, Proposal::RemoveNode { id: r.node_id }, "RemoveNode", params)
+            .await?;
         Ok(Response::new(pb::RemoveNodeResponse { members }))
     }
 
-    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self.consensus.read(|s| s.agents.values().cloned().map(Into::into).collect());
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self
+            .consensus
+            .read(|s| s.agents.values().cloned().map(Into::into).collect());
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 
@@ -183,7 +230,10 @@ impl ControlService for ControlApi {
                 })
                 .collect()
         });
-        Ok(Response::new(pb::GetStatusResponse { clusters, leader_id: self.consensus.status().leader.unwrap_or(0) }))
+        Ok(Response::new(pb::GetStatusResponse {
+            clusters,
+            leader_id: self.consensus.status().leader.unwrap_or(0),
+        }))
     }
 
     async fn run_task(&self, req: Request<pb::RunTaskRequest>) -> Result<Response<pb::RunTaskResponse>, Status> {
@@ -192,12 +242,16 @@ impl ControlService for ControlApi {
         let target = cluster_from_proto(r.target, "target")?;
         validate_name("kind", &r.kind)?;
         if r.params.len() > MAX_PARAMS {
-            return Err(Status::invalid_argument(format!("at most {MAX_PARAMS} params are allowed")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_PARAMS} params are allowed"
+            )));
         }
         for (k, v) in &r.params {
             validate_name("param name", &k.replace('_', "-"))?;
             if v.len() > MAX_PARAM_VALUE {
-                return Err(Status::invalid_argument(format!("param {k} is longer than {MAX_PARAM_VALUE} bytes")));
+                return Err(Status::invalid_argument(format!(
+                    "param {k} is longer than {MAX_PARAM_VALUE} bytes"
+                )));
             }
         }
         let agent = self
@@ -224,7 +278,13 @@ impl ControlService for ControlApi {
             created_at_unix_ms: now,
             updated_at_unix_ms: now,
             tasks: vec![TaskRecord {
-                spec: TaskSpec { task_id: task_id.clone(), operation_id: op_id.clone(), kind: r.kind, params, target },
+                spec: TaskSpec {
+                    task_id: task_id.clone(),
+                    operation_id: op_id.clone(),
+                    kind: r.kind,
+                    params,
+                    target,
+                },
                 state: TaskState::Pending,
                 progress: vec![],
                 result: None,
@@ -232,12 +292,24 @@ impl ControlService for ControlApi {
             }],
             summary: String::new(),
         };
-        let cmd = Command::CreateOperation { operation, audit: audit(&who, "RunTask", audit_params, "accepted") };
-        self.consensus.propose(Proposal::Command(cmd)).await.map_err(propose_status)?;
-        Ok(Response::new(pb::RunTaskResponse { operation_id: op_id, task_id }))
+        let cmd = Command::CreateOperation {
+            operation,
+            audit: audit(&who, "RunTask", audit_params, "accepted"),
+        };
+        self.consensus
+            .propose(Proposal::Command(cmd))
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::RunTaskResponse {
+            operation_id: op_id,
+            task_id,
+        }))
     }
 
-    async fn list_operations(&self, req: Request<pb::ListOperationsRequest>) -> Result<Response<pb::ListOperationsResponse>, Status> {
+    async fn list_operations(
+        &self,
+        req: Request<pb::ListOperationsRequest>,
+    ) -> Result<Response<pb::ListOperationsResponse>, Status> {
         let limit = match req.into_inner().limit {
             0 => 100,
             n => n as usize,
@@ -245,12 +317,19 @@ impl ControlService for ControlApi {
         let mut ops: Vec<domain::Operation> = self.consensus.read(|s| s.operations.values().cloned().collect());
         ops.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
         ops.truncate(limit);
-        Ok(Response::new(pb::ListOperationsResponse { operations: ops.into_iter().map(Into::into).collect() }))
+        Ok(Response::new(pb::ListOperationsResponse {
+            operations: ops.into_iter().map(Into::into).collect(),
+        }))
     }
 
-    async fn get_operation(&self, req: Request<pb::GetOperationRequest>) -> Result<Response<pb::GetOperationResponse>, Status> {
+    async fn get_operation(
+        &self,
+        req: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<pb::GetOperationResponse>, Status> {
         let op = self.operation(&req.into_inner().operation_id)?;
-        Ok(Response::new(pb::GetOperationResponse { operation: Some(op.into()) }))
+        Ok(Response::new(pb::GetOperationResponse {
+            operation: Some(op.into()),
+        }))
     }
 
     type WatchOperationStream = WatchStream;
@@ -262,7 +341,13 @@ impl ControlService for ControlApi {
         let consensus = self.consensus.clone();
         let mut applied = consensus.applied();
         tokio::spawn(async move {
-            if tx.send(Ok(pb::WatchOperationResponse { operation: Some(last.clone().into()) })).await.is_err() {
+            if tx
+                .send(Ok(pb::WatchOperationResponse {
+                    operation: Some(last.clone().into()),
+                }))
+                .await
+                .is_err()
+            {
                 return;
             }
             while !last.state.is_finished() {
@@ -270,10 +355,18 @@ impl ControlService for ControlApi {
                 // (it lost contact with the leader): the client then still
                 // sees the stream alive.
                 let _ = tokio::time::timeout(Duration::from_secs(5), applied.changed()).await;
-                let Some(now) = consensus.read(|s| s.operations.get(&id).cloned()) else { return };
+                let Some(now) = consensus.read(|s| s.operations.get(&id).cloned()) else {
+                    return;
+                };
                 if now != last {
                     last = now;
-                    if tx.send(Ok(pb::WatchOperationResponse { operation: Some(last.clone().into()) })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::WatchOperationResponse {
+                            operation: Some(last.clone().into()),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -282,7 +375,10 @@ impl ControlService for ControlApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn create_attestation(&self, req: Request<pb::CreateAttestationRequest>) -> Result<Response<pb::CreateAttestationResponse>, Status> {
+    async fn create_attestation(
+        &self,
+        req: Request<pb::CreateAttestationRequest>,
+    ) -> Result<Response<pb::CreateAttestationResponse>, Status> {
         let who = caller(&req)?;
         let r = req.into_inner();
         validate_image(&r.image)?;
@@ -290,14 +386,18 @@ impl ControlService for ControlApi {
             return Err(Status::invalid_argument("at least one check is required"));
         }
         if r.checks.len() > MAX_PARAMS {
-            return Err(Status::invalid_argument(format!("at most {MAX_PARAMS} checks are allowed")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_PARAMS} checks are allowed"
+            )));
         }
         let now = now_unix_ms();
         let mut attestations = Vec::new();
         for (check, value) in &r.checks {
             validate_name("check", check)?;
             if value.is_empty() || value.len() > MAX_CHECK_VALUE || value.chars().any(char::is_control) {
-                return Err(Status::invalid_argument(format!("check {check}: value must be 1..{MAX_CHECK_VALUE} printable characters")));
+                return Err(Status::invalid_argument(format!(
+                    "check {check}: value must be 1..{MAX_CHECK_VALUE} printable characters"
+                )));
             }
             attestations.push(Attestation {
                 image: r.image.clone(),
@@ -308,26 +408,46 @@ impl ControlService for ControlApi {
             });
         }
         let params = serde_json::json!({ "image": r.image, "checks": r.checks });
-        let cmd = Command::Attest { attestations, audit: audit(&who, "CreateAttestation", params, "accepted") };
-        let resp = self.consensus.propose(Proposal::Command(cmd)).await.map_err(propose_status)?;
-        Ok(Response::new(pb::CreateAttestationResponse { log_index: resp.log_index }))
+        let cmd = Command::Attest {
+            attestations,
+            audit: audit(&who, "CreateAttestation", params, "accepted"),
+        };
+        let resp = self
+            .consensus
+            .propose(Proposal::Command(cmd))
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::CreateAttestationResponse {
+            log_index: resp.log_index,
+        }))
     }
 
-    async fn list_attestations(&self, req: Request<pb::ListAttestationsRequest>) -> Result<Response<pb::ListAttestationsResponse>, Status> {
+    async fn list_attestations(
+        &self,
+        req: Request<pb::ListAttestationsRequest>,
+    ) -> Result<Response<pb::ListAttestationsResponse>, Status> {
         let image = req.into_inner().image;
         validate_image(&image)?;
         let attestations = self.consensus.read(|s| {
-            s.attestations.get(&image).map(|m| m.values().cloned().map(Into::into).collect()).unwrap_or_default()
+            s.attestations
+                .get(&image)
+                .map(|m| m.values().cloned().map(Into::into).collect())
+                .unwrap_or_default()
         });
         Ok(Response::new(pb::ListAttestationsResponse { attestations }))
     }
 
-    async fn list_audit_events(&self, req: Request<pb::ListAuditEventsRequest>) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let limit = match req.into_inner().limit {
             0 => 100,
             n => n as usize,
         };
-        let events = self.consensus.read(|s| s.audit.iter().rev().take(limit).cloned().map(Into::into).collect());
+        let events = self
+            .consensus
+            .read(|s| s.audit.iter().rev().take(limit).cloned().map(Into::into).collect());
         Ok(Response::new(pb::ListAuditEventsResponse { events }))
     }
 }

@@ -73,13 +73,20 @@ pub struct Node {
 impl Node {
     /// Starts a node serving on `listener` (and the ops endpoint on
     /// `ops_listener`, if given).
-    pub async fn start(cfg: CoordinatorConfig, listener: TcpListener, ops_listener: Option<TcpListener>) -> Result<Node, NodeError> {
+    pub async fn start(
+        cfg: CoordinatorConfig,
+        listener: TcpListener,
+        ops_listener: Option<TcpListener>,
+    ) -> Result<Node, NodeError> {
         cfg.validate()?;
         cutover_shared::tls::install_crypto_provider();
         let tls = cfg.tls.server_config()?;
         let addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
         let consensus = Consensus::open(cfg.node_id, &cfg.data_dir, &cfg.raft, cfg.tls.clone()).await?;
-        let hub = AgentHub::new(consensus.clone(), Duration::from_millis(cfg.agent_heartbeat_interval_ms));
+        let hub = AgentHub::new(
+            consensus.clone(),
+            Duration::from_millis(cfg.agent_heartbeat_interval_ms),
+        );
         let (stop, stop_rx) = watch::channel(false);
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -87,7 +94,9 @@ impl Node {
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         let (reflection_v1, reflection_v1alpha) = reflection_services();
         let policy: Policy = Arc::new(access_policy);
-        let control = ControlServiceServer::new(ControlApi { consensus: consensus.clone() });
+        let control = ControlServiceServer::new(ControlApi {
+            consensus: consensus.clone(),
+        });
         let agent = AgentServiceServer::new(AgentApi { hub: hub.clone() });
         let raft = consensus.grpc_service();
         let mut shutdown = stop_rx.clone();
@@ -130,16 +139,27 @@ impl Node {
 
         consensus.bootstrap(&cfg.initial_members).await?;
         tracing::info!(node = cfg.node_id, %addr, "coordinator started");
-        Ok(Node { consensus, hub, addr, stop, server, tasks })
+        Ok(Node {
+            consensus,
+            hub,
+            addr,
+            stop,
+            server,
+            tasks,
+        })
     }
 
     /// Binds the configured addresses and starts.
     pub async fn bind_and_start(cfg: CoordinatorConfig) -> Result<Node, NodeError> {
-        let listener = TcpListener::bind(&cfg.listen)
-            .await
-            .map_err(|source| NodeError::Bind { addr: cfg.listen.clone(), source })?;
+        let listener = TcpListener::bind(&cfg.listen).await.map_err(|source| NodeError::Bind {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
         let ops = match &cfg.ops_listen {
-            Some(a) => Some(TcpListener::bind(a).await.map_err(|source| NodeError::Bind { addr: a.clone(), source })?),
+            Some(a) => Some(TcpListener::bind(a).await.map_err(|source| NodeError::Bind {
+                addr: a.clone(),
+                source,
+            })?),
             None => None,
         };
         Node::start(cfg, listener, ops).await
@@ -158,19 +178,21 @@ impl Node {
         self.hub.connected()
     }
 
-    /// Stops serving, then stops Raft. Storage stays valid for a restart.
+    /// Stops Raft (so leadership moves on at once), then the server: open
+    /// streams get one second to finish before their connections are cut.
+    /// Storage stays valid for a restart.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for t in &self.tasks {
             t.abort();
         }
-        // Open agent streams would keep the graceful shutdown waiting.
         self.hub.close_all();
-        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
+        self.consensus.shutdown().await;
+        let abort = self.server.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(1), self.server).await {
             Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e}"),
-            Err(_) => tracing::warn!("gRPC server did not stop within 5 s"),
+            Err(_) => abort.abort(),
             _ => {}
         }
-        self.consensus.shutdown().await;
     }
 }

@@ -28,7 +28,12 @@ pub struct AuditDraft {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// An agent registered with the leader (only transitions are logged).
-    AgentUp { cluster: ClusterRef, agent_version: String, task_kinds: Vec<String>, at_unix_ms: i64 },
+    AgentUp {
+        cluster: ClusterRef,
+        agent_version: String,
+        task_kinds: Vec<String>,
+        at_unix_ms: i64,
+    },
     /// The leader stopped hearing from an agent.
     AgentDown { cluster: ClusterRef, at_unix_ms: i64 },
     /// A new operation with its tasks.
@@ -38,9 +43,16 @@ pub enum Command {
     /// An agent reported progress. `from` is the reporting agent's cluster.
     TaskProgress { from: ClusterRef, progress: TaskProgress },
     /// An agent reported a final result.
-    TaskFinished { from: ClusterRef, result: TaskResult, at_unix_ms: i64 },
+    TaskFinished {
+        from: ClusterRef,
+        result: TaskResult,
+        at_unix_ms: i64,
+    },
     /// CI posted facts about a release image.
-    Attest { attestations: Vec<Attestation>, audit: AuditDraft },
+    Attest {
+        attestations: Vec<Attestation>,
+        audit: AuditDraft,
+    },
     /// An audited action that changes nothing else here (membership changes).
     Audit(AuditDraft),
 }
@@ -57,7 +69,10 @@ pub struct CommandResponse {
 
 impl CommandResponse {
     fn err(msg: impl Into<String>) -> Self {
-        Self { error: Some(msg.into()), log_index: 0 }
+        Self {
+            error: Some(msg.into()),
+            log_index: 0,
+        }
     }
 }
 
@@ -92,10 +107,21 @@ impl State {
     /// Applies one command.
     pub fn apply(&mut self, cmd: Command) -> CommandResponse {
         match cmd {
-            Command::AgentUp { cluster, agent_version, task_kinds, at_unix_ms } => {
+            Command::AgentUp {
+                cluster,
+                agent_version,
+                task_kinds,
+                at_unix_ms,
+            } => {
                 self.agents.insert(
                     cluster.to_string(),
-                    AgentRecord { cluster, state: AgentState::Up, since_unix_ms: at_unix_ms, agent_version, task_kinds },
+                    AgentRecord {
+                        cluster,
+                        state: AgentState::Up,
+                        since_unix_ms: at_unix_ms,
+                        agent_version,
+                        task_kinds,
+                    },
                 );
             }
             Command::AgentDown { cluster, at_unix_ms } => {
@@ -129,7 +155,10 @@ impl State {
                 };
                 let task = &mut op.tasks[i];
                 if task.spec.target != from {
-                    return CommandResponse::err(format!("task {} belongs to {}, not {from}", task.spec.task_id, task.spec.target));
+                    return CommandResponse::err(format!(
+                        "task {} belongs to {}, not {from}",
+                        task.spec.task_id, task.spec.target
+                    ));
                 }
                 if task.state.is_finished() {
                     return CommandResponse::default();
@@ -141,25 +170,39 @@ impl State {
                 }
                 refresh_operation(op, at);
             }
-            Command::TaskFinished { from, result, at_unix_ms } => {
+            Command::TaskFinished {
+                from,
+                result,
+                at_unix_ms,
+            } => {
                 let Some((op, i)) = self.task_mut(&result.task_id) else {
                     return CommandResponse::err(format!("unknown task {}", result.task_id));
                 };
                 let task = &mut op.tasks[i];
                 if task.spec.target != from {
-                    return CommandResponse::err(format!("task {} belongs to {}, not {from}", task.spec.task_id, task.spec.target));
+                    return CommandResponse::err(format!(
+                        "task {} belongs to {}, not {from}",
+                        task.spec.task_id, task.spec.target
+                    ));
                 }
                 if task.state.is_finished() {
                     // A duplicate report (e.g. after a leader change): the first wins.
                     return CommandResponse::default();
                 }
-                task.state = if result.success { TaskState::Succeeded } else { TaskState::Failed };
+                task.state = if result.success {
+                    TaskState::Succeeded
+                } else {
+                    TaskState::Failed
+                };
                 task.result = Some(result);
                 refresh_operation(op, at_unix_ms);
             }
             Command::Attest { attestations, audit } => {
                 for a in attestations {
-                    self.attestations.entry(a.image.clone()).or_default().insert(a.check.clone(), a);
+                    self.attestations
+                        .entry(a.image.clone())
+                        .or_default()
+                        .insert(a.check.clone(), a);
                 }
                 self.audit(audit);
             }
@@ -191,7 +234,11 @@ fn refresh_operation(op: &mut Operation, at: i64) {
     op.updated_at_unix_ms = at;
     let all_done = op.tasks.iter().all(|t| t.state.is_finished());
     op.state = if all_done {
-        if op.tasks.iter().all(|t| t.state == TaskState::Succeeded) { TaskState::Succeeded } else { TaskState::Failed }
+        if op.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            TaskState::Succeeded
+        } else {
+            TaskState::Failed
+        }
     } else if op.tasks.iter().any(|t| t.state != TaskState::Pending) {
         TaskState::Running
     } else {
@@ -201,7 +248,13 @@ fn refresh_operation(op: &mut Operation, at: i64) {
         op.summary = op
             .tasks
             .iter()
-            .map(|t| format!("{}: {}", t.spec.target, t.result.as_ref().map_or("", |r| r.message.as_str())))
+            .map(|t| {
+                format!(
+                    "{}: {}",
+                    t.spec.target,
+                    t.result.as_ref().map_or("", |r| r.message.as_str())
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ");
     }

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
 
+use crate::Error;
 use crate::identity::{Identity, Role};
 use crate::tls::TlsFiles;
-use crate::Error;
 
 fn pki(e: impl std::fmt::Display) -> Error {
     Error::Tls(format!("certificate generation failed: {e}"))
@@ -42,13 +42,21 @@ impl CertAuthority {
         dn.push(DnType::OrganizationName, "cutover");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
         let key = KeyPair::generate().map_err(pki)?;
         let cert = params.self_signed(&key).map_err(pki)?;
-        Ok(Self { cert_pem: cert.pem(), params, key })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            params,
+            key,
+        })
     }
 
     /// The CA certificate in PEM.
@@ -89,7 +97,10 @@ impl CertAuthority {
         let key = KeyPair::generate().map_err(pki)?;
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).map_err(pki)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Issues a certificate valid for one year.
@@ -129,7 +140,11 @@ pub fn write_issued(dir: &Path, stem: &str, cert: &IssuedCert, ca: &Path) -> Res
     let key_path = dir.join(format!("{stem}.key"));
     write_file(&cert_path, &cert.cert_pem, false)?;
     write_file(&key_path, &cert.key_pem, true)?;
-    Ok(TlsFiles { ca: ca.to_owned(), cert: cert_path, key: key_path })
+    Ok(TlsFiles {
+        ca: ca.to_owned(),
+        cert: cert_path,
+        key: key_path,
+    })
 }
 
 /// What `cutover certs init` writes.
@@ -162,20 +177,33 @@ pub fn init_dev_pki(dir: &Path, coordinators: u64, agents: &[(&str, &str)]) -> R
         viewer: TlsFiles::default(),
     };
     for id in 1..=coordinators {
-        let ident = Identity { role: Role::Coordinator, name: id.to_string() };
+        let ident = Identity {
+            role: Role::Coordinator,
+            name: id.to_string(),
+        };
         let host = format!("coordinator-{id}");
         let issued = ca.issue(&ident, &["localhost", &host])?;
-        out.coordinators.push((id, write_issued(dir, &host, &issued, &ca_path)?));
+        out.coordinators
+            .push((id, write_issued(dir, &host, &issued, &ca_path)?));
     }
     for (region, cluster) in agents {
-        let ident = Identity { role: Role::Agent, name: format!("{region}/{cluster}") };
+        let ident = Identity {
+            role: Role::Agent,
+            name: format!("{region}/{cluster}"),
+        };
         let issued = ca.issue(&ident, &[])?;
         let files = write_issued(dir, &format!("agent-{region}-{cluster}"), &issued, &ca_path)?;
         out.agents.push((region.to_string(), cluster.to_string(), files));
     }
-    let op = Identity { role: Role::Operator, name: "admin".into() };
+    let op = Identity {
+        role: Role::Operator,
+        name: "admin".into(),
+    };
     out.operator = write_issued(dir, "operator", &ca.issue(&op, &[])?, &ca_path)?;
-    let viewer = Identity { role: Role::Viewer, name: "viewer".into() };
+    let viewer = Identity {
+        role: Role::Viewer,
+        name: "viewer".into(),
+    };
     out.viewer = write_issued(dir, "viewer", &ca.issue(&viewer, &[])?, &ca_path)?;
     Ok(out)
 }

@@ -104,7 +104,10 @@ impl CoordinatorConfig {
             return Err(Error::Config("initial_members lists one id twice".into()));
         }
         if !self.initial_members.is_empty() && !ids.contains(&self.node_id) {
-            return Err(Error::Config(format!("initial_members does not include this node ({})", self.node_id)));
+            return Err(Error::Config(format!(
+                "initial_members does not include this node ({})",
+                self.node_id
+            )));
         }
         if self.raft.election_timeout_min_ms <= self.raft.heartbeat_interval_ms
             || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
@@ -167,7 +170,8 @@ impl AgentConfig {
 
 /// Reads a TOML config file and applies environment overrides.
 pub fn load<T: DeserializeOwned + EnvOverride>(path: &Path) -> Result<T, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
     let mut cfg: T = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
     cfg.apply_env();
     Ok(cfg)

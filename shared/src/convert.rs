@@ -1,12 +1,15 @@
 //! The one place where protobuf types and domain types meet.
 
+use crate::Error;
 use crate::domain::{self, AgentState, TaskState};
 use crate::proto;
-use crate::Error;
 
 impl From<domain::ClusterRef> for proto::ClusterRef {
     fn from(c: domain::ClusterRef) -> Self {
-        proto::ClusterRef { region: c.region, cluster: c.cluster }
+        proto::ClusterRef {
+            region: c.region,
+            cluster: c.cluster,
+        }
     }
 }
 
@@ -63,13 +66,21 @@ impl TryFrom<proto::Task> for domain::TaskSpec {
 
 impl From<domain::TaskProgress> for proto::TaskProgress {
     fn from(p: domain::TaskProgress) -> Self {
-        proto::TaskProgress { task_id: p.task_id, message: p.message, at_unix_ms: p.at_unix_ms }
+        proto::TaskProgress {
+            task_id: p.task_id,
+            message: p.message,
+            at_unix_ms: p.at_unix_ms,
+        }
     }
 }
 
 impl From<proto::TaskProgress> for domain::TaskProgress {
     fn from(p: proto::TaskProgress) -> Self {
-        domain::TaskProgress { task_id: p.task_id, message: p.message, at_unix_ms: p.at_unix_ms }
+        domain::TaskProgress {
+            task_id: p.task_id,
+            message: p.message,
+            at_unix_ms: p.at_unix_ms,
+        }
     }
 }
 

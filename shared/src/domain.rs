@@ -26,7 +26,10 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), Error> {
             value.len()
         )));
     }
-    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err(bad("may contain only lowercase letters, digits and '-'"));
     }
     if value.starts_with('-') || value.ends_with('-') {
@@ -47,7 +50,10 @@ impl ClusterRef {
     pub fn new(region: &str, cluster: &str) -> Result<Self, Error> {
         validate_name("region", region)?;
         validate_name("cluster", cluster)?;
-        Ok(Self { region: region.to_owned(), cluster: cluster.to_owned() })
+        Ok(Self {
+            region: region.to_owned(),
+            cluster: cluster.to_owned(),
+        })
     }
 }
 

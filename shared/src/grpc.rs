@@ -49,7 +49,10 @@ impl GuardLayer {
 impl<S> Layer<S> for GuardLayer {
     type Service = Guard<S>;
     fn layer(&self, inner: S) -> Guard<S> {
-        Guard { inner, policy: self.policy.clone() }
+        Guard {
+            inner,
+            policy: self.policy.clone(),
+        }
     }
 }
 
@@ -65,8 +68,10 @@ fn method_label(path: &str) -> String {
 }
 
 fn record(method: &str, code: &str, start: Instant) {
-    metrics::counter!("cutover_rpc_requests_total", "method" => method.to_owned(), "code" => code.to_owned()).increment(1);
-    metrics::histogram!("cutover_rpc_duration_seconds", "method" => method.to_owned()).record(start.elapsed().as_secs_f64());
+    metrics::counter!("cutover_rpc_requests_total", "method" => method.to_owned(), "code" => code.to_owned())
+        .increment(1);
+    metrics::histogram!("cutover_rpc_duration_seconds", "method" => method.to_owned())
+        .record(start.elapsed().as_secs_f64());
 }
 
 /// Decides whether the caller may invoke `path`.

@@ -10,8 +10,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::domain::{ClusterRef, validate_name};
 use crate::Error;
+use crate::domain::{ClusterRef, validate_name};
 
 /// The trust domain in every cutover SPIFFE ID.
 pub const TRUST_DOMAIN: &str = "cutover";
@@ -88,7 +88,10 @@ impl Identity {
         for s in &segments {
             validate_name("certificate name", s).map_err(|e| bad(&e.to_string()))?;
         }
-        Ok(Identity { role, name: name.to_owned() })
+        Ok(Identity {
+            role,
+            name: name.to_owned(),
+        })
     }
 
     /// Reads the identity from a DER certificate's URI SANs. Exactly one
@@ -111,7 +114,9 @@ impl Identity {
             0 => Err(Error::Identity(
                 "client certificate has no spiffe://cutover/<role>/<name> URI SAN".into(),
             )),
-            _ => Err(Error::Identity("client certificate has more than one SPIFFE URI SAN".into())),
+            _ => Err(Error::Identity(
+                "client certificate has more than one SPIFFE URI SAN".into(),
+            )),
         }
     }
 
@@ -121,7 +126,10 @@ impl Identity {
             return None;
         }
         let (region, cluster) = self.name.split_once('/')?;
-        Some(ClusterRef { region: region.to_owned(), cluster: cluster.to_owned() })
+        Some(ClusterRef {
+            region: region.to_owned(),
+            cluster: cluster.to_owned(),
+        })
     }
 }
 

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig};
 
-use crate::identity::Identity;
 use crate::Error;
+use crate::identity::Identity;
 
 /// The CA bundle, certificate and private key of one process, as PEM files.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +112,8 @@ pub fn peer_identity(extensions: &http::Extensions) -> Result<Identity, Error> {
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|info| info.peer_certs())
         .ok_or_else(|| Error::Identity("no client certificate presented".into()))?;
-    let leaf = certs.first().ok_or_else(|| Error::Identity("empty client certificate chain".into()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::Identity("empty client certificate chain".into()))?;
     Identity::from_certificate_der(leaf.as_ref())
 }

@@ -1,1 +1,379 @@
+//! Test harness shared by the integration tests: a [`TestCluster`] builder in
+//! the style of Nomad's, with tight Raft timeouts, temporary directories, a
+//! fresh development PKI, and a config callback. Nodes and agents run
+//! in-process (stoppable and restartable from their data directories) or as
+//! real `cutover` processes for kill -9 tests.
 
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cutover_agent::Agent;
+use cutover_coordinator::Node;
+use cutover_shared::certs::{DevPki, init_dev_pki};
+use cutover_shared::config::{AgentConfig, CoordinatorConfig, Member, RaftConfig};
+use cutover_shared::proto as pb;
+use cutover_shared::proto::control_service_client::ControlServiceClient;
+use cutover_shared::telemetry::LogFormat;
+use cutover_shared::tls::TlsFiles;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub use cutover_shared;
+
+/// Agent heartbeat interval used by test clusters.
+pub const AGENT_HEARTBEAT_MS: u64 = 200;
+
+type ConfigFn = Box<dyn Fn(&mut CoordinatorConfig) + Send + Sync>;
+
+pub struct TestClusterBuilder {
+    nodes: u64,
+    regions: Vec<(String, String)>,
+    configure: Option<ConfigFn>,
+    spare_nodes: u64,
+}
+
+impl TestClusterBuilder {
+    pub fn nodes(mut self, n: u64) -> Self {
+        self.nodes = n;
+        self
+    }
+    /// Agents to issue certificates for (and start, with `start_agents`).
+    pub fn regions(mut self, r: &[(&str, &str)]) -> Self {
+        self.regions = r.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        self
+    }
+    /// Extra node identities to issue certificates for (membership tests).
+    pub fn spare_nodes(mut self, n: u64) -> Self {
+        self.spare_nodes = n;
+        self
+    }
+    /// Adjusts every coordinator's config before it starts.
+    pub fn configure(mut self, f: impl Fn(&mut CoordinatorConfig) + Send + Sync + 'static) -> Self {
+        self.configure = Some(Box::new(f));
+        self
+    }
+
+    /// Prepares configs and certificates without starting anything.
+    pub async fn prepare(self) -> Result<TestCluster> {
+        cutover_shared::tls::install_crypto_provider();
+        // Logs are captured per test and shown when it fails.
+        cutover_shared::telemetry::init_tracing(LogFormat::Human);
+        let tmp = tempfile::Builder::new().prefix("cutover-test-").tempdir()?;
+        let refs: Vec<(&str, &str)> = self.regions.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let pki = init_dev_pki(&tmp.path().join("certs"), self.nodes + self.spare_nodes, &refs)?;
+        let mut listeners = Vec::new();
+        for _ in 0..self.nodes + self.spare_nodes {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<Result<_, _>>()?;
+        let members: Vec<Member> = (0..self.nodes as usize)
+            .map(|i| Member {
+                id: i as u64 + 1,
+                address: addrs[i].clone(),
+            })
+            .collect();
+        let mut configs = Vec::new();
+        for i in 0..(self.nodes + self.spare_nodes) as usize {
+            let id = i as u64 + 1;
+            let mut cfg = CoordinatorConfig {
+                node_id: id,
+                listen: addrs[i].clone(),
+                advertise: None,
+                data_dir: tmp.path().join(format!("coordinator-{id}")),
+                ops_listen: None,
+                log_format: LogFormat::Human,
+                tls: pki.coordinators[i].1.clone(),
+                initial_members: if (i as u64) < self.nodes {
+                    members.clone()
+                } else {
+                    vec![]
+                },
+                agent_heartbeat_interval_ms: AGENT_HEARTBEAT_MS,
+                raft: RaftConfig {
+                    heartbeat_interval_ms: 50,
+                    election_timeout_min_ms: 200,
+                    election_timeout_max_ms: 400,
+                    snapshot_every: 2000,
+                    keep_after_snapshot: 100,
+                },
+            };
+            if let Some(f) = &self.configure {
+                f(&mut cfg);
+            }
+            configs.push(cfg);
+        }
+        let n = configs.len();
+        Ok(TestCluster {
+            tmp,
+            pki,
+            configs,
+            listeners: listeners.into_iter().map(Some).collect(),
+            nodes: (0..n).map(|_| None).collect(),
+            voters: self.nodes as usize,
+            agents: vec![],
+        })
+    }
+
+    /// Prepares and starts the initial voters in-process.
+    pub async fn start(self) -> Result<TestCluster> {
+        let mut c = self.prepare().await?;
+        for i in 0..c.voters {
+            c.start_node(i).await?;
+        }
+        Ok(c)
+    }
+}
+
+pub struct RunningAgent {
+    pub cluster: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    pub store: std::sync::Arc<cutover_agent::store::Store>,
+}
+
+impl RunningAgent {
+    /// Stops the agent (its stream closes; its store stays on disk).
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+    }
+}
+
+pub struct TestCluster {
+    pub tmp: tempfile::TempDir,
+    pub pki: DevPki,
+    pub configs: Vec<CoordinatorConfig>,
+    listeners: Vec<Option<TcpListener>>,
+    pub nodes: Vec<Option<Node>>,
+    voters: usize,
+    pub agents: Vec<Option<RunningAgent>>,
+}
+
+impl TestCluster {
+    pub fn builder() -> TestClusterBuilder {
+        TestClusterBuilder {
+            nodes: 3,
+            regions: vec![],
+            configure: None,
+            spare_nodes: 0,
+        }
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.configs
+            .iter()
+            .take(self.voters)
+            .map(|c| c.listen.clone())
+            .collect()
+    }
+
+    /// Frees the ports the harness reserved, so processes can bind them.
+    pub fn release_listeners(&mut self) {
+        self.listeners.iter_mut().for_each(|l| drop(l.take()));
+    }
+
+    /// Starts (or restarts, from its data directory) node `i` in-process.
+    pub async fn start_node(&mut self, i: usize) -> Result<()> {
+        let listener = match self.listeners[i].take() {
+            Some(l) => l,
+            None => TcpListener::bind(&self.configs[i].listen)
+                .await
+                .with_context(|| format!("rebinding {}", self.configs[i].listen))?,
+        };
+        self.nodes[i] = Some(Node::start(self.configs[i].clone(), listener, None).await?);
+        Ok(())
+    }
+
+    /// Stops node `i` (server and Raft); its data directory stays.
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("node is running")
+    }
+
+    fn running(&self) -> impl Iterator<Item = (usize, &Node)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.as_ref().map(|n| (i, n)))
+    }
+
+    /// Waits until the running nodes agree on one leader that is running;
+    /// returns its index.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let leaders: Vec<usize> = self
+                .running()
+                .filter(|(_, n)| n.consensus().status().server_state == "leader")
+                .map(|(i, _)| i)
+                .collect();
+            if let [l] = leaders[..] {
+                let id = l as u64 + 1;
+                if self.running().all(|(_, n)| n.consensus().status().leader == Some(id)) {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no single leader after {timeout:?}: leaders {leaders:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `pred` holds on node `i`'s applied state.
+    pub async fn wait_state(
+        &self,
+        i: usize,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&cutover_coordinator::state::State) -> bool,
+    ) -> Result<()> {
+        let node = self.node(i);
+        let mut applied = node.consensus().applied();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if node.consensus().read(&pred) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            // Wake on applies, and re-check at least every 50 ms.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(50)), applied.changed()).await;
+        }
+    }
+
+    /// A control client speaking as `who` (operator, viewer, or any files).
+    pub fn client(&self, who: &TlsFiles, node: usize) -> Result<ControlServiceClient<Channel>> {
+        Ok(ControlServiceClient::new(
+            who.channel(&self.configs[node].listen, None)?,
+        ))
+    }
+
+    pub fn operator(&self, node: usize) -> ControlServiceClient<Channel> {
+        self.client(&self.pki.operator, node).expect("operator client")
+    }
+
+    pub fn agent_config(&self, i: usize) -> AgentConfig {
+        let (region, cluster, tls) = &self.pki.agents[i];
+        AgentConfig {
+            coordinators: self.addrs(),
+            data_dir: self.tmp.path().join(format!("agent-{region}-{cluster}")),
+            server_name: None,
+            ops_listen: None,
+            log_format: LogFormat::Human,
+            tls: tls.clone(),
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 500,
+        }
+    }
+
+    /// Starts agent `i` in-process.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let agent = Agent::new(self.agent_config(i))?;
+        let store = agent.store();
+        let cluster = agent.cluster().to_string();
+        let (stop, rx) = oneshot::channel();
+        let task = tokio::spawn(agent.run(async move {
+            let _ = rx.await;
+        }));
+        while self.agents.len() <= i {
+            self.agents.push(None);
+        }
+        self.agents[i] = Some(RunningAgent {
+            cluster,
+            stop: Some(stop),
+            task,
+            store,
+        });
+        Ok(())
+    }
+
+    pub async fn stop_agent(&mut self, i: usize) {
+        if let Some(a) = self.agents.get_mut(i).and_then(Option::take) {
+            a.stop().await;
+        }
+    }
+
+    /// Writes one attestation through node `i`; returns its log index.
+    pub async fn write(&self, node: usize, image: &str) -> Result<u64> {
+        let r = self
+            .operator(node)
+            .create_attestation(pb::CreateAttestationRequest {
+                image: image.into(),
+                checks: [("tests".to_string(), "passed".to_string())].into(),
+            })
+            .await?;
+        Ok(r.into_inner().log_index)
+    }
+
+    pub async fn shutdown(mut self) {
+        for i in 0..self.agents.len() {
+            self.stop_agent(i).await;
+        }
+        for i in 0..self.nodes.len() {
+            self.stop_node(i).await;
+        }
+    }
+}
+
+/// The `cutover` binary built alongside the tests (`cargo build --bin cutover`
+/// runs first in `scripts/test`).
+pub fn cutover_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = dir.join("cutover");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bin cutover` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `cutover` subprocess, killed with SIGKILL when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: &Path) -> Result<Proc> {
+        let out = std::fs::File::create(log)?;
+        let child = Command::new(cutover_bin())
+            .args(args)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning cutover")?;
+        Ok(Proc { child })
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -9,12 +9,12 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
+use openraft::OptionalSend;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
-use openraft::OptionalSend;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use super::TypeConfig;
 
@@ -67,7 +67,10 @@ impl LogStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_write().map_err(io_err)?;
-            tx.open_table(META).map_err(io_err)?.insert(key, bytes.as_slice()).map_err(io_err)?;
+            tx.open_table(META)
+                .map_err(io_err)?
+                .insert(key, bytes.as_slice())
+                .map_err(io_err)?;
             tx.commit().map_err(io_err)
         })
         .await
@@ -84,7 +87,10 @@ impl LogStore {
                 let mut log = tx.open_table(LOG).map_err(io_err)?;
                 log.retain_in(range, |_, _| false).map_err(io_err)?;
                 if let Some(m) = &marker {
-                    tx.open_table(META).map_err(io_err)?.insert(LAST_PURGED, m.as_slice()).map_err(io_err)?;
+                    tx.open_table(META)
+                        .map_err(io_err)?
+                        .insert(LAST_PURGED, m.as_slice())
+                        .map_err(io_err)?;
                 }
             }
             tx.commit().map_err(io_err)
@@ -129,7 +135,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             None => last_purged_log_id.clone(),
         };
-        Ok(LogState { last_purged_log_id, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -183,6 +192,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
         let upto = log_id.index;
-        self.delete((Bound::Unbounded, Bound::Included(upto)), Some(log_id)).await
+        self.delete((Bound::Unbounded, Bound::Included(upto)), Some(log_id))
+            .await
     }
 }

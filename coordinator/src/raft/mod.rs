@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use cutover_shared::config::{Member, RaftConfig};
 use cutover_shared::proto::ProposeRequest;
 use cutover_shared::tls::TlsFiles;
-use openraft::errors::{ClientWriteError, RaftError};
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use redb::Database;
 use serde::{Deserialize, Serialize};
@@ -103,8 +103,16 @@ const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Consensus {
     /// Opens (or creates) the node's storage in `data_dir` and starts Raft.
-    pub async fn open(node_id: NodeId, data_dir: &Path, timings: &RaftConfig, tls: TlsFiles) -> Result<Self, OpenError> {
-        let storage = |e: &dyn std::fmt::Display| OpenError::Storage { dir: data_dir.display().to_string(), msg: e.to_string() };
+    pub async fn open(
+        node_id: NodeId,
+        data_dir: &Path,
+        timings: &RaftConfig,
+        tls: TlsFiles,
+    ) -> Result<Self, OpenError> {
+        let storage = |e: &dyn std::fmt::Display| OpenError::Storage {
+            dir: data_dir.display().to_string(),
+            msg: e.to_string(),
+        };
         std::fs::create_dir_all(data_dir).map_err(|e| storage(&e))?;
         let db = Arc::new(Database::create(data_dir.join("raft.redb")).map_err(|e| storage(&e))?);
         let config = openraft::Config {
@@ -125,7 +133,12 @@ impl Consensus {
         let raft = Raft::new(node_id, Arc::new(config), peers.clone(), log, sm)
             .await
             .map_err(|e| OpenError::Raft(e.to_string()))?;
-        let this = Self { raft, node_id, shared, peers };
+        let this = Self {
+            raft,
+            node_id,
+            shared,
+            peers,
+        };
         this.spawn_metrics();
         Ok(this)
     }
@@ -133,12 +146,29 @@ impl Consensus {
     /// Initializes a brand-new cluster with `members` as voters. Only the
     /// member with the smallest id does it, once; it is a no-op afterwards.
     pub async fn bootstrap(&self, members: &[Member]) -> Result<(), OpenError> {
-        let Some(first) = members.iter().map(|m| m.id).min() else { return Ok(()) };
-        if first != self.node_id || self.raft.is_initialized().await.map_err(|e| OpenError::Raft(e.to_string()))? {
+        let Some(first) = members.iter().map(|m| m.id).min() else {
+            return Ok(());
+        };
+        if first != self.node_id
+            || self
+                .raft
+                .is_initialized()
+                .await
+                .map_err(|e| OpenError::Raft(e.to_string()))?
+        {
             return Ok(());
         }
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            members.iter().map(|m| (m.id, BasicNode { addr: m.address.clone() })).collect();
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|m| {
+                (
+                    m.id,
+                    BasicNode {
+                        addr: m.address.clone(),
+                    },
+                )
+            })
+            .collect();
         match self.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             // Another start already initialized it: fine.
@@ -223,12 +253,18 @@ impl Consensus {
             }
             Proposal::AddNode { id, address } => {
                 if !self.is_leader() {
-                    let (l, n) = self.leader().map(|(i, a)| (Some(i), Some(BasicNode { addr: a }))).unwrap_or((None, None));
+                    let (l, n) = self
+                        .leader()
+                        .map(|(i, a)| (Some(i), Some(BasicNode { addr: a })))
+                        .unwrap_or((None, None));
                     return Err(not_leader(l, n));
                 }
                 // Learner first: it catches up on the log without affecting
                 // the quorum, then becomes a voter.
-                self.raft.add_learner(id, BasicNode { addr: address }, true).await.map_err(map_err)?;
+                self.raft
+                    .add_learner(id, BasicNode { addr: address }, true)
+                    .await
+                    .map_err(map_err)?;
                 self.raft
                     .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
                     .await
@@ -264,12 +300,12 @@ impl Consensus {
         let deadline = Instant::now() + PROPOSE_DEADLINE;
         loop {
             let err = match self.propose_local(proposal.clone()).await {
-                Err(ProposeError::NotLeader { leader: Some((id, addr)) }) if id != self.node_id => {
-                    match self.forward(&addr, &proposal).await {
-                        Ok(r) => return r,
-                        Err(e) => e,
-                    }
-                }
+                Err(ProposeError::NotLeader {
+                    leader: Some((id, addr)),
+                }) if id != self.node_id => match self.forward(&addr, &proposal).await {
+                    Ok(r) => return r,
+                    Err(e) => e,
+                },
                 Err(ProposeError::NotLeader { .. }) => "no leader".to_owned(),
                 other => return other,
             };
@@ -291,8 +327,12 @@ impl Consensus {
         let command = serde_json::to_vec(proposal).map_err(|e| e.to_string())?;
         let mut req = tonic::Request::new(ProposeRequest { command });
         req.set_timeout(PROPOSE_DEADLINE);
-        let reply = client.propose(req).await.map_err(|s| format!("forward to {addr}: {}", s.message()))?;
-        let r: Result<CommandResponse, String> = serde_json::from_slice(&reply.into_inner().payload).map_err(|e| e.to_string())?;
+        let reply = client
+            .propose(req)
+            .await
+            .map_err(|s| format!("forward to {addr}: {}", s.message()))?;
+        let r: Result<CommandResponse, String> =
+            serde_json::from_slice(&reply.into_inner().payload).map_err(|e| e.to_string())?;
         Ok(r.map_err(ProposeError::Rejected))
     }
 
@@ -301,7 +341,10 @@ impl Consensus {
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let members = membership.nodes().map(|(id, n)| (*id, n.addr.clone(), voters.contains(id))).collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+            .collect();
         RaftStatus {
             node_id: self.node_id,
             leader: m.current_leader,
@@ -336,9 +379,11 @@ impl Consensus {
 
     /// The `RaftService` implementation for this node.
     pub fn grpc_service(&self) -> cutover_shared::proto::raft_service_server::RaftServiceServer<service::RaftGrpc> {
-        cutover_shared::proto::raft_service_server::RaftServiceServer::new(service::RaftGrpc { consensus: self.clone() })
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE)
+        cutover_shared::proto::raft_service_server::RaftServiceServer::new(service::RaftGrpc {
+            consensus: self.clone(),
+        })
+        .max_decoding_message_size(MAX_PEER_MESSAGE)
+        .max_encoding_message_size(MAX_PEER_MESSAGE)
     }
 
     /// Exports Raft progress as Prometheus gauges, labelled by node.
@@ -352,10 +397,16 @@ impl Consensus {
                     let l = [("node", node.clone())];
                     metrics::gauge!("cutover_raft_term", &l).set(m.current_term as f64);
                     metrics::gauge!("cutover_raft_leader_id", &l).set(m.current_leader.unwrap_or(0) as f64);
-                    metrics::gauge!("cutover_raft_is_leader", &l).set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+                    metrics::gauge!("cutover_raft_is_leader", &l).set(if m.state == ServerState::Leader {
+                        1.0
+                    } else {
+                        0.0
+                    });
                     metrics::gauge!("cutover_raft_last_log_index", &l).set(m.last_log_index.unwrap_or(0) as f64);
-                    metrics::gauge!("cutover_raft_commit_index", &l).set(m.local_committed.as_ref().map_or(0, |x| x.index) as f64);
-                    metrics::gauge!("cutover_raft_applied_index", &l).set(m.last_applied.as_ref().map_or(0, |x| x.index) as f64);
+                    metrics::gauge!("cutover_raft_commit_index", &l)
+                        .set(m.local_committed.as_ref().map_or(0, |x| x.index) as f64);
+                    metrics::gauge!("cutover_raft_applied_index", &l)
+                        .set(m.last_applied.as_ref().map_or(0, |x| x.index) as f64);
                 }
                 if rx.changed().await.is_err() {
                     break;

@@ -9,11 +9,11 @@ use std::time::Duration;
 use cutover_shared::proto::raft_service_client::RaftServiceClient;
 use cutover_shared::proto::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use cutover_shared::tls::TlsFiles;
+use openraft::BasicNode;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesResponse, SnapshotResponse, VoteResponse};
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
-use openraft::BasicNode;
 use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
@@ -30,7 +30,10 @@ pub struct PeerChannels {
 
 impl PeerChannels {
     pub fn new(tls: TlsFiles) -> Self {
-        Self { tls, channels: Default::default() }
+        Self {
+            tls,
+            channels: Default::default(),
+        }
     }
 
     /// A Raft client for the node at `addr`.
@@ -54,7 +57,10 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
-        PeerClient { target, client: self.client(&node.addr).map_err(|e| e.to_string()) }
+        PeerClient {
+            target,
+            client: self.client(&node.addr).map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -93,8 +99,12 @@ impl PeerClient {
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, RPCError<TypeConfig>> {
-        serde_json::from_slice(payload)
-            .map_err(|e| RPCError::Network(NetworkError::new(&Msg(format!("undecodable reply from node {}: {e}", self.target)))))
+        serde_json::from_slice(payload).map_err(|e| {
+            RPCError::Network(NetworkError::new(&Msg(format!(
+                "undecodable reply from node {}: {e}",
+                self.target
+            ))))
+        })
     }
 }
 

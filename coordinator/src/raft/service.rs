@@ -24,7 +24,10 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Status> {
 
 #[tonic::async_trait]
 impl RaftService for RaftGrpc {
-    async fn append_entries(&self, req: Request<AppendEntriesRequest>) -> Result<Response<AppendEntriesResponse>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<AppendEntriesRequest>,
+    ) -> Result<Response<AppendEntriesResponse>, Status> {
         let rpc = decode(&req.into_inner().payload, "append-entries")?;
         let r = self.consensus.raft.append_entries(rpc).await.map_err(|e| e.to_string());
         Ok(Response::new(AppendEntriesResponse { payload: encode(&r)? }))
@@ -36,12 +39,23 @@ impl RaftService for RaftGrpc {
         Ok(Response::new(VoteResponse { payload: encode(&r)? }))
     }
 
-    async fn install_snapshot(&self, req: Request<InstallSnapshotRequest>) -> Result<Response<InstallSnapshotResponse>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<InstallSnapshotRequest>,
+    ) -> Result<Response<InstallSnapshotResponse>, Status> {
         let req = req.into_inner();
         let vote = decode(&req.vote, "vote")?;
         let meta = decode(&req.meta, "snapshot meta")?;
-        let snapshot = openraft::Snapshot { meta, snapshot: req.data };
-        let r = self.consensus.raft.install_full_snapshot(vote, snapshot).await.map_err(|e| e.to_string());
+        let snapshot = openraft::Snapshot {
+            meta,
+            snapshot: req.data,
+        };
+        let r = self
+            .consensus
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| e.to_string());
         Ok(Response::new(InstallSnapshotResponse { payload: encode(&r)? }))
     }
 
@@ -50,7 +64,9 @@ impl RaftService for RaftGrpc {
         // Only the leader takes forwarded writes: one hop, no forwarding loops.
         let r = match self.consensus.propose_local(cmd).await {
             Err(ProposeError::NotLeader { .. }) => {
-                return Err(Status::unavailable("not the leader (leadership moved while forwarding)"));
+                return Err(Status::unavailable(
+                    "not the leader (leadership moved while forwarding)",
+                ));
             }
             other => other.map_err(|e| e.to_string()),
         };

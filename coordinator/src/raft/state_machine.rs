@@ -12,8 +12,8 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::log_store::io_err;
 use super::TypeConfig;
+use super::log_store::io_err;
 use crate::state::{CommandResponse, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
@@ -61,13 +61,22 @@ impl StateMachineStore {
         }
         let applied = data.last_applied.as_ref().map_or(0, |l| l.index);
         let (tx, _) = watch::channel(applied);
-        Ok(Self { shared: Arc::new(Shared { data: RwLock::new(data), applied: tx }), db })
+        Ok(Self {
+            shared: Arc::new(Shared {
+                data: RwLock::new(data),
+                applied: tx,
+            }),
+            db,
+        })
     }
 
     fn save_snapshot(&self, s: &StoredSnapshot) -> io::Result<()> {
         let bytes = serde_json::to_vec(s).map_err(io_err)?;
         let tx = self.db.begin_write().map_err(io_err)?;
-        tx.open_table(SNAPSHOT).map_err(io_err)?.insert(CURRENT, bytes.as_slice()).map_err(io_err)?;
+        tx.open_table(SNAPSHOT)
+            .map_err(io_err)?
+            .insert(CURRENT, bytes.as_slice())
+            .map_err(io_err)?;
         tx.commit().map_err(io_err)
     }
 }
@@ -87,12 +96,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
         let (meta, data) = {
             let d = self.shared.data.read().map_err(io_err)?;
-            let meta = SnapshotMetaOf::<TypeConfig> { last_log_id: d.last_applied.clone(), last_membership: d.last_membership.clone() };
+            let meta = SnapshotMetaOf::<TypeConfig> {
+                last_log_id: d.last_applied.clone(),
+                last_membership: d.last_membership.clone(),
+            };
             (meta, serde_json::to_vec(&*d).map_err(io_err)?)
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.save_snapshot(&stored)).await.map_err(io_err)??;
+        tokio::task::spawn_blocking(move || this.save_snapshot(&stored))
+            .await
+            .map_err(io_err)??;
         Ok(openraft::Snapshot { meta, snapshot: data })
     }
 }
@@ -101,7 +118,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
         let d = self.shared.data.read().map_err(io_err)?;
         Ok((d.last_applied.clone(), d.last_membership.clone()))
     }
@@ -141,11 +160,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TypeConfig>, snapshot: Vec<u8>) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
         let data: SmData = serde_json::from_slice(&snapshot).map_err(io_err)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data: snapshot };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot,
+        };
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.save_snapshot(&stored)).await.map_err(io_err)??;
+        tokio::task::spawn_blocking(move || this.save_snapshot(&stored))
+            .await
+            .map_err(io_err)??;
         let index = data.last_applied.as_ref().map_or(0, |l| l.index);
         *self.shared.data.write().map_err(io_err)? = data;
         self.shared.applied.send_replace(index);
@@ -153,6 +181,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        Ok(read_snapshot(&self.db)?.map(|s| openraft::Snapshot { meta: s.meta, snapshot: s.data }))
+        Ok(read_snapshot(&self.db)?.map(|s| openraft::Snapshot {
+            meta: s.meta,
+            snapshot: s.data,
+        }))
     }
 }

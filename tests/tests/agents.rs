@@ -1,0 +1,153 @@
+//! Agents: registration, liveness transitions, reconnection when their
+//! coordinator dies, and task deduplication across restarts.
+
+use std::time::{Duration, Instant};
+
+use cutover_shared::domain::{AgentState, TaskState};
+use cutover_shared::proto as pb;
+use cutover_tests::{AGENT_HEARTBEAT_MS, TestCluster};
+
+const T: Duration = Duration::from_secs(15);
+const REGIONS: &[(&str, &str)] = &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
+
+fn agent_state(s: &cutover_coordinator::state::State, key: &str) -> Option<AgentState> {
+    s.agents.get(key).map(|a| a.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_up_down_within_three_intervals_and_up_again() {
+    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    c.start_agent(0).unwrap();
+    c.start_agent(1).unwrap();
+    c.wait_state(leader, T, "both agents up", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
+            && agent_state(s, "eu-west/eu-west-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    let listed = c
+        .operator(leader)
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.agents.len(), 2);
+    assert!(
+        listed
+            .agents
+            .iter()
+            .all(|a| a.state == pb::AgentState::Up as i32 && a.task_kinds.contains(&"echo".to_string()))
+    );
+
+    let died = Instant::now();
+    c.stop_agent(0).await;
+    c.wait_state(leader, T, "us-east down", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Down)
+    })
+    .await
+    .unwrap();
+    let took = died.elapsed();
+    assert!(
+        took < Duration::from_millis(3 * AGENT_HEARTBEAT_MS),
+        "marked down after {took:?}, more than 3 heartbeat intervals of {AGENT_HEARTBEAT_MS} ms"
+    );
+    // The other agent stayed up.
+    assert_eq!(
+        c.node(leader).consensus().read(|s| agent_state(s, "eu-west/eu-west-1")),
+        Some(AgentState::Up)
+    );
+    c.start_agent(0).unwrap();
+    c.wait_state(leader, T, "us-east up again", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
+
+async fn run_echo(c: &TestCluster, node: usize, region: &str, cluster: &str, params: &[(&str, &str)]) -> String {
+    let r = c
+        .operator(node)
+        .run_task(pb::RunTaskRequest {
+            target: Some(pb::ClusterRef {
+                region: region.into(),
+                cluster: cluster.into(),
+            }),
+            kind: "echo".into(),
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.operation_id
+}
+
+/// The agent finishes a task while no coordinator can hear it, is restarted,
+/// and the coordinators (restarted from disk) re-send the unfinished task:
+/// the agent answers with its recorded result and does not run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn task_resent_after_agent_restart_is_not_executed_twice() {
+    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    c.start_agent(0).unwrap();
+    c.wait_state(leader, T, "agent up", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    let op = run_echo(
+        &c,
+        leader,
+        "us-east",
+        "us-east-1",
+        &[("message", "once"), ("delay_ms", "1500")],
+    )
+    .await;
+    let task_id = format!("{op}-1");
+    c.wait_state(leader, T, "task running", |s| {
+        s.operations[&op].state == TaskState::Running
+    })
+    .await
+    .unwrap();
+    // Every coordinator goes away before the task can report.
+    for i in 0..3 {
+        c.stop_node(i).await;
+    }
+    let store = c.agents[0].as_ref().unwrap().store.clone();
+    let deadline = Instant::now() + T;
+    while store.result(&task_id).unwrap().is_none() {
+        assert!(Instant::now() < deadline, "agent never finished the task");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(store);
+    c.stop_agent(0).await;
+    c.start_agent(0).unwrap();
+    for i in 0..3 {
+        c.start_node(i).await.unwrap();
+    }
+    let leader = c.wait_leader(T).await.unwrap();
+    c.wait_state(leader, T, "task finished after restarts", |s| {
+        s.operations[&op].state == TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+    let (result, dispatches) = c.node(leader).consensus().read(|s| {
+        (
+            s.operations[&op].tasks[0].result.clone().unwrap(),
+            s.operations[&op].tasks[0].dispatch_count,
+        )
+    });
+    assert!(
+        result.replayed,
+        "the result came from the agent's record, not a second run"
+    );
+    assert_eq!(result.message, "once");
+    assert!(
+        dispatches >= 2,
+        "the task was sent again after the restarts ({dispatches} dispatches)"
+    );
+    let store = c.agents[0].as_ref().unwrap().store.clone();
+    assert_eq!(store.execution_count(&task_id).unwrap(), 1, "executed exactly once");
+    c.shutdown().await;
+}

@@ -1,0 +1,234 @@
+//! Raft cluster behaviour: election, leader loss (in-process and kill -9 of a
+//! real process), restart from disk, membership changes under writes.
+
+use std::time::Duration;
+
+use cutover_shared::config::to_toml;
+use cutover_shared::proto as pb;
+use cutover_tests::{Proc, TestCluster};
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_elect_exactly_one_leader() {
+    let c = TestCluster::builder().nodes(3).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    for i in 0..3 {
+        let s = c
+            .operator(i)
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.leader_id, leader as u64 + 1, "node {} disagrees on the leader", i + 1);
+        assert_eq!(s.members.len(), 3);
+        assert_eq!(s.members.iter().filter(|m| m.leader).count(), 1);
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_loss_then_restart_from_disk_catches_up() {
+    let mut c = TestCluster::builder().nodes(3).start().await.unwrap();
+    let old = c.wait_leader(T).await.unwrap();
+    for k in 0..5 {
+        c.write(old, &format!("img:{k}")).await.unwrap();
+    }
+    c.stop_node(old).await;
+    let new = c.wait_leader(T).await.unwrap();
+    assert_ne!(new, old);
+    // Writes continue, through a follower too (forwarded to the leader).
+    let follower = (0..3).find(|&i| i != old && i != new).unwrap();
+    let mut last = 0;
+    for k in 5..10 {
+        last = c.write(follower, &format!("img:{k}")).await.unwrap();
+    }
+    c.start_node(old).await.unwrap();
+    c.wait_state(old, T, "restarted node to catch up", |s| {
+        s.attestations.contains_key("img:9")
+    })
+    .await
+    .unwrap();
+    assert!(last > 0);
+    assert_eq!(c.node(old).consensus().read(|s| s.attestations.len()), 10);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_three_to_four_to_three_while_writing() {
+    let mut c = TestCluster::builder().nodes(3).spare_nodes(1).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    // A first write commits the initial membership too.
+    c.write(leader, "first").await.unwrap();
+    c.start_node(3).await.unwrap();
+    let addr = c.configs[3].listen.clone();
+    // Writes keep flowing while membership changes.
+    let writer = {
+        let ops: Vec<_> = (0..3).map(|i| c.operator(i)).collect();
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            for k in 0..40 {
+                let mut client = ops[k % 3].clone();
+                let r = client
+                    .create_attestation(pb::CreateAttestationRequest {
+                        image: format!("w:{k}"),
+                        checks: [("tests".into(), "passed".into())].into(),
+                    })
+                    .await;
+                if r.is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let added = c
+        .operator(leader)
+        .add_node(pb::AddNodeRequest {
+            node_id: 4,
+            address: addr,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        added
+            .members
+            .iter()
+            .filter(|m| m.role == pb::MemberRole::Voter as i32)
+            .count(),
+        4
+    );
+    c.wait_state(3, T, "new node to apply the log", |s| !s.attestations.is_empty())
+        .await
+        .unwrap();
+    let removed = c
+        .operator(leader)
+        .remove_node(pb::RemoveNodeRequest { node_id: 4 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.members.len(), 3);
+    assert!(removed.members.iter().all(|m| m.node_id != 4));
+    assert_eq!(
+        writer.await.unwrap(),
+        40,
+        "every write during the membership changes succeeded"
+    );
+    // Removing an unknown node is a clear error.
+    let err = c
+        .operator(leader)
+        .remove_node(pb::RemoveNodeRequest { node_id: 42 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    // Both changes are in the audit trail with the operator's identity.
+    let audit = c.node(leader).consensus().read(|s| s.audit.clone());
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "AddNode" && e.actor == "operator/admin" && e.outcome == "ok")
+    );
+    assert!(audit.iter().any(|e| e.action == "RemoveNode" && e.outcome == "ok"));
+    c.shutdown().await;
+}
+
+/// Real `cutover coordinator` processes: kill -9 the leader, a new one is
+/// elected, writes continue, and the killed node restarts from its data
+/// directory and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_leader_process() {
+    let mut c = TestCluster::builder().nodes(3).prepare().await.unwrap();
+    let dir = c.tmp.path().to_owned();
+    let mut procs = Vec::new();
+    let mut config_paths = Vec::new();
+    for (i, cfg) in c.configs.iter().enumerate() {
+        let path = dir.join(format!("coordinator-{}.toml", i + 1));
+        std::fs::write(&path, to_toml(cfg).unwrap()).unwrap();
+        config_paths.push(path);
+    }
+    // The harness bound the ports to learn them; processes bind them anew.
+    c.release_listeners();
+    let (configs, pki) = (c.configs.clone(), c.pki.clone());
+    for (i, p) in config_paths.iter().enumerate() {
+        procs.push(Some(
+            Proc::spawn(
+                &["coordinator", "--config", p.to_str().unwrap()],
+                &dir.join(format!("node-{i}.log")),
+            )
+            .unwrap(),
+        ));
+    }
+    let client = |i: usize| {
+        pb::control_service_client::ControlServiceClient::new(pki.operator.channel(&configs[i].listen, None).unwrap())
+    };
+    let leader_of = |i: usize| async move {
+        client(i)
+            .get_cluster_status(pb::GetClusterStatusRequest {})
+            .await
+            .ok()
+            .map(|s| s.into_inner())
+    };
+    let find_leader = |alive: Vec<usize>| async move {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            for &i in &alive {
+                if let Some(s) = leader_of(i).await
+                    && s.server_state == "leader"
+                {
+                    return i;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no leader among {alive:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let leader = find_leader(vec![0, 1, 2]).await;
+    let write = |i: usize, image: String| async move {
+        client(i)
+            .create_attestation(pb::CreateAttestationRequest {
+                image,
+                checks: [("tests".into(), "passed".into())].into(),
+            })
+            .await
+            .map(|r| r.into_inner().log_index)
+    };
+    write(leader, "before".into()).await.unwrap();
+    procs[leader].as_mut().unwrap().kill9();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let new_leader = find_leader(survivors.clone()).await;
+    assert_ne!(new_leader, leader);
+    let idx = write(survivors[0], "after".into()).await.unwrap();
+    // Restart the killed node from its data directory.
+    procs[leader] = Some(
+        Proc::spawn(
+            &["coordinator", "--config", config_paths[leader].to_str().unwrap()],
+            &dir.join("restarted.log"),
+        )
+        .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        if let Some(s) = leader_of(leader).await
+            && s.applied_index >= idx
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restarted node did not catch up to {idx}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let atts = client(leader)
+        .list_attestations(pb::ListAttestationsRequest { image: "after".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        atts.into_inner().attestations.len(),
+        1,
+        "the restarted node serves the write made while it was dead"
+    );
+    drop(procs);
+    drop(c);
+}
