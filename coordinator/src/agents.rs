@@ -48,6 +48,8 @@ pub struct AgentHub {
     sessions: Mutex<HashMap<ClusterRef, Session>>,
     leader_since: Mutex<Instant>,
     next_session: std::sync::atomic::AtomicU64,
+    /// Set when the node shuts down: no new sessions after that.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn propose_status(e: ProposeError) -> Status {
@@ -65,6 +67,7 @@ impl AgentHub {
             sessions: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(Instant::now()),
             next_session: 0.into(),
+            closed: false.into(),
         })
     }
 
@@ -269,15 +272,26 @@ impl AgentService for AgentApi {
             })),
         }))
         .map_err(|_| Status::internal("session channel closed"))?;
-        hub.sessions.lock().expect("sessions").insert(
-            cluster.clone(),
-            Session {
-                id: session_id,
-                tx: tx.clone(),
-                last_seen: Instant::now(),
-                sent: HashSet::new(),
-            },
-        );
+        {
+            // Checked under the lock that `close_all` and a leadership loss
+            // take: a session registered while the node was stopping or
+            // stepping down would otherwise outlive them.
+            let mut sessions = hub.sessions.lock().expect("sessions");
+            if hub.closed.load(std::sync::atomic::Ordering::SeqCst) || !hub.consensus.is_leader() {
+                return Err(Status::unavailable(
+                    "this coordinator stopped leading while the agent registered",
+                ));
+            }
+            sessions.insert(
+                cluster.clone(),
+                Session {
+                    id: session_id,
+                    tx: tx.clone(),
+                    last_seen: Instant::now(),
+                    sent: HashSet::new(),
+                },
+            );
+        }
         metrics::gauge!("cutover_agents_connected", "node" => leader.to_string()).set(hub.connected() as f64);
         tracing::info!(agent = %cluster, session = session_id, "agent registered");
         hub.dispatch(&cluster);
@@ -352,6 +366,8 @@ impl AgentService for AgentApi {
 impl AgentHub {
     /// Ends every agent stream on this node (shutdown).
     pub fn close_all(&self) {
-        self.sessions.lock().expect("sessions").clear();
+        let mut sessions = self.sessions.lock().expect("sessions");
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        sessions.clear();
     }
 }

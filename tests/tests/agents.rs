@@ -83,6 +83,35 @@ async fn run_echo(c: &TestCluster, node: usize, region: &str, cluster: &str, par
     r.operation_id
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
+    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    c.start_agent(0).unwrap();
+    c.wait_state(leader, T, "agent up", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    // Agents stream only to the leader: stop it.
+    c.stop_node(leader).await;
+    let new = c.wait_leader(T).await.unwrap();
+    // The agent finds the new leader on its own and runs work from it.
+    let op = run_echo(&c, new, "us-east", "us-east-1", &[("message", "still here")]).await;
+    c.wait_state(new, T, "echo on the new leader", |s| {
+        s.operations[&op].state == TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+    let result = c
+        .node(new)
+        .consensus()
+        .read(|s| s.operations[&op].tasks[0].result.clone().unwrap());
+    assert_eq!(result.message, "still here");
+    assert!(!result.replayed);
+    c.shutdown().await;
+}
+
 /// The agent finishes a task while no coordinator can hear it, is restarted,
 /// and the coordinators (restarted from disk) re-send the unfinished task:
 /// the agent answers with its recorded result and does not run it again.
