@@ -83,8 +83,11 @@ pub struct CoordinatorConfig {
     pub raft: RaftConfig,
 }
 
+/// The agent heartbeat interval when none is configured, ms.
+pub const DEFAULT_AGENT_HEARTBEAT_MS: u64 = 1000;
+
 fn default_agent_heartbeat_ms() -> u64 {
-    1000
+    DEFAULT_AGENT_HEARTBEAT_MS
 }
 
 impl CoordinatorConfig {
