@@ -57,7 +57,7 @@ enum Cmd {
         output: client::Output,
     },
     #[command(flatten)]
-    Verb(verbs::Verb),
+    Verb(Box<verbs::Verb>),
 }
 
 #[derive(Subcommand)]
@@ -168,6 +168,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { output } => demo::run(output).await,
-        Cmd::Verb(v) => verbs::run(v).await,
+        Cmd::Verb(v) => verbs::run(*v).await,
     }
 }

@@ -139,6 +139,16 @@ impl fmt::Display for Identity {
     }
 }
 
+/// Reads the identity named by the first certificate in a PEM file.
+pub fn identity_from_pem_file(path: &std::path::Path) -> Result<Identity, Error> {
+    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .ok_or_else(|| Error::Tls(format!("{}: no PEM certificate found", path.display())))?
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
+    Identity::from_certificate_der(der.as_ref())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,14 +171,4 @@ mod tests {
             assert!(Identity::from_spiffe_uri(bad).is_err(), "{bad} accepted");
         }
     }
-}
-
-/// Reads the identity named by the first certificate in a PEM file.
-pub fn identity_from_pem_file(path: &std::path::Path) -> Result<Identity, Error> {
-    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice())
-        .next()
-        .ok_or_else(|| Error::Tls(format!("{}: no PEM certificate found", path.display())))?
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-    Identity::from_certificate_der(der.as_ref())
 }

@@ -81,11 +81,11 @@ impl TestClusterBuilder {
             })
             .collect();
         let mut configs = Vec::new();
-        for i in 0..(self.nodes + self.spare_nodes) as usize {
+        for (i, addr) in addrs.iter().enumerate() {
             let id = i as u64 + 1;
             let mut cfg = CoordinatorConfig {
                 node_id: id,
-                listen: addrs[i].clone(),
+                listen: addr.clone(),
                 advertise: None,
                 data_dir: tmp.path().join(format!("coordinator-{id}")),
                 ops_listen: None,

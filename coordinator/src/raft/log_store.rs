@@ -133,7 +133,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let e: EntryOf<TypeConfig> = decode(v.value())?;
                 Some(e.log_id)
             }
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
         };
         Ok(LogState {
             last_purged_log_id,

@@ -97,7 +97,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let (meta, data) = {
             let d = self.shared.data.read().map_err(io_err)?;
             let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: d.last_applied.clone(),
+                last_log_id: d.last_applied,
                 last_membership: d.last_membership.clone(),
             };
             (meta, serde_json::to_vec(&*d).map_err(io_err)?)
@@ -122,7 +122,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         &mut self,
     ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
         let d = self.shared.data.read().map_err(io_err)?;
-        Ok((d.last_applied.clone(), d.last_membership.clone()))
+        Ok((d.last_applied, d.last_membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -134,12 +134,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let (entry, responder) = item?;
             let mut response = {
                 let mut d = self.shared.data.write().map_err(io_err)?;
-                d.last_applied = Some(entry.log_id.clone());
+                d.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => CommandResponse::default(),
                     EntryPayload::Normal(cmd) => d.state.apply(cmd),
                     EntryPayload::Membership(m) => {
-                        d.last_membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                        d.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         CommandResponse::default()
                     }
                 }
