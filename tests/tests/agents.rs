@@ -93,8 +93,8 @@ async fn run_echo(c: &TestCluster, node: usize, region: &str, cluster: &str, par
     r.operation_id
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
+/// A 3-node cluster with the us-east agent registered, and its leader.
+async fn cluster_with_us_east_agent() -> (TestCluster, usize) {
     let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     c.start_agent(0).unwrap();
@@ -103,6 +103,12 @@ async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
     })
     .await
     .unwrap();
+    (c, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
+    let (mut c, leader) = cluster_with_us_east_agent().await;
     // Agents stream only to the leader: stop it.
     c.stop_node(leader).await;
     let new = c.wait_leader(T).await.unwrap();
@@ -127,14 +133,7 @@ async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
 /// the agent answers with its recorded result and does not run it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn task_resent_after_agent_restart_is_not_executed_twice() {
-    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
-    let leader = c.wait_leader(T).await.unwrap();
-    c.start_agent(0).unwrap();
-    c.wait_state(leader, T, "agent up", |s| {
-        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
-    })
-    .await
-    .unwrap();
+    let (mut c, leader) = cluster_with_us_east_agent().await;
     let op = run_echo(
         &c,
         leader,
