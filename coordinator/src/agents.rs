@@ -349,13 +349,13 @@ impl AgentService for AgentApi {
                     }
                 }
             }
-            let mut sessions = reader_hub.sessions.lock().expect("sessions");
-            if sessions.get(&reader_cluster).is_some_and(|s| s.id == session_id) {
-                // Keep last_seen: the reaper decides when the agent is down.
-                if let Some(s) = sessions.get_mut(&reader_cluster) {
-                    let (dead_tx, _) = mpsc::channel(1);
-                    s.tx = dead_tx;
-                }
+            // The session stays, so its last_seen lets the reaper decide when
+            // the agent is down; dropping its sender ends our half of the
+            // stream even if the agent never resets it.
+            if let Some(s) = reader_hub.sessions.lock().expect("sessions").get_mut(&reader_cluster)
+                && s.id == session_id
+            {
+                s.tx = mpsc::channel(1).0;
             }
             tracing::info!(agent = %reader_cluster, session = session_id, "agent stream closed");
         });

@@ -90,6 +90,24 @@ pub fn validate_image(image: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Task parameter names: like names, but `_` is allowed (`delay_ms`).
+fn validate_param_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= domain::MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "param name {name:?} must be 1..{} lowercase letters, digits, '-' or '_', starting with a letter",
+            domain::MAX_NAME_LEN
+        )))
+    }
+}
+
 fn validate_id(field: &str, id: &str) -> Result<(), Status> {
     if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(Status::invalid_argument(format!("{field} {id:?} is not a valid id")));
@@ -247,13 +265,14 @@ impl ControlService for ControlApi {
             )));
         }
         for (k, v) in &r.params {
-            validate_name("param name", &k.replace('_', "-"))?;
+            validate_param_name(k)?;
             if v.len() > MAX_PARAM_VALUE {
                 return Err(Status::invalid_argument(format!(
                     "param {k} is longer than {MAX_PARAM_VALUE} bytes"
                 )));
             }
         }
+        self.consensus.catch_up().await.map_err(propose_status)?;
         let agent = self
             .consensus
             .read(|s| s.agents.get(&target.to_string()).cloned())

@@ -17,8 +17,8 @@ use cutover_shared::config::{Member, RaftConfig};
 use cutover_shared::proto::ProposeRequest;
 use cutover_shared::tls::TlsFiles;
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
 use redb::Database;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -205,6 +205,28 @@ impl Consensus {
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
         Some((id, addr))
+    }
+
+    /// Brings this node's applied state up to date before a read that a
+    /// write depends on (does the agent exist?). On the leader this is a
+    /// ReadIndex round, which also covers a new leader that has not applied
+    /// its predecessor's last entries yet; on a follower it waits until
+    /// everything it knows to be committed is applied.
+    pub async fn catch_up(&self) -> Result<(), ProposeError> {
+        if self.is_leader() {
+            match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {}
+                Err(e) => return Err(ProposeError::Raft(e.to_string())),
+            }
+        }
+        let committed = self.raft.metrics().borrow_watched().local_committed.map(|l| l.index);
+        self.raft
+            .wait(Some(PROPOSE_DEADLINE))
+            .applied_index_at_least(committed, "apply what is committed")
+            .await
+            .map(|_| ())
+            .map_err(|e| ProposeError::Raft(e.to_string()))
     }
 
     /// Waits until some leader is known, up to `timeout`.
