@@ -16,7 +16,6 @@ use cutover_shared::telemetry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::agents::{AgentApi, AgentHub};
 use crate::control::ControlApi;
@@ -80,7 +79,7 @@ impl Node {
     ) -> Result<Node, NodeError> {
         cfg.validate()?;
         cutover_shared::tls::install_crypto_provider();
-        let tls = cfg.tls.server_config()?;
+        let acceptor = cutover_shared::listener::MtlsAcceptor::new(&cfg.tls)?;
         let addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
         let consensus = Consensus::open(cfg.node_id, &cfg.data_dir, &cfg.raft, cfg.tls.clone()).await?;
         let hub = AgentHub::new(
@@ -101,8 +100,6 @@ impl Node {
         let raft = consensus.grpc_service();
         let mut shutdown = stop_rx.clone();
         let router = tonic::transport::Server::builder()
-            .tls_config(tls)
-            .map_err(|e| NodeError::Server(e.to_string()))?
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -115,7 +112,7 @@ impl Node {
             .add_service(raft);
         let server = tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(acceptor.incoming(listener), async move {
                     let _ = shutdown.wait_for(|s| *s).await;
                 })
                 .await

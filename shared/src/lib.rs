@@ -1,6 +1,7 @@
 //! The crate every cutover crate uses: the generated API (`proto`), plain
 //! domain types (`domain`), conversions between the two (`convert`), caller
-//! identity (`identity`), mutual TLS (`tls`), the development PKI (`certs`),
+//! identity (`identity`), mutual TLS (`tls`, and `listener` for the
+//! server side), the development PKI (`certs`),
 //! gRPC server plumbing (`grpc`), process configuration (`config`) and
 //! telemetry (`telemetry`).
 
@@ -12,6 +13,7 @@ pub mod convert;
 pub mod domain;
 pub mod grpc;
 pub mod identity;
+pub mod listener;
 pub mod proto;
 pub mod telemetry;
 pub mod tls;

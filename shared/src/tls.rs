@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 
 use crate::Error;
 use crate::identity::Identity;
+use crate::listener::PeerInfo;
 
 /// The CA bundle, certificate and private key of one process, as PEM files.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,20 +36,6 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
 }
 
 impl TlsFiles {
-    /// Server side: present our certificate, require a client certificate
-    /// signed by our CA. Plaintext and unknown-CA or expired client
-    /// certificates fail the handshake.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, Error> {
-        install_crypto_provider();
-        let cert = read(&self.cert, "certificate")?;
-        let key = read(&self.key, "private key")?;
-        let ca = read(&self.ca, "CA certificate")?;
-        Ok(ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(cert, key))
-            .client_ca_root(Certificate::from_pem(ca))
-            .timeout(Duration::from_secs(10)))
-    }
-
     /// Client side: present our certificate, verify the server against our CA
     /// and `server_name`.
     pub fn client_config(&self, server_name: &str) -> Result<ClientTlsConfig, Error> {
@@ -106,12 +92,25 @@ pub fn normalize_addr(addr: &str) -> Result<(String, String), Error> {
     Ok((format!("https://{rest}"), host))
 }
 
-/// The verified identity of the caller of a request served over mutual TLS.
+/// The verified identity of the caller of a request accepted by
+/// [`crate::listener::MtlsAcceptor`]. Every way of not having one is an
+/// error naming the reason.
 pub fn peer_identity(extensions: &http::Extensions) -> Result<Identity, Error> {
-    let certs = extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.peer_certs())
-        .ok_or_else(|| Error::Identity("no client certificate presented".into()))?;
+    let info = extensions
+        .get::<PeerInfo>()
+        .ok_or_else(|| Error::Identity("connection not accepted by the mutual-TLS listener".into()))?;
+    if !info.tls {
+        return Err(Error::Identity(
+            "plaintext connection refused: cutover requires mutual TLS (https:// with a client certificate)".into(),
+        ));
+    }
+    let certs = info
+        .certs
+        .as_ref()
+        .ok_or_else(|| Error::Identity("no client certificate presented; cutover requires mutual TLS".into()))?;
+    if let Some(why) = &info.cert_error {
+        return Err(Error::Identity(format!("client certificate rejected: {why}")));
+    }
     let leaf = certs
         .first()
         .ok_or_else(|| Error::Identity("empty client certificate chain".into()))?;

@@ -20,15 +20,13 @@ fn attest_req() -> pb::CreateAttestationRequest {
     }
 }
 
-/// TLS refusals happen before any gRPC exchange: the client sees the
-/// connection refused or closed during the handshake, never an answer.
-fn assert_refused_at_handshake(err: &tonic::Status, what: &str) {
-    // A status produced by the server carries no transport error as its
-    // source; a refusal at the handshake always does (refused, closed, or a
-    // plaintext client reading TLS bytes as an HTTP/2 frame).
+/// Refused callers get UNAUTHENTICATED with the reason, never an answer.
+fn assert_unauthenticated(err: &tonic::Status, what: &str, reason: &str) {
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{what}: {err}");
     assert!(
-        std::error::Error::source(err).is_some() && err.code() != tonic::Code::Ok,
-        "{what}: expected the connection to be refused, got {err}"
+        err.message().contains(reason),
+        "{what}: {:?} does not say {reason:?}",
+        err.message()
     );
 }
 
@@ -50,7 +48,7 @@ async fn plaintext_unknown_ca_and_expired_callers_are_refused() {
         .get_cluster_status(pb::GetClusterStatusRequest {})
         .await
         .unwrap_err();
-    assert_refused_at_handshake(&err, "plaintext");
+    assert_unauthenticated(&err, "plaintext", "requires mutual TLS");
 
     // A certificate from another CA, naming a perfectly good operator.
     let dir = c.tmp.path().join("rogue");
@@ -67,7 +65,7 @@ async fn plaintext_unknown_ca_and_expired_callers_are_refused() {
         .create_attestation(attest_req())
         .await
         .unwrap_err();
-    assert_refused_at_handshake(&err, "unknown CA");
+    assert_unauthenticated(&err, "unknown CA", "UnknownIssuer");
 
     assert_eq!(audit_len(&c, leader), 0, "nothing was recorded");
     assert!(
@@ -123,7 +121,7 @@ async fn expired_certificate_is_refused() {
         .create_attestation(attest_req())
         .await
         .unwrap_err();
-    assert_refused_at_handshake(&err, "expired");
+    assert_unauthenticated(&err, "expired", "xpired");
     assert_eq!(audit_len(&c, leader), before, "the expired caller changed nothing");
     c.shutdown().await;
 }

@@ -1,0 +1,258 @@
+//! The mutual-TLS listener every gRPC port uses.
+//!
+//! Why not tonic's built-in TLS: it refuses bad callers during the TLS
+//! handshake, so a plaintext client, an unknown CA or an expired certificate
+//! all surface on the client as a bare "connection closed". Here the
+//! handshake completes whenever it can, the verdict on the client
+//! certificate is recorded in the connection's [`PeerInfo`], and the access
+//! guard (`grpc::authorize`) answers every request on such a connection with
+//! `UNAUTHENTICATED` and the reason. No request reaches a service without a
+//! verified certificate: the guard refuses anything else.
+//!
+//! Proof of possession of the private key (the handshake signature) is still
+//! checked by rustls during the handshake; only the chain verdict is deferred.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
+
+use crate::Error;
+use crate::tls::{TlsFiles, install_crypto_provider};
+
+/// How long a client gets to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the listener learned about a connection, available to every request
+/// on it through its extensions.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    /// False for a plaintext connection.
+    pub tls: bool,
+    /// The client's certificate chain, leaf first, if it sent one.
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// Why the chain was not accepted (unknown issuer, expired, ...).
+    pub cert_error: Option<String>,
+}
+
+/// Accepts the handshake with any client certificate (or none); the chain
+/// is judged afterwards by the wrapped WebPKI verifier.
+#[derive(Debug)]
+struct DeferredVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for DeferredVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
+    rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
+}
+
+fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
+        .ok_or_else(|| Error::Tls(format!("{}: no private key found", path.display())))
+}
+
+/// The server side of one port's mutual TLS.
+#[derive(Clone)]
+pub struct MtlsAcceptor {
+    acceptor: TlsAcceptor,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl MtlsAcceptor {
+    pub fn new(files: &TlsFiles) -> Result<Self, Error> {
+        install_crypto_provider();
+        let mut roots = RootCertStore::empty();
+        for ca in load_certs(&files.ca)? {
+            roots
+                .add(ca)
+                .map_err(|e| Error::Tls(format!("{}: {e}", files.ca.display())))?;
+        }
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+        let mut config = ServerConfig::builder()
+            .with_client_cert_verifier(Arc::new(DeferredVerifier {
+                inner: verifier.clone(),
+            }))
+            .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+            .map_err(|e| Error::Tls(format!("{}: {e}", files.cert.display())))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            verifier,
+        })
+    }
+
+    /// Sorts a fresh connection: TLS (a handshake record comes first) or
+    /// plaintext, and for TLS the verdict on the client's certificate.
+    async fn accept(&self, tcp: TcpStream) -> io::Result<MtlsStream> {
+        let remote = tcp.peer_addr().ok();
+        let mut first = [0u8; 1];
+        let n = tcp.peek(&mut first).await?;
+        // 0x16: a TLS handshake record.
+        if n == 0 || first[0] != 0x16 {
+            let info = PeerInfo {
+                remote,
+                tls: false,
+                certs: None,
+                cert_error: None,
+            };
+            return Ok(MtlsStream {
+                io: Either::Right(tcp),
+                info,
+            });
+        }
+        let tls = self.acceptor.accept(tcp).await?;
+        let chain = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+        let cert_error = chain.as_ref().and_then(|chain| {
+            let (leaf, rest) = chain.split_first()?;
+            self.verifier
+                .verify_client_cert(leaf, rest, UnixTime::now())
+                .err()
+                .map(|e| e.to_string())
+        });
+        let info = PeerInfo {
+            remote,
+            tls: true,
+            certs: chain.map(Arc::new),
+            cert_error,
+        };
+        Ok(MtlsStream {
+            io: Either::Left(tls),
+            info,
+        })
+    }
+
+    /// Accepts connections on `listener` until the returned stream is
+    /// dropped. Handshakes run concurrently, bounded by a timeout, so a slow
+    /// or silent client never holds up others.
+    pub fn incoming(self, listener: TcpListener) -> ReceiverStream<io::Result<MtlsStream>> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    _ = tx.closed() => return,
+                    r = listener.accept() => match r {
+                        Ok((tcp, _)) => tcp,
+                        Err(e) => {
+                            tracing::warn!("accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let this = self.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, this.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake failed: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// A connection accepted by [`MtlsAcceptor`].
+pub struct MtlsStream {
+    io: Either<TlsStream<TcpStream>, TcpStream>,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for MtlsStream {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
