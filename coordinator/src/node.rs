@@ -64,7 +64,10 @@ pub struct Node {
     consensus: Consensus,
     hub: Arc<AgentHub>,
     addr: std::net::SocketAddr,
+    ops_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
+    /// Cuts every open connection (see `MtlsAcceptor::cut_handle`).
+    cut: tokio_util::sync::CancellationToken,
     server: JoinHandle<Result<(), String>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -80,6 +83,7 @@ impl Node {
         cfg.validate()?;
         cutover_shared::tls::install_crypto_provider();
         let acceptor = cutover_shared::listener::MtlsAcceptor::new(&cfg.tls)?;
+        let cut = acceptor.cut_handle();
         let addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
         let consensus = Consensus::open(cfg.node_id, &cfg.data_dir, &cfg.raft, cfg.tls.clone()).await?;
         let hub = AgentHub::new(
@@ -120,6 +124,7 @@ impl Node {
         });
 
         let mut tasks = vec![tokio::spawn(hub.clone().run())];
+        let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(ops) = ops_listener {
             let c = consensus.clone();
             let ready = Arc::new(move || c.status().leader.is_some());
@@ -140,7 +145,9 @@ impl Node {
             consensus,
             hub,
             addr,
+            ops_addr,
             stop,
+            cut,
             server,
             tasks,
         })
@@ -166,6 +173,11 @@ impl Node {
         self.addr
     }
 
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if anywhere.
+    pub fn ops_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ops_addr
+    }
+
     pub fn consensus(&self) -> &Consensus {
         &self.consensus
     }
@@ -176,7 +188,8 @@ impl Node {
     }
 
     /// Stops Raft (so leadership moves on at once), then the server: open
-    /// streams get one second to finish before their connections are cut.
+    /// streams get one second to finish, then every connection is cut, so
+    /// nothing keeps the node's services or storage alive afterwards.
     /// Storage stays valid for a restart.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -185,11 +198,13 @@ impl Node {
         }
         self.hub.close_all();
         self.consensus.shutdown().await;
-        let abort = self.server.abort_handle();
-        match tokio::time::timeout(Duration::from_secs(1), self.server).await {
-            Ok(Ok(Err(e))) => tracing::warn!("gRPC server: {e}"),
-            Err(_) => abort.abort(),
-            _ => {}
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
+            self.cut.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), &mut server).await.is_err() {
+                tracing::warn!("gRPC server did not stop after its connections were cut");
+                server.abort();
+            }
         }
     }
 }

@@ -12,6 +12,7 @@
 //! Proof of possession of the private key (the handshake signature) is still
 //! checked by rustls during the handshake; only the chain verdict is deferred.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -31,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::either::Either;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::Error;
 use crate::tls::{TlsFiles, install_crypto_provider};
@@ -113,6 +115,8 @@ fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, Error> {
 pub struct MtlsAcceptor {
     acceptor: TlsAcceptor,
     verifier: Arc<dyn ClientCertVerifier>,
+    /// Cancelling it cuts every connection this acceptor produced.
+    cut: CancellationToken,
 }
 
 impl MtlsAcceptor {
@@ -137,7 +141,24 @@ impl MtlsAcceptor {
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             verifier,
+            cut: CancellationToken::new(),
         })
+    }
+
+    /// A handle that, when cancelled, makes every connection accepted so far
+    /// (and later) fail its next read or write. Graceful shutdown waits for
+    /// open streams; this bounds it, so a stopped server lets go of the
+    /// services (and storage) it holds.
+    pub fn cut_handle(&self) -> CancellationToken {
+        self.cut.clone()
+    }
+
+    fn stream(&self, io: Either<TlsStream<TcpStream>, TcpStream>, info: PeerInfo) -> MtlsStream {
+        MtlsStream {
+            io,
+            info,
+            cut: Box::pin(self.cut.clone().cancelled_owned()),
+        }
     }
 
     /// Sorts a fresh connection: TLS (a handshake record comes first) or
@@ -154,10 +175,7 @@ impl MtlsAcceptor {
                 certs: None,
                 cert_error: None,
             };
-            return Ok(MtlsStream {
-                io: Either::Right(tcp),
-                info,
-            });
+            return Ok(self.stream(Either::Right(tcp), info));
         }
         let tls = self.acceptor.accept(tcp).await?;
         let chain = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
@@ -174,10 +192,7 @@ impl MtlsAcceptor {
             certs: chain.map(Arc::new),
             cert_error,
         };
-        Ok(MtlsStream {
-            io: Either::Left(tls),
-            info,
-        })
+        Ok(self.stream(Either::Left(tls), info))
     }
 
     /// Accepts connections on `listener` until the returned stream is
@@ -220,6 +235,18 @@ impl MtlsAcceptor {
 pub struct MtlsStream {
     io: Either<TlsStream<TcpStream>, TcpStream>,
     info: PeerInfo,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl MtlsStream {
+    /// Fails once the acceptor's connections are cut; registers the waker so
+    /// a task parked on this connection wakes up to see it.
+    fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server shut down")),
+            Poll::Pending => Ok(()),
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for MtlsStream {
@@ -231,15 +258,24 @@ impl tonic::transport::server::Connected for MtlsStream {
 
 impl AsyncRead for MtlsStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for MtlsStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Err(e) = self.check_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -250,6 +286,9 @@ impl AsyncWrite for MtlsStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Err(e) = self.check_cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

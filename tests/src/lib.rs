@@ -190,7 +190,11 @@ impl TestCluster {
                 .await
                 .with_context(|| format!("rebinding {}", self.configs[i].listen))?,
         };
-        self.nodes[i] = Some(Node::start(self.configs[i].clone(), listener, None).await?);
+        let ops = match &self.configs[i].ops_listen {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        self.nodes[i] = Some(Node::start(self.configs[i].clone(), listener, ops).await?);
         Ok(())
     }
 

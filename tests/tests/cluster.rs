@@ -133,6 +133,71 @@ async fn membership_three_to_four_to_three_while_writing() {
     c.shutdown().await;
 }
 
+/// Snapshots and purging keep the log bounded; a restarted node recovers
+/// from its snapshot plus the log after it, and a node added after the
+/// purge catches up by snapshot installation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshots_bound_the_log_and_bring_nodes_up_to_date() {
+    let mut c = TestCluster::builder()
+        .nodes(3)
+        .spare_nodes(1)
+        .configure(|cfg| {
+            cfg.raft.snapshot_every = 20;
+            cfg.raft.keep_after_snapshot = 5;
+        })
+        .start()
+        .await
+        .unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    for k in 0..120 {
+        c.write(leader, &format!("snap:{k}")).await.unwrap();
+    }
+    for i in 0..3 {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let s = c.node(i).consensus().status();
+            if s.purged_index > 0 && s.last_log_index - s.purged_index <= 20 + 5 + 10 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} log not bounded: {s:?}",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // A follower restarts from snapshot + log.
+    let follower = (leader + 1) % 3;
+    c.stop_node(follower).await;
+    c.start_node(follower).await.unwrap();
+    c.wait_state(follower, T, "restarted follower has every write", |s| {
+        (0..120).all(|k| s.attestations.contains_key(&format!("snap:{k}")))
+    })
+    .await
+    .unwrap();
+    // A new node can only catch up by installing a snapshot.
+    c.start_node(3).await.unwrap();
+    let addr = c.configs[3].listen.clone();
+    c.operator(leader)
+        .add_node(pb::AddNodeRequest {
+            node_id: 4,
+            address: addr,
+        })
+        .await
+        .unwrap();
+    c.wait_state(3, T, "new node has every write", |s| {
+        (0..120).all(|k| s.attestations.contains_key(&format!("snap:{k}")))
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.node(3).consensus().status().snapshot_index > 0,
+        "the new node installed a snapshot"
+    );
+    c.shutdown().await;
+}
+
 /// Real `cutover coordinator` processes: kill -9 the leader, a new one is
 /// elected, writes continue, and the killed node restarts from its data
 /// directory and catches up.

@@ -93,6 +93,8 @@ pub struct RaftStatus {
 #[derive(Clone)]
 pub struct Consensus {
     raft: Raft,
+    /// The storage, to know when shutdown has really let go of it.
+    db: std::sync::Weak<Database>,
     node_id: NodeId,
     shared: Arc<Shared>,
     peers: PeerChannels,
@@ -100,6 +102,21 @@ pub struct Consensus {
 
 /// How long a write waits for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Opens the node's redb file. A previous instance in this process may still
+/// be closing it (its last holder dropped, the file lock not yet released),
+/// so "already open" is retried for a short while before it is an error.
+async fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 impl Consensus {
     /// Opens (or creates) the node's storage in `data_dir` and starts Raft.
@@ -114,7 +131,11 @@ impl Consensus {
             msg: e.to_string(),
         };
         std::fs::create_dir_all(data_dir).map_err(|e| storage(&e))?;
-        let db = Arc::new(Database::create(data_dir.join("raft.redb")).map_err(|e| storage(&e))?);
+        let db = Arc::new(
+            open_database(&data_dir.join("raft.redb"))
+                .await
+                .map_err(|e| storage(&e))?,
+        );
         let config = openraft::Config {
             cluster_name: "cutover".into(),
             heartbeat_interval: timings.heartbeat_interval_ms,
@@ -126,6 +147,7 @@ impl Consensus {
         }
         .validate()
         .map_err(|e| OpenError::Config(e.to_string()))?;
+        let weak_db = Arc::downgrade(&db);
         let log = log_store::LogStore::new(db.clone()).map_err(|e| storage(&e))?;
         let sm = StateMachineStore::open(db).map_err(|e| storage(&e))?;
         let shared = sm.shared.clone();
@@ -135,6 +157,7 @@ impl Consensus {
             .map_err(|e| OpenError::Raft(e.to_string()))?;
         let this = Self {
             raft,
+            db: weak_db,
             node_id,
             shared,
             peers,
@@ -392,10 +415,23 @@ impl Consensus {
         self.raft.trigger().snapshot().await.map_err(|e| e.to_string())
     }
 
-    /// Stops Raft. The storage stays valid for a restart.
+    /// Stops Raft and waits (bounded) until its storage is closed, so the
+    /// same data directory can be opened again at once. The storage stays
+    /// valid for a restart.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.db.strong_count() > 0 {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    "raft storage still open 5 s after shutdown ({} holders)",
+                    self.db.strong_count()
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
