@@ -8,6 +8,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app_tasks;
+pub mod drivers;
+pub mod gates;
+pub mod router;
+pub mod sample_app;
 pub mod store;
 pub mod tasks;
 
@@ -25,6 +30,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use store::Store;
+
+/// How often the agent looks at its apps for changes outside tasks.
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Metadata key with the leader's address on a refused stream.
 const LEADER_METADATA: &str = "cutover-leader";
@@ -54,6 +62,7 @@ pub struct Agent {
     cfg: AgentConfig,
     cluster: ClusterRef,
     store: Arc<Store>,
+    apps: Arc<app_tasks::AppRuntime>,
     /// The current session's sender; tasks send through whatever session is
     /// open when they finish.
     outbox: Outbox,
@@ -73,10 +82,15 @@ impl Agent {
         cutover_shared::tls::install_crypto_provider();
         let cluster = cluster_from_cert(&cfg.tls.cert)?;
         let store = Arc::new(Store::open(&cfg.data_dir)?);
+        let apps = Arc::new(app_tasks::AppRuntime::new(drivers::DriverContext {
+            data_dir: cfg.data_dir.clone(),
+            cluster: cluster.clone(),
+        }));
         Ok(Agent {
             cfg,
             cluster,
             store,
+            apps,
             outbox: Default::default(),
             running: Default::default(),
         })
@@ -161,7 +175,11 @@ impl Agent {
         let register = proto::Register {
             cluster: Some(self.cluster.clone().into()),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            task_kinds: tasks::KINDS.iter().map(|s| s.to_string()).collect(),
+            task_kinds: tasks::KINDS
+                .iter()
+                .chain(app_tasks::KINDS)
+                .map(|s| s.to_string())
+                .collect(),
         };
         let _ = tx
             .send(ConnectRequest {
@@ -194,8 +212,23 @@ impl Agent {
         let mut seq = 0u64;
         let mut last_ack = Instant::now();
         let mut sent_at = std::collections::HashMap::new();
+        // App states last reported on this session; a change outside any
+        // task (a crash) is reported as it is noticed.
+        let mut reported: std::collections::HashMap<String, cutover_shared::app::AppClusterStatus> = Default::default();
+        let mut status_ticker = tokio::time::interval(STATUS_INTERVAL);
         loop {
             tokio::select! {
+                _ = status_ticker.tick() => {
+                    for (app, status) in self.apps.statuses().await {
+                        if reported.get(&app) != Some(&status) {
+                            reported.insert(app.clone(), status.clone());
+                            let r = proto::AppStatusReport { app, status: Some(status.into()) };
+                            if tx.send(ConnectRequest { message: Some(connect_request::Message::AppStatus(r)) }).await.is_err() {
+                                return SessionEnd::Lost("outbound stream closed".into());
+                            }
+                        }
+                    }
+                }
                 _ = ticker.tick() => {
                     // No acknowledgement for three intervals: the connection is
                     // half-open or the leader is gone. Find another.
@@ -257,6 +290,7 @@ impl Agent {
         let store = self.store.clone();
         let outbox = self.outbox.clone();
         let running = self.running.clone();
+        let apps = self.apps.clone();
         tokio::spawn(async move {
             let task_id = spec.task_id.clone();
             match store.record_start(&task_id) {
@@ -270,15 +304,19 @@ impl Agent {
             metrics::counter!("cutover_agent_tasks_started_total", "kind" => spec.kind.clone()).increment(1);
             let progress_outbox = outbox.clone();
             let progress_id = task_id.clone();
-            let result = tasks::execute(&spec, move |message| {
+            let progress = move |message: String| {
                 let p = TaskProgress {
                     task_id: progress_id.clone(),
                     message,
                     at_unix_ms: now_unix_ms(),
                 };
                 send(&progress_outbox, connect_request::Message::Progress(p.into()));
-            })
-            .await;
+            };
+            let result = if spec.kind.starts_with("app.") {
+                apps.execute(&spec, &progress).await
+            } else {
+                tasks::execute(&spec, progress).await
+            };
             // Durable before reported: a crash after this line replays.
             if let Err(e) = store.save_result(&result) {
                 tracing::error!(task = %task_id, "cannot record task result: {e}");

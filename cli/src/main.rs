@@ -56,6 +56,15 @@ enum Cmd {
         #[arg(long, short, value_enum, default_value_t = client::Output::Text)]
         output: client::Output,
     },
+    /// A small HTTP app for trying cutover: `/` answers its version,
+    /// `/health` its health. A version containing "unhealthy", "slow" or
+    /// "errors" behaves accordingly.
+    SampleApp {
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
     #[command(flatten)]
     Verb(Box<verbs::Verb>),
 }
@@ -168,6 +177,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { output } => demo::run(output).await,
+        Cmd::SampleApp { version, listen } => {
+            cutover_agent::sample_app::run(version, listen, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Verb(v) => verbs::run(*v).await,
     }
 }

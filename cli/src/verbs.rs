@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use cutover_shared::proto as pb;
 use serde_json::json;
@@ -55,6 +55,61 @@ pub enum Verb {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// Apps: apply a definition, list, get.
+    Apps {
+        #[command(subcommand)]
+        cmd: AppsCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Deploy an image to the inactive color, run the gates, switch when they pass.
+    Deploy {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// Deploy and check, but leave traffic where it is.
+        #[arg(long)]
+        no_switch: bool,
+        /// Return the operation id at once instead of following it.
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Switch traffic to the other color.
+    Switch {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Switch traffic back to the previous color.
+    Rollback {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        detach: bool,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Run the health gates against the inactive color now and print each result.
+    HealthCheck {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// The audit trail, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -78,6 +133,19 @@ pub enum ClusterCmd {
     RemoveNode {
         #[arg(long)]
         id: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AppsCmd {
+    /// Declare or replace an app from a TOML file.
+    Apply {
+        #[arg(long, short = 'f')]
+        file: std::path::PathBuf,
+    },
+    List,
+    Get {
+        name: String,
     },
 }
 
@@ -267,6 +335,50 @@ async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
     Ok(op.state == pb::TaskState::Succeeded as i32)
 }
 
+fn color_name(c: i32) -> &'static str {
+    match pb::Color::try_from(c).unwrap_or(pb::Color::Unspecified) {
+        pb::Color::Blue => "blue",
+        pb::Color::Green => "green",
+        pb::Color::Unspecified => "-",
+    }
+}
+
+fn app_json(a: pb::App) -> Result<serde_json::Value> {
+    let spec = cutover_shared::convert::app_from_proto(a)?;
+    Ok(serde_json::to_value(spec)?)
+}
+
+/// Starts an operation with `start`, then follows it unless detached.
+async fn start_and_follow<F, Fut>(conn: &ConnOpts, detach: bool, start: F) -> Result<ExitCode>
+where
+    F: Fn(ControlClient) -> Fut,
+    Fut: std::future::Future<Output = Result<String, tonic::Status>>,
+{
+    let id = crate::client::call(conn, |c| {
+        let fut = start(c);
+        async move { fut.await.map(tonic::Response::new) }
+    })
+    .await?;
+    if detach {
+        if conn.output == Output::Json {
+            println!("{}", json!({ "operation_id": id }));
+        } else {
+            println!("{id}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if conn.output == Output::Text {
+        println!("operation {id}");
+    }
+    Ok(if watch(conn, &id).await? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+type ControlClient = cutover_shared::proto::control_service_client::ControlServiceClient<tonic::transport::Channel>;
+
 pub async fn run(v: Verb) -> Result<ExitCode> {
     match v {
         Verb::Cluster { cmd, conn } => match cmd {
@@ -368,24 +480,64 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 async move { c.get_status(pb::GetStatusRequest { app }).await }
             })
             .await?;
+            let image_of = |s: &pb::AppClusterStatus, color: i32| {
+                s.colors.iter().find(|c| c.color == color).map(|c| {
+                    let ready = format!("{}/{}", c.replicas_ready, c.replicas_desired);
+                    (c.image.clone(), ready, c.healthy)
+                })
+            };
             if conn.output == Output::Json {
                 let v: Vec<_> = r
                     .clusters
                     .iter()
                     .map(|s| {
                         let c = s.cluster.clone().unwrap_or_default();
-                        json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)})
+                        let mut v =
+                            json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)});
+                        if let Some(a) = &s.app {
+                            v["active"] = json!(color_name(a.active));
+                            v["last_switch_unix_ms"] = json!(a.last_switch_unix_ms);
+                            v["colors"] = json!(a.colors.iter().map(|k| json!({
+                                "color": color_name(k.color), "image": k.image, "replicas_ready": k.replicas_ready,
+                                "replicas_desired": k.replicas_desired, "healthy": k.healthy,
+                            })).collect::<Vec<_>>());
+                        }
+                        v
                     })
                     .collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({"leader_id": r.leader_id, "clusters": v}))?
                 );
-            } else {
+            } else if app.is_empty() {
                 println!("{:<12} {:<16} AGENT", "REGION", "CLUSTER");
                 for s in &r.clusters {
                     let c = s.cluster.clone().unwrap_or_default();
                     println!("{:<12} {:<16} {}", c.region, c.cluster, agent_state(s.agent_state));
+                }
+            } else {
+                println!(
+                    "{:<10} {:<12} {:<6} {:<7} {:<28} {:<28}",
+                    "REGION", "CLUSTER", "AGENT", "ACTIVE", "BLUE (ready, health)", "GREEN (ready, health)"
+                );
+                for s in &r.clusters {
+                    let c = s.cluster.clone().unwrap_or_default();
+                    let a = s.app.clone().unwrap_or_default();
+                    let cell = |color: pb::Color| match image_of(&a, color as i32) {
+                        Some((img, ready, ok)) if !img.is_empty() => {
+                            format!("{img} ({ready}, {})", if ok { "ok" } else { "UNHEALTHY" })
+                        }
+                        _ => "-".to_owned(),
+                    };
+                    println!(
+                        "{:<10} {:<12} {:<6} {:<7} {:<28} {:<28}",
+                        c.region,
+                        c.cluster,
+                        agent_state(s.agent_state),
+                        color_name(a.active),
+                        cell(pb::Color::Blue),
+                        cell(pb::Color::Green)
+                    );
                 }
             }
         }
@@ -479,6 +631,122 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     r.log_index
                 );
             }
+        }
+        Verb::Apps { cmd, conn } => match cmd {
+            AppsCmd::Apply { file } => {
+                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                let spec: cutover_shared::app::AppSpec =
+                    toml::from_str(&text).with_context(|| format!("{}", file.display()))?;
+                spec.validate().with_context(|| format!("{}", file.display()))?;
+                let app: pb::App = spec.into();
+                let r = call(&conn, |mut c| {
+                    let app = app.clone();
+                    async move { c.apply_app(pb::ApplyAppRequest { app: Some(app) }).await }
+                })
+                .await?;
+                let name = r.app.as_ref().map(|a| a.name.clone()).unwrap_or_default();
+                if conn.output == Output::Json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&app_json(r.app.unwrap_or_default())?)?
+                    );
+                } else {
+                    println!("app {name} applied");
+                }
+            }
+            AppsCmd::List => {
+                let r = call(&conn, |mut c| async move { c.list_apps(pb::ListAppsRequest {}).await }).await?;
+                if conn.output == Output::Json {
+                    let v: Vec<_> = r.apps.into_iter().map(app_json).collect::<Result<_>>()?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!("{:<24} CLUSTERS", "APP");
+                    for a in &r.apps {
+                        let cl: Vec<String> = a
+                            .clusters
+                            .iter()
+                            .map(|c| format!("{}/{}", c.region, c.cluster))
+                            .collect();
+                        println!("{:<24} {}", a.name, cl.join(", "));
+                    }
+                }
+            }
+            AppsCmd::Get { name } => {
+                let r = call(&conn, |mut c| {
+                    let name = name.clone();
+                    async move { c.get_app(pb::GetAppRequest { name }).await }
+                })
+                .await?;
+                let v = app_json(r.app.unwrap_or_default())?;
+                if conn.output == Output::Json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{}", toml::to_string_pretty(&v)?);
+                }
+            }
+        },
+        Verb::Deploy {
+            app,
+            image,
+            region,
+            no_switch,
+            detach,
+            conn,
+        } => {
+            let region = region.unwrap_or_default();
+            return start_and_follow(&conn, detach, |mut c| {
+                let req = pb::DeployRequest {
+                    app: app.clone(),
+                    image: image.clone(),
+                    region: region.clone(),
+                    no_switch,
+                };
+                async move { c.deploy(req).await.map(|r| r.into_inner().operation_id) }
+            })
+            .await;
+        }
+        Verb::Switch {
+            app,
+            region,
+            detach,
+            conn,
+        } => {
+            let region = region.unwrap_or_default();
+            return start_and_follow(&conn, detach, |mut c| {
+                let req = pb::SwitchRequest {
+                    app: app.clone(),
+                    region: region.clone(),
+                };
+                async move { c.switch(req).await.map(|r| r.into_inner().operation_id) }
+            })
+            .await;
+        }
+        Verb::Rollback {
+            app,
+            region,
+            detach,
+            conn,
+        } => {
+            let region = region.unwrap_or_default();
+            return start_and_follow(&conn, detach, |mut c| {
+                let req = pb::RollbackRequest {
+                    app: app.clone(),
+                    region: region.clone(),
+                };
+                async move { c.rollback(req).await.map(|r| r.into_inner().operation_id) }
+            })
+            .await;
+        }
+        Verb::HealthCheck { app, region, conn } => {
+            let region = region.unwrap_or_default();
+            return start_and_follow(&conn, false, |mut c| {
+                let req = pb::HealthCheckRequest {
+                    app: app.clone(),
+                    region: region.clone(),
+                };
+                async move { c.health_check(req).await.map(|r| r.into_inner().operation_id) }
+            })
+            .await;
         }
         Verb::Audit { limit, conn } => {
             let r = call(&conn, |mut c| async move {

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cutover_shared::domain::{AgentState, ClusterRef, TaskResult, now_unix_ms};
+use cutover_shared::domain::{AgentState, ClusterRef, TaskResult, now_unix_ms, validate_name};
 use cutover_shared::grpc::caller;
 use cutover_shared::proto::agent_service_server::AgentService;
 use cutover_shared::proto::{self, ConnectRequest, ConnectResponse, connect_request, connect_response};
@@ -343,6 +343,17 @@ impl AgentService for AgentApi {
                             result,
                             at_unix_ms: now_unix_ms(),
                         });
+                    }
+                    Some(connect_request::Message::AppStatus(r)) => {
+                        if validate_name("app", &r.app).is_ok()
+                            && let Some(status) = r.status
+                        {
+                            let _ = report_tx.send(Command::AppStatusReported {
+                                from: reader_cluster.clone(),
+                                app: r.app,
+                                status: status.into(),
+                            });
+                        }
                     }
                     Some(connect_request::Message::Register(_)) | None => {
                         tracing::warn!(agent = %reader_cluster, "unexpected message on agent stream");

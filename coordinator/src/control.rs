@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
+use cutover_shared::app::{AppSpec, validate_image_ref};
 use cutover_shared::convert::cluster_from_proto;
 use cutover_shared::domain::{
-    self, Attestation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms, validate_name,
+    self, AgentState, Attestation, ClusterRef, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms,
+    validate_name,
 };
 use cutover_shared::grpc::caller;
 use cutover_shared::identity::Identity;
@@ -116,6 +118,107 @@ fn validate_id(field: &str, id: &str) -> Result<(), Status> {
 }
 
 impl ControlApi {
+    fn app(&self, name: &str) -> Result<AppSpec, Status> {
+        validate_name("app", name)?;
+        self.consensus
+            .read(|s| s.apps.get(name).cloned())
+            .ok_or_else(|| Status::not_found(format!("unknown app {name:?}")))
+    }
+
+    /// The clusters of `spec` in `region` (all of them if `region` is empty
+    /// and `all_if_empty`), refusing a region the app does not run in.
+    fn targets(spec: &AppSpec, region: &str, all_if_empty: bool) -> Result<Vec<ClusterRef>, Status> {
+        let regions: Vec<&str> = spec.clusters.iter().map(|c| c.region.as_str()).collect();
+        if region.is_empty() {
+            if all_if_empty || spec.clusters.len() == 1 {
+                return Ok(spec.clusters.iter().map(|c| c.cluster_ref()).collect());
+            }
+            return Err(Status::invalid_argument(format!(
+                "region is required: app {} runs in {}",
+                spec.name,
+                regions.join(", ")
+            )));
+        }
+        validate_name("region", region)?;
+        let targets: Vec<ClusterRef> = spec
+            .clusters
+            .iter()
+            .filter(|c| c.region == region)
+            .map(|c| c.cluster_ref())
+            .collect();
+        if targets.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "app {} does not run in region {region:?} (it runs in {})",
+                spec.name,
+                regions.join(", ")
+            )));
+        }
+        Ok(targets)
+    }
+
+    /// Starts an app operation after checking nothing else runs on it.
+    async fn start_app_operation(
+        &self,
+        who: &Identity,
+        kind: OperationKind,
+        spec: &AppSpec,
+        targets: Vec<ClusterRef>,
+        params: BTreeMap<String, String>,
+    ) -> Result<String, Status> {
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        for t in &targets {
+            if let Some(running) = self
+                .consensus
+                .read(|s| s.running_operation(&spec.name, t).map(str::to_owned))
+            {
+                return Err(Status::failed_precondition(format!(
+                    "operation {running} is already running on {} in {t}",
+                    spec.name
+                )));
+            }
+            let up = self.consensus.read(|s| s.agents.get(&t.to_string()).map(|a| a.state));
+            if up != Some(AgentState::Up) {
+                return Err(Status::failed_precondition(format!("the agent for {t} is not up")));
+            }
+        }
+        let now = now_unix_ms();
+        let id = format!("op-{}", uuid::Uuid::new_v4().simple());
+        let audit_params = serde_json::json!({
+            "app": spec.name,
+            "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            "params": params,
+        });
+        let operation = domain::Operation {
+            id: id.clone(),
+            kind,
+            app: Some(spec.name.clone()),
+            targets,
+            params,
+            state: TaskState::Pending,
+            created_by: who.to_string(),
+            created_at_unix_ms: now,
+            updated_at_unix_ms: now,
+            tasks: vec![],
+            summary: String::new(),
+        };
+        let action = match kind {
+            OperationKind::Deploy => "Deploy",
+            OperationKind::Switch => "Switch",
+            OperationKind::Rollback => "Rollback",
+            OperationKind::HealthCheck => "HealthCheck",
+            OperationKind::Task => "RunTask",
+        };
+        let cmd = Command::CreateOperation {
+            operation,
+            audit: audit(who, action, audit_params, "accepted"),
+        };
+        self.consensus
+            .propose(Proposal::Command(cmd))
+            .await
+            .map_err(propose_status)?;
+        Ok(id)
+    }
+
     fn operation(&self, id: &str) -> Result<domain::Operation, Status> {
         validate_id("operation_id", id)?;
         self.consensus
@@ -235,19 +338,42 @@ impl ControlService for ControlApi {
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         let r = req.into_inner();
-        if !r.app.is_empty() {
-            validate_name("app", &r.app)?;
-            return Err(Status::not_found(format!("unknown app {:?}", r.app)));
-        }
-        let clusters = self.consensus.read(|s| {
-            s.agents
-                .values()
-                .map(|a| pb::ClusterStatus {
-                    cluster: Some(a.cluster.clone().into()),
-                    agent_state: pb::AgentState::from(a.state) as i32,
-                })
-                .collect()
-        });
+        let clusters = if r.app.is_empty() {
+            self.consensus.read(|s| {
+                s.agents
+                    .values()
+                    .map(|a| pb::ClusterStatus {
+                        cluster: Some(a.cluster.clone().into()),
+                        agent_state: pb::AgentState::from(a.state) as i32,
+                        app: None,
+                    })
+                    .collect()
+            })
+        } else {
+            let spec = self.app(&r.app)?;
+            self.consensus.read(|s| {
+                spec.clusters
+                    .iter()
+                    .map(|c| {
+                        let key = c.cluster_ref().to_string();
+                        pb::ClusterStatus {
+                            cluster: Some(c.cluster_ref().into()),
+                            agent_state: s
+                                .agents
+                                .get(&key)
+                                .map_or(pb::AgentState::Unspecified, |a| a.state.into())
+                                as i32,
+                            app: s
+                                .app_status
+                                .get(&spec.name)
+                                .and_then(|m| m.get(&key))
+                                .cloned()
+                                .map(Into::into),
+                        }
+                    })
+                    .collect()
+            })
+        };
         Ok(Response::new(pb::GetStatusResponse {
             clusters,
             leader_id: self.consensus.status().leader.unwrap_or(0),
@@ -296,7 +422,11 @@ impl ControlService for ControlApi {
             created_by: who.to_string(),
             created_at_unix_ms: now,
             updated_at_unix_ms: now,
+            app: None,
+            targets: vec![target.clone()],
+            params: BTreeMap::new(),
             tasks: vec![TaskRecord {
+                created_at_unix_ms: now,
                 spec: TaskSpec {
                     task_id: task_id.clone(),
                     operation_id: op_id.clone(),
@@ -468,5 +598,97 @@ impl ControlService for ControlApi {
             .consensus
             .read(|s| s.audit.iter().rev().take(limit).cloned().map(Into::into).collect());
         Ok(Response::new(pb::ListAuditEventsResponse { events }))
+    }
+
+    async fn apply_app(&self, req: Request<pb::ApplyAppRequest>) -> Result<Response<pb::ApplyAppResponse>, Status> {
+        let who = caller(&req)?;
+        let app = req
+            .into_inner()
+            .app
+            .ok_or_else(|| Status::invalid_argument("app is required"))?;
+        let spec = cutover_shared::convert::app_from_proto(app)?;
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        for (i, c) in spec.clusters.iter().enumerate() {
+            let key = c.cluster_ref().to_string();
+            if self.consensus.read(|s| !s.agents.contains_key(&key)) {
+                return Err(Status::invalid_argument(format!(
+                    "clusters[{i}]: no agent serves {key}"
+                )));
+            }
+        }
+        let params = serde_json::to_value(&spec).unwrap_or_default();
+        let cmd = Command::PutApp {
+            spec: spec.clone(),
+            audit: audit(&who, "ApplyApp", params, "accepted"),
+        };
+        self.consensus
+            .propose(Proposal::Command(cmd))
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(pb::ApplyAppResponse { app: Some(spec.into()) }))
+    }
+
+    async fn list_apps(&self, _req: Request<pb::ListAppsRequest>) -> Result<Response<pb::ListAppsResponse>, Status> {
+        let apps = self
+            .consensus
+            .read(|s| s.apps.values().cloned().map(Into::into).collect());
+        Ok(Response::new(pb::ListAppsResponse { apps }))
+    }
+
+    async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::GetAppResponse>, Status> {
+        let spec = self.app(&req.into_inner().name)?;
+        Ok(Response::new(pb::GetAppResponse { app: Some(spec.into()) }))
+    }
+
+    async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        validate_image_ref(&r.image)?;
+        let targets = Self::targets(&spec, &r.region, false)?;
+        let mut params = BTreeMap::from([("image".to_owned(), r.image)]);
+        if r.no_switch {
+            params.insert("no_switch".into(), "true".into());
+        }
+        let id = self
+            .start_app_operation(&who, OperationKind::Deploy, &spec, targets, params)
+            .await?;
+        Ok(Response::new(pb::DeployResponse { operation_id: id }))
+    }
+
+    async fn switch(&self, req: Request<pb::SwitchRequest>) -> Result<Response<pb::SwitchResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        let targets = Self::targets(&spec, &r.region, false)?;
+        let id = self
+            .start_app_operation(&who, OperationKind::Switch, &spec, targets, BTreeMap::new())
+            .await?;
+        Ok(Response::new(pb::SwitchResponse { operation_id: id }))
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        let targets = Self::targets(&spec, &r.region, false)?;
+        let id = self
+            .start_app_operation(&who, OperationKind::Rollback, &spec, targets, BTreeMap::new())
+            .await?;
+        Ok(Response::new(pb::RollbackResponse { operation_id: id }))
+    }
+
+    async fn health_check(
+        &self,
+        req: Request<pb::HealthCheckRequest>,
+    ) -> Result<Response<pb::HealthCheckResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        let targets = Self::targets(&spec, &r.region, true)?;
+        let id = self
+            .start_app_operation(&who, OperationKind::HealthCheck, &spec, targets, BTreeMap::new())
+            .await?;
+        Ok(Response::new(pb::HealthCheckResponse { operation_id: id }))
     }
 }

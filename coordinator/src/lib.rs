@@ -3,6 +3,7 @@
 //! - `raft`: consensus (the only module that knows openraft) and its storage;
 //! - `state`: the replicated state machine, pure and deterministic;
 //! - `control`: the operator-facing `ControlService`;
+//! - `orchestrator`: advances app operations step by step (leader only);
 //! - `agents`: the `AgentService` stream, agent liveness and task dispatch,
 //!   which only the leader runs;
 //! - `node`: wiring, the gRPC server, bootstrap and shutdown.
@@ -12,6 +13,7 @@
 pub mod agents;
 pub mod control;
 pub mod node;
+pub mod orchestrator;
 pub mod raft;
 pub mod state;
 

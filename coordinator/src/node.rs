@@ -47,12 +47,18 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
     let method = path.strip_prefix("/cutover.v1.ControlService/");
     Some(match (path, method) {
         ("/cutover.v1.AgentService/Connect", _) => AGENTS,
-        (_, Some("AddNode" | "RemoveNode" | "RunTask" | "CreateAttestation")) => WRITES,
+        (
+            _,
+            Some(
+                "AddNode" | "RemoveNode" | "RunTask" | "CreateAttestation" | "ApplyApp" | "Deploy" | "Switch"
+                | "Rollback" | "HealthCheck",
+            ),
+        ) => WRITES,
         (
             _,
             Some(
                 "GetClusterStatus" | "ListAgents" | "GetStatus" | "ListOperations" | "GetOperation" | "WatchOperation"
-                | "ListAttestations" | "ListAuditEvents",
+                | "ListAttestations" | "ListAuditEvents" | "ListApps" | "GetApp",
             ),
         ) => READS,
         _ => return None,
@@ -123,7 +129,10 @@ impl Node {
                 .map_err(|e| e.to_string())
         });
 
-        let mut tasks = vec![tokio::spawn(hub.clone().run())];
+        let mut tasks = vec![
+            tokio::spawn(hub.clone().run()),
+            tokio::spawn(crate::orchestrator::run(consensus.clone())),
+        ];
         let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(ops) = ops_listener {
             let c = consensus.clone();

@@ -6,8 +6,10 @@
 
 use std::collections::BTreeMap;
 
+use cutover_shared::app::{AppClusterStatus, AppSpec};
 use cutover_shared::domain::{
-    AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, Operation, TaskProgress, TaskResult, TaskState,
+    AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, Operation, OperationKind, TaskProgress, TaskRecord,
+    TaskResult, TaskState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -25,7 +27,7 @@ pub struct AuditDraft {
 }
 
 /// A state transition, as committed to the Raft log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// An agent registered with the leader (only transitions are logged).
     AgentUp {
@@ -55,6 +57,28 @@ pub enum Command {
     },
     /// An audited action that changes nothing else here (membership changes).
     Audit(AuditDraft),
+    /// Declare or replace an app.
+    PutApp { spec: AppSpec, audit: AuditDraft },
+    /// The next step of an app operation. `index` is the position the task
+    /// takes, so a step proposed twice is applied once.
+    AddTask {
+        operation_id: String,
+        index: usize,
+        task: TaskRecord,
+    },
+    /// An app operation ended (the orchestrator decided).
+    FinishOperation {
+        operation_id: String,
+        state: TaskState,
+        summary: String,
+        at_unix_ms: i64,
+    },
+    /// An agent saw an app's state change in its cluster (e.g. a crash).
+    AppStatusReported {
+        from: ClusterRef,
+        app: String,
+        status: AppClusterStatus,
+    },
 }
 
 /// What applying a command produced.
@@ -77,7 +101,7 @@ impl CommandResponse {
 }
 
 /// The replicated state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// Keyed by `region/cluster`.
     pub agents: BTreeMap<String, AgentRecord>,
@@ -89,6 +113,12 @@ pub struct State {
     pub audit: Vec<AuditEvent>,
     /// Bumped whenever tasks are created, so dispatchers know when to look.
     pub task_generation: u64,
+    /// Declared apps by name.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppSpec>,
+    /// App → `region/cluster` → what the agent last reported.
+    #[serde(default)]
+    pub app_status: BTreeMap<String, BTreeMap<String, AppClusterStatus>>,
 }
 
 impl State {
@@ -135,6 +165,18 @@ impl State {
             Command::CreateOperation { operation, audit } => {
                 if self.operations.contains_key(&operation.id) {
                     return CommandResponse::err(format!("operation {} already exists", operation.id));
+                }
+                if let Some(app) = &operation.app {
+                    if !self.apps.contains_key(app) {
+                        return CommandResponse::err(format!("unknown app {app:?}"));
+                    }
+                    for t in &operation.targets {
+                        if let Some(running) = self.running_operation(app, t) {
+                            return CommandResponse::err(format!(
+                                "operation {running} is already running on {app} in {t}"
+                            ));
+                        }
+                    }
                 }
                 for t in &operation.tasks {
                     self.task_index.insert(t.spec.task_id.clone(), operation.id.clone());
@@ -194,8 +236,17 @@ impl State {
                 } else {
                     TaskState::Failed
                 };
+                let reported = task.spec.params.get("app").cloned().zip(
+                    result
+                        .outputs
+                        .get("status")
+                        .and_then(|s| serde_json::from_str::<AppClusterStatus>(s).ok()),
+                );
                 task.result = Some(result);
                 refresh_operation(op, at_unix_ms);
+                if let Some((app, status)) = reported {
+                    self.app_status.entry(app).or_default().insert(from.to_string(), status);
+                }
             }
             Command::Attest { attestations, audit } => {
                 for a in attestations {
@@ -207,6 +258,50 @@ impl State {
                 self.audit(audit);
             }
             Command::Audit(d) => self.audit(d),
+            Command::PutApp { spec, audit } => {
+                self.apps.insert(spec.name.clone(), spec);
+                self.audit(audit);
+            }
+            Command::AddTask {
+                operation_id,
+                index,
+                task,
+            } => {
+                let Some(op) = self.operations.get_mut(&operation_id) else {
+                    return CommandResponse::err(format!("no operation {operation_id}"));
+                };
+                if op.state.is_finished() || op.tasks.len() != index {
+                    // Already added (or the operation ended): nothing to do.
+                    return CommandResponse::default();
+                }
+                let at = task.created_at_unix_ms;
+                self.task_index.insert(task.spec.task_id.clone(), operation_id.clone());
+                op.tasks.push(task);
+                op.state = TaskState::Running;
+                op.updated_at_unix_ms = at;
+                self.task_generation += 1;
+            }
+            Command::FinishOperation {
+                operation_id,
+                state,
+                summary,
+                at_unix_ms,
+            } => {
+                if let Some(op) = self.operations.get_mut(&operation_id)
+                    && !op.state.is_finished()
+                {
+                    op.state = state;
+                    op.summary = summary;
+                    op.updated_at_unix_ms = at_unix_ms;
+                }
+            }
+            Command::AppStatusReported { from, app, status } => {
+                let runs_there = self.apps.get(&app).is_some_and(|a| a.cluster(&from).is_some());
+                if !runs_there {
+                    return CommandResponse::err(format!("app {app} does not run in {from}"));
+                }
+                self.app_status.entry(app).or_default().insert(from.to_string(), status);
+            }
         }
         CommandResponse::default()
     }
@@ -216,6 +311,14 @@ impl State {
         let op = self.operations.get_mut(self.task_index.get(task_id)?)?;
         let idx = op.tasks.iter().position(|t| t.spec.task_id == task_id)?;
         Some((op, idx))
+    }
+
+    /// The unfinished operation acting on `app` in `cluster`, if any.
+    pub fn running_operation(&self, app: &str, cluster: &ClusterRef) -> Option<&str> {
+        self.operations
+            .values()
+            .find(|o| !o.state.is_finished() && o.app.as_deref() == Some(app) && o.targets.contains(cluster))
+            .map(|o| o.id.as_str())
     }
 
     /// Unfinished tasks addressed to `cluster`, oldest operation first.
@@ -232,6 +335,13 @@ impl State {
 
 fn refresh_operation(op: &mut Operation, at: i64) {
     op.updated_at_unix_ms = at;
+    if op.kind != OperationKind::Task {
+        // Multi-step operations end when the orchestrator says so.
+        if op.state == TaskState::Pending {
+            op.state = TaskState::Running;
+        }
+        return;
+    }
     let all_done = op.tasks.iter().all(|t| t.state.is_finished());
     op.state = if all_done {
         if op.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
@@ -271,6 +381,14 @@ impl std::fmt::Display for Command {
             Command::TaskFinished { result, .. } => write!(f, "TaskFinished({})", result.task_id),
             Command::Attest { attestations, .. } => write!(f, "Attest({} checks)", attestations.len()),
             Command::Audit(d) => write!(f, "Audit({})", d.action),
+            Command::PutApp { spec, .. } => write!(f, "PutApp({})", spec.name),
+            Command::AddTask {
+                operation_id, index, ..
+            } => write!(f, "AddTask({operation_id}#{index})"),
+            Command::FinishOperation {
+                operation_id, state, ..
+            } => write!(f, "FinishOperation({operation_id}, {state:?})"),
+            Command::AppStatusReported { from, app, .. } => write!(f, "AppStatusReported({app} in {from})"),
         }
     }
 }

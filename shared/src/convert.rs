@@ -1,6 +1,7 @@
 //! The one place where protobuf types and domain types meet.
 
 use crate::Error;
+use crate::app;
 use crate::domain::{self, AgentState, TaskState};
 use crate::proto;
 
@@ -118,6 +119,7 @@ impl From<domain::TaskRecord> for proto::TaskStatus {
             progress: t.progress.into_iter().map(Into::into).collect(),
             result: t.result.map(Into::into),
             dispatch_count: t.dispatch_count,
+            created_at_unix_ms: t.created_at_unix_ms,
         }
     }
 }
@@ -126,6 +128,10 @@ impl From<domain::Operation> for proto::Operation {
     fn from(o: domain::Operation) -> Self {
         let kind = match o.kind {
             domain::OperationKind::Task => proto::OperationKind::Task,
+            domain::OperationKind::Deploy => proto::OperationKind::Deploy,
+            domain::OperationKind::Switch => proto::OperationKind::Switch,
+            domain::OperationKind::Rollback => proto::OperationKind::Rollback,
+            domain::OperationKind::HealthCheck => proto::OperationKind::HealthCheck,
         };
         proto::Operation {
             id: o.id,
@@ -136,6 +142,9 @@ impl From<domain::Operation> for proto::Operation {
             updated_at_unix_ms: o.updated_at_unix_ms,
             tasks: o.tasks.into_iter().map(Into::into).collect(),
             summary: o.summary,
+            app: o.app.unwrap_or_default(),
+            targets: o.targets.into_iter().map(Into::into).collect(),
+            params: o.params.into_iter().collect(),
         }
     }
 }
@@ -173,6 +182,227 @@ impl From<domain::AuditEvent> for proto::AuditEvent {
             action: a.action,
             parameters: a.parameters,
             outcome: a.outcome,
+        }
+    }
+}
+
+impl From<app::Color> for proto::Color {
+    fn from(c: app::Color) -> Self {
+        match c {
+            app::Color::Blue => proto::Color::Blue,
+            app::Color::Green => proto::Color::Green,
+        }
+    }
+}
+
+impl From<app::AppClusterStatus> for proto::AppClusterStatus {
+    fn from(s: app::AppClusterStatus) -> Self {
+        proto::AppClusterStatus {
+            active: s.active.map_or(proto::Color::Unspecified, Into::into) as i32,
+            colors: s
+                .colors
+                .into_iter()
+                .map(|c| proto::ColorStatus {
+                    color: proto::Color::from(c.color) as i32,
+                    image: c.image,
+                    replicas_ready: c.replicas_ready,
+                    replicas_desired: c.replicas_desired,
+                    healthy: c.healthy,
+                })
+                .collect(),
+            last_switch_unix_ms: s.last_switch_unix_ms.unwrap_or(0),
+        }
+    }
+}
+
+impl From<app::AppSpec> for proto::App {
+    fn from(a: app::AppSpec) -> Self {
+        let d = app::LoadProbe::default();
+        proto::App {
+            name: a.name,
+            clusters: a
+                .clusters
+                .into_iter()
+                .map(|c| proto::AppCluster {
+                    region: c.region,
+                    cluster: c.cluster,
+                    driver: match c.driver {
+                        app::DriverKind::Local => proto::Driver::Local,
+                        app::DriverKind::Kubernetes => proto::Driver::Kubernetes,
+                    } as i32,
+                    local: c.local.map(|l| proto::LocalDriverSpec {
+                        command: l.command,
+                        listen: l.listen,
+                        preview_listen: l.preview_listen,
+                        drain_timeout_ms: l.drain_timeout_ms,
+                    }),
+                    kubernetes: c.kubernetes.map(|k| proto::KubernetesDriverSpec {
+                        namespace: k.namespace,
+                        kubeconfig: k.kubeconfig.map(|p| p.display().to_string()).unwrap_or_default(),
+                        progress_deadline_secs: k.progress_deadline_secs,
+                        container: k.container.unwrap_or_default(),
+                    }),
+                })
+                .collect(),
+            health: a
+                .health
+                .into_iter()
+                .map(|p| proto::Probe {
+                    probe: Some(match p {
+                        app::Probe::Http {
+                            path,
+                            status,
+                            body_contains,
+                        } => proto::probe::Probe::Http(proto::HttpProbe {
+                            path,
+                            status: status.into(),
+                            body_contains: body_contains.unwrap_or_default(),
+                        }),
+                        app::Probe::Tcp => proto::probe::Probe::Tcp(proto::TcpProbe {}),
+                        app::Probe::Grpc { service } => proto::probe::Probe::Grpc(proto::GrpcProbe { service }),
+                    }),
+                })
+                .collect(),
+            load: Some(proto::LoadProbe {
+                disabled: !a.load.enabled,
+                path: if a.load.path == d.path {
+                    String::new()
+                } else {
+                    a.load.path
+                },
+                requests: a.load.requests,
+                rate_per_sec: a.load.rate_per_sec,
+                max_avg_ms: a.load.max_avg_ms,
+                max_p95_ms: a.load.max_p95_ms,
+                max_p99_ms: a.load.max_p99_ms,
+                max_error_rate: a.load.max_error_rate,
+                min_rps: a.load.min_rps,
+            }),
+            scale_down_delay_secs: a.scale_down_delay_secs,
+        }
+    }
+}
+
+/// Converts and validates an app from the API. Unset numbers take their
+/// defaults; an unknown driver or probe is refused naming the field.
+pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
+    let bad = |f: String, why: &str| Error::InvalidArgument(format!("{f}: {why}"));
+    let mut clusters = Vec::new();
+    for (i, c) in a.clusters.into_iter().enumerate() {
+        let driver = match proto::Driver::try_from(c.driver) {
+            Ok(proto::Driver::Local) => app::DriverKind::Local,
+            Ok(proto::Driver::Kubernetes) => app::DriverKind::Kubernetes,
+            _ => {
+                return Err(bad(
+                    format!("clusters[{i}].driver"),
+                    "unknown driver (expected local or kubernetes)",
+                ));
+            }
+        };
+        clusters.push(app::AppCluster {
+            region: c.region,
+            cluster: c.cluster,
+            driver,
+            local: c.local.map(|l| app::LocalSpec {
+                command: l.command,
+                listen: l.listen,
+                preview_listen: l.preview_listen,
+                drain_timeout_ms: if l.drain_timeout_ms == 0 {
+                    5000
+                } else {
+                    l.drain_timeout_ms
+                },
+            }),
+            kubernetes: c.kubernetes.map(|k| app::KubeSpec {
+                namespace: k.namespace,
+                kubeconfig: (!k.kubeconfig.is_empty()).then(|| k.kubeconfig.into()),
+                progress_deadline_secs: if k.progress_deadline_secs == 0 {
+                    600
+                } else {
+                    k.progress_deadline_secs
+                },
+                container: (!k.container.is_empty()).then_some(k.container),
+            }),
+        });
+    }
+    let mut health = Vec::new();
+    for (i, p) in a.health.into_iter().enumerate() {
+        health.push(match p.probe {
+            Some(proto::probe::Probe::Http(h)) => app::Probe::Http {
+                path: h.path,
+                status: if h.status == 0 {
+                    200
+                } else {
+                    u16::try_from(h.status).map_err(|_| bad(format!("health[{i}].status"), "not an HTTP status"))?
+                },
+                body_contains: (!h.body_contains.is_empty()).then_some(h.body_contains),
+            },
+            Some(proto::probe::Probe::Tcp(_)) => app::Probe::Tcp,
+            Some(proto::probe::Probe::Grpc(g)) => app::Probe::Grpc { service: g.service },
+            None => {
+                return Err(bad(
+                    format!("health[{i}]"),
+                    "unknown probe (expected http, tcp or grpc)",
+                ));
+            }
+        });
+    }
+    let d = app::LoadProbe::default();
+    let load = match a.load {
+        None => d,
+        Some(l) => {
+            let or = |v: f64, dv: f64| if v == 0.0 { dv } else { v };
+            app::LoadProbe {
+                enabled: !l.disabled,
+                path: if l.path.is_empty() { d.path } else { l.path },
+                requests: if l.requests == 0 { d.requests } else { l.requests },
+                rate_per_sec: if l.rate_per_sec == 0 {
+                    d.rate_per_sec
+                } else {
+                    l.rate_per_sec
+                },
+                max_avg_ms: or(l.max_avg_ms, d.max_avg_ms),
+                max_p95_ms: or(l.max_p95_ms, d.max_p95_ms),
+                max_p99_ms: or(l.max_p99_ms, d.max_p99_ms),
+                max_error_rate: or(l.max_error_rate, d.max_error_rate),
+                min_rps: or(l.min_rps, d.min_rps),
+            }
+        }
+    };
+    let spec = app::AppSpec {
+        name: a.name,
+        clusters,
+        health,
+        load,
+        scale_down_delay_secs: a.scale_down_delay_secs,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+impl From<proto::AppClusterStatus> for app::AppClusterStatus {
+    fn from(s: proto::AppClusterStatus) -> Self {
+        let color = |c: i32| match proto::Color::try_from(c) {
+            Ok(proto::Color::Blue) => Some(app::Color::Blue),
+            Ok(proto::Color::Green) => Some(app::Color::Green),
+            _ => None,
+        };
+        app::AppClusterStatus {
+            active: color(s.active),
+            colors: s
+                .colors
+                .into_iter()
+                .filter_map(|c| {
+                    Some(app::ColorStatus {
+                        color: color(c.color)?,
+                        image: c.image,
+                        replicas_ready: c.replicas_ready,
+                        replicas_desired: c.replicas_desired,
+                        healthy: c.healthy,
+                    })
+                })
+                .collect(),
+            last_switch_unix_ms: (s.last_switch_unix_ms != 0).then_some(s.last_switch_unix_ms),
         }
     }
 }

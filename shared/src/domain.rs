@@ -147,12 +147,35 @@ mod tests {
 pub enum OperationKind {
     /// One ad-hoc task on one agent.
     Task,
+    /// Deploy an image to the inactive color, run the gates, switch.
+    Deploy,
+    /// Switch traffic to the other color.
+    Switch,
+    /// Switch traffic back to the previous color.
+    Rollback,
+    /// Run the health gates against the inactive color now.
+    HealthCheck,
+}
+
+impl OperationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::Task => "task",
+            OperationKind::Deploy => "deploy",
+            OperationKind::Switch => "switch",
+            OperationKind::Rollback => "rollback",
+            OperationKind::HealthCheck => "health-check",
+        }
+    }
 }
 
 /// A task as the coordinator tracks it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub spec: TaskSpec,
+    /// When the coordinator created the task (the step started).
+    #[serde(default)]
+    pub created_at_unix_ms: i64,
     pub state: TaskState,
     pub progress: Vec<TaskProgress>,
     pub result: Option<TaskResult>,
@@ -165,6 +188,15 @@ pub struct TaskRecord {
 pub struct Operation {
     pub id: String,
     pub kind: OperationKind,
+    /// The app it acts on (none for ad-hoc tasks).
+    #[serde(default)]
+    pub app: Option<String>,
+    /// The clusters it acts on.
+    #[serde(default)]
+    pub targets: Vec<ClusterRef>,
+    /// Kind-specific parameters (image, no_switch, ...).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
     pub state: TaskState,
     pub created_by: String,
     pub created_at_unix_ms: i64,

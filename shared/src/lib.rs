@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod certs;
 pub mod config;
 pub mod convert;

@@ -1,0 +1,221 @@
+//! App tasks (`app.deploy`, `app.gates`, `app.switch`): what the
+//! coordinator's orchestrator asks of this agent for one app. Drivers are
+//! built once per app definition and kept, because the local driver owns
+//! processes and routers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cutover_shared::app::{AppClusterStatus, AppSpec, Color, validate_image_ref};
+use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
+use tokio::sync::Mutex;
+
+use crate::drivers::{DriverContext, DriverError, PlatformDriver, driver_for};
+use crate::gates;
+
+/// Task kinds handled here.
+pub const KINDS: &[&str] = &["app.deploy", "app.gates", "app.switch"];
+
+struct Entry {
+    spec_json: String,
+    driver: Arc<dyn PlatformDriver>,
+}
+
+/// The agent's apps and their drivers.
+pub struct AppRuntime {
+    ctx: DriverContext,
+    drivers: Mutex<HashMap<String, Entry>>,
+}
+
+fn status_json(s: &AppClusterStatus) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+impl AppRuntime {
+    pub fn new(ctx: DriverContext) -> Self {
+        Self {
+            ctx,
+            drivers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The driver for `spec`, rebuilt when the app's definition changed.
+    async fn driver(&self, spec: &AppSpec) -> Result<Arc<dyn PlatformDriver>, DriverError> {
+        let json = serde_json::to_string(spec).unwrap_or_default();
+        let mut drivers = self.drivers.lock().await;
+        if let Some(e) = drivers.get(&spec.name)
+            && e.spec_json == json
+        {
+            return Ok(e.driver.clone());
+        }
+        let driver = driver_for(spec, &self.ctx).await?;
+        drivers.insert(
+            spec.name.clone(),
+            Entry {
+                spec_json: json,
+                driver: driver.clone(),
+            },
+        );
+        Ok(driver)
+    }
+
+    /// The current status of every app this agent has a driver for.
+    pub async fn statuses(&self) -> Vec<(String, AppClusterStatus)> {
+        let drivers: Vec<(String, Arc<dyn PlatformDriver>)> = self
+            .drivers
+            .lock()
+            .await
+            .iter()
+            .map(|(k, e)| (k.clone(), e.driver.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (name, d) in drivers {
+            if let Ok(s) = d.status().await {
+                out.push((name, s));
+            }
+        }
+        out
+    }
+
+    /// Executes one app task.
+    pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
+        let mut outputs = std::collections::BTreeMap::new();
+        let result = self.run(task, progress, &mut outputs).await;
+        let (success, message) = match result {
+            Ok(m) => (true, m),
+            Err(e) => {
+                let mut m = e.message;
+                if !e.diagnostics.is_empty() {
+                    m.push_str("\n  ");
+                    m.push_str(&e.diagnostics.join("\n  "));
+                    outputs.insert("diagnostics".into(), e.diagnostics.join("\n"));
+                }
+                (false, m)
+            }
+        };
+        TaskResult {
+            task_id: task.task_id.clone(),
+            success,
+            message,
+            outputs,
+            replayed: false,
+            finished_at_unix_ms: now_unix_ms(),
+        }
+    }
+
+    async fn run(
+        &self,
+        task: &TaskSpec,
+        progress: &(dyn Fn(String) + Send + Sync),
+        outputs: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<String, DriverError> {
+        let spec: AppSpec = serde_json::from_str(task.params.get("spec").map_or("", |s| s.as_str()))
+            .map_err(|e| DriverError::new(format!("task has no valid app spec: {e}")))?;
+        spec.validate().map_err(|e| DriverError::new(e.to_string()))?;
+        let driver = self.driver(&spec).await?;
+        let before = driver.status().await?;
+        match task.kind.as_str() {
+            "app.deploy" => {
+                let image = task.params.get("image").map_or("", |s| s.as_str());
+                validate_image_ref(image).map_err(|e| DriverError::new(e.to_string()))?;
+                let color = before.active.map_or(Color::Blue, Color::other);
+                progress(format!("deploying {image} to {color}"));
+                driver.deploy(color, image, progress).await?;
+                let after = driver.status().await?;
+                outputs.insert("color".into(), color.to_string());
+                outputs.insert("status".into(), status_json(&after));
+                Ok(format!("{image} deployed to {color}"))
+            }
+            "app.gates" => {
+                // The color under test: the one a deploy just wrote to, or
+                // else the inactive one.
+                let color = match task.params.get("color").map(|s| s.as_str()) {
+                    Some("inactive") | None => before.active.map(Color::other),
+                    Some(c) => Some(Color::parse(c).ok_or_else(|| DriverError::new(format!("unknown color {c:?}")))?),
+                };
+                let deployed = color.filter(|c| before.colors.iter().any(|s| s.color == *c && !s.image.is_empty()));
+                let Some(color) = deployed else {
+                    return Err(DriverError::new("no inactive color is deployed to check"));
+                };
+                // A first deploy is already the active color: check it where
+                // it serves; otherwise through the preview address.
+                let target = if before.active == Some(color) {
+                    driver.service_address().await?
+                } else {
+                    driver.preview_address().await?
+                };
+                progress(format!("running health gates against {target}"));
+                let report = gates::run_gates(&spec, &target).await;
+                outputs.insert("report".into(), serde_json::to_string(&report).unwrap_or_default());
+                outputs.insert("status".into(), status_json(&before));
+                let mut lines = Vec::new();
+                for p in &report.probes {
+                    lines.push(format!(
+                        "{} {}: {} ({} ms)",
+                        if p.passed { "pass" } else { "FAIL" },
+                        p.name,
+                        p.detail,
+                        p.millis
+                    ));
+                }
+                if let Some(l) = &report.load {
+                    lines.push(format!(
+                        "{} load: {} requests, {} errors, avg {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, {:.0} rps{}",
+                        if l.passed { "pass" } else { "FAIL" },
+                        l.requests,
+                        l.errors,
+                        l.avg_ms,
+                        l.p95_ms,
+                        l.p99_ms,
+                        l.rps,
+                        if l.violations.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", l.violations.join("; "))
+                        }
+                    ));
+                }
+                let text = lines.join("\n  ");
+                if report.passed {
+                    Ok(format!("gates passed\n  {text}"))
+                } else {
+                    Err(DriverError::new(format!("gates failed\n  {text}")))
+                }
+            }
+            "app.switch" => {
+                let to = match task.params.get("to").map(|s| s.as_str()) {
+                    Some("inactive") | None => before
+                        .active
+                        .map(Color::other)
+                        .ok_or_else(|| DriverError::new("nothing is deployed yet; nothing to switch"))?,
+                    Some(c) => Color::parse(c).ok_or_else(|| DriverError::new(format!("unknown color {c:?}")))?,
+                };
+                if before.active == Some(to) {
+                    outputs.insert("status".into(), status_json(&before));
+                    return Ok(format!("{to} is already active"));
+                }
+                let target = before.colors.iter().find(|c| c.color == to);
+                if !target.is_some_and(|c| !c.image.is_empty() && c.healthy) {
+                    return Err(DriverError::new(format!(
+                        "{to} is not deployed and healthy; refusing to switch to it"
+                    )));
+                }
+                driver.switch(to).await?;
+                let after = driver.status().await?;
+                outputs.insert("status".into(), status_json(&after));
+                if let Some(delay) = spec.scale_down_delay_secs {
+                    let old = to.other();
+                    let d = driver.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(delay)).await;
+                        if let Err(e) = d.scale_down(old).await {
+                            tracing::warn!("scale-down of {old}: {e}");
+                        }
+                    });
+                }
+                Ok(format!("switched to {to}"))
+            }
+            other => Err(DriverError::new(format!("unknown app task kind {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Platform drivers: how an agent runs the two colors of an app in its
+//! cluster and moves traffic between them. One trait, one module per driver;
+//! adding a driver touches this file's `driver_for` and its own module.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cutover_shared::app::{AppClusterStatus, AppSpec, Color, DriverKind};
+use cutover_shared::domain::ClusterRef;
+
+pub mod kubernetes;
+pub mod local;
+
+/// Why a driver operation failed, with whatever helps diagnose it
+/// (for Kubernetes: the Deployment's recent Events).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct DriverError {
+    pub message: String,
+    pub diagnostics: Vec<String>,
+}
+
+impl DriverError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            diagnostics: vec![],
+        }
+    }
+}
+
+/// Progress reporting for long operations.
+pub type Progress<'a> = &'a (dyn Fn(String) + Send + Sync);
+
+/// What a platform driver does for one app in one cluster.
+#[async_trait::async_trait]
+pub trait PlatformDriver: Send + Sync {
+    /// Both colors and which one takes traffic.
+    async fn status(&self) -> Result<AppClusterStatus, DriverError>;
+    /// Deploys `image` to `color` and waits until it is ready. Never called
+    /// for the active color.
+    async fn deploy(&self, color: Color, image: &str, progress: Progress<'_>) -> Result<(), DriverError>;
+    /// Sends new traffic to `color`; requests in flight on the other color
+    /// complete.
+    async fn switch(&self, to: Color) -> Result<(), DriverError>;
+    /// Stops `color` (the previous color, after the scale-down delay).
+    async fn scale_down(&self, color: Color) -> Result<(), DriverError>;
+    /// `host:port` where probes reach the inactive (preview) color.
+    async fn preview_address(&self) -> Result<String, DriverError>;
+    /// `host:port` of the stable service address (the active color).
+    async fn service_address(&self) -> Result<String, DriverError>;
+}
+
+/// What drivers may use from the agent.
+#[derive(Clone, Debug)]
+pub struct DriverContext {
+    /// The agent's data directory; drivers keep state under `apps/<app>/`.
+    pub data_dir: PathBuf,
+    pub cluster: ClusterRef,
+}
+
+/// Builds the driver for `app` in this agent's cluster.
+pub async fn driver_for(app: &AppSpec, ctx: &DriverContext) -> Result<Arc<dyn PlatformDriver>, DriverError> {
+    let c = app
+        .cluster(&ctx.cluster)
+        .ok_or_else(|| DriverError::new(format!("app {} does not run in {}", app.name, ctx.cluster)))?;
+    match c.driver {
+        DriverKind::Local => {
+            let spec = c
+                .local
+                .clone()
+                .ok_or_else(|| DriverError::new("driver local without [local] settings"))?;
+            Ok(Arc::new(local::LocalDriver::open(&app.name, spec, ctx).await?))
+        }
+        DriverKind::Kubernetes => {
+            let spec = c
+                .kubernetes
+                .clone()
+                .ok_or_else(|| DriverError::new("driver kubernetes without [kubernetes] settings"))?;
+            Ok(Arc::new(kubernetes::KubeDriver::connect(&app.name, spec).await?))
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! The local driver's built-in HTTP/1.1 reverse proxy.
+//!
+//! A [`Router`] listens on one address and forwards every request to its
+//! current upstream. Routing is decided per request, never per connection:
+//! a client's keep-alive connection to the router survives any number of
+//! flips, and after [`Router::set_upstream`] the very next request goes to
+//! the new upstream while requests already in flight finish on the old one.
+//!
+//! Upstream connections come from one pooled hyper-util client, keyed by
+//! address, so a flip neither closes nor reuses the other upstream's
+//! connections. Idle pooled connections are dropped after
+//! [`POOL_IDLE_TIMEOUT`], shorter than the usual server keep-alive timeouts,
+//! so the proxy does not reuse a connection the upstream is about to close.
+//!
+//! The only retry: a request without a body whose connection attempt failed
+//! (nothing was sent) is tried once more on the then-current upstream. That
+//! covers a flip away from a process that has just exited. Everything else
+//! that fails is answered 502 with a short body.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long an idle upstream connection stays pooled.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Default for how long [`Router::shutdown`] lets requests in flight finish.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Router::bind`] retries an address still held by a router that
+/// is shutting down.
+const BIND_RETRY: Duration = Duration::from_secs(3);
+
+type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// An HTTP reverse proxy with an atomically switchable upstream.
+pub struct Router {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    /// Dropping the sender (with the router) also stops the accept loop.
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct Shared {
+    upstream: RwLock<SocketAddr>,
+    client: Client<HttpConnector, ProxyBody>,
+    /// Requests in flight (until their response body ends), per upstream.
+    inflight: watch::Sender<HashMap<SocketAddr, usize>>,
+    drain_ms: AtomicU64,
+}
+
+impl Router {
+    /// Listens on `listen` and forwards to `upstream`.
+    pub async fn bind(listen: SocketAddr, upstream: SocketAddr) -> io::Result<Router> {
+        let listener = bind_listener(listen).await?;
+        let local_addr = listener.local_addr()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let shared = Arc::new(Shared {
+            upstream: RwLock::new(upstream),
+            client,
+            inflight: watch::Sender::new(HashMap::new()),
+            drain_ms: AtomicU64::new(DEFAULT_DRAIN_TIMEOUT.as_millis() as u64),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
+        tracing::debug!(listen = %local_addr, %upstream, "router listening");
+        Ok(Router {
+            shared,
+            local_addr,
+            stop,
+            task,
+        })
+    }
+
+    /// Sends new requests to `addr`; requests in flight finish where they are.
+    pub fn set_upstream(&self, addr: SocketAddr) {
+        let old = std::mem::replace(&mut *self.shared.upstream.write().expect("upstream lock"), addr);
+        if old != addr {
+            tracing::info!(listen = %self.local_addr, from = %old, to = %addr, "router upstream switched");
+        }
+    }
+
+    /// The upstream new requests go to.
+    pub fn upstream(&self) -> SocketAddr {
+        self.shared.current()
+    }
+
+    /// The address the router listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// How long [`Router::shutdown`] waits for requests in flight.
+    pub fn set_drain_timeout(&self, d: Duration) {
+        self.shared
+            .drain_ms
+            .store(d.as_millis().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// Requests in flight to `addr` (counted until their response body ends).
+    pub fn in_flight(&self, addr: SocketAddr) -> usize {
+        self.shared.inflight.borrow().get(&addr).copied().unwrap_or(0)
+    }
+
+    /// Waits until no request is in flight to `addr`, at most `timeout`.
+    /// Returns whether it drained.
+    pub async fn drain(&self, addr: SocketAddr, timeout: Duration) -> bool {
+        let mut rx = self.shared.inflight.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|m| m.get(&addr).copied().unwrap_or(0) == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops accepting, lets requests in flight finish (at most the drain
+    /// timeout) and closes every connection.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl Shared {
+    fn current(&self) -> SocketAddr {
+        *self.upstream.read().expect("upstream lock")
+    }
+
+    fn track(self: &Arc<Self>, addr: SocketAddr) -> InFlight {
+        self.inflight.send_modify(|m| *m.entry(addr).or_insert(0) += 1);
+        InFlight {
+            shared: self.clone(),
+            addr,
+        }
+    }
+}
+
+/// Counts one request in flight to `addr` while alive.
+struct InFlight {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.inflight.send_modify(|m| {
+            if let Some(n) = m.get_mut(&self.addr) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.addr);
+                }
+            }
+        });
+    }
+}
+
+/// A response body that keeps its request counted until it ends.
+struct Tracked {
+    inner: ProxyBody,
+    guard: Option<InFlight>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn bind_listener(listen: SocketAddr) -> io::Result<TcpListener> {
+    let deadline = Instant::now() + BIND_RETRY;
+    loop {
+        let socket = if listen.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(listen).and_then(|()| socket.listen(1024)) {
+            Ok(l) => return Ok(l),
+            // A router on this address that is shutting down releases it soon.
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("router cannot listen on {listen}: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            // A value or a dropped router: stop either way.
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let service = hyper::service::service_fn(move |req| proxy(shared.clone(), peer, req));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, "router connection: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off a little.
+                    tracing::warn!("router accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    let local = listener.local_addr().ok();
+    drop(listener);
+    let drain = Duration::from_millis(shared.drain_ms.load(Ordering::Relaxed));
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(listen = ?local, "router drain timeout: closing connections with requests in flight");
+    }
+}
+
+/// Headers that describe one connection, not the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(n);
+    }
+    headers.remove("proxy-connection");
+}
+
+fn bad_gateway(message: String) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(message))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = StatusCode::BAD_GATEWAY;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn upstream_request(parts: &hyper::http::request::Parts, addr: SocketAddr, body: ProxyBody) -> Request<ProxyBody> {
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri: Uri = format!("http://{addr}{path}")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+async fn proxy(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // hyper answered any `Expect: 100-continue` itself when the body is read.
+    parts.headers.remove(header::EXPECT);
+    let forwarded = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    let bodiless = body.is_end_stream();
+    let mut addr = shared.current();
+    let mut guard = shared.track(addr);
+    let mut result = shared
+        .client
+        .request(upstream_request(&parts, addr, body.boxed_unsync()))
+        .await;
+    if let Err(e) = &result
+        && e.is_connect()
+        && bodiless
+    {
+        // Nothing reached the upstream: one more try on the current one.
+        let retry = shared.current();
+        tracing::debug!(from = %addr, to = %retry, "connect to upstream failed ({e:?}); retrying once");
+        addr = retry;
+        guard = shared.track(addr);
+        let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
+        result = shared.client.request(upstream_request(&parts, addr, empty)).await;
+    }
+    match result {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            let body = Tracked {
+                inner: rbody.boxed_unsync(),
+                guard: Some(guard),
+            };
+            Ok(Response::from_parts(rparts, body.boxed_unsync()))
+        }
+        Err(e) => {
+            let why = match std::error::Error::source(&e) {
+                Some(src) => format!("{e}: {src}"),
+                None => e.to_string(),
+            };
+            tracing::warn!(upstream = %addr, "proxy error: {why}");
+            Ok(bad_gateway(format!("502 bad gateway: upstream {addr}: {why}\n")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample_app;
+    use std::sync::atomic::AtomicUsize;
+
+    struct App {
+        addr: SocketAddr,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn app(version: &str) -> App {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(sample_app::serve(version.to_string(), l, async move {
+            let _ = rx.await;
+        }));
+        App { addr, _stop: tx }
+    }
+
+    fn client() -> Client<HttpConnector, Empty<Bytes>> {
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+    }
+
+    async fn get(
+        c: &Client<HttpConnector, Empty<Bytes>>,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<(u16, String), String> {
+        let uri: Uri = format!("http://{addr}{path}").parse().unwrap();
+        let resp = c.get(uri).await.map_err(|e| format!("{e:?}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    fn any_local() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    /// ≥300 req/s for ~2 s through the router while the upstream flips 10
+    /// times between two apps: no request may fail, and both answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flip_under_steady_load_loses_nothing() {
+        let (a, b) = (app("v1").await, app("v2").await);
+        let router = Arc::new(Router::bind(any_local(), a.addr).await.unwrap());
+        let target = router.local_addr();
+        let c = client();
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+
+        let load = {
+            let (ok, failures, seen) = (ok.clone(), failures.clone(), seen.clone());
+            tokio::spawn(async move {
+                // 500 requests per second for 2 s.
+                let mut tick = tokio::time::interval(Duration::from_millis(2));
+                let mut set = tokio::task::JoinSet::new();
+                let started = Instant::now();
+                for _ in 0..1000 {
+                    tick.tick().await;
+                    let (c, ok, failures, seen) = (c.clone(), ok.clone(), failures.clone(), seen.clone());
+                    set.spawn(async move {
+                        match get(&c, target, "/").await {
+                            Ok((200, body)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                *seen.lock().unwrap().entry(body).or_default() += 1;
+                            }
+                            Ok((status, body)) => failures.lock().unwrap().push(format!("{status}: {body}")),
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                    });
+                }
+                while set.join_next().await.is_some() {}
+                started.elapsed()
+            })
+        };
+        let flipper = {
+            let router = router.clone();
+            tokio::spawn(async move {
+                for i in 0..10 {
+                    tokio::time::sleep(Duration::from_millis(180)).await;
+                    router.set_upstream(if i % 2 == 0 { b.addr } else { a.addr });
+                }
+                (a, b)
+            })
+        };
+        let elapsed = load.await.unwrap();
+        let _apps = flipper.await.unwrap();
+        let failures = failures.lock().unwrap().clone();
+        let seen = seen.lock().unwrap().clone();
+        let total = ok.load(Ordering::Relaxed) + failures.len();
+        let rate = total as f64 / elapsed.as_secs_f64();
+        eprintln!(
+            "router flip: {total} requests in {elapsed:?} ({rate:.0} req/s), {} failed, 10 flips, seen {seen:?}",
+            failures.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "{} failed requests, first: {:?}",
+            failures.len(),
+            failures.first()
+        );
+        assert_eq!(total, 1000);
+        assert!(rate >= 300.0, "only {rate:.0} req/s");
+        assert!(seen.get("version v1\n").is_some_and(|n| *n > 0), "{seen:?}");
+        assert!(seen.get("version v2\n").is_some_and(|n| *n > 0), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn in_flight_requests_finish_on_the_old_upstream() {
+        let (slow, fast) = (app("v1-slow").await, app("v2").await);
+        let router = Router::bind(any_local(), slow.addr).await.unwrap();
+        let target = router.local_addr();
+        let c = client();
+        let pending = tokio::spawn({
+            let c = c.clone();
+            async move { get(&c, target, "/").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(router.in_flight(slow.addr), 1);
+        router.set_upstream(fast.addr);
+        assert_eq!(router.upstream(), fast.addr);
+        assert_eq!(get(&c, target, "/").await.unwrap(), (200, "version v2\n".into()));
+        assert!(!router.drain(slow.addr, Duration::from_millis(100)).await);
+        assert_eq!(pending.await.unwrap().unwrap(), (200, "version v1-slow\n".into()));
+        assert!(router.drain(slow.addr, Duration::from_secs(1)).await);
+        assert_eq!(router.in_flight(slow.addr), 0);
+        router.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn dead_upstream_is_a_502_and_a_retry_reaches_the_new_one() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let router = Router::bind(any_local(), dead).await.unwrap();
+        let c = client();
+        let (status, body) = get(&c, router.local_addr(), "/").await.unwrap();
+        assert_eq!(status, 502);
+        assert!(body.starts_with("502 bad gateway: upstream"), "{body}");
+        let live = app("v3").await;
+        router.set_upstream(live.addr);
+        assert_eq!(
+            get(&c, router.local_addr(), "/").await.unwrap(),
+            (200, "version v3\n".into())
+        );
+        router.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_drains_and_releases_the_address() {
+        let slow = app("v1-slow").await;
+        let router = Router::bind(any_local(), slow.addr).await.unwrap();
+        let target = router.local_addr();
+        let c = client();
+        let pending = tokio::spawn({
+            let c = c.clone();
+            async move { get(&c, target, "/").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        router.shutdown().await;
+        assert_eq!(pending.await.unwrap().unwrap(), (200, "version v1-slow\n".into()));
+        // The address is free again right away.
+        let again = Router::bind(target, slow.addr).await.unwrap();
+        again.shutdown().await;
+    }
+}

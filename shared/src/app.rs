@@ -1,0 +1,424 @@
+//! Apps: what `cutover apps apply -f app.toml` declares. Plain serde types,
+//! validated here so that a bad definition is refused with the field named
+//! before anything is stored or sent.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::domain::{ClusterRef, validate_name};
+
+/// The two environments of an app in a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    Blue,
+    Green,
+}
+
+impl Color {
+    pub fn other(self) -> Color {
+        match self {
+            Color::Blue => Color::Green,
+            Color::Green => Color::Blue,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Color::Blue => "blue",
+            Color::Green => "green",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Color> {
+        match s {
+            "blue" => Some(Color::Blue),
+            "green" => Some(Color::Green),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Color {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which platform driver runs the app in a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// OS processes plus the agent's built-in HTTP router (the embedded default).
+    Local,
+    /// Deployments `<app>-blue` / `<app>-green` and Services `<app>` / `<app>-preview`.
+    Kubernetes,
+}
+
+/// The `local` driver's settings for one cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSpec {
+    /// Command line of one color's process; `{image}`, `{listen}` and
+    /// `{color}` are substituted. Example: `["cutover", "sample-app",
+    /// "--version", "{image}", "--listen", "{listen}"]`.
+    pub command: Vec<String>,
+    /// The stable service address (`host:port`) the router listens on.
+    pub listen: String,
+    /// The preview address (`host:port`) routing to the inactive color.
+    pub preview_listen: String,
+    /// How long requests in flight on the old color may take to finish after
+    /// a switch, ms. Default 5000.
+    #[serde(default = "default_drain_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_drain_ms() -> u64 {
+    5000
+}
+
+/// The `kubernetes` driver's settings for one cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeSpec {
+    pub namespace: String,
+    /// A kubeconfig path; in-cluster configuration when absent.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+    /// A rollout that makes no progress for this long fails the task. Default 600.
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline_secs: u64,
+    /// The container whose image a deploy sets. Default: the app name.
+    #[serde(default)]
+    pub container: Option<String>,
+}
+
+fn default_progress_deadline() -> u64 {
+    600
+}
+
+/// One cluster running the app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppCluster {
+    pub region: String,
+    pub cluster: String,
+    pub driver: DriverKind,
+    #[serde(default)]
+    pub local: Option<LocalSpec>,
+    #[serde(default)]
+    pub kubernetes: Option<KubeSpec>,
+}
+
+impl AppCluster {
+    pub fn cluster_ref(&self) -> ClusterRef {
+        ClusterRef {
+            region: self.region.clone(),
+            cluster: self.cluster.clone(),
+        }
+    }
+}
+
+/// A health probe run against a color through its preview address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Probe {
+    /// GET `path`; passes on `status` (default 200) and, if set, a body
+    /// containing `body_contains`.
+    Http {
+        path: String,
+        #[serde(default = "default_status")]
+        status: u16,
+        #[serde(default)]
+        body_contains: Option<String>,
+    },
+    /// A TCP connect.
+    Tcp,
+    /// `grpc.health.v1.Health/Check` for `service` (empty: the server).
+    Grpc {
+        #[serde(default)]
+        service: String,
+    },
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+/// The bounded load probe and its thresholds (defaults: the seed's
+/// performance thresholds).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadProbe {
+    /// Run it at all.
+    pub enabled: bool,
+    /// Path requested.
+    pub path: String,
+    /// Number of requests.
+    pub requests: u32,
+    /// Requests started per second.
+    pub rate_per_sec: u32,
+    pub max_avg_ms: f64,
+    pub max_p95_ms: f64,
+    pub max_p99_ms: f64,
+    /// Fraction, 0..1.
+    pub max_error_rate: f64,
+    pub min_rps: f64,
+}
+
+impl Default for LoadProbe {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/".into(),
+            requests: 300,
+            rate_per_sec: 200,
+            max_avg_ms: 2000.0,
+            max_p95_ms: 5000.0,
+            max_p99_ms: 10000.0,
+            max_error_rate: 0.01,
+            min_rps: 100.0,
+        }
+    }
+}
+
+/// An app as declared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub name: String,
+    pub clusters: Vec<AppCluster>,
+    #[serde(default)]
+    pub health: Vec<Probe>,
+    #[serde(default)]
+    pub load: LoadProbe,
+    /// Seconds after a switch before the previous color is scaled down;
+    /// absent: keep it running (rollback stays one switch).
+    #[serde(default)]
+    pub scale_down_delay_secs: Option<u64>,
+}
+
+fn bad(field: &str, why: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("{field}: {why}"))
+}
+
+impl AppSpec {
+    /// Checks everything that does not need the cluster's state.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_name("name", &self.name)?;
+        if self.clusters.is_empty() {
+            return Err(bad("clusters", "at least one cluster is required"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let f = |k: &str| format!("clusters[{i}].{k}");
+            validate_name(&f("region"), &c.region)?;
+            validate_name(&f("cluster"), &c.cluster)?;
+            if !seen.insert((c.region.clone(), c.cluster.clone())) {
+                return Err(bad(&f("cluster"), format!("{}/{} listed twice", c.region, c.cluster)));
+            }
+            match c.driver {
+                DriverKind::Local => {
+                    let l = c
+                        .local
+                        .as_ref()
+                        .ok_or_else(|| bad(&f("local"), "required by driver \"local\""))?;
+                    if l.command.is_empty() {
+                        return Err(bad(&f("local.command"), "must not be empty"));
+                    }
+                    for (k, a) in [("local.listen", &l.listen), ("local.preview_listen", &l.preview_listen)] {
+                        a.parse::<std::net::SocketAddr>()
+                            .map_err(|e| bad(&f(k), format!("{a:?}: {e}")))?;
+                    }
+                    if l.listen == l.preview_listen {
+                        return Err(bad(&f("local.preview_listen"), "must differ from listen"));
+                    }
+                }
+                DriverKind::Kubernetes => {
+                    let k = c
+                        .kubernetes
+                        .as_ref()
+                        .ok_or_else(|| bad(&f("kubernetes"), "required by driver \"kubernetes\""))?;
+                    validate_name(&f("kubernetes.namespace"), &k.namespace)?;
+                    if k.progress_deadline_secs == 0 {
+                        return Err(bad(&f("kubernetes.progress_deadline_secs"), "must be positive"));
+                    }
+                }
+            }
+        }
+        for (i, p) in self.health.iter().enumerate() {
+            if let Probe::Http { path, status, .. } = p {
+                if !path.starts_with('/') {
+                    return Err(bad(&format!("health[{i}].path"), "must start with '/'"));
+                }
+                if !(100..=599).contains(status) {
+                    return Err(bad(
+                        &format!("health[{i}].status"),
+                        format!("{status} is not an HTTP status"),
+                    ));
+                }
+            }
+        }
+        let l = &self.load;
+        let positive = |k: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(bad(&format!("load.{k}"), format!("{v} must be a positive number")))
+            }
+        };
+        positive("max_avg_ms", l.max_avg_ms)?;
+        positive("max_p95_ms", l.max_p95_ms)?;
+        positive("max_p99_ms", l.max_p99_ms)?;
+        if !(l.max_avg_ms <= l.max_p95_ms && l.max_p95_ms <= l.max_p99_ms) {
+            return Err(bad(
+                "load",
+                "thresholds must satisfy max_avg_ms <= max_p95_ms <= max_p99_ms",
+            ));
+        }
+        if !(0.0..=1.0).contains(&l.max_error_rate) || l.max_error_rate.is_nan() {
+            return Err(bad(
+                "load.max_error_rate",
+                format!("{} is not a fraction between 0 and 1", l.max_error_rate),
+            ));
+        }
+        if l.min_rps < 0.0 || !l.min_rps.is_finite() {
+            return Err(bad("load.min_rps", format!("{} must be zero or more", l.min_rps)));
+        }
+        if l.enabled && (l.requests == 0 || l.rate_per_sec == 0) {
+            return Err(bad("load", "requests and rate_per_sec must be positive"));
+        }
+        if l.enabled && (l.rate_per_sec as f64) < l.min_rps {
+            return Err(bad(
+                "load.min_rps",
+                format!("{} can never be reached at rate_per_sec {}", l.min_rps, l.rate_per_sec),
+            ));
+        }
+        if !l.path.starts_with('/') {
+            return Err(bad("load.path", "must start with '/'"));
+        }
+        Ok(())
+    }
+
+    pub fn cluster(&self, c: &ClusterRef) -> Option<&AppCluster> {
+        self.clusters
+            .iter()
+            .find(|x| x.region == c.region && x.cluster == c.cluster)
+    }
+}
+
+/// One color of an app in one cluster, as its agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColorStatus {
+    pub color: Color,
+    /// Image running (empty if the color was never deployed).
+    pub image: String,
+    pub replicas_ready: u32,
+    pub replicas_desired: u32,
+    pub healthy: bool,
+}
+
+/// The app in one cluster, as its agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppClusterStatus {
+    /// The color taking traffic (None before the first deploy).
+    pub active: Option<Color>,
+    pub colors: Vec<ColorStatus>,
+    pub last_switch_unix_ms: Option<i64>,
+}
+
+/// Validates an image reference (`[registry/]name[:tag][@digest]` for
+/// Kubernetes; the local driver substitutes it into a command).
+pub fn validate_image_ref(image: &str) -> Result<(), Error> {
+    let fail = |why: &str| Err(Error::InvalidArgument(format!("image {image:?}: {why}")));
+    if image.is_empty() {
+        return fail("must not be empty");
+    }
+    if image.len() > 512 {
+        return fail("longer than 512 characters");
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return fail("contains whitespace or control characters");
+    }
+    let (name, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(d) = digest {
+        let Some((alg, hex)) = d.split_once(':') else {
+            return fail("digest must be <algorithm>:<hex>");
+        };
+        if alg.is_empty() || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return fail("digest must be <algorithm>:<hex>");
+        }
+    }
+    // A tag follows the last ':' after the last '/'.
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let (repo_last, tag) = match last.split_once(':') {
+        Some((r, t)) => (r, Some(t)),
+        None => (last, None),
+    };
+    if let Some(t) = tag
+        && (t.is_empty()
+            || t.len() > 128
+            || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            || t.starts_with(['.', '-']))
+    {
+        return fail("tag must be 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'");
+    }
+    let path = name[..name.len() - last.len()].strip_suffix('/').unwrap_or("");
+    let comps: Vec<&str> = if path.is_empty() {
+        vec![]
+    } else {
+        path.split('/').collect()
+    };
+    for (i, comp) in comps.into_iter().chain([repo_last]).enumerate() {
+        let registry =
+            i == 0 && path.contains('/') && (comp.contains('.') || comp.contains(':') || comp == "localhost");
+        let ok = if registry {
+            comp.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && comp.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b))
+        } else {
+            !comp.is_empty()
+                && comp
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && comp.starts_with(|c: char| c.is_ascii_alphanumeric())
+        };
+        if !ok {
+            return fail("repository path must be lowercase [a-z0-9._-] components");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "nginx",
+            "nginx:1.25",
+            "registry.example:5000/team/app:v2",
+            "app@sha256:0123456789abcdef0123456789abcdef",
+            "v1",
+            "localhost/app:v1.2-rc",
+        ] {
+            validate_image_ref(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "UPPER/app",
+            "app:",
+            "app: v1",
+            "app:-x",
+            "app@sha256:zz",
+            "../x",
+            "a//b",
+        ] {
+            assert!(validate_image_ref(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
