@@ -166,6 +166,99 @@ impl DevSystem {
         }
     }
 
+    /// Declares the sample app in every region (local driver, the sample
+    /// app run by this very binary) and deploys `image` everywhere. Returns
+    /// each region's service address.
+    pub async fn install_sample_app(&mut self, image: &str) -> Result<Vec<(String, String)>> {
+        use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+        use cutover_shared::proto as pb;
+        let exe = std::env::current_exe()?.display().to_string();
+        let free = || -> Result<String> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
+        let mut clusters = Vec::new();
+        for (region, cluster, _) in &self.pki.agents {
+            clusters.push(AppCluster {
+                region: region.clone(),
+                cluster: cluster.clone(),
+                driver: DriverKind::Local,
+                local: Some(LocalSpec {
+                    command: vec![
+                        exe.clone(),
+                        "sample-app".into(),
+                        "--version".into(),
+                        "{image}".into(),
+                        "--listen".into(),
+                        "{listen}".into(),
+                    ],
+                    listen: free()?,
+                    preview_listen: free()?,
+                    drain_timeout_ms: 5000,
+                }),
+                kubernetes: None,
+            });
+        }
+        let spec = AppSpec {
+            name: "sample".into(),
+            clusters,
+            health: vec![Probe::Http {
+                path: "/health".into(),
+                status: 200,
+                body_contains: None,
+            }],
+            load: LoadProbe::default(),
+            scale_down_delay_secs: None,
+        };
+        let mut client =
+            pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);
+        client
+            .apply_app(pb::ApplyAppRequest {
+                app: Some(spec.clone().into()),
+            })
+            .await?;
+        for c in &spec.clusters {
+            let id = client
+                .deploy(pb::DeployRequest {
+                    app: "sample".into(),
+                    image: image.into(),
+                    region: c.region.clone(),
+                    no_switch: false,
+                })
+                .await?
+                .into_inner()
+                .operation_id;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let op = client
+                    .get_operation(pb::GetOperationRequest {
+                        operation_id: id.clone(),
+                    })
+                    .await?
+                    .into_inner()
+                    .operation
+                    .unwrap_or_default();
+                if op.state == pb::TaskState::Succeeded as i32 {
+                    break;
+                }
+                if op.state == pb::TaskState::Failed as i32 {
+                    bail!("deploying {image} to {} failed: {}", c.region, op.summary);
+                }
+                if Instant::now() > deadline {
+                    bail!("deploying {image} to {} did not finish within 60 s", c.region);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(spec
+            .clusters
+            .iter()
+            .map(|c| {
+                (
+                    c.region.clone(),
+                    c.local.as_ref().map(|l| l.listen.clone()).unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
     /// Stops one coordinator node (in-process, like a clean crash of it).
     pub async fn stop_node(&mut self, i: usize) {
         if let Some(n) = self.nodes[i].take() {
@@ -187,6 +280,10 @@ impl DevSystem {
             if let Some(n) = n.take() {
                 n.shutdown().await;
             }
+        }
+        // The sample app's processes outlive agents by design; not dev's.
+        for i in 0..self.pki.agents.len() {
+            cutover_agent::drivers::local::kill_all_under(&self.agent_config(i).data_dir);
         }
     }
 }

@@ -162,8 +162,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Dev { data_dir } => {
             telemetry::init_tracing(LogFormat::Human);
-            let sys = dev::DevSystem::start(data_dir, dev::DEV_REGIONS).await?;
+            let mut sys = dev::DevSystem::start(data_dir, dev::DEV_REGIONS).await?;
             sys.wait_ready(std::time::Duration::from_secs(30)).await?;
+            let services = sys.install_sample_app("sample:v1").await?;
+            for (region, addr) in &services {
+                println!("# app \"sample\" (sample:v1) in {region}: http://{addr}/");
+            }
             println!(
                 "# cutover dev: 3 coordinators, agents for {}; Ctrl-C stops it",
                 dev::DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")

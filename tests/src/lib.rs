@@ -337,6 +337,16 @@ impl TestCluster {
     }
 }
 
+impl Drop for TestCluster {
+    /// App processes started by the local driver outlive agents by design;
+    /// a test's must not outlive the test, even one that panicked.
+    fn drop(&mut self) {
+        for i in 0..self.pki.agents.len() {
+            cutover_agent::drivers::local::kill_all_under(&self.agent_config(i).data_dir);
+        }
+    }
+}
+
 /// The `cutover` binary built alongside the tests (`cargo build --bin cutover`
 /// runs first in `scripts/test`).
 pub fn cutover_bin() -> PathBuf {

@@ -52,7 +52,7 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("dev.log");
     let mut dev = Proc::spawn(&["dev", "--data-dir", dir.path().join("data").to_str().unwrap()], &log).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let env: HashMap<String, String> = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let exports: HashMap<String, String> = text
@@ -71,6 +71,24 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
         assert!(env.contains_key(k), "{k} missing from {env:?}");
     }
     assert_eq!(env["CUTOVER_ADDR"].split(',').count(), 3);
+    // The sample app serves in every region.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let services: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("# app \"sample\""))
+        .filter_map(|l| l.split("http://").nth(1))
+        .map(|a| a.trim_end_matches('/').to_owned())
+        .collect();
+    assert_eq!(services.len(), 2, "{text}");
+    for s in &services {
+        let mut conn = std::net::TcpStream::connect(s).unwrap();
+        use std::io::{Read, Write};
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        assert!(reply.contains("version sample:v1"), "{reply}");
+    }
 
     let (ok, out, err) = cutover(&env, &["cluster", "status", "--output", "json"]);
     assert!(ok, "{err}");
@@ -120,4 +138,11 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "dev exited with {status}");
+    // It stopped the sample app too.
+    for s in &services {
+        assert!(
+            std::net::TcpStream::connect(s).is_err(),
+            "{s} still answers after dev stopped"
+        );
+    }
 }

@@ -659,6 +659,37 @@ async fn answers_http(addr: SocketAddr, within: Duration) -> bool {
     matches!(tokio::time::timeout(within, attempt).await, Ok(Some(true)))
 }
 
+/// Kills (SIGKILL, whole process group) every app process recorded as
+/// running under an agent's data directory. For `cutover dev` and test
+/// harnesses, whose app processes must not outlive them, unlike an agent's
+/// (which outlive agent restarts by design). Synchronous, so it can run in a
+/// `Drop`.
+pub fn kill_all_under(data_dir: &Path) {
+    let Ok(apps) = std::fs::read_dir(data_dir.join("apps")) else {
+        return;
+    };
+    for app in apps.flatten() {
+        let Ok(text) = std::fs::read_to_string(app.path().join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_str::<State>(&text) else {
+            continue;
+        };
+        for c in state.colors.values() {
+            if let Some((pid, ticks)) = c.process()
+                && process_alive(pid, ticks)
+            {
+                let _ = std::process::Command::new("kill")
+                    .args(["-s", "KILL", "--", &format!("-{pid}")])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
