@@ -263,24 +263,61 @@ pub fn operation_json(o: &pb::Operation) -> serde_json::Value {
 }
 
 fn print_operation(o: &pb::Operation) {
-    println!("operation {}  {}  by {}", o.id, state_name(o.state), o.created_by);
+    print_operation_new(o, &mut std::collections::HashSet::new());
+}
+
+/// Prints the lines of `o` not printed before (tracked in `seen`), so a
+/// watched operation reads as a log of what happened.
+fn print_operation_new(o: &pb::Operation, seen: &mut std::collections::HashSet<String>) {
+    let mut line = |key: String, text: String| {
+        if seen.insert(key) {
+            println!("{text}");
+        }
+    };
+    line(
+        format!("op {}", o.id),
+        format!("operation {}  {}  by {}", o.id, kind_name(o.kind), o.created_by),
+    );
     for t in &o.tasks {
         let spec = t.task.clone().unwrap_or_default();
         let target = spec.target.clone().unwrap_or_default();
-        println!(
-            "  task {} {} on {}/{}: {}",
-            spec.task_id,
-            spec.kind,
-            target.region,
-            target.cluster,
-            state_name(t.state)
-        );
+        let at = format!("{}/{}", target.region, target.cluster);
+        line(format!("task {}", spec.task_id), format!("  {} on {at}", spec.kind));
         for p in &t.progress {
-            println!("    - {}", p.message);
+            line(
+                format!("p {} {} {}", spec.task_id, p.at_unix_ms, p.message),
+                format!("    - {}", p.message),
+            );
         }
         if let Some(r) = &t.result {
-            println!("    result: {} {}", if r.success { "ok" } else { "FAILED" }, r.message);
+            let took = (r.finished_at_unix_ms - t.created_at_unix_ms).max(0);
+            let took = if t.created_at_unix_ms > 0 {
+                format!(" ({took} ms)")
+            } else {
+                String::new()
+            };
+            line(
+                format!("r {}", spec.task_id),
+                format!("    {} {}{took}", if r.success { "ok:" } else { "FAILED:" }, r.message),
+            );
         }
+    }
+    if finished(o) {
+        line(
+            format!("end {}", o.id),
+            format!("operation {}: {}", state_name(o.state), o.summary),
+        );
+    }
+}
+
+fn kind_name(k: i32) -> &'static str {
+    match pb::OperationKind::try_from(k).unwrap_or(pb::OperationKind::Unspecified) {
+        pb::OperationKind::Task => "task",
+        pb::OperationKind::Deploy => "deploy",
+        pb::OperationKind::Switch => "switch",
+        pb::OperationKind::Rollback => "rollback",
+        pb::OperationKind::HealthCheck => "health-check",
+        pb::OperationKind::Unspecified => "operation",
     }
 }
 
@@ -291,6 +328,7 @@ fn finished(o: &pb::Operation) -> bool {
 /// Follows an operation to its end; true if it succeeded.
 async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
     let mut last: Option<pb::Operation> = None;
+    let mut seen = std::collections::HashSet::new();
     for (addr, mut client) in conn.clients()? {
         let stream = client
             .watch_operation(pb::WatchOperationRequest {
@@ -307,7 +345,7 @@ async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
                 Ok(Some(update)) => {
                     let Some(op) = update.operation else { continue };
                     if conn.output == Output::Text {
-                        print_operation(&op);
+                        print_operation_new(&op, &mut seen);
                     }
                     let done = finished(&op);
                     last = Some(op);
@@ -366,9 +404,6 @@ where
             println!("{id}");
         }
         return Ok(ExitCode::SUCCESS);
-    }
-    if conn.output == Output::Text {
-        println!("operation {id}");
     }
     Ok(if watch(conn, &id).await? {
         ExitCode::SUCCESS

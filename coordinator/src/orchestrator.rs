@@ -104,7 +104,9 @@ pub fn next_command(op: &Operation, spec: &AppSpec, now: i64) -> Option<Command>
         if !last.state.is_finished() {
             return None;
         }
-        if last.state == TaskState::Failed {
+        // A health check reports on every cluster; other operations stop at
+        // the first failure.
+        if last.state == TaskState::Failed && op.kind != OperationKind::HealthCheck {
             let why = last.result.as_ref().map_or("no result", |r| r.message.as_str());
             return Some(finish(
                 TaskState::Failed,
@@ -136,7 +138,19 @@ pub fn next_command(op: &Operation, spec: &AppSpec, now: i64) -> Option<Command>
                 },
             })
         }
-        None => Some(finish(TaskState::Succeeded, success_summary(op))),
+        None => {
+            let failed: Vec<String> = op
+                .tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Failed)
+                .map(|t| format!("{} in {} failed", t.spec.kind, t.spec.target))
+                .collect();
+            Some(if failed.is_empty() {
+                finish(TaskState::Succeeded, success_summary(op))
+            } else {
+                finish(TaskState::Failed, failed.join("; "))
+            })
+        }
     }
 }
 

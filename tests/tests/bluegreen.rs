@@ -393,3 +393,44 @@ async fn bad_apps_and_deploys_are_refused_with_the_field_named() {
     finish(&c, leader, &first).await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_color_is_reported_unhealthy() {
+    let (c, leader) = cluster_with_agent().await;
+    c.operator(leader)
+        .apply_app(pb::ApplyAppRequest {
+            app: Some(app("shop").into()),
+        })
+        .await
+        .unwrap();
+    let id = deploy(&c, leader, "shop", "sample:v1").await.unwrap();
+    assert_eq!(finish(&c, leader, &id).await.state, TaskState::Succeeded);
+    let healthy = |s: &cutover_coordinator::state::State| {
+        s.app_status
+            .get("shop")
+            .and_then(|m| m.get("us-east/us-east-1"))
+            .map(|st| {
+                let active = st.active.unwrap();
+                st.colors.iter().find(|k| k.color == active).unwrap().healthy
+            })
+    };
+    assert_eq!(c.node(leader).consensus().read(healthy), Some(true));
+    // kill -9 the active color's process, found in the driver's state file.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(c.agent_config(0).data_dir.join("apps/shop/state.json")).unwrap(),
+    )
+    .unwrap();
+    let active = state["active"].as_str().unwrap().to_owned();
+    let pid = state["colors"][&active]["pid"].as_u64().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    c.wait_state(leader, T, "the crash to be reported", |s| healthy(s) == Some(false))
+        .await
+        .unwrap();
+    c.shutdown().await;
+}
