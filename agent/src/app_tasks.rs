@@ -49,6 +49,12 @@ impl AppRuntime {
             return Ok(e.driver.clone());
         }
         let driver = driver_for(spec, &self.ctx).await?;
+        // Remembered so that a restarted agent re-adopts the app at once
+        // (routers listening, status reported) instead of at its next task.
+        let dir = self.ctx.data_dir.join("apps").join(&spec.name);
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("spec.json"), &json)) {
+            tracing::warn!(app = %spec.name, "cannot record the app definition: {e}");
+        }
         drivers.insert(
             spec.name.clone(),
             Entry {
@@ -57,6 +63,25 @@ impl AppRuntime {
             },
         );
         Ok(driver)
+    }
+
+    /// Re-opens the driver of every app this agent ran before it restarted.
+    pub async fn readopt(&self) {
+        let Ok(apps) = std::fs::read_dir(self.ctx.data_dir.join("apps")) else {
+            return;
+        };
+        for entry in apps.flatten() {
+            let Ok(json) = std::fs::read_to_string(entry.path().join("spec.json")) else {
+                continue;
+            };
+            match serde_json::from_str::<AppSpec>(&json) {
+                Ok(spec) => match self.driver(&spec).await {
+                    Ok(_) => tracing::info!(app = %spec.name, "re-adopted"),
+                    Err(e) => tracing::warn!(app = %spec.name, "cannot re-adopt: {e}"),
+                },
+                Err(e) => tracing::warn!(path = %entry.path().display(), "unreadable app definition: {e}"),
+            }
+        }
     }
 
     /// The current status of every app this agent has a driver for.

@@ -108,6 +108,7 @@ impl Agent {
     /// reconnect to the next coordinator with jittered exponential backoff.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.apps.readopt().await;
         let n = self.cfg.coordinators.len();
         let mut next = rand::rng().random_range(0..n);
         let mut failures: u32 = 0;

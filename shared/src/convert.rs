@@ -275,8 +275,8 @@ impl From<app::AppSpec> for proto::App {
                 max_avg_ms: a.load.max_avg_ms,
                 max_p95_ms: a.load.max_p95_ms,
                 max_p99_ms: a.load.max_p99_ms,
-                max_error_rate: a.load.max_error_rate,
-                min_rps: a.load.min_rps,
+                max_error_rate: Some(a.load.max_error_rate),
+                min_rps: Some(a.load.min_rps),
             }),
             scale_down_delay_secs: a.scale_down_delay_secs,
         }
@@ -364,8 +364,8 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
                 max_avg_ms: or(l.max_avg_ms, d.max_avg_ms),
                 max_p95_ms: or(l.max_p95_ms, d.max_p95_ms),
                 max_p99_ms: or(l.max_p99_ms, d.max_p99_ms),
-                max_error_rate: or(l.max_error_rate, d.max_error_rate),
-                min_rps: or(l.min_rps, d.min_rps),
+                max_error_rate: l.max_error_rate.unwrap_or(d.max_error_rate),
+                min_rps: l.min_rps.unwrap_or(d.min_rps),
             }
         }
     };

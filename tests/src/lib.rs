@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod load;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -3,15 +3,14 @@
 //! rollback; failing versions never take traffic; zero failed requests under
 //! steady load across a switch and a rollback; bad input refused.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
 use cutover_shared::domain::TaskState;
 use cutover_shared::proto as pb;
+use cutover_tests::load::SteadyLoad;
 use cutover_tests::{TestCluster, cutover_bin};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -213,59 +212,6 @@ async fn failing_versions_are_never_switched_to() {
     c.shutdown().await;
 }
 
-/// Keep-alive HTTP/1.1 client loop: GET / until `stop`, counting answers.
-async fn load_worker(addr: String, stop: Arc<AtomicU64>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>, pace: Duration) {
-    let mut conn: Option<BufReader<tokio::net::TcpStream>> = None;
-    let mut ticker = tokio::time::interval(pace);
-    while stop.load(Ordering::Relaxed) == 0 {
-        ticker.tick().await;
-        if conn.is_none() {
-            match tokio::net::TcpStream::connect(&addr).await {
-                Ok(s) => conn = Some(BufReader::new(s)),
-                Err(_) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-            }
-        }
-        let c = conn.as_mut().unwrap();
-        let res: std::io::Result<u16> = async {
-            c.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
-            let mut status = String::new();
-            c.read_line(&mut status).await?;
-            let code: u16 = status
-                .split_whitespace()
-                .nth(1)
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(0);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                c.read_line(&mut line).await?;
-                if line == "\r\n" || line.is_empty() {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; len];
-            c.read_exact(&mut body).await?;
-            Ok(code)
-        }
-        .await;
-        match res {
-            Ok(200) => {
-                ok.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                failed.fetch_add(1, Ordering::Relaxed);
-                conn = None;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zero_failed_requests_across_switch_and_rollback() {
     let (c, leader) = cluster_with_agent().await;
@@ -278,23 +224,8 @@ async fn zero_failed_requests_across_switch_and_rollback() {
     let id = deploy(&c, leader, "shop", "sample:v1").await.unwrap();
     assert_eq!(finish(&c, leader, &id).await.state, TaskState::Succeeded);
 
-    let (stop, ok, failed) = (
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
     // 8 connections, one request every 20 ms each: 400 requests per second.
-    let workers: Vec<_> = (0..8)
-        .map(|_| {
-            tokio::spawn(load_worker(
-                service.clone(),
-                stop.clone(),
-                ok.clone(),
-                failed.clone(),
-                Duration::from_millis(20),
-            ))
-        })
-        .collect();
+    let load = SteadyLoad::start(&service, 8, Duration::from_millis(20));
     let started = Instant::now();
     let id = deploy(&c, leader, "shop", "sample:v2").await.unwrap();
     let d = finish(&c, leader, &id).await;
@@ -319,12 +250,8 @@ async fn zero_failed_requests_across_switch_and_rollback() {
         .into_inner()
         .operation_id;
     assert_eq!(finish(&c, leader, &id).await.state, TaskState::Succeeded);
-    stop.store(1, Ordering::Relaxed);
-    for w in workers {
-        w.await.unwrap();
-    }
+    let (ok, failed) = load.stop().await;
     let secs = started.elapsed().as_secs_f64();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     let rps = ok as f64 / secs;
     eprintln!("steady load: {ok} ok, {failed} failed in {secs:.1} s ({rps:.0} req/s)");
     assert_eq!(
@@ -357,7 +284,7 @@ async fn bad_apps_and_deploys_are_refused_with_the_field_named() {
     }
 
     let mut a = good.clone();
-    a.load.as_mut().unwrap().max_error_rate = 2.0;
+    a.load.as_mut().unwrap().max_error_rate = Some(2.0);
     let e = op.apply_app(apply(a)).await.unwrap_err();
     assert!(e.message().contains("load.max_error_rate"), "{}", e.message());
 
@@ -432,5 +359,45 @@ async fn a_crashed_color_is_reported_unhealthy() {
     c.wait_state(leader, T, "the crash to be reported", |s| healthy(s) == Some(false))
         .await
         .unwrap();
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_agent_readopts_its_apps() {
+    let (mut c, leader) = cluster_with_agent().await;
+    let spec = app("shop");
+    let service = spec.clusters[0].local.as_ref().unwrap().listen.clone();
+    c.operator(leader)
+        .apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+        .await
+        .unwrap();
+    let id = deploy(&c, leader, "shop", "sample:v1").await.unwrap();
+    assert_eq!(finish(&c, leader, &id).await.state, TaskState::Succeeded);
+    let pid_before = std::fs::read_to_string(c.agent_config(0).data_dir.join("apps/shop/state.json")).unwrap();
+    c.stop_agent(0).await;
+    c.start_agent(0).unwrap();
+    // No task is sent: the agent re-adopts the running process by itself.
+    let deadline = Instant::now() + T;
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&service).await {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf).await;
+            if buf.contains("version sample:v1") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "service not back after the agent restarted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid_after = std::fs::read_to_string(c.agent_config(0).data_dir.join("apps/shop/state.json")).unwrap();
+    let pid = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["colors"]["blue"]["pid"].clone();
+    assert_eq!(
+        pid(&pid_before),
+        pid(&pid_after),
+        "the same process serves: re-adopted, not restarted"
+    );
     c.shutdown().await;
 }

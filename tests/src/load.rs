@@ -1,0 +1,103 @@
+//! Steady HTTP load for zero-downtime checks: keep-alive HTTP/1.1
+//! connections, each sending `GET /` at a fixed pace, counting answers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinHandle;
+
+/// A running load; `stop` ends it and returns (ok, failed).
+pub struct SteadyLoad {
+    stop: Arc<AtomicU64>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    /// `connections` workers against `addr`, one request per `pace` each.
+    pub fn start(addr: &str, connections: usize, pace: Duration) -> SteadyLoad {
+        let (stop, ok, failed) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let workers = (0..connections)
+            .map(|_| tokio::spawn(worker(addr.to_owned(), stop.clone(), ok.clone(), failed.clone(), pace)))
+            .collect();
+        SteadyLoad {
+            stop,
+            ok,
+            failed,
+            workers,
+        }
+    }
+
+    /// Requests answered 200 and failed so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+
+    pub async fn stop(mut self) -> (u64, u64) {
+        self.stop.store(1, Ordering::Relaxed);
+        for w in std::mem::take(&mut self.workers) {
+            let _ = w.await;
+        }
+        self.counts()
+    }
+}
+
+/// Keep-alive HTTP/1.1 client loop: GET / until `stop`, counting answers.
+async fn worker(addr: String, stop: Arc<AtomicU64>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>, pace: Duration) {
+    let mut conn: Option<BufReader<tokio::net::TcpStream>> = None;
+    let mut ticker = tokio::time::interval(pace);
+    while stop.load(Ordering::Relaxed) == 0 {
+        ticker.tick().await;
+        if conn.is_none() {
+            match tokio::net::TcpStream::connect(&addr).await {
+                Ok(s) => conn = Some(BufReader::new(s)),
+                Err(_) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().unwrap();
+        let res: std::io::Result<u16> = async {
+            c.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+            let mut status = String::new();
+            c.read_line(&mut status).await?;
+            let code: u16 = status
+                .split_whitespace()
+                .nth(1)
+                .and_then(|x| x.parse().ok())
+                .unwrap_or(0);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                c.read_line(&mut line).await?;
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            c.read_exact(&mut body).await?;
+            Ok(code)
+        }
+        .await;
+        match res {
+            Ok(200) => {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                failed.fetch_add(1, Ordering::Relaxed);
+                conn = None;
+            }
+        }
+    }
+}
