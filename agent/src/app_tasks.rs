@@ -14,7 +14,10 @@ use crate::drivers::{DriverContext, DriverError, PlatformDriver, driver_for};
 use crate::gates;
 
 /// Task kinds handled here.
-pub const KINDS: &[&str] = &["app.deploy", "app.gates", "app.switch"];
+pub const KINDS: &[&str] = &["app.deploy", "app.gates", "app.switch", "app.bake"];
+
+/// How often a bake probes the serving color.
+const BAKE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 struct Entry {
     spec_json: String,
@@ -239,6 +242,38 @@ impl AppRuntime {
                     });
                 }
                 Ok(format!("switched to {to}"))
+            }
+            "app.bake" => {
+                // Watch the serving color for a while after a switch: its
+                // health probes must keep passing and it must stay up.
+                let secs: u64 = task.params.get("seconds").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let target = driver.service_address().await?;
+                progress(format!("baking for {secs} s: probing {target}"));
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+                let mut rounds = 0u32;
+                loop {
+                    rounds += 1;
+                    let failed = gates::failing_probes(&spec, &target).await;
+                    if let Some(f) = failed.first() {
+                        return Err(DriverError::new(format!(
+                            "bake failed after {} s: {} {}",
+                            secs.saturating_sub(until.saturating_duration_since(std::time::Instant::now()).as_secs()),
+                            f.name,
+                            f.detail
+                        )));
+                    }
+                    let st = driver.status().await?;
+                    let serving = st.active.and_then(|a| st.colors.iter().find(|c| c.color == a));
+                    if !serving.is_some_and(|c| c.healthy) {
+                        return Err(DriverError::new("bake failed: the serving color went unhealthy"));
+                    }
+                    if std::time::Instant::now() >= until {
+                        break;
+                    }
+                    tokio::time::sleep(BAKE_PROBE_INTERVAL).await;
+                }
+                outputs.insert("status".into(), status_json(&driver.status().await?));
+                Ok(format!("baked {secs} s, {rounds} probe rounds passed"))
             }
             other => Err(DriverError::new(format!("unknown app task kind {other:?}"))),
         }

@@ -85,6 +85,20 @@ pub async fn run_gates(spec: &AppSpec, target: &str) -> GateReport {
     GateReport { passed, probes, load }
 }
 
+/// Runs only `spec`'s health probes against `target` (the bake's checks);
+/// the failures, if any.
+pub async fn failing_probes(spec: &AppSpec, target: &str) -> Vec<ProbeResult> {
+    let client = http_client();
+    let mut failed = Vec::new();
+    for probe in &spec.health {
+        let r = run_probe(&client, probe, target).await;
+        if !r.passed {
+            failed.push(r);
+        }
+    }
+    failed
+}
+
 fn probe_name(probe: &Probe) -> String {
     match probe {
         Probe::Http { path, .. } => format!("http GET {path}"),
@@ -361,6 +375,9 @@ mod tests {
                 min_rps: 0.0,
             },
             scale_down_delay_secs: None,
+            waves: vec![],
+            bake_secs: 0,
+            required_attestations: Default::default(),
         }
     }
 

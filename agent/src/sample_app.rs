@@ -34,6 +34,16 @@ struct App {
     requests: AtomicU64,
 }
 
+/// A version containing `unhealthy` is unhealthy; `unhealthy-in-<region>`
+/// only in that region (the local driver passes it as CUTOVER_REGION), so
+/// a demo or test can break one wave of a cutover.
+fn unhealthy_here(version: &str, region: Option<&str>) -> bool {
+    match version.split_once("unhealthy-in-") {
+        Some((_, r)) => region == Some(r),
+        None => version.contains("unhealthy"),
+    }
+}
+
 /// Binds `listen` and serves until `shutdown` completes.
 pub async fn run(version: String, listen: SocketAddr, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -50,7 +60,10 @@ pub async fn serve(
     let app = Arc::new(App {
         slow: version.contains("slow"),
         errors: version.contains("errors"),
-        unhealthy: AtomicBool::new(version.contains("unhealthy")),
+        unhealthy: AtomicBool::new(unhealthy_here(
+            &version,
+            std::env::var("CUTOVER_REGION").ok().as_deref(),
+        )),
         requests: AtomicU64::new(0),
         version,
     });

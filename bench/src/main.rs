@@ -160,6 +160,9 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
             ..LoadProbe::default()
         },
         scale_down_delay_secs: None,
+        waves: vec![],
+        bake_secs: 0,
+        required_attestations: Default::default(),
     };
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) }).await?;
@@ -169,6 +172,8 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
             image: image.into(),
             region: "us-east".into(),
             no_switch: false,
+            waves: vec![],
+            strategy: 0,
         };
         let id = op.deploy(req).await?.into_inner().operation_id;
         wait_op(&c, leader, &id).await?;

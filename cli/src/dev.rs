@@ -206,6 +206,9 @@ impl DevSystem {
             }],
             load: LoadProbe::default(),
             scale_down_delay_secs: None,
+            waves: vec![],
+            bake_secs: 5,
+            required_attestations: Default::default(),
         };
         let mut client =
             pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);
@@ -221,6 +224,8 @@ impl DevSystem {
                     image: image.into(),
                     region: c.region.clone(),
                     no_switch: false,
+                    waves: vec![],
+                    strategy: 0,
                 })
                 .await?
                 .into_inner()

@@ -73,6 +73,13 @@ pub enum Verb {
         /// Deploy and check, but leave traffic where it is.
         #[arg(long)]
         no_switch: bool,
+        /// Waves overriding the app's: regions joined by ',' within a wave,
+        /// waves separated by ':' (e.g. us-east:eu-west,ap-south).
+        #[arg(long)]
+        waves: Option<String>,
+        /// `waves` (default) or `atomic`.
+        #[arg(long, default_value = "waves")]
+        strategy: String,
         /// Return the operation id at once instead of following it.
         #[arg(long)]
         detach: bool,
@@ -725,16 +732,34 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
             image,
             region,
             no_switch,
+            waves,
+            strategy,
             detach,
             conn,
         } => {
             let region = region.unwrap_or_default();
+            let waves: Vec<pb::Wave> = waves
+                .map(|w| {
+                    w.split(':')
+                        .map(|wave| pb::Wave {
+                            regions: wave.split(',').map(|r| r.trim().to_owned()).collect(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let strategy = match strategy.as_str() {
+                "waves" => pb::Strategy::Waves,
+                "atomic" => pb::Strategy::Atomic,
+                other => bail!("unknown strategy {other:?} (waves or atomic)"),
+            } as i32;
             return start_and_follow(&conn, detach, |mut c| {
                 let req = pb::DeployRequest {
                     app: app.clone(),
                     image: image.clone(),
                     region: region.clone(),
                     no_switch,
+                    waves: waves.clone(),
+                    strategy,
                 };
                 async move { c.deploy(req).await.map(|r| r.into_inner().operation_id) }
             })

@@ -645,8 +645,62 @@ impl ControlService for ControlApi {
         let r = req.into_inner();
         let spec = self.app(&r.app)?;
         validate_image_ref(&r.image)?;
-        let targets = Self::targets(&spec, &r.region, false)?;
-        let mut params = BTreeMap::from([("image".to_owned(), r.image)]);
+        // The waves: one region, the request's plan, or the app's.
+        let waves: Vec<Vec<String>> = if !r.region.is_empty() {
+            if !r.waves.is_empty() {
+                return Err(Status::invalid_argument("give either region or waves, not both"));
+            }
+            Self::targets(&spec, &r.region, false)?;
+            vec![vec![r.region.clone()]]
+        } else if !r.waves.is_empty() {
+            let waves: Vec<Vec<String>> = r.waves.into_iter().map(|w| w.regions).collect();
+            spec.check_waves(&waves, "waves")?;
+            waves
+        } else {
+            spec.effective_waves()
+        };
+        let targets: Vec<ClusterRef> = waves
+            .iter()
+            .flatten()
+            .flat_map(|region| {
+                spec.clusters
+                    .iter()
+                    .filter(move |c| &c.region == region)
+                    .map(|c| c.cluster_ref())
+            })
+            .collect();
+        // The pre-deployment checklist, made enforceable.
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        let missing: Vec<String> = self.consensus.read(|s| {
+            spec.required_attestations
+                .iter()
+                .filter(|(check, want)| {
+                    s.attestations
+                        .get(&r.image)
+                        .and_then(|m| m.get(*check))
+                        .is_none_or(|a| &a.value != *want)
+                })
+                .map(|(check, want)| format!("{check}={want}"))
+                .collect()
+        });
+        if !missing.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "release {} lacks required attestations: {} (post them with cutover attest)",
+                r.image,
+                missing.join(", ")
+            )));
+        }
+        let strategy = match pb::Strategy::try_from(r.strategy) {
+            Ok(pb::Strategy::Atomic) => "atomic",
+            Ok(pb::Strategy::Waves | pb::Strategy::Unspecified) => "waves",
+            Err(_) => return Err(Status::invalid_argument("unknown strategy")),
+        };
+        let mut params = BTreeMap::from([
+            ("image".to_owned(), r.image),
+            ("strategy".to_owned(), strategy.to_owned()),
+            ("waves".to_owned(), serde_json::to_string(&waves).unwrap_or_default()),
+            ("bake_secs".to_owned(), spec.bake_secs.to_string()),
+        ]);
         if r.no_switch {
             params.insert("no_switch".into(), "true".into());
         }
@@ -660,7 +714,7 @@ impl ControlService for ControlApi {
         let who = caller(&req)?;
         let r = req.into_inner();
         let spec = self.app(&r.app)?;
-        let targets = Self::targets(&spec, &r.region, false)?;
+        let targets = Self::targets(&spec, &r.region, true)?;
         let id = self
             .start_app_operation(&who, OperationKind::Switch, &spec, targets, BTreeMap::new())
             .await?;
@@ -671,7 +725,7 @@ impl ControlService for ControlApi {
         let who = caller(&req)?;
         let r = req.into_inner();
         let spec = self.app(&r.app)?;
-        let targets = Self::targets(&spec, &r.region, false)?;
+        let targets = Self::targets(&spec, &r.region, true)?;
         let id = self
             .start_app_operation(&who, OperationKind::Rollback, &spec, targets, BTreeMap::new())
             .await?;

@@ -196,6 +196,22 @@ pub struct AppSpec {
     /// absent: keep it running (rollback stays one switch).
     #[serde(default)]
     pub scale_down_delay_secs: Option<u64>,
+    /// Regions in cutover order, grouped into waves. Default: one wave per
+    /// region, in the order of `clusters`.
+    #[serde(default)]
+    pub waves: Vec<Vec<String>>,
+    /// Seconds each wave is watched after its switch (health probes against
+    /// the serving color) before the next wave starts. Default 10.
+    #[serde(default = "default_bake_secs")]
+    pub bake_secs: u64,
+    /// Attestations a release image must carry before a cutover may start,
+    /// check name → required value (e.g. `tests = "passed"`).
+    #[serde(default)]
+    pub required_attestations: std::collections::BTreeMap<String, String>,
+}
+
+fn default_bake_secs() -> u64 {
+    10
 }
 
 fn bad(field: &str, why: impl std::fmt::Display) -> Error {
@@ -259,6 +275,18 @@ impl AppSpec {
                 }
             }
         }
+        if !self.waves.is_empty() {
+            self.check_waves(&self.waves, "waves")?;
+        }
+        for (check, value) in &self.required_attestations {
+            validate_name("required_attestations", check)?;
+            if value.is_empty() {
+                return Err(bad(
+                    &format!("required_attestations.{check}"),
+                    "value must not be empty",
+                ));
+            }
+        }
         let l = &self.load;
         let positive = |k: &str, v: f64| {
             if v.is_finite() && v > 0.0 {
@@ -298,6 +326,62 @@ impl AppSpec {
             return Err(bad("load.path", "must start with '/'"));
         }
         Ok(())
+    }
+
+    /// The app's regions, in the order of `clusters`, each once.
+    pub fn regions(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for c in &self.clusters {
+            if !out.contains(&c.region) {
+                out.push(c.region.clone());
+            }
+        }
+        out
+    }
+
+    /// Checks a wave plan against the app's regions: every region exactly
+    /// once, none unknown, no empty wave. `what` names the plan in errors.
+    pub fn check_waves(&self, waves: &[Vec<String>], what: &str) -> Result<(), Error> {
+        let regions = self.regions();
+        let mut seen = std::collections::HashSet::new();
+        for (i, wave) in waves.iter().enumerate() {
+            if wave.is_empty() {
+                return Err(bad(&format!("{what}[{i}]"), "empty wave"));
+            }
+            for r in wave {
+                if !regions.contains(r) {
+                    return Err(bad(
+                        what,
+                        format!(
+                            "unknown region {r:?} (app {} runs in {})",
+                            self.name,
+                            regions.join(", ")
+                        ),
+                    ));
+                }
+                if !seen.insert(r.clone()) {
+                    return Err(bad(what, format!("region {r:?} listed twice")));
+                }
+            }
+        }
+        let missing: Vec<&String> = regions.iter().filter(|r| !seen.contains(*r)).collect();
+        if !missing.is_empty() {
+            let m: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+            return Err(bad(
+                what,
+                format!("leaves out region(s) {} of app {}", m.join(", "), self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The waves to use: the app's, or one wave per region.
+    pub fn effective_waves(&self) -> Vec<Vec<String>> {
+        if self.waves.is_empty() {
+            self.regions().into_iter().map(|r| vec![r]).collect()
+        } else {
+            self.waves.clone()
+        }
     }
 
     pub fn cluster(&self, c: &ClusterRef) -> Option<&AppCluster> {

@@ -279,6 +279,9 @@ impl From<app::AppSpec> for proto::App {
                 min_rps: Some(a.load.min_rps),
             }),
             scale_down_delay_secs: a.scale_down_delay_secs,
+            waves: a.waves.into_iter().map(|regions| proto::Wave { regions }).collect(),
+            bake_secs: Some(a.bake_secs),
+            required_attestations: a.required_attestations.into_iter().collect(),
         }
     }
 }
@@ -375,6 +378,9 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
         health,
         load,
         scale_down_delay_secs: a.scale_down_delay_secs,
+        waves: a.waves.into_iter().map(|w| w.regions).collect(),
+        bake_secs: a.bake_secs.unwrap_or(10),
+        required_attestations: a.required_attestations.into_iter().collect(),
     };
     spec.validate()?;
     Ok(spec)

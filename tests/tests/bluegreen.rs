@@ -55,6 +55,9 @@ fn app(name: &str) -> AppSpec {
             ..LoadProbe::default()
         },
         scale_down_delay_secs: None,
+        waves: vec![],
+        bake_secs: 0,
+        required_attestations: Default::default(),
     }
 }
 
@@ -103,6 +106,8 @@ async fn deploy(c: &TestCluster, node: usize, app: &str, image: &str) -> Result<
             image: image.into(),
             region: "us-east".into(),
             no_switch: false,
+            waves: vec![],
+            strategy: 0,
         })
         .await
         .map(|r| r.into_inner().operation_id)

@@ -86,6 +86,9 @@ struct Routers {
 /// Runs an app's two colors as local processes behind two routers.
 pub struct LocalDriver {
     app: String,
+    /// Where the app runs, passed to its processes as CUTOVER_REGION and
+    /// CUTOVER_CLUSTER.
+    cluster: cutover_shared::domain::ClusterRef,
     spec: LocalSpec,
     dir: PathBuf,
     listen: SocketAddr,
@@ -146,6 +149,7 @@ impl LocalDriver {
             }
         }
         let driver = LocalDriver {
+            cluster: ctx.cluster.clone(),
             app: app.to_owned(),
             drain: Duration::from_millis(spec.drain_timeout_ms),
             spec,
@@ -309,6 +313,8 @@ impl LocalDriver {
             .stdout(log)
             .stderr(stderr)
             .env("CUTOVER_APP", &self.app)
+            .env("CUTOVER_REGION", &self.cluster.region)
+            .env("CUTOVER_CLUSTER", &self.cluster.cluster)
             .env("CUTOVER_COLOR", color.as_str())
             .env("CUTOVER_LISTEN", listen.to_string())
             .env("CUTOVER_IMAGE", image)

@@ -1,0 +1,273 @@
+//! Multi-region cutovers through real coordinators and agents with the local
+//! driver: waves with a bake between them, atomic cutovers, automatic
+//! rollback of every region already switched, attestations, and wave plans
+//! refused before anything starts.
+
+use std::time::Duration;
+
+use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+use cutover_shared::domain::TaskState;
+use cutover_shared::proto as pb;
+use cutover_tests::{TestCluster, cutover_bin};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const T: Duration = Duration::from_secs(90);
+const REGIONS: &[(&str, &str)] = &[
+    ("us-east", "us-east-1"),
+    ("eu-west", "eu-west-1"),
+    ("ap-south", "ap-south-1"),
+];
+
+fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+fn app() -> AppSpec {
+    AppSpec {
+        name: "shop".into(),
+        clusters: REGIONS
+            .iter()
+            .map(|(r, c)| AppCluster {
+                region: r.to_string(),
+                cluster: c.to_string(),
+                driver: DriverKind::Local,
+                local: Some(LocalSpec {
+                    command: vec![
+                        cutover_bin().display().to_string(),
+                        "sample-app".into(),
+                        "--version".into(),
+                        "{image}".into(),
+                        "--listen".into(),
+                        "{listen}".into(),
+                    ],
+                    listen: free_addr(),
+                    preview_listen: free_addr(),
+                    drain_timeout_ms: 5000,
+                }),
+                kubernetes: None,
+            })
+            .collect(),
+        health: vec![Probe::Http {
+            path: "/health".into(),
+            status: 200,
+            body_contains: None,
+        }],
+        load: LoadProbe {
+            requests: 40,
+            rate_per_sec: 100,
+            min_rps: 20.0,
+            ..LoadProbe::default()
+        },
+        scale_down_delay_secs: None,
+        waves: vec![vec!["us-east".into()], vec!["eu-west".into(), "ap-south".into()]],
+        bake_secs: 1,
+        required_attestations: [("tests".to_string(), "passed".to_string())].into(),
+    }
+}
+
+async fn serving(addr: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()
+}
+
+async fn setup() -> (TestCluster, usize, AppSpec) {
+    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    for i in 0..REGIONS.len() {
+        c.start_agent(i).unwrap();
+    }
+    c.wait_state(leader, T, "agents up", |s| s.agents.len() == REGIONS.len())
+        .await
+        .unwrap();
+    let spec = app();
+    let mut op = c.operator(leader);
+    op.apply_app(pb::ApplyAppRequest {
+        app: Some(spec.clone().into()),
+    })
+    .await
+    .unwrap();
+    for image in [
+        "sample:v1",
+        "sample:v2",
+        "sample:v3",
+        "sample:v4-unhealthy-in-eu-west",
+        "sample:v5-unhealthy-in-ap-south",
+    ] {
+        op.create_attestation(pb::CreateAttestationRequest {
+            image: image.into(),
+            checks: [("tests".to_string(), "passed".to_string())].into(),
+        })
+        .await
+        .unwrap();
+    }
+    (c, leader, spec)
+}
+
+async fn deploy(
+    c: &TestCluster,
+    leader: usize,
+    image: &str,
+    strategy: pb::Strategy,
+) -> cutover_shared::domain::Operation {
+    let id = c
+        .operator(leader)
+        .deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: image.into(),
+            region: String::new(),
+            no_switch: false,
+            waves: vec![],
+            strategy: strategy as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    c.wait_state(leader, T, &format!("{image} to finish"), |s| {
+        s.operations[&id].state.is_finished()
+    })
+    .await
+    .unwrap();
+    c.node(leader).consensus().read(|s| s.operations[&id].clone())
+}
+
+fn steps(op: &cutover_shared::domain::Operation) -> Vec<String> {
+    op.tasks
+        .iter()
+        .map(|t| format!("{} {} {:?}", t.spec.kind, t.spec.target.region, t.state))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waves_then_atomic_then_a_wave_two_failure_rolls_back_wave_one() {
+    let (c, leader, spec) = setup().await;
+    let addrs: Vec<String> = spec
+        .clusters
+        .iter()
+        .map(|c| c.local.as_ref().unwrap().listen.clone())
+        .collect();
+
+    let op = deploy(&c, leader, "sample:v1", pb::Strategy::Waves).await;
+    assert_eq!(op.state, TaskState::Succeeded, "{:?} {}", steps(&op), op.summary);
+    let op = deploy(&c, leader, "sample:v2", pb::Strategy::Waves).await;
+    assert_eq!(op.state, TaskState::Succeeded, "{:?} {}", steps(&op), op.summary);
+    // Wave 1 (us-east) is switched and baked before wave 2 starts.
+    let kinds: Vec<String> = op
+        .tasks
+        .iter()
+        .map(|t| format!("{} {}", t.spec.kind, t.spec.target.region))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "app.deploy us-east",
+            "app.gates us-east",
+            "app.switch us-east",
+            "app.bake us-east",
+            "app.deploy eu-west",
+            "app.gates eu-west",
+            "app.deploy ap-south",
+            "app.gates ap-south",
+            "app.switch eu-west",
+            "app.switch ap-south",
+            "app.bake eu-west",
+            "app.bake ap-south",
+        ]
+    );
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v2");
+    }
+
+    // Atomic: every region prepares, then all switch.
+    let op = deploy(&c, leader, "sample:v3", pb::Strategy::Atomic).await;
+    assert_eq!(op.state, TaskState::Succeeded, "{:?} {}", steps(&op), op.summary);
+    let first_switch = op.tasks.iter().position(|t| t.spec.kind == "app.switch").unwrap();
+    assert!(
+        op.tasks[..first_switch]
+            .iter()
+            .filter(|t| t.spec.kind == "app.gates")
+            .count()
+            == 3
+    );
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v3");
+    }
+
+    // v4 fails its gates in eu-west (wave 2): us-east, already switched, is
+    // switched back; nothing moved in wave 2.
+    let op = deploy(&c, leader, "sample:v4-unhealthy-in-eu-west", pb::Strategy::Waves).await;
+    assert_eq!(op.state, TaskState::Failed, "{:?}", steps(&op));
+    assert!(op.summary.contains("app.gates in eu-west"), "{}", op.summary);
+    assert!(op.summary.contains("us-east/us-east-1 switched back"), "{}", op.summary);
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v3", "every region back on v3");
+    }
+
+    // Atomic: a region failing its gates moves no traffic anywhere.
+    let op = deploy(&c, leader, "sample:v5-unhealthy-in-ap-south", pb::Strategy::Atomic).await;
+    assert_eq!(op.state, TaskState::Failed, "{:?}", steps(&op));
+    assert!(op.tasks.iter().all(|t| t.spec.kind != "app.switch"), "{:?}", steps(&op));
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v3");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_cutovers_are_refused_before_anything_starts() {
+    let (c, leader, _) = setup().await;
+    let mut op = c.operator(leader);
+    let req = |image: &str, waves: &[&[&str]]| pb::DeployRequest {
+        app: "shop".into(),
+        image: image.into(),
+        region: String::new(),
+        no_switch: false,
+        waves: waves
+            .iter()
+            .map(|w| pb::Wave {
+                regions: w.iter().map(|r| r.to_string()).collect(),
+            })
+            .collect(),
+        strategy: 0,
+    };
+    let cases: Vec<(pb::DeployRequest, tonic::Code, &str)> = vec![
+        (req("sample:v9", &[]), tonic::Code::FailedPrecondition, "tests=passed"),
+        (
+            req("sample:v1", &[&["us-east"], &["mars"]]),
+            tonic::Code::InvalidArgument,
+            "unknown region \"mars\"",
+        ),
+        (
+            req("sample:v1", &[&["us-east", "eu-west"], &["eu-west", "ap-south"]]),
+            tonic::Code::InvalidArgument,
+            "listed twice",
+        ),
+        (
+            req("sample:v1", &[&["us-east"], &["eu-west"]]),
+            tonic::Code::InvalidArgument,
+            "leaves out region(s) ap-south",
+        ),
+    ];
+    for (r, code, says) in cases {
+        let e = op.deploy(r).await.unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(e.message().contains(says), "{:?} does not say {says:?}", e.message());
+    }
+    let mut unknown = req("sample:v1", &[]);
+    unknown.app = "nope".into();
+    assert_eq!(op.deploy(unknown).await.unwrap_err().code(), tonic::Code::NotFound);
+    assert!(
+        c.node(leader).consensus().read(|s| s.operations.is_empty()),
+        "nothing started"
+    );
+    c.shutdown().await;
+}
