@@ -1,97 +1,107 @@
 //! `cutover demo`: the README's main job on the embedded default. It starts
-//! what `cutover dev` starts and runs a scripted scenario through the public
-//! gRPC API over mutual TLS, then prints a report and exits 0 only if every
-//! expectation held.
-//!
-//! The scenario grows with the product. Today it exercises the foundation:
-//! cluster formation, agent registration in every region, a task per region,
-//! a replicated write, loss of the Raft leader, and the same again on the
-//! new leader.
+//! what `cutover dev` starts with three regions, keeps a steady load on every
+//! region's service address, and through the public gRPC API (mutual TLS):
+//! cuts over to v2 in waves, to v3 atomically, attempts a v4 that fails its
+//! gates in the second wave (and is rolled back automatically), then loses
+//! the Raft leader and checks the cluster carries on. It prints a report and
+//! exits 0 only if every expectation held, zero failed requests included.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cutover_shared::load::SteadyLoad;
 use cutover_shared::proto as pb;
 use serde_json::json;
 
 use crate::client::{ConnOpts, Output, call};
-use crate::dev::{DEV_REGIONS, DevSystem};
+use crate::dev::{DEMO_REGIONS, DevSystem};
 
 struct Step {
     name: String,
     ok: bool,
     millis: u128,
     detail: String,
+    /// Per task: (kind, region, ms).
+    tasks: Vec<(String, String, i64)>,
 }
 
-async fn echo_everywhere(conn: &ConnOpts, label: &str) -> Result<String> {
-    let mut ids = Vec::new();
-    for (region, cluster) in DEV_REGIONS {
-        let req = pb::RunTaskRequest {
-            target: Some(pb::ClusterRef {
-                region: region.to_string(),
-                cluster: cluster.to_string(),
-            }),
-            kind: "echo".into(),
-            params: [("message".to_string(), format!("{label} from {region}"))].into(),
-        };
+async fn operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
         let r = call(conn, |mut c| {
-            let req = req.clone();
-            async move { c.run_task(req).await }
+            let operation_id = id.to_owned();
+            async move { c.get_operation(pb::GetOperationRequest { operation_id }).await }
         })
         .await?;
-        ids.push((region, r.operation_id));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut replies = Vec::new();
-    for (region, id) in ids {
-        loop {
-            let r = call(conn, |mut c| {
-                let operation_id = id.clone();
-                async move { c.get_operation(pb::GetOperationRequest { operation_id }).await }
-            })
-            .await?;
-            let op = r.operation.context("operation missing")?;
-            if op.state == pb::TaskState::Succeeded as i32 {
-                let msg = op
-                    .tasks
-                    .first()
-                    .and_then(|t| t.result.as_ref())
-                    .map(|r| r.message.clone())
-                    .unwrap_or_default();
-                replies.push(format!("{region}: {msg:?}"));
-                break;
-            }
-            if op.state == pb::TaskState::Failed as i32 {
-                bail!("task in {region} failed: {}", op.summary);
-            }
-            if Instant::now() > deadline {
-                bail!("task in {region} did not finish within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let op = r.operation.context("operation missing")?;
+        if op.state == pb::TaskState::Succeeded as i32 || op.state == pb::TaskState::Failed as i32 {
+            return Ok(op);
         }
+        if Instant::now() > deadline {
+            bail!("operation {id} did not finish within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(replies.join(", "))
 }
 
-async fn attest(conn: &ConnOpts, image: &str) -> Result<String> {
-    let req = pb::CreateAttestationRequest {
+async fn cutover(conn: &ConnOpts, image: &str, strategy: pb::Strategy) -> Result<pb::Operation> {
+    let req = pb::DeployRequest {
+        app: "sample".into(),
         image: image.into(),
-        checks: [("tests".to_string(), "passed".to_string())].into(),
+        region: String::new(),
+        no_switch: false,
+        waves: vec![],
+        strategy: strategy as i32,
     };
-    let r = call(conn, |mut c| {
+    let id = call(conn, |mut c| {
         let req = req.clone();
-        async move { c.create_attestation(req).await }
+        async move { c.deploy(req).await }
     })
-    .await?;
-    Ok(format!("committed at log index {}", r.log_index))
+    .await?
+    .operation_id;
+    operation(conn, &id).await
+}
+
+async fn serving(addr: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned())
+}
+
+async fn all_serve(services: &[(String, String)], version: &str) -> Result<()> {
+    for (region, addr) in services {
+        let got = serving(addr).await?;
+        if got != format!("version {version}") {
+            bail!("{region} serves {got:?}, expected {version}");
+        }
+    }
+    Ok(())
+}
+
+fn task_times(op: &pb::Operation) -> Vec<(String, String, i64)> {
+    op.tasks
+        .iter()
+        .map(|t| {
+            let spec = t.task.clone().unwrap_or_default();
+            let region = spec.target.map(|c| c.region).unwrap_or_default();
+            let ms = t
+                .result
+                .as_ref()
+                .map_or(0, |r| (r.finished_at_unix_ms - t.created_at_unix_ms).max(0));
+            (spec.kind, region, ms)
+        })
+        .collect()
 }
 
 pub async fn run(output: Output) -> Result<ExitCode> {
     cutover_shared::telemetry::init_tracing(cutover_shared::telemetry::LogFormat::Human);
     let started = Instant::now();
-    let mut sys = DevSystem::start(None, DEV_REGIONS).await?;
+    let mut sys = DevSystem::start(None, DEMO_REGIONS).await?;
     let conn = ConnOpts {
         addr: sys.addrs.clone(),
         ca: Some(sys.pki.ca.clone()),
@@ -101,79 +111,184 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         output,
     };
     let mut steps: Vec<Step> = Vec::new();
-    macro_rules! step {
-        ($name:expr, $fut:expr) => {{
-            let t = Instant::now();
-            let r: Result<String> = $fut.await;
-            let ok = r.is_ok();
-            steps.push(Step {
-                name: $name.to_string(),
-                ok,
-                millis: t.elapsed().as_millis(),
-                detail: r.unwrap_or_else(|e| format!("{e:#}")),
-            });
-            ok
-        }};
-    }
+    let mut push = |name: &str, t: Instant, r: Result<(String, Vec<(String, String, i64)>)>| {
+        let ok = r.is_ok();
+        let (detail, tasks) = r.unwrap_or_else(|e| (format!("{e:#}"), vec![]));
+        steps.push(Step {
+            name: name.into(),
+            ok,
+            millis: t.elapsed().as_millis(),
+            detail,
+            tasks,
+        });
+        ok
+    };
 
-    let mut all_ok = step!("cluster forms, agents register", async {
+    let t = Instant::now();
+    let setup = async {
         sys.wait_ready(Duration::from_secs(30)).await?;
-        Ok(format!(
-            "leader node {}, {} agents up",
-            sys.any_node().consensus().status().leader.unwrap_or(0),
-            DEV_REGIONS.len()
-        ))
-    });
-    all_ok &= all_ok && step!("echo task in every region", echo_everywhere(&conn, "hello"));
-    all_ok &= all_ok
-        && step!(
-            "replicated write (attestation)",
-            attest(&conn, "registry.example/demo:v1")
-        );
-    let mut failover_ms = 0;
+        let services = sys.install_sample_app("sample:v1").await?;
+        Ok::<_, anyhow::Error>(services)
+    }
+    .await;
+    let services = match setup {
+        Ok(s) => {
+            push(
+                "3 coordinators, agents in 3 regions, sample:v1 everywhere",
+                t,
+                Ok((format!("{} regions", s.len()), vec![])),
+            );
+            s
+        }
+        Err(e) => {
+            push("3 coordinators, agents in 3 regions, sample:v1 everywhere", t, Err(e));
+            vec![]
+        }
+    };
+    let mut all_ok = !services.is_empty();
+    // Steady load on every region: 4 keep-alive connections at 50 req/s each.
+    let loads: Vec<SteadyLoad> = services
+        .iter()
+        .map(|(_, a)| SteadyLoad::start(a, 4, Duration::from_millis(20)))
+        .collect();
+    let load_started = Instant::now();
+
+    if all_ok {
+        let t = Instant::now();
+        let r = async {
+            let op = cutover(&conn, "sample:v2", pb::Strategy::Waves).await?;
+            if op.state != pb::TaskState::Succeeded as i32 {
+                bail!("failed: {}", op.summary);
+            }
+            all_serve(&services, "sample:v2").await?;
+            Ok(("every region serves sample:v2".to_owned(), task_times(&op)))
+        }
+        .await;
+        all_ok &= push("cutover to v2 in waves (us-east, then eu-west + ap-south)", t, r);
+    }
+    if all_ok {
+        let t = Instant::now();
+        let r = async {
+            let op = cutover(&conn, "sample:v3", pb::Strategy::Atomic).await?;
+            if op.state != pb::TaskState::Succeeded as i32 {
+                bail!("failed: {}", op.summary);
+            }
+            all_serve(&services, "sample:v3").await?;
+            Ok(("every region serves sample:v3".to_owned(), task_times(&op)))
+        }
+        .await;
+        all_ok &= push("cutover to v3 atomically (all prepare, one switch)", t, r);
+    }
+    if all_ok {
+        let t = Instant::now();
+        let r = async {
+            let op = cutover(&conn, "sample:v4-unhealthy-in-eu-west", pb::Strategy::Waves).await?;
+            if op.state != pb::TaskState::Failed as i32 {
+                bail!("the broken v4 was not refused: {}", op.summary);
+            }
+            if !op.summary.contains("switched back") {
+                bail!("wave 1 was not rolled back: {}", op.summary);
+            }
+            all_serve(&services, "sample:v3").await?;
+            Ok((
+                format!("failed as expected, every region back on v3: {}", op.summary),
+                task_times(&op),
+            ))
+        }
+        .await;
+        all_ok &= push("broken v4 fails its gates in wave 2 and rolls back", t, r);
+    }
+    let mut served = 0;
+    let mut failed = 0;
+    for l in loads {
+        let (ok, bad) = l.stop().await;
+        served += ok;
+        failed += bad;
+    }
+    let load_secs = load_started.elapsed().as_secs_f64();
+    if all_ok {
+        let t = Instant::now();
+        let r = if failed == 0 {
+            Ok((
+                format!(
+                    "{served} requests served, 0 failed ({:.0} req/s)",
+                    served as f64 / load_secs
+                ),
+                vec![],
+            ))
+        } else {
+            Err(anyhow::anyhow!("{failed} of {} requests failed", served + failed))
+        };
+        all_ok &= push("zero failed requests under steady load", t, r);
+    }
     if all_ok {
         let leader = sys.leader_index().context("no leader")?;
         let t = Instant::now();
         sys.stop_node(leader).await;
-        all_ok &= step!(
-            format!("leader (node {}) lost: first write on the new leader", leader + 1),
-            async {
-                let d = attest(&conn, "registry.example/demo:v2").await?;
-                failover_ms = t.elapsed().as_millis();
-                Ok(format!("{d}, {failover_ms} ms after the leader stopped"))
-            }
+        let r = async {
+            let req = pb::CreateAttestationRequest {
+                image: "sample:v5".into(),
+                checks: [("tests".to_string(), "passed".to_string())].into(),
+            };
+            let r = call(&conn, |mut c| {
+                let req = req.clone();
+                async move { c.create_attestation(req).await }
+            })
+            .await?;
+            Ok((
+                format!("first write committed at index {} on the new leader", r.log_index),
+                vec![],
+            ))
+        }
+        .await;
+        all_ok &= push(
+            &format!("Raft leader (node {}) lost: writes continue", leader + 1),
+            t,
+            r,
         );
-        all_ok &= all_ok
-            && step!("agents follow the new leader: echo in every region", async {
-                sys.wait_ready(Duration::from_secs(30)).await?;
-                echo_everywhere(&conn, "hello again").await
-            });
     }
     let total = started.elapsed();
     sys.shutdown().await;
 
+    let switch_ms: Vec<(String, i64)> = steps
+        .iter()
+        .flat_map(|s| s.tasks.iter())
+        .filter(|(k, _, _)| k == "app.switch")
+        .map(|(_, r, ms)| (r.clone(), *ms))
+        .collect();
     if output == Output::Json {
         let report = json!({
             "ok": all_ok,
             "total_ms": total.as_millis(),
-            "failover_ms": failover_ms,
-            "steps": steps.iter().map(|s| json!({"step": s.name, "ok": s.ok, "ms": s.millis, "detail": s.detail})).collect::<Vec<_>>(),
+            "requests_served": served,
+            "requests_failed": failed,
+            "switch_ms": switch_ms.iter().map(|(r, ms)| json!({"region": r, "ms": ms})).collect::<Vec<_>>(),
+            "steps": steps.iter().map(|s| json!({
+                "step": s.name, "ok": s.ok, "ms": s.millis, "detail": s.detail,
+                "tasks": s.tasks.iter().map(|(k, r, ms)| json!({"kind": k, "region": r, "ms": ms})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
             "cutover demo: 3 coordinators, agents in {}",
-            DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+            DEMO_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
         );
         for s in &steps {
             println!(
-                "  [{}] {:<58} {:>6} ms  {}",
+                "  [{}] {:<60} {:>6} ms  {}",
                 if s.ok { " ok " } else { "FAIL" },
                 s.name,
                 s.millis,
                 s.detail
             );
+            for (kind, region, ms) in &s.tasks {
+                println!("         {kind:<12} {region:<10} {ms:>6} ms");
+            }
         }
+        let sw: Vec<String> = switch_ms.iter().map(|(r, ms)| format!("{r} {ms} ms")).collect();
+        println!("switch step durations: {}", sw.join(", "));
+        println!("requests: {served} served, {failed} failed");
         println!(
             "{} in {:.1} s",
             if all_ok { "all expectations held" } else { "DEMO FAILED" },

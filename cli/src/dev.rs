@@ -17,6 +17,13 @@ use tokio::task::JoinHandle;
 
 pub const DEV_REGIONS: &[(&str, &str)] = &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
 
+/// The demo's three regions.
+pub const DEMO_REGIONS: &[(&str, &str)] = &[
+    ("us-east", "us-east-1"),
+    ("eu-west", "eu-west-1"),
+    ("ap-south", "ap-south-1"),
+];
+
 pub struct DevAgent {
     pub region: String,
     stop: Option<oneshot::Sender<()>>,
@@ -206,8 +213,15 @@ impl DevSystem {
             }],
             load: LoadProbe::default(),
             scale_down_delay_secs: None,
-            waves: vec![],
-            bake_secs: 5,
+            waves: {
+                let regions: Vec<String> = self.pki.agents.iter().map(|(r, _, _)| r.clone()).collect();
+                let (first, rest) = regions.split_at(1);
+                [first.to_vec(), rest.to_vec()]
+                    .into_iter()
+                    .filter(|w| !w.is_empty())
+                    .collect()
+            },
+            bake_secs: 2,
             required_attestations: Default::default(),
         };
         let mut client =

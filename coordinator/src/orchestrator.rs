@@ -202,7 +202,12 @@ pub fn next_command(op: &Operation, spec: &AppSpec, now: i64) -> Option<Command>
             return None;
         }
         let why = failed.result.as_ref().map_or("no result", |r| r.message.as_str());
-        let why: String = why.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        let why: String = why
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         let switched: Vec<&TaskRecord> = op
             .tasks
             .iter()

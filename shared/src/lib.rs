@@ -15,6 +15,7 @@ pub mod domain;
 pub mod grpc;
 pub mod identity;
 pub mod listener;
+pub mod load;
 pub mod proto;
 pub mod telemetry;
 pub mod tls;

@@ -6,7 +6,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod load;
+/// The steady load generator, re-exported for tests and benchmarks.
+pub use cutover_shared::load;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
