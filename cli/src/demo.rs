@@ -23,8 +23,11 @@ struct Step {
     millis: u128,
     detail: String,
     /// Per task: (kind, region, ms).
-    tasks: Vec<(String, String, i64)>,
+    tasks: Vec<TaskTime>,
 }
+
+/// (task kind, region, milliseconds).
+type TaskTime = (String, String, i64);
 
 async fn operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> {
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -83,7 +86,7 @@ async fn all_serve(services: &[(String, String)], version: &str) -> Result<()> {
     Ok(())
 }
 
-fn task_times(op: &pb::Operation) -> Vec<(String, String, i64)> {
+fn task_times(op: &pb::Operation) -> Vec<TaskTime> {
     op.tasks
         .iter()
         .map(|t| {
@@ -111,7 +114,7 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         output,
     };
     let mut steps: Vec<Step> = Vec::new();
-    let mut push = |name: &str, t: Instant, r: Result<(String, Vec<(String, String, i64)>)>| {
+    let mut push = |name: &str, t: Instant, r: Result<(String, Vec<TaskTime>)>| {
         let ok = r.is_ok();
         let (detail, tasks) = r.unwrap_or_else(|e| (format!("{e:#}"), vec![]));
         steps.push(Step {
