@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
 use cutover_shared::proto as pb;
 use cutover_tests::TestCluster;
 use cutover_tests::load::SteadyLoad;
@@ -93,10 +93,6 @@ impl Probe1 {
     }
 }
 
-fn free_addr() -> Result<String> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
-
 async fn wait_op(c: &TestCluster, node: usize, id: &str) -> Result<()> {
     c.wait_state(node, Duration::from_secs(120), id, |s| {
         s.operations[id].state.is_finished()
@@ -114,7 +110,6 @@ async fn wait_op(c: &TestCluster, node: usize, id: &str) -> Result<()> {
 
 async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
     let n = if quick { switches.min(10) } else { switches };
-    let exe = std::env::current_exe()?.display().to_string();
     let mut c = TestCluster::builder()
         .nodes(3)
         .regions(&[("us-east", "us-east-1")])
@@ -126,26 +121,15 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
         s.agents.contains_key("us-east/us-east-1")
     })
     .await?;
-    let service = free_addr()?;
+    let local = cutover_tests::sample_app_local(&std::env::current_exe()?);
+    let service = local.listen.clone();
     let spec = AppSpec {
         name: "bench".into(),
         clusters: vec![AppCluster {
             region: "us-east".into(),
             cluster: "us-east-1".into(),
             driver: DriverKind::Local,
-            local: Some(LocalSpec {
-                command: vec![
-                    exe,
-                    "sample-app".into(),
-                    "--version".into(),
-                    "{image}".into(),
-                    "--listen".into(),
-                    "{listen}".into(),
-                ],
-                listen: service.clone(),
-                preview_listen: free_addr()?,
-                drain_timeout_ms: 5000,
-            }),
+            local: Some(local),
             kubernetes: None,
         }],
         health: vec![Probe::Http {

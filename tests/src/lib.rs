@@ -350,6 +350,32 @@ impl Drop for TestCluster {
     }
 }
 
+/// A free loopback address (bound, then released).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
+    l.local_addr().expect("local address").to_string()
+}
+
+/// Local-driver settings that run `program sample-app` (the `cutover`
+/// binary, or the bench binary) on fresh loopback addresses.
+pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
+    cutover_shared::app::LocalSpec {
+        command: [
+            program.display().to_string().as_str(),
+            "sample-app",
+            "--version",
+            "{image}",
+            "--listen",
+            "{listen}",
+        ]
+        .map(String::from)
+        .to_vec(),
+        listen: free_addr(),
+        preview_listen: free_addr(),
+        drain_timeout_ms: 5000,
+    }
+}
+
 /// The `cutover` binary built alongside the tests (`cargo build --bin cutover`
 /// runs first in `scripts/test`).
 pub fn cutover_bin() -> PathBuf {

@@ -5,19 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
 use cutover_shared::domain::TaskState;
 use cutover_shared::proto as pb;
 use cutover_tests::load::SteadyLoad;
-use cutover_tests::{TestCluster, cutover_bin};
+use cutover_tests::{TestCluster, cutover_bin, sample_app_local};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(60);
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
 
 fn app(name: &str) -> AppSpec {
     AppSpec {
@@ -26,19 +21,7 @@ fn app(name: &str) -> AppSpec {
             region: "us-east".into(),
             cluster: "us-east-1".into(),
             driver: DriverKind::Local,
-            local: Some(LocalSpec {
-                command: vec![
-                    cutover_bin().display().to_string(),
-                    "sample-app".into(),
-                    "--version".into(),
-                    "{image}".into(),
-                    "--listen".into(),
-                    "{listen}".into(),
-                ],
-                listen: free_addr(),
-                preview_listen: free_addr(),
-                drain_timeout_ms: 5000,
-            }),
+            local: Some(sample_app_local(&cutover_bin())),
             kubernetes: None,
         }],
         health: vec![Probe::Http {

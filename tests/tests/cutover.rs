@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
 use cutover_shared::domain::TaskState;
 use cutover_shared::proto as pb;
-use cutover_tests::{TestCluster, cutover_bin};
+use cutover_tests::{TestCluster, cutover_bin, sample_app_local};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(90);
@@ -17,14 +17,6 @@ const REGIONS: &[(&str, &str)] = &[
     ("eu-west", "eu-west-1"),
     ("ap-south", "ap-south-1"),
 ];
-
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
 
 fn app() -> AppSpec {
     AppSpec {
@@ -35,19 +27,7 @@ fn app() -> AppSpec {
                 region: r.to_string(),
                 cluster: c.to_string(),
                 driver: DriverKind::Local,
-                local: Some(LocalSpec {
-                    command: vec![
-                        cutover_bin().display().to_string(),
-                        "sample-app".into(),
-                        "--version".into(),
-                        "{image}".into(),
-                        "--listen".into(),
-                        "{listen}".into(),
-                    ],
-                    listen: free_addr(),
-                    preview_listen: free_addr(),
-                    drain_timeout_ms: 5000,
-                }),
+                local: Some(sample_app_local(&cutover_bin())),
                 kubernetes: None,
             })
             .collect(),
