@@ -378,6 +378,7 @@ mod tests {
             waves: vec![],
             bake_secs: 0,
             required_attestations: Default::default(),
+            migration_checks: vec![],
         }
     }
 

@@ -9,8 +9,10 @@
 #![forbid(unsafe_code)]
 
 pub mod app_tasks;
+pub mod db_tasks;
 pub mod drivers;
 pub mod gates;
+pub mod migrate;
 pub mod router;
 pub mod sample_app;
 pub mod store;
@@ -63,6 +65,7 @@ pub struct Agent {
     cluster: ClusterRef,
     store: Arc<Store>,
     apps: Arc<app_tasks::AppRuntime>,
+    dbs: Arc<db_tasks::DbRuntime>,
     /// The current session's sender; tasks send through whatever session is
     /// open when they finish.
     outbox: Outbox,
@@ -86,11 +89,13 @@ impl Agent {
             data_dir: cfg.data_dir.clone(),
             cluster: cluster.clone(),
         }));
+        let dbs = Arc::new(db_tasks::DbRuntime::new(&cfg.databases, &cfg.data_dir));
         Ok(Agent {
             cfg,
             cluster,
             store,
             apps,
+            dbs,
             outbox: Default::default(),
             running: Default::default(),
         })
@@ -179,6 +184,7 @@ impl Agent {
             task_kinds: tasks::KINDS
                 .iter()
                 .chain(app_tasks::KINDS)
+                .chain(db_tasks::KINDS)
                 .map(|s| s.to_string())
                 .collect(),
         };
@@ -272,8 +278,14 @@ impl Agent {
             tracing::warn!(task = %spec.task_id, target = %spec.target, "task addressed to another cluster; ignored");
             return;
         }
+        // The store is read under the `running` lock. A run records its
+        // result before it leaves `running`, so a re-send racing the end of
+        // that run finds either the result or the run, and never starts the
+        // task a second time.
+        let mut running = self.running.lock().expect("running");
         match self.store.result(&spec.task_id) {
             Ok(Some(mut earlier)) => {
+                drop(running);
                 tracing::info!(task = %spec.task_id, "task already finished; replaying its result");
                 earlier.replayed = true;
                 send(&self.outbox, connect_request::Message::Result(earlier.into()));
@@ -285,13 +297,15 @@ impl Agent {
                 return;
             }
         }
-        if !self.running.lock().expect("running").insert(spec.task_id.clone()) {
+        if !running.insert(spec.task_id.clone()) {
             return;
         }
+        drop(running);
         let store = self.store.clone();
         let outbox = self.outbox.clone();
         let running = self.running.clone();
         let apps = self.apps.clone();
+        let dbs = self.dbs.clone();
         tokio::spawn(async move {
             let task_id = spec.task_id.clone();
             match store.record_start(&task_id) {
@@ -315,6 +329,8 @@ impl Agent {
             };
             let result = if spec.kind.starts_with("app.") {
                 apps.execute(&spec, &progress).await
+            } else if spec.kind.starts_with("db.") {
+                dbs.execute(&spec, &progress).await
             } else {
                 tasks::execute(&spec, progress).await
             };

@@ -6,6 +6,10 @@
 //! flips, and after [`Router::set_upstream`] the very next request goes to
 //! the new upstream while requests already in flight finish on the old one.
 //!
+//! Given several upstreams ([`Router::bind_balanced`]), it spreads requests
+//! over them round-robin: that is the front door `cutover demo` puts before
+//! its regions, the way a global load balancer sits before regional ones.
+//!
 //! Upstream connections come from one pooled hyper-util client, keyed by
 //! address, so a flip neither closes nor reuses the other upstream's
 //! connections. Idle pooled connections are dropped after
@@ -60,7 +64,10 @@ pub struct Router {
 }
 
 struct Shared {
-    upstream: RwLock<SocketAddr>,
+    /// Never empty; more than one only for a balanced router.
+    upstream: RwLock<Vec<SocketAddr>>,
+    /// Round-robin position over `upstream`.
+    next: std::sync::atomic::AtomicUsize,
     client: Client<HttpConnector, ProxyBody>,
     /// Requests in flight (until their response body ends), per upstream.
     inflight: watch::Sender<HashMap<SocketAddr, usize>>,
@@ -70,6 +77,18 @@ struct Shared {
 impl Router {
     /// Listens on `listen` and forwards to `upstream`.
     pub async fn bind(listen: SocketAddr, upstream: SocketAddr) -> io::Result<Router> {
+        Self::bind_balanced(listen, vec![upstream]).await
+    }
+
+    /// Listens on `listen` and spreads requests over `upstreams` round-robin.
+    pub async fn bind_balanced(listen: SocketAddr, upstreams: Vec<SocketAddr>) -> io::Result<Router> {
+        if upstreams.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a router needs an upstream",
+            ));
+        }
+        let upstream = upstreams[0];
         let listener = bind_listener(listen).await?;
         let local_addr = listener.local_addr()?;
         let mut connector = HttpConnector::new();
@@ -80,7 +99,8 @@ impl Router {
             .pool_timer(TokioTimer::new())
             .build(connector);
         let shared = Arc::new(Shared {
-            upstream: RwLock::new(upstream),
+            upstream: RwLock::new(upstreams),
+            next: std::sync::atomic::AtomicUsize::new(0),
             client,
             inflight: watch::Sender::new(HashMap::new()),
             drain_ms: AtomicU64::new(DEFAULT_DRAIN_TIMEOUT.as_millis() as u64),
@@ -98,7 +118,7 @@ impl Router {
 
     /// Sends new requests to `addr`; requests in flight finish where they are.
     pub fn set_upstream(&self, addr: SocketAddr) {
-        let old = std::mem::replace(&mut *self.shared.upstream.write().expect("upstream lock"), addr);
+        let old = std::mem::replace(&mut *self.shared.upstream.write().expect("upstream lock"), vec![addr])[0];
         if old != addr {
             tracing::info!(listen = %self.local_addr, from = %old, to = %addr, "router upstream switched");
         }
@@ -106,7 +126,7 @@ impl Router {
 
     /// The upstream new requests go to.
     pub fn upstream(&self) -> SocketAddr {
-        self.shared.current()
+        self.shared.upstream.read().expect("upstream lock")[0]
     }
 
     /// The address the router listens on.
@@ -145,7 +165,8 @@ impl Router {
 
 impl Shared {
     fn current(&self) -> SocketAddr {
-        *self.upstream.read().expect("upstream lock")
+        let all = self.upstream.read().expect("upstream lock");
+        all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()]
     }
 
     fn track(self: &Arc<Self>, addr: SocketAddr) -> InFlight {
@@ -483,6 +504,23 @@ mod tests {
         assert!(rate >= 300.0, "only {rate:.0} req/s");
         assert!(seen.get("version v1\n").is_some_and(|n| *n > 0), "{seen:?}");
         assert!(seen.get("version v2\n").is_some_and(|n| *n > 0), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_balanced_router_spreads_requests_over_its_upstreams() {
+        let (a, b) = (app("v1").await, app("v2").await);
+        let router = Router::bind_balanced(any_local(), vec![a.addr, b.addr]).await.unwrap();
+        let c = client();
+        let mut seen = HashMap::<String, usize>::new();
+        for _ in 0..10 {
+            let (status, body) = get(&c, router.local_addr(), "/").await.unwrap();
+            assert_eq!(status, 200);
+            *seen.entry(body).or_default() += 1;
+        }
+        assert_eq!(seen.get("version v1\n"), Some(&5), "{seen:?}");
+        assert_eq!(seen.get("version v2\n"), Some(&5), "{seen:?}");
+        assert!(Router::bind_balanced(any_local(), vec![]).await.is_err());
+        router.shutdown().await;
     }
 
     #[tokio::test]

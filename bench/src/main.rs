@@ -3,11 +3,26 @@
 //! `bench-results/<scenario>.json`.
 //!
 //! Scenarios:
+//! - `commit`: replicated write throughput and latency with 1, 64 and 256
+//!   clients, cutover (`CreateAttestation`) beside etcd (`KV.Put`), 3 nodes
+//!   each, fsync on, with the disk's fsync latency.
+//! - `failover`: kill -9 of the leader to the first acknowledged write,
+//!   cutover beside etcd.
+//! - `fanin`: thousands of simulated agents on the real agent stream: leader
+//!   CPU and memory, heartbeat round trip, time to mark a silent agent down.
 //! - `switch`: operator call to the new color serving, over many switches,
 //!   with the failed-request count of a steady load running throughout.
 //!   (1 region; the 3-region figure needs the multi-region cutover.)
+//!
+//! `all` runs every scenario, and exits non-zero if any of them failed.
 
 #![forbid(unsafe_code)]
+
+mod commit;
+mod etcd;
+mod failover;
+mod fanin;
+mod util;
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +50,30 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         switches: usize,
     },
+    /// Replicated write throughput and latency, beside etcd.
+    Commit {
+        /// Tiny parameters, for the smoke run.
+        #[arg(long)]
+        quick: bool,
+        /// cutover builds a snapshot after this many entries instead of its
+        /// default (results go to commit-snapshot-every-N.json).
+        #[arg(long)]
+        snapshot_every: Option<u64>,
+    },
+    /// kill -9 of the leader to the first acknowledged write, beside etcd.
+    Failover {
+        #[arg(long)]
+        quick: bool,
+        /// Other cutover Raft timings, `HEARTBEAT,ELECTION_MIN,ELECTION_MAX`
+        /// in ms (cutover only; results go to failover-tuned.json).
+        #[arg(long, value_name = "MS,MS,MS")]
+        raft_timings: Option<String>,
+    },
+    /// Simulated agents on the agent stream: leader CPU, memory, heartbeats.
+    Fanin {
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run every scenario.
     All {
         #[arg(long)]
@@ -48,14 +87,6 @@ enum Scenario {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 /// Reads `GET /` bodies over one keep-alive connection.
@@ -108,30 +139,72 @@ async fn wait_op(c: &TestCluster, node: usize, id: &str) -> Result<()> {
     Ok(())
 }
 
+const SWITCH_REGIONS: &[(&str, &str)] = &[
+    ("us-east", "us-east-1"),
+    ("eu-west", "eu-west-1"),
+    ("ap-south", "ap-south-1"),
+];
+
+/// Switch latency for 1 and for 3 regions: one row each.
 async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
     let n = if quick { switches.min(10) } else { switches };
-    let mut c = TestCluster::builder()
-        .nodes(3)
-        .regions(&[("us-east", "us-east-1")])
-        .start()
-        .await?;
+    let mut rows = Vec::new();
+    for regions in [1, 3] {
+        rows.push(switch_regions(n, &SWITCH_REGIONS[..regions]).await?);
+    }
+    println!("switch: operator call to every region's new color serving, {n} switches per row, under steady load");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
+        "regions", "p50 ms", "p99 ms", "max ms", "requests ok", "failed", "req/s"
+    );
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let u = |k: &str| r[k].as_u64().unwrap_or(0);
+        println!(
+            "{:<10} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>10} {:>10.0}",
+            u("regions"),
+            f("p50_ms"),
+            f("p99_ms"),
+            f("max_ms"),
+            u("requests_ok"),
+            u("requests_failed"),
+            f("load_rps")
+        );
+    }
+    Ok(serde_json::json!({ "scenario": "switch", "switches": n, "rows": rows }))
+}
+
+/// `n` switches of every region in `regions` at once (one `Switch` call
+/// without a region): the latency is from the call to the last region
+/// serving the new color.
+async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json::Value> {
+    let mut c = TestCluster::builder().nodes(3).regions(regions).start().await?;
     let leader = c.wait_leader(Duration::from_secs(30)).await?;
-    c.start_agent(0)?;
-    c.wait_state(leader, Duration::from_secs(30), "agent up", |s| {
-        s.agents.contains_key("us-east/us-east-1")
+    for i in 0..regions.len() {
+        c.start_agent(i)?;
+    }
+    c.wait_state(leader, Duration::from_secs(30), "agents up", |s| {
+        s.agents.len() == regions.len()
     })
     .await?;
-    let local = cutover_tests::sample_app_local(&std::env::current_exe()?);
-    let service = local.listen.clone();
+    let exe = std::env::current_exe()?;
+    let clusters: Vec<AppCluster> = regions
+        .iter()
+        .map(|(region, cluster)| AppCluster {
+            region: region.to_string(),
+            cluster: cluster.to_string(),
+            driver: DriverKind::Local,
+            local: Some(cutover_tests::sample_app_local(&exe)),
+            kubernetes: None,
+        })
+        .collect();
+    let services: Vec<String> = clusters
+        .iter()
+        .filter_map(|c| c.local.as_ref().map(|l| l.listen.clone()))
+        .collect();
     let spec = AppSpec {
         name: "bench".into(),
-        clusters: vec![AppCluster {
-            region: "us-east".into(),
-            cluster: "us-east-1".into(),
-            driver: DriverKind::Local,
-            local: Some(local),
-            kubernetes: None,
-        }],
+        clusters,
         health: vec![Probe::Http {
             path: "/health".into(),
             status: 200,
@@ -147,6 +220,7 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
         waves: vec![],
         bake_secs: 0,
         required_attestations: Default::default(),
+        migration_checks: vec![],
     };
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) }).await?;
@@ -154,19 +228,23 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
         let req = pb::DeployRequest {
             app: "bench".into(),
             image: image.into(),
-            region: "us-east".into(),
-            no_switch: false,
-            waves: vec![],
-            strategy: 0,
+            ..Default::default()
         };
         let id = op.deploy(req).await?.into_inner().operation_id;
         wait_op(&c, leader, &id).await?;
     }
-    // Steady load: 8 keep-alive connections, 50 requests per second each.
-    let load = SteadyLoad::start(&service, 8, Duration::from_millis(20));
+    // Steady load on every region: 8 keep-alive connections, 50 requests
+    // per second each.
+    let loads: Vec<SteadyLoad> = services
+        .iter()
+        .map(|s| SteadyLoad::start(s, 8, Duration::from_millis(20)))
+        .collect();
     let load_started = Instant::now();
-    let mut probe = Probe1::connect(&service).await?;
-    let mut current = probe.get().await?;
+    let mut probes = Vec::new();
+    for s in &services {
+        probes.push(Probe1::connect(s).await?);
+    }
+    let mut current = probes[0].get().await?;
     let mut latencies = Vec::with_capacity(n);
     for _ in 0..n {
         let expected = if current.contains("bench:v2") {
@@ -178,53 +256,40 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
         let id = op
             .switch(pb::SwitchRequest {
                 app: "bench".into(),
-                region: "us-east".into(),
+                region: String::new(),
             })
             .await?
             .into_inner()
             .operation_id;
-        loop {
-            let body = probe.get().await?;
-            if body == expected {
-                latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
-                current = body;
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("the new color did not serve within 30 s");
+        for probe in probes.iter_mut() {
+            loop {
+                if probe.get().await? == expected {
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    bail!("the new color did not serve within 30 s");
+                }
             }
         }
+        latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+        current = expected.to_owned();
         wait_op(&c, leader, &id).await?;
     }
     let secs = load_started.elapsed().as_secs_f64();
-    let (ok, failed) = load.stop().await;
+    let (mut ok, mut failed) = (0, 0);
+    for l in loads {
+        let (o, f) = l.stop().await;
+        ok += o;
+        failed += f;
+    }
     c.shutdown().await;
     latencies.sort_by(|a, b| a.total_cmp(b));
-    let p50 = percentile(&latencies, 50.0);
-    let p99 = percentile(&latencies, 99.0);
-    let max = latencies.last().copied().unwrap_or(0.0);
-    println!("switch: operator call to the new color serving, 1 region, {n} switches, under steady load");
-    println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "regions", "p50 ms", "p99 ms", "max ms", "requests ok", "failed", "req/s"
-    );
-    println!(
-        "{:<10} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>10} {:>10.0}",
-        1,
-        p50,
-        p99,
-        max,
-        ok,
-        failed,
-        ok as f64 / secs
-    );
     Ok(serde_json::json!({
-        "scenario": "switch",
-        "regions": 1,
+        "regions": regions.len(),
         "switches": n,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "max_ms": max,
+        "p50_ms": util::percentile(&latencies, 50.0),
+        "p99_ms": util::percentile(&latencies, 99.0),
+        "max_ms": latencies.last().copied().unwrap_or(0.0),
         "requests_ok": ok,
         "requests_failed": failed,
         "load_rps": ok as f64 / secs,
@@ -237,6 +302,18 @@ fn write_results(name: &str, v: &serde_json::Value) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(v)?).with_context(|| path.clone())?;
     println!("results written to {path}");
     Ok(())
+}
+
+/// Runs one scenario and writes its results.
+async fn scenario(name: &str, quick: bool) -> Result<()> {
+    let v = match name {
+        "commit" => commit::run(quick, None).await?,
+        "failover" => failover::run(quick, None).await?,
+        "fanin" => fanin::run(quick).await?,
+        "switch" => switch(quick, 100).await?,
+        other => bail!("unknown scenario {other}"),
+    };
+    write_results(name, &v)
 }
 
 fn main() -> Result<()> {
@@ -255,9 +332,59 @@ fn main() -> Result<()> {
                 let v = switch(quick, switches).await?;
                 write_results("switch", &v)?;
             }
+            Scenario::Commit {
+                quick,
+                snapshot_every: None,
+            } => scenario("commit", quick).await?,
+            Scenario::Commit {
+                quick,
+                snapshot_every: Some(n),
+            } => {
+                let v = commit::run(quick, Some(n)).await?;
+                write_results(&format!("commit-snapshot-every-{n}"), &v)?;
+            }
+            Scenario::Failover {
+                quick,
+                raft_timings: None,
+            } => scenario("failover", quick).await?,
+            Scenario::Failover {
+                quick,
+                raft_timings: Some(t),
+            } => {
+                let ms: Vec<u64> = t
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--raft-timings: three numbers")?;
+                let [heartbeat, min, max] = ms[..] else {
+                    bail!("--raft-timings takes HEARTBEAT,ELECTION_MIN,ELECTION_MAX");
+                };
+                let raft = cutover_shared::config::RaftConfig {
+                    heartbeat_interval_ms: heartbeat,
+                    election_timeout_min_ms: min,
+                    election_timeout_max_ms: max,
+                    ..Default::default()
+                };
+                let v = failover::run(quick, Some(raft)).await?;
+                write_results("failover-tuned", &v)?;
+            }
+            Scenario::Fanin { quick } => scenario("fanin", quick).await?,
             Scenario::All { quick } => {
-                let v = switch(quick, 100).await?;
-                write_results("switch", &v)?;
+                let mut failed = Vec::new();
+                for name in ["commit", "failover", "fanin", "switch"] {
+                    let t = Instant::now();
+                    println!("== {name}");
+                    match scenario(name, quick).await {
+                        Ok(()) => println!("== {name}: done in {:.1} s\n", t.elapsed().as_secs_f64()),
+                        Err(e) => {
+                            println!("== {name}: FAILED after {:.1} s: {e:#}\n", t.elapsed().as_secs_f64());
+                            failed.push(name);
+                        }
+                    }
+                }
+                if !failed.is_empty() {
+                    bail!("scenarios failed: {}", failed.join(", "));
+                }
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! `cutover demo`: the README's main job on the embedded default. It starts
-//! what `cutover dev` starts with three regions, keeps a steady load on every
-//! region's service address, and through the public gRPC API (mutual TLS):
+//! what `cutover dev` starts with three regions, puts a front door before
+//! them (a round-robin proxy over every region's service address), keeps a
+//! steady load on it, and through the public gRPC API (mutual TLS):
 //! cuts over to v2 in waves, to v3 atomically, attempts a v4 that fails its
 //! gates in the second wave (and is rolled back automatically), then loses
 //! the Raft leader and checks the cluster carries on. It prints a report and
@@ -10,6 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cutover_agent::router::Router;
 use cutover_shared::load::SteadyLoad;
 use cutover_shared::proto as pb;
 use serde_json::json;
@@ -56,6 +58,7 @@ async fn cutover(conn: &ConnOpts, image: &str, strategy: pb::Strategy) -> Result
         no_switch: false,
         waves: vec![],
         strategy: strategy as i32,
+        ..Default::default()
     };
     let id = call(conn, |mut c| {
         let req = req.clone();
@@ -65,6 +68,15 @@ async fn cutover(conn: &ConnOpts, image: &str, strategy: pb::Strategy) -> Result
     .operation_id;
     operation(conn, &id).await
 }
+
+/// The migration sample:v2's release carries.
+const V2_MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "1_orders.up.sql",
+        "create table orders (id integer primary key, item text not null, placed_at integer not null);",
+    ),
+    ("1_orders.down.sql", "drop table orders;"),
+];
 
 async fn serving(addr: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -149,25 +161,68 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         }
     };
     let mut all_ok = !services.is_empty();
-    // Steady load on every region: 4 keep-alive connections at 50 req/s each.
-    let loads: Vec<SteadyLoad> = services
+    // The front door: one address before every region, spreading requests
+    // over them the way a global load balancer would. The steady load goes
+    // through it (12 keep-alive connections at 50 req/s each), so every
+    // switch and rollback below happens under traffic in every region.
+    let upstreams: Vec<std::net::SocketAddr> = services.iter().filter_map(|(_, a)| a.parse().ok()).collect();
+    let front = if all_ok {
+        Some(Router::bind_balanced("127.0.0.1:0".parse()?, upstreams).await?)
+    } else {
+        None
+    };
+    let loads: Vec<SteadyLoad> = front
         .iter()
-        .map(|(_, a)| SteadyLoad::start(a, 4, Duration::from_millis(20)))
+        .map(|f| SteadyLoad::start(&f.local_addr().to_string(), 12, Duration::from_millis(20)))
         .collect();
     let load_started = Instant::now();
 
     if all_ok {
         let t = Instant::now();
         let r = async {
+            // v2 expects an `orders` table: its release carries the
+            // migration, which every region's database (SQLite) runs after
+            // the new color is deployed and before any switch.
+            call(&conn, |mut c| async move {
+                c.create_release(pb::CreateReleaseRequest {
+                    app: "sample".into(),
+                    image: "sample:v2".into(),
+                    migrations: V2_MIGRATIONS
+                        .iter()
+                        .map(|(name, sql)| pb::MigrationFile {
+                            name: name.to_string(),
+                            content: sql.as_bytes().to_vec(),
+                        })
+                        .collect(),
+                })
+                .await
+            })
+            .await?;
             let op = cutover(&conn, "sample:v2", pb::Strategy::Waves).await?;
             if op.state != pb::TaskState::Succeeded as i32 {
                 bail!("failed: {}", op.summary);
             }
+            let migrated = op
+                .tasks
+                .iter()
+                .filter(|t| {
+                    t.task.as_ref().is_some_and(|s| s.kind == "db.migrate")
+                        && t.result
+                            .as_ref()
+                            .is_some_and(|r| r.outputs.get("to_version").is_some_and(|v| v == "1"))
+                })
+                .count();
+            if migrated != services.len() {
+                bail!("{migrated} of {} regions migrated their database", services.len());
+            }
             all_serve(&services, "sample:v2").await?;
-            Ok(("every region serves sample:v2".to_owned(), task_times(&op)))
+            Ok((
+                "every region migrated its database to version 1 and serves sample:v2".to_owned(),
+                task_times(&op),
+            ))
         }
         .await;
-        all_ok &= push("cutover to v2 in waves (us-east, then eu-west + ap-south)", t, r);
+        all_ok &= push("cutover to v2 in waves, with a database migration", t, r);
     }
     if all_ok {
         let t = Instant::now();
@@ -209,12 +264,16 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         failed += bad;
     }
     let load_secs = load_started.elapsed().as_secs_f64();
+    let front_addr = front.as_ref().map(|f| f.local_addr().to_string()).unwrap_or_default();
+    if let Some(f) = front {
+        f.shutdown().await;
+    }
     if all_ok {
         let t = Instant::now();
         let r = if failed == 0 {
             Ok((
                 format!(
-                    "{served} requests served, 0 failed ({:.0} req/s)",
+                    "{served} requests served through the front door {front_addr}, 0 failed ({:.0} req/s)",
                     served as f64 / load_secs
                 ),
                 vec![],
@@ -222,7 +281,7 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         } else {
             Err(anyhow::anyhow!("{failed} of {} requests failed", served + failed))
         };
-        all_ok &= push("zero failed requests under steady load", t, r);
+        all_ok &= push("zero failed requests at the front door", t, r);
     }
     if all_ok {
         let leader = sys.leader_index().context("no leader")?;

@@ -8,7 +8,10 @@ use anyhow::{Context, Result, bail};
 use cutover_agent::Agent;
 use cutover_coordinator::Node;
 use cutover_shared::certs::{DevPki, init_dev_pki};
-use cutover_shared::config::{AgentConfig, CoordinatorConfig, Member, RaftConfig};
+use cutover_shared::config::{
+    AgentConfig, CoordinatorConfig, DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS, DatabaseConfig, DbDriver,
+    Member, RaftConfig,
+};
 use cutover_shared::domain::AgentState;
 use cutover_shared::telemetry::LogFormat;
 use tokio::net::TcpListener;
@@ -99,7 +102,25 @@ impl DevSystem {
 
     pub fn agent_config(&self, i: usize) -> AgentConfig {
         let (region, cluster, tls) = &self.pki.agents[i];
+        // The sample app's database in this region: a SQLite file, primary.
+        // Its URL sits in a file, as a real secret would.
+        let url_file = self.dir.join(format!("sample-db-url-{region}"));
+        let db = self.dir.join(format!("sample-{region}.db"));
+        if let Err(e) = std::fs::write(&url_file, format!("sqlite://{}?mode=rwc", db.display())) {
+            tracing::warn!("cannot write {}: {e}", url_file.display());
+        }
         AgentConfig {
+            databases: vec![DatabaseConfig {
+                app: "sample".into(),
+                driver: DbDriver::Sqlite,
+                url_file: Some(url_file),
+                url_env: None,
+                primary: true,
+                lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
+                statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
+                backup_dir: None,
+                pg_bin_dir: None,
+            }],
             coordinators: self.addrs.clone(),
             data_dir: self.dir.join(format!("agent-{region}-{cluster}")),
             server_name: None,
@@ -223,6 +244,7 @@ impl DevSystem {
             },
             bake_secs: 2,
             required_attestations: Default::default(),
+            migration_checks: vec![],
         };
         let mut client =
             pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);
@@ -240,6 +262,7 @@ impl DevSystem {
                     no_switch: false,
                     waves: vec![],
                     strategy: 0,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()

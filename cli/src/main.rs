@@ -7,6 +7,7 @@
 mod client;
 mod demo;
 mod dev;
+mod migrate;
 mod verbs;
 
 use std::path::PathBuf;

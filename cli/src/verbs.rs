@@ -55,6 +55,20 @@ pub enum Verb {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// Releases: an image with the migrations it expects.
+    Release {
+        #[command(subcommand)]
+        cmd: crate::migrate::ReleaseCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Database migrations against each region's primary: status, plan, up, down.
+    Migrate {
+        #[command(subcommand)]
+        cmd: crate::migrate::MigrateCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Apps: apply a definition, list, get.
     Apps {
         #[command(subcommand)]
@@ -80,9 +94,42 @@ pub enum Verb {
         /// `waves` (default) or `atomic`.
         #[arg(long, default_value = "waves")]
         strategy: String,
+        /// Wait for `cutover promote` before each wave's switch (before the
+        /// one switch of an atomic cutover).
+        #[arg(long)]
+        manual_promotion: bool,
         /// Return the operation id at once instead of following it.
         #[arg(long)]
         detach: bool,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Pass a manual promotion gate of a running cutover.
+    Promote {
+        /// The operation id.
+        operation: String,
+        /// Only this gate (1-based; gate N precedes wave N's switch). Default:
+        /// the gate the operation waits at.
+        #[arg(long, default_value_t = 0)]
+        gate: u32,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Start no new step of an operation until `cutover resume`.
+    Pause {
+        operation: String,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Let a paused operation go on.
+    Resume {
+        operation: String,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Stop an operation and switch back every region it switched.
+    Abort {
+        operation: String,
         #[command(flatten)]
         conn: ConnOpts,
     },
@@ -253,7 +300,10 @@ fn print_members(m: &[pb::ClusterMember]) {
 
 pub fn operation_json(o: &pb::Operation) -> serde_json::Value {
     json!({
-        "id": o.id, "state": state_name(o.state), "created_by": o.created_by,
+        "id": o.id, "kind": kind_name(o.kind), "app": o.app, "state": state_name(o.state), "created_by": o.created_by,
+        "params": o.params, "paused": o.paused, "promoted_gates": o.promoted_gates,
+        "awaiting_gate": (o.awaiting_gate > 0).then_some(o.awaiting_gate),
+        "aborted_by": (!o.aborted_by.is_empty()).then_some(&o.aborted_by),
         "created_at_unix_ms": o.created_at_unix_ms, "updated_at_unix_ms": o.updated_at_unix_ms,
         "summary": o.summary,
         "tasks": o.tasks.iter().map(|t| {
@@ -309,12 +359,45 @@ fn print_operation_new(o: &pb::Operation, seen: &mut std::collections::HashSet<S
             );
         }
     }
+    if !finished(o) {
+        let n = o.tasks.len();
+        if o.awaiting_gate > 0 {
+            line(
+                format!("gate {}", o.awaiting_gate),
+                format!(
+                    "  waiting at promotion gate {}: cutover promote {}",
+                    o.awaiting_gate, o.id
+                ),
+            );
+        }
+        if o.paused {
+            line(format!("paused {n}"), format!("  paused: cutover resume {}", o.id));
+        }
+        if !o.aborted_by.is_empty() {
+            line("aborted".into(), format!("  aborted by {}; rolling back", o.aborted_by));
+        }
+    }
     if finished(o) {
         line(
             format!("end {}", o.id),
             format!("operation {}: {}", state_name(o.state), o.summary),
         );
     }
+}
+
+/// Prints an operation after a promote / pause / resume / abort.
+fn print_steered(conn: &ConnOpts, op: Option<pb::Operation>, what: &str) -> Result<()> {
+    let op = op.context("the coordinator returned no operation")?;
+    if conn.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&operation_json(&op))?);
+    } else {
+        println!("operation {}: {what}", op.id);
+        if !op.promoted_gates.is_empty() {
+            let gates: Vec<String> = op.promoted_gates.iter().map(u32::to_string).collect();
+            println!("  promotion gates passed: {}", gates.join(", "));
+        }
+    }
+    Ok(())
 }
 
 fn kind_name(k: i32) -> &'static str {
@@ -324,6 +407,7 @@ fn kind_name(k: i32) -> &'static str {
         pb::OperationKind::Switch => "switch",
         pb::OperationKind::Rollback => "rollback",
         pb::OperationKind::HealthCheck => "health-check",
+        pb::OperationKind::Migrate => "migrate",
         pb::OperationKind::Unspecified => "operation",
     }
 }
@@ -734,6 +818,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
             no_switch,
             waves,
             strategy,
+            manual_promotion,
             detach,
             conn,
         } => {
@@ -760,6 +845,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     no_switch,
                     waves: waves.clone(),
                     strategy,
+                    manual_promotion,
                 };
                 async move { c.deploy(req).await.map(|r| r.into_inner().operation_id) }
             })
@@ -807,6 +893,54 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 async move { c.health_check(req).await.map(|r| r.into_inner().operation_id) }
             })
             .await;
+        }
+        Verb::Release { cmd, conn } => return crate::migrate::run_release(cmd, conn).await,
+        Verb::Migrate { cmd, conn } => return crate::migrate::run_migrate(cmd, conn).await,
+        Verb::Promote { operation, gate, conn } => {
+            let op = call(&conn, |mut c| {
+                let operation_id = operation.clone();
+                async move {
+                    let r = c
+                        .promote_operation(pb::PromoteOperationRequest { operation_id, gate })
+                        .await?;
+                    Ok(tonic::Response::new(r.into_inner().operation))
+                }
+            })
+            .await?;
+            print_steered(&conn, op, "promoted")?;
+        }
+        Verb::Pause { operation, conn } => {
+            let op = call(&conn, |mut c| {
+                let operation_id = operation.clone();
+                async move {
+                    let r = c.pause_operation(pb::PauseOperationRequest { operation_id }).await?;
+                    Ok(tonic::Response::new(r.into_inner().operation))
+                }
+            })
+            .await?;
+            print_steered(&conn, op, "paused")?;
+        }
+        Verb::Resume { operation, conn } => {
+            let op = call(&conn, |mut c| {
+                let operation_id = operation.clone();
+                async move {
+                    let r = c.resume_operation(pb::ResumeOperationRequest { operation_id }).await?;
+                    Ok(tonic::Response::new(r.into_inner().operation))
+                }
+            })
+            .await?;
+            print_steered(&conn, op, "resumed")?;
+        }
+        Verb::Abort { operation, conn } => {
+            let op = call(&conn, |mut c| {
+                let operation_id = operation.clone();
+                async move {
+                    let r = c.abort_operation(pb::AbortOperationRequest { operation_id }).await?;
+                    Ok(tonic::Response::new(r.into_inner().operation))
+                }
+            })
+            .await?;
+            print_steered(&conn, op, "aborting (switching back what it switched)")?;
         }
         Verb::Audit { limit, conn } => {
             let r = call(&conn, |mut c| async move {

@@ -26,7 +26,7 @@ use crate::raft::{Consensus, Proposal, ProposeError};
 use crate::state::Command;
 
 /// Silent heartbeat intervals after which an agent is marked down. With the
-/// reaper ticking every quarter interval, "down" is committed well within
+/// reaper ticking every tenth of an interval, "down" is committed well within
 /// three intervals.
 pub const DEAD_AFTER_INTERVALS: f64 = 2.5;
 
@@ -85,7 +85,9 @@ impl AgentHub {
     pub async fn run(self: Arc<Self>) {
         let mut leadership = self.consensus.leadership();
         let mut applied = self.consensus.applied();
-        let tick = self.heartbeat / 4;
+        // A tenth of an interval: the reaper's lag adds to the time a silent
+        // agent takes to be marked down.
+        let tick = self.heartbeat / 10;
         let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_generation = u64::MAX;

@@ -19,6 +19,7 @@ use cutover_shared::grpc::caller;
 use cutover_shared::identity::Identity;
 use cutover_shared::proto::control_service_server::ControlService;
 use cutover_shared::proto::{self as pb};
+use cutover_shared::release::{Bundle, Release};
 use cutover_shared::tls::normalize_addr;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -55,6 +56,27 @@ fn audit(who: &Identity, action: &str, params: serde_json::Value, outcome: &str)
         parameters: params.to_string(),
         outcome: outcome.to_owned(),
     }
+}
+
+/// The operation as the API shows it, with the gate it waits at (which only
+/// the orchestrator can tell).
+fn operation_proto(consensus: &Consensus, op: domain::Operation) -> pb::Operation {
+    let (spec, bundle) = op_context(consensus, &op);
+    let gate = spec.and_then(|spec| crate::orchestrator::awaiting_gate(&op, &spec, bundle.as_ref()));
+    let mut p: pb::Operation = op.into();
+    p.awaiting_gate = gate.unwrap_or(0);
+    p
+}
+
+/// The app and the release migrations an operation acts with.
+fn op_context(consensus: &Consensus, op: &domain::Operation) -> (Option<AppSpec>, Option<Bundle>) {
+    let Some(app) = op.app.as_deref() else {
+        return (None, None);
+    };
+    consensus.read(|s| {
+        let bundle = crate::orchestrator::release_image(op).and_then(|i| s.release_bundle(app, i).cloned());
+        (s.apps.get(app).cloned(), bundle)
+    })
 }
 
 fn members(s: &RaftStatus) -> Vec<pb::ClusterMember> {
@@ -200,12 +222,14 @@ impl ControlApi {
             updated_at_unix_ms: now,
             tasks: vec![],
             summary: String::new(),
+            control: Default::default(),
         };
         let action = match kind {
             OperationKind::Deploy => "Deploy",
             OperationKind::Switch => "Switch",
             OperationKind::Rollback => "Rollback",
             OperationKind::HealthCheck => "HealthCheck",
+            OperationKind::Migrate => "Migrate",
             OperationKind::Task => "RunTask",
         };
         let cmd = Command::CreateOperation {
@@ -224,6 +248,131 @@ impl ControlApi {
         self.consensus
             .read(|s| s.operations.get(id).cloned())
             .ok_or_else(|| Status::not_found(format!("no operation {id}")))
+    }
+
+    /// What a rollback of `targets` must do about the schema. The last
+    /// traffic-moving operation of the app decides: if it was a cutover that
+    /// migrated databases, rolling back crosses the point after which the
+    /// old code may not run against the schema. That is refused unless every
+    /// migration of the release has a down; then the rollback runs the downs
+    /// after switching traffic back (the returned parameters say which).
+    fn rollback_migrations(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, String>, Status> {
+        let crossing = self.consensus.read(|s| {
+            let mut ops: Vec<&domain::Operation> = s
+                .operations
+                .values()
+                .filter(|o| o.app.as_deref() == Some(spec.name.as_str()) && o.state.is_finished())
+                .filter(|o| {
+                    matches!(
+                        o.kind,
+                        OperationKind::Deploy | OperationKind::Switch | OperationKind::Rollback
+                    )
+                })
+                .collect();
+            ops.sort_by_key(|o| o.created_at_unix_ms);
+            let last = ops.last().copied()?;
+            if last.kind != OperationKind::Deploy || last.state != TaskState::Succeeded {
+                return None;
+            }
+            let image = last.params.get("image")?.clone();
+            let migrated: BTreeMap<String, i64> = last
+                .tasks
+                .iter()
+                .filter(|t| t.spec.kind == crate::orchestrator::MIGRATE && t.state == TaskState::Succeeded)
+                .filter(|t| targets.contains(&t.spec.target))
+                .filter_map(|t| {
+                    let out = &t.result.as_ref()?.outputs;
+                    if out.get("applied").is_none_or(|a| a.is_empty()) {
+                        return None;
+                    }
+                    Some((t.spec.target.to_string(), out.get("from_version")?.parse().ok()?))
+                })
+                .collect();
+            if migrated.is_empty() {
+                return None;
+            }
+            let bundle = s.release_bundle(&spec.name, &image)?.clone();
+            Some((image, bundle, migrated))
+        });
+        let Some((image, bundle, migrated)) = crossing else {
+            return Ok(BTreeMap::new());
+        };
+        if let Some(m) = bundle.migrations.iter().find(|m| m.down_sql.is_none()) {
+            return Err(Status::failed_precondition(format!(
+                "rolling back {} would cross the migrations of release {image}, and {} has no down migration:                  the previous release may not run against the new schema. Fix forward with a new release, or                  restore the pre-migration backups first",
+                spec.name, m.up_file
+            )));
+        }
+        Ok(BTreeMap::from([
+            ("release_image".to_owned(), image),
+            (
+                "migrate_down".to_owned(),
+                serde_json::to_string(&migrated).unwrap_or_default(),
+            ),
+        ]))
+    }
+
+    /// Commits an operator's control of operation `id` and returns the
+    /// operation as it then is.
+    async fn steer(&self, who: &Identity, id: &str, action: domain::ControlAction) -> Result<pb::Operation, Status> {
+        validate_id("operation_id", id)?;
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        let op = self.operation(id)?;
+        if op.state.is_finished() {
+            return Err(Status::failed_precondition(format!(
+                "operation {id} already finished ({})",
+                op.summary
+            )));
+        }
+        let action = match action {
+            domain::ControlAction::Promote { gate } => {
+                let (spec, bundle) = op_context(&self.consensus, &op);
+                let count = spec
+                    .as_ref()
+                    .map_or(0, |spec| crate::orchestrator::gate_count(&op, spec, bundle.as_ref()));
+                if count == 0 {
+                    return Err(Status::failed_precondition(format!(
+                        "operation {id} has no manual promotion gates (start it with --manual-promotion)"
+                    )));
+                }
+                let gate = if gate == 0 {
+                    // The gate it waits at, else the next one not yet passed.
+                    spec.as_ref()
+                        .and_then(|spec| crate::orchestrator::awaiting_gate(&op, spec, bundle.as_ref()))
+                        .or_else(|| (1..=count).find(|g| !op.control.promoted.contains(g)))
+                        .ok_or_else(|| {
+                            Status::failed_precondition(format!("every gate of operation {id} is already passed"))
+                        })?
+                } else {
+                    gate
+                };
+                if gate > count {
+                    return Err(Status::invalid_argument(format!(
+                        "operation {id} has {count} promotion gate(s); there is no gate {gate}"
+                    )));
+                }
+                domain::ControlAction::Promote { gate }
+            }
+            other => other,
+        };
+        let name = match &action {
+            domain::ControlAction::Pause => "PauseOperation",
+            domain::ControlAction::Resume => "ResumeOperation",
+            domain::ControlAction::Promote { .. } => "PromoteOperation",
+            domain::ControlAction::Abort => "AbortOperation",
+        };
+        let params = serde_json::json!({ "operation_id": id, "action": format!("{action:?}") });
+        let cmd = Command::ControlOperation {
+            operation_id: id.to_owned(),
+            action,
+            audit: audit(who, name, params, "ok"),
+        };
+        self.consensus
+            .propose(Proposal::Command(cmd))
+            .await
+            .map_err(propose_status)?;
+        let op = self.operation(id)?;
+        Ok(operation_proto(&self.consensus, op))
     }
 
     async fn membership_change(
@@ -440,6 +589,7 @@ impl ControlService for ControlApi {
                 dispatch_count: 0,
             }],
             summary: String::new(),
+            control: Default::default(),
         };
         let cmd = Command::CreateOperation {
             operation,
@@ -467,7 +617,7 @@ impl ControlService for ControlApi {
         ops.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
         ops.truncate(limit);
         Ok(Response::new(pb::ListOperationsResponse {
-            operations: ops.into_iter().map(Into::into).collect(),
+            operations: ops.into_iter().map(|o| operation_proto(&self.consensus, o)).collect(),
         }))
     }
 
@@ -477,7 +627,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::GetOperationResponse>, Status> {
         let op = self.operation(&req.into_inner().operation_id)?;
         Ok(Response::new(pb::GetOperationResponse {
-            operation: Some(op.into()),
+            operation: Some(operation_proto(&self.consensus, op)),
         }))
     }
 
@@ -492,7 +642,7 @@ impl ControlService for ControlApi {
         tokio::spawn(async move {
             if tx
                 .send(Ok(pb::WatchOperationResponse {
-                    operation: Some(last.clone().into()),
+                    operation: Some(operation_proto(&consensus, last.clone())),
                 }))
                 .await
                 .is_err()
@@ -511,7 +661,7 @@ impl ControlService for ControlApi {
                     last = now;
                     if tx
                         .send(Ok(pb::WatchOperationResponse {
-                            operation: Some(last.clone().into()),
+                            operation: Some(operation_proto(&consensus, last.clone())),
                         }))
                         .await
                         .is_err()
@@ -704,6 +854,14 @@ impl ControlService for ControlApi {
         if r.no_switch {
             params.insert("no_switch".into(), "true".into());
         }
+        if r.manual_promotion {
+            if r.no_switch {
+                return Err(Status::invalid_argument(
+                    "manual promotion gates the switches; with no_switch there is nothing to promote",
+                ));
+            }
+            params.insert("promotion".into(), "manual".into());
+        }
         let id = self
             .start_app_operation(&who, OperationKind::Deploy, &spec, targets, params)
             .await?;
@@ -726,8 +884,10 @@ impl ControlService for ControlApi {
         let r = req.into_inner();
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        let params = self.rollback_migrations(&spec, &targets)?;
         let id = self
-            .start_app_operation(&who, OperationKind::Rollback, &spec, targets, BTreeMap::new())
+            .start_app_operation(&who, OperationKind::Rollback, &spec, targets, params)
             .await?;
         Ok(Response::new(pb::RollbackResponse { operation_id: id }))
     }
@@ -744,5 +904,197 @@ impl ControlService for ControlApi {
             .start_app_operation(&who, OperationKind::HealthCheck, &spec, targets, BTreeMap::new())
             .await?;
         Ok(Response::new(pb::HealthCheckResponse { operation_id: id }))
+    }
+
+    async fn promote_operation(
+        &self,
+        req: Request<pb::PromoteOperationRequest>,
+    ) -> Result<Response<pb::PromoteOperationResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let op = self
+            .steer(&who, &r.operation_id, domain::ControlAction::Promote { gate: r.gate })
+            .await?;
+        Ok(Response::new(pb::PromoteOperationResponse { operation: Some(op) }))
+    }
+
+    async fn pause_operation(
+        &self,
+        req: Request<pb::PauseOperationRequest>,
+    ) -> Result<Response<pb::PauseOperationResponse>, Status> {
+        let who = caller(&req)?;
+        let id = req.into_inner().operation_id;
+        let op = self.steer(&who, &id, domain::ControlAction::Pause).await?;
+        Ok(Response::new(pb::PauseOperationResponse { operation: Some(op) }))
+    }
+
+    async fn resume_operation(
+        &self,
+        req: Request<pb::ResumeOperationRequest>,
+    ) -> Result<Response<pb::ResumeOperationResponse>, Status> {
+        let who = caller(&req)?;
+        let id = req.into_inner().operation_id;
+        let op = self.steer(&who, &id, domain::ControlAction::Resume).await?;
+        Ok(Response::new(pb::ResumeOperationResponse { operation: Some(op) }))
+    }
+
+    async fn abort_operation(
+        &self,
+        req: Request<pb::AbortOperationRequest>,
+    ) -> Result<Response<pb::AbortOperationResponse>, Status> {
+        let who = caller(&req)?;
+        let id = req.into_inner().operation_id;
+        let op = self.steer(&who, &id, domain::ControlAction::Abort).await?;
+        Ok(Response::new(pb::AbortOperationResponse { operation: Some(op) }))
+    }
+
+    async fn create_release(
+        &self,
+        req: Request<pb::CreateReleaseRequest>,
+    ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        validate_image_ref(&r.image)?;
+        let files = r.migrations.into_iter().map(|f| (f.name, f.content)).collect();
+        let bundle = Bundle::parse(files).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let release = Release::new(&spec.name, &r.image, &bundle, &who.to_string(), now_unix_ms());
+        let params = serde_json::json!({
+            "app": spec.name, "image": r.image, "digest": release.digest,
+            "files": release.files.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        });
+        let cmd = Command::CreateRelease {
+            release,
+            bundle,
+            audit: audit(&who, "CreateRelease", params, "ok"),
+        };
+        self.consensus
+            .propose(Proposal::Command(cmd))
+            .await
+            .map_err(propose_status)?;
+        let release = self
+            .consensus
+            .read(|s| s.release(&spec.name, &r.image).cloned())
+            .ok_or_else(|| Status::internal("the release vanished after it was committed"))?;
+        Ok(Response::new(pb::CreateReleaseResponse {
+            release: Some(release.into()),
+        }))
+    }
+
+    async fn list_releases(
+        &self,
+        req: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let spec = self.app(&req.into_inner().app)?;
+        let mut releases: Vec<Release> = self.consensus.read(|s| {
+            s.releases
+                .get(&spec.name)
+                .map(|r| r.values().cloned().collect())
+                .unwrap_or_default()
+        });
+        releases.sort_by_key(|r| std::cmp::Reverse(r.created_at_unix_ms));
+        Ok(Response::new(pb::ListReleasesResponse {
+            releases: releases.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_release(
+        &self,
+        req: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::GetReleaseResponse>, Status> {
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        let (release, bundle) = self
+            .consensus
+            .read(|s| {
+                let release = s.release(&spec.name, &r.image)?.clone();
+                let bundle = s.bundles.get(&release.digest).cloned().unwrap_or_default();
+                Some((release, bundle))
+            })
+            .ok_or_else(|| Status::not_found(format!("app {} has no release {:?}", spec.name, r.image)))?;
+        Ok(Response::new(pb::GetReleaseResponse {
+            release: Some(release.into()),
+            migrations: bundle
+                .files()
+                .into_iter()
+                .map(|(name, sql)| pb::MigrationFile {
+                    name,
+                    content: sql.into_bytes(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn migrate(&self, req: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
+        let who = caller(&req)?;
+        let r = req.into_inner();
+        let spec = self.app(&r.app)?;
+        let action = match pb::MigrateAction::try_from(r.action) {
+            Ok(pb::MigrateAction::Status) => "status",
+            Ok(pb::MigrateAction::Plan) => "plan",
+            Ok(pb::MigrateAction::Up) => "up",
+            Ok(pb::MigrateAction::Down) => "down",
+            _ => return Err(Status::invalid_argument("action must be status, plan, up or down")),
+        };
+        if matches!(action, "up" | "down") && r.region.is_empty() && !r.dry_run {
+            return Err(Status::invalid_argument(format!(
+                "{action} changes one region at a time: give a region"
+            )));
+        }
+        let targets = Self::targets(&spec, &r.region, true)?;
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        // The release: the one named, or the app's newest.
+        let image = if r.image.is_empty() {
+            self.consensus
+                .read(|s| {
+                    s.releases
+                        .get(&spec.name)?
+                        .values()
+                        .max_by_key(|r| r.created_at_unix_ms)
+                        .map(|r| r.image.clone())
+                })
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "app {} has no release yet (create one with cutover release create)",
+                        spec.name
+                    ))
+                })?
+        } else {
+            validate_image_ref(&r.image)?;
+            r.image.clone()
+        };
+        let bundle = self
+            .consensus
+            .read(|s| {
+                let release = s.release(&spec.name, &image)?;
+                Some(s.bundles.get(&release.digest).cloned().unwrap_or_default())
+            })
+            .ok_or_else(|| Status::not_found(format!("app {} has no release {image:?}", spec.name)))?;
+        let versions: Vec<i64> = bundle.migrations.iter().map(|m| m.version).collect();
+        match (action, r.target) {
+            ("down", None) => {
+                return Err(Status::invalid_argument(
+                    "down needs a target version (0 reverts every migration)",
+                ));
+            }
+            (_, Some(t)) if t != 0 && !versions.contains(&t) => {
+                return Err(Status::invalid_argument(format!(
+                    "target {t} is not a migration of release {image} (it has {versions:?})"
+                )));
+            }
+            ("up", Some(0)) => return Err(Status::invalid_argument("up to version 0 would apply nothing")),
+            _ => {}
+        }
+        let mut params = BTreeMap::from([("action".to_owned(), action.to_owned()), ("image".to_owned(), image)]);
+        if let Some(t) = r.target {
+            params.insert("target".into(), t.to_string());
+        }
+        if r.dry_run {
+            params.insert("dry_run".into(), "true".into());
+        }
+        let id = self
+            .start_app_operation(&who, OperationKind::Migrate, &spec, targets, params)
+            .await?;
+        Ok(Response::new(pb::MigrateResponse { operation_id: id }))
     }
 }

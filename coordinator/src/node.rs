@@ -51,14 +51,15 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
             _,
             Some(
                 "AddNode" | "RemoveNode" | "RunTask" | "CreateAttestation" | "ApplyApp" | "Deploy" | "Switch"
-                | "Rollback" | "HealthCheck",
+                | "Rollback" | "HealthCheck" | "PromoteOperation" | "PauseOperation" | "ResumeOperation"
+                | "AbortOperation" | "CreateRelease" | "Migrate",
             ),
         ) => WRITES,
         (
             _,
             Some(
                 "GetClusterStatus" | "ListAgents" | "GetStatus" | "ListOperations" | "GetOperation" | "WatchOperation"
-                | "ListAttestations" | "ListAuditEvents" | "ListApps" | "GetApp",
+                | "ListAttestations" | "ListAuditEvents" | "ListApps" | "GetApp" | "ListReleases" | "GetRelease",
             ),
         ) => READS,
         _ => return None,

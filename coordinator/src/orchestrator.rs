@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use cutover_shared::app::AppSpec;
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms};
+use cutover_shared::release::Bundle;
 
 use crate::raft::{Consensus, Proposal};
 use crate::state::Command;
@@ -29,11 +30,41 @@ struct Step {
     target: ClusterRef,
     params: BTreeMap<String, String>,
     /// May start while the previous step still runs (switches of one wave
-    /// flip together; bakes watch their clusters at the same time).
+    /// flip together; bakes watch their clusters at the same time). Such a
+    /// group is committed as one log entry: one decision.
     with_previous: bool,
+    /// The manual promotion gate in front of this step (1-based), if any.
+    gate: u32,
 }
 
 pub const BAKE: &str = "app.bake";
+/// Runs an app's migrations against its primary database in a cluster.
+pub const MIGRATE: &str = "db.migrate";
+
+/// The release image whose migrations `op` uses, if any.
+pub fn release_image(op: &Operation) -> Option<&str> {
+    match op.kind {
+        OperationKind::Deploy | OperationKind::Migrate => op.params.get("image").map(String::as_str),
+        OperationKind::Rollback => op.params.get("release_image").map(String::as_str),
+        _ => None,
+    }
+}
+
+/// A migrate step's parameters.
+fn migrate_params(
+    params: &mut BTreeMap<String, String>,
+    bundle: &Bundle,
+    image: &str,
+    action: &str,
+    target: Option<i64>,
+) {
+    params.insert("action".into(), action.into());
+    params.insert("image".into(), image.into());
+    params.insert("bundle".into(), serde_json::to_string(bundle).unwrap_or_default());
+    if let Some(t) = target {
+        params.insert("target".into(), t.to_string());
+    }
+}
 
 fn is_compensation(t: &TaskRecord) -> bool {
     t.spec.params.get("compensate").is_some_and(|v| v == "true")
@@ -72,8 +103,9 @@ fn deployed_color(op: &Operation, t: &ClusterRef) -> Option<String> {
         .and_then(|r| r.outputs.get("color").cloned())
 }
 
-/// The steps of `op`, given what the finished ones reported.
-fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
+/// The steps of `op`, given what the finished ones reported and the
+/// migrations of its release.
+fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
     let base = |kind: &'static str, target: &ClusterRef| {
         let mut params = BTreeMap::new();
         params.insert("app".to_owned(), spec.name.clone());
@@ -83,6 +115,7 @@ fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
             target: target.clone(),
             params,
             with_previous: false,
+            gate: 0,
         }
     };
     let mut steps = Vec::new();
@@ -103,11 +136,14 @@ fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
                     steps.push(g);
                 }
             };
-            let flip = |steps: &mut Vec<Step>, group: &[ClusterRef]| {
+            let flip = |steps: &mut Vec<Step>, group: &[ClusterRef], gate: u32| {
                 for (i, t) in group.iter().enumerate() {
                     let mut s = base(SWITCH, t);
                     s.params.insert("to".into(), color(t));
                     s.with_previous = i > 0;
+                    if i == 0 {
+                        s.gate = gate;
+                    }
                     steps.push(s);
                 }
                 if bake > 0 {
@@ -120,6 +156,35 @@ fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
                 }
             };
             let waves = deploy_waves(op);
+            // Expand first: with migrations, every region deploys the new
+            // color, then each primary database migrates (one decision, in
+            // parallel), and only then do gates and switches begin. A failed
+            // migration thus aborts before any traffic moves.
+            let migrations = bundle.filter(|b| !b.migrations.is_empty());
+            let prepare = |steps: &mut Vec<Step>, wave: &[ClusterRef]| {
+                if migrations.is_some() {
+                    for t in wave {
+                        let mut g = base(GATES, t);
+                        g.params.insert("color".into(), color(t));
+                        steps.push(g);
+                    }
+                } else {
+                    prepare(steps, wave);
+                }
+            };
+            if let Some(b) = migrations {
+                for t in waves.iter().flatten() {
+                    let mut s = base(DEPLOY, t);
+                    s.params.insert("image".into(), image.clone());
+                    steps.push(s);
+                }
+                for (i, t) in waves.iter().flatten().enumerate() {
+                    let mut m = base(MIGRATE, t);
+                    migrate_params(&mut m.params, b, &image, "up", None);
+                    m.with_previous = i > 0;
+                    steps.push(m);
+                }
+            }
             if atomic {
                 // Every region prepares first; one decision flips them all.
                 for w in &waves {
@@ -127,13 +192,13 @@ fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
                 }
                 if switch {
                     let all: Vec<ClusterRef> = waves.concat();
-                    flip(&mut steps, &all);
+                    flip(&mut steps, &all, 1);
                 }
             } else {
-                for w in &waves {
+                for (i, w) in waves.iter().enumerate() {
                     prepare(&mut steps, w);
                     if switch {
-                        flip(&mut steps, w);
+                        flip(&mut steps, w, i as u32 + 1);
                     }
                 }
             }
@@ -144,6 +209,41 @@ fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
                 s.params.insert("to".into(), "inactive".into());
                 s.with_previous = i > 0;
                 steps.push(s);
+            }
+            // A rollback across a release's (reversible) migrations runs
+            // their downs once traffic is back on the old code.
+            let downs: BTreeMap<String, i64> = op
+                .params
+                .get("migrate_down")
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_default();
+            if let (Some(b), Some(image)) = (bundle, op.params.get("release_image")) {
+                for (i, t) in op
+                    .targets
+                    .iter()
+                    .filter(|t| downs.contains_key(&t.to_string()))
+                    .enumerate()
+                {
+                    let mut m = base(MIGRATE, t);
+                    migrate_params(&mut m.params, b, image, "down", downs.get(&t.to_string()).copied());
+                    m.with_previous = i > 0;
+                    steps.push(m);
+                }
+            }
+        }
+        OperationKind::Migrate => {
+            let action = op.params.get("action").cloned().unwrap_or_else(|| "status".into());
+            let target = op.params.get("target").and_then(|t| t.parse().ok());
+            let image = op.params.get("image").cloned().unwrap_or_default();
+            let empty = Bundle::default();
+            for (i, t) in op.targets.iter().enumerate() {
+                let mut m = base(MIGRATE, t);
+                migrate_params(&mut m.params, bundle.unwrap_or(&empty), &image, &action, target);
+                if op.params.get("dry_run").is_some_and(|d| d == "true") {
+                    m.params.insert("dry_run".into(), "true".into());
+                }
+                m.with_previous = i > 0;
+                steps.push(m);
             }
         }
         OperationKind::HealthCheck => {
@@ -156,29 +256,59 @@ fn plan(op: &Operation, spec: &AppSpec) -> Vec<Step> {
     steps
 }
 
-fn task_from(op: &Operation, index: usize, step: Step, now: i64) -> Command {
-    Command::AddTask {
-        operation_id: op.id.clone(),
-        index,
-        task: TaskRecord {
-            spec: TaskSpec {
-                task_id: format!("{}-{}", op.id, index + 1),
-                operation_id: op.id.clone(),
-                kind: step.kind.to_owned(),
-                params: step.params,
-                target: step.target,
-            },
-            created_at_unix_ms: now,
-            state: TaskState::Pending,
-            progress: vec![],
-            result: None,
-            dispatch_count: 0,
+fn record(op: &Operation, index: usize, step: Step, now: i64) -> TaskRecord {
+    TaskRecord {
+        spec: TaskSpec {
+            task_id: format!("{}-{}", op.id, index + 1),
+            operation_id: op.id.clone(),
+            kind: step.kind.to_owned(),
+            params: step.params,
+            target: step.target,
         },
+        created_at_unix_ms: now,
+        state: TaskState::Pending,
+        progress: vec![],
+        result: None,
+        dispatch_count: 0,
     }
 }
 
+fn task_from(op: &Operation, index: usize, step: Step, now: i64) -> Command {
+    Command::AddTasks {
+        operation_id: op.id.clone(),
+        index,
+        tasks: vec![record(op, index, step, now)],
+    }
+}
+
+/// True when `op` waits for operators at its manual promotion gates.
+fn manual(op: &Operation) -> bool {
+    op.params.get("promotion").is_some_and(|p| p == "manual")
+}
+
+/// How many manual promotion gates `op` has (0 unless it was started with
+/// manual promotion).
+pub fn gate_count(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> u32 {
+    if !manual(op) {
+        return 0;
+    }
+    plan(op, spec, bundle).iter().map(|s| s.gate).max().unwrap_or(0)
+}
+
+/// The manual promotion gate `op` waits at now, if any.
+pub fn awaiting_gate(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Option<u32> {
+    if !manual(op) || op.state.is_finished() || op.control.paused || op.control.aborted_by.is_some() {
+        return None;
+    }
+    if !op.tasks.iter().all(|t| t.state.is_finished()) || op.tasks.iter().any(|t| t.state == TaskState::Failed) {
+        return None;
+    }
+    let step = plan(op, spec, bundle).into_iter().nth(op.tasks.len())?;
+    (step.gate > 0 && !op.control.promoted.contains(&step.gate)).then_some(step.gate)
+}
+
 /// What to commit next for `op`, if anything.
-pub fn next_command(op: &Operation, spec: &AppSpec, now: i64) -> Option<Command> {
+pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now: i64) -> Option<Command> {
     if op.kind == OperationKind::Task || op.state.is_finished() {
         return None;
     }
@@ -189,37 +319,32 @@ pub fn next_command(op: &Operation, spec: &AppSpec, now: i64) -> Option<Command>
         at_unix_ms: now,
     };
     let all_done = op.tasks.iter().all(|t| t.state.is_finished());
+    // A health check reports on every cluster; other operations stop at the
+    // first failure and switch back every cluster they already switched.
     let failure = op
         .tasks
         .iter()
-        .find(|t| t.state == TaskState::Failed && !is_compensation(t));
-    // A health check reports on every cluster; other operations stop at the
-    // first failure and switch back every cluster they already switched.
-    if let Some(failed) = failure
-        && op.kind != OperationKind::HealthCheck
-    {
+        .find(|t| t.state == TaskState::Failed && !is_compensation(t))
+        .filter(|_| op.kind != OperationKind::HealthCheck);
+    // An abort is a failure the operator chose: the same rollback follows.
+    if failure.is_some() || op.control.aborted_by.is_some() {
         if !all_done {
             return None;
         }
-        let why = failed.result.as_ref().map_or("no result", |r| r.message.as_str());
-        let why: String = why
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
         let switched: Vec<&TaskRecord> = op
             .tasks
             .iter()
             .filter(|t| t.spec.kind == SWITCH && !is_compensation(t) && t.state == TaskState::Succeeded)
             .collect();
-        let compensated: Vec<&ClusterRef> = op
-            .tasks
-            .iter()
-            .filter(|t| is_compensation(t))
-            .map(|t| &t.spec.target)
-            .collect();
-        if let Some(t) = switched.iter().find(|t| !compensated.contains(&&t.spec.target)) {
+        let compensated = |kind: &str| -> Vec<&ClusterRef> {
+            op.tasks
+                .iter()
+                .filter(|t| is_compensation(t) && t.spec.kind == kind)
+                .map(|t| &t.spec.target)
+                .collect()
+        };
+        let switched_back = compensated(SWITCH);
+        if let Some(t) = switched.iter().find(|t| !switched_back.contains(&&t.spec.target)) {
             let mut params = t.spec.params.clone();
             let to = params.get("to").and_then(|c| cutover_shared::app::Color::parse(c));
             params.insert(
@@ -232,31 +357,119 @@ pub fn next_command(op: &Operation, spec: &AppSpec, now: i64) -> Option<Command>
                 target: t.spec.target.clone(),
                 params,
                 with_previous: false,
+                gate: 0,
             };
             return Some(task_from(op, op.tasks.len(), step, now));
         }
-        let mut summary = format!("{} in {} failed: {why}", failed.spec.kind, failed.spec.target);
+        // Traffic is back on the old code: undo the schema changes this
+        // operation made, when its migrations can be undone.
+        let migrated: Vec<&TaskRecord> = op
+            .tasks
+            .iter()
+            .filter(|t| t.spec.kind == MIGRATE && !is_compensation(t) && t.state == TaskState::Succeeded)
+            .filter(|t| t.spec.params.get("action").is_some_and(|a| a == "up"))
+            .filter(|t| {
+                t.result
+                    .as_ref()
+                    .is_some_and(|r| r.outputs.get("applied").is_some_and(|a| !a.is_empty()))
+            })
+            .collect();
+        let reverted = compensated(MIGRATE);
+        let reversible = bundle.is_some_and(Bundle::reversible);
+        if reversible && let Some(t) = migrated.iter().find(|t| !reverted.contains(&&t.spec.target)) {
+            let mut params = t.spec.params.clone();
+            let from = t
+                .result
+                .as_ref()
+                .and_then(|r| r.outputs.get("from_version").cloned())
+                .unwrap_or_else(|| "0".into());
+            params.insert("action".into(), "down".into());
+            params.insert("target".into(), from);
+            params.insert("compensate".into(), "true".into());
+            let step = Step {
+                kind: MIGRATE,
+                target: t.spec.target.clone(),
+                params,
+                with_previous: false,
+                gate: 0,
+            };
+            return Some(task_from(op, op.tasks.len(), step, now));
+        }
+        let mut summary = match (failure, &op.control.aborted_by) {
+            (Some(failed), _) => {
+                let why = failed.result.as_ref().map_or("no result", |r| r.message.as_str());
+                let why: String = why
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                format!("{} in {} failed: {why}", failed.spec.kind, failed.spec.target)
+            }
+            (None, Some(who)) => format!("aborted by {who}"),
+            (None, None) => unreachable!("checked above"),
+        };
         let back: Vec<String> = op
             .tasks
             .iter()
             .filter(|t| is_compensation(t))
             .map(|t| {
-                if t.state == TaskState::Succeeded {
-                    format!("{} switched back", t.spec.target)
-                } else {
-                    format!("{} NOT switched back", t.spec.target)
+                let ok = t.state == TaskState::Succeeded;
+                match (t.spec.kind.as_str(), ok) {
+                    (MIGRATE, true) => format!(
+                        "{} schema reverted to version {}",
+                        t.spec.target,
+                        t.spec.params.get("target").map_or("0", String::as_str)
+                    ),
+                    (MIGRATE, false) => format!("{} schema NOT reverted", t.spec.target),
+                    (_, true) => format!("{} switched back", t.spec.target),
+                    (_, false) => format!("{} NOT switched back", t.spec.target),
                 }
             })
             .collect();
+        if !reversible {
+            for t in &migrated {
+                let at = t.result.as_ref().and_then(|r| r.outputs.get("to_version"));
+                summary.push_str(&format!(
+                    "; {} schema left at version {} (the release's migrations are not all reversible)",
+                    t.spec.target,
+                    at.map_or("?", String::as_str)
+                ));
+            }
+        }
         if !back.is_empty() {
             summary.push_str(&format!("; rolled back: {}", back.join(", ")));
         }
         return Some(finish(TaskState::Failed, summary));
     }
-    let steps = plan(op, spec);
+    if op.control.paused {
+        return None;
+    }
     let index = op.tasks.len();
-    match steps.into_iter().nth(index) {
-        Some(step) if all_done || step.with_previous => Some(task_from(op, index, step, now)),
+    let mut steps = plan(op, spec, bundle).into_iter().skip(index).peekable();
+    match steps.peek() {
+        Some(step) if all_done || step.with_previous => {
+            if step.gate > 0 && manual(op) && !op.control.promoted.contains(&step.gate) {
+                return None;
+            }
+            // The step and the steps that go with it, as one decision: after
+            // a leader change the group is either all committed or not at all.
+            let first = steps.next()?;
+            let mut group = vec![first];
+            while let Some(s) = steps.next_if(|s| s.with_previous) {
+                group.push(s);
+            }
+            let tasks = group
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| record(op, index + i, s, now))
+                .collect();
+            Some(Command::AddTasks {
+                operation_id: op.id.clone(),
+                index,
+                tasks,
+            })
+        }
         Some(_) => None,
         None if !all_done => None,
         None => {
@@ -295,8 +508,10 @@ pub async fn advance(consensus: &Consensus) {
             .values()
             .filter(|o| o.kind != OperationKind::Task && !o.state.is_finished())
             .filter_map(|o| {
-                let spec = o.app.as_ref().and_then(|a| s.apps.get(a))?;
-                next_command(o, spec, now)
+                let app = o.app.as_ref()?;
+                let spec = s.apps.get(app)?;
+                let bundle = release_image(o).and_then(|i| s.release_bundle(app, i));
+                next_command(o, spec, bundle, now)
             })
             .collect()
     });

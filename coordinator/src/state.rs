@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec};
 use cutover_shared::domain::{
-    AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, Operation, OperationKind, TaskProgress, TaskRecord,
-    TaskResult, TaskState,
+    AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
+    TaskProgress, TaskRecord, TaskResult, TaskState,
 };
+use cutover_shared::release::{Bundle, Release};
 use serde::{Deserialize, Serialize};
 
 /// Progress events kept per task; older ones are dropped.
@@ -59,12 +60,32 @@ pub enum Command {
     Audit(AuditDraft),
     /// Declare or replace an app.
     PutApp { spec: AppSpec, audit: AuditDraft },
+    /// Record a release and its migrations (validated by the caller).
+    CreateRelease {
+        release: Release,
+        bundle: Bundle,
+        audit: AuditDraft,
+    },
     /// The next step of an app operation. `index` is the position the task
     /// takes, so a step proposed twice is applied once.
     AddTask {
         operation_id: String,
         index: usize,
         task: TaskRecord,
+    },
+    /// Several steps that start together (one wave's switches, an atomic
+    /// cutover's switches): one committed decision. `index` is the position
+    /// the first takes.
+    AddTasks {
+        operation_id: String,
+        index: usize,
+        tasks: Vec<TaskRecord>,
+    },
+    /// An operator paused, resumed, promoted or aborted an operation.
+    ControlOperation {
+        operation_id: String,
+        action: ControlAction,
+        audit: AuditDraft,
     },
     /// An app operation ended (the orchestrator decided).
     FinishOperation {
@@ -119,6 +140,13 @@ pub struct State {
     /// App → `region/cluster` → what the agent last reported.
     #[serde(default)]
     pub app_status: BTreeMap<String, BTreeMap<String, AppClusterStatus>>,
+    /// App → image → release. Releases are immutable once created.
+    #[serde(default)]
+    pub releases: BTreeMap<String, BTreeMap<String, Release>>,
+    /// Migration bundles by content address ([`Bundle::digest`]): releases
+    /// that carry the same migrations share one copy.
+    #[serde(default)]
+    pub bundles: BTreeMap<String, Bundle>,
 }
 
 impl State {
@@ -262,24 +290,52 @@ impl State {
                 self.apps.insert(spec.name.clone(), spec);
                 self.audit(audit);
             }
+            Command::CreateRelease { release, bundle, audit } => {
+                if !self.apps.contains_key(&release.app) {
+                    return CommandResponse::err(format!("unknown app {:?}", release.app));
+                }
+                if let Some(existing) = self.release(&release.app, &release.image) {
+                    if existing.digest == release.digest {
+                        // The same upload again: nothing changes.
+                        return CommandResponse::default();
+                    }
+                    return CommandResponse::err(format!(
+                        "release {} of {} already exists with other migrations (digest {}); releases are immutable",
+                        release.image, release.app, existing.digest
+                    ));
+                }
+                self.bundles.entry(release.digest.clone()).or_insert(bundle);
+                self.releases
+                    .entry(release.app.clone())
+                    .or_default()
+                    .insert(release.image.clone(), release);
+                self.audit(audit);
+            }
             Command::AddTask {
                 operation_id,
                 index,
                 task,
+            } => return self.add_tasks(operation_id, index, vec![task]),
+            Command::AddTasks {
+                operation_id,
+                index,
+                tasks,
+            } => return self.add_tasks(operation_id, index, tasks),
+            Command::ControlOperation {
+                operation_id,
+                action,
+                audit,
             } => {
-                let Some(op) = self.operations.get_mut(&operation_id) else {
-                    return CommandResponse::err(format!("no operation {operation_id}"));
+                let outcome = self.control_operation(&operation_id, &action, &audit.actor);
+                let mut audit = audit;
+                audit.outcome = match &outcome {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("refused: {e}"),
                 };
-                if op.state.is_finished() || op.tasks.len() != index {
-                    // Already added (or the operation ended): nothing to do.
-                    return CommandResponse::default();
+                self.audit(audit);
+                if let Err(e) = outcome {
+                    return CommandResponse::err(e);
                 }
-                let at = task.created_at_unix_ms;
-                self.task_index.insert(task.spec.task_id.clone(), operation_id.clone());
-                op.tasks.push(task);
-                op.state = TaskState::Running;
-                op.updated_at_unix_ms = at;
-                self.task_generation += 1;
             }
             Command::FinishOperation {
                 operation_id,
@@ -311,6 +367,74 @@ impl State {
         let op = self.operations.get_mut(self.task_index.get(task_id)?)?;
         let idx = op.tasks.iter().position(|t| t.spec.task_id == task_id)?;
         Some((op, idx))
+    }
+
+    fn add_tasks(&mut self, operation_id: String, index: usize, tasks: Vec<TaskRecord>) -> CommandResponse {
+        let Some(op) = self.operations.get_mut(&operation_id) else {
+            return CommandResponse::err(format!("no operation {operation_id}"));
+        };
+        if op.state.is_finished() || op.tasks.len() != index {
+            // Already added (or the operation ended): nothing to do.
+            return CommandResponse::default();
+        }
+        for task in tasks {
+            op.updated_at_unix_ms = task.created_at_unix_ms;
+            self.task_index.insert(task.spec.task_id.clone(), operation_id.clone());
+            op.tasks.push(task);
+        }
+        op.state = TaskState::Running;
+        self.task_generation += 1;
+        CommandResponse::default()
+    }
+
+    /// Applies an operator's control of a running operation, or says why not.
+    fn control_operation(&mut self, id: &str, action: &ControlAction, actor: &str) -> Result<(), String> {
+        let op = self
+            .operations
+            .get_mut(id)
+            .ok_or_else(|| format!("unknown operation {id:?}"))?;
+        if op.state.is_finished() {
+            return Err(format!("operation {id} already finished ({:?})", op.state));
+        }
+        if op.kind == OperationKind::Task {
+            return Err(format!(
+                "operation {id} is an ad-hoc task; only app operations can be steered"
+            ));
+        }
+        let c = &mut op.control;
+        if c.aborted_by.is_some() {
+            return Err(format!("operation {id} is being aborted"));
+        }
+        match action {
+            ControlAction::Pause if c.paused => return Err(format!("operation {id} is already paused")),
+            ControlAction::Pause => c.paused = true,
+            ControlAction::Resume if !c.paused => return Err(format!("operation {id} is not paused")),
+            ControlAction::Resume => c.paused = false,
+            ControlAction::Promote { gate } => {
+                if op.params.get("promotion").is_none_or(|p| p != "manual") {
+                    return Err(format!("operation {id} was not started with manual promotion"));
+                }
+                if c.promoted.contains(gate) {
+                    return Err(format!("gate {gate} of operation {id} is already passed"));
+                }
+                c.promoted.push(*gate);
+                c.promoted.sort_unstable();
+            }
+            ControlAction::Abort => c.aborted_by = Some(actor.to_owned()),
+        }
+        Ok(())
+    }
+
+    /// `image`'s release of `app`, if one was created.
+    pub fn release(&self, app: &str, image: &str) -> Option<&Release> {
+        self.releases.get(app).and_then(|r| r.get(image))
+    }
+
+    /// The migrations `image`'s release of `app` carries, if any.
+    pub fn release_bundle(&self, app: &str, image: &str) -> Option<&Bundle> {
+        self.release(app, image)
+            .and_then(|r| self.bundles.get(&r.digest))
+            .filter(|b| !b.migrations.is_empty())
     }
 
     /// The unfinished operation acting on `app` in `cluster`, if any.
@@ -382,9 +506,18 @@ impl std::fmt::Display for Command {
             Command::Attest { attestations, .. } => write!(f, "Attest({} checks)", attestations.len()),
             Command::Audit(d) => write!(f, "Audit({})", d.action),
             Command::PutApp { spec, .. } => write!(f, "PutApp({})", spec.name),
+            Command::CreateRelease { release, .. } => write!(f, "CreateRelease({} {})", release.app, release.image),
             Command::AddTask {
                 operation_id, index, ..
             } => write!(f, "AddTask({operation_id}#{index})"),
+            Command::AddTasks {
+                operation_id,
+                index,
+                tasks,
+            } => write!(f, "AddTasks({operation_id}#{index}, {} tasks)", tasks.len()),
+            Command::ControlOperation {
+                operation_id, action, ..
+            } => write!(f, "ControlOperation({operation_id}, {action:?})"),
             Command::FinishOperation {
                 operation_id, state, ..
             } => write!(f, "FinishOperation({operation_id}, {state:?})"),

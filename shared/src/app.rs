@@ -208,6 +208,12 @@ pub struct AppSpec {
     /// check name → required value (e.g. `tests = "passed"`).
     #[serde(default)]
     pub required_attestations: std::collections::BTreeMap<String, String>,
+    /// Post-migration checks: SQL queries that must each return one row
+    /// holding `true` once a release's migrations ran (e.g. `select
+    /// count(*) = 0 from orders where total is null`). A failing check
+    /// undoes the migration run.
+    #[serde(default)]
+    pub migration_checks: Vec<String>,
 }
 
 fn default_bake_secs() -> u64 {
@@ -284,6 +290,14 @@ impl AppSpec {
                 return Err(bad(
                     &format!("required_attestations.{check}"),
                     "value must not be empty",
+                ));
+            }
+        }
+        for (i, check) in self.migration_checks.iter().enumerate() {
+            if check.trim().is_empty() || check.len() > 4096 {
+                return Err(bad(
+                    &format!("migration_checks[{i}]"),
+                    "must be a query of 1..4096 bytes",
                 ));
             }
         }

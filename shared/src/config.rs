@@ -26,11 +26,16 @@ pub struct Member {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
-    /// Leader heartbeat to followers, ms. Default 100.
+    /// Leader heartbeat to followers, ms. Default 50.
     pub heartbeat_interval_ms: u64,
-    /// Lower bound of the randomized election timeout, ms. Default 400.
+    /// Lower bound of the randomized election timeout, ms. Default 150.
+    ///
+    /// A leader's loss is noticed after its lease (openraft sets it to
+    /// `election_timeout_max_ms`) plus one election timeout, so these two
+    /// bound failover: 150..300 gives a new leader in 0.5-0.7 s on loopback
+    /// (BENCHMARKS.md). Raise them on slow or distant networks.
     pub election_timeout_min_ms: u64,
-    /// Upper bound of the randomized election timeout, ms. Default 800.
+    /// Upper bound of the randomized election timeout, ms. Default 300.
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many new log entries. Default 2000.
     pub snapshot_every: u64,
@@ -41,9 +46,9 @@ pub struct RaftConfig {
 impl Default for RaftConfig {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_every: 2000,
             keep_after_snapshot: 500,
         }
@@ -150,6 +155,121 @@ pub struct AgentConfig {
     /// Largest reconnect delay, ms. Default 5000.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// The apps' databases on this cluster, which `db.migrate` tasks
+    /// migrate (`[[databases]]`; none by default).
+    #[serde(default)]
+    pub databases: Vec<DatabaseConfig>,
+}
+
+/// A database engine the agent migrates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbDriver {
+    Postgres,
+    Sqlite,
+}
+
+impl DbDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbDriver::Postgres => "postgres",
+            DbDriver::Sqlite => "sqlite",
+        }
+    }
+}
+
+impl std::fmt::Display for DbDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The default wait for a lock (the migration lock, and any table lock a
+/// migration needs), ms.
+pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 5_000;
+/// The default limit on one statement, ms (15 minutes).
+pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 15 * 60 * 1000;
+
+fn default_true() -> bool {
+    true
+}
+fn default_lock_timeout_ms() -> u64 {
+    DEFAULT_LOCK_TIMEOUT_MS
+}
+fn default_statement_timeout_ms() -> u64 {
+    DEFAULT_STATEMENT_TIMEOUT_MS
+}
+
+/// One `[[databases]]` entry of the agent's config: an app's database on
+/// this cluster. The connection string is a secret: it is read from a file
+/// or an environment variable, never written in the config itself, and
+/// never logged.
+///
+/// ```toml
+/// [[databases]]
+/// app = "sample"
+/// driver = "postgres"          # or "sqlite"
+/// url_file = "/run/secrets/sample-db-url"   # or: url_env = "SAMPLE_DATABASE_URL"
+/// primary = true
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// The app whose migrations run against this database.
+    pub app: String,
+    /// `postgres` or `sqlite`.
+    pub driver: DbDriver,
+    /// A file holding the connection string (`postgres://user:pass@host/db`,
+    /// `sqlite:///var/lib/app/app.db`). Exactly one of `url_file` and
+    /// `url_env` must be set.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// An environment variable holding the connection string.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// Whether this is the writable primary. Migrations, rollbacks and
+    /// restores run only against a primary; a replica (false) answers
+    /// status and plan. Default true.
+    #[serde(default = "default_true")]
+    pub primary: bool,
+    /// Longest wait for a lock: the migration lock, and on PostgreSQL the
+    /// session's `lock_timeout`, so a migration's DDL never queues behind
+    /// (and in front of) the app's traffic for long. Default 5000.
+    #[serde(default = "default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout` for the migration session, ms.
+    /// SQLite has no equivalent. Default 900000 (15 minutes).
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// Where pre-migration backups are written. Default
+    /// `<data_dir>/db-backups/<app>`.
+    #[serde(default)]
+    pub backup_dir: Option<PathBuf>,
+    /// Directory of `pg_dump`, `pg_restore` and `psql`. Default: the
+    /// server's major version under `/usr/lib/postgresql/*/bin`, the newest
+    /// there, or `PATH`.
+    #[serde(default)]
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl DatabaseConfig {
+    /// Checks what serde cannot, naming the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        crate::domain::validate_name("databases.app", &self.app).map_err(|e| Error::Config(e.to_string()))?;
+        let bad = |what: &str| Err(Error::Config(format!("databases[{}]: {what}", self.app)));
+        match (&self.url_file, &self.url_env) {
+            (Some(_), Some(_)) => return bad("set one of url_file and url_env, not both"),
+            (None, None) => return bad("url_file or url_env is required"),
+            _ => {}
+        }
+        if self.lock_timeout_ms == 0 {
+            return bad("lock_timeout_ms must be positive");
+        }
+        if self.statement_timeout_ms == 0 {
+            return bad("statement_timeout_ms must be positive");
+        }
+        Ok(())
+    }
 }
 
 fn default_reconnect_min_ms() -> u64 {
@@ -166,6 +286,17 @@ impl AgentConfig {
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(Error::Config("need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
+        }
+        for d in &self.databases {
+            d.validate()?;
+        }
+        if let Some(d) = self
+            .databases
+            .iter()
+            .enumerate()
+            .find(|(i, d)| self.databases[..*i].iter().any(|e| e.app == d.app))
+        {
+            return Err(Error::Config(format!("databases: app {} is listed twice", d.1.app)));
         }
         Ok(())
     }
@@ -218,4 +349,42 @@ impl EnvOverride for AgentConfig {
 /// Writes a config as TOML (used by `cutover dev` and tests).
 pub fn to_toml<T: Serialize>(cfg: &T) -> Result<String, Error> {
     toml::to_string_pretty(cfg).map_err(|e| Error::Config(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/examples")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The documented examples stay valid configs with the defaults they show.
+    #[test]
+    fn the_example_configs_parse_and_validate() {
+        let agent: AgentConfig = toml::from_str(&example("agent-us-east.toml")).unwrap();
+        agent.validate().unwrap();
+        assert_eq!(agent.databases.len(), 1);
+        let db = &agent.databases[0];
+        assert_eq!((db.driver, db.primary), (DbDriver::Sqlite, true));
+        assert_eq!(db.lock_timeout_ms, DEFAULT_LOCK_TIMEOUT_MS);
+        assert_eq!(db.statement_timeout_ms, DEFAULT_STATEMENT_TIMEOUT_MS);
+        let coordinator: CoordinatorConfig = toml::from_str(&example("coordinator-1.toml")).unwrap();
+        assert_eq!(coordinator.raft, RaftConfig::default());
+    }
+
+    #[test]
+    fn a_database_needs_exactly_one_url_source() {
+        let mut agent: AgentConfig = toml::from_str(&example("agent-us-east.toml")).unwrap();
+        agent.databases[0].url_env = Some("X".into());
+        let e = agent.validate().unwrap_err().to_string();
+        assert!(e.contains("databases[sample]: set one of url_file and url_env"), "{e}");
+        agent.databases[0].url_file = None;
+        agent.databases.push(agent.databases[0].clone());
+        let e = agent.validate().unwrap_err().to_string();
+        assert!(e.contains("app sample is listed twice"), "{e}");
+    }
 }

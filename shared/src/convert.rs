@@ -132,6 +132,7 @@ impl From<domain::Operation> for proto::Operation {
             domain::OperationKind::Switch => proto::OperationKind::Switch,
             domain::OperationKind::Rollback => proto::OperationKind::Rollback,
             domain::OperationKind::HealthCheck => proto::OperationKind::HealthCheck,
+            domain::OperationKind::Migrate => proto::OperationKind::Migrate,
         };
         proto::Operation {
             id: o.id,
@@ -145,6 +146,11 @@ impl From<domain::Operation> for proto::Operation {
             app: o.app.unwrap_or_default(),
             targets: o.targets.into_iter().map(Into::into).collect(),
             params: o.params.into_iter().collect(),
+            paused: o.control.paused,
+            promoted_gates: o.control.promoted,
+            // Known only to the orchestrator; the control service fills it.
+            awaiting_gate: 0,
+            aborted_by: o.control.aborted_by.unwrap_or_default(),
         }
     }
 }
@@ -282,6 +288,7 @@ impl From<app::AppSpec> for proto::App {
             waves: a.waves.into_iter().map(|regions| proto::Wave { regions }).collect(),
             bake_secs: Some(a.bake_secs),
             required_attestations: a.required_attestations.into_iter().collect(),
+            migration_checks: a.migration_checks,
         }
     }
 }
@@ -381,6 +388,7 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
         waves: a.waves.into_iter().map(|w| w.regions).collect(),
         bake_secs: a.bake_secs.unwrap_or(10),
         required_attestations: a.required_attestations.into_iter().collect(),
+        migration_checks: a.migration_checks,
     };
     spec.validate()?;
     Ok(spec)
@@ -409,6 +417,29 @@ impl From<proto::AppClusterStatus> for app::AppClusterStatus {
                 })
                 .collect(),
             last_switch_unix_ms: (s.last_switch_unix_ms != 0).then_some(s.last_switch_unix_ms),
+        }
+    }
+}
+
+impl From<crate::release::Release> for proto::Release {
+    fn from(r: crate::release::Release) -> Self {
+        proto::Release {
+            app: r.app,
+            image: r.image,
+            digest: r.digest,
+            files: r
+                .files
+                .into_iter()
+                .map(|f| proto::ReleaseFile {
+                    name: f.name,
+                    bytes: f.bytes,
+                    sha256: f.sha256,
+                })
+                .collect(),
+            newest_version: r.newest_version.unwrap_or(0),
+            reversible: r.reversible,
+            created_by: r.created_by,
+            created_at_unix_ms: r.created_at_unix_ms,
         }
     }
 }

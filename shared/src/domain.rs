@@ -155,6 +155,8 @@ pub enum OperationKind {
     Rollback,
     /// Run the health gates against the inactive color now.
     HealthCheck,
+    /// Show, plan, apply or revert an app's database migrations.
+    Migrate,
 }
 
 impl OperationKind {
@@ -165,6 +167,7 @@ impl OperationKind {
             OperationKind::Switch => "switch",
             OperationKind::Rollback => "rollback",
             OperationKind::HealthCheck => "health-check",
+            OperationKind::Migrate => "migrate",
         }
     }
 }
@@ -203,6 +206,34 @@ pub struct Operation {
     pub updated_at_unix_ms: i64,
     pub tasks: Vec<TaskRecord>,
     pub summary: String,
+    /// Operator controls (pause, promote, abort), committed like any step.
+    #[serde(default)]
+    pub control: OperationControl,
+}
+
+/// What operators asked of a running operation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationControl {
+    /// No new step starts while set; steps already running finish, and a
+    /// rollback after a failure still runs (safety beats the pause).
+    pub paused: bool,
+    /// Manual promotion gates passed, 1-based (gate N precedes wave N's
+    /// switch; an atomic cutover has one gate).
+    pub promoted: Vec<u32>,
+    /// Who aborted the operation, once someone did.
+    pub aborted_by: Option<String>,
+}
+
+/// An operator's request to steer a running operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlAction {
+    Pause,
+    Resume,
+    /// Passes manual promotion gate `gate` (1-based).
+    Promote {
+        gate: u32,
+    },
+    Abort,
 }
 
 /// An agent as the coordinator knows it.

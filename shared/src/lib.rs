@@ -17,6 +17,7 @@ pub mod identity;
 pub mod listener;
 pub mod load;
 pub mod proto;
+pub mod release;
 pub mod telemetry;
 pub mod tls;
 

@@ -6,6 +6,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod postgres;
+pub mod process;
+
+pub use process::ProcessCluster;
+
 /// The steady load generator, re-exported for tests and benchmarks.
 pub use cutover_shared::load;
 
@@ -288,12 +293,19 @@ impl TestCluster {
             tls: tls.clone(),
             reconnect_min_ms: 50,
             reconnect_max_ms: 500,
+            databases: vec![],
         }
     }
 
     /// Starts agent `i` in-process.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let agent = Agent::new(self.agent_config(i))?;
+        self.start_agent_with(i, self.agent_config(i))
+    }
+
+    /// Starts agent `i` in-process with `cfg` (from [`Self::agent_config`],
+    /// adjusted: databases, say).
+    pub fn start_agent_with(&mut self, i: usize, cfg: AgentConfig) -> Result<()> {
+        let agent = Agent::new(cfg)?;
         let store = agent.store();
         let cluster = agent.cluster().to_string();
         let (stop, rx) = oneshot::channel();

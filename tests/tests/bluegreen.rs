@@ -41,6 +41,7 @@ fn app(name: &str) -> AppSpec {
         waves: vec![],
         bake_secs: 0,
         required_attestations: Default::default(),
+        migration_checks: vec![],
     }
 }
 
@@ -91,6 +92,7 @@ async fn deploy(c: &TestCluster, node: usize, app: &str, image: &str) -> Result<
             no_switch: false,
             waves: vec![],
             strategy: 0,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().operation_id)

@@ -46,6 +46,7 @@ fn app() -> AppSpec {
         waves: vec![vec!["us-east".into()], vec!["eu-west".into(), "ap-south".into()]],
         bake_secs: 1,
         required_attestations: [("tests".to_string(), "passed".to_string())].into(),
+        migration_checks: vec![],
     }
 }
 
@@ -107,6 +108,7 @@ async fn deploy(
             no_switch: false,
             waves: vec![],
             strategy: strategy as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -218,6 +220,7 @@ async fn bad_cutovers_are_refused_before_anything_starts() {
             })
             .collect(),
         strategy: 0,
+        ..Default::default()
     };
     let cases: Vec<(pb::DeployRequest, tonic::Code, &str)> = vec![
         (req("sample:v9", &[]), tonic::Code::FailedPrecondition, "tests=passed"),
@@ -248,6 +251,197 @@ async fn bad_cutovers_are_refused_before_anything_starts() {
     assert!(
         c.node(leader).consensus().read(|s| s.operations.is_empty()),
         "nothing started"
+    );
+    c.shutdown().await;
+}
+
+/// The operation as the API shows it (with the gate it waits at).
+async fn get_op(c: &TestCluster, leader: usize, id: &str) -> pb::Operation {
+    c.operator(leader)
+        .get_operation(pb::GetOperationRequest {
+            operation_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap()
+}
+
+async fn wait_gate(c: &TestCluster, leader: usize, id: &str, gate: u32) -> pb::Operation {
+    let deadline = tokio::time::Instant::now() + T;
+    let mut applied = c.node(leader).consensus().applied();
+    loop {
+        let op = get_op(c, leader, id).await;
+        if op.awaiting_gate == gate {
+            return op;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gate {gate} never reached: {op:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manual_promotion_pause_resume_and_abort() {
+    let (c, leader, spec) = setup().await;
+    let addrs: Vec<String> = spec
+        .clusters
+        .iter()
+        .map(|c| c.local.as_ref().unwrap().listen.clone())
+        .collect();
+    let op = deploy(&c, leader, "sample:v1", pb::Strategy::Waves).await;
+    assert_eq!(op.state, TaskState::Succeeded, "{}", op.summary);
+    let mut o = c.operator(leader);
+    let start = |image: &str| pb::DeployRequest {
+        app: "shop".into(),
+        image: image.into(),
+        manual_promotion: true,
+        ..Default::default()
+    };
+
+    // v2 waits at gate 1, before any traffic moves.
+    let id = o.deploy(start("sample:v2")).await.unwrap().into_inner().operation_id;
+    let op = wait_gate(&c, leader, &id, 1).await;
+    assert!(op.tasks.iter().all(|t| t.task.as_ref().unwrap().kind != "app.switch"));
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v1");
+    }
+    // Promoting passes the gate it waits at; wave 1 switches and bakes.
+    let r = o
+        .promote_operation(pb::PromoteOperationRequest {
+            operation_id: id.clone(),
+            gate: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.operation.unwrap().promoted_gates, [1]);
+    wait_gate(&c, leader, &id, 2).await;
+    assert_eq!(serving(&addrs[0]).await, "version sample:v2");
+    assert_eq!(serving(&addrs[1]).await, "version sample:v1");
+
+    // Paused, a promotion is recorded but nothing starts.
+    o.pause_operation(pb::PauseOperationRequest {
+        operation_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    let r = o
+        .promote_operation(pb::PromoteOperationRequest {
+            operation_id: id.clone(),
+            gate: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap();
+    assert!(r.paused);
+    let tasks = r.tasks.len();
+    // Watch for a second: a paused operation must not start a step.
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < until {
+        let op = get_op(&c, leader, &id).await;
+        assert_eq!(op.tasks.len(), tasks, "a step started while paused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        o.pause_operation(pb::PauseOperationRequest {
+            operation_id: id.clone()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        tonic::Code::FailedPrecondition
+    );
+    o.resume_operation(pb::ResumeOperationRequest {
+        operation_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    c.wait_state(leader, T, "v2 to finish", |s| s.operations[&id].state.is_finished())
+        .await
+        .unwrap();
+    assert_eq!(get_op(&c, leader, &id).await.state, pb::TaskState::Succeeded as i32);
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v2");
+    }
+
+    // Steering a finished operation, or one without gates, is refused.
+    let e = o
+        .promote_operation(pb::PromoteOperationRequest {
+            operation_id: id.clone(),
+            gate: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("already finished"), "{}", e.message());
+
+    // v3: wave 1 switched, then aborted: us-east goes back to v2.
+    let id = o.deploy(start("sample:v3")).await.unwrap().into_inner().operation_id;
+    wait_gate(&c, leader, &id, 1).await;
+    let e = o
+        .promote_operation(pb::PromoteOperationRequest {
+            operation_id: id.clone(),
+            gate: 3,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("has 2 promotion gate(s)"), "{}", e.message());
+    o.promote_operation(pb::PromoteOperationRequest {
+        operation_id: id.clone(),
+        gate: 1,
+    })
+    .await
+    .unwrap();
+    wait_gate(&c, leader, &id, 2).await;
+    assert_eq!(serving(&addrs[0]).await, "version sample:v3");
+    o.abort_operation(pb::AbortOperationRequest {
+        operation_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    c.wait_state(leader, T, "v3 to be aborted", |s| s.operations[&id].state.is_finished())
+        .await
+        .unwrap();
+    let op = get_op(&c, leader, &id).await;
+    assert_eq!(op.state, pb::TaskState::Failed as i32);
+    assert!(op.summary.starts_with("aborted by operator/"), "{}", op.summary);
+    assert!(op.summary.contains("us-east/us-east-1 switched back"), "{}", op.summary);
+    for a in &addrs {
+        assert_eq!(serving(a).await, "version sample:v2", "every region back on v2");
+    }
+
+    // Every steering call is in the audit trail with who made it.
+    let events = o
+        .list_audit_events(pb::ListAuditEventsRequest { limit: 100 })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    for action in [
+        "PromoteOperation",
+        "PauseOperation",
+        "ResumeOperation",
+        "AbortOperation",
+    ] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.action == action && e.actor.starts_with("operator/") && e.outcome == "ok"),
+            "{action} not audited: {events:?}"
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "PauseOperation" && e.outcome.starts_with("refused")),
+        "a refused pause is audited too"
     );
     c.shutdown().await;
 }

@@ -62,11 +62,17 @@ impl LogStore {
         }
     }
 
-    async fn write_meta<T: Serialize>(&self, key: &'static str, value: &T) -> io::Result<()> {
+    /// Writes a metadata value. `durable: false` skips the fsync: the value
+    /// reaches the disk with the next durable commit (the next append), and
+    /// losing it in a crash before then is harmless (see `save_committed`).
+    async fn write_meta<T: Serialize>(&self, key: &'static str, value: &T, durable: bool) -> io::Result<()> {
         let bytes = encode(value)?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write().map_err(io_err)?;
+            let mut tx = db.begin_write().map_err(io_err)?;
+            if !durable {
+                tx.set_durability(redb::Durability::None).map_err(io_err)?;
+            }
             tx.open_table(META)
                 .map_err(io_err)?
                 .insert(key, bytes.as_slice())
@@ -146,11 +152,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        self.write_meta(VOTE, vote).await
+        self.write_meta(VOTE, vote, true).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
-        self.write_meta(COMMITTED, &committed).await
+        // Not fsynced on its own: this was the second fsync of every write.
+        // A committed index lost in a crash only means the node re-learns it
+        // from the leader (Raft's own recovery); the entries themselves were
+        // appended durably.
+        self.write_meta(COMMITTED, &committed, false).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_shared::config::{Member, RaftConfig};
-use cutover_shared::proto::ProposeRequest;
+use cutover_shared::proto::{ProposeRequest, ReadIndexRequest};
 use cutover_shared::tls::TlsFiles;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
@@ -236,23 +236,57 @@ impl Consensus {
     /// Brings this node's applied state up to date before a read that a
     /// write depends on (does the agent exist?). On the leader this is a
     /// ReadIndex round, which also covers a new leader that has not applied
-    /// its predecessor's last entries yet; on a follower it waits until
-    /// everything it knows to be committed is applied.
+    /// its predecessor's last entries yet. A follower asks the leader for
+    /// that read index (`RaftService.ReadIndex`) and applies up to it: what
+    /// the follower itself knows to be committed may lag what the leader
+    /// has already committed and other nodes have already answered with.
+    /// Without an answer from the leader it applies what it knows.
     pub async fn catch_up(&self) -> Result<(), ProposeError> {
         if self.is_leader() {
-            match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            match self.read_index().await {
                 Ok(_) => return Ok(()),
-                Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {}
-                Err(e) => return Err(ProposeError::Raft(e.to_string())),
+                Err(ProposeError::NotLeader { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         let committed = self.raft.metrics().borrow_watched().local_committed.map(|l| l.index);
+        let leaders = match self.leader() {
+            Some((id, addr)) if id != self.node_id => self.remote_read_index(&addr).await,
+            _ => None,
+        };
         self.raft
             .wait(Some(PROPOSE_DEADLINE))
-            .applied_index_at_least(committed, "apply what is committed")
+            .applied_index_at_least(committed.max(leaders), "apply what is committed")
             .await
             .map(|_| ())
             .map_err(|e| ProposeError::Raft(e.to_string()))
+    }
+
+    /// On the leader: a ReadIndex round (leadership confirmed by a quorum);
+    /// returns the index to apply up to for a linearizable read, once this
+    /// node has applied it.
+    pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(r) => Ok(r.index()),
+            Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => {
+                Err(ProposeError::NotLeader { leader: self.leader() })
+            }
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    /// The read index of the leader at `addr`, if it answers in time.
+    async fn remote_read_index(&self, addr: &str) -> Option<u64> {
+        let mut client = self.peers.client(addr).ok()?;
+        let mut req = tonic::Request::new(ReadIndexRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        match client.read_index(req).await {
+            Ok(r) => Some(r.into_inner().index),
+            Err(s) => {
+                tracing::debug!("read index from {addr}: {}", s.message());
+                None
+            }
+        }
     }
 
     /// Waits until some leader is known, up to `timeout`.
@@ -351,7 +385,19 @@ impl Consensus {
                 Err(ProposeError::NotLeader {
                     leader: Some((id, addr)),
                 }) if id != self.node_id => match self.forward(&addr, &proposal).await {
-                    Ok(r) => return r,
+                    Ok(r) => {
+                        // Read your writes: answer once this node has applied
+                        // the entry too, so that a read through this node
+                        // right after (GetOperation, WatchOperation) sees it.
+                        if let Ok(resp) = &r
+                            && resp.log_index > 0
+                        {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            let mut applied = self.applied();
+                            let _ = tokio::time::timeout(left, applied.wait_for(|i| *i >= resp.log_index)).await;
+                        }
+                        return r;
+                    }
                     Err(e) => e,
                 },
                 Err(ProposeError::NotLeader { .. }) => "no leader".to_owned(),

@@ -4,7 +4,7 @@
 use cutover_shared::proto::raft_service_server::RaftService;
 use cutover_shared::proto::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, ProposeRequest,
-    ProposeResponse, VoteRequest, VoteResponse,
+    ProposeResponse, ReadIndexRequest, ReadIndexResponse, VoteRequest, VoteResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -71,5 +71,13 @@ impl RaftService for RaftGrpc {
             other => other.map_err(|e| e.to_string()),
         };
         Ok(Response::new(ProposeResponse { payload: encode(&r)? }))
+    }
+
+    async fn read_index(&self, _req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
+        // Only the leader can tell: a follower answers UNAVAILABLE.
+        match self.consensus.read_index().await {
+            Ok(index) => Ok(Response::new(ReadIndexResponse { index })),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
     }
 }

@@ -17,7 +17,13 @@ use super::log_store::io_err;
 use crate::state::{CommandResponse, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+/// The snapshot as one JSON document (its data a JSON array of numbers):
+/// how snapshots were stored first; still read, never written.
 const CURRENT: &str = "current";
+/// The snapshot's metadata (JSON) and its data (raw bytes), stored apart so
+/// the data is written as is.
+const CURRENT_META: &str = "current.meta";
+const CURRENT_DATA: &str = "current.data";
 
 /// Everything the state machine holds, as snapshotted.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -71,12 +77,14 @@ impl StateMachineStore {
     }
 
     fn save_snapshot(&self, s: &StoredSnapshot) -> io::Result<()> {
-        let bytes = serde_json::to_vec(s).map_err(io_err)?;
+        let meta = serde_json::to_vec(&s.meta).map_err(io_err)?;
         let tx = self.db.begin_write().map_err(io_err)?;
-        tx.open_table(SNAPSHOT)
-            .map_err(io_err)?
-            .insert(CURRENT, bytes.as_slice())
-            .map_err(io_err)?;
+        {
+            let mut t = tx.open_table(SNAPSHOT).map_err(io_err)?;
+            t.insert(CURRENT_META, meta.as_slice()).map_err(io_err)?;
+            t.insert(CURRENT_DATA, s.data.as_slice()).map_err(io_err)?;
+            t.remove(CURRENT).map_err(io_err)?;
+        }
         tx.commit().map_err(io_err)
     }
 }
@@ -84,6 +92,15 @@ impl StateMachineStore {
 fn read_snapshot(db: &Database) -> io::Result<Option<StoredSnapshot>> {
     let tx = db.begin_read().map_err(io_err)?;
     let table = tx.open_table(SNAPSHOT).map_err(io_err)?;
+    if let (Some(meta), Some(data)) = (
+        table.get(CURRENT_META).map_err(io_err)?,
+        table.get(CURRENT_DATA).map_err(io_err)?,
+    ) {
+        return Ok(Some(StoredSnapshot {
+            meta: serde_json::from_slice(meta.value()).map_err(io_err)?,
+            data: data.value().to_vec(),
+        }));
+    }
     match table.get(CURRENT).map_err(io_err)? {
         Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(io_err)?)),
         None => Ok(None),
@@ -94,23 +111,28 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        let (meta, data) = {
-            let d = self.shared.data.read().map_err(io_err)?;
-            let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: d.last_applied,
-                last_membership: d.last_membership.clone(),
-            };
-            (meta, serde_json::to_vec(&*d).map_err(io_err)?)
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
+        // A copy under the read lock (cheap next to encoding), encoded and
+        // written off the lock: applies, which take the write lock, wait
+        // only for the copy.
+        let d = self.shared.data.read().map_err(io_err)?.clone();
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.save_snapshot(&stored))
-            .await
-            .map_err(io_err)??;
-        Ok(openraft::Snapshot { meta, snapshot: data })
+        let stored = tokio::task::spawn_blocking(move || {
+            let stored = StoredSnapshot {
+                meta: SnapshotMetaOf::<TypeConfig> {
+                    last_log_id: d.last_applied,
+                    last_membership: d.last_membership.clone(),
+                },
+                data: serde_json::to_vec(&d).map_err(io_err)?,
+            };
+            this.save_snapshot(&stored)?;
+            Ok::<_, io::Error>(stored)
+        })
+        .await
+        .map_err(io_err)??;
+        Ok(openraft::Snapshot {
+            meta: stored.meta,
+            snapshot: stored.data,
+        })
     }
 }
 

@@ -1,0 +1,219 @@
+//! `db.migrate`: the migration task. The coordinator sends a release's
+//! migrations (a [`Bundle`]) and an action; this module finds the app's
+//! database in the agent's own config (its connection string never leaves
+//! this process, and is never logged) and runs the [`migrate`] engine.
+//!
+//! Actions: `status`, `plan` (what `up` would run), `up` and `down` (to a
+//! target), and `dry_run` for the last two. Only a primary is migrated: on
+//! a replica, `up` and `down` succeed as skipped, so a cutover runs its
+//! migrations once per region's primary.
+//!
+//! Results carry plain outputs the CLI and the orchestrator read:
+//! `applied_version`, `pending`, `drift` (status); `plan`; `outcome`,
+//! `applied`, `from_version`, `to_version`, `backup_path`, `backup_bytes`,
+//! `backup_sha256` (up / down); `skipped` when nothing ran.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cutover_shared::app::AppSpec;
+use cutover_shared::config::DatabaseConfig;
+use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
+use cutover_shared::release::Bundle;
+
+use crate::migrate::{self, Direction, MigrationSource, Outcome, RunEvent};
+
+/// Kinds this module executes.
+pub const KINDS: &[&str] = &["db.migrate"];
+
+/// The databases this agent migrates, by app.
+pub struct DbRuntime {
+    databases: BTreeMap<String, DatabaseConfig>,
+    data_dir: PathBuf,
+}
+
+fn join(versions: impl IntoIterator<Item = i64>) -> String {
+    versions
+        .into_iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl DbRuntime {
+    /// The databases of an agent config (which `AgentConfig::validate`
+    /// checked: a config error stops the agent at start, not at the first
+    /// cutover).
+    pub fn new(databases: &[DatabaseConfig], data_dir: &Path) -> DbRuntime {
+        DbRuntime {
+            databases: databases.iter().map(|d| (d.app.clone(), d.clone())).collect(),
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
+        let (success, message, outputs) = match self.run(task, progress).await {
+            Ok((ok, msg, out)) => (ok, msg, out),
+            Err(e) => (false, e, BTreeMap::new()),
+        };
+        TaskResult {
+            task_id: task.task_id.clone(),
+            success,
+            message,
+            outputs,
+            replayed: false,
+            finished_at_unix_ms: now_unix_ms(),
+        }
+    }
+
+    async fn run(
+        &self,
+        task: &TaskSpec,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(bool, String, BTreeMap<String, String>), String> {
+        let p = &task.params;
+        let app = p.get("app").ok_or("the task names no app")?;
+        let action = p.get("action").map_or("status", String::as_str);
+        let dry_run = p.get("dry_run").is_some_and(|d| d == "true");
+        let target: Option<i64> = match p.get("target") {
+            None => None,
+            Some(t) => Some(t.parse().map_err(|_| format!("target {t:?} is not a version"))?),
+        };
+        let bundle: Bundle = match p.get("bundle") {
+            None => Bundle::default(),
+            Some(b) => serde_json::from_str(b).map_err(|e| format!("the task's migrations are malformed: {e}"))?,
+        };
+        let checks: Vec<String> = p
+            .get("spec")
+            .and_then(|s| serde_json::from_str::<AppSpec>(s).ok())
+            .map(|s| s.migration_checks)
+            .unwrap_or_default();
+        let db = self.databases.get(app).ok_or_else(|| {
+            format!(
+                "no database is configured for app {app} on {} (add a [[databases]] entry to the agent's config)",
+                task.target
+            )
+        })?;
+        let cfg = migrate::resolve(db, &self.data_dir).map_err(|e| e.to_string())?;
+        let source = MigrationSource::from_bundle(&bundle).map_err(|e| e.to_string())?;
+        let mut out = BTreeMap::new();
+        let changes = matches!(action, "up" | "down") && !dry_run;
+        if changes && !cfg.primary {
+            let why = "not the primary (a replica): migrations run against the region's primary".to_owned();
+            out.insert("skipped".into(), why.clone());
+            return Ok((true, format!("skipped: {why}"), out));
+        }
+        match (action, dry_run) {
+            ("status", _) => {
+                let st = migrate::status(&cfg, &source).await.map_err(|e| e.to_string())?;
+                let at = st.newest_applied.unwrap_or(0);
+                out.insert("applied_version".into(), at.to_string());
+                out.insert("pending".into(), join(st.pending.iter().copied()));
+                out.insert("drift".into(), join(st.drifted.iter().copied()));
+                out.insert("dirty".into(), join(st.dirty.iter().copied()));
+                out.insert("unknown".into(), join(st.unknown.iter().copied()));
+                if !cfg.primary {
+                    out.insert("skipped".into(), "replica".into());
+                }
+                let mut msg = format!("at version {at}; {} pending", st.pending.len());
+                if !st.drifted.is_empty() {
+                    msg.push_str(&format!("; DRIFT in {}", join(st.drifted.iter().copied())));
+                }
+                Ok((true, msg, out))
+            }
+            ("plan", _) | ("up" | "down", true) => {
+                let direction = if action == "down" {
+                    Direction::Down
+                } else {
+                    Direction::Up
+                };
+                let plan = migrate::plan(&cfg, &source, target, direction)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut text = String::new();
+                for s in &plan.steps {
+                    text.push_str(&format!(
+                        "{} {} {} ({})\n",
+                        s.direction, s.version, s.description, s.file
+                    ));
+                    for stmt in &s.statements {
+                        text.push_str(&format!("    {}\n", stmt.trim()));
+                    }
+                }
+                out.insert("plan".into(), text);
+                out.insert(
+                    "applied_version".into(),
+                    plan.applied.last().copied().unwrap_or(0).to_string(),
+                );
+                let msg = if plan.steps.is_empty() {
+                    "nothing to run".to_owned()
+                } else {
+                    format!(
+                        "would run {} migration(s) {}: {}",
+                        plan.steps.len(),
+                        plan.direction,
+                        join(plan.steps.iter().map(|s| s.version))
+                    )
+                };
+                Ok((true, msg, out))
+            }
+            ("up" | "down", false) => {
+                let observer = |e: &RunEvent<'_>| progress(e.to_string());
+                let report = if action == "up" {
+                    migrate::up(&cfg, &source, target, &checks, &observer).await
+                } else {
+                    migrate::down(&cfg, &source, target, &observer).await
+                }
+                .map_err(|e| e.to_string())?;
+                out.insert(
+                    "outcome".into(),
+                    serde_json::to_value(report.outcome)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                );
+                out.insert(
+                    "applied".into(),
+                    if report.succeeded() {
+                        join(report.applied.iter().map(|s| s.version))
+                    } else {
+                        String::new()
+                    },
+                );
+                let newest = |v: &[i64]| v.iter().max().copied().unwrap_or(0);
+                out.insert("from_version".into(), newest(&report.versions_before).to_string());
+                out.insert("to_version".into(), newest(&report.versions_after).to_string());
+                if let Some(b) = &report.backup {
+                    out.insert("backup_path".into(), b.path.display().to_string());
+                    out.insert("backup_bytes".into(), b.size.to_string());
+                    out.insert("backup_sha256".into(), b.sha256.clone());
+                }
+                let steps = report
+                    .applied
+                    .iter()
+                    .map(|s| format!("{} ({} ms)", s.version, s.duration.as_millis()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let msg = match report.outcome {
+                    Outcome::Applied if report.applied.is_empty() => {
+                        format!("nothing to run; at version {}", newest(&report.versions_after))
+                    }
+                    Outcome::Applied => format!("{action} {steps}; now at version {}", newest(&report.versions_after)),
+                    other => format!(
+                        "{action} failed: {}; {}; the database is at version {}",
+                        report.error.as_deref().unwrap_or("unknown error"),
+                        match other {
+                            Outcome::RolledBackByDowns => "undone by the down migrations",
+                            Outcome::RolledBackByUps => "undone by re-applying the reverted migrations",
+                            Outcome::RestoredFromBackup => "undone by restoring the pre-migration backup",
+                            _ => "NOT undone: the database needs an operator",
+                        },
+                        newest(&report.versions_after)
+                    ),
+                };
+                Ok((report.succeeded(), msg, out))
+            }
+            (other, _) => Err(format!("unknown migrate action {other:?} (status, plan, up or down)")),
+        }
+    }
+}

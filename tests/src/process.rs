@@ -1,0 +1,433 @@
+//! A whole system as real `cutover` processes, for kill -9 tests: N
+//! `cutover coordinator` processes and one `cutover agent` process per
+//! region, each with its own config file in a temporary directory and its
+//! output in a log file. Any process can be killed with SIGKILL and started
+//! again from its data directory; every start writes a new log file, so a
+//! test can tell what each incarnation did.
+//!
+//! Agents log as JSON (`log_format = "json"`), which is what
+//! [`ProcessCluster::agent_task_events`] reads to tell how often each task
+//! was started (executed, not replayed) and finished.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cutover_shared::config::to_toml;
+use cutover_shared::proto as pb;
+use cutover_shared::proto::control_service_client::ControlServiceClient;
+use cutover_shared::telemetry::LogFormat;
+use tonic::transport::Channel;
+
+use crate::{Proc, TestCluster, cutover_bin};
+
+/// What the processes log: info, without the chattiest dependencies.
+const LOG_FILTER: &str = "info,openraft=warn,h2=warn,tower=warn,hyper=warn,hyper_util=warn";
+
+/// One task event an agent logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskEvent {
+    /// Which run of the agent process logged it (0 = the first).
+    pub incarnation: usize,
+    pub task_id: String,
+    pub kind: TaskEventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskEventKind {
+    /// "task started": the agent executes it (`attempt` counts starts, from
+    /// the agent's durable store).
+    Started { attempt: u64 },
+    /// "task finished": the result is recorded (fsynced) and reported.
+    Finished { success: bool },
+    /// "task already finished; replaying its result".
+    Replayed,
+}
+
+/// Coordinators and agents as real processes.
+pub struct ProcessCluster {
+    /// Configs, certificates and the temporary directory. Dropping it kills
+    /// the app processes the agents started.
+    pub harness: TestCluster,
+    coordinator_configs: Vec<PathBuf>,
+    agent_configs: Vec<PathBuf>,
+    coordinators: Vec<Option<Proc>>,
+    agents: Vec<Option<Proc>>,
+    coordinator_logs: Vec<Vec<PathBuf>>,
+    agent_logs: Vec<Vec<PathBuf>>,
+}
+
+impl ProcessCluster {
+    /// Writes configs for `nodes` coordinators (the harness's tight Raft
+    /// timings) and one agent per region, then starts every process.
+    pub async fn start(nodes: u64, regions: &[(&str, &str)]) -> Result<ProcessCluster> {
+        let mut harness = TestCluster::builder().nodes(nodes).regions(regions).prepare().await?;
+        let dir = harness.tmp.path().to_owned();
+        std::fs::create_dir_all(dir.join("logs"))?;
+        // The harness bound ports to learn them; processes bind their own,
+        // taken below the ephemeral range (see `stable_free_addr`).
+        harness.release_listeners();
+        let addrs: Vec<String> = harness.configs.iter().map(|_| stable_free_addr()).collect();
+        for cfg in harness.configs.iter_mut() {
+            cfg.listen = addrs[cfg.node_id as usize - 1].clone();
+            for m in cfg.initial_members.iter_mut() {
+                m.address = addrs[m.id as usize - 1].clone();
+            }
+        }
+        let mut coordinator_configs = Vec::new();
+        for (i, cfg) in harness.configs.iter().enumerate() {
+            let path = dir.join(format!("coordinator-{}.toml", i + 1));
+            std::fs::write(&path, to_toml(cfg)?)?;
+            coordinator_configs.push(path);
+        }
+        let mut agent_configs = Vec::new();
+        for (i, (region, _)) in regions.iter().enumerate() {
+            let mut cfg = harness.agent_config(i);
+            cfg.log_format = LogFormat::Json;
+            let path = dir.join(format!("agent-{region}.toml"));
+            std::fs::write(&path, to_toml(&cfg)?)?;
+            agent_configs.push(path);
+        }
+        let n = coordinator_configs.len();
+        let a = agent_configs.len();
+        let mut pc = ProcessCluster {
+            harness,
+            coordinator_configs,
+            agent_configs,
+            coordinators: (0..n).map(|_| None).collect(),
+            agents: (0..a).map(|_| None).collect(),
+            coordinator_logs: vec![vec![]; n],
+            agent_logs: vec![vec![]; a],
+        };
+        for i in 0..n {
+            pc.start_coordinator(i)?;
+        }
+        for i in 0..a {
+            pc.start_agent(i)?;
+        }
+        Ok(pc)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.harness.tmp.path()
+    }
+
+    fn spawn(&self, args: &[&str], log: &Path, format: &str) -> Result<Proc> {
+        let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(cutover_bin())
+            .args(args)
+            .env("RUST_LOG", LOG_FILTER)
+            .env("NO_COLOR", "1")
+            .env("CUTOVER_LOG_FORMAT", format)
+            .env_remove("CUTOVER_DATA_DIR")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawning cutover")?;
+        Ok(Proc { child })
+    }
+
+    /// Starts (or restarts, from its data directory) coordinator `i`.
+    pub fn start_coordinator(&mut self, i: usize) -> Result<()> {
+        assert!(self.coordinators[i].is_none(), "coordinator {} already runs", i + 1);
+        let log = self
+            .dir()
+            .join("logs")
+            .join(format!("coordinator-{}.{}.log", i + 1, self.coordinator_logs[i].len()));
+        let config = self.coordinator_configs[i].display().to_string();
+        self.coordinators[i] = Some(self.spawn(&["coordinator", "--config", &config], &log, "human")?);
+        self.coordinator_logs[i].push(log);
+        Ok(())
+    }
+
+    /// kill -9 of coordinator `i`.
+    pub fn kill9_coordinator(&mut self, i: usize) {
+        if let Some(mut p) = self.coordinators[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts (or restarts, from its data directory) agent `i`.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        assert!(self.agents[i].is_none(), "agent {i} already runs");
+        let region = &self.harness.pki.agents[i].0;
+        let log = self
+            .dir()
+            .join("logs")
+            .join(format!("agent-{region}.{}.log", self.agent_logs[i].len()));
+        let config = self.agent_configs[i].display().to_string();
+        self.agents[i] = Some(self.spawn(&["agent", "--config", &config], &log, "json")?);
+        self.agent_logs[i].push(log);
+        Ok(())
+    }
+
+    /// kill -9 of agent `i` (its app processes keep running, by design).
+    pub fn kill9_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// Indexes of the coordinators whose processes run.
+    pub fn running_coordinators(&self) -> Vec<usize> {
+        (0..self.coordinators.len())
+            .filter(|&i| self.coordinators[i].is_some())
+            .collect()
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.harness.configs[i].listen
+    }
+
+    /// An operator client for coordinator `i` (connects lazily).
+    pub fn operator(&self, i: usize) -> ControlServiceClient<Channel> {
+        self.harness.operator(i)
+    }
+
+    /// Coordinator `i`'s view of the cluster, if it answers within 2 s.
+    pub async fn cluster_status(&self, i: usize) -> Option<pb::GetClusterStatusResponse> {
+        let mut client = self.operator(i);
+        let call = client.get_cluster_status(pb::GetClusterStatusRequest {});
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// Waits until every running coordinator answers and names the same
+    /// leader, which runs and calls itself leader; returns its index.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = self.running_coordinators();
+            let mut views = Vec::new();
+            for &i in &running {
+                views.push(self.cluster_status(i).await);
+            }
+            let ids: Vec<Option<u64>> = views.iter().map(|v| v.as_ref().map(|s| s.leader_id)).collect();
+            if let Some(Some(id)) = ids.first().copied()
+                && id > 0
+                && ids.iter().all(|v| *v == Some(id))
+            {
+                let l = id as usize - 1;
+                let leads = running
+                    .iter()
+                    .position(|&i| i == l)
+                    .and_then(|k| views[k].as_ref())
+                    .is_some_and(|s| s.server_state == "leader");
+                if leads {
+                    return Ok(l);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no agreed leader among coordinators {running:?} after {timeout:?}: leader ids {ids:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Asks each running coordinator in turn until one answers.
+    pub async fn any<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    where
+        F: Fn(ControlServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut errors = Vec::new();
+        for i in self.running_coordinators() {
+            match tokio::time::timeout(Duration::from_secs(5), call(self.operator(i))).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => errors.push(format!("node {}: {:?} {}", i + 1, s.code(), s.message())),
+                Err(_) => errors.push(format!("node {}: timed out", i + 1)),
+            }
+        }
+        bail!("{what}: no coordinator answered: {}", errors.join("; "))
+    }
+
+    /// The operation as the first running coordinator that answers has it.
+    pub async fn operation(&self, id: &str) -> Result<pb::Operation> {
+        let r = self
+            .any("GetOperation", |mut c| {
+                let id = id.to_owned();
+                async move { c.get_operation(pb::GetOperationRequest { operation_id: id }).await }
+            })
+            .await?;
+        r.operation.context("GetOperation answered no operation")
+    }
+
+    /// Polls until the operation is finished (succeeded or failed).
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Result<pb::Operation> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let op = self.operation(id).await;
+            if let Ok(op) = &op
+                && (op.state == pb::TaskState::Succeeded as i32 || op.state == pb::TaskState::Failed as i32)
+            {
+                return Ok(op.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "operation {id} not finished after {timeout:?}; last seen: {}",
+                    describe(op.ok().as_ref())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every agent is registered up.
+    pub async fn wait_agents_up(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let want = self.agents.len();
+        loop {
+            let up = self
+                .any("ListAgents", |mut c| async move {
+                    c.list_agents(pb::ListAgentsRequest {}).await
+                })
+                .await
+                .map(|r| r.agents.iter().filter(|a| a.state == pb::AgentState::Up as i32).count())
+                .unwrap_or(0);
+            if up == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{up}/{want} agents up after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Index of the agent serving `region`.
+    pub fn agent_index(&self, region: &str) -> usize {
+        self.harness
+            .pki
+            .agents
+            .iter()
+            .position(|(r, _, _)| r == region)
+            .unwrap_or_else(|| panic!("no agent for region {region}"))
+    }
+
+    /// Every task event agent `i` logged, over all its runs, in order.
+    pub fn agent_task_events(&self, i: usize) -> Vec<TaskEvent> {
+        let mut out = Vec::new();
+        for (incarnation, path) in self.agent_logs[i].iter().enumerate() {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            // A line cut by kill -9 does not parse and is skipped.
+            for v in text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            {
+                let Some(task_id) = v.get("task").and_then(|t| t.as_str()) else {
+                    continue;
+                };
+                let kind = match v.get("message").and_then(|m| m.as_str()) {
+                    Some("task started") => TaskEventKind::Started {
+                        attempt: v.get("attempt").and_then(|a| a.as_u64()).unwrap_or(0),
+                    },
+                    Some("task finished") => TaskEventKind::Finished {
+                        success: v.get("success").and_then(|s| s.as_bool()).unwrap_or(false),
+                    },
+                    Some(m) if m.starts_with("task already finished") => TaskEventKind::Replayed,
+                    _ => continue,
+                };
+                out.push(TaskEvent {
+                    incarnation,
+                    task_id: task_id.to_owned(),
+                    kind,
+                });
+            }
+        }
+        out
+    }
+
+    /// The last `lines` lines of every log, for failure messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for path in self.coordinator_logs.iter().chain(&self.agent_logs).flatten() {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("==> {} <==\n", path.display()));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// One line per task, for failure messages.
+pub fn describe(op: Option<&pb::Operation>) -> String {
+    let Some(op) = op else { return "(none)".into() };
+    let state = |s: i32| pb::TaskState::try_from(s).map_or("?".into(), |s| format!("{s:?}"));
+    let mut out = format!("{} {}: {}", op.id, state(op.state), op.summary);
+    for t in &op.tasks {
+        let spec = t.task.clone().unwrap_or_default();
+        let target = spec.target.map(|c| c.region).unwrap_or_default();
+        let (msg, replayed) = t
+            .result
+            .as_ref()
+            .map_or((String::new(), false), |r| (r.message.replace('\n', " "), r.replayed));
+        out.push_str(&format!(
+            "\n  {} {} {} {} dispatched {}x{} {}",
+            spec.task_id,
+            spec.kind,
+            target,
+            state(t.state),
+            t.dispatch_count,
+            if replayed { " (replayed)" } else { "" },
+            msg
+        ));
+    }
+    out
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.kill9_agent(i);
+        }
+        for i in 0..self.coordinators.len() {
+            self.kill9_coordinator(i);
+        }
+        // The harness's own drop then kills the app processes.
+    }
+}
+
+/// A free loopback address whose port lies below the kernel's ephemeral
+/// range. `free_addr` hands out a port that a later `bind(0)` or outgoing
+/// connection (another test's app process, router, coordinator) may take
+/// before the process it was meant for binds it; no kernel-chosen port
+/// comes from below the ephemeral range.
+pub fn stable_free_addr() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Within this process, successive calls walk a permutation of the range
+    // (a step coprime with its size), so no port is handed out twice; the
+    // start differs between processes.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static SEED: OnceLock<u32> = OnceLock::new();
+    const SPAN: u32 = 12_000;
+    const STEP: u32 = 7919;
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768);
+    let first = low.saturating_sub(SPAN).max(1024);
+    let span = (low - first).max(1);
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+    });
+    for _ in 0..span {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = first + (seed % span + (k % span) * STEP) % span;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().expect("local address").to_string();
+        }
+    }
+    crate::free_addr()
+}
