@@ -508,3 +508,65 @@ async fn agent_kill9_mid_deploy() {
     assert_not_half_switched(&pc, &spec, &op).await;
     assert_executed_once(&pc, &[&v1, &op], Some(&task));
 }
+
+/// Atomic: every region prepares, then one committed decision switches all
+/// of them. kill -9 of the leader once that decision is in the log: the new
+/// leader carries it out everywhere, and no task runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn atomic_cutover_survives_a_leader_kill9_at_its_switch() {
+    let Fixture { mut pc, spec, v1 } = setup().await;
+    let leader = pc.wait_leader(T).await.unwrap();
+    let watcher = (leader + 1) % 3;
+    let id = pc
+        .operator(watcher)
+        .deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: V2.into(),
+            strategy: pb::Strategy::Atomic as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let deadline = Instant::now() + FINISH;
+    let seen = loop {
+        let op = pc.operation(&id).await.unwrap();
+        if op.tasks.iter().any(|t| kind(t) == "app.switch") {
+            break op;
+        }
+        assert!(!finished(&op), "finished before switching: {}", describe(Some(&op)));
+        assert!(Instant::now() < deadline, "no switch: {}", describe(Some(&op)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // The switches of every region arrived in one entry, after every gate.
+    let switches = seen.tasks.iter().filter(|t| kind(t) == "app.switch").count();
+    assert_eq!(switches, REGIONS.len(), "{}", describe(Some(&seen)));
+    let first_switch = seen.tasks.iter().position(|t| kind(t) == "app.switch").unwrap();
+    assert_eq!(
+        seen.tasks[..first_switch]
+            .iter()
+            .filter(|t| kind(t) == "app.gates")
+            .count(),
+        REGIONS.len()
+    );
+    let victim = match pc.cluster_status(watcher).await {
+        Some(s) if s.leader_id > 0 => s.leader_id as usize - 1,
+        _ => pc.wait_leader(T).await.unwrap(),
+    };
+    pc.kill9_coordinator(victim);
+    pc.wait_leader(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    let op = pc
+        .wait_finished(&id, FINISH)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(40)));
+    assert_eq!(
+        assert_not_half_switched(&pc, &spec, &op).await,
+        V2,
+        "{}",
+        describe(Some(&op))
+    );
+    assert_executed_once(&pc, &[&v1, &op], None);
+}
