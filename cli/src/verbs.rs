@@ -385,6 +385,52 @@ fn print_operation_new(o: &pb::Operation, seen: &mut std::collections::HashSet<S
     }
 }
 
+/// What `promote`, `pause`, `resume` and `abort` ask of an operation.
+#[derive(Clone, Copy)]
+enum Steer {
+    Promote(u32),
+    Pause,
+    Resume,
+    Abort,
+}
+
+/// Sends one steering call for operation `id` and prints the operation as
+/// it then is.
+async fn steer(conn: &ConnOpts, id: &str, action: Steer) -> Result<()> {
+    let op = call(conn, |mut c| {
+        let operation_id = id.to_owned();
+        async move {
+            let op = match action {
+                Steer::Promote(gate) => {
+                    let req = pb::PromoteOperationRequest { operation_id, gate };
+                    c.promote_operation(req).await?.into_inner().operation
+                }
+                Steer::Pause => {
+                    let req = pb::PauseOperationRequest { operation_id };
+                    c.pause_operation(req).await?.into_inner().operation
+                }
+                Steer::Resume => {
+                    let req = pb::ResumeOperationRequest { operation_id };
+                    c.resume_operation(req).await?.into_inner().operation
+                }
+                Steer::Abort => {
+                    let req = pb::AbortOperationRequest { operation_id };
+                    c.abort_operation(req).await?.into_inner().operation
+                }
+            };
+            Ok(tonic::Response::new(op))
+        }
+    })
+    .await?;
+    let what = match action {
+        Steer::Promote(_) => "promoted",
+        Steer::Pause => "paused",
+        Steer::Resume => "resumed",
+        Steer::Abort => "aborting (switching back what it switched)",
+    };
+    print_steered(conn, op, what)
+}
+
 /// Prints an operation after a promote / pause / resume / abort.
 fn print_steered(conn: &ConnOpts, op: Option<pb::Operation>, what: &str) -> Result<()> {
     let op = op.context("the coordinator returned no operation")?;
@@ -896,52 +942,10 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         }
         Verb::Release { cmd, conn } => return crate::migrate::run_release(cmd, conn).await,
         Verb::Migrate { cmd, conn } => return crate::migrate::run_migrate(cmd, conn).await,
-        Verb::Promote { operation, gate, conn } => {
-            let op = call(&conn, |mut c| {
-                let operation_id = operation.clone();
-                async move {
-                    let r = c
-                        .promote_operation(pb::PromoteOperationRequest { operation_id, gate })
-                        .await?;
-                    Ok(tonic::Response::new(r.into_inner().operation))
-                }
-            })
-            .await?;
-            print_steered(&conn, op, "promoted")?;
-        }
-        Verb::Pause { operation, conn } => {
-            let op = call(&conn, |mut c| {
-                let operation_id = operation.clone();
-                async move {
-                    let r = c.pause_operation(pb::PauseOperationRequest { operation_id }).await?;
-                    Ok(tonic::Response::new(r.into_inner().operation))
-                }
-            })
-            .await?;
-            print_steered(&conn, op, "paused")?;
-        }
-        Verb::Resume { operation, conn } => {
-            let op = call(&conn, |mut c| {
-                let operation_id = operation.clone();
-                async move {
-                    let r = c.resume_operation(pb::ResumeOperationRequest { operation_id }).await?;
-                    Ok(tonic::Response::new(r.into_inner().operation))
-                }
-            })
-            .await?;
-            print_steered(&conn, op, "resumed")?;
-        }
-        Verb::Abort { operation, conn } => {
-            let op = call(&conn, |mut c| {
-                let operation_id = operation.clone();
-                async move {
-                    let r = c.abort_operation(pb::AbortOperationRequest { operation_id }).await?;
-                    Ok(tonic::Response::new(r.into_inner().operation))
-                }
-            })
-            .await?;
-            print_steered(&conn, op, "aborting (switching back what it switched)")?;
-        }
+        Verb::Promote { operation, gate, conn } => steer(&conn, &operation, Steer::Promote(gate)).await?,
+        Verb::Pause { operation, conn } => steer(&conn, &operation, Steer::Pause).await?,
+        Verb::Resume { operation, conn } => steer(&conn, &operation, Steer::Resume).await?,
+        Verb::Abort { operation, conn } => steer(&conn, &operation, Steer::Abort).await?,
         Verb::Audit { limit, conn } => {
             let r = call(&conn, |mut c| async move {
                 c.list_audit_events(pb::ListAuditEventsRequest { limit }).await

@@ -61,8 +61,14 @@ fn audit(who: &Identity, action: &str, params: serde_json::Value, outcome: &str)
 /// The operation as the API shows it, with the gate it waits at (which only
 /// the orchestrator can tell).
 fn operation_proto(consensus: &Consensus, op: domain::Operation) -> pb::Operation {
-    let (spec, bundle) = op_context(consensus, &op);
-    let gate = spec.and_then(|spec| crate::orchestrator::awaiting_gate(&op, &spec, bundle.as_ref()));
+    // Only an unfinished operation with manual promotion can wait at a gate;
+    // the others (most of a listing) need no app or bundle copied.
+    let gate = if crate::orchestrator::has_gates(&op) && !op.state.is_finished() {
+        let (spec, bundle) = op_context(consensus, &op);
+        spec.and_then(|spec| crate::orchestrator::awaiting_gate(&op, &spec, bundle.as_ref()))
+    } else {
+        None
+    };
     let mut p: pb::Operation = op.into();
     p.awaiting_gate = gate.unwrap_or(0);
     p

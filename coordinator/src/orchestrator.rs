@@ -282,14 +282,14 @@ fn task_from(op: &Operation, index: usize, step: Step, now: i64) -> Command {
 }
 
 /// True when `op` waits for operators at its manual promotion gates.
-fn manual(op: &Operation) -> bool {
+pub fn has_gates(op: &Operation) -> bool {
     op.params.get("promotion").is_some_and(|p| p == "manual")
 }
 
 /// How many manual promotion gates `op` has (0 unless it was started with
 /// manual promotion).
 pub fn gate_count(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> u32 {
-    if !manual(op) {
+    if !has_gates(op) {
         return 0;
     }
     plan(op, spec, bundle).iter().map(|s| s.gate).max().unwrap_or(0)
@@ -297,7 +297,7 @@ pub fn gate_count(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> u3
 
 /// The manual promotion gate `op` waits at now, if any.
 pub fn awaiting_gate(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Option<u32> {
-    if !manual(op) || op.state.is_finished() || op.control.paused || op.control.aborted_by.is_some() {
+    if !has_gates(op) || op.state.is_finished() || op.control.paused || op.control.aborted_by.is_some() {
         return None;
     }
     if !op.tasks.iter().all(|t| t.state.is_finished()) || op.tasks.iter().any(|t| t.state == TaskState::Failed) {
@@ -449,7 +449,7 @@ pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now
     let mut steps = plan(op, spec, bundle).into_iter().skip(index).peekable();
     match steps.peek() {
         Some(step) if all_done || step.with_previous => {
-            if step.gate > 0 && manual(op) && !op.control.promoted.contains(&step.gate) {
+            if step.gate > 0 && has_gates(op) && !op.control.promoted.contains(&step.gate) {
                 return None;
             }
             // The step and the steps that go with it, as one decision: after

@@ -388,6 +388,42 @@ pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
     }
 }
 
+/// App `name` running the sample app (this build's `cutover sample-app`)
+/// under the local driver in each `(region, cluster)`: an HTTP health
+/// probe, a light load probe, no waves, a 1 s bake. Tests adjust the rest.
+pub fn sample_app_spec(name: &str, regions: &[(&str, &str)]) -> cutover_shared::app::AppSpec {
+    use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
+    AppSpec {
+        name: name.into(),
+        clusters: regions
+            .iter()
+            .map(|(r, c)| AppCluster {
+                region: r.to_string(),
+                cluster: c.to_string(),
+                driver: DriverKind::Local,
+                local: Some(sample_app_local(&cutover_bin())),
+                kubernetes: None,
+            })
+            .collect(),
+        health: vec![Probe::Http {
+            path: "/health".into(),
+            status: 200,
+            body_contains: None,
+        }],
+        load: LoadProbe {
+            requests: 20,
+            rate_per_sec: 100,
+            min_rps: 10.0,
+            ..LoadProbe::default()
+        },
+        scale_down_delay_secs: None,
+        waves: vec![],
+        bake_secs: 1,
+        required_attestations: Default::default(),
+        migration_checks: vec![],
+    }
+}
+
 /// The `cutover` binary built alongside the tests (`cargo build --bin cutover`
 /// runs first in `scripts/test`).
 pub fn cutover_bin() -> PathBuf {

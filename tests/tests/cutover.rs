@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
+use cutover_shared::app::{AppSpec, LoadProbe};
 use cutover_shared::domain::TaskState;
 use cutover_shared::proto as pb;
-use cutover_tests::{TestCluster, cutover_bin, sample_app_local};
+use cutover_tests::{TestCluster, sample_app_spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(90);
@@ -20,33 +20,15 @@ const REGIONS: &[(&str, &str)] = &[
 
 fn app() -> AppSpec {
     AppSpec {
-        name: "shop".into(),
-        clusters: REGIONS
-            .iter()
-            .map(|(r, c)| AppCluster {
-                region: r.to_string(),
-                cluster: c.to_string(),
-                driver: DriverKind::Local,
-                local: Some(sample_app_local(&cutover_bin())),
-                kubernetes: None,
-            })
-            .collect(),
-        health: vec![Probe::Http {
-            path: "/health".into(),
-            status: 200,
-            body_contains: None,
-        }],
         load: LoadProbe {
             requests: 40,
             rate_per_sec: 100,
             min_rps: 20.0,
             ..LoadProbe::default()
         },
-        scale_down_delay_secs: None,
         waves: vec![vec!["us-east".into()], vec!["eu-west".into(), "ap-south".into()]],
-        bake_secs: 1,
         required_attestations: [("tests".to_string(), "passed".to_string())].into(),
-        migration_checks: vec![],
+        ..sample_app_spec("shop", REGIONS)
     }
 }
 

@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
+use cutover_shared::app::AppSpec;
 use cutover_shared::config::{AgentConfig, DatabaseConfig, DbDriver};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
-use cutover_tests::{TestCluster, cutover_bin, sample_app_local};
+use cutover_tests::{TestCluster, sample_app_spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(90);
@@ -44,38 +44,6 @@ impl Write for LogWriter {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-fn app(name: &str, regions: &[(&str, &str)]) -> AppSpec {
-    AppSpec {
-        name: name.into(),
-        clusters: regions
-            .iter()
-            .map(|(r, c)| AppCluster {
-                region: r.to_string(),
-                cluster: c.to_string(),
-                driver: DriverKind::Local,
-                local: Some(sample_app_local(&cutover_bin())),
-                kubernetes: None,
-            })
-            .collect(),
-        health: vec![Probe::Http {
-            path: "/health".into(),
-            status: 200,
-            body_contains: None,
-        }],
-        load: LoadProbe {
-            requests: 20,
-            rate_per_sec: 100,
-            min_rps: 10.0,
-            ..LoadProbe::default()
-        },
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs: 1,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
     }
 }
 
@@ -204,7 +172,7 @@ async fn serving(addr: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn releases_are_validated_at_upload() {
     let (c, leader) = cluster(&REGIONS[..1], |_, _| vec![]).await;
-    apply(&c, leader, &app("shop", &REGIONS[..1])).await;
+    apply(&c, leader, &sample_app_spec("shop", &REGIONS[..1])).await;
     let mut o = c.operator(leader);
     let create = |image: &str, list: Vec<pb::MigrationFile>| pb::CreateReleaseRequest {
         app: "shop".into(),
@@ -300,7 +268,7 @@ async fn migrate_up_down_status_against_postgres_keeps_the_url_secret() {
         vec![database("shop", DbDriver::Postgres, &db_url, dir, i == 0)]
     })
     .await;
-    apply(&c, leader, &app("shop", REGIONS)).await;
+    apply(&c, leader, &sample_app_spec("shop", REGIONS)).await;
     c.operator(leader)
         .create_release(pb::CreateReleaseRequest {
             app: "shop".into(),
@@ -448,7 +416,7 @@ async fn a_cutover_whose_migration_fails_moves_no_traffic_and_rollbacks_respect_
         vec![database("shop", DbDriver::Sqlite, &url, dir, true)]
     })
     .await;
-    let mut spec = app("shop", REGIONS);
+    let mut spec = sample_app_spec("shop", REGIONS);
     spec.migration_checks = vec!["select count(*) = 0 from orders".into()];
     apply(&c, leader, &spec).await;
     let addrs: Vec<String> = spec
