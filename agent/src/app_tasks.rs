@@ -8,13 +8,19 @@ use std::sync::Arc;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec, Color, validate_image_ref};
 use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
+use cutover_shared::task::{self, TaskKind, TaskParams};
 use tokio::sync::Mutex;
 
 use crate::drivers::{DriverContext, DriverError, PlatformDriver, driver_for};
 use crate::gates;
 
 /// Task kinds handled here.
-pub const KINDS: &[&str] = &["app.deploy", "app.gates", "app.switch", "app.bake"];
+pub const KINDS: &[TaskKind] = &[
+    TaskKind::AppDeploy,
+    TaskKind::AppGates,
+    TaskKind::AppSwitch,
+    TaskKind::AppBake,
+];
 
 /// How often a bake probes the serving color.
 const BAKE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -137,14 +143,15 @@ impl AppRuntime {
         progress: &(dyn Fn(String) + Send + Sync),
         outputs: &mut std::collections::BTreeMap<String, String>,
     ) -> Result<String, DriverError> {
-        let spec: AppSpec = serde_json::from_str(task.params.get("spec").map_or("", |s| s.as_str()))
+        let params = TaskParams::from_wire(&task.kind, &task.params).map_err(|e| DriverError::new(e.to_string()))?;
+        let spec = task::attached_spec(&task.params)
             .map_err(|e| DriverError::new(format!("task has no valid app spec: {e}")))?;
         spec.validate().map_err(|e| DriverError::new(e.to_string()))?;
         let driver = self.driver(&spec).await?;
         let before = driver.status().await?;
-        match task.kind.as_str() {
-            "app.deploy" => {
-                let image = task.params.get("image").map_or("", |s| s.as_str());
+        match params {
+            TaskParams::AppDeploy { image, .. } => {
+                let image = image.as_str();
                 validate_image_ref(image).map_err(|e| DriverError::new(e.to_string()))?;
                 let color = before.active.map_or(Color::Blue, Color::other);
                 progress(format!("deploying {image} to {color}"));
@@ -154,13 +161,10 @@ impl AppRuntime {
                 outputs.insert("status".into(), status_json(&after));
                 Ok(format!("{image} deployed to {color}"))
             }
-            "app.gates" => {
+            TaskParams::AppGates { color, .. } => {
                 // The color under test: the one a deploy just wrote to, or
                 // else the inactive one.
-                let color = match task.params.get("color").map(|s| s.as_str()) {
-                    Some("inactive") | None => before.active.map(Color::other),
-                    Some(c) => Some(Color::parse(c).ok_or_else(|| DriverError::new(format!("unknown color {c:?}")))?),
-                };
+                let color = color.or_else(|| before.active.map(Color::other));
                 let deployed = color.filter(|c| before.colors.iter().any(|s| s.color == *c && !s.image.is_empty()));
                 let Some(color) = deployed else {
                     return Err(DriverError::new("no inactive color is deployed to check"));
@@ -210,13 +214,16 @@ impl AppRuntime {
                     Err(DriverError::new(format!("gates failed\n  {text}")))
                 }
             }
-            "app.switch" => {
-                let to = match task.params.get("to").map(|s| s.as_str()) {
-                    Some("inactive") | None => before
+            TaskParams::AppSwitch { to, .. } => {
+                // The coordinator names the color, so running this twice
+                // converges. Only tasks from logs written before colors were
+                // named leave it to be resolved here.
+                let to = match to {
+                    Some(c) => c,
+                    None => before
                         .active
                         .map(Color::other)
                         .ok_or_else(|| DriverError::new("nothing is deployed yet; nothing to switch"))?,
-                    Some(c) => Color::parse(c).ok_or_else(|| DriverError::new(format!("unknown color {c:?}")))?,
                 };
                 if before.active == Some(to) {
                     outputs.insert("status".into(), status_json(&before));
@@ -243,10 +250,9 @@ impl AppRuntime {
                 }
                 Ok(format!("switched to {to}"))
             }
-            "app.bake" => {
+            TaskParams::AppBake { seconds: secs, .. } => {
                 // Watch the serving color for a while after a switch: its
                 // health probes must keep passing and it must stay up.
-                let secs: u64 = task.params.get("seconds").and_then(|v| v.parse().ok()).unwrap_or(0);
                 let target = driver.service_address().await?;
                 progress(format!("baking for {secs} s: probing {target}"));
                 let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -275,7 +281,7 @@ impl AppRuntime {
                 outputs.insert("status".into(), status_json(&driver.status().await?));
                 Ok(format!("baked {secs} s, {rounds} probe rounds passed"))
             }
-            other => Err(DriverError::new(format!("unknown app task kind {other:?}"))),
+            other => Err(DriverError::new(format!("{} is not an app task", other.kind()))),
         }
     }
 }

@@ -20,11 +20,12 @@ use cutover_shared::app::AppSpec;
 use cutover_shared::config::DatabaseConfig;
 use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
 use cutover_shared::release::Bundle;
+use cutover_shared::task::{self, TaskKind, TaskParams};
 
 use crate::migrate::{self, Direction, MigrationSource, Outcome, RunEvent};
 
 /// Kinds this module executes.
-pub const KINDS: &[&str] = &["db.migrate"];
+pub const KINDS: &[TaskKind] = &[TaskKind::DbMigrate];
 
 /// The databases this agent migrates, by app.
 pub struct DbRuntime {
@@ -72,21 +73,25 @@ impl DbRuntime {
         progress: &(dyn Fn(String) + Send + Sync),
     ) -> Result<(bool, String, BTreeMap<String, String>), String> {
         let p = &task.params;
-        let app = p.get("app").ok_or("the task names no app")?;
-        let action = p.get("action").map_or("status", String::as_str);
-        let dry_run = p.get("dry_run").is_some_and(|d| d == "true");
-        let target: Option<i64> = match p.get("target") {
-            None => None,
-            Some(t) => Some(t.parse().map_err(|_| format!("target {t:?} is not a version"))?),
+        let Ok(TaskParams::DbMigrate(m)) = TaskParams::from_wire(&task.kind, p) else {
+            return Err(match TaskParams::from_wire(&task.kind, p) {
+                Err(e) => e.to_string(),
+                Ok(other) => format!("{} is not a migration task", other.kind()),
+            });
         };
-        let bundle: Bundle = match p.get("bundle") {
-            None => Bundle::default(),
-            Some(b) => serde_json::from_str(b).map_err(|e| format!("the task's migrations are malformed: {e}"))?,
+        let app = &m.app.app;
+        let action = m.action.as_str();
+        let dry_run = m.dry_run;
+        let target = m.target;
+        // The release's migrations, checked against the digest the task
+        // names (tasks from older logs carry them inline, or none for a
+        // status of an empty release).
+        let bundle: Bundle = match (p.contains_key("bundle"), m.bundle_digest.is_empty()) {
+            (false, true) => Bundle::default(),
+            _ => task::attached_bundle(p).map_err(|e| format!("the task's migrations are unusable: {e}"))?,
         };
-        let checks: Vec<String> = p
-            .get("spec")
-            .and_then(|s| serde_json::from_str::<AppSpec>(s).ok())
-            .map(|s| s.migration_checks)
+        let checks: Vec<String> = task::attached_spec(p)
+            .map(|s: AppSpec| s.migration_checks)
             .unwrap_or_default();
         let db = self.databases.get(app).ok_or_else(|| {
             format!(

@@ -27,6 +27,7 @@ use cutover_shared::config::AgentConfig;
 use cutover_shared::domain::{ClusterRef, TaskProgress, TaskSpec, now_unix_ms};
 use cutover_shared::proto::agent_service_client::AgentServiceClient;
 use cutover_shared::proto::{self, ConnectRequest, connect_request, connect_response};
+use cutover_shared::task::TaskKind;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -185,7 +186,7 @@ impl Agent {
                 .iter()
                 .chain(app_tasks::KINDS)
                 .chain(db_tasks::KINDS)
-                .map(|s| s.to_string())
+                .map(|k| k.as_str().to_owned())
                 .collect(),
         };
         let _ = tx
@@ -327,9 +328,10 @@ impl Agent {
                 };
                 send(&progress_outbox, connect_request::Message::Progress(p.into()));
             };
-            let result = if spec.kind.starts_with("app.") {
+            let kind = TaskKind::parse(&spec.kind);
+            let result = if kind.is_some_and(|k| app_tasks::KINDS.contains(&k)) {
                 apps.execute(&spec, &progress).await
-            } else if spec.kind.starts_with("db.") {
+            } else if kind.is_some_and(|k| db_tasks::KINDS.contains(&k)) {
                 dbs.execute(&spec, &progress).await
             } else {
                 tasks::execute(&spec, progress).await

@@ -83,6 +83,7 @@ impl DevSystem {
                 initial_members: members.clone(),
                 agent_heartbeat_interval_ms: 1000,
                 raft: RaftConfig::default(),
+                retention: Default::default(),
             };
             nodes.push(Some(Node::start(cfg, listener, None).await?));
         }

@@ -168,6 +168,10 @@ pub enum Verb {
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only events this recent (`90s`, `30m`, `24h`, `30d`); reaches back
+        /// past the replicated state into the node's audit file.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<i64>,
         #[command(flatten)]
         conn: ConnOpts,
     },
@@ -946,9 +950,11 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         Verb::Pause { operation, conn } => steer(&conn, &operation, Steer::Pause).await?,
         Verb::Resume { operation, conn } => steer(&conn, &operation, Steer::Resume).await?,
         Verb::Abort { operation, conn } => steer(&conn, &operation, Steer::Abort).await?,
-        Verb::Audit { limit, conn } => {
+        Verb::Audit { limit, since, conn } => {
+            let since_unix_ms = since.map_or(0, |ago| cutover_shared::domain::now_unix_ms() - ago);
             let r = call(&conn, |mut c| async move {
-                c.list_audit_events(pb::ListAuditEventsRequest { limit }).await
+                c.list_audit_events(pb::ListAuditEventsRequest { limit, since_unix_ms })
+                    .await
             })
             .await?;
             if conn.output == Output::Json {
@@ -965,4 +971,20 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--since`: a duration back from now (`90s`, `30m`, `24h`, `30d`), in ms.
+fn parse_since(s: &str) -> Result<i64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit, e.g. 24h"))?;
+    let ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(ms).ok_or_else(|| format!("{s:?} is too long ago"))
 }

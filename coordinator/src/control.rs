@@ -20,11 +20,13 @@ use cutover_shared::identity::Identity;
 use cutover_shared::proto::control_service_server::ControlService;
 use cutover_shared::proto::{self as pb};
 use cutover_shared::release::{Bundle, Release};
+use cutover_shared::task::TaskKind;
 use cutover_shared::tls::normalize_addr;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::orchestrator::Inputs;
 use crate::raft::{Consensus, Proposal, ProposeError, RaftStatus};
 use crate::state::{AuditDraft, Command};
 
@@ -37,6 +39,8 @@ const MAX_ID_LEN: usize = 128;
 
 pub struct ControlApi {
     pub consensus: Consensus,
+    /// This node's data directory (its audit file lives there).
+    pub data_dir: std::path::PathBuf,
 }
 
 pub(crate) fn propose_status(e: ProposeError) -> Status {
@@ -64,25 +68,16 @@ fn operation_proto(consensus: &Consensus, op: domain::Operation) -> pb::Operatio
     // Only an unfinished operation with manual promotion can wait at a gate;
     // the others (most of a listing) need no app or bundle copied.
     let gate = if crate::orchestrator::has_gates(&op) && !op.state.is_finished() {
-        let (spec, bundle) = op_context(consensus, &op);
-        spec.and_then(|spec| crate::orchestrator::awaiting_gate(&op, &spec, bundle.as_ref()))
+        consensus.read(|s| {
+            let (spec, bundle) = s.operation_inputs(&op)?;
+            crate::orchestrator::awaiting_gate(&op, &Inputs::new(&op, spec, bundle))
+        })
     } else {
         None
     };
     let mut p: pb::Operation = op.into();
     p.awaiting_gate = gate.unwrap_or(0);
     p
-}
-
-/// The app and the release migrations an operation acts with.
-fn op_context(consensus: &Consensus, op: &domain::Operation) -> (Option<AppSpec>, Option<Bundle>) {
-    let Some(app) = op.app.as_deref() else {
-        return (None, None);
-    };
-    consensus.read(|s| {
-        let bundle = crate::orchestrator::release_image(op).and_then(|i| s.release_bundle(app, i).cloned());
-        (s.apps.get(app).cloned(), bundle)
-    })
 }
 
 fn members(s: &RaftStatus) -> Vec<pb::ClusterMember> {
@@ -135,6 +130,18 @@ fn validate_param_name(name: &str) -> Result<(), Status> {
             "param name {name:?} must be 1..{} lowercase letters, digits, '-' or '_', starting with a letter",
             domain::MAX_NAME_LEN
         )))
+    }
+}
+
+/// Entries a listing returns when the request names no limit.
+const DEFAULT_LIST_LIMIT: usize = 100;
+/// Most entries one listing returns, whatever the request asks.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+fn list_limit(asked: u32) -> usize {
+    match asked {
+        0 => DEFAULT_LIST_LIMIT,
+        n => (n as usize).min(MAX_LIST_LIMIT),
     }
 }
 
@@ -229,6 +236,8 @@ impl ControlApi {
             tasks: vec![],
             summary: String::new(),
             control: Default::default(),
+            spec_digest: None,
+            bundle_digest: None,
         };
         let action = match kind {
             OperationKind::Deploy => "Deploy",
@@ -241,6 +250,7 @@ impl ControlApi {
         let cmd = Command::CreateOperation {
             operation,
             audit: audit(who, action, audit_params, "accepted"),
+            fix_inputs: true,
         };
         self.consensus
             .propose(Proposal::Command(cmd))
@@ -318,6 +328,34 @@ impl ControlApi {
         ]))
     }
 
+    /// The color each target must serve after a switch or rollback: the one
+    /// not serving now, as its agent last reported. Resolved here, once, and
+    /// recorded in the operation (`switch_to`), so a switch task that runs
+    /// twice (an agent crashed before reporting) lands on the same color
+    /// instead of flipping traffic back.
+    fn switch_to(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, String>, Status> {
+        let mut to = BTreeMap::new();
+        for t in targets {
+            let active = self.consensus.read(|s| {
+                s.app_status
+                    .get(&spec.name)
+                    .and_then(|m| m.get(&t.to_string()))
+                    .and_then(|st| st.active)
+            });
+            let Some(active) = active else {
+                return Err(Status::failed_precondition(format!(
+                    "{} has no active color in {t} yet (nothing deployed there); nothing to switch",
+                    spec.name
+                )));
+            };
+            to.insert(t.to_string(), active.other().to_string());
+        }
+        Ok(BTreeMap::from([(
+            "switch_to".to_owned(),
+            serde_json::to_string(&to).unwrap_or_default(),
+        )]))
+    }
+
     /// Commits an operator's control of operation `id` and returns the
     /// operation as it then is.
     async fn steer(&self, who: &Identity, id: &str, action: domain::ControlAction) -> Result<pb::Operation, Status> {
@@ -332,10 +370,15 @@ impl ControlApi {
         }
         let action = match action {
             domain::ControlAction::Promote { gate } => {
-                let (spec, bundle) = op_context(&self.consensus, &op);
-                let count = spec
-                    .as_ref()
-                    .map_or(0, |spec| crate::orchestrator::gate_count(&op, spec, bundle.as_ref()));
+                let (count, awaiting) = self.consensus.read(|s| {
+                    s.operation_inputs(&op).map_or((0, None), |(spec, bundle)| {
+                        let inputs = Inputs::new(&op, spec, bundle);
+                        (
+                            crate::orchestrator::gate_count(&op, &inputs),
+                            crate::orchestrator::awaiting_gate(&op, &inputs),
+                        )
+                    })
+                });
                 if count == 0 {
                     return Err(Status::failed_precondition(format!(
                         "operation {id} has no manual promotion gates (start it with --manual-promotion)"
@@ -343,8 +386,7 @@ impl ControlApi {
                 }
                 let gate = if gate == 0 {
                     // The gate it waits at, else the next one not yet passed.
-                    spec.as_ref()
-                        .and_then(|spec| crate::orchestrator::awaiting_gate(&op, spec, bundle.as_ref()))
+                    awaiting
                         .or_else(|| (1..=count).find(|g| !op.control.promoted.contains(g)))
                         .ok_or_else(|| {
                             Status::failed_precondition(format!("every gate of operation {id} is already passed"))
@@ -539,7 +581,19 @@ impl ControlService for ControlApi {
         let who = caller(&req)?;
         let r = req.into_inner();
         let target = cluster_from_proto(r.target, "target")?;
-        validate_name("kind", &r.kind)?;
+        // Only diagnostic kinds run ad hoc. App and database tasks run only
+        // inside the operations that lock the app, gate the switch and pin
+        // the release; hand-made params would skip all three.
+        match TaskKind::parse(&r.kind) {
+            Some(k) if k.is_diagnostic() => {}
+            Some(k) => {
+                return Err(Status::invalid_argument(format!(
+                    "{k} tasks cannot be run ad hoc: they run inside operations; use {}",
+                    k.verb()
+                )));
+            }
+            None => validate_name("kind", &r.kind)?,
+        }
         if r.params.len() > MAX_PARAMS {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_PARAMS} params are allowed"
@@ -596,10 +650,13 @@ impl ControlService for ControlApi {
             }],
             summary: String::new(),
             control: Default::default(),
+            spec_digest: None,
+            bundle_digest: None,
         };
         let cmd = Command::CreateOperation {
             operation,
             audit: audit(&who, "RunTask", audit_params, "accepted"),
+            fix_inputs: true,
         };
         self.consensus
             .propose(Proposal::Command(cmd))
@@ -615,13 +672,14 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
-        let limit = match req.into_inner().limit {
-            0 => 100,
-            n => n as usize,
-        };
-        let mut ops: Vec<domain::Operation> = self.consensus.read(|s| s.operations.values().cloned().collect());
-        ops.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
-        ops.truncate(limit);
+        let limit = list_limit(req.into_inner().limit);
+        // Sort references and copy only the page: a listing costs the page,
+        // not the whole history.
+        let ops: Vec<domain::Operation> = self.consensus.read(|s| {
+            let mut refs: Vec<&domain::Operation> = s.operations.values().collect();
+            refs.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
+            refs.into_iter().take(limit).cloned().collect()
+        });
         Ok(Response::new(pb::ListOperationsResponse {
             operations: ops.into_iter().map(|o| operation_proto(&self.consensus, o)).collect(),
         }))
@@ -746,13 +804,38 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let limit = match req.into_inner().limit {
-            0 => 100,
-            n => n as usize,
-        };
-        let events = self
-            .consensus
-            .read(|s| s.audit.iter().rev().take(limit).cloned().map(Into::into).collect());
+        let r = req.into_inner();
+        let limit = list_limit(r.limit);
+        let since = r.since_unix_ms;
+        // Newest first: the replicated state's events, then (with a `since`
+        // reaching back past them) the ones compaction moved to this node's
+        // audit file.
+        let (mut events, oldest_in_state): (Vec<domain::AuditEvent>, Option<u64>) = self.consensus.read(|s| {
+            (
+                s.audit
+                    .iter()
+                    .rev()
+                    .filter(|e| e.at_unix_ms >= since)
+                    .take(limit)
+                    .cloned()
+                    .collect(),
+                s.audit.first().map(|e| e.sequence),
+            )
+        });
+        if since > 0 && events.len() < limit {
+            let path = self.data_dir.join("audit.jsonl");
+            let archived = tokio::task::spawn_blocking(move || crate::audit_log::read(&path))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::data_loss(e.to_string()))?;
+            let older = archived
+                .into_iter()
+                .rev()
+                .map(|l| l.event)
+                .filter(|e| e.at_unix_ms >= since && oldest_in_state.is_none_or(|o| e.sequence < o));
+            events.extend(older.take(limit - events.len()));
+        }
+        let events = events.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListAuditEventsResponse { events }))
     }
 
@@ -879,8 +962,10 @@ impl ControlService for ControlApi {
         let r = req.into_inner();
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
+        self.consensus.catch_up().await.map_err(propose_status)?;
+        let params = self.switch_to(&spec, &targets)?;
         let id = self
-            .start_app_operation(&who, OperationKind::Switch, &spec, targets, BTreeMap::new())
+            .start_app_operation(&who, OperationKind::Switch, &spec, targets, params)
             .await?;
         Ok(Response::new(pb::SwitchResponse { operation_id: id }))
     }
@@ -891,7 +976,8 @@ impl ControlService for ControlApi {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
         self.consensus.catch_up().await.map_err(propose_status)?;
-        let params = self.rollback_migrations(&spec, &targets)?;
+        let mut params = self.rollback_migrations(&spec, &targets)?;
+        params.extend(self.switch_to(&spec, &targets)?);
         let id = self
             .start_app_operation(&who, OperationKind::Rollback, &spec, targets, params)
             .await?;

@@ -6,11 +6,13 @@
 //! - `orchestrator`: advances app operations step by step (leader only);
 //! - `agents`: the `AgentService` stream, agent liveness and task dispatch,
 //!   which only the leader runs;
+//! - `audit_log`: the hash-chained audit file that compacted events go to;
 //! - `node`: wiring, the gRPC server, bootstrap and shutdown.
 
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod audit_log;
 pub mod control;
 pub mod node;
 pub mod orchestrator;

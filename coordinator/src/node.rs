@@ -106,6 +106,7 @@ impl Node {
         let policy: Policy = Arc::new(access_policy);
         let control = ControlServiceServer::new(ControlApi {
             consensus: consensus.clone(),
+            data_dir: cfg.data_dir.clone(),
         });
         let agent = AgentServiceServer::new(AgentApi { hub: hub.clone() });
         let raft = consensus.grpc_service();
@@ -132,7 +133,7 @@ impl Node {
 
         let mut tasks = vec![
             tokio::spawn(hub.clone().run()),
-            tokio::spawn(crate::orchestrator::run(consensus.clone())),
+            tokio::spawn(crate::orchestrator::run(consensus.clone(), cfg.retention.clone())),
         ];
         let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(ops) = ops_listener {

@@ -12,29 +12,42 @@
 
 use std::collections::BTreeMap;
 
-use cutover_shared::app::AppSpec;
+use cutover_shared::app::{AppSpec, Color};
+use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms};
 use cutover_shared::release::Bundle;
+use cutover_shared::task::{self, AppRef, MigrateAction, MigrateParams, TaskParams, outputs};
 
 use crate::raft::{Consensus, Proposal};
 use crate::state::Command;
 
-/// Task kinds the agent executes for apps.
+/// Task kind names, for code that compares recorded tasks.
 pub const DEPLOY: &str = "app.deploy";
 pub const GATES: &str = "app.gates";
 pub const SWITCH: &str = "app.switch";
 
 /// One planned step.
-struct Step {
-    kind: &'static str,
-    target: ClusterRef,
-    params: BTreeMap<String, String>,
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub target: ClusterRef,
+    pub params: TaskParams,
     /// May start while the previous step still runs (switches of one wave
     /// flip together; bakes watch their clusters at the same time). Such a
     /// group is committed as one log entry: one decision.
     with_previous: bool,
     /// The manual promotion gate in front of this step (1-based), if any.
-    gate: u32,
+    pub gate: u32,
+}
+
+impl Step {
+    fn new(target: &ClusterRef, params: TaskParams) -> Step {
+        Step {
+            target: target.clone(),
+            params,
+            with_previous: false,
+            gate: 0,
+        }
+    }
 }
 
 pub const BAKE: &str = "app.bake";
@@ -43,31 +56,57 @@ pub const MIGRATE: &str = "db.migrate";
 
 /// The release image whose migrations `op` uses, if any.
 pub fn release_image(op: &Operation) -> Option<&str> {
-    match op.kind {
-        OperationKind::Deploy | OperationKind::Migrate => op.params.get("image").map(String::as_str),
-        OperationKind::Rollback => op.params.get("release_image").map(String::as_str),
-        _ => None,
-    }
+    op.release_image()
 }
 
-/// A migrate step's parameters.
-fn migrate_params(
-    params: &mut BTreeMap<String, String>,
-    bundle: &Bundle,
-    image: &str,
-    action: &str,
-    target: Option<i64>,
-) {
-    params.insert("action".into(), action.into());
-    params.insert("image".into(), image.into());
-    params.insert("bundle".into(), serde_json::to_string(bundle).unwrap_or_default());
-    if let Some(t) = target {
-        params.insert("target".into(), t.to_string());
-    }
+/// A recorded task's typed parameters (`None` for a task this version
+/// cannot decode, which then counts as no step of any plan).
+fn params_of(t: &TaskRecord) -> Option<TaskParams> {
+    TaskParams::from_wire(&t.spec.kind, &t.spec.params).ok()
 }
 
 fn is_compensation(t: &TaskRecord) -> bool {
-    t.spec.params.get("compensate").is_some_and(|v| v == "true")
+    params_of(t).is_some_and(|p| p.is_compensation())
+}
+
+/// What an operation acts with, fixed when it was created: the app (by
+/// name and definition digest) and the release migrations, if any.
+pub struct Inputs<'a> {
+    pub app: AppRef,
+    pub bundle: Option<&'a Bundle>,
+    pub bundle_digest: String,
+}
+
+impl<'a> Inputs<'a> {
+    /// `spec` is the definition `op` was created with (or, for operations
+    /// from older logs, the app's current one) and `bundle` its release's
+    /// migrations.
+    pub fn new(op: &Operation, spec: &AppSpec, bundle: Option<&'a Bundle>) -> Inputs<'a> {
+        Inputs {
+            app: AppRef {
+                app: spec.name.clone(),
+                spec_digest: op.spec_digest.clone().unwrap_or_else(|| task::spec_digest(spec)),
+            },
+            bundle,
+            bundle_digest: op
+                .bundle_digest
+                .clone()
+                .or_else(|| bundle.map(Bundle::digest))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The per-cluster colors a `Switch` or `Rollback` was created to move
+/// traffic to (its `switch_to` parameter, `region/cluster` → color).
+pub fn switch_targets(op: &Operation) -> BTreeMap<String, Color> {
+    op.params
+        .get("switch_to")
+        .and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(j).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, Color::parse(&v)?)))
+        .collect()
 }
 
 /// The targets of a deploy grouped into waves (its `waves` parameter lists
@@ -95,28 +134,29 @@ fn deploy_waves(op: &Operation) -> Vec<Vec<ClusterRef>> {
 }
 
 /// The color a deploy step wrote to in `t`, once known.
-fn deployed_color(op: &Operation, t: &ClusterRef) -> Option<String> {
+fn deployed_color(op: &Operation, t: &ClusterRef) -> Option<Color> {
     op.tasks
         .iter()
         .find(|r| r.spec.kind == DEPLOY && &r.spec.target == t)
         .and_then(|r| r.result.as_ref())
-        .and_then(|r| r.outputs.get("color").cloned())
+        .and_then(|r| outputs::deployed_color(&r.outputs))
 }
 
-/// The steps of `op`, given what the finished ones reported and the
-/// migrations of its release.
-fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
-    let base = |kind: &'static str, target: &ClusterRef| {
-        let mut params = BTreeMap::new();
-        params.insert("app".to_owned(), spec.name.clone());
-        params.insert("spec".to_owned(), serde_json::to_string(spec).unwrap_or_default());
-        Step {
-            kind,
-            target: target.clone(),
-            params,
-            with_previous: false,
-            gate: 0,
-        }
+/// The steps of `op`: a pure function of the operation record (its
+/// parameters, the inputs fixed at creation, and what its finished steps
+/// reported). Nothing applied after the operation was created changes it.
+pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
+    let app = || inputs.app.clone();
+    let migrate = |action: MigrateAction, image: &str, target: Option<i64>| {
+        TaskParams::DbMigrate(MigrateParams {
+            app: app(),
+            action,
+            image: image.to_owned(),
+            bundle_digest: inputs.bundle_digest.clone(),
+            target,
+            dry_run: false,
+            compensate: false,
+        })
     };
     let mut steps = Vec::new();
     match op.kind {
@@ -125,21 +165,37 @@ fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
             let switch = op.params.get("no_switch").is_none_or(|v| v != "true");
             let atomic = op.params.get("strategy").is_some_and(|s| s == "atomic");
             let bake: u64 = op.params.get("bake_secs").and_then(|b| b.parse().ok()).unwrap_or(0);
-            let color = |t: &ClusterRef| deployed_color(op, t).unwrap_or_else(|| "inactive".into());
-            let prepare = |steps: &mut Vec<Step>, wave: &[ClusterRef]| {
-                for t in wave {
-                    let mut s = base(DEPLOY, t);
-                    s.params.insert("image".into(), image.clone());
-                    steps.push(s);
-                    let mut g = base(GATES, t);
-                    g.params.insert("color".into(), color(t));
-                    steps.push(g);
-                }
+            let deploy = |t: &ClusterRef| {
+                Step::new(
+                    t,
+                    TaskParams::AppDeploy {
+                        app: app(),
+                        image: image.clone(),
+                    },
+                )
+            };
+            let gates = |t: &ClusterRef| {
+                Step::new(
+                    t,
+                    TaskParams::AppGates {
+                        app: app(),
+                        color: deployed_color(op, t),
+                    },
+                )
             };
             let flip = |steps: &mut Vec<Step>, group: &[ClusterRef], gate: u32| {
                 for (i, t) in group.iter().enumerate() {
-                    let mut s = base(SWITCH, t);
-                    s.params.insert("to".into(), color(t));
+                    // The color the deploy step reported; a switch step is
+                    // only committed once that step finished, so by then it
+                    // is always named.
+                    let mut s = Step::new(
+                        t,
+                        TaskParams::AppSwitch {
+                            app: app(),
+                            to: deployed_color(op, t),
+                            compensate: false,
+                        },
+                    );
                     s.with_previous = i > 0;
                     if i == 0 {
                         s.gate = gate;
@@ -148,8 +204,13 @@ fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
                 }
                 if bake > 0 {
                     for (i, t) in group.iter().enumerate() {
-                        let mut b = base(BAKE, t);
-                        b.params.insert("seconds".into(), bake.to_string());
+                        let mut b = Step::new(
+                            t,
+                            TaskParams::AppBake {
+                                app: app(),
+                                seconds: bake,
+                            },
+                        );
                         b.with_previous = i > 0;
                         steps.push(b);
                     }
@@ -160,27 +221,21 @@ fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
             // color, then each primary database migrates (one decision, in
             // parallel), and only then do gates and switches begin. A failed
             // migration thus aborts before any traffic moves.
-            let migrations = bundle.filter(|b| !b.migrations.is_empty());
+            let migrations = inputs.bundle.is_some_and(|b| !b.migrations.is_empty());
             let prepare = |steps: &mut Vec<Step>, wave: &[ClusterRef]| {
-                if migrations.is_some() {
-                    for t in wave {
-                        let mut g = base(GATES, t);
-                        g.params.insert("color".into(), color(t));
-                        steps.push(g);
+                for t in wave {
+                    if !migrations {
+                        steps.push(deploy(t));
                     }
-                } else {
-                    prepare(steps, wave);
+                    steps.push(gates(t));
                 }
             };
-            if let Some(b) = migrations {
+            if migrations {
                 for t in waves.iter().flatten() {
-                    let mut s = base(DEPLOY, t);
-                    s.params.insert("image".into(), image.clone());
-                    steps.push(s);
+                    steps.push(deploy(t));
                 }
                 for (i, t) in waves.iter().flatten().enumerate() {
-                    let mut m = base(MIGRATE, t);
-                    migrate_params(&mut m.params, b, &image, "up", None);
+                    let mut m = Step::new(t, migrate(MigrateAction::Up, &image, None));
                     m.with_previous = i > 0;
                     steps.push(m);
                 }
@@ -204,9 +259,19 @@ fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
             }
         }
         OperationKind::Switch | OperationKind::Rollback => {
+            // Each cluster's target color was resolved when the operation
+            // was created, so a re-sent switch converges instead of flipping
+            // traffic back.
+            let to = switch_targets(op);
             for (i, t) in op.targets.iter().enumerate() {
-                let mut s = base(SWITCH, t);
-                s.params.insert("to".into(), "inactive".into());
+                let mut s = Step::new(
+                    t,
+                    TaskParams::AppSwitch {
+                        app: app(),
+                        to: to.get(&t.to_string()).copied(),
+                        compensate: false,
+                    },
+                );
                 s.with_previous = i > 0;
                 steps.push(s);
             }
@@ -217,38 +282,50 @@ fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
                 .get("migrate_down")
                 .and_then(|d| serde_json::from_str(d).ok())
                 .unwrap_or_default();
-            if let (Some(b), Some(image)) = (bundle, op.params.get("release_image")) {
+            if let (Some(_), Some(image)) = (inputs.bundle, op.params.get("release_image")) {
                 for (i, t) in op
                     .targets
                     .iter()
                     .filter(|t| downs.contains_key(&t.to_string()))
                     .enumerate()
                 {
-                    let mut m = base(MIGRATE, t);
-                    migrate_params(&mut m.params, b, image, "down", downs.get(&t.to_string()).copied());
+                    let mut m = Step::new(
+                        t,
+                        migrate(MigrateAction::Down, image, downs.get(&t.to_string()).copied()),
+                    );
                     m.with_previous = i > 0;
                     steps.push(m);
                 }
             }
         }
         OperationKind::Migrate => {
-            let action = op.params.get("action").cloned().unwrap_or_else(|| "status".into());
+            let action = op
+                .params
+                .get("action")
+                .and_then(|a| MigrateAction::parse(a))
+                .unwrap_or(MigrateAction::Status);
             let target = op.params.get("target").and_then(|t| t.parse().ok());
             let image = op.params.get("image").cloned().unwrap_or_default();
-            let empty = Bundle::default();
+            let dry_run = op.params.get("dry_run").is_some_and(|d| d == "true");
             for (i, t) in op.targets.iter().enumerate() {
-                let mut m = base(MIGRATE, t);
-                migrate_params(&mut m.params, bundle.unwrap_or(&empty), &image, &action, target);
-                if op.params.get("dry_run").is_some_and(|d| d == "true") {
-                    m.params.insert("dry_run".into(), "true".into());
+                let mut params = migrate(action, &image, target);
+                if let TaskParams::DbMigrate(m) = &mut params {
+                    m.dry_run = dry_run;
                 }
+                let mut m = Step::new(t, params);
                 m.with_previous = i > 0;
                 steps.push(m);
             }
         }
         OperationKind::HealthCheck => {
             for t in &op.targets {
-                steps.push(base(GATES, t));
+                steps.push(Step::new(
+                    t,
+                    TaskParams::AppGates {
+                        app: app(),
+                        color: None,
+                    },
+                ));
             }
         }
         OperationKind::Task => {}
@@ -257,12 +334,13 @@ fn plan(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Vec<Step> {
 }
 
 fn record(op: &Operation, index: usize, step: Step, now: i64) -> TaskRecord {
+    let (kind, params) = step.params.to_wire();
     TaskRecord {
         spec: TaskSpec {
             task_id: format!("{}-{}", op.id, index + 1),
             operation_id: op.id.clone(),
-            kind: step.kind.to_owned(),
-            params: step.params,
+            kind,
+            params,
             target: step.target,
         },
         created_at_unix_ms: now,
@@ -288,27 +366,27 @@ pub fn has_gates(op: &Operation) -> bool {
 
 /// How many manual promotion gates `op` has (0 unless it was started with
 /// manual promotion).
-pub fn gate_count(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> u32 {
+pub fn gate_count(op: &Operation, inputs: &Inputs<'_>) -> u32 {
     if !has_gates(op) {
         return 0;
     }
-    plan(op, spec, bundle).iter().map(|s| s.gate).max().unwrap_or(0)
+    plan(op, inputs).iter().map(|s| s.gate).max().unwrap_or(0)
 }
 
 /// The manual promotion gate `op` waits at now, if any.
-pub fn awaiting_gate(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>) -> Option<u32> {
+pub fn awaiting_gate(op: &Operation, inputs: &Inputs<'_>) -> Option<u32> {
     if !has_gates(op) || op.state.is_finished() || op.control.paused || op.control.aborted_by.is_some() {
         return None;
     }
     if !op.tasks.iter().all(|t| t.state.is_finished()) || op.tasks.iter().any(|t| t.state == TaskState::Failed) {
         return None;
     }
-    let step = plan(op, spec, bundle).into_iter().nth(op.tasks.len())?;
+    let step = plan(op, inputs).into_iter().nth(op.tasks.len())?;
     (step.gate > 0 && !op.control.promoted.contains(&step.gate)).then_some(step.gate)
 }
 
 /// What to commit next for `op`, if anything.
-pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now: i64) -> Option<Command> {
+pub fn next_command(op: &Operation, inputs: &Inputs<'_>, now: i64) -> Option<Command> {
     if op.kind == OperationKind::Task || op.state.is_finished() {
         return None;
     }
@@ -331,10 +409,21 @@ pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now
         if !all_done {
             return None;
         }
+        // Every switch that may have moved traffic: the ones that succeeded,
+        // and the ones that failed after possibly acting (an agent that
+        // switched, crashed, and failed on the re-run; a driver that patched
+        // one Service of two). Switching back to a named color converges, so
+        // compensating a switch that never took effect is harmless. A switch
+        // from an older log names no color; only a successful one of those
+        // is undone, as before.
         let switched: Vec<&TaskRecord> = op
             .tasks
             .iter()
-            .filter(|t| t.spec.kind == SWITCH && !is_compensation(t) && t.state == TaskState::Succeeded)
+            .filter(|t| t.spec.kind == SWITCH && !is_compensation(t) && t.state.is_finished())
+            .filter(|t| {
+                t.state == TaskState::Succeeded
+                    || matches!(params_of(t), Some(TaskParams::AppSwitch { to: Some(_), .. }))
+            })
             .collect();
         let compensated = |kind: &str| -> Vec<&ClusterRef> {
             op.tasks
@@ -345,20 +434,19 @@ pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now
         };
         let switched_back = compensated(SWITCH);
         if let Some(t) = switched.iter().find(|t| !switched_back.contains(&&t.spec.target)) {
-            let mut params = t.spec.params.clone();
-            let to = params.get("to").and_then(|c| cutover_shared::app::Color::parse(c));
-            params.insert(
-                "to".into(),
-                to.map_or_else(|| "inactive".into(), |c| c.other().to_string()),
-            );
-            params.insert("compensate".into(), "true".into());
-            let step = Step {
-                kind: SWITCH,
-                target: t.spec.target.clone(),
-                params,
-                with_previous: false,
-                gate: 0,
+            // Back to the color that served before the switch, named, so a
+            // re-sent compensation converges too.
+            let Some(TaskParams::AppSwitch { app, to, .. }) = params_of(t) else {
+                return None;
             };
+            let step = Step::new(
+                &t.spec.target,
+                TaskParams::AppSwitch {
+                    app,
+                    to: to.map(Color::other),
+                    compensate: true,
+                },
+            );
             return Some(task_from(op, op.tasks.len(), step, now));
         }
         // Traffic is back on the old code: undo the schema changes this
@@ -366,33 +454,27 @@ pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now
         let migrated: Vec<&TaskRecord> = op
             .tasks
             .iter()
-            .filter(|t| t.spec.kind == MIGRATE && !is_compensation(t) && t.state == TaskState::Succeeded)
-            .filter(|t| t.spec.params.get("action").is_some_and(|a| a == "up"))
+            .filter(|t| t.state == TaskState::Succeeded)
             .filter(|t| {
-                t.result
-                    .as_ref()
-                    .is_some_and(|r| r.outputs.get("applied").is_some_and(|a| !a.is_empty()))
+                matches!(params_of(t), Some(TaskParams::DbMigrate(m)) if m.action == MigrateAction::Up && !m.compensate)
             })
+            .filter(|t| t.result.as_ref().is_some_and(|r| outputs::migrated_anything(&r.outputs)))
             .collect();
         let reverted = compensated(MIGRATE);
-        let reversible = bundle.is_some_and(Bundle::reversible);
+        let reversible = inputs.bundle.is_some_and(Bundle::reversible);
         if reversible && let Some(t) = migrated.iter().find(|t| !reverted.contains(&&t.spec.target)) {
-            let mut params = t.spec.params.clone();
+            let Some(TaskParams::DbMigrate(mut m)) = params_of(t) else {
+                return None;
+            };
             let from = t
                 .result
                 .as_ref()
-                .and_then(|r| r.outputs.get("from_version").cloned())
-                .unwrap_or_else(|| "0".into());
-            params.insert("action".into(), "down".into());
-            params.insert("target".into(), from);
-            params.insert("compensate".into(), "true".into());
-            let step = Step {
-                kind: MIGRATE,
-                target: t.spec.target.clone(),
-                params,
-                with_previous: false,
-                gate: 0,
-            };
+                .and_then(|r| outputs::version(&r.outputs, outputs::FROM_VERSION))
+                .unwrap_or(0);
+            m.action = MigrateAction::Down;
+            m.target = Some(from);
+            m.compensate = true;
+            let step = Step::new(&t.spec.target, TaskParams::DbMigrate(m));
             return Some(task_from(op, op.tasks.len(), step, now));
         }
         let mut summary = match (failure, &op.control.aborted_by) {
@@ -446,7 +528,7 @@ pub fn next_command(op: &Operation, spec: &AppSpec, bundle: Option<&Bundle>, now
         return None;
     }
     let index = op.tasks.len();
-    let mut steps = plan(op, spec, bundle).into_iter().skip(index).peekable();
+    let mut steps = plan(op, inputs).into_iter().skip(index).peekable();
     match steps.peek() {
         Some(step) if all_done || step.with_previous => {
             if step.gate > 0 && has_gates(op) && !op.control.promoted.contains(&step.gate) {
@@ -508,10 +590,8 @@ pub async fn advance(consensus: &Consensus) {
             .values()
             .filter(|o| o.kind != OperationKind::Task && !o.state.is_finished())
             .filter_map(|o| {
-                let app = o.app.as_ref()?;
-                let spec = s.apps.get(app)?;
-                let bundle = release_image(o).and_then(|i| s.release_bundle(app, i));
-                next_command(o, spec, bundle, now)
+                let (spec, bundle) = s.operation_inputs(o)?;
+                next_command(o, &Inputs::new(o, spec, bundle), now)
             })
             .collect()
     });
@@ -523,14 +603,39 @@ pub async fn advance(consensus: &Consensus) {
     }
 }
 
+/// How often the leader checks the state against the retention policy.
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Proposes a `Compact` if the state holds more finished history than
+/// `retention` allows.
+pub async fn compact(consensus: &Consensus, retention: &RetentionConfig) {
+    let now = now_unix_ms();
+    if !consensus.read(|s| s.needs_compaction(retention, now)) {
+        return;
+    }
+    let cmd = Command::Compact {
+        retention: retention.clone(),
+        at_unix_ms: now,
+    };
+    if let Err(e) = consensus.propose(Proposal::Command(cmd)).await {
+        tracing::warn!("could not commit a compaction: {e}");
+    }
+}
+
 /// Runs for the node's lifetime: after every apply (and once a second, for a
-/// leader that just took over), advances operations if this node leads.
-pub async fn run(consensus: Consensus) {
+/// leader that just took over), advances operations if this node leads; once
+/// a minute, the leader also compacts finished history.
+pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut applied = consensus.applied();
+    let mut last_compaction = std::time::Instant::now();
     loop {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
         if consensus.is_leader() {
             advance(&consensus).await;
+            if last_compaction.elapsed() >= COMPACT_EVERY {
+                last_compaction = std::time::Instant::now();
+                compact(&consensus, &retention).await;
+            }
         }
     }
 }

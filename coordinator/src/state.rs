@@ -7,11 +7,13 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec};
+use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
     TaskProgress, TaskRecord, TaskResult, TaskState,
 };
 use cutover_shared::release::{Bundle, Release};
+use cutover_shared::task::{self, spec_digest};
 use serde::{Deserialize, Serialize};
 
 /// Progress events kept per task; older ones are dropped.
@@ -39,8 +41,18 @@ pub enum Command {
     },
     /// The leader stopped hearing from an agent.
     AgentDown { cluster: ClusterRef, at_unix_ms: i64 },
-    /// A new operation with its tasks.
-    CreateOperation { operation: Operation, audit: AuditDraft },
+    /// A new operation with its tasks. With `fix_inputs` (every command
+    /// this version writes), applying it records the app definition and
+    /// release migrations in force into the operation, so its plan never
+    /// reads later ones. Entries from older logs lack the flag and apply
+    /// exactly as they did then: replaying a log must rebuild the same
+    /// state whatever version replays it.
+    CreateOperation {
+        operation: Operation,
+        audit: AuditDraft,
+        #[serde(default)]
+        fix_inputs: bool,
+    },
     /// A leader sent a task to its agent.
     TaskDispatched { task_id: String },
     /// An agent reported progress. `from` is the reporting agent's cluster.
@@ -100,6 +112,13 @@ pub enum Command {
         app: String,
         status: AppClusterStatus,
     },
+    /// Drop finished history beyond the retention policy (the leader
+    /// proposes it; the policy travels in the command so every node prunes
+    /// the same).
+    Compact {
+        retention: RetentionConfig,
+        at_unix_ms: i64,
+    },
 }
 
 /// What applying a command produced.
@@ -147,11 +166,29 @@ pub struct State {
     /// that carry the same migrations share one copy.
     #[serde(default)]
     pub bundles: BTreeMap<String, Bundle>,
+    /// App definitions that operations were created with, by
+    /// [`spec_digest`]: a re-applied app changes `apps`, never these, so an
+    /// operation keeps acting with the definition it started with.
+    #[serde(default)]
+    pub specs: BTreeMap<String, AppSpec>,
+    /// Audit events the last `Compact` removed, for the node to append to
+    /// its audit file. Not replicated, not snapshotted.
+    #[serde(skip)]
+    pub pruned_audit: Vec<AuditEvent>,
+    /// The last audit sequence number given out.
+    #[serde(default)]
+    pub audit_sequence: u64,
 }
 
 impl State {
     fn audit(&mut self, d: AuditDraft) {
-        let sequence = self.audit.last().map_or(1, |e| e.sequence + 1);
+        // Numbers keep counting after compaction empties the list.
+        let sequence = self
+            .audit
+            .last()
+            .map_or(1, |e| e.sequence + 1)
+            .max(self.audit_sequence + 1);
+        self.audit_sequence = sequence;
         self.audit.push(AuditEvent {
             sequence,
             at_unix_ms: d.at_unix_ms,
@@ -190,7 +227,11 @@ impl State {
                     a.since_unix_ms = at_unix_ms;
                 }
             }
-            Command::CreateOperation { operation, audit } => {
+            Command::CreateOperation {
+                mut operation,
+                audit,
+                fix_inputs,
+            } => {
                 if self.operations.contains_key(&operation.id) {
                     return CommandResponse::err(format!("operation {} already exists", operation.id));
                 }
@@ -205,6 +246,21 @@ impl State {
                             ));
                         }
                     }
+                }
+                if let Some(app) = operation.app.clone()
+                    && fix_inputs
+                {
+                    // Fix the operation's inputs now: the app definition and
+                    // the release migrations in force at this log index. Its
+                    // plan reads these, never what is applied later.
+                    let spec = self.apps[&app].clone();
+                    let digest = spec_digest(&spec);
+                    self.specs.entry(digest.clone()).or_insert(spec);
+                    operation.spec_digest = Some(digest);
+                    operation.bundle_digest = operation
+                        .release_image()
+                        .and_then(|image| self.release(&app, image))
+                        .map(|r| r.digest.clone());
                 }
                 for t in &operation.tasks {
                     self.task_index.insert(t.spec.task_id.clone(), operation.id.clone());
@@ -351,6 +407,7 @@ impl State {
                     op.updated_at_unix_ms = at_unix_ms;
                 }
             }
+            Command::Compact { retention, at_unix_ms } => self.compact(&retention, at_unix_ms),
             Command::AppStatusReported { from, app, status } => {
                 let runs_there = self.apps.get(&app).is_some_and(|a| a.cluster(&from).is_some());
                 if !runs_there {
@@ -437,6 +494,97 @@ impl State {
             .filter(|b| !b.migrations.is_empty())
     }
 
+    /// What app operation `op` acts with: the definition and release
+    /// migrations fixed at its creation, or, for an operation from a log
+    /// written before they were fixed, the current ones.
+    pub fn operation_inputs(&self, op: &Operation) -> Option<(&AppSpec, Option<&Bundle>)> {
+        let app = op.app.as_deref()?;
+        let spec = match &op.spec_digest {
+            Some(d) => self.specs.get(d)?,
+            None => self.apps.get(app)?,
+        };
+        let bundle = match &op.bundle_digest {
+            Some(d) => self.bundles.get(d),
+            None if op.spec_digest.is_some() => None,
+            None => op.release_image().and_then(|i| self.release_bundle(app, i)),
+        };
+        Some((spec, bundle.filter(|b| !b.migrations.is_empty())))
+    }
+
+    /// The finished operations `retention` would drop at `now`, oldest
+    /// first. Unfinished operations stay, and so does each app's last
+    /// finished traffic-moving operation (a rollback reads it).
+    pub fn expired_operations(&self, retention: &RetentionConfig, now: i64) -> Vec<String> {
+        let mut finished: Vec<&Operation> = self.operations.values().filter(|o| o.state.is_finished()).collect();
+        // Newest first: the first `retention.operations` are kept by count.
+        finished.sort_by(|a, b| (b.updated_at_unix_ms, &b.id).cmp(&(a.updated_at_unix_ms, &a.id)));
+        let mut last_traffic: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut by_created = finished.clone();
+        by_created.sort_by_key(|o| (o.created_at_unix_ms, o.id.as_str()));
+        for o in by_created.iter().filter(|o| moves_traffic(o.kind)) {
+            if let Some(app) = o.app.as_deref() {
+                last_traffic.insert(app, o.id.as_str());
+            }
+        }
+        let max_age = (retention.operation_max_age_hours as i64).saturating_mul(3_600_000);
+        let mut out: Vec<String> = finished
+            .iter()
+            .enumerate()
+            .filter(|(rank, o)| *rank >= retention.operations || now.saturating_sub(o.updated_at_unix_ms) > max_age)
+            .map(|(_, o)| *o)
+            .filter(|o| {
+                !o.app
+                    .as_deref()
+                    .is_some_and(|a| last_traffic.get(a) == Some(&o.id.as_str()))
+            })
+            .map(|o| o.id.clone())
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// How many audit events `retention` would move out of the state at `now`.
+    pub fn expired_audit(&self, retention: &RetentionConfig, now: i64) -> usize {
+        let over = self.audit.len().saturating_sub(retention.audit_events);
+        let max_age = (retention.audit_max_age_hours as i64).saturating_mul(3_600_000);
+        let old = self
+            .audit
+            .iter()
+            .take_while(|e| now.saturating_sub(e.at_unix_ms) > max_age)
+            .count();
+        over.max(old)
+    }
+
+    /// True when a `Compact` at `now` would drop anything.
+    pub fn needs_compaction(&self, retention: &RetentionConfig, now: i64) -> bool {
+        self.expired_audit(retention, now) > 0 || !self.expired_operations(retention, now).is_empty()
+    }
+
+    fn compact(&mut self, retention: &RetentionConfig, now: i64) {
+        for id in self.expired_operations(retention, now) {
+            if let Some(op) = self.operations.remove(&id) {
+                for t in &op.tasks {
+                    self.task_index.remove(&t.spec.task_id);
+                }
+            }
+        }
+        // App definitions no remaining operation was created with.
+        let used: std::collections::BTreeSet<&String> = self
+            .operations
+            .values()
+            .filter_map(|o| o.spec_digest.as_ref())
+            .collect();
+        self.specs.retain(|d, _| used.contains(d));
+        let n = self.expired_audit(retention, now);
+        let pruned: Vec<AuditEvent> = self.audit.drain(..n).collect();
+        self.pruned_audit.extend(pruned);
+    }
+
+    /// Takes the audit events compaction removed since the last call.
+    pub fn take_pruned_audit(&mut self) -> Vec<AuditEvent> {
+        std::mem::take(&mut self.pruned_audit)
+    }
+
     /// The unfinished operation acting on `app` in `cluster`, if any.
     pub fn running_operation(&self, app: &str, cluster: &ClusterRef) -> Option<&str> {
         self.operations
@@ -452,9 +600,41 @@ impl State {
         ops.iter()
             .flat_map(|o| o.tasks.iter())
             .filter(|t| !t.state.is_finished() && &t.spec.target == cluster)
-            .map(|t| t.spec.clone())
+            .map(|t| {
+                let mut spec = t.spec.clone();
+                self.hydrate(&mut spec.params);
+                spec
+            })
             .collect()
     }
+
+    /// The app definition with digest `digest`: one an operation was
+    /// created with, or a declared app's current one (operations from logs
+    /// written before definitions were stored by digest).
+    pub fn spec_by_digest(&self, digest: &str) -> Option<&AppSpec> {
+        self.specs
+            .get(digest)
+            .or_else(|| self.apps.values().find(|a| spec_digest(a) == digest))
+    }
+
+    /// Attaches the app definition and migrations a stored task names by
+    /// digest, for sending it to its agent.
+    pub fn hydrate(&self, params: &mut task::WireParams) {
+        task::hydrate(
+            params,
+            |d| self.spec_by_digest(d).and_then(|s| serde_json::to_string(s).ok()),
+            |d| self.bundles.get(d).and_then(|b| serde_json::to_string(b).ok()),
+        );
+    }
+}
+
+/// Operations that move traffic: the last finished one of an app decides
+/// what a rollback does.
+pub fn moves_traffic(kind: OperationKind) -> bool {
+    matches!(
+        kind,
+        OperationKind::Deploy | OperationKind::Switch | OperationKind::Rollback
+    )
 }
 
 fn refresh_operation(op: &mut Operation, at: i64) {
@@ -522,6 +702,7 @@ impl std::fmt::Display for Command {
                 operation_id, state, ..
             } => write!(f, "FinishOperation({operation_id}, {state:?})"),
             Command::AppStatusReported { from, app, .. } => write!(f, "AppStatusReported({app} in {from})"),
+            Command::Compact { .. } => write!(f, "Compact"),
         }
     }
 }

@@ -86,6 +86,44 @@ pub struct CoordinatorConfig {
     pub agent_heartbeat_interval_ms: u64,
     #[serde(default)]
     pub raft: RaftConfig,
+    /// How much finished history the replicated state keeps.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// How much finished history the replicated state keeps, so that it (and
+/// every snapshot a new node installs) stays bounded however many
+/// operations have run. The leader compacts once a minute; each bound is
+/// applied by every node from the committed command, so all agree.
+///
+/// Nothing is lost: audit events leaving the state are appended to each
+/// node's hash-chained `<data_dir>/audit.jsonl`, which `cutover audit
+/// --since` reads. Operations leaving the state keep their audit events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Finished operations kept (the most recently finished). Default 500.
+    /// The last traffic-moving operation of each app is always kept: a
+    /// rollback reads it.
+    pub operations: usize,
+    /// Finished operations older than this are dropped, hours. Default 720
+    /// (30 days).
+    pub operation_max_age_hours: u64,
+    /// Audit events kept in the replicated state (the newest). Default 5000.
+    pub audit_events: usize,
+    /// Audit events older than this leave the state, hours. Default 720.
+    pub audit_max_age_hours: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            operations: 500,
+            operation_max_age_hours: 720,
+            audit_events: 5000,
+            audit_max_age_hours: 720,
+        }
+    }
 }
 
 /// The agent heartbeat interval when none is configured, ms.

@@ -209,6 +209,27 @@ pub struct Operation {
     /// Operator controls (pause, promote, abort), committed like any step.
     #[serde(default)]
     pub control: OperationControl,
+    /// The app definition in force when the operation was created, by
+    /// digest (`task::spec_digest`). Set by the state machine when it
+    /// applies the creation; the plan uses this definition, never a later
+    /// one. `None` for ad-hoc tasks and operations from older logs.
+    #[serde(default)]
+    pub spec_digest: Option<String>,
+    /// The release migrations in force at creation (`Bundle::digest`), for
+    /// operations that act with a release. Set like `spec_digest`.
+    #[serde(default)]
+    pub bundle_digest: Option<String>,
+}
+
+impl Operation {
+    /// The release image whose migrations the operation acts with, if any.
+    pub fn release_image(&self) -> Option<&str> {
+        match self.kind {
+            OperationKind::Deploy | OperationKind::Migrate => self.params.get("image").map(String::as_str),
+            OperationKind::Rollback => self.params.get("release_image").map(String::as_str),
+            _ => None,
+        }
+    }
 }
 
 /// What operators asked of a running operation.

@@ -2,8 +2,9 @@
 //! domain types (`domain`), conversions between the two (`convert`), caller
 //! identity (`identity`), mutual TLS (`tls`, and `listener` for the
 //! server side), the development PKI (`certs`),
-//! gRPC server plumbing (`grpc`), process configuration (`config`) and
-//! telemetry (`telemetry`).
+//! gRPC server plumbing (`grpc`), process configuration (`config`),
+//! telemetry (`telemetry`) and the typed coordinator-agent task contract
+//! (`task`).
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod listener;
 pub mod load;
 pub mod proto;
 pub mod release;
+pub mod task;
 pub mod telemetry;
 pub mod tls;
 

@@ -112,6 +112,7 @@ impl TestClusterBuilder {
                     snapshot_every: 2000,
                     keep_after_snapshot: 100,
                 },
+                retention: Default::default(),
             };
             if let Some(f) = &self.configure {
                 f(&mut cfg);

@@ -189,3 +189,55 @@ async fn task_resent_after_agent_restart_is_not_executed_twice() {
     assert_eq!(store.execution_count(&task_id).unwrap(), 1, "executed exactly once");
     c.shutdown().await;
 }
+
+/// Ad-hoc `RunTask` runs only diagnostic kinds. App and database tasks,
+/// which the agent advertises, are refused with INVALID_ARGUMENT naming the
+/// verb that does the job: with hand-made params they would skip the gates,
+/// the one-operation-per-app lock and the release's pinned migrations.
+/// Nothing is committed for a refused call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_task_refuses_app_and_database_kinds() {
+    let (c, leader) = cluster_with_us_east_agent().await;
+    let advertised = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.agents["us-east/us-east-1"].task_kinds.clone());
+    for (kind, verb) in [
+        ("app.switch", "cutover switch"),
+        ("app.deploy", "cutover deploy"),
+        ("app.gates", "cutover deploy"),
+        ("db.migrate", "cutover migrate"),
+    ] {
+        assert!(advertised.iter().any(|k| k == kind), "the agent advertises {kind}");
+        let before = c.node(leader).consensus().read(|s| s.operations.len());
+        let err = c
+            .operator(leader)
+            .run_task(pb::RunTaskRequest {
+                target: Some(pb::ClusterRef {
+                    region: "us-east".into(),
+                    cluster: "us-east-1".into(),
+                }),
+                kind: kind.into(),
+                params: [
+                    ("app".to_owned(), "shop".to_owned()),
+                    ("to".to_owned(), "green".to_owned()),
+                ]
+                .into_iter()
+                .collect(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{kind}: {err}");
+        assert!(err.message().contains(verb), "{kind}: {}", err.message());
+        assert!(err.message().contains(kind), "{kind}: {}", err.message());
+        assert_eq!(c.node(leader).consensus().read(|s| s.operations.len()), before);
+    }
+    // The diagnostic kinds still run.
+    let op = run_echo(&c, leader, "us-east", "us-east-1", &[("message", "hi")]).await;
+    c.wait_state(leader, T, "echo done", |s| {
+        s.operations[&op].state == TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}

@@ -401,7 +401,10 @@ async fn manual_promotion_pause_resume_and_abort() {
 
     // Every steering call is in the audit trail with who made it.
     let events = o
-        .list_audit_events(pb::ListAuditEventsRequest { limit: 100 })
+        .list_audit_events(pb::ListAuditEventsRequest {
+            limit: 100,
+            since_unix_ms: 0,
+        })
         .await
         .unwrap()
         .into_inner()

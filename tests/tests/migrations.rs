@@ -390,7 +390,10 @@ async fn migrate_up_down_status_against_postgres_keeps_the_url_secret() {
         .into_inner()
         .operations;
     let audit = o
-        .list_audit_events(pb::ListAuditEventsRequest { limit: 1000 })
+        .list_audit_events(pb::ListAuditEventsRequest {
+            limit: 1000,
+            since_unix_ms: 0,
+        })
         .await
         .unwrap()
         .into_inner()

@@ -30,11 +30,11 @@ pub(crate) fn io_err(e: impl std::fmt::Display) -> io::Error {
 }
 
 fn encode<T: Serialize>(v: &T) -> io::Result<Vec<u8>> {
-    serde_json::to_vec(v).map_err(io_err)
+    super::codec::encode(v).map_err(io_err)
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
-    serde_json::from_slice(b).map_err(io_err)
+    super::codec::decode(b).map_err(io_err)
 }
 
 /// Log storage over a shared redb database.

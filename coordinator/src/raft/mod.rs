@@ -3,6 +3,7 @@
 //! talks to [`Consensus`]: propose a command, read the state, change
 //! membership, look at progress. An openraft upgrade touches only this folder.
 
+pub mod codec;
 mod log_store;
 mod network;
 pub mod service;
@@ -152,7 +153,7 @@ impl Consensus {
         .map_err(|e| OpenError::Config(e.to_string()))?;
         let weak_db = Arc::downgrade(&db);
         let log = log_store::LogStore::new(db.clone()).map_err(|e| storage(&e))?;
-        let sm = StateMachineStore::open(db).map_err(|e| storage(&e))?;
+        let sm = StateMachineStore::open(db, data_dir).map_err(|e| storage(&e))?;
         let shared = sm.shared.clone();
         let peers = PeerChannels::new(tls);
         let raft = Raft::new(node_id, Arc::new(config), peers.clone(), log, sm)
@@ -418,7 +419,7 @@ impl Consensus {
     /// again" (the leader moved or is unreachable).
     async fn forward(&self, addr: &str, proposal: &Proposal) -> Result<Result<CommandResponse, ProposeError>, String> {
         let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
-        let command = serde_json::to_vec(proposal).map_err(|e| e.to_string())?;
+        let command = codec::encode(proposal).map_err(|e| e.to_string())?;
         let mut req = tonic::Request::new(ProposeRequest { command });
         req.set_timeout(PROPOSE_DEADLINE);
         let reply = client
@@ -426,7 +427,7 @@ impl Consensus {
             .await
             .map_err(|s| format!("forward to {addr}: {}", s.message()))?;
         let r: Result<CommandResponse, String> =
-            serde_json::from_slice(&reply.into_inner().payload).map_err(|e| e.to_string())?;
+            codec::decode(&reply.into_inner().payload).map_err(|e| e.to_string())?;
         Ok(r.map_err(ProposeError::Rejected))
     }
 
@@ -457,6 +458,12 @@ impl Consensus {
             },
             members,
         }
+    }
+
+    /// The stored snapshot's last log index and encoded size in bytes.
+    pub fn snapshot_size(&self) -> Option<(u64, usize)> {
+        let db = self.db.upgrade()?;
+        state_machine::stored_snapshot_size(&db).ok().flatten()
     }
 
     /// Builds a snapshot now (and lets the log be purged behind it).

@@ -1,5 +1,5 @@
 //! Raft RPCs to peer coordinators over mutual TLS. openraft messages travel as
-//! JSON inside the `RaftService` protobuf envelopes.
+//! `codec`-encoded bytes inside the `RaftService` protobuf envelopes.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,8 +18,17 @@ use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
 
-/// Largest gRPC message between peers (snapshots travel in one message).
+/// Largest gRPC message between peers. Snapshots travel in chunks, so this
+/// bounds a batch of log entries (a release's bundle is at most 1 MiB, and
+/// openraft sends up to 300 entries at once) and replies.
 pub const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Snapshot data per `InstallSnapshot` chunk.
+pub const SNAPSHOT_CHUNK: usize = 1024 * 1024;
+
+/// Largest snapshot a node accepts (the state is bounded by retention; this
+/// is the backstop against a peer streaming without end).
+pub const MAX_SNAPSHOT: usize = 8 * 1024 * 1024 * 1024;
 
 /// Creates and caches one channel per peer address.
 #[derive(Clone)]
@@ -99,7 +108,7 @@ impl PeerClient {
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, RPCError<TypeConfig>> {
-        serde_json::from_slice(payload).map_err(|e| {
+        super::codec::decode(payload).map_err(|e| {
             RPCError::Network(NetworkError::new(&Msg(format!(
                 "undecodable reply from node {}: {e}",
                 self.target
@@ -109,7 +118,7 @@ impl PeerClient {
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, RPCError<TypeConfig>> {
-    serde_json::to_vec(v).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))
+    super::codec::encode(v).map_err(|e| RPCError::Network(NetworkError::new(&Msg(e.to_string()))))
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
@@ -159,13 +168,30 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             RPCError::Network(n) => StreamingError::Network(n),
             other => StreamingError::Network(NetworkError::new(&Msg(other.to_string()))),
         };
-        let req = InstallSnapshotRequest {
-            vote: encode(&vote).map_err(to_stream)?,
-            meta: encode(&snapshot.meta).map_err(to_stream)?,
-            data: snapshot.snapshot,
-        };
+        let vote = encode(&vote).map_err(to_stream)?;
+        let meta = encode(&snapshot.meta).map_err(to_stream)?;
+        let data = snapshot.snapshot;
+        // The first chunk carries the vote and metadata; each carries at
+        // most SNAPSHOT_CHUNK bytes of data, copied as it is sent.
+        let chunks = data.len().div_ceil(SNAPSHOT_CHUNK).max(1);
+        let stream = futures::stream::iter((0..chunks).map(move |i| {
+            let piece = data[i * SNAPSHOT_CHUNK..((i + 1) * SNAPSHOT_CHUNK).min(data.len())].to_vec();
+            if i == 0 {
+                InstallSnapshotRequest {
+                    vote: vote.clone(),
+                    meta: meta.clone(),
+                    data: piece,
+                }
+            } else {
+                InstallSnapshotRequest {
+                    vote: vec![],
+                    meta: vec![],
+                    data: piece,
+                }
+            }
+        }));
         let mut client = self.client().map_err(to_stream)?;
-        let call = client.install_snapshot(request(req, option.hard_ttl()));
+        let call = client.install_snapshot(request(stream, option.hard_ttl()));
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             r = call => r.map_err(|s| to_stream(status_to_rpc(s)))?.into_inner(),

@@ -15,11 +15,11 @@ pub struct RaftGrpc {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, Status> {
-    serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("malformed {what}: {e}")))
+    super::codec::decode(b).map_err(|e| Status::invalid_argument(format!("malformed {what}: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Status> {
-    serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))
+    super::codec::encode(v).map_err(|e| Status::internal(e.to_string()))
 }
 
 #[tonic::async_trait]
@@ -41,15 +41,33 @@ impl RaftService for RaftGrpc {
 
     async fn install_snapshot(
         &self,
-        req: Request<InstallSnapshotRequest>,
+        req: Request<tonic::Streaming<InstallSnapshotRequest>>,
     ) -> Result<Response<InstallSnapshotResponse>, Status> {
-        let req = req.into_inner();
-        let vote = decode(&req.vote, "vote")?;
-        let meta = decode(&req.meta, "snapshot meta")?;
-        let snapshot = openraft::Snapshot {
-            meta,
-            snapshot: req.data,
-        };
+        let mut chunks = req.into_inner();
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let vote = decode(&first.vote, "vote")?;
+        let meta = decode(&first.meta, "snapshot meta")?;
+        let mut data = first.data;
+        while let Some(chunk) = chunks.message().await? {
+            if chunk.data.len() > super::network::SNAPSHOT_CHUNK {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk of {} bytes; at most {} are sent",
+                    chunk.data.len(),
+                    super::network::SNAPSHOT_CHUNK
+                )));
+            }
+            if data.len() + chunk.data.len() > super::network::MAX_SNAPSHOT {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot larger than {} bytes",
+                    super::network::MAX_SNAPSHOT
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let snapshot = openraft::Snapshot { meta, snapshot: data };
         let r = self
             .consensus
             .raft

@@ -8,12 +8,13 @@ use futures::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, StoredMembership};
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::TypeConfig;
 use super::log_store::io_err;
+use super::{TypeConfig, codec};
+use crate::audit_log::AuditLog;
 use crate::state::{CommandResponse, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
@@ -52,18 +53,21 @@ struct StoredSnapshot {
 pub struct StateMachineStore {
     pub shared: Arc<Shared>,
     db: Arc<Database>,
+    /// Where compacted audit events go (`<data_dir>/audit.jsonl`).
+    audit: Arc<std::sync::Mutex<AuditLog>>,
 }
 
 impl StateMachineStore {
     /// Opens the state machine, restoring the latest snapshot if there is one.
     /// Entries after it are re-applied by openraft from the log.
-    pub fn open(db: Arc<Database>) -> io::Result<Self> {
+    pub fn open(db: Arc<Database>, data_dir: &std::path::Path) -> io::Result<Self> {
+        let audit = AuditLog::open(data_dir).map_err(io_err)?;
         let tx = db.begin_write().map_err(io_err)?;
         tx.open_table(SNAPSHOT).map_err(io_err)?;
         tx.commit().map_err(io_err)?;
         let mut data = SmData::default();
         if let Some(s) = read_snapshot(&db)? {
-            data = serde_json::from_slice(&s.data).map_err(io_err)?;
+            data = codec::decode(&s.data).map_err(io_err)?;
         }
         let applied = data.last_applied.as_ref().map_or(0, |l| l.index);
         let (tx, _) = watch::channel(applied);
@@ -73,20 +77,40 @@ impl StateMachineStore {
                 applied: tx,
             }),
             db,
+            audit: Arc::new(std::sync::Mutex::new(audit)),
         })
     }
 
-    fn save_snapshot(&self, s: &StoredSnapshot) -> io::Result<()> {
-        let meta = serde_json::to_vec(&s.meta).map_err(io_err)?;
+    /// Stores `s` as the current snapshot unless a newer one is already
+    /// stored, and says whether it did. Why the check: a snapshot build
+    /// copies the state, then encodes and stores it off the lock; a leader's
+    /// snapshot installed meanwhile is newer, and the log before it is gone.
+    /// Overwriting it with the older build would leave a restart with a
+    /// snapshot that the remaining log does not continue.
+    fn save_snapshot(&self, s: &StoredSnapshot) -> io::Result<bool> {
+        let meta = codec::encode(&s.meta).map_err(io_err)?;
         let tx = self.db.begin_write().map_err(io_err)?;
         {
             let mut t = tx.open_table(SNAPSHOT).map_err(io_err)?;
+            let stored: Option<SnapshotMetaOf<TypeConfig>> = match t.get(CURRENT_META).map_err(io_err)? {
+                Some(m) => Some(codec::decode(m.value()).map_err(io_err)?),
+                None => None,
+            };
+            if stored.is_some_and(|m| m.last_log_id > s.meta.last_log_id) {
+                return Ok(false);
+            }
             t.insert(CURRENT_META, meta.as_slice()).map_err(io_err)?;
             t.insert(CURRENT_DATA, s.data.as_slice()).map_err(io_err)?;
             t.remove(CURRENT).map_err(io_err)?;
         }
-        tx.commit().map_err(io_err)
+        tx.commit().map_err(io_err)?;
+        Ok(true)
     }
+}
+
+/// The stored snapshot's last log index and size in bytes, if there is one.
+pub(crate) fn stored_snapshot_size(db: &Database) -> io::Result<Option<(u64, usize)>> {
+    Ok(read_snapshot(db)?.map(|s| (s.meta.last_log_id.map_or(0, |l| l.index), s.data.len())))
 }
 
 fn read_snapshot(db: &Database) -> io::Result<Option<StoredSnapshot>> {
@@ -97,7 +121,7 @@ fn read_snapshot(db: &Database) -> io::Result<Option<StoredSnapshot>> {
         table.get(CURRENT_DATA).map_err(io_err)?,
     ) {
         return Ok(Some(StoredSnapshot {
-            meta: serde_json::from_slice(meta.value()).map_err(io_err)?,
+            meta: codec::decode(meta.value()).map_err(io_err)?,
             data: data.value().to_vec(),
         }));
     }
@@ -122,9 +146,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                     last_log_id: d.last_applied,
                     last_membership: d.last_membership.clone(),
                 },
-                data: serde_json::to_vec(&d).map_err(io_err)?,
+                data: codec::encode(&d).map_err(io_err)?,
             };
-            this.save_snapshot(&stored)?;
+            if !this.save_snapshot(&stored)? {
+                tracing::info!("a newer snapshot was installed while this one was built; keeping the newer");
+            }
             Ok::<_, io::Error>(stored)
         })
         .await
@@ -154,18 +180,29 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut last = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            let mut pruned = Vec::new();
             let mut response = {
                 let mut d = self.shared.data.write().map_err(io_err)?;
                 d.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => CommandResponse::default(),
-                    EntryPayload::Normal(cmd) => d.state.apply(cmd),
+                    EntryPayload::Normal(cmd) => {
+                        let r = d.state.apply(cmd);
+                        pruned = d.state.take_pruned_audit();
+                        r
+                    }
                     EntryPayload::Membership(m) => {
                         d.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         CommandResponse::default()
                     }
                 }
             };
+            if !pruned.is_empty() {
+                // Durable before the command counts as applied: events leave
+                // the state only into the file. A failure here is a storage
+                // failure like a failed log write: Raft stops on this node.
+                self.audit.lock().map_err(io_err)?.append(&pruned).map_err(io_err)?;
+            }
             response.log_index = entry.log_id.index;
             last = Some(entry.log_id.index);
             if let Some(r) = responder {
@@ -187,7 +224,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
-        let data: SmData = serde_json::from_slice(&snapshot).map_err(io_err)?;
+        let data: SmData = codec::decode(&snapshot).map_err(io_err)?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,
@@ -207,5 +244,51 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta,
             snapshot: s.data,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(index: u64) -> SnapshotMetaOf<TypeConfig> {
+        SnapshotMetaOf::<TypeConfig> {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(1, 1, index)),
+            last_membership: Default::default(),
+        }
+    }
+
+    /// The suspected race, in the order it would happen: a build copies the
+    /// state at index 50; a leader's snapshot at index 100 is installed (and
+    /// the log before it discarded); the build then stores its copy. The
+    /// newer snapshot must survive, or a restart resumes from index 50 with
+    /// no log to continue it.
+    #[test]
+    fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("raft.redb")).unwrap());
+        let store = StateMachineStore::open(db.clone(), dir.path()).unwrap();
+        let newer = StoredSnapshot {
+            meta: meta(100),
+            data: b"newer".to_vec(),
+        };
+        let older = StoredSnapshot {
+            meta: meta(50),
+            data: b"older".to_vec(),
+        };
+        assert!(store.save_snapshot(&newer).unwrap());
+        assert!(!store.save_snapshot(&older).unwrap(), "the older build was stored");
+        let current = read_snapshot(&db).unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.unwrap().index, 100);
+        assert_eq!(current.data, b"newer");
+        // A newer one still replaces it.
+        assert!(
+            store
+                .save_snapshot(&StoredSnapshot {
+                    meta: meta(150),
+                    data: b"x".to_vec()
+                })
+                .unwrap()
+        );
     }
 }

@@ -1,0 +1,528 @@
+//! Table and property tests of the orchestrator against `State` alone: no
+//! Raft, no network. A model agent per cluster executes whatever the
+//! orchestrator commits (the tasks as a leader would send them, with their
+//! content attached), and the test injects what a real system does to a
+//! running operation: re-applied apps, releases created mid-deploy, failed
+//! steps, agents that crash after acting but before reporting, and
+//! proposals committed twice by a new leader.
+
+use std::collections::BTreeMap;
+
+use cutover_coordinator::orchestrator::{self, Inputs};
+use cutover_coordinator::state::{AuditDraft, Command, State};
+use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKind, LocalSpec};
+use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskState};
+use cutover_shared::release::{Bundle, Release};
+use cutover_shared::task::{self, TaskKind, TaskParams};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+fn audit() -> AuditDraft {
+    AuditDraft {
+        at_unix_ms: 1,
+        actor: "operator/test".into(),
+        action: "test".into(),
+        parameters: String::new(),
+        outcome: "ok".into(),
+    }
+}
+
+fn target(region: &str) -> ClusterRef {
+    ClusterRef::new(region, "main").unwrap()
+}
+
+fn spec(bake_secs: u64) -> AppSpec {
+    AppSpec {
+        name: "shop".into(),
+        clusters: REGIONS
+            .iter()
+            .map(|r| AppCluster {
+                region: r.to_string(),
+                cluster: "main".into(),
+                driver: DriverKind::Local,
+                local: Some(LocalSpec {
+                    command: vec!["shop".into(), "{listen}".into()],
+                    listen: "127.0.0.1:1".into(),
+                    preview_listen: "127.0.0.1:2".into(),
+                    drain_timeout_ms: 1000,
+                }),
+                kubernetes: None,
+            })
+            .collect(),
+        health: vec![],
+        load: Default::default(),
+        scale_down_delay_secs: None,
+        waves: vec![],
+        bake_secs,
+        required_attestations: Default::default(),
+        migration_checks: vec![],
+    }
+}
+
+fn bundle() -> Bundle {
+    Bundle::parse(vec![
+        ("1_add.up.sql".into(), b"create table t (x int);".to_vec()),
+        ("1_add.down.sql".into(), b"drop table t;".to_vec()),
+    ])
+    .unwrap()
+}
+
+fn release(image: &str, b: &Bundle) -> Command {
+    Command::CreateRelease {
+        release: Release::new("shop", image, b, "operator/test", 1),
+        bundle: b.clone(),
+        audit: audit(),
+    }
+}
+
+/// An operation as `ControlService` creates it.
+fn operation(id: &str, kind: OperationKind, params: &[(&str, &str)]) -> Operation {
+    Operation {
+        id: id.into(),
+        kind,
+        app: Some("shop".into()),
+        targets: REGIONS.iter().map(|r| target(r)).collect(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        state: TaskState::Pending,
+        created_by: "operator/test".into(),
+        created_at_unix_ms: 1,
+        updated_at_unix_ms: 1,
+        tasks: vec![],
+        summary: String::new(),
+        control: Default::default(),
+        spec_digest: None,
+        bundle_digest: None,
+    }
+}
+
+fn deploy_op(id: &str, image: &str, strategy: &str) -> Operation {
+    let waves = serde_json::to_string(&REGIONS.map(|r| vec![r])).unwrap();
+    operation(
+        id,
+        OperationKind::Deploy,
+        &[
+            ("image", image),
+            ("strategy", strategy),
+            ("waves", &waves),
+            ("bake_secs", "10"),
+        ],
+    )
+}
+
+/// What one cluster runs, as the model agent keeps it.
+#[derive(Clone, Debug, Default)]
+struct Cluster {
+    active: Option<Color>,
+    images: BTreeMap<Color, String>,
+    /// Times traffic actually moved.
+    flips: u32,
+}
+
+struct World {
+    state: State,
+    clusters: BTreeMap<String, Cluster>,
+    now: i64,
+    /// Crashes injected per task id (at most two each, so every task ends).
+    crashes: BTreeMap<String, u32>,
+}
+
+impl World {
+    fn new(with_release: bool) -> World {
+        let mut w = World {
+            state: State::default(),
+            clusters: BTreeMap::new(),
+            now: 10,
+            crashes: BTreeMap::new(),
+        };
+        w.apply(Command::PutApp {
+            spec: spec(10),
+            audit: audit(),
+        });
+        if with_release {
+            w.apply(release("shop:v2", &bundle()));
+        }
+        for r in REGIONS {
+            let mut c = Cluster {
+                active: Some(Color::Blue),
+                ..Default::default()
+            };
+            c.images.insert(Color::Blue, "shop:v1".into());
+            w.clusters.insert(target(r).to_string(), c);
+            w.report(r);
+        }
+        w
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        let r = self.state.apply(cmd.clone());
+        assert_eq!(r.error, None, "{cmd}");
+    }
+
+    fn report(&mut self, region: &str) {
+        let c = &self.clusters[&target(region).to_string()];
+        let status = AppClusterStatus {
+            active: c.active,
+            colors: vec![],
+            last_switch_unix_ms: None,
+        };
+        self.apply(Command::AppStatusReported {
+            from: target(region),
+            app: "shop".into(),
+            status,
+        });
+    }
+
+    fn op(&self, id: &str) -> &Operation {
+        &self.state.operations[id]
+    }
+
+    /// What the leader would commit next for `id`.
+    fn next(&mut self, id: &str) -> Option<Command> {
+        self.now += 1;
+        let op = self.op(id);
+        let (spec, bundle) = self.state.operation_inputs(op).expect("inputs");
+        orchestrator::next_command(op, &Inputs::new(op, spec, bundle), self.now)
+    }
+
+    /// The model agent runs one task as the leader sends it (content
+    /// attached). `crash` acts but reports nothing, as an agent killed
+    /// between acting and recording would.
+    fn run(&mut self, cluster: &ClusterRef, task_id: &str, fail: bool, crash: bool) {
+        let spec = self
+            .state
+            .unfinished_tasks_for(cluster)
+            .into_iter()
+            .find(|t| t.task_id == task_id)
+            .expect("the task is sent");
+        let params = TaskParams::from_wire(&spec.kind, &spec.params).expect("typed params");
+        // Injected failures hit forward steps; a compensation that fails
+        // is a different story (the summary says NOT switched back).
+        let fail = fail && !params.is_compensation();
+        // The definition the task carries is the one the operation fixed.
+        let attached = task::attached_spec(&spec.params).expect("attached spec matches its digest");
+        let op = &self.state.operations[&spec.operation_id];
+        assert_eq!(Some(task::spec_digest(&attached)), op.spec_digest, "task {task_id}");
+        let c = self.clusters.get_mut(&cluster.to_string()).unwrap();
+        let mut outputs = BTreeMap::new();
+        let ok = !fail;
+        match params {
+            TaskParams::AppDeploy { image, .. } => {
+                let color = c.active.map_or(Color::Blue, Color::other);
+                if ok {
+                    c.images.insert(color, image);
+                }
+                outputs.insert(task::outputs::COLOR.to_owned(), color.to_string());
+            }
+            TaskParams::AppSwitch { to, .. } => {
+                let to = to.expect("every switch names its color");
+                if ok && c.active != Some(to) {
+                    c.active = Some(to);
+                    c.flips += 1;
+                }
+            }
+            TaskParams::DbMigrate(m) => {
+                assert!(spec.params.contains_key("bundle"), "a migration carries its bundle");
+                task::attached_bundle(&spec.params).expect("attached bundle matches its digest");
+                if ok {
+                    outputs.insert("applied".into(), "1".into());
+                    outputs.insert("from_version".into(), "0".into());
+                    outputs.insert(
+                        "to_version".into(),
+                        if m.action.as_str() == "up" { "1" } else { "0" }.into(),
+                    );
+                }
+            }
+            TaskParams::AppGates { .. } | TaskParams::AppBake { .. } => {}
+            other => panic!("unexpected task {other:?}"),
+        }
+        if crash {
+            return;
+        }
+        self.now += 1;
+        self.apply(Command::TaskFinished {
+            from: cluster.clone(),
+            result: TaskResult {
+                task_id: task_id.into(),
+                success: ok,
+                message: if ok { "ok".into() } else { "failed".into() },
+                outputs,
+                replayed: false,
+                finished_at_unix_ms: self.now,
+            },
+            at_unix_ms: self.now,
+        });
+    }
+
+    /// Drives operation `id` to its end. `chaos` decides, per event, whether
+    /// a step fails, an agent crashes before reporting, a proposal is
+    /// committed twice, or an app or release is changed under the operation.
+    fn drive(&mut self, id: &str, mut chaos: impl FnMut(&mut World, Event) -> bool) {
+        for _ in 0..500 {
+            if self.op(id).state.is_finished() {
+                return;
+            }
+            if let Some(cmd) = self.next(id) {
+                self.apply(cmd.clone());
+                if chaos(self, Event::Duplicate) {
+                    // A new leader proposes the same decision again.
+                    self.apply(cmd);
+                }
+                chaos(self, Event::Meddle);
+                continue;
+            }
+            let pending: Vec<(ClusterRef, String)> = self
+                .op(id)
+                .tasks
+                .iter()
+                .filter(|t| !t.state.is_finished())
+                .map(|t| (t.spec.target.clone(), t.spec.task_id.clone()))
+                .collect();
+            assert!(!pending.is_empty(), "operation {id} is stuck: {:?}", self.op(id));
+            for (cluster, task_id) in pending {
+                let fail = chaos(self, Event::Fail);
+                let crash = chaos(self, Event::Crash) && {
+                    let n = self.crashes.entry(task_id.clone()).or_default();
+                    *n += 1;
+                    *n <= 2
+                };
+                self.run(&cluster, &task_id, fail, crash);
+            }
+        }
+        panic!("operation {id} did not finish: {:?}", self.op(id));
+    }
+
+    fn steps(&self, id: &str) -> Vec<String> {
+        self.op(id)
+            .tasks
+            .iter()
+            .map(|t| format!("{} {}", t.spec.kind, t.spec.target.region))
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    Fail,
+    Crash,
+    Duplicate,
+    Meddle,
+}
+
+/// Problem 3 of the typed-contract issue: a release created for the
+/// deploying image after wave 1 used to make wave 2 switch to a color that
+/// was never deployed and skip the migrations. Also: re-applying the app
+/// mid-deploy (no bake) does not drop the remaining bakes.
+#[test]
+fn a_release_or_app_change_during_a_deploy_does_not_change_its_plan() {
+    let mut w = World::new(false);
+    w.apply(Command::CreateOperation {
+        operation: deploy_op("op-a", "shop:v2", "waves"),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    let digest = w
+        .op("op-a")
+        .spec_digest
+        .clone()
+        .expect("the definition is fixed at creation");
+    assert_eq!(w.op("op-a").bundle_digest, None);
+    let mut meddled = false;
+    w.drive("op-a", |w, e| {
+        let wave1_switched = w.op("op-a").tasks.iter().any(|t| t.spec.kind == "app.bake");
+        if e == Event::Meddle && wave1_switched && !meddled {
+            meddled = true;
+            w.apply(release("shop:v2", &bundle()));
+            w.apply(Command::PutApp {
+                spec: spec(0),
+                audit: audit(),
+            });
+        }
+        false
+    });
+    assert!(meddled);
+    let op = w.op("op-a");
+    assert_eq!(op.state, TaskState::Succeeded, "{}", op.summary);
+    let per_wave = |r: &str| {
+        vec![
+            format!("app.deploy {r}"),
+            format!("app.gates {r}"),
+            format!("app.switch {r}"),
+            format!("app.bake {r}"),
+        ]
+    };
+    let want: Vec<String> = REGIONS.iter().flat_map(|r| per_wave(r)).collect();
+    assert_eq!(
+        w.steps("op-a"),
+        want,
+        "no migrations and no dropped bakes after the changes"
+    );
+    for t in &op.tasks {
+        assert_eq!(t.spec.params.get("spec_digest"), Some(&digest), "{}", t.spec.task_id);
+        assert!(
+            !t.spec.params.contains_key("spec"),
+            "tasks store the digest, not the definition"
+        );
+    }
+    for r in REGIONS {
+        let c = &w.clusters[&target(r).to_string()];
+        assert_eq!(c.active, Some(Color::Green), "{r}");
+        assert_eq!(c.images[&Color::Green], "shop:v2");
+        assert_eq!(c.flips, 1, "{r}");
+    }
+}
+
+/// A release that exists at creation is the one used, carried by digest.
+#[test]
+fn a_deploy_with_a_release_migrates_first_and_stores_the_bundle_once() {
+    let mut w = World::new(true);
+    w.apply(Command::CreateOperation {
+        operation: deploy_op("op-m", "shop:v2", "atomic"),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    let b = bundle();
+    assert_eq!(w.op("op-m").bundle_digest.as_deref(), Some(b.digest().as_str()));
+    w.drive("op-m", |_, _| false);
+    let op = w.op("op-m");
+    assert_eq!(op.state, TaskState::Succeeded, "{}", op.summary);
+    let kinds: Vec<String> = op.tasks.iter().map(|t| t.spec.kind.clone()).collect();
+    let first_migrate = kinds.iter().position(|k| k == "db.migrate").unwrap();
+    let first_switch = kinds.iter().position(|k| k == "app.switch").unwrap();
+    assert!(first_migrate < first_switch, "{kinds:?}");
+    for t in op.tasks.iter().filter(|t| t.spec.kind == "db.migrate") {
+        assert!(!t.spec.params.contains_key("bundle"), "the log holds the digest only");
+        assert_eq!(t.spec.params.get("bundle_digest"), Some(&b.digest()));
+    }
+}
+
+/// Problem 4: a switch names its color, so an agent that switched, crashed
+/// before reporting, and runs the task again does not flip traffic back.
+#[test]
+fn a_switch_rerun_after_a_crash_converges() {
+    let mut w = World::new(false);
+    // What ControlService.Switch records: each cluster's target color.
+    let to: BTreeMap<String, String> = REGIONS
+        .iter()
+        .map(|r| (target(r).to_string(), "green".to_owned()))
+        .collect();
+    let to = serde_json::to_string(&to).unwrap();
+    for r in REGIONS {
+        w.clusters
+            .get_mut(&target(r).to_string())
+            .unwrap()
+            .images
+            .insert(Color::Green, "shop:v0".into());
+    }
+    w.apply(Command::CreateOperation {
+        operation: operation("op-s", OperationKind::Switch, &[("switch_to", &to)]),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    let mut crashed = 0;
+    w.drive("op-s", |_, e| {
+        // Every switch crashes once after acting; the re-sent task runs again.
+        if e == Event::Crash && crashed < REGIONS.len() {
+            crashed += 1;
+            return true;
+        }
+        false
+    });
+    assert_eq!(crashed, REGIONS.len());
+    assert_eq!(w.op("op-s").state, TaskState::Succeeded);
+    for r in REGIONS {
+        let c = &w.clusters[&target(r).to_string()];
+        assert_eq!((c.active, c.flips), (Some(Color::Green), 1), "{r}");
+    }
+}
+
+/// The property: for random operation specs and random interleavings of
+/// failures, crashes before reporting, duplicated proposals (leader
+/// changes), re-applied apps and new releases, the plan never changes after
+/// creation, each switch takes effect once, and the operation ends
+/// Succeeded with every region on the new color, or Failed with every
+/// region back on the old one.
+#[test]
+fn random_interleavings_keep_the_plan_fixed_and_switch_once() {
+    for seed in 0..300u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let with_release = rng.random_bool(0.3);
+        let mut w = World::new(with_release);
+        let strategy = if rng.random_bool(0.5) { "atomic" } else { "waves" };
+        let id = format!("op-{seed}");
+        w.apply(Command::CreateOperation {
+            operation: deploy_op(&id, "shop:v2", strategy),
+            audit: audit(),
+            fix_inputs: true,
+        });
+        let fixed = w.op(&id).clone();
+        let (p_fail, p_crash) = (rng.random_range(0.0..0.08), rng.random_range(0.0..0.3));
+        w.drive(&id, |w, e| match e {
+            Event::Fail => rng.random_bool(p_fail),
+            Event::Crash => rng.random_bool(p_crash),
+            Event::Duplicate => rng.random_bool(0.2),
+            Event::Meddle => {
+                if rng.random_bool(0.05) {
+                    w.apply(Command::PutApp {
+                        spec: spec(rng.random_range(0..3)),
+                        audit: audit(),
+                    });
+                }
+                if rng.random_bool(0.05) {
+                    let v = rng.random_range(3..9);
+                    w.apply(release(&format!("shop:v{v}"), &bundle()));
+                    w.apply(release("shop:v2", &bundle()));
+                }
+                false
+            }
+        });
+        let op = w.op(&id);
+        // Fixed at creation: digests unchanged, and every step taken (the
+        // compensations aside) is the plan computed from the creation
+        // record and the results, never from later state.
+        assert_eq!(op.spec_digest, fixed.spec_digest, "seed {seed}");
+        assert_eq!(op.bundle_digest, fixed.bundle_digest, "seed {seed}");
+        let mut replay = fixed.clone();
+        let b = bundle();
+        let bundle_then = with_release.then_some(&b);
+        let inputs = Inputs::new(&fixed, &spec(10), bundle_then);
+        for (i, t) in op.tasks.iter().enumerate() {
+            let typed = TaskParams::from_wire(&t.spec.kind, &t.spec.params).unwrap();
+            assert_eq!(typed.app().unwrap().spec_digest, inputs.app.spec_digest, "seed {seed}");
+            if !typed.is_compensation() {
+                let planned = &orchestrator::plan(&replay, &inputs)[i];
+                assert_eq!(
+                    (&planned.target, &planned.params),
+                    (&t.spec.target, &typed),
+                    "seed {seed} step {i}"
+                );
+            }
+            replay.tasks.push(t.clone());
+        }
+        let has_migrations = op.tasks.iter().any(|t| t.spec.kind == TaskKind::DbMigrate.as_str());
+        // Migrations only from the release in force at creation (a deploy
+        // step can fail before they start).
+        assert!(with_release || !has_migrations, "seed {seed}");
+        assert!(
+            has_migrations || !with_release || op.state == TaskState::Failed,
+            "seed {seed}"
+        );
+        match op.state {
+            TaskState::Succeeded => {
+                for r in REGIONS {
+                    let c = &w.clusters[&target(r).to_string()];
+                    assert_eq!((c.active, c.flips), (Some(Color::Green), 1), "seed {seed} {r}");
+                }
+            }
+            TaskState::Failed => {
+                for r in REGIONS {
+                    let c = &w.clusters[&target(r).to_string()];
+                    assert_eq!(c.active, Some(Color::Blue), "seed {seed} {r}: {}", op.summary);
+                    assert!(c.flips == 0 || c.flips == 2, "seed {seed} {r}: {} flips", c.flips);
+                }
+            }
+            other => panic!("seed {seed}: ended {other:?}"),
+        }
+    }
+}

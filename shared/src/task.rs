@@ -1,0 +1,567 @@
+//! The task contract between the coordinator and its agents: which kinds of
+//! task exist, and one typed parameter set per kind, plus the outputs the
+//! coordinator reads back. The orchestrator builds tasks only through
+//! [`TaskParams`] and the agent decodes them only through it, so a misspelled
+//! key or a missing field is a compile error on one side and a clear task
+//! failure, never a silent default, on the other.
+//!
+//! On the wire (`agent.proto`'s `TaskSpec.params`) and in the replicated log
+//! a task's parameters stay a string map: that keeps the public API stable
+//! and lets logs written by earlier versions load. [`TaskParams::to_wire`]
+//! and [`TaskParams::from_wire`] are the only code that knows the keys.
+//!
+//! Large, shared inputs travel by content address: an app task names the app
+//! definition it acts with by [`spec_digest`], a migration names its bundle
+//! by [`crate::release::Bundle::digest`]. The coordinator stores each once
+//! and attaches the content (`spec`, `bundle`) only when it sends a task to
+//! its agent ([`WireParams::hydrate`]); the agent checks the content against
+//! the digest before using it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::app::{AppSpec, Color};
+use crate::release::Bundle;
+
+/// A task's parameters as they travel: a string map.
+pub type WireParams = BTreeMap<String, String>;
+
+/// Why a task's parameters could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    #[error("unknown task kind {0:?}")]
+    UnknownKind(String),
+    #[error("task parameter {0:?} is missing")]
+    Missing(&'static str),
+    #[error("task parameter {key:?} is invalid: {why}")]
+    Invalid { key: &'static str, why: String },
+    #[error("task content {what} does not match its digest {digest}")]
+    DigestMismatch { what: &'static str, digest: String },
+}
+
+/// Every kind of task an agent can be asked to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaskKind {
+    /// Diagnostic: does nothing.
+    Noop,
+    /// Diagnostic: answers with its message, after an optional delay.
+    Echo,
+    /// Write an image to a color of an app and wait until it is ready.
+    AppDeploy,
+    /// Run an app's health probes and load probe against a color.
+    AppGates,
+    /// Point an app's stable address at a named color.
+    AppSwitch,
+    /// Watch the serving color for a while after a switch.
+    AppBake,
+    /// Show, plan, apply or revert an app's database migrations.
+    DbMigrate,
+}
+
+impl TaskKind {
+    /// Every kind, for listings and exhaustive tests.
+    pub const ALL: [TaskKind; 7] = [
+        TaskKind::Noop,
+        TaskKind::Echo,
+        TaskKind::AppDeploy,
+        TaskKind::AppGates,
+        TaskKind::AppSwitch,
+        TaskKind::AppBake,
+        TaskKind::DbMigrate,
+    ];
+
+    /// The kind's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Noop => "noop",
+            TaskKind::Echo => "echo",
+            TaskKind::AppDeploy => "app.deploy",
+            TaskKind::AppGates => "app.gates",
+            TaskKind::AppSwitch => "app.switch",
+            TaskKind::AppBake => "app.bake",
+            TaskKind::DbMigrate => "db.migrate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskKind> {
+        TaskKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Kinds an operator may run ad hoc (`RunTask`): they change nothing
+    /// and need no lock, gate or release. Later read-only probes join them.
+    pub fn is_diagnostic(self) -> bool {
+        matches!(self, TaskKind::Noop | TaskKind::Echo)
+    }
+
+    /// The verb that does this kind's job, for refusals of ad-hoc runs:
+    /// app and database tasks only run inside the operations that gate and
+    /// lock them.
+    pub fn verb(self) -> &'static str {
+        match self {
+            TaskKind::Noop | TaskKind::Echo => "cutover task run",
+            TaskKind::AppDeploy | TaskKind::AppGates | TaskKind::AppBake => "cutover deploy",
+            TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
+            TaskKind::DbMigrate => "cutover migrate",
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The content address of an app definition: SHA-256 over its canonical
+/// JSON (struct fields in declaration order, maps sorted).
+pub fn spec_digest(spec: &AppSpec) -> String {
+    let json = serde_json::to_vec(spec).unwrap_or_default();
+    let d = Sha256::digest(&json);
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The app a task acts on and the definition (by digest) it acts with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppRef {
+    pub app: String,
+    /// [`spec_digest`] of the definition in force when the operation was
+    /// created. Empty only for tasks from logs written before digests.
+    pub spec_digest: String,
+}
+
+/// `echo`'s parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EchoParams {
+    pub message: String,
+    pub delay_ms: u64,
+    pub fail: bool,
+}
+
+/// What a migration task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrateAction {
+    Status,
+    Plan,
+    Up,
+    Down,
+}
+
+impl MigrateAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrateAction::Status => "status",
+            MigrateAction::Plan => "plan",
+            MigrateAction::Up => "up",
+            MigrateAction::Down => "down",
+        }
+    }
+    pub fn parse(s: &str) -> Option<MigrateAction> {
+        [
+            MigrateAction::Status,
+            MigrateAction::Plan,
+            MigrateAction::Up,
+            MigrateAction::Down,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+    }
+}
+
+/// `db.migrate`'s parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrateParams {
+    pub app: AppRef,
+    pub action: MigrateAction,
+    /// The release whose migrations these are.
+    pub image: String,
+    /// [`Bundle::digest`] of the release's migrations (empty for tasks from
+    /// logs that carried the bundle inline).
+    pub bundle_digest: String,
+    /// `up` to / `down` to this version.
+    pub target: Option<i64>,
+    pub dry_run: bool,
+    /// Undoes an earlier step of the same operation after a failure.
+    pub compensate: bool,
+}
+
+/// One typed parameter set per [`TaskKind`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskParams {
+    Noop,
+    Echo(EchoParams),
+    AppDeploy {
+        app: AppRef,
+        image: String,
+    },
+    AppGates {
+        app: AppRef,
+        /// The color under test; `None`: the inactive one (health checks).
+        color: Option<Color>,
+    },
+    AppSwitch {
+        app: AppRef,
+        /// The color that must serve afterwards. Always named by the
+        /// coordinator, so a re-run converges instead of flipping back.
+        /// `None` only in tasks from logs written before colors were named.
+        to: Option<Color>,
+        compensate: bool,
+    },
+    AppBake {
+        app: AppRef,
+        seconds: u64,
+    },
+    DbMigrate(MigrateParams),
+}
+
+fn get<'a>(p: &'a WireParams, key: &'static str) -> Result<&'a str, TaskError> {
+    p.get(key).map(String::as_str).ok_or(TaskError::Missing(key))
+}
+
+fn flag(p: &WireParams, key: &str) -> bool {
+    p.get(key).is_some_and(|v| v == "true")
+}
+
+fn number<T: std::str::FromStr>(p: &WireParams, key: &'static str) -> Result<Option<T>, TaskError>
+where
+    T::Err: fmt::Display,
+{
+    p.get(key)
+        .map(|v| {
+            v.parse::<T>().map_err(|e| TaskError::Invalid {
+                key,
+                why: format!("{v:?}: {e}"),
+            })
+        })
+        .transpose()
+}
+
+fn color(p: &WireParams, key: &'static str) -> Result<Option<Color>, TaskError> {
+    match p.get(key).map(String::as_str) {
+        None | Some("inactive") => Ok(None),
+        Some(c) => Color::parse(c).map(Some).ok_or_else(|| TaskError::Invalid {
+            key,
+            why: format!("unknown color {c:?}"),
+        }),
+    }
+}
+
+fn app_ref(p: &WireParams) -> Result<AppRef, TaskError> {
+    Ok(AppRef {
+        app: get(p, "app")?.to_owned(),
+        spec_digest: p.get("spec_digest").cloned().unwrap_or_default(),
+    })
+}
+
+impl TaskParams {
+    pub fn kind(&self) -> TaskKind {
+        match self {
+            TaskParams::Noop => TaskKind::Noop,
+            TaskParams::Echo(_) => TaskKind::Echo,
+            TaskParams::AppDeploy { .. } => TaskKind::AppDeploy,
+            TaskParams::AppGates { .. } => TaskKind::AppGates,
+            TaskParams::AppSwitch { .. } => TaskKind::AppSwitch,
+            TaskParams::AppBake { .. } => TaskKind::AppBake,
+            TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
+        }
+    }
+
+    /// The app an app or database task acts on.
+    pub fn app(&self) -> Option<&AppRef> {
+        match self {
+            TaskParams::Noop | TaskParams::Echo(_) => None,
+            TaskParams::AppDeploy { app, .. }
+            | TaskParams::AppGates { app, .. }
+            | TaskParams::AppSwitch { app, .. }
+            | TaskParams::AppBake { app, .. } => Some(app),
+            TaskParams::DbMigrate(m) => Some(&m.app),
+        }
+    }
+
+    /// True for a step that undoes an earlier one after a failure.
+    pub fn is_compensation(&self) -> bool {
+        match self {
+            TaskParams::AppSwitch { compensate, .. } => *compensate,
+            TaskParams::DbMigrate(m) => m.compensate,
+            _ => false,
+        }
+    }
+
+    /// The wire form: the kind's name and the string map.
+    pub fn to_wire(&self) -> (String, WireParams) {
+        let mut p = WireParams::new();
+        let mut put = |k: &str, v: String| {
+            p.insert(k.to_owned(), v);
+        };
+        if let Some(a) = self.app() {
+            put("app", a.app.clone());
+            if !a.spec_digest.is_empty() {
+                put("spec_digest", a.spec_digest.clone());
+            }
+        }
+        match self {
+            TaskParams::Noop => {}
+            TaskParams::Echo(e) => {
+                put("message", e.message.clone());
+                if e.delay_ms > 0 {
+                    put("delay_ms", e.delay_ms.to_string());
+                }
+                if e.fail {
+                    put("fail", "true".into());
+                }
+            }
+            TaskParams::AppDeploy { image, .. } => put("image", image.clone()),
+            TaskParams::AppGates { color, .. } => {
+                put("color", color.map_or_else(|| "inactive".into(), |c| c.to_string()));
+            }
+            TaskParams::AppSwitch { to, compensate, .. } => {
+                put("to", to.map_or_else(|| "inactive".into(), |c| c.to_string()));
+                if *compensate {
+                    put("compensate", "true".into());
+                }
+            }
+            TaskParams::AppBake { seconds, .. } => put("seconds", seconds.to_string()),
+            TaskParams::DbMigrate(m) => {
+                put("action", m.action.as_str().into());
+                put("image", m.image.clone());
+                if !m.bundle_digest.is_empty() {
+                    put("bundle_digest", m.bundle_digest.clone());
+                }
+                if let Some(t) = m.target {
+                    put("target", t.to_string());
+                }
+                if m.dry_run {
+                    put("dry_run", "true".into());
+                }
+                if m.compensate {
+                    put("compensate", "true".into());
+                }
+            }
+        }
+        (self.kind().as_str().to_owned(), p)
+    }
+
+    /// Decodes a task's kind and parameters. Unknown keys are ignored (the
+    /// attached content, `spec` and `bundle`, among them).
+    pub fn from_wire(kind: &str, p: &WireParams) -> Result<TaskParams, TaskError> {
+        let kind = TaskKind::parse(kind).ok_or_else(|| TaskError::UnknownKind(kind.to_owned()))?;
+        Ok(match kind {
+            TaskKind::Noop => TaskParams::Noop,
+            TaskKind::Echo => TaskParams::Echo(EchoParams {
+                message: p.get("message").cloned().unwrap_or_default(),
+                delay_ms: number(p, "delay_ms")?.unwrap_or(0),
+                fail: flag(p, "fail"),
+            }),
+            TaskKind::AppDeploy => TaskParams::AppDeploy {
+                app: app_ref(p)?,
+                image: get(p, "image")?.to_owned(),
+            },
+            TaskKind::AppGates => TaskParams::AppGates {
+                app: app_ref(p)?,
+                color: color(p, "color")?,
+            },
+            TaskKind::AppSwitch => TaskParams::AppSwitch {
+                app: app_ref(p)?,
+                to: color(p, "to")?,
+                compensate: flag(p, "compensate"),
+            },
+            TaskKind::AppBake => TaskParams::AppBake {
+                app: app_ref(p)?,
+                seconds: number(p, "seconds")?.unwrap_or(0),
+            },
+            TaskKind::DbMigrate => {
+                let action = p.get("action").map_or("status", String::as_str);
+                TaskParams::DbMigrate(MigrateParams {
+                    app: app_ref(p)?,
+                    action: MigrateAction::parse(action).ok_or_else(|| TaskError::Invalid {
+                        key: "action",
+                        why: format!("{action:?} is not status, plan, up or down"),
+                    })?,
+                    image: p.get("image").cloned().unwrap_or_default(),
+                    bundle_digest: p.get("bundle_digest").cloned().unwrap_or_default(),
+                    target: number(p, "target")?,
+                    dry_run: flag(p, "dry_run"),
+                    compensate: flag(p, "compensate"),
+                })
+            }
+        })
+    }
+}
+
+/// Attaches the content a stored task names by digest, just before it is
+/// sent: `spec` (the app definition, JSON) and `bundle` (the migrations,
+/// JSON). `lookup_spec` and `lookup_bundle` resolve digests; content that is
+/// already inline (tasks from older logs) is left alone.
+pub fn hydrate(
+    params: &mut WireParams,
+    lookup_spec: impl Fn(&str) -> Option<String>,
+    lookup_bundle: impl Fn(&str) -> Option<String>,
+) {
+    if !params.contains_key("spec")
+        && let Some(json) = params.get("spec_digest").and_then(|d| lookup_spec(d))
+    {
+        params.insert("spec".into(), json);
+    }
+    if !params.contains_key("bundle")
+        && let Some(json) = params.get("bundle_digest").and_then(|d| lookup_bundle(d))
+    {
+        params.insert("bundle".into(), json);
+    }
+}
+
+/// The app definition attached to a task, checked against the digest the
+/// task names.
+pub fn attached_spec(params: &WireParams) -> Result<AppSpec, TaskError> {
+    let json = get(params, "spec")?;
+    let spec: AppSpec = serde_json::from_str(json).map_err(|e| TaskError::Invalid {
+        key: "spec",
+        why: e.to_string(),
+    })?;
+    if let Some(want) = params.get("spec_digest")
+        && spec_digest(&spec) != *want
+    {
+        return Err(TaskError::DigestMismatch {
+            what: "spec",
+            digest: want.clone(),
+        });
+    }
+    Ok(spec)
+}
+
+/// The migrations attached to a task, checked against the digest the task
+/// names.
+pub fn attached_bundle(params: &WireParams) -> Result<Bundle, TaskError> {
+    let json = get(params, "bundle")?;
+    let bundle: Bundle = serde_json::from_str(json).map_err(|e| TaskError::Invalid {
+        key: "bundle",
+        why: e.to_string(),
+    })?;
+    if let Some(want) = params.get("bundle_digest")
+        && bundle.digest() != *want
+    {
+        return Err(TaskError::DigestMismatch {
+            what: "bundle",
+            digest: want.clone(),
+        });
+    }
+    Ok(bundle)
+}
+
+/// Output keys the coordinator reads back from results.
+pub mod outputs {
+    use super::WireParams;
+    use crate::app::Color;
+
+    /// `app.deploy`: the color the image was written to.
+    pub const COLOR: &str = "color";
+    /// Every app task: the driver's `AppClusterStatus`, JSON.
+    pub const STATUS: &str = "status";
+    /// `db.migrate` up/down: the versions applied or reverted (comma list).
+    pub const APPLIED: &str = "applied";
+    /// `db.migrate` up/down: the schema version before and after.
+    pub const FROM_VERSION: &str = "from_version";
+    pub const TO_VERSION: &str = "to_version";
+
+    /// The color an `app.deploy` result reports.
+    pub fn deployed_color(out: &WireParams) -> Option<Color> {
+        out.get(COLOR).and_then(|c| Color::parse(c))
+    }
+
+    /// True when a migration result says it applied or reverted anything.
+    pub fn migrated_anything(out: &WireParams) -> bool {
+        out.get(APPLIED).is_some_and(|a| !a.is_empty())
+    }
+
+    /// A version output, parsed.
+    pub fn version(out: &WireParams, key: &str) -> Option<i64> {
+        out.get(key).and_then(|v| v.parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> AppRef {
+        AppRef {
+            app: "shop".into(),
+            spec_digest: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_the_wire() {
+        let cases = vec![
+            TaskParams::Noop,
+            TaskParams::Echo(EchoParams {
+                message: "hi".into(),
+                delay_ms: 5,
+                fail: true,
+            }),
+            TaskParams::AppDeploy {
+                app: app(),
+                image: "shop:v2".into(),
+            },
+            TaskParams::AppGates {
+                app: app(),
+                color: Some(Color::Green),
+            },
+            TaskParams::AppGates {
+                app: app(),
+                color: None,
+            },
+            TaskParams::AppSwitch {
+                app: app(),
+                to: Some(Color::Blue),
+                compensate: true,
+            },
+            TaskParams::AppBake {
+                app: app(),
+                seconds: 10,
+            },
+            TaskParams::DbMigrate(MigrateParams {
+                app: app(),
+                action: MigrateAction::Down,
+                image: "shop:v2".into(),
+                bundle_digest: "cd".repeat(32),
+                target: Some(3),
+                dry_run: true,
+                compensate: true,
+            }),
+        ];
+        let mut kinds = std::collections::BTreeSet::new();
+        for c in cases {
+            let (kind, wire) = c.to_wire();
+            kinds.insert(c.kind());
+            assert_eq!(TaskParams::from_wire(&kind, &wire).unwrap(), c, "{kind} {wire:?}");
+        }
+        assert_eq!(kinds.len(), TaskKind::ALL.len(), "a kind has no round-trip case");
+    }
+
+    #[test]
+    fn bad_wire_params_are_named() {
+        let p = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(
+            TaskParams::from_wire("app.deploy", &p(&[("app", "x")])),
+            Err(TaskError::Missing("image"))
+        );
+        let e = TaskParams::from_wire("app.switch", &p(&[("app", "x"), ("to", "purple")])).unwrap_err();
+        assert!(e.to_string().contains("purple"), "{e}");
+        let e = TaskParams::from_wire("echo", &p(&[("delay_ms", "soon")])).unwrap_err();
+        assert!(e.to_string().contains("delay_ms"), "{e}");
+        assert_eq!(
+            TaskParams::from_wire("app.teleport", &p(&[])),
+            Err(TaskError::UnknownKind("app.teleport".into()))
+        );
+    }
+
+    #[test]
+    fn only_noop_and_echo_are_diagnostic() {
+        let diag: Vec<TaskKind> = TaskKind::ALL.into_iter().filter(|k| k.is_diagnostic()).collect();
+        assert_eq!(diag, vec![TaskKind::Noop, TaskKind::Echo]);
+        for k in TaskKind::ALL {
+            assert_eq!(TaskKind::parse(k.as_str()), Some(k));
+        }
+    }
+}

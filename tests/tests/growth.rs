@@ -1,0 +1,210 @@
+//! The replicated state stays bounded: after thousands of operations, each
+//! acting with a release that carries a 1 MiB migration bundle, the
+//! snapshot a new node installs is sized by the retention policy and the
+//! releases, not by how many operations ever ran.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cutover_coordinator::orchestrator;
+use cutover_coordinator::raft::Proposal;
+use cutover_coordinator::state::{AuditDraft, Command};
+use cutover_shared::domain::{
+    ClusterRef, Operation, OperationKind, TaskRecord, TaskResult, TaskSpec, TaskState, now_unix_ms,
+};
+use cutover_shared::proto as pb;
+use cutover_shared::release::{Bundle, Release};
+use cutover_shared::task::{AppRef, MigrateAction, MigrateParams, TaskParams, spec_digest};
+use cutover_tests::{TestCluster, sample_app_spec};
+
+const T: Duration = Duration::from_secs(60);
+const RELEASES: usize = 20;
+const OPERATIONS: usize = 2000;
+const KEEP: usize = 100;
+
+fn audit(action: &str) -> AuditDraft {
+    AuditDraft {
+        at_unix_ms: now_unix_ms(),
+        actor: "operator/test".into(),
+        action: action.into(),
+        parameters: "{}".into(),
+        outcome: "ok".into(),
+    }
+}
+
+/// Release `i`: one migration whose SQL fills the 1 MiB bundle limit.
+fn bundle(i: usize) -> Bundle {
+    let mut sql = format!("create table t{i} (x int);\n");
+    while sql.len() < 1024 * 1024 - 4096 {
+        sql.push_str("-- padding to make this release's migration bundle one mebibyte\n");
+    }
+    Bundle::parse(vec![(format!("{}_t{i}.up.sql", i + 1), sql.into_bytes())]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshots_stay_bounded_by_retention_and_a_new_node_installs_one() {
+    let regions = [("us-east", "us-east-1")];
+    let mut c = TestCluster::builder()
+        .nodes(3)
+        .spare_nodes(1)
+        .regions(&regions)
+        .configure(|cfg| {
+            cfg.raft.snapshot_every = 1000;
+            cfg.raft.keep_after_snapshot = 50;
+            cfg.retention.operations = KEEP;
+        })
+        .start()
+        .await
+        .unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let retention = c.configs[leader].retention.clone();
+    let cons = c.node(leader).consensus().clone();
+    let propose = |cmd: Command| {
+        let cons = cons.clone();
+        async move {
+            let r = cons.propose(Proposal::Command(cmd)).await.unwrap();
+            assert_eq!(r.error, None);
+        }
+    };
+    let spec = sample_app_spec("shop", &regions);
+    let target = ClusterRef::new("us-east", "us-east-1").unwrap();
+    propose(Command::PutApp {
+        spec: spec.clone(),
+        audit: audit("ApplyApp"),
+    })
+    .await;
+    let mut digests = Vec::new();
+    for i in 0..RELEASES {
+        let b = bundle(i);
+        digests.push(b.digest());
+        propose(Command::CreateRelease {
+            release: Release::new("shop", &format!("shop:v{i}"), &b, "operator/test", now_unix_ms()),
+            bundle: b,
+            audit: audit("CreateRelease"),
+        })
+        .await;
+    }
+    let app = AppRef {
+        app: "shop".into(),
+        spec_digest: spec_digest(&spec),
+    };
+    let mut sizes = BTreeMap::new();
+    for n in 0..OPERATIONS {
+        // A finished migration of release n % 20: what a cutover leaves
+        // behind, one committed entry per operation.
+        let id = format!("op-{n:05}");
+        let now = now_unix_ms();
+        let (kind, params) = TaskParams::DbMigrate(MigrateParams {
+            app: app.clone(),
+            action: MigrateAction::Up,
+            image: format!("shop:v{}", n % RELEASES),
+            bundle_digest: digests[n % RELEASES].clone(),
+            target: None,
+            dry_run: false,
+            compensate: false,
+        })
+        .to_wire();
+        let task_id = format!("{id}-1");
+        let op = Operation {
+            id: id.clone(),
+            kind: OperationKind::Migrate,
+            app: Some("shop".into()),
+            targets: vec![target.clone()],
+            params: BTreeMap::from([
+                ("action".to_owned(), "up".to_owned()),
+                ("image".to_owned(), format!("shop:v{}", n % RELEASES)),
+            ]),
+            state: TaskState::Succeeded,
+            created_by: "operator/test".into(),
+            created_at_unix_ms: now,
+            updated_at_unix_ms: now,
+            tasks: vec![TaskRecord {
+                spec: TaskSpec {
+                    task_id: task_id.clone(),
+                    operation_id: id.clone(),
+                    kind,
+                    params,
+                    target: target.clone(),
+                },
+                created_at_unix_ms: now,
+                state: TaskState::Succeeded,
+                progress: vec![],
+                result: Some(TaskResult {
+                    task_id,
+                    success: true,
+                    message: "up 1; now at version 1".into(),
+                    outputs: BTreeMap::from([("applied".to_owned(), "1".to_owned())]),
+                    replayed: false,
+                    finished_at_unix_ms: now,
+                }),
+                dispatch_count: 1,
+            }],
+            summary: "done".into(),
+            control: Default::default(),
+            spec_digest: None,
+            bundle_digest: None,
+        };
+        propose(Command::CreateOperation {
+            operation: op,
+            audit: audit("Migrate"),
+            fix_inputs: true,
+        })
+        .await;
+        if n + 1 == OPERATIONS / 2 || n + 1 == OPERATIONS {
+            orchestrator::compact(&cons, &retention).await;
+            cons.snapshot_now().await.unwrap();
+            let applied = cons.status().applied_index;
+            let deadline = std::time::Instant::now() + T;
+            let size = loop {
+                match cons.snapshot_size() {
+                    Some((index, size)) if index >= applied => break size,
+                    _ if std::time::Instant::now() > deadline => panic!("no snapshot at {applied}"),
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            };
+            let kept = cons.read(|s| s.operations.len());
+            println!("after {} operations: {kept} kept, snapshot {size} bytes", n + 1);
+            sizes.insert(n + 1, (kept, size));
+        }
+    }
+    let (kept_half, half) = sizes[&(OPERATIONS / 2)];
+    let (kept_all, all) = sizes[&OPERATIONS];
+    assert_eq!(kept_half, KEEP, "retention keeps {KEEP} finished operations");
+    assert_eq!(kept_all, KEEP);
+    // Twice the operations, the same snapshot (within 2%: ids grow by no
+    // digit here, timestamps may).
+    assert!(
+        all <= half + half / 50,
+        "snapshot grew with the operation count: {half} bytes after {}, {all} after {OPERATIONS}",
+        OPERATIONS / 2
+    );
+    // The releases' bundles are stored once each, not once per operation.
+    let floor = RELEASES * 1024 * 1024 * 9 / 10;
+    assert!(all >= floor && all < floor * 2, "snapshot of {all} bytes");
+    // A new node can only catch up by installing that snapshot (the log
+    // behind it is purged), streamed in chunks.
+    c.start_node(3).await.unwrap();
+    let addr = c.configs[3].listen.clone();
+    c.operator(leader)
+        .add_node(pb::AddNodeRequest {
+            node_id: 4,
+            address: addr,
+        })
+        .await
+        .unwrap();
+    c.wait_state(3, T, "the new node has the retained state", |s| {
+        s.operations.len() == KEEP && s.releases.get("shop").is_some_and(|r| r.len() == RELEASES)
+    })
+    .await
+    .unwrap();
+    let status = c.node(3).consensus().status();
+    assert!(status.snapshot_index > 0, "the new node installed a snapshot");
+    println!(
+        "new node installed a snapshot at index {} ({} bytes stored)",
+        status.snapshot_index,
+        c.node(3).consensus().snapshot_size().map_or(0, |s| s.1)
+    );
+    let newest = c.node(3).consensus().read(|s| s.operations.keys().max().cloned());
+    assert_eq!(newest.as_deref(), Some(format!("op-{:05}", OPERATIONS - 1).as_str()));
+    c.shutdown().await;
+}
