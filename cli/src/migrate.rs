@@ -157,6 +157,11 @@ pub async fn run_release(cmd: ReleaseCmd, conn: ConnOpts) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&release_json(&release))?);
             } else {
                 print_release(&release);
+                for op in &r.running_operations {
+                    println!(
+                        "note: operation {op} is running on {app}; it keeps the release it started with, this one applies to the next operation"
+                    );
+                }
             }
         }
         ReleaseCmd::List { app } => {

@@ -828,6 +828,11 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     );
                 } else {
                     println!("app {name} applied");
+                    for op in &r.running_operations {
+                        println!(
+                            "note: operation {op} is running on {name}; it keeps the definition it started with, this one applies to the next operation"
+                        );
+                    }
                 }
             }
             AppsCmd::List => {
@@ -853,11 +858,12 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     async move { c.get_app(pb::GetAppRequest { name }).await }
                 })
                 .await?;
-                let v = app_json(r.app.unwrap_or_default())?;
+                let spec = cutover_shared::convert::app_from_proto(r.app.unwrap_or_default())?;
                 if conn.output == Output::Json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    println!("{}", serde_json::to_string_pretty(&spec)?);
                 } else {
-                    print!("{}", toml::to_string_pretty(&v)?);
+                    // An app file: `apps apply -f` takes it back as it is.
+                    print!("{}", spec.to_toml()?);
                 }
             }
         },

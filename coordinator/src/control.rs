@@ -259,6 +259,19 @@ impl ControlApi {
         Ok(id)
     }
 
+    /// Unfinished operations on `app`, oldest first.
+    fn running_on(&self, app: &str) -> Vec<String> {
+        self.consensus.read(|s| {
+            let mut ops: Vec<&domain::Operation> = s
+                .operations
+                .values()
+                .filter(|o| !o.state.is_finished() && o.app.as_deref() == Some(app))
+                .collect();
+            ops.sort_by_key(|o| o.created_at_unix_ms);
+            ops.into_iter().map(|o| o.id.clone()).collect()
+        })
+    }
+
     fn operation(&self, id: &str) -> Result<domain::Operation, Status> {
         validate_id("operation_id", id)?;
         self.consensus
@@ -864,7 +877,11 @@ impl ControlService for ControlApi {
             .propose(Proposal::Command(cmd))
             .await
             .map_err(propose_status)?;
-        Ok(Response::new(pb::ApplyAppResponse { app: Some(spec.into()) }))
+        let running_operations = self.running_on(&spec.name);
+        Ok(Response::new(pb::ApplyAppResponse {
+            app: Some(spec.into()),
+            running_operations,
+        }))
     }
 
     async fn list_apps(&self, _req: Request<pb::ListAppsRequest>) -> Result<Response<pb::ListAppsResponse>, Status> {
@@ -1070,6 +1087,7 @@ impl ControlService for ControlApi {
             .ok_or_else(|| Status::internal("the release vanished after it was committed"))?;
         Ok(Response::new(pb::CreateReleaseResponse {
             release: Some(release.into()),
+            running_operations: self.running_on(&spec.name),
         }))
     }
 

@@ -526,3 +526,98 @@ fn random_interleavings_keep_the_plan_fixed_and_switch_once() {
         }
     }
 }
+
+/// The plan of each operation kind, as a table: (kind, region, starts with
+/// the previous step, promotion gate) per step.
+#[test]
+fn plans_by_kind_and_strategy() {
+    let b = bundle();
+    let s = spec(10);
+    let row = |p: &orchestrator::Step| {
+        format!(
+            "{} {}{}{}",
+            p.params.kind(),
+            p.target.region,
+            if p.with_previous { " +" } else { "" },
+            if p.gate > 0 {
+                format!(" gate{}", p.gate)
+            } else {
+                String::new()
+            }
+        )
+    };
+    let plan_of = |op: &Operation, bundle: Option<&Bundle>| -> Vec<String> {
+        orchestrator::plan(op, &Inputs::new(op, &s, bundle))
+            .iter()
+            .map(row)
+            .collect()
+    };
+    let waves = deploy_op("op-w", "shop:v2", "waves");
+    let mut expect = vec![];
+    for (i, r) in REGIONS.iter().enumerate() {
+        expect.extend([
+            format!("app.deploy {r}"),
+            format!("app.gates {r}"),
+            format!("app.switch {r} gate{}", i + 1),
+            format!("app.bake {r}"),
+        ]);
+    }
+    assert_eq!(plan_of(&waves, None), expect);
+    let atomic = deploy_op("op-a", "shop:v2", "atomic");
+    let mut expect: Vec<String> = REGIONS
+        .iter()
+        .flat_map(|r| [format!("app.deploy {r}"), format!("app.gates {r}")])
+        .collect();
+    expect.extend(
+        [
+            "app.switch us-east gate1",
+            "app.switch eu-west +",
+            "app.switch ap-south +",
+        ]
+        .map(String::from),
+    );
+    expect.extend(["app.bake us-east", "app.bake eu-west +", "app.bake ap-south +"].map(String::from));
+    assert_eq!(plan_of(&atomic, None), expect);
+    // With migrations: every region deploys, then all migrate together,
+    // before any gate or switch.
+    let with_release = plan_of(&waves, Some(&b));
+    assert_eq!(
+        with_release[..6],
+        [
+            "app.deploy us-east",
+            "app.deploy eu-west",
+            "app.deploy ap-south",
+            "db.migrate us-east",
+            "db.migrate eu-west +",
+            "db.migrate ap-south +",
+        ]
+    );
+    assert_eq!(
+        with_release[6..9],
+        ["app.gates us-east", "app.switch us-east gate1", "app.bake us-east"]
+    );
+    let to = serde_json::to_string(&BTreeMap::from([(target("us-east").to_string(), "green")])).unwrap();
+    let mut switch = operation("op-s", OperationKind::Switch, &[("switch_to", &to)]);
+    switch.targets = vec![target("us-east")];
+    assert_eq!(plan_of(&switch, None), ["app.switch us-east"]);
+    let p = orchestrator::plan(&switch, &Inputs::new(&switch, &s, None));
+    assert!(matches!(
+        p[0].params,
+        TaskParams::AppSwitch {
+            to: Some(Color::Green),
+            compensate: false,
+            ..
+        }
+    ));
+    let check = operation("op-h", OperationKind::HealthCheck, &[]);
+    assert_eq!(plan_of(&check, None), REGIONS.map(|r| format!("app.gates {r}")));
+    let migrate = operation(
+        "op-m",
+        OperationKind::Migrate,
+        &[("action", "plan"), ("image", "shop:v2")],
+    );
+    assert_eq!(
+        plan_of(&migrate, Some(&b)),
+        ["db.migrate us-east", "db.migrate eu-west +", "db.migrate ap-south +"]
+    );
+}

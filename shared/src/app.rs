@@ -225,6 +225,25 @@ fn bad(field: &str, why: impl std::fmt::Display) -> Error {
 }
 
 impl AppSpec {
+    /// The definition as an app file (TOML) that `cutover apps apply -f`
+    /// takes back unchanged. Unset optional fields are left out: TOML has no
+    /// null.
+    pub fn to_toml(&self) -> Result<String, Error> {
+        fn strip_nulls(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.retain(|_, v| !v.is_null());
+                    m.values_mut().for_each(strip_nulls);
+                }
+                serde_json::Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+                _ => {}
+            }
+        }
+        let mut v = serde_json::to_value(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        strip_nulls(&mut v);
+        toml::to_string_pretty(&v).map_err(|e| Error::InvalidArgument(format!("app {} as TOML: {e}", self.name)))
+    }
+
     /// Checks everything that does not need the cluster's state.
     pub fn validate(&self) -> Result<(), Error> {
         validate_name("name", &self.name)?;
@@ -518,5 +537,27 @@ mod tests {
         ] {
             assert!(validate_image_ref(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// `cutover apps get` prints TOML (it used to fail with "unsupported
+    /// unit type" on the unset optional fields), and that TOML applies back
+    /// to the same definition.
+    #[test]
+    fn app_files_round_trip_through_to_toml() {
+        let text = include_str!("../../deploy/examples/app-sample.toml");
+        let mut spec: AppSpec = toml::from_str(text).unwrap();
+        spec.validate().unwrap();
+        // Every kind of unset optional field at once.
+        spec.scale_down_delay_secs = None;
+        if let Some(Probe::Http { body_contains, .. }) = spec.health.first_mut() {
+            *body_contains = None;
+        }
+        let out = spec.to_toml().unwrap();
+        let back: AppSpec = toml::from_str(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
+        assert_eq!(back, spec, "{out}");
+        // With the optional fields set too.
+        spec.scale_down_delay_secs = Some(30);
+        let back: AppSpec = toml::from_str(&spec.to_toml().unwrap()).unwrap();
+        assert_eq!(back, spec);
     }
 }

@@ -120,6 +120,41 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     assert_eq!(op["state"], "succeeded");
     assert_eq!(op["tasks"][0]["result"]["message"], "hi");
 
+    // The issue's new-user path: read the app back as a file, change only
+    // its bake, apply it, deploy. `apps get` used to fail ("unsupported unit
+    // type"); the deploy used to fail with "Address already in use" (the
+    // re-built local driver bound the app's address while the old one held
+    // it), and the other region's agent used to lose its session meanwhile.
+    let (ok, out, err) = cutover(&env, &["apps", "get", "sample"]);
+    assert!(ok, "apps get: {err}");
+    assert!(out.contains("name = \"sample\""), "{out}");
+    let bake = out
+        .lines()
+        .find(|l| l.starts_with("bake_secs"))
+        .unwrap_or_else(|| panic!("no bake_secs in {out}"))
+        .to_owned();
+    let file = dir.path().join("sample.toml");
+    std::fs::write(&file, out.replace(&bake, "bake_secs = 2")).unwrap();
+    let (ok, out, err) = cutover(&env, &["apps", "apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "apps apply: {err}");
+    assert!(out.contains("applied"), "{out}");
+    for image in ["sample:v11", "sample:v12"] {
+        let (ok, out, err) = cutover(
+            &env,
+            &["deploy", "--app", "sample", "--image", image, "--region", "us-east"],
+        );
+        assert!(ok, "deploy {image}: {out}\n{err}");
+    }
+    let (ok, out, err) = cutover(&env, &["agents", "list", "--output", "json"]);
+    assert!(ok, "{err}");
+    let agents: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        agents.as_array().unwrap().iter().all(|a| a["state"] == "up"),
+        "an agent lost its session during the deploys: {out}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("no heartbeat acknowledgement"), "{text}");
+
     // Failures exit non-zero and say why.
     let (ok, _, err) = cutover(&env, &["status", "--app", "nope"]);
     assert!(!ok && err.contains("NOT_FOUND") && err.contains("nope"), "{err}");

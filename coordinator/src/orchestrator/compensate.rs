@@ -1,0 +1,90 @@
+//! Compensation: after a failed step or an abort, once nothing runs, the
+//! steps that put things back: every switch that may have moved traffic is
+//! switched back to the color that served before (named, so a re-sent step
+//! converges), then, when the release's migrations are reversible, the
+//! schema changes this operation made are undone.
+
+use cutover_shared::app::Color;
+use cutover_shared::domain::{ClusterRef, Operation, TaskRecord, TaskState};
+use cutover_shared::release::Bundle;
+use cutover_shared::task::{MigrateAction, TaskParams, outputs};
+
+use super::{Inputs, MIGRATE, SWITCH, Step, is_compensation, params_of};
+
+/// The clusters where a compensation of `kind` already ran.
+fn compensated<'a>(op: &'a Operation, kind: &str) -> Vec<&'a ClusterRef> {
+    op.tasks
+        .iter()
+        .filter(|t| is_compensation(t) && t.spec.kind == kind)
+        .map(|t| &t.spec.target)
+        .collect()
+}
+
+/// The forward `db.migrate` up steps that changed a schema.
+pub(super) fn migrated(op: &Operation) -> Vec<&TaskRecord> {
+    op.tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Succeeded)
+        .filter(|t| {
+            matches!(params_of(t), Some(TaskParams::DbMigrate(m)) if m.action == MigrateAction::Up && !m.compensate)
+        })
+        .filter(|t| t.result.as_ref().is_some_and(|r| outputs::migrated_anything(&r.outputs)))
+        .collect()
+}
+
+/// The next compensating step, or `None` once everything that can be put
+/// back has been.
+pub(super) fn next_step(op: &Operation, inputs: &Inputs<'_>) -> Option<Step> {
+    // Every switch that may have moved traffic: the ones that succeeded,
+    // and the ones that failed after possibly acting (an agent that
+    // switched, crashed, and failed on the re-run; a driver that patched
+    // one Service of two). Switching back to a named color converges, so
+    // compensating a switch that never took effect is harmless. A switch
+    // from an older log names no color; only a successful one of those
+    // is undone, as before.
+    let switched: Vec<&TaskRecord> = op
+        .tasks
+        .iter()
+        .filter(|t| t.spec.kind == SWITCH && !is_compensation(t) && t.state.is_finished())
+        .filter(|t| {
+            t.state == TaskState::Succeeded || matches!(params_of(t), Some(TaskParams::AppSwitch { to: Some(_), .. }))
+        })
+        .collect();
+    let switched_back = compensated(op, SWITCH);
+    if let Some(t) = switched.iter().find(|t| !switched_back.contains(&&t.spec.target)) {
+        // Back to the color that served before the switch, named, so a
+        // re-sent compensation converges too.
+        let Some(TaskParams::AppSwitch { app, to, .. }) = params_of(t) else {
+            return None;
+        };
+        let step = Step::new(
+            &t.spec.target,
+            TaskParams::AppSwitch {
+                app,
+                to: to.map(Color::other),
+                compensate: true,
+            },
+        );
+        return Some(step);
+    }
+    // Traffic is back on the old code: undo the schema changes this
+    // operation made, when its migrations can be undone.
+    let migrated = migrated(op);
+    let reverted = compensated(op, MIGRATE);
+    let reversible = inputs.bundle.is_some_and(Bundle::reversible);
+    if reversible && let Some(t) = migrated.iter().find(|t| !reverted.contains(&&t.spec.target)) {
+        let Some(TaskParams::DbMigrate(mut m)) = params_of(t) else {
+            return None;
+        };
+        let from = t
+            .result
+            .as_ref()
+            .and_then(|r| outputs::version(&r.outputs, outputs::FROM_VERSION))
+            .unwrap_or(0);
+        m.action = MigrateAction::Down;
+        m.target = Some(from);
+        m.compensate = true;
+        return Some(Step::new(&t.spec.target, TaskParams::DbMigrate(m)));
+    }
+    None
+}

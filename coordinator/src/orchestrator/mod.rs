@@ -1,0 +1,225 @@
+//! Drives app operations (deploy, switch, rollback, health check) one step
+//! at a time. Only the leader runs it. Every decision is a committed command
+//! (`AddTask`, `FinishOperation`), and the next decision is derived from the
+//! replicated state alone, so a new leader resumes every operation where the
+//! old one left it: an unfinished step is re-sent (agents dedupe by task id),
+//! a finished one leads to the next.
+//!
+//! A deploy to one or more clusters is: deploy to the inactive color and run
+//! the gates in each cluster, then (unless `no_switch`) switch each. A
+//! failing step ends the operation; since switches come last, a color that
+//! failed its gates never takes traffic.
+
+mod compensate;
+mod plan;
+mod summary;
+
+use cutover_shared::config::RetentionConfig;
+use cutover_shared::domain::{Operation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms};
+use cutover_shared::task::TaskParams;
+
+pub use plan::{Inputs, Step, plan, switch_targets};
+
+use crate::raft::{Consensus, Proposal};
+use crate::state::Command;
+
+/// Task kind names, for code that compares recorded tasks.
+pub const DEPLOY: &str = "app.deploy";
+pub const GATES: &str = "app.gates";
+pub const SWITCH: &str = "app.switch";
+pub const BAKE: &str = "app.bake";
+/// Runs an app's migrations against its primary database in a cluster.
+pub const MIGRATE: &str = "db.migrate";
+
+/// The release image whose migrations `op` uses, if any.
+pub fn release_image(op: &Operation) -> Option<&str> {
+    op.release_image()
+}
+
+/// A recorded task's typed parameters (`None` for a task this version
+/// cannot decode, which then counts as no step of any plan).
+fn params_of(t: &TaskRecord) -> Option<TaskParams> {
+    TaskParams::from_wire(&t.spec.kind, &t.spec.params).ok()
+}
+
+fn is_compensation(t: &TaskRecord) -> bool {
+    params_of(t).is_some_and(|p| p.is_compensation())
+}
+
+fn record(op: &Operation, index: usize, step: Step, now: i64) -> TaskRecord {
+    let (kind, params) = step.params.to_wire();
+    TaskRecord {
+        spec: TaskSpec {
+            task_id: format!("{}-{}", op.id, index + 1),
+            operation_id: op.id.clone(),
+            kind,
+            params,
+            target: step.target,
+        },
+        created_at_unix_ms: now,
+        state: TaskState::Pending,
+        progress: vec![],
+        result: None,
+        dispatch_count: 0,
+    }
+}
+
+fn task_from(op: &Operation, index: usize, step: Step, now: i64) -> Command {
+    Command::AddTasks {
+        operation_id: op.id.clone(),
+        index,
+        tasks: vec![record(op, index, step, now)],
+    }
+}
+
+/// True when `op` waits for operators at its manual promotion gates.
+pub fn has_gates(op: &Operation) -> bool {
+    op.params.get("promotion").is_some_and(|p| p == "manual")
+}
+
+/// How many manual promotion gates `op` has (0 unless it was started with
+/// manual promotion).
+pub fn gate_count(op: &Operation, inputs: &Inputs<'_>) -> u32 {
+    if !has_gates(op) {
+        return 0;
+    }
+    plan(op, inputs).iter().map(|s| s.gate).max().unwrap_or(0)
+}
+
+/// The manual promotion gate `op` waits at now, if any.
+pub fn awaiting_gate(op: &Operation, inputs: &Inputs<'_>) -> Option<u32> {
+    if !has_gates(op) || op.state.is_finished() || op.control.paused || op.control.aborted_by.is_some() {
+        return None;
+    }
+    if !op.tasks.iter().all(|t| t.state.is_finished()) || op.tasks.iter().any(|t| t.state == TaskState::Failed) {
+        return None;
+    }
+    let step = plan(op, inputs).into_iter().nth(op.tasks.len())?;
+    (step.gate > 0 && !op.control.promoted.contains(&step.gate)).then_some(step.gate)
+}
+
+/// What to commit next for `op`, if anything: the next step (or group of
+/// steps that start together), a compensating step, or the end.
+pub fn next_command(op: &Operation, inputs: &Inputs<'_>, now: i64) -> Option<Command> {
+    if op.kind == OperationKind::Task || op.state.is_finished() {
+        return None;
+    }
+    let finish = |(state, summary): (TaskState, String)| Command::FinishOperation {
+        operation_id: op.id.clone(),
+        state,
+        summary,
+        at_unix_ms: now,
+    };
+    let all_done = op.tasks.iter().all(|t| t.state.is_finished());
+    // A health check reports on every cluster; other operations stop at the
+    // first failure and switch back every cluster they already switched.
+    let failure = op
+        .tasks
+        .iter()
+        .find(|t| t.state == TaskState::Failed && !is_compensation(t))
+        .filter(|_| op.kind != OperationKind::HealthCheck);
+    // An abort is a failure the operator chose: the same rollback follows.
+    if failure.is_some() || op.control.aborted_by.is_some() {
+        if !all_done {
+            return None;
+        }
+        if let Some(step) = compensate::next_step(op, inputs) {
+            return Some(task_from(op, op.tasks.len(), step, now));
+        }
+        return Some(finish((TaskState::Failed, summary::failure(op, failure, inputs))));
+    }
+    if op.control.paused {
+        return None;
+    }
+    let index = op.tasks.len();
+    let mut steps = plan(op, inputs).into_iter().skip(index).peekable();
+    match steps.peek() {
+        Some(step) if all_done || step.with_previous => {
+            if step.gate > 0 && has_gates(op) && !op.control.promoted.contains(&step.gate) {
+                return None;
+            }
+            // The step and the steps that go with it, as one decision: after
+            // a leader change the group is either all committed or not at all.
+            let first = steps.next()?;
+            let mut group = vec![first];
+            while let Some(s) = steps.next_if(|s| s.with_previous) {
+                group.push(s);
+            }
+            let tasks = group
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| record(op, index + i, s, now))
+                .collect();
+            Some(Command::AddTasks {
+                operation_id: op.id.clone(),
+                index,
+                tasks,
+            })
+        }
+        Some(_) => None,
+        None if !all_done => None,
+        None => Some(finish(summary::finished(op))),
+    }
+}
+
+/// Proposes the next step of every unfinished app operation.
+pub async fn advance(consensus: &Consensus) {
+    let now = now_unix_ms();
+    let commands: Vec<Command> = consensus.read(|s| {
+        s.operations
+            .values()
+            .filter(|o| o.kind != OperationKind::Task && !o.state.is_finished())
+            .filter_map(|o| {
+                let (spec, bundle) = s.operation_inputs(o)?;
+                next_command(o, &Inputs::new(o, spec, bundle), now)
+            })
+            .collect()
+    });
+    for cmd in commands {
+        tracing::info!("orchestrator: {cmd}");
+        if let Err(e) = consensus.propose(Proposal::Command(cmd)).await {
+            tracing::warn!("orchestrator could not commit a step: {e}");
+        }
+    }
+}
+
+/// How often the leader checks the state against the retention policy.
+const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Proposes a `Compact` if the state holds more finished history than
+/// `retention` allows; returns the log index it was committed at.
+pub async fn compact(consensus: &Consensus, retention: &RetentionConfig) -> Option<u64> {
+    let now = now_unix_ms();
+    if !consensus.read(|s| s.needs_compaction(retention, now)) {
+        return None;
+    }
+    let cmd = Command::Compact {
+        retention: retention.clone(),
+        at_unix_ms: now,
+    };
+    match consensus.propose(Proposal::Command(cmd)).await {
+        Ok(r) => Some(r.log_index),
+        Err(e) => {
+            tracing::warn!("could not commit a compaction: {e}");
+            None
+        }
+    }
+}
+
+/// Runs for the node's lifetime: after every apply (and once a second, for a
+/// leader that just took over), advances operations if this node leads; once
+/// a minute, the leader also compacts finished history.
+pub async fn run(consensus: Consensus, retention: RetentionConfig) {
+    let mut applied = consensus.applied();
+    let mut last_compaction = std::time::Instant::now();
+    loop {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
+        if consensus.is_leader() {
+            advance(&consensus).await;
+            if last_compaction.elapsed() >= COMPACT_EVERY {
+                last_compaction = std::time::Instant::now();
+                compact(&consensus, &retention).await;
+            }
+        }
+    }
+}

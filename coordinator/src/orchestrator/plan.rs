@@ -1,0 +1,300 @@
+//! Planning: the full list of steps of an operation, as a pure function of
+//! its record (parameters, the inputs fixed at its creation, and what its
+//! finished steps reported). Nothing here reads live state.
+
+use std::collections::BTreeMap;
+
+use cutover_shared::app::{AppSpec, Color};
+use cutover_shared::domain::{ClusterRef, Operation, OperationKind};
+use cutover_shared::release::Bundle;
+use cutover_shared::task::{self, AppRef, MigrateAction, MigrateParams, TaskParams, outputs};
+
+use super::DEPLOY;
+
+/// One planned step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub target: ClusterRef,
+    pub params: TaskParams,
+    /// May start while the previous step still runs (switches of one wave
+    /// flip together; bakes watch their clusters at the same time). Such a
+    /// group is committed as one log entry: one decision.
+    pub with_previous: bool,
+    /// The manual promotion gate in front of this step (1-based), if any.
+    pub gate: u32,
+}
+
+impl Step {
+    pub(super) fn new(target: &ClusterRef, params: TaskParams) -> Step {
+        Step {
+            target: target.clone(),
+            params,
+            with_previous: false,
+            gate: 0,
+        }
+    }
+}
+
+/// What an operation acts with, fixed when it was created: the app (by
+/// name and definition digest) and the release migrations, if any.
+pub struct Inputs<'a> {
+    pub app: AppRef,
+    pub bundle: Option<&'a Bundle>,
+    pub bundle_digest: String,
+}
+
+impl<'a> Inputs<'a> {
+    /// `spec` is the definition `op` was created with (or, for operations
+    /// from older logs, the app's current one) and `bundle` its release's
+    /// migrations.
+    pub fn new(op: &Operation, spec: &AppSpec, bundle: Option<&'a Bundle>) -> Inputs<'a> {
+        Inputs {
+            app: AppRef {
+                app: spec.name.clone(),
+                spec_digest: op.spec_digest.clone().unwrap_or_else(|| task::spec_digest(spec)),
+            },
+            bundle,
+            bundle_digest: op
+                .bundle_digest
+                .clone()
+                .or_else(|| bundle.map(Bundle::digest))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The per-cluster colors a `Switch` or `Rollback` was created to move
+/// traffic to (its `switch_to` parameter, `region/cluster` → color).
+pub fn switch_targets(op: &Operation) -> BTreeMap<String, Color> {
+    op.params
+        .get("switch_to")
+        .and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(j).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, Color::parse(&v)?)))
+        .collect()
+}
+
+/// The targets of a deploy grouped into waves (its `waves` parameter lists
+/// regions; without it, one wave).
+pub(super) fn deploy_waves(op: &Operation) -> Vec<Vec<ClusterRef>> {
+    let waves: Vec<Vec<String>> = op
+        .params
+        .get("waves")
+        .and_then(|w| serde_json::from_str(w).ok())
+        .unwrap_or_default();
+    if waves.is_empty() {
+        return vec![op.targets.clone()];
+    }
+    waves
+        .iter()
+        .map(|regions| {
+            op.targets
+                .iter()
+                .filter(|t| regions.contains(&t.region))
+                .cloned()
+                .collect()
+        })
+        .filter(|w: &Vec<ClusterRef>| !w.is_empty())
+        .collect()
+}
+
+/// The color a deploy step wrote to in `t`, once known.
+pub(super) fn deployed_color(op: &Operation, t: &ClusterRef) -> Option<Color> {
+    op.tasks
+        .iter()
+        .find(|r| r.spec.kind == DEPLOY && &r.spec.target == t)
+        .and_then(|r| r.result.as_ref())
+        .and_then(|r| outputs::deployed_color(&r.outputs))
+}
+
+/// The steps of `op`: a pure function of the operation record (its
+/// parameters, the inputs fixed at creation, and what its finished steps
+/// reported). Nothing applied after the operation was created changes it.
+pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
+    let app = || inputs.app.clone();
+    let migrate = |action: MigrateAction, image: &str, target: Option<i64>| {
+        TaskParams::DbMigrate(MigrateParams {
+            app: app(),
+            action,
+            image: image.to_owned(),
+            bundle_digest: inputs.bundle_digest.clone(),
+            target,
+            dry_run: false,
+            compensate: false,
+        })
+    };
+    let mut steps = Vec::new();
+    match op.kind {
+        OperationKind::Deploy => {
+            let image = op.params.get("image").cloned().unwrap_or_default();
+            let switch = op.params.get("no_switch").is_none_or(|v| v != "true");
+            let atomic = op.params.get("strategy").is_some_and(|s| s == "atomic");
+            let bake: u64 = op.params.get("bake_secs").and_then(|b| b.parse().ok()).unwrap_or(0);
+            let deploy = |t: &ClusterRef| {
+                Step::new(
+                    t,
+                    TaskParams::AppDeploy {
+                        app: app(),
+                        image: image.clone(),
+                    },
+                )
+            };
+            let gates = |t: &ClusterRef| {
+                Step::new(
+                    t,
+                    TaskParams::AppGates {
+                        app: app(),
+                        color: deployed_color(op, t),
+                    },
+                )
+            };
+            let flip = |steps: &mut Vec<Step>, group: &[ClusterRef], gate: u32| {
+                for (i, t) in group.iter().enumerate() {
+                    // The color the deploy step reported; a switch step is
+                    // only committed once that step finished, so by then it
+                    // is always named.
+                    let mut s = Step::new(
+                        t,
+                        TaskParams::AppSwitch {
+                            app: app(),
+                            to: deployed_color(op, t),
+                            compensate: false,
+                        },
+                    );
+                    s.with_previous = i > 0;
+                    if i == 0 {
+                        s.gate = gate;
+                    }
+                    steps.push(s);
+                }
+                if bake > 0 {
+                    for (i, t) in group.iter().enumerate() {
+                        let mut b = Step::new(
+                            t,
+                            TaskParams::AppBake {
+                                app: app(),
+                                seconds: bake,
+                            },
+                        );
+                        b.with_previous = i > 0;
+                        steps.push(b);
+                    }
+                }
+            };
+            let waves = deploy_waves(op);
+            // Expand first: with migrations, every region deploys the new
+            // color, then each primary database migrates (one decision, in
+            // parallel), and only then do gates and switches begin. A failed
+            // migration thus aborts before any traffic moves.
+            let migrations = inputs.bundle.is_some_and(|b| !b.migrations.is_empty());
+            let prepare = |steps: &mut Vec<Step>, wave: &[ClusterRef]| {
+                for t in wave {
+                    if !migrations {
+                        steps.push(deploy(t));
+                    }
+                    steps.push(gates(t));
+                }
+            };
+            if migrations {
+                for t in waves.iter().flatten() {
+                    steps.push(deploy(t));
+                }
+                for (i, t) in waves.iter().flatten().enumerate() {
+                    let mut m = Step::new(t, migrate(MigrateAction::Up, &image, None));
+                    m.with_previous = i > 0;
+                    steps.push(m);
+                }
+            }
+            if atomic {
+                // Every region prepares first; one decision flips them all.
+                for w in &waves {
+                    prepare(&mut steps, w);
+                }
+                if switch {
+                    let all: Vec<ClusterRef> = waves.concat();
+                    flip(&mut steps, &all, 1);
+                }
+            } else {
+                for (i, w) in waves.iter().enumerate() {
+                    prepare(&mut steps, w);
+                    if switch {
+                        flip(&mut steps, w, i as u32 + 1);
+                    }
+                }
+            }
+        }
+        OperationKind::Switch | OperationKind::Rollback => {
+            // Each cluster's target color was resolved when the operation
+            // was created, so a re-sent switch converges instead of flipping
+            // traffic back.
+            let to = switch_targets(op);
+            for (i, t) in op.targets.iter().enumerate() {
+                let mut s = Step::new(
+                    t,
+                    TaskParams::AppSwitch {
+                        app: app(),
+                        to: to.get(&t.to_string()).copied(),
+                        compensate: false,
+                    },
+                );
+                s.with_previous = i > 0;
+                steps.push(s);
+            }
+            // A rollback across a release's (reversible) migrations runs
+            // their downs once traffic is back on the old code.
+            let downs: BTreeMap<String, i64> = op
+                .params
+                .get("migrate_down")
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_default();
+            if let (Some(_), Some(image)) = (inputs.bundle, op.params.get("release_image")) {
+                for (i, t) in op
+                    .targets
+                    .iter()
+                    .filter(|t| downs.contains_key(&t.to_string()))
+                    .enumerate()
+                {
+                    let mut m = Step::new(
+                        t,
+                        migrate(MigrateAction::Down, image, downs.get(&t.to_string()).copied()),
+                    );
+                    m.with_previous = i > 0;
+                    steps.push(m);
+                }
+            }
+        }
+        OperationKind::Migrate => {
+            let action = op
+                .params
+                .get("action")
+                .and_then(|a| MigrateAction::parse(a))
+                .unwrap_or(MigrateAction::Status);
+            let target = op.params.get("target").and_then(|t| t.parse().ok());
+            let image = op.params.get("image").cloned().unwrap_or_default();
+            let dry_run = op.params.get("dry_run").is_some_and(|d| d == "true");
+            for (i, t) in op.targets.iter().enumerate() {
+                let mut params = migrate(action, &image, target);
+                if let TaskParams::DbMigrate(m) = &mut params {
+                    m.dry_run = dry_run;
+                }
+                let mut m = Step::new(t, params);
+                m.with_previous = i > 0;
+                steps.push(m);
+            }
+        }
+        OperationKind::HealthCheck => {
+            for t in &op.targets {
+                steps.push(Step::new(
+                    t,
+                    TaskParams::AppGates {
+                        app: app(),
+                        color: None,
+                    },
+                ));
+            }
+        }
+        OperationKind::Task => {}
+    }
+    steps
+}

@@ -1,0 +1,83 @@
+//! What an ended operation says about itself: its summary line.
+
+use cutover_shared::domain::{Operation, TaskRecord, TaskState};
+use cutover_shared::release::Bundle;
+
+use super::{Inputs, MIGRATE, compensate, is_compensation};
+
+/// Why a failed or aborted operation ended, and what was put back.
+pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inputs<'_>) -> String {
+    let reversible = inputs.bundle.is_some_and(Bundle::reversible);
+    let migrated = compensate::migrated(op);
+    let mut summary = match (failure, &op.control.aborted_by) {
+        (Some(failed), _) => {
+            let why = failed.result.as_ref().map_or("no result", |r| r.message.as_str());
+            let why: String = why
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
+            format!("{} in {} failed: {why}", failed.spec.kind, failed.spec.target)
+        }
+        (None, Some(who)) => format!("aborted by {who}"),
+        (None, None) => unreachable!("checked above"),
+    };
+    let back: Vec<String> = op
+        .tasks
+        .iter()
+        .filter(|t| is_compensation(t))
+        .map(|t| {
+            let ok = t.state == TaskState::Succeeded;
+            match (t.spec.kind.as_str(), ok) {
+                (MIGRATE, true) => format!(
+                    "{} schema reverted to version {}",
+                    t.spec.target,
+                    t.spec.params.get("target").map_or("0", String::as_str)
+                ),
+                (MIGRATE, false) => format!("{} schema NOT reverted", t.spec.target),
+                (_, true) => format!("{} switched back", t.spec.target),
+                (_, false) => format!("{} NOT switched back", t.spec.target),
+            }
+        })
+        .collect();
+    if !reversible {
+        for t in &migrated {
+            let at = t.result.as_ref().and_then(|r| r.outputs.get("to_version"));
+            summary.push_str(&format!(
+                "; {} schema left at version {} (the release's migrations are not all reversible)",
+                t.spec.target,
+                at.map_or("?", String::as_str)
+            ));
+        }
+    }
+    if !back.is_empty() {
+        summary.push_str(&format!("; rolled back: {}", back.join(", ")));
+    }
+    summary
+}
+
+/// The steps' results of a successful operation, or the failed steps of a
+/// health check.
+pub(super) fn finished(op: &Operation) -> (TaskState, String) {
+    let failed: Vec<String> = op
+        .tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Failed)
+        .map(|t| format!("{} in {} failed", t.spec.kind, t.spec.target))
+        .collect();
+    if !failed.is_empty() {
+        return (TaskState::Failed, failed.join("; "));
+    }
+    let summary = op
+        .tasks
+        .iter()
+        .filter_map(|t| {
+            t.result
+                .as_ref()
+                .map(|r| format!("{} {}: {}", t.spec.kind, t.spec.target, r.message))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    (TaskState::Succeeded, summary)
+}
