@@ -47,7 +47,6 @@ pub struct AgentHub {
     heartbeat: Duration,
     sessions: Mutex<HashMap<ClusterRef, Session>>,
     leader_since: Mutex<Instant>,
-    next_session: std::sync::atomic::AtomicU64,
     /// Set when the node shuts down: no new sessions after that.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -66,7 +65,6 @@ impl AgentHub {
             heartbeat,
             sessions: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(Instant::now()),
-            next_session: 0.into(),
             closed: false.into(),
         })
     }
@@ -127,24 +125,38 @@ impl AgentHub {
     async fn reap(&self) {
         let now = Instant::now();
         let since = *self.leader_since.lock().expect("leader_since");
-        let up: Vec<ClusterRef> = self.consensus.read(|s| {
+        let up: Vec<(ClusterRef, u64)> = self.consensus.read(|s| {
             s.agents
                 .values()
                 .filter(|a| a.state == AgentState::Up)
-                .map(|a| a.cluster.clone())
+                .map(|a| (a.cluster.clone(), a.session))
                 .collect()
         });
-        for cluster in up {
+        for (cluster, session) in up {
             let last = {
                 let sessions = self.sessions.lock().expect("sessions");
-                sessions.get(&cluster).map_or(since, |s| s.last_seen.max(since))
+                // Only the registration the state records counts: a newer
+                // one has its own clock (its AgentUp may still be in flight).
+                match sessions.get(&cluster) {
+                    Some(s) if s.id != session && session != 0 => continue,
+                    Some(s) => s.last_seen.max(since),
+                    None => since,
+                }
             };
             if now.duration_since(last) > self.dead_after() {
-                self.sessions.lock().expect("sessions").remove(&cluster);
+                {
+                    let mut sessions = self.sessions.lock().expect("sessions");
+                    if sessions.get(&cluster).is_some_and(|s| s.id == session || session == 0) {
+                        sessions.remove(&cluster);
+                    }
+                }
                 tracing::warn!(agent = %cluster, "no heartbeat for {:?}: marking agent down", now.duration_since(last));
+                // Names the registration it judged: if the agent registered
+                // again meanwhile, the state machine ignores this.
                 let cmd = Command::AgentDown {
                     cluster: cluster.clone(),
                     at_unix_ms: now_unix_ms(),
+                    session,
                 };
                 if let Err(e) = self.consensus.propose(Proposal::Command(cmd)).await {
                     tracing::warn!(agent = %cluster, "could not commit agent down: {e}");
@@ -247,7 +259,16 @@ impl AgentService for AgentApi {
                 claimed.region, claimed.cluster
             )));
         }
+        // Unique across leaders, so a stale AgentDown from any node's reaper
+        // names a registration that is not the current one.
+        let session_id = loop {
+            let id: u64 = rand::random();
+            if id != 0 {
+                break id;
+            }
+        };
         let up = Command::AgentUp {
+            session: session_id,
             cluster: cluster.clone(),
             agent_version: reg.agent_version.chars().take(64).collect(),
             task_kinds: reg
@@ -264,7 +285,6 @@ impl AgentService for AgentApi {
             .map_err(propose_status)?;
 
         let (tx, rx) = mpsc::channel(256);
-        let session_id = hub.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let leader = hub.consensus.node_id();
         tx.try_send(Ok(ConnectResponse {
             message: Some(connect_response::Message::Registered(proto::Registered {

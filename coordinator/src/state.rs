@@ -33,14 +33,25 @@ pub struct AuditDraft {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// An agent registered with the leader (only transitions are logged).
+    /// `session` identifies the registration.
     AgentUp {
         cluster: ClusterRef,
         agent_version: String,
         task_kinds: Vec<String>,
         at_unix_ms: i64,
+        #[serde(default)]
+        session: u64,
     },
-    /// The leader stopped hearing from an agent.
-    AgentDown { cluster: ClusterRef, at_unix_ms: i64 },
+    /// The leader stopped hearing from the agent's registration `session`.
+    /// Applied only if that is still the agent's current registration: a
+    /// reaper's decision about an old stream, committed after the agent
+    /// registered again, must not mark the connected agent down.
+    AgentDown {
+        cluster: ClusterRef,
+        at_unix_ms: i64,
+        #[serde(default)]
+        session: u64,
+    },
     /// A new operation with its tasks. With `fix_inputs` (every command
     /// this version writes), applying it records the app definition and
     /// release migrations in force into the operation, so its plan never
@@ -207,6 +218,7 @@ impl State {
                 agent_version,
                 task_kinds,
                 at_unix_ms,
+                session,
             } => {
                 self.agents.insert(
                     cluster.to_string(),
@@ -216,12 +228,18 @@ impl State {
                         since_unix_ms: at_unix_ms,
                         agent_version,
                         task_kinds,
+                        session,
                     },
                 );
             }
-            Command::AgentDown { cluster, at_unix_ms } => {
+            Command::AgentDown {
+                cluster,
+                at_unix_ms,
+                session,
+            } => {
                 if let Some(a) = self.agents.get_mut(&cluster.to_string())
                     && a.state == AgentState::Up
+                    && (session == 0 || a.session == session)
                 {
                     a.state = AgentState::Down;
                     a.since_unix_ms = at_unix_ms;

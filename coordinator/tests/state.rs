@@ -1,0 +1,162 @@
+//! Table tests of `State::apply` alone: agent registrations racing the
+//! reaper, and retention.
+
+use std::collections::BTreeMap;
+
+use cutover_coordinator::state::{AuditDraft, Command, State};
+use cutover_shared::config::RetentionConfig;
+use cutover_shared::domain::{AgentState, ClusterRef, Operation, OperationKind, TaskState};
+
+fn cluster() -> ClusterRef {
+    ClusterRef::new("us-east", "us-east-1").unwrap()
+}
+
+fn up(session: u64) -> Command {
+    Command::AgentUp {
+        cluster: cluster(),
+        agent_version: "1".into(),
+        task_kinds: vec!["noop".into()],
+        at_unix_ms: 1,
+        session,
+    }
+}
+
+fn down(session: u64) -> Command {
+    Command::AgentDown {
+        cluster: cluster(),
+        at_unix_ms: 2,
+        session,
+    }
+}
+
+fn state_of(s: &State) -> AgentState {
+    s.agents["us-east/us-east-1"].state
+}
+
+/// Problem 8: the reaper judged the old stream dead and proposed its down;
+/// the agent reconnected and its `AgentUp` committed first. The stale down
+/// must not mark the connected agent down (it used to, and deploys were then
+/// refused with "agent not up" until the agent reconnected again).
+#[test]
+fn a_stale_agent_down_does_not_mark_a_reconnected_agent_down() {
+    let mut s = State::default();
+    s.apply(up(11));
+    s.apply(up(22));
+    s.apply(down(11));
+    assert_eq!(
+        state_of(&s),
+        AgentState::Up,
+        "a down for an old registration changed nothing"
+    );
+    s.apply(down(22));
+    assert_eq!(
+        state_of(&s),
+        AgentState::Down,
+        "a down for the current registration applies"
+    );
+    // Entries from logs written before sessions (0) apply as they did.
+    s.apply(up(0));
+    s.apply(down(0));
+    assert_eq!(state_of(&s), AgentState::Down);
+}
+
+fn audit(at: i64) -> AuditDraft {
+    AuditDraft {
+        at_unix_ms: at,
+        actor: "operator/test".into(),
+        action: "Test".into(),
+        parameters: "{}".into(),
+        outcome: "ok".into(),
+    }
+}
+
+fn finished(id: &str, kind: OperationKind, app: Option<&str>, at: i64) -> Command {
+    Command::CreateOperation {
+        operation: Operation {
+            id: id.into(),
+            kind,
+            app: app.map(String::from),
+            targets: vec![cluster()],
+            params: BTreeMap::new(),
+            state: TaskState::Succeeded,
+            created_by: "operator/test".into(),
+            created_at_unix_ms: at,
+            updated_at_unix_ms: at,
+            tasks: vec![],
+            summary: String::new(),
+            control: Default::default(),
+            spec_digest: None,
+            bundle_digest: None,
+        },
+        audit: audit(at),
+        fix_inputs: false,
+    }
+}
+
+#[test]
+fn compaction_keeps_the_newest_and_each_apps_last_traffic_move_and_moves_audit_out() {
+    let mut s = State::default();
+    let day = 86_400_000i64;
+    // An app's last cutover, long ago, then 10 recent ad-hoc operations.
+    s.apps.insert(
+        "shop".into(),
+        serde_json::from_str(r#"{"name":"shop","clusters":[]}"#).unwrap(),
+    );
+    assert_eq!(
+        s.apply(finished("op-deploy", OperationKind::Deploy, Some("shop"), 1))
+            .error,
+        None
+    );
+    for i in 0..10 {
+        s.apply(finished(
+            &format!("op-{i:02}"),
+            OperationKind::Task,
+            None,
+            100 * day + i,
+        ));
+    }
+    let policy = RetentionConfig {
+        operations: 3,
+        operation_max_age_hours: 24 * 30,
+        audit_events: 4,
+        audit_max_age_hours: 24 * 30,
+    };
+    let now = 100 * day + 100;
+    assert!(s.needs_compaction(&policy, now));
+    s.apply(Command::Compact {
+        retention: policy.clone(),
+        at_unix_ms: now,
+    });
+    let kept: Vec<&String> = s.operations.keys().collect();
+    assert_eq!(
+        kept,
+        ["op-07", "op-08", "op-09", "op-deploy"],
+        "newest 3, and shop's last deploy"
+    );
+    // Audit: the newest 4 stay, the 7 older ones are handed to the node.
+    assert_eq!(s.audit.iter().map(|e| e.sequence).collect::<Vec<_>>(), [8, 9, 10, 11]);
+    let pruned = s.take_pruned_audit();
+    assert_eq!(
+        pruned.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
+    assert!(s.take_pruned_audit().is_empty());
+    assert!(!s.needs_compaction(&policy, now));
+    // Numbering continues after compaction, even from an empty list.
+    s.apply(Command::Compact {
+        retention: RetentionConfig {
+            audit_events: 0,
+            ..policy.clone()
+        },
+        at_unix_ms: now,
+    });
+    assert!(s.audit.is_empty());
+    s.apply(Command::Audit(audit(now)));
+    assert_eq!(s.audit[0].sequence, 12);
+    // Age: 31 days later only the app's last traffic move is left.
+    s.apply(Command::Compact {
+        retention: policy,
+        at_unix_ms: now + 31 * day,
+    });
+    assert_eq!(s.operations.keys().collect::<Vec<_>>(), ["op-deploy"]);
+}
