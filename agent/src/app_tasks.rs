@@ -26,14 +26,22 @@ pub const KINDS: &[TaskKind] = &[
 const BAKE_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 struct Entry {
-    spec_json: String,
+    /// This cluster's driver settings (JSON of the app's `AppCluster` here):
+    /// the only part of a definition a driver depends on.
+    settings: String,
     driver: Arc<dyn PlatformDriver>,
 }
 
 /// The agent's apps and their drivers.
 pub struct AppRuntime {
     ctx: DriverContext,
-    drivers: Mutex<HashMap<String, Entry>>,
+    /// Held only to look up or insert, never across an `.await`: status
+    /// polling and the session's heartbeats must not wait for a driver
+    /// that is being built (a router waiting for its address, a cluster
+    /// API that is slow to answer).
+    drivers: std::sync::Mutex<HashMap<String, Entry>>,
+    /// Serializes building drivers (and closing the ones they replace).
+    build: Mutex<()>,
 }
 
 fn status_json(s: &AppClusterStatus) -> String {
@@ -44,33 +52,60 @@ impl AppRuntime {
     pub fn new(ctx: DriverContext) -> Self {
         Self {
             ctx,
-            drivers: Mutex::new(HashMap::new()),
+            drivers: Default::default(),
+            build: Mutex::new(()),
         }
     }
 
-    /// The driver for `spec`, rebuilt when the app's definition changed.
+    fn cached(&self, app: &str, settings: &str) -> Option<Arc<dyn PlatformDriver>> {
+        let drivers = self.drivers.lock().expect("drivers");
+        drivers
+            .get(app)
+            .filter(|e| e.settings == settings)
+            .map(|e| e.driver.clone())
+    }
+
+    /// The driver for `spec`. A re-applied definition that leaves this
+    /// cluster's driver settings alone (a new bake, new probes) keeps the
+    /// driver, its processes and its routers; new settings close the old
+    /// driver first, so the new one can bind the same addresses.
     async fn driver(&self, spec: &AppSpec) -> Result<Arc<dyn PlatformDriver>, DriverError> {
-        let json = serde_json::to_string(spec).unwrap_or_default();
-        let mut drivers = self.drivers.lock().await;
-        if let Some(e) = drivers.get(&spec.name)
-            && e.spec_json == json
-        {
-            return Ok(e.driver.clone());
-        }
-        let driver = driver_for(spec, &self.ctx).await?;
+        let settings = serde_json::to_string(&spec.cluster(&self.ctx.cluster)).unwrap_or_default();
+        let driver = match self.cached(&spec.name, &settings) {
+            Some(d) => d,
+            None => {
+                let _building = self.build.lock().await;
+                match self.cached(&spec.name, &settings) {
+                    Some(d) => d,
+                    None => {
+                        let old = self.drivers.lock().expect("drivers").remove(&spec.name);
+                        if let Some(old) = old {
+                            tracing::info!(app = %spec.name, "driver settings changed: closing the old driver");
+                            old.driver.close().await;
+                        }
+                        let driver = driver_for(spec, &self.ctx).await?;
+                        self.drivers.lock().expect("drivers").insert(
+                            spec.name.clone(),
+                            Entry {
+                                settings,
+                                driver: driver.clone(),
+                            },
+                        );
+                        driver
+                    }
+                }
+            }
+        };
         // Remembered so that a restarted agent re-adopts the app at once
         // (routers listening, status reported) instead of at its next task.
         let dir = self.ctx.data_dir.join("apps").join(&spec.name);
-        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("spec.json"), &json)) {
+        let json = serde_json::to_string(spec).unwrap_or_default();
+        let path = dir.join("spec.json");
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(json.as_str())
+            && let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, &json))
+        {
             tracing::warn!(app = %spec.name, "cannot record the app definition: {e}");
         }
-        drivers.insert(
-            spec.name.clone(),
-            Entry {
-                spec_json: json,
-                driver: driver.clone(),
-            },
-        );
         Ok(driver)
     }
 
@@ -98,7 +133,7 @@ impl AppRuntime {
         let drivers: Vec<(String, Arc<dyn PlatformDriver>)> = self
             .drivers
             .lock()
-            .await
+            .expect("drivers")
             .iter()
             .map(|(k, e)| (k.clone(), e.driver.clone()))
             .collect();

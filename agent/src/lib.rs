@@ -220,23 +220,12 @@ impl Agent {
         let mut seq = 0u64;
         let mut last_ack = Instant::now();
         let mut sent_at = std::collections::HashMap::new();
-        // App states last reported on this session; a change outside any
-        // task (a crash) is reported as it is noticed.
-        let mut reported: std::collections::HashMap<String, cutover_shared::app::AppClusterStatus> = Default::default();
-        let mut status_ticker = tokio::time::interval(STATUS_INTERVAL);
+        // App statuses are polled on their own task: a driver that is slow
+        // to answer (a router waiting for its address, a cluster API under
+        // load) must never delay this loop's heartbeats.
+        let _status_task = AbortOnDrop(tokio::spawn(report_app_statuses(self.apps.clone(), tx.clone())));
         loop {
             tokio::select! {
-                _ = status_ticker.tick() => {
-                    for (app, status) in self.apps.statuses().await {
-                        if reported.get(&app) != Some(&status) {
-                            reported.insert(app.clone(), status.clone());
-                            let r = proto::AppStatusReport { app, status: Some(status.into()) };
-                            if tx.send(ConnectRequest { message: Some(connect_request::Message::AppStatus(r)) }).await.is_err() {
-                                return SessionEnd::Lost("outbound stream closed".into());
-                            }
-                        }
-                    }
-                }
                 _ = ticker.tick() => {
                     // No acknowledgement for three intervals: the connection is
                     // half-open or the leader is gone. Find another.
@@ -309,7 +298,17 @@ impl Agent {
         let dbs = self.dbs.clone();
         tokio::spawn(async move {
             let task_id = spec.task_id.clone();
-            match store.record_start(&task_id) {
+            // redb commits fsync: off the async workers, which carry every
+            // agent's heartbeats in a process that runs several.
+            let started = {
+                let (store, id) = (store.clone(), task_id.clone());
+                tokio::task::spawn_blocking(move || store.record_start(&id)).await
+            };
+            let started = match started {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match started {
                 Ok(n) => tracing::info!(task = %task_id, kind = %spec.kind, attempt = n, "task started"),
                 Err(e) => {
                     tracing::error!(task = %task_id, "cannot record task start, refusing to run: {e}");
@@ -337,13 +336,52 @@ impl Agent {
                 tasks::execute(&spec, progress).await
             };
             // Durable before reported: a crash after this line replays.
-            if let Err(e) = store.save_result(&result) {
+            let saved = {
+                let (store, result) = (store.clone(), result.clone());
+                tokio::task::spawn_blocking(move || store.save_result(&result).map_err(|e| e.to_string())).await
+            };
+            if let Err(e) = saved.map_err(|e| e.to_string()).and_then(|r| r) {
                 tracing::error!(task = %task_id, "cannot record task result: {e}");
             }
             tracing::info!(task = %task_id, success = result.success, "task finished");
             send(&outbox, connect_request::Message::Result(result.into()));
             running.lock().expect("running").remove(&task_id);
         });
+    }
+}
+
+/// Compares each app's driver status with what this session last
+/// reported, every `STATUS_INTERVAL`, and reports changes (a crashed
+/// process, a pod gone unready). Ends when the session's stream closes.
+async fn report_app_statuses(apps: Arc<app_tasks::AppRuntime>, tx: mpsc::Sender<ConnectRequest>) {
+    let mut reported: std::collections::HashMap<String, cutover_shared::app::AppClusterStatus> = Default::default();
+    let mut ticker = tokio::time::interval(STATUS_INTERVAL);
+    loop {
+        ticker.tick().await;
+        for (app, status) in apps.statuses().await {
+            if reported.get(&app) != Some(&status) {
+                reported.insert(app.clone(), status.clone());
+                let r = proto::AppStatusReport {
+                    app,
+                    status: Some(status.into()),
+                };
+                let msg = ConnectRequest {
+                    message: Some(connect_request::Message::AppStatus(r)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A spawned task that ends with its owner (a session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

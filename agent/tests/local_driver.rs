@@ -370,3 +370,98 @@ async fn switches_and_scale_down_under_load_lose_nothing() {
     assert!(v1 > 0 && v2 > 0 && v1 + v2 == results.len());
     d.stop_all().await.unwrap();
 }
+
+/// An `AppRuntime` task for app `web` in this test's cluster, the app's
+/// definition attached the way the coordinator attaches it.
+fn app_task(
+    id: &str,
+    app: &cutover_shared::app::AppSpec,
+    params: cutover_shared::task::TaskParams,
+) -> cutover_shared::domain::TaskSpec {
+    let (kind, mut wire) = params.to_wire();
+    wire.insert("spec".into(), serde_json::to_string(app).unwrap());
+    cutover_shared::domain::TaskSpec {
+        task_id: id.into(),
+        operation_id: "op".into(),
+        kind,
+        params: wire,
+        target: ctx(Path::new("/")).cluster,
+    }
+}
+
+/// Problem 1 of the typed-contract issue: re-applying an app with only its
+/// bake changed rebuilt the local driver, whose new router could not bind
+/// the address the old one still held ("Address already in use"), and
+/// every later deploy failed the same way. Now a definition whose driver
+/// settings are unchanged keeps its driver, and new settings close the old
+/// driver (releasing its addresses) before the new one opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reapplied_app_keeps_deploying() {
+    use cutover_shared::app::{AppCluster, AppSpec, DriverKind};
+    use cutover_shared::task::{AppRef, TaskParams, spec_digest};
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let rt = cutover_agent::app_tasks::AppRuntime::new(ctx(dir.path()));
+    let local = spec(sample_app_command());
+    let mut app: AppSpec = serde_json::from_value(serde_json::json!({"name": "web", "clusters": []})).unwrap();
+    app.clusters = vec![AppCluster {
+        region: "local".into(),
+        cluster: "dev".into(),
+        driver: DriverKind::Local,
+        local: Some(local.clone()),
+        kubernetes: None,
+    }];
+    let deploy = |app: &AppSpec, id: &str, image: &str| {
+        app_task(
+            id,
+            app,
+            TaskParams::AppDeploy {
+                app: AppRef {
+                    app: "web".into(),
+                    spec_digest: spec_digest(app),
+                },
+                image: image.into(),
+            },
+        )
+    };
+    let switch = |app: &AppSpec, id: &str, to: Color| {
+        app_task(
+            id,
+            app,
+            TaskParams::AppSwitch {
+                app: AppRef {
+                    app: "web".into(),
+                    spec_digest: spec_digest(app),
+                },
+                to: Some(to),
+                compensate: false,
+            },
+        )
+    };
+    let r = rt.execute(&deploy(&app, "t1", "v1"), &|_| {}).await;
+    assert!(r.success, "{}", r.message);
+    assert_eq!(body(&local.listen).await, "version v1\n");
+    // Only the bake changes: the same driver serves on.
+    app.bake_secs += 5;
+    for (i, image) in ["v2", "v3"].into_iter().enumerate() {
+        let r = rt.execute(&deploy(&app, &format!("t2{i}"), image), &|_| {}).await;
+        assert!(r.success, "deploy {image} after a re-apply: {}", r.message);
+        let color = Color::parse(&r.outputs["color"]).unwrap();
+        let r = rt.execute(&switch(&app, &format!("t3{i}"), color), &|_| {}).await;
+        assert!(r.success, "{}", r.message);
+        assert_eq!(body(&local.listen).await, format!("version {image}\n"));
+    }
+    // New addresses: the old routers let go, the new ones serve.
+    let moved = spec(sample_app_command());
+    app.clusters[0].local = Some(LocalSpec {
+        command: local.command.clone(),
+        ..moved.clone()
+    });
+    let r = rt.execute(&deploy(&app, "t4", "v4"), &|_| {}).await;
+    assert!(r.success, "deploy after moving addresses: {}", r.message);
+    assert!(
+        tokio::net::TcpStream::connect(&local.listen).await.is_err(),
+        "the old service address is released"
+    );
+    assert_eq!(body(&moved.listen).await, "version v3\n");
+}

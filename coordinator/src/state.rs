@@ -551,9 +551,9 @@ impl State {
             .filter(|(rank, o)| *rank >= retention.operations || now.saturating_sub(o.updated_at_unix_ms) > max_age)
             .map(|(_, o)| *o)
             .filter(|o| {
-                !o.app
+                o.app
                     .as_deref()
-                    .is_some_and(|a| last_traffic.get(a) == Some(&o.id.as_str()))
+                    .is_none_or(|a| last_traffic.get(a) != Some(&o.id.as_str()))
             })
             .map(|o| o.id.clone())
             .collect();

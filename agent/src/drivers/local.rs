@@ -573,6 +573,13 @@ impl PlatformDriver for LocalDriver {
         Ok(self.spec.preview_listen.clone())
     }
 
+    async fn close(&self) {
+        let mut routers = self.op.lock().await;
+        for r in [routers.service.take(), routers.preview.take()].into_iter().flatten() {
+            r.shutdown().await;
+        }
+    }
+
     async fn service_address(&self) -> Result<String, DriverError> {
         Ok(self.spec.listen.clone())
     }

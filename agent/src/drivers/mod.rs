@@ -49,6 +49,10 @@ pub trait PlatformDriver: Send + Sync {
     async fn preview_address(&self) -> Result<String, DriverError>;
     /// `host:port` of the stable service address (the active color).
     async fn service_address(&self) -> Result<String, DriverError>;
+    /// Lets go of what the driver holds in this process (the local
+    /// driver's listening routers) before a driver with other settings
+    /// replaces it. The app's colors keep running.
+    async fn close(&self) {}
 }
 
 /// What drivers may use from the agent.
