@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
 
-use cutover_shared::app::{AppSpec, validate_image_ref};
+use cutover_shared::app::{AppSpec, Color, validate_image_ref};
 use cutover_shared::convert::cluster_from_proto;
 use cutover_shared::domain::{
     self, AgentState, Attestation, ClusterRef, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms,
@@ -17,10 +17,11 @@ use cutover_shared::domain::{
 };
 use cutover_shared::grpc::caller;
 use cutover_shared::identity::Identity;
+use cutover_shared::operation::{MigrateSpec, OperationSpec, Promotion, Strategy};
 use cutover_shared::proto::control_service_server::ControlService;
 use cutover_shared::proto::{self as pb};
 use cutover_shared::release::{Bundle, Release};
-use cutover_shared::task::TaskKind;
+use cutover_shared::task::{MigrateAction, TaskKind};
 use cutover_shared::tls::normalize_addr;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -198,7 +199,7 @@ impl ControlApi {
         kind: OperationKind,
         spec: &AppSpec,
         targets: Vec<ClusterRef>,
-        params: BTreeMap<String, String>,
+        op_spec: OperationSpec,
     ) -> Result<String, Status> {
         self.consensus.catch_up().await.map_err(propose_status)?;
         for t in &targets {
@@ -221,14 +222,14 @@ impl ControlApi {
         let audit_params = serde_json::json!({
             "app": spec.name,
             "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
-            "params": params,
+            "params": op_spec.to_display(),
         });
         let operation = domain::Operation {
             id: id.clone(),
             kind,
             app: Some(spec.name.clone()),
             targets,
-            params,
+            spec: op_spec,
             state: TaskState::Pending,
             created_by: who.to_string(),
             created_at_unix_ms: now,
@@ -285,7 +286,7 @@ impl ControlApi {
     /// old code may not run against the schema. That is refused unless every
     /// migration of the release has a down; then the rollback runs the downs
     /// after switching traffic back (the returned parameters say which).
-    fn rollback_migrations(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, String>, Status> {
+    fn rollback_migrations(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<OperationSpec, Status> {
         let crossing = self.consensus.read(|s| {
             let mut ops: Vec<&domain::Operation> = s
                 .operations
@@ -303,7 +304,7 @@ impl ControlApi {
             if last.kind != OperationKind::Deploy || last.state != TaskState::Succeeded {
                 return None;
             }
-            let image = last.params.get("image")?.clone();
+            let image = last.spec.image.clone()?;
             let migrated: BTreeMap<String, i64> = last
                 .tasks
                 .iter()
@@ -324,21 +325,19 @@ impl ControlApi {
             Some((image, bundle, migrated))
         });
         let Some((image, bundle, migrated)) = crossing else {
-            return Ok(BTreeMap::new());
+            return Ok(OperationSpec::default());
         };
         if let Some(m) = bundle.migrations.iter().find(|m| m.down_sql.is_none()) {
             return Err(Status::failed_precondition(format!(
-                "rolling back {} would cross the migrations of release {image}, and {} has no down migration:                  the previous release may not run against the new schema. Fix forward with a new release, or                  restore the pre-migration backups first",
+                "rolling back {} would cross the migrations of release {image}, and {} has no down migration: the previous release may not run against the new schema. Fix forward with a new release, or restore the pre-migration backups first",
                 spec.name, m.up_file
             )));
         }
-        Ok(BTreeMap::from([
-            ("release_image".to_owned(), image),
-            (
-                "migrate_down".to_owned(),
-                serde_json::to_string(&migrated).unwrap_or_default(),
-            ),
-        ]))
+        Ok(OperationSpec {
+            release_image: Some(image),
+            migrate_down: migrated,
+            ..OperationSpec::default()
+        })
     }
 
     /// The color each target must serve after a switch or rollback: the one
@@ -346,7 +345,7 @@ impl ControlApi {
     /// recorded in the operation (`switch_to`), so a switch task that runs
     /// twice (an agent crashed before reporting) lands on the same color
     /// instead of flipping traffic back.
-    fn switch_to(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, String>, Status> {
+    fn switch_to(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, Color>, Status> {
         let mut to = BTreeMap::new();
         for t in targets {
             let active = self.consensus.read(|s| {
@@ -361,12 +360,9 @@ impl ControlApi {
                     spec.name
                 )));
             };
-            to.insert(t.to_string(), active.other().to_string());
+            to.insert(t.to_string(), active.other());
         }
-        Ok(BTreeMap::from([(
-            "switch_to".to_owned(),
-            serde_json::to_string(&to).unwrap_or_default(),
-        )]))
+        Ok(to)
     }
 
     /// Commits an operator's control of operation `id` and returns the
@@ -646,7 +642,7 @@ impl ControlService for ControlApi {
             updated_at_unix_ms: now,
             app: None,
             targets: vec![target.clone()],
-            params: BTreeMap::new(),
+            spec: OperationSpec::default(),
             tasks: vec![TaskRecord {
                 created_at_unix_ms: now,
                 spec: TaskSpec {
@@ -947,29 +943,30 @@ impl ControlService for ControlApi {
             )));
         }
         let strategy = match pb::Strategy::try_from(r.strategy) {
-            Ok(pb::Strategy::Atomic) => "atomic",
-            Ok(pb::Strategy::Waves | pb::Strategy::Unspecified) => "waves",
+            Ok(pb::Strategy::Atomic) => Strategy::Atomic,
+            Ok(pb::Strategy::Waves | pb::Strategy::Unspecified) => Strategy::Waves,
             Err(_) => return Err(Status::invalid_argument("unknown strategy")),
         };
-        let mut params = BTreeMap::from([
-            ("image".to_owned(), r.image),
-            ("strategy".to_owned(), strategy.to_owned()),
-            ("waves".to_owned(), serde_json::to_string(&waves).unwrap_or_default()),
-            ("bake_secs".to_owned(), spec.bake_secs.to_string()),
-        ]);
-        if r.no_switch {
-            params.insert("no_switch".into(), "true".into());
+        if r.manual_promotion && r.no_switch {
+            return Err(Status::invalid_argument(
+                "manual promotion gates the switches; with no_switch there is nothing to promote",
+            ));
         }
-        if r.manual_promotion {
-            if r.no_switch {
-                return Err(Status::invalid_argument(
-                    "manual promotion gates the switches; with no_switch there is nothing to promote",
-                ));
-            }
-            params.insert("promotion".into(), "manual".into());
-        }
+        let op_spec = OperationSpec {
+            image: Some(r.image),
+            strategy,
+            waves,
+            bake_secs: spec.bake_secs,
+            no_switch: r.no_switch,
+            promotion: if r.manual_promotion {
+                Promotion::Manual
+            } else {
+                Promotion::Automatic
+            },
+            ..OperationSpec::default()
+        };
         let id = self
-            .start_app_operation(&who, OperationKind::Deploy, &spec, targets, params)
+            .start_app_operation(&who, OperationKind::Deploy, &spec, targets, op_spec)
             .await?;
         Ok(Response::new(pb::DeployResponse { operation_id: id }))
     }
@@ -980,9 +977,12 @@ impl ControlService for ControlApi {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
         self.consensus.catch_up().await.map_err(propose_status)?;
-        let params = self.switch_to(&spec, &targets)?;
+        let op_spec = OperationSpec {
+            switch_to: self.switch_to(&spec, &targets)?,
+            ..OperationSpec::default()
+        };
         let id = self
-            .start_app_operation(&who, OperationKind::Switch, &spec, targets, params)
+            .start_app_operation(&who, OperationKind::Switch, &spec, targets, op_spec)
             .await?;
         Ok(Response::new(pb::SwitchResponse { operation_id: id }))
     }
@@ -993,10 +993,10 @@ impl ControlService for ControlApi {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
         self.consensus.catch_up().await.map_err(propose_status)?;
-        let mut params = self.rollback_migrations(&spec, &targets)?;
-        params.extend(self.switch_to(&spec, &targets)?);
+        let mut op_spec = self.rollback_migrations(&spec, &targets)?;
+        op_spec.switch_to = self.switch_to(&spec, &targets)?;
         let id = self
-            .start_app_operation(&who, OperationKind::Rollback, &spec, targets, params)
+            .start_app_operation(&who, OperationKind::Rollback, &spec, targets, op_spec)
             .await?;
         Ok(Response::new(pb::RollbackResponse { operation_id: id }))
     }
@@ -1010,7 +1010,13 @@ impl ControlService for ControlApi {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
         let id = self
-            .start_app_operation(&who, OperationKind::HealthCheck, &spec, targets, BTreeMap::new())
+            .start_app_operation(
+                &who,
+                OperationKind::HealthCheck,
+                &spec,
+                targets,
+                OperationSpec::default(),
+            )
             .await?;
         Ok(Response::new(pb::HealthCheckResponse { operation_id: id }))
     }
@@ -1195,15 +1201,17 @@ impl ControlService for ControlApi {
             ("up", Some(0)) => return Err(Status::invalid_argument("up to version 0 would apply nothing")),
             _ => {}
         }
-        let mut params = BTreeMap::from([("action".to_owned(), action.to_owned()), ("image".to_owned(), image)]);
-        if let Some(t) = r.target {
-            params.insert("target".into(), t.to_string());
-        }
-        if r.dry_run {
-            params.insert("dry_run".into(), "true".into());
-        }
+        let op_spec = OperationSpec {
+            image: Some(image),
+            migrate: Some(MigrateSpec {
+                action: MigrateAction::parse(action).unwrap_or(MigrateAction::Status),
+                target: r.target,
+                dry_run: r.dry_run,
+            }),
+            ..OperationSpec::default()
+        };
         let id = self
-            .start_app_operation(&who, OperationKind::Migrate, &spec, targets, params)
+            .start_app_operation(&who, OperationKind::Migrate, &spec, targets, op_spec)
             .await?;
         Ok(Response::new(pb::MigrateResponse { operation_id: id }))
     }

@@ -486,7 +486,7 @@ impl State {
             ControlAction::Resume if !c.paused => return Err(format!("operation {id} is not paused")),
             ControlAction::Resume => c.paused = false,
             ControlAction::Promote { gate } => {
-                if op.params.get("promotion").is_none_or(|p| p != "manual") {
+                if op.spec.promotion != cutover_shared::operation::Promotion::Manual {
                     return Err(format!("operation {id} was not started with manual promotion"));
                 }
                 if c.promoted.contains(gate) {

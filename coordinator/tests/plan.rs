@@ -12,8 +12,9 @@ use cutover_coordinator::orchestrator::{self, Inputs};
 use cutover_coordinator::state::{AuditDraft, Command, State};
 use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKind, LocalSpec};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskState};
+use cutover_shared::operation::{MigrateSpec, OperationSpec, Strategy};
 use cutover_shared::release::{Bundle, Release};
-use cutover_shared::task::{self, TaskKind, TaskParams};
+use cutover_shared::task::{self, MigrateAction, TaskKind, TaskParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -78,13 +79,13 @@ fn release(image: &str, b: &Bundle) -> Command {
 }
 
 /// An operation as `ControlService` creates it.
-fn operation(id: &str, kind: OperationKind, params: &[(&str, &str)]) -> Operation {
+fn operation(id: &str, kind: OperationKind, spec: OperationSpec) -> Operation {
     Operation {
         id: id.into(),
         kind,
         app: Some("shop".into()),
         targets: REGIONS.iter().map(|r| target(r)).collect(),
-        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        spec,
         state: TaskState::Pending,
         created_by: "operator/test".into(),
         created_at_unix_ms: 1,
@@ -97,18 +98,26 @@ fn operation(id: &str, kind: OperationKind, params: &[(&str, &str)]) -> Operatio
     }
 }
 
+fn switch_to(to: BTreeMap<String, Color>) -> OperationSpec {
+    OperationSpec {
+        switch_to: to,
+        ..OperationSpec::default()
+    }
+}
+
 fn deploy_op(id: &str, image: &str, strategy: &str) -> Operation {
-    let waves = serde_json::to_string(&REGIONS.map(|r| vec![r])).unwrap();
-    operation(
-        id,
-        OperationKind::Deploy,
-        &[
-            ("image", image),
-            ("strategy", strategy),
-            ("waves", &waves),
-            ("bake_secs", "10"),
-        ],
-    )
+    let spec = OperationSpec {
+        image: Some(image.into()),
+        strategy: if strategy == "atomic" {
+            Strategy::Atomic
+        } else {
+            Strategy::Waves
+        },
+        waves: REGIONS.iter().map(|r| vec![r.to_string()]).collect(),
+        bake_secs: 10,
+        ..OperationSpec::default()
+    };
+    operation(id, OperationKind::Deploy, spec)
 }
 
 /// What one cluster runs, as the model agent keeps it.
@@ -403,11 +412,7 @@ fn a_deploy_with_a_release_migrates_first_and_stores_the_bundle_once() {
 fn a_switch_rerun_after_a_crash_converges() {
     let mut w = World::new(false);
     // What ControlService.Switch records: each cluster's target color.
-    let to: BTreeMap<String, String> = REGIONS
-        .iter()
-        .map(|r| (target(r).to_string(), "green".to_owned()))
-        .collect();
-    let to = serde_json::to_string(&to).unwrap();
+    let to: BTreeMap<String, Color> = REGIONS.iter().map(|r| (target(r).to_string(), Color::Green)).collect();
     for r in REGIONS {
         w.clusters
             .get_mut(&target(r).to_string())
@@ -416,7 +421,7 @@ fn a_switch_rerun_after_a_crash_converges() {
             .insert(Color::Green, "shop:v0".into());
     }
     w.apply(Command::CreateOperation {
-        operation: operation("op-s", OperationKind::Switch, &[("switch_to", &to)]),
+        operation: operation("op-s", OperationKind::Switch, switch_to(to)),
         audit: audit(),
         fix_inputs: true,
     });
@@ -596,8 +601,8 @@ fn plans_by_kind_and_strategy() {
         with_release[6..9],
         ["app.gates us-east", "app.switch us-east gate1", "app.bake us-east"]
     );
-    let to = serde_json::to_string(&BTreeMap::from([(target("us-east").to_string(), "green")])).unwrap();
-    let mut switch = operation("op-s", OperationKind::Switch, &[("switch_to", &to)]);
+    let to = BTreeMap::from([(target("us-east").to_string(), Color::Green)]);
+    let mut switch = operation("op-s", OperationKind::Switch, switch_to(to));
     switch.targets = vec![target("us-east")];
     assert_eq!(plan_of(&switch, None), ["app.switch us-east"]);
     let p = orchestrator::plan(&switch, &Inputs::new(&switch, &s, None));
@@ -609,12 +614,20 @@ fn plans_by_kind_and_strategy() {
             ..
         }
     ));
-    let check = operation("op-h", OperationKind::HealthCheck, &[]);
+    let check = operation("op-h", OperationKind::HealthCheck, OperationSpec::default());
     assert_eq!(plan_of(&check, None), REGIONS.map(|r| format!("app.gates {r}")));
     let migrate = operation(
         "op-m",
         OperationKind::Migrate,
-        &[("action", "plan"), ("image", "shop:v2")],
+        OperationSpec {
+            image: Some("shop:v2".into()),
+            migrate: Some(MigrateSpec {
+                action: MigrateAction::Plan,
+                target: None,
+                dry_run: false,
+            }),
+            ..OperationSpec::default()
+        },
     );
     assert_eq!(
         plan_of(&migrate, Some(&b)),

@@ -1,8 +1,6 @@
 //! Table tests of `State::apply` alone: agent registrations racing the
 //! reaper, and retention.
 
-use std::collections::BTreeMap;
-
 use cutover_coordinator::state::{AuditDraft, Command, State};
 use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{AgentState, ClusterRef, Operation, OperationKind, TaskState};
@@ -77,7 +75,7 @@ fn finished(id: &str, kind: OperationKind, app: Option<&str>, at: i64) -> Comman
             kind,
             app: app.map(String::from),
             targets: vec![cluster()],
-            params: BTreeMap::new(),
+            spec: Default::default(),
             state: TaskState::Succeeded,
             created_by: "operator/test".into(),
             created_at_unix_ms: at,

@@ -412,6 +412,7 @@ mod tests {
         assert_eq!(db.statement_timeout_ms, DEFAULT_STATEMENT_TIMEOUT_MS);
         let coordinator: CoordinatorConfig = toml::from_str(&example("coordinator-1.toml")).unwrap();
         assert_eq!(coordinator.raft, RaftConfig::default());
+        assert_eq!(coordinator.retention, RetentionConfig::default());
     }
 
     #[test]

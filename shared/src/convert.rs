@@ -145,7 +145,7 @@ impl From<domain::Operation> for proto::Operation {
             summary: o.summary,
             app: o.app.unwrap_or_default(),
             targets: o.targets.into_iter().map(Into::into).collect(),
-            params: o.params.into_iter().collect(),
+            params: o.spec.to_display().into_iter().collect(),
             paused: o.control.paused,
             promoted_gates: o.control.promoted,
             // Known only to the orchestrator; the control service fills it.

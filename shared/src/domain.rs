@@ -7,6 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::operation::OperationSpec;
 
 /// Longest name accepted for a region, cluster, app or principal.
 pub const MAX_NAME_LEN: usize = 63;
@@ -197,9 +198,10 @@ pub struct Operation {
     /// The clusters it acts on.
     #[serde(default)]
     pub targets: Vec<ClusterRef>,
-    /// Kind-specific parameters (image, no_switch, ...).
-    #[serde(default)]
-    pub params: BTreeMap<String, String>,
+    /// What it was asked to do, fixed at creation. Stored as `params` (a
+    /// string map) by versions before the typed spec; either form reads.
+    #[serde(default, alias = "params", deserialize_with = "crate::operation::deserialize_stored")]
+    pub spec: OperationSpec,
     pub state: TaskState,
     pub created_by: String,
     pub created_at_unix_ms: i64,
@@ -225,8 +227,8 @@ impl Operation {
     /// The release image whose migrations the operation acts with, if any.
     pub fn release_image(&self) -> Option<&str> {
         match self.kind {
-            OperationKind::Deploy | OperationKind::Migrate => self.params.get("image").map(String::as_str),
-            OperationKind::Rollback => self.params.get("release_image").map(String::as_str),
+            OperationKind::Deploy | OperationKind::Migrate => self.spec.image.as_deref(),
+            OperationKind::Rollback => self.spec.release_image.as_deref(),
             _ => None,
         }
     }

@@ -3,8 +3,8 @@
 //! identity (`identity`), mutual TLS (`tls`, and `listener` for the
 //! server side), the development PKI (`certs`),
 //! gRPC server plumbing (`grpc`), process configuration (`config`),
-//! telemetry (`telemetry`) and the typed coordinator-agent task contract
-//! (`task`).
+//! telemetry (`telemetry`), the typed coordinator-agent task contract
+//! (`task`) and what an operation is asked to do (`operation`).
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +17,7 @@ pub mod grpc;
 pub mod identity;
 pub mod listener;
 pub mod load;
+pub mod operation;
 pub mod proto;
 pub mod release;
 pub mod task;

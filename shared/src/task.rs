@@ -140,7 +140,8 @@ pub struct EchoParams {
 }
 
 /// What a migration task does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MigrateAction {
     Status,
     Plan,

@@ -16,6 +16,7 @@ mod summary;
 
 use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{Operation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms};
+use cutover_shared::operation::Promotion;
 use cutover_shared::task::TaskParams;
 
 pub use plan::{Inputs, Step, plan, switch_targets};
@@ -74,7 +75,7 @@ fn task_from(op: &Operation, index: usize, step: Step, now: i64) -> Command {
 
 /// True when `op` waits for operators at its manual promotion gates.
 pub fn has_gates(op: &Operation) -> bool {
-    op.params.get("promotion").is_some_and(|p| p == "manual")
+    op.spec.promotion == Promotion::Manual
 }
 
 /// How many manual promotion gates `op` has (0 unless it was started with

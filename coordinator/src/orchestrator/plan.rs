@@ -1,11 +1,12 @@
 //! Planning: the full list of steps of an operation, as a pure function of
-//! its record (parameters, the inputs fixed at its creation, and what its
+//! its record (its typed spec, the inputs fixed at its creation, and what its
 //! finished steps reported). Nothing here reads live state.
 
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppSpec, Color};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind};
+use cutover_shared::operation::{MigrateSpec, Strategy};
 use cutover_shared::release::Bundle;
 use cutover_shared::task::{self, AppRef, MigrateAction, MigrateParams, TaskParams, outputs};
 
@@ -66,23 +67,13 @@ impl<'a> Inputs<'a> {
 /// The per-cluster colors a `Switch` or `Rollback` was created to move
 /// traffic to (its `switch_to` parameter, `region/cluster` → color).
 pub fn switch_targets(op: &Operation) -> BTreeMap<String, Color> {
-    op.params
-        .get("switch_to")
-        .and_then(|j| serde_json::from_str::<BTreeMap<String, String>>(j).ok())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, Color::parse(&v)?)))
-        .collect()
+    op.spec.switch_to.clone()
 }
 
 /// The targets of a deploy grouped into waves (its `waves` parameter lists
 /// regions; without it, one wave).
 pub(super) fn deploy_waves(op: &Operation) -> Vec<Vec<ClusterRef>> {
-    let waves: Vec<Vec<String>> = op
-        .params
-        .get("waves")
-        .and_then(|w| serde_json::from_str(w).ok())
-        .unwrap_or_default();
+    let waves = &op.spec.waves;
     if waves.is_empty() {
         return vec![op.targets.clone()];
     }
@@ -127,10 +118,10 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
     let mut steps = Vec::new();
     match op.kind {
         OperationKind::Deploy => {
-            let image = op.params.get("image").cloned().unwrap_or_default();
-            let switch = op.params.get("no_switch").is_none_or(|v| v != "true");
-            let atomic = op.params.get("strategy").is_some_and(|s| s == "atomic");
-            let bake: u64 = op.params.get("bake_secs").and_then(|b| b.parse().ok()).unwrap_or(0);
+            let image = op.spec.image.clone().unwrap_or_default();
+            let switch = !op.spec.no_switch;
+            let atomic = op.spec.strategy == Strategy::Atomic;
+            let bake = op.spec.bake_secs;
             let deploy = |t: &ClusterRef| {
                 Step::new(
                     t,
@@ -243,12 +234,8 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
             }
             // A rollback across a release's (reversible) migrations runs
             // their downs once traffic is back on the old code.
-            let downs: BTreeMap<String, i64> = op
-                .params
-                .get("migrate_down")
-                .and_then(|d| serde_json::from_str(d).ok())
-                .unwrap_or_default();
-            if let (Some(_), Some(image)) = (inputs.bundle, op.params.get("release_image")) {
+            let downs = &op.spec.migrate_down;
+            if let (Some(_), Some(image)) = (inputs.bundle, op.spec.release_image.as_ref()) {
                 for (i, t) in op
                     .targets
                     .iter()
@@ -265,14 +252,16 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
             }
         }
         OperationKind::Migrate => {
-            let action = op
-                .params
-                .get("action")
-                .and_then(|a| MigrateAction::parse(a))
-                .unwrap_or(MigrateAction::Status);
-            let target = op.params.get("target").and_then(|t| t.parse().ok());
-            let image = op.params.get("image").cloned().unwrap_or_default();
-            let dry_run = op.params.get("dry_run").is_some_and(|d| d == "true");
+            let MigrateSpec {
+                action,
+                target,
+                dry_run,
+            } = op.spec.migrate.clone().unwrap_or(MigrateSpec {
+                action: MigrateAction::Status,
+                target: None,
+                dry_run: false,
+            });
+            let image = op.spec.image.clone().unwrap_or_default();
             for (i, t) in op.targets.iter().enumerate() {
                 let mut params = migrate(action, &image, target);
                 if let TaskParams::DbMigrate(m) = &mut params {
