@@ -544,7 +544,7 @@ impl State {
                 last_traffic.insert(app, o.id.as_str());
             }
         }
-        let max_age = (retention.operation_max_age_hours as i64).saturating_mul(3_600_000);
+        let max_age = hours_ms(retention.operation_max_age_hours);
         let mut out: Vec<String> = finished
             .iter()
             .enumerate()
@@ -564,7 +564,7 @@ impl State {
     /// How many audit events `retention` would move out of the state at `now`.
     pub fn expired_audit(&self, retention: &RetentionConfig, now: i64) -> usize {
         let over = self.audit.len().saturating_sub(retention.audit_events);
-        let max_age = (retention.audit_max_age_hours as i64).saturating_mul(3_600_000);
+        let max_age = hours_ms(retention.audit_max_age_hours);
         let old = self
             .audit
             .iter()
@@ -575,7 +575,9 @@ impl State {
 
     /// True when a `Compact` at `now` would drop anything.
     pub fn needs_compaction(&self, retention: &RetentionConfig, now: i64) -> bool {
-        self.expired_audit(retention, now) > 0 || !self.expired_operations(retention, now).is_empty()
+        self.expired_audit(retention, now) > 0
+            || !self.expired_operations(retention, now).is_empty()
+            || !self.expired_releases(retention).is_empty()
     }
 
     fn compact(&mut self, retention: &RetentionConfig, now: i64) {
@@ -593,9 +595,78 @@ impl State {
             .filter_map(|o| o.spec_digest.as_ref())
             .collect();
         self.specs.retain(|d, _| used.contains(d));
+        self.compact_releases(retention, now);
         let n = self.expired_audit(retention, now);
         let pruned: Vec<AuditEvent> = self.audit.drain(..n).collect();
         self.pruned_audit.extend(pruned);
+    }
+
+    /// Releases compaction drops: beyond each app's newest
+    /// `retention.releases`, those nothing uses (no kept operation acts with
+    /// it, no cluster runs its image).
+    fn expired_releases(&self, retention: &RetentionConfig) -> Vec<(String, String)> {
+        use std::collections::BTreeSet;
+        let mut in_use: BTreeSet<(&str, &str)> = self
+            .operations
+            .values()
+            .filter_map(|o| Some((o.app.as_deref()?, o.release_image()?)))
+            .collect();
+        for (app, clusters) in &self.app_status {
+            for c in clusters.values().flat_map(|st| &st.colors) {
+                in_use.insert((app.as_str(), c.image.as_str()));
+            }
+        }
+        let mut expired = Vec::new();
+        for (app, releases) in &self.releases {
+            let mut newest: Vec<(&String, i64)> = releases
+                .iter()
+                .map(|(image, r)| (image, r.created_at_unix_ms))
+                .collect();
+            newest.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(a.0)));
+            expired.extend(
+                newest
+                    .into_iter()
+                    .skip(retention.releases)
+                    .filter(|(image, _)| !in_use.contains(&(app.as_str(), image.as_str())))
+                    .map(|(image, _)| (app.clone(), image.clone())),
+            );
+        }
+        expired
+    }
+
+    /// Drops the expired releases, then the bundles no kept release or
+    /// operation refers to, and the attestations of images that have neither
+    /// a release nor a use and are older than the operation age limit.
+    fn compact_releases(&mut self, retention: &RetentionConfig, now: i64) {
+        use std::collections::BTreeSet;
+        for (app, image) in self.expired_releases(retention) {
+            if let Some(r) = self.releases.get_mut(&app) {
+                r.remove(&image);
+            }
+        }
+        self.releases.retain(|_, r| !r.is_empty());
+        let digests: BTreeSet<&String> = self
+            .releases
+            .values()
+            .flat_map(|r| r.values().map(|r| &r.digest))
+            .chain(self.operations.values().filter_map(|o| o.bundle_digest.as_ref()))
+            .collect();
+        self.bundles.retain(|d, _| digests.contains(d));
+        let images: BTreeSet<&str> = self
+            .releases
+            .values()
+            .flat_map(|r| r.keys().map(String::as_str))
+            .chain(self.operations.values().filter_map(|o| o.release_image()))
+            .chain(
+                self.app_status
+                    .values()
+                    .flat_map(|m| m.values())
+                    .flat_map(|st| st.colors.iter().map(|c| c.image.as_str())),
+            )
+            .collect();
+        let cutoff = now.saturating_sub(hours_ms(retention.operation_max_age_hours));
+        self.attestations
+            .retain(|image, checks| images.contains(image.as_str()) || checks.values().any(|a| a.at_unix_ms >= cutoff));
     }
 
     /// Takes the audit events compaction removed since the last call.
@@ -644,6 +715,11 @@ impl State {
             |d| self.bundles.get(d).and_then(|b| serde_json::to_string(b).ok()),
         );
     }
+}
+
+/// `hours` in milliseconds, saturating (a huge age means "forever").
+fn hours_ms(hours: u64) -> i64 {
+    i64::try_from(hours).unwrap_or(i64::MAX).saturating_mul(3_600_000)
 }
 
 /// Operations that move traffic: the last finished one of an app decides

@@ -3,7 +3,9 @@
 
 use cutover_coordinator::state::{AuditDraft, Command, State};
 use cutover_shared::config::RetentionConfig;
-use cutover_shared::domain::{AgentState, ClusterRef, Operation, OperationKind, TaskState};
+use cutover_shared::domain::{AgentState, Attestation, ClusterRef, Operation, OperationKind, TaskState};
+use cutover_shared::operation::OperationSpec;
+use cutover_shared::release::{Bundle, Release};
 
 fn cluster() -> ClusterRef {
     ClusterRef::new("us-east", "us-east-1").unwrap()
@@ -118,6 +120,7 @@ fn compaction_keeps_the_newest_and_each_apps_last_traffic_move_and_moves_audit_o
         operation_max_age_hours: 24 * 30,
         audit_events: 4,
         audit_max_age_hours: 24 * 30,
+        releases: 100,
     };
     let now = 100 * day + 100;
     assert!(s.needs_compaction(&policy, now));
@@ -157,4 +160,67 @@ fn compaction_keeps_the_newest_and_each_apps_last_traffic_move_and_moves_audit_o
         at_unix_ms: now + 31 * day,
     });
     assert_eq!(s.operations.keys().collect::<Vec<_>>(), ["op-deploy"]);
+}
+
+/// Releases (and their 1 MiB bundles) and attestations are bounded too: an
+/// app keeps its newest releases, plus any a kept operation acts with or a
+/// cluster runs; bundles and attestations go with the last release that
+/// needs them.
+#[test]
+fn compaction_keeps_the_newest_releases_and_those_in_use() {
+    let mut s = State::default();
+    let day = 86_400_000i64;
+    s.apply(Command::PutApp {
+        spec: serde_json::from_str(r#"{"name":"shop","clusters":[]}"#).unwrap(),
+        audit: audit(1),
+    });
+    for v in 1..=6i64 {
+        let sql = format!("create table t{v} (x int);");
+        let bundle = Bundle::parse(vec![(format!("{v}_t.up.sql"), sql.into_bytes())]).unwrap();
+        let image = format!("shop:v{v}");
+        let release = Release::new("shop", &image, &bundle, "operator/test", v * day);
+        let r = s.apply(Command::CreateRelease {
+            release,
+            bundle,
+            audit: audit(v * day),
+        });
+        assert_eq!(r.error, None);
+        s.apply(Command::Attest {
+            attestations: vec![Attestation {
+                image: image.clone(),
+                check: "tests".into(),
+                value: "passed".into(),
+                attested_by: "ci/test".into(),
+                at_unix_ms: v * day,
+            }],
+            audit: audit(v * day),
+        });
+    }
+    // v1 is what a kept deploy acted with.
+    let mut deploy = finished("op-deploy", OperationKind::Deploy, Some("shop"), 1);
+    if let Command::CreateOperation { operation, .. } = &mut deploy {
+        operation.spec = OperationSpec {
+            image: Some("shop:v1".into()),
+            ..OperationSpec::default()
+        };
+    }
+    s.apply(deploy);
+    assert_eq!(s.bundles.len(), 6);
+
+    let policy = RetentionConfig {
+        releases: 2,
+        ..RetentionConfig::default()
+    };
+    let now = 100 * day;
+    assert!(s.needs_compaction(&policy, now), "6 releases exceed 2");
+    s.apply(Command::Compact {
+        retention: policy.clone(),
+        at_unix_ms: now,
+    });
+    let kept: Vec<&String> = s.releases["shop"].keys().collect();
+    assert_eq!(kept, ["shop:v1", "shop:v5", "shop:v6"], "newest 2, and the one in use");
+    assert_eq!(s.bundles.len(), 3, "one bundle per kept release");
+    let attested: Vec<&String> = s.attestations.keys().collect();
+    assert_eq!(attested, ["shop:v1", "shop:v5", "shop:v6"]);
+    assert!(!s.needs_compaction(&policy, now), "nothing left to compact");
 }

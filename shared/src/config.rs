@@ -113,6 +113,12 @@ pub struct RetentionConfig {
     pub audit_events: usize,
     /// Audit events older than this leave the state, hours. Default 720.
     pub audit_max_age_hours: u64,
+    /// Releases kept per app (the newest). Default 100. A release that a
+    /// kept operation acts with, or whose image a cluster runs, is kept
+    /// whatever its age; its migrations are stored once per content.
+    /// Attestations go with their image's last release once they are older
+    /// than `operation_max_age_hours`.
+    pub releases: usize,
 }
 
 impl Default for RetentionConfig {
@@ -122,6 +128,7 @@ impl Default for RetentionConfig {
             operation_max_age_hours: 720,
             audit_events: 5000,
             audit_max_age_hours: 720,
+            releases: 100,
         }
     }
 }

@@ -83,6 +83,9 @@ async fn cluster(
     regions: &[(&str, &str)],
     databases: impl Fn(usize, &Path) -> Vec<DatabaseConfig>,
 ) -> (TestCluster, usize) {
+    // Install the capturing subscriber before the harness installs its
+    // own: tests run in parallel, and the first global subscriber wins.
+    captured_logs();
     let mut c = TestCluster::builder().nodes(3).regions(regions).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     for i in 0..regions.len() {

@@ -4,6 +4,16 @@
 //!
 //! Every handler validates its input completely before proposing anything:
 //! a refused call changes nothing.
+//!
+//! This module is the application layer: `ControlApi`'s methods take the
+//! caller and the request and return the response or an [`ApiError`].
+//! `grpc` is the service's gRPC face, and `error` maps `ApiError` to a
+//! status in one place.
+
+mod error;
+mod grpc;
+
+pub use error::ApiError;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -15,20 +25,17 @@ use cutover_shared::domain::{
     self, AgentState, Attestation, ClusterRef, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms,
     validate_name,
 };
-use cutover_shared::grpc::caller;
 use cutover_shared::identity::Identity;
 use cutover_shared::operation::{MigrateSpec, OperationSpec, Promotion, Strategy};
-use cutover_shared::proto::control_service_server::ControlService;
 use cutover_shared::proto::{self as pb};
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{MigrateAction, TaskKind};
 use cutover_shared::tls::normalize_addr;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
 
 use crate::orchestrator::Inputs;
-use crate::raft::{Consensus, Proposal, ProposeError, RaftStatus};
+use crate::raft::{Consensus, Proposal, RaftStatus};
 use crate::state::{AuditDraft, Command};
 
 /// Bounds on user input, so one call cannot bloat the replicated state.
@@ -42,15 +49,6 @@ pub struct ControlApi {
     pub consensus: Consensus,
     /// This node's data directory (its audit file lives there).
     pub data_dir: std::path::PathBuf,
-}
-
-pub(crate) fn propose_status(e: ProposeError) -> Status {
-    match e {
-        ProposeError::Rejected(m) => Status::failed_precondition(m),
-        ProposeError::UnknownNode(id) => Status::not_found(format!("node {id} is not a member of the cluster")),
-        ProposeError::NotLeader { .. } | ProposeError::NoLeader(_) => Status::unavailable(e.to_string()),
-        ProposeError::Raft(m) => Status::unavailable(format!("raft: {m}")),
-    }
 }
 
 fn audit(who: &Identity, action: &str, params: serde_json::Value, outcome: &str) -> AuditDraft {
@@ -99,17 +97,17 @@ fn members(s: &RaftStatus) -> Vec<pb::ClusterMember> {
 
 /// Checks an image reference: non-empty, bounded, no whitespace or control
 /// characters. (Full reference parsing arrives with deploys.)
-pub fn validate_image(image: &str) -> Result<(), Status> {
+pub fn validate_image(image: &str) -> Result<(), ApiError> {
     if image.is_empty() {
-        return Err(Status::invalid_argument("image must not be empty"));
+        return Err(ApiError::invalid_argument("image must not be empty"));
     }
     if image.len() > MAX_IMAGE_LEN {
-        return Err(Status::invalid_argument(format!(
+        return Err(ApiError::invalid_argument(format!(
             "image is longer than {MAX_IMAGE_LEN} characters"
         )));
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Status::invalid_argument(format!(
+        return Err(ApiError::invalid_argument(format!(
             "image {image:?} contains whitespace or control characters"
         )));
     }
@@ -117,7 +115,7 @@ pub fn validate_image(image: &str) -> Result<(), Status> {
 }
 
 /// Task parameter names: like names, but `_` is allowed (`delay_ms`).
-fn validate_param_name(name: &str) -> Result<(), Status> {
+fn validate_param_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= domain::MAX_NAME_LEN
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -127,7 +125,7 @@ fn validate_param_name(name: &str) -> Result<(), Status> {
     if ok {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(ApiError::invalid_argument(format!(
             "param name {name:?} must be 1..{} lowercase letters, digits, '-' or '_', starting with a letter",
             domain::MAX_NAME_LEN
         )))
@@ -146,30 +144,30 @@ fn list_limit(asked: u32) -> usize {
     }
 }
 
-fn validate_id(field: &str, id: &str) -> Result<(), Status> {
+fn validate_id(field: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(Status::invalid_argument(format!("{field} {id:?} is not a valid id")));
+        return Err(ApiError::invalid_argument(format!("{field} {id:?} is not a valid id")));
     }
     Ok(())
 }
 
 impl ControlApi {
-    fn app(&self, name: &str) -> Result<AppSpec, Status> {
+    fn app(&self, name: &str) -> Result<AppSpec, ApiError> {
         validate_name("app", name)?;
         self.consensus
             .read(|s| s.apps.get(name).cloned())
-            .ok_or_else(|| Status::not_found(format!("unknown app {name:?}")))
+            .ok_or_else(|| ApiError::not_found(format!("unknown app {name:?}")))
     }
 
     /// The clusters of `spec` in `region` (all of them if `region` is empty
     /// and `all_if_empty`), refusing a region the app does not run in.
-    fn targets(spec: &AppSpec, region: &str, all_if_empty: bool) -> Result<Vec<ClusterRef>, Status> {
+    fn targets(spec: &AppSpec, region: &str, all_if_empty: bool) -> Result<Vec<ClusterRef>, ApiError> {
         let regions: Vec<&str> = spec.clusters.iter().map(|c| c.region.as_str()).collect();
         if region.is_empty() {
             if all_if_empty || spec.clusters.len() == 1 {
                 return Ok(spec.clusters.iter().map(|c| c.cluster_ref()).collect());
             }
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "region is required: app {} runs in {}",
                 spec.name,
                 regions.join(", ")
@@ -183,7 +181,7 @@ impl ControlApi {
             .map(|c| c.cluster_ref())
             .collect();
         if targets.is_empty() {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "app {} does not run in region {region:?} (it runs in {})",
                 spec.name,
                 regions.join(", ")
@@ -200,21 +198,21 @@ impl ControlApi {
         spec: &AppSpec,
         targets: Vec<ClusterRef>,
         op_spec: OperationSpec,
-    ) -> Result<String, Status> {
-        self.consensus.catch_up().await.map_err(propose_status)?;
+    ) -> Result<String, ApiError> {
+        self.consensus.catch_up().await?;
         for t in &targets {
             if let Some(running) = self
                 .consensus
                 .read(|s| s.running_operation(&spec.name, t).map(str::to_owned))
             {
-                return Err(Status::failed_precondition(format!(
+                return Err(ApiError::failed_precondition(format!(
                     "operation {running} is already running on {} in {t}",
                     spec.name
                 )));
             }
             let up = self.consensus.read(|s| s.agents.get(&t.to_string()).map(|a| a.state));
             if up != Some(AgentState::Up) {
-                return Err(Status::failed_precondition(format!("the agent for {t} is not up")));
+                return Err(ApiError::failed_precondition(format!("the agent for {t} is not up")));
             }
         }
         let now = now_unix_ms();
@@ -253,10 +251,7 @@ impl ControlApi {
             audit: audit(who, action, audit_params, "accepted"),
             fix_inputs: true,
         };
-        self.consensus
-            .propose(Proposal::Command(cmd))
-            .await
-            .map_err(propose_status)?;
+        self.consensus.propose(Proposal::Command(cmd)).await?;
         Ok(id)
     }
 
@@ -273,11 +268,11 @@ impl ControlApi {
         })
     }
 
-    fn operation(&self, id: &str) -> Result<domain::Operation, Status> {
+    fn operation(&self, id: &str) -> Result<domain::Operation, ApiError> {
         validate_id("operation_id", id)?;
         self.consensus
             .read(|s| s.operations.get(id).cloned())
-            .ok_or_else(|| Status::not_found(format!("no operation {id}")))
+            .ok_or_else(|| ApiError::not_found(format!("no operation {id}")))
     }
 
     /// What a rollback of `targets` must do about the schema. The last
@@ -286,7 +281,7 @@ impl ControlApi {
     /// old code may not run against the schema. That is refused unless every
     /// migration of the release has a down; then the rollback runs the downs
     /// after switching traffic back (the returned parameters say which).
-    fn rollback_migrations(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<OperationSpec, Status> {
+    fn rollback_migrations(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<OperationSpec, ApiError> {
         let crossing = self.consensus.read(|s| {
             let mut ops: Vec<&domain::Operation> = s
                 .operations
@@ -328,7 +323,7 @@ impl ControlApi {
             return Ok(OperationSpec::default());
         };
         if let Some(m) = bundle.migrations.iter().find(|m| m.down_sql.is_none()) {
-            return Err(Status::failed_precondition(format!(
+            return Err(ApiError::failed_precondition(format!(
                 "rolling back {} would cross the migrations of release {image}, and {} has no down migration: the previous release may not run against the new schema. Fix forward with a new release, or restore the pre-migration backups first",
                 spec.name, m.up_file
             )));
@@ -345,7 +340,7 @@ impl ControlApi {
     /// recorded in the operation (`switch_to`), so a switch task that runs
     /// twice (an agent crashed before reporting) lands on the same color
     /// instead of flipping traffic back.
-    fn switch_to(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, Color>, Status> {
+    fn switch_to(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<BTreeMap<String, Color>, ApiError> {
         let mut to = BTreeMap::new();
         for t in targets {
             let active = self.consensus.read(|s| {
@@ -355,7 +350,7 @@ impl ControlApi {
                     .and_then(|st| st.active)
             });
             let Some(active) = active else {
-                return Err(Status::failed_precondition(format!(
+                return Err(ApiError::failed_precondition(format!(
                     "{} has no active color in {t} yet (nothing deployed there); nothing to switch",
                     spec.name
                 )));
@@ -367,12 +362,12 @@ impl ControlApi {
 
     /// Commits an operator's control of operation `id` and returns the
     /// operation as it then is.
-    async fn steer(&self, who: &Identity, id: &str, action: domain::ControlAction) -> Result<pb::Operation, Status> {
+    async fn steer(&self, who: &Identity, id: &str, action: domain::ControlAction) -> Result<pb::Operation, ApiError> {
         validate_id("operation_id", id)?;
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         let op = self.operation(id)?;
         if op.state.is_finished() {
-            return Err(Status::failed_precondition(format!(
+            return Err(ApiError::failed_precondition(format!(
                 "operation {id} already finished ({})",
                 op.summary
             )));
@@ -389,7 +384,7 @@ impl ControlApi {
                     })
                 });
                 if count == 0 {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(ApiError::failed_precondition(format!(
                         "operation {id} has no manual promotion gates (start it with --manual-promotion)"
                     )));
                 }
@@ -398,13 +393,13 @@ impl ControlApi {
                     awaiting
                         .or_else(|| (1..=count).find(|g| !op.control.promoted.contains(g)))
                         .ok_or_else(|| {
-                            Status::failed_precondition(format!("every gate of operation {id} is already passed"))
+                            ApiError::failed_precondition(format!("every gate of operation {id} is already passed"))
                         })?
                 } else {
                     gate
                 };
                 if gate > count {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(ApiError::invalid_argument(format!(
                         "operation {id} has {count} promotion gate(s); there is no gate {gate}"
                     )));
                 }
@@ -424,10 +419,7 @@ impl ControlApi {
             action,
             audit: audit(who, name, params, "ok"),
         };
-        self.consensus
-            .propose(Proposal::Command(cmd))
-            .await
-            .map_err(propose_status)?;
+        self.consensus.propose(Proposal::Command(cmd)).await?;
         let op = self.operation(id)?;
         Ok(operation_proto(&self.consensus, op))
     }
@@ -438,7 +430,7 @@ impl ControlApi {
         proposal: Proposal,
         action: &str,
         params: serde_json::Value,
-    ) -> Result<Vec<pb::ClusterMember>, Status> {
+    ) -> Result<Vec<pb::ClusterMember>, ApiError> {
         let result = self.consensus.propose(proposal).await;
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
@@ -449,21 +441,23 @@ impl ControlApi {
             .consensus
             .propose(Proposal::Command(Command::Audit(audit(who, action, params, &outcome))))
             .await;
-        result.map_err(propose_status)?;
+        result?;
         Ok(members(&self.consensus.status()))
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOperationResponse, Status>> + Send>>;
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchOperationResponse, tonic::Status>> + Send>>;
 
-#[tonic::async_trait]
-impl ControlService for ControlApi {
-    async fn get_cluster_status(
+/// The application layer: one method per API call, taking the caller and
+/// the request and returning the response or an [`ApiError`]. The gRPC
+/// service (`grpc.rs`) only unwraps requests and maps errors.
+impl ControlApi {
+    pub async fn get_cluster_status(
         &self,
-        _req: Request<pb::GetClusterStatusRequest>,
-    ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+        _r: pb::GetClusterStatusRequest,
+    ) -> Result<pb::GetClusterStatusResponse, ApiError> {
         let s = self.consensus.status();
-        Ok(Response::new(pb::GetClusterStatusResponse {
+        Ok(pb::GetClusterStatusResponse {
             node_id: s.node_id,
             leader_id: s.leader.unwrap_or(0),
             term: s.term,
@@ -474,14 +468,12 @@ impl ControlService for ControlApi {
             purged_index: s.purged_index,
             members: members(&s),
             server_state: s.server_state.to_owned(),
-        }))
+        })
     }
 
-    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AddNodeResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+    pub async fn add_node(&self, who: &Identity, r: pb::AddNodeRequest) -> Result<pb::AddNodeResponse, ApiError> {
         if r.node_id == 0 {
-            return Err(Status::invalid_argument("node_id must be non-zero"));
+            return Err(ApiError::invalid_argument("node_id must be non-zero"));
         }
         normalize_addr(&r.address)?;
         if self
@@ -491,12 +483,15 @@ impl ControlService for ControlApi {
             .iter()
             .any(|(id, _, voter)| *id == r.node_id && *voter)
         {
-            return Err(Status::already_exists(format!("node {} is already a voter", r.node_id)));
+            return Err(ApiError::already_exists(format!(
+                "node {} is already a voter",
+                r.node_id
+            )));
         }
         let params = serde_json::json!({ "node_id": r.node_id, "address": r.address });
         let members = self
             .membership_change(
-                &who,
+                who,
                 Proposal::AddNode {
                     id: r.node_id,
                     address: r.address,
@@ -505,45 +500,40 @@ impl ControlService for ControlApi {
                 params,
             )
             .await?;
-        Ok(Response::new(pb::AddNodeResponse { members }))
+        Ok(pb::AddNodeResponse { members })
     }
 
-    async fn remove_node(
+    pub async fn remove_node(
         &self,
-        req: Request<pb::RemoveNodeRequest>,
-    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+        who: &Identity,
+        r: pb::RemoveNodeRequest,
+    ) -> Result<pb::RemoveNodeResponse, ApiError> {
         let status = self.consensus.status();
         if !status.members.iter().any(|(id, _, _)| *id == r.node_id) {
-            return Err(Status::not_found(format!(
+            return Err(ApiError::not_found(format!(
                 "node {} is not a member of the cluster",
                 r.node_id
             )));
         }
         let voters = status.members.iter().filter(|(_, _, v)| *v).count();
         if voters <= 1 && status.members.iter().any(|(id, _, v)| *id == r.node_id && *v) {
-            return Err(Status::failed_precondition("cannot remove the last voter"));
+            return Err(ApiError::failed_precondition("cannot remove the last voter"));
         }
         let params = serde_json::json!({ "node_id": r.node_id });
         let members = self
-            .membership_change(&who, Proposal::RemoveNode { id: r.node_id }, "RemoveNode", params)
+            .membership_change(who, Proposal::RemoveNode { id: r.node_id }, "RemoveNode", params)
             .await?;
-        Ok(Response::new(pb::RemoveNodeResponse { members }))
+        Ok(pb::RemoveNodeResponse { members })
     }
 
-    async fn list_agents(
-        &self,
-        _req: Request<pb::ListAgentsRequest>,
-    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+    pub async fn list_agents(&self, _r: pb::ListAgentsRequest) -> Result<pb::ListAgentsResponse, ApiError> {
         let agents = self
             .consensus
             .read(|s| s.agents.values().cloned().map(Into::into).collect());
-        Ok(Response::new(pb::ListAgentsResponse { agents }))
+        Ok(pb::ListAgentsResponse { agents })
     }
 
-    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
-        let r = req.into_inner();
+    pub async fn get_status(&self, r: pb::GetStatusRequest) -> Result<pb::GetStatusResponse, ApiError> {
         let clusters = if r.app.is_empty() {
             self.consensus.read(|s| {
                 s.agents
@@ -580,15 +570,13 @@ impl ControlService for ControlApi {
                     .collect()
             })
         };
-        Ok(Response::new(pb::GetStatusResponse {
+        Ok(pb::GetStatusResponse {
             clusters,
             leader_id: self.consensus.status().leader.unwrap_or(0),
-        }))
+        })
     }
 
-    async fn run_task(&self, req: Request<pb::RunTaskRequest>) -> Result<Response<pb::RunTaskResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+    pub async fn run_task(&self, who: &Identity, r: pb::RunTaskRequest) -> Result<pb::RunTaskResponse, ApiError> {
         let target = cluster_from_proto(r.target, "target")?;
         // Only diagnostic kinds run ad hoc. App and database tasks run only
         // inside the operations that lock the app, gate the switch and pin
@@ -596,7 +584,7 @@ impl ControlService for ControlApi {
         match TaskKind::parse(&r.kind) {
             Some(k) if k.is_diagnostic() => {}
             Some(k) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "{k} tasks cannot be run ad hoc: they run inside operations; use {}",
                     k.verb()
                 )));
@@ -604,25 +592,25 @@ impl ControlService for ControlApi {
             None => validate_name("kind", &r.kind)?,
         }
         if r.params.len() > MAX_PARAMS {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "at most {MAX_PARAMS} params are allowed"
             )));
         }
         for (k, v) in &r.params {
             validate_param_name(k)?;
             if v.len() > MAX_PARAM_VALUE {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "param {k} is longer than {MAX_PARAM_VALUE} bytes"
                 )));
             }
         }
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         let agent = self
             .consensus
             .read(|s| s.agents.get(&target.to_string()).cloned())
-            .ok_or_else(|| Status::not_found(format!("no agent serves {target}")))?;
+            .ok_or_else(|| ApiError::not_found(format!("no agent serves {target}")))?;
         if !agent.task_kinds.iter().any(|k| k == &r.kind) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "agent {target} does not run {:?} tasks (it runs: {})",
                 r.kind,
                 agent.task_kinds.join(", ")
@@ -664,24 +652,18 @@ impl ControlService for ControlApi {
         };
         let cmd = Command::CreateOperation {
             operation,
-            audit: audit(&who, "RunTask", audit_params, "accepted"),
+            audit: audit(who, "RunTask", audit_params, "accepted"),
             fix_inputs: true,
         };
-        self.consensus
-            .propose(Proposal::Command(cmd))
-            .await
-            .map_err(propose_status)?;
-        Ok(Response::new(pb::RunTaskResponse {
+        self.consensus.propose(Proposal::Command(cmd)).await?;
+        Ok(pb::RunTaskResponse {
             operation_id: op_id,
             task_id,
-        }))
+        })
     }
 
-    async fn list_operations(
-        &self,
-        req: Request<pb::ListOperationsRequest>,
-    ) -> Result<Response<pb::ListOperationsResponse>, Status> {
-        let limit = list_limit(req.into_inner().limit);
+    pub async fn list_operations(&self, r: pb::ListOperationsRequest) -> Result<pb::ListOperationsResponse, ApiError> {
+        let limit = list_limit(r.limit);
         // Sort references and copy only the page: a listing costs the page,
         // not the whole history.
         let ops: Vec<domain::Operation> = self.consensus.read(|s| {
@@ -689,25 +671,20 @@ impl ControlService for ControlApi {
             refs.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
             refs.into_iter().take(limit).cloned().collect()
         });
-        Ok(Response::new(pb::ListOperationsResponse {
+        Ok(pb::ListOperationsResponse {
             operations: ops.into_iter().map(|o| operation_proto(&self.consensus, o)).collect(),
-        }))
+        })
     }
 
-    async fn get_operation(
-        &self,
-        req: Request<pb::GetOperationRequest>,
-    ) -> Result<Response<pb::GetOperationResponse>, Status> {
-        let op = self.operation(&req.into_inner().operation_id)?;
-        Ok(Response::new(pb::GetOperationResponse {
+    pub async fn get_operation(&self, r: pb::GetOperationRequest) -> Result<pb::GetOperationResponse, ApiError> {
+        let op = self.operation(&r.operation_id)?;
+        Ok(pb::GetOperationResponse {
             operation: Some(operation_proto(&self.consensus, op)),
-        }))
+        })
     }
 
-    type WatchOperationStream = WatchStream;
-
-    async fn watch_operation(&self, req: Request<pb::WatchOperationRequest>) -> Result<Response<WatchStream>, Status> {
-        let id = req.into_inner().operation_id;
+    pub async fn watch_operation(&self, r: pb::WatchOperationRequest) -> Result<WatchStream, ApiError> {
+        let id = r.operation_id;
         let mut last = self.operation(&id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let consensus = self.consensus.clone();
@@ -744,21 +721,20 @@ impl ControlService for ControlApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
-    async fn create_attestation(
+    pub async fn create_attestation(
         &self,
-        req: Request<pb::CreateAttestationRequest>,
-    ) -> Result<Response<pb::CreateAttestationResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+        who: &Identity,
+        r: pb::CreateAttestationRequest,
+    ) -> Result<pb::CreateAttestationResponse, ApiError> {
         validate_image(&r.image)?;
         if r.checks.is_empty() {
-            return Err(Status::invalid_argument("at least one check is required"));
+            return Err(ApiError::invalid_argument("at least one check is required"));
         }
         if r.checks.len() > MAX_PARAMS {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "at most {MAX_PARAMS} checks are allowed"
             )));
         }
@@ -767,7 +743,7 @@ impl ControlService for ControlApi {
         for (check, value) in &r.checks {
             validate_name("check", check)?;
             if value.is_empty() || value.len() > MAX_CHECK_VALUE || value.chars().any(char::is_control) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "check {check}: value must be 1..{MAX_CHECK_VALUE} printable characters"
                 )));
             }
@@ -782,23 +758,19 @@ impl ControlService for ControlApi {
         let params = serde_json::json!({ "image": r.image, "checks": r.checks });
         let cmd = Command::Attest {
             attestations,
-            audit: audit(&who, "CreateAttestation", params, "accepted"),
+            audit: audit(who, "CreateAttestation", params, "accepted"),
         };
-        let resp = self
-            .consensus
-            .propose(Proposal::Command(cmd))
-            .await
-            .map_err(propose_status)?;
-        Ok(Response::new(pb::CreateAttestationResponse {
+        let resp = self.consensus.propose(Proposal::Command(cmd)).await?;
+        Ok(pb::CreateAttestationResponse {
             log_index: resp.log_index,
-        }))
+        })
     }
 
-    async fn list_attestations(
+    pub async fn list_attestations(
         &self,
-        req: Request<pb::ListAttestationsRequest>,
-    ) -> Result<Response<pb::ListAttestationsResponse>, Status> {
-        let image = req.into_inner().image;
+        r: pb::ListAttestationsRequest,
+    ) -> Result<pb::ListAttestationsResponse, ApiError> {
+        let image = r.image;
         validate_image(&image)?;
         let attestations = self.consensus.read(|s| {
             s.attestations
@@ -806,14 +778,13 @@ impl ControlService for ControlApi {
                 .map(|m| m.values().cloned().map(Into::into).collect())
                 .unwrap_or_default()
         });
-        Ok(Response::new(pb::ListAttestationsResponse { attestations }))
+        Ok(pb::ListAttestationsResponse { attestations })
     }
 
-    async fn list_audit_events(
+    pub async fn list_audit_events(
         &self,
-        req: Request<pb::ListAuditEventsRequest>,
-    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let r = req.into_inner();
+        r: pb::ListAuditEventsRequest,
+    ) -> Result<pb::ListAuditEventsResponse, ApiError> {
         let limit = list_limit(r.limit);
         let since = r.since_unix_ms;
         // Newest first: the replicated state's events, then (with a `since`
@@ -835,8 +806,8 @@ impl ControlService for ControlApi {
             let path = self.data_dir.join("audit.jsonl");
             let archived = tokio::task::spawn_blocking(move || crate::audit_log::read(&path))
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::data_loss(e.to_string()))?;
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(|e| ApiError::data_loss(e.to_string()))?;
             let older = archived
                 .into_iter()
                 .rev()
@@ -845,21 +816,17 @@ impl ControlService for ControlApi {
             events.extend(older.take(limit - events.len()));
         }
         let events = events.into_iter().map(Into::into).collect();
-        Ok(Response::new(pb::ListAuditEventsResponse { events }))
+        Ok(pb::ListAuditEventsResponse { events })
     }
 
-    async fn apply_app(&self, req: Request<pb::ApplyAppRequest>) -> Result<Response<pb::ApplyAppResponse>, Status> {
-        let who = caller(&req)?;
-        let app = req
-            .into_inner()
-            .app
-            .ok_or_else(|| Status::invalid_argument("app is required"))?;
+    pub async fn apply_app(&self, who: &Identity, r: pb::ApplyAppRequest) -> Result<pb::ApplyAppResponse, ApiError> {
+        let app = r.app.ok_or_else(|| ApiError::invalid_argument("app is required"))?;
         let spec = cutover_shared::convert::app_from_proto(app)?;
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         for (i, c) in spec.clusters.iter().enumerate() {
             let key = c.cluster_ref().to_string();
             if self.consensus.read(|s| !s.agents.contains_key(&key)) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "clusters[{i}]: no agent serves {key}"
                 )));
             }
@@ -867,40 +834,35 @@ impl ControlService for ControlApi {
         let params = serde_json::to_value(&spec).unwrap_or_default();
         let cmd = Command::PutApp {
             spec: spec.clone(),
-            audit: audit(&who, "ApplyApp", params, "accepted"),
+            audit: audit(who, "ApplyApp", params, "accepted"),
         };
-        self.consensus
-            .propose(Proposal::Command(cmd))
-            .await
-            .map_err(propose_status)?;
+        self.consensus.propose(Proposal::Command(cmd)).await?;
         let running_operations = self.running_on(&spec.name);
-        Ok(Response::new(pb::ApplyAppResponse {
+        Ok(pb::ApplyAppResponse {
             app: Some(spec.into()),
             running_operations,
-        }))
+        })
     }
 
-    async fn list_apps(&self, _req: Request<pb::ListAppsRequest>) -> Result<Response<pb::ListAppsResponse>, Status> {
+    pub async fn list_apps(&self, _r: pb::ListAppsRequest) -> Result<pb::ListAppsResponse, ApiError> {
         let apps = self
             .consensus
             .read(|s| s.apps.values().cloned().map(Into::into).collect());
-        Ok(Response::new(pb::ListAppsResponse { apps }))
+        Ok(pb::ListAppsResponse { apps })
     }
 
-    async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::GetAppResponse>, Status> {
-        let spec = self.app(&req.into_inner().name)?;
-        Ok(Response::new(pb::GetAppResponse { app: Some(spec.into()) }))
+    pub async fn get_app(&self, r: pb::GetAppRequest) -> Result<pb::GetAppResponse, ApiError> {
+        let spec = self.app(&r.name)?;
+        Ok(pb::GetAppResponse { app: Some(spec.into()) })
     }
 
-    async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+    pub async fn deploy(&self, who: &Identity, r: pb::DeployRequest) -> Result<pb::DeployResponse, ApiError> {
         let spec = self.app(&r.app)?;
         validate_image_ref(&r.image)?;
         // The waves: one region, the request's plan, or the app's.
         let waves: Vec<Vec<String>> = if !r.region.is_empty() {
             if !r.waves.is_empty() {
-                return Err(Status::invalid_argument("give either region or waves, not both"));
+                return Err(ApiError::invalid_argument("give either region or waves, not both"));
             }
             Self::targets(&spec, &r.region, false)?;
             vec![vec![r.region.clone()]]
@@ -922,7 +884,7 @@ impl ControlService for ControlApi {
             })
             .collect();
         // The pre-deployment checklist, made enforceable.
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         let missing: Vec<String> = self.consensus.read(|s| {
             spec.required_attestations
                 .iter()
@@ -936,7 +898,7 @@ impl ControlService for ControlApi {
                 .collect()
         });
         if !missing.is_empty() {
-            return Err(Status::failed_precondition(format!(
+            return Err(ApiError::failed_precondition(format!(
                 "release {} lacks required attestations: {} (post them with cutover attest)",
                 r.image,
                 missing.join(", ")
@@ -945,10 +907,10 @@ impl ControlService for ControlApi {
         let strategy = match pb::Strategy::try_from(r.strategy) {
             Ok(pb::Strategy::Atomic) => Strategy::Atomic,
             Ok(pb::Strategy::Waves | pb::Strategy::Unspecified) => Strategy::Waves,
-            Err(_) => return Err(Status::invalid_argument("unknown strategy")),
+            Err(_) => return Err(ApiError::invalid_argument("unknown strategy")),
         };
         if r.manual_promotion && r.no_switch {
-            return Err(Status::invalid_argument(
+            return Err(ApiError::invalid_argument(
                 "manual promotion gates the switches; with no_switch there is nothing to promote",
             ));
         }
@@ -966,113 +928,106 @@ impl ControlService for ControlApi {
             ..OperationSpec::default()
         };
         let id = self
-            .start_app_operation(&who, OperationKind::Deploy, &spec, targets, op_spec)
+            .start_app_operation(who, OperationKind::Deploy, &spec, targets, op_spec)
             .await?;
-        Ok(Response::new(pb::DeployResponse { operation_id: id }))
+        Ok(pb::DeployResponse { operation_id: id })
     }
 
-    async fn switch(&self, req: Request<pb::SwitchRequest>) -> Result<Response<pb::SwitchResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+    pub async fn switch(&self, who: &Identity, r: pb::SwitchRequest) -> Result<pb::SwitchResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         let op_spec = OperationSpec {
             switch_to: self.switch_to(&spec, &targets)?,
             ..OperationSpec::default()
         };
         let id = self
-            .start_app_operation(&who, OperationKind::Switch, &spec, targets, op_spec)
+            .start_app_operation(who, OperationKind::Switch, &spec, targets, op_spec)
             .await?;
-        Ok(Response::new(pb::SwitchResponse { operation_id: id }))
+        Ok(pb::SwitchResponse { operation_id: id })
     }
 
-    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+    pub async fn rollback(&self, who: &Identity, r: pb::RollbackRequest) -> Result<pb::RollbackResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         let mut op_spec = self.rollback_migrations(&spec, &targets)?;
         op_spec.switch_to = self.switch_to(&spec, &targets)?;
         let id = self
-            .start_app_operation(&who, OperationKind::Rollback, &spec, targets, op_spec)
+            .start_app_operation(who, OperationKind::Rollback, &spec, targets, op_spec)
             .await?;
-        Ok(Response::new(pb::RollbackResponse { operation_id: id }))
+        Ok(pb::RollbackResponse { operation_id: id })
     }
 
-    async fn health_check(
+    pub async fn health_check(
         &self,
-        req: Request<pb::HealthCheckRequest>,
-    ) -> Result<Response<pb::HealthCheckResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+        who: &Identity,
+        r: pb::HealthCheckRequest,
+    ) -> Result<pb::HealthCheckResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let targets = Self::targets(&spec, &r.region, true)?;
         let id = self
             .start_app_operation(
-                &who,
+                who,
                 OperationKind::HealthCheck,
                 &spec,
                 targets,
                 OperationSpec::default(),
             )
             .await?;
-        Ok(Response::new(pb::HealthCheckResponse { operation_id: id }))
+        Ok(pb::HealthCheckResponse { operation_id: id })
     }
 
-    async fn promote_operation(
+    pub async fn promote_operation(
         &self,
-        req: Request<pb::PromoteOperationRequest>,
-    ) -> Result<Response<pb::PromoteOperationResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+        who: &Identity,
+        r: pb::PromoteOperationRequest,
+    ) -> Result<pb::PromoteOperationResponse, ApiError> {
         let op = self
-            .steer(&who, &r.operation_id, domain::ControlAction::Promote { gate: r.gate })
+            .steer(who, &r.operation_id, domain::ControlAction::Promote { gate: r.gate })
             .await?;
-        Ok(Response::new(pb::PromoteOperationResponse { operation: Some(op) }))
+        Ok(pb::PromoteOperationResponse { operation: Some(op) })
     }
 
-    async fn pause_operation(
+    pub async fn pause_operation(
         &self,
-        req: Request<pb::PauseOperationRequest>,
-    ) -> Result<Response<pb::PauseOperationResponse>, Status> {
-        let who = caller(&req)?;
-        let id = req.into_inner().operation_id;
-        let op = self.steer(&who, &id, domain::ControlAction::Pause).await?;
-        Ok(Response::new(pb::PauseOperationResponse { operation: Some(op) }))
+        who: &Identity,
+        r: pb::PauseOperationRequest,
+    ) -> Result<pb::PauseOperationResponse, ApiError> {
+        let id = r.operation_id;
+        let op = self.steer(who, &id, domain::ControlAction::Pause).await?;
+        Ok(pb::PauseOperationResponse { operation: Some(op) })
     }
 
-    async fn resume_operation(
+    pub async fn resume_operation(
         &self,
-        req: Request<pb::ResumeOperationRequest>,
-    ) -> Result<Response<pb::ResumeOperationResponse>, Status> {
-        let who = caller(&req)?;
-        let id = req.into_inner().operation_id;
-        let op = self.steer(&who, &id, domain::ControlAction::Resume).await?;
-        Ok(Response::new(pb::ResumeOperationResponse { operation: Some(op) }))
+        who: &Identity,
+        r: pb::ResumeOperationRequest,
+    ) -> Result<pb::ResumeOperationResponse, ApiError> {
+        let id = r.operation_id;
+        let op = self.steer(who, &id, domain::ControlAction::Resume).await?;
+        Ok(pb::ResumeOperationResponse { operation: Some(op) })
     }
 
-    async fn abort_operation(
+    pub async fn abort_operation(
         &self,
-        req: Request<pb::AbortOperationRequest>,
-    ) -> Result<Response<pb::AbortOperationResponse>, Status> {
-        let who = caller(&req)?;
-        let id = req.into_inner().operation_id;
-        let op = self.steer(&who, &id, domain::ControlAction::Abort).await?;
-        Ok(Response::new(pb::AbortOperationResponse { operation: Some(op) }))
+        who: &Identity,
+        r: pb::AbortOperationRequest,
+    ) -> Result<pb::AbortOperationResponse, ApiError> {
+        let id = r.operation_id;
+        let op = self.steer(who, &id, domain::ControlAction::Abort).await?;
+        Ok(pb::AbortOperationResponse { operation: Some(op) })
     }
 
-    async fn create_release(
+    pub async fn create_release(
         &self,
-        req: Request<pb::CreateReleaseRequest>,
-    ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+        who: &Identity,
+        r: pb::CreateReleaseRequest,
+    ) -> Result<pb::CreateReleaseResponse, ApiError> {
         let spec = self.app(&r.app)?;
         validate_image_ref(&r.image)?;
         let files = r.migrations.into_iter().map(|f| (f.name, f.content)).collect();
-        let bundle = Bundle::parse(files).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let bundle = Bundle::parse(files).map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         let release = Release::new(&spec.name, &r.image, &bundle, &who.to_string(), now_unix_ms());
         let params = serde_json::json!({
             "app": spec.name, "image": r.image, "digest": release.digest,
@@ -1081,27 +1036,21 @@ impl ControlService for ControlApi {
         let cmd = Command::CreateRelease {
             release,
             bundle,
-            audit: audit(&who, "CreateRelease", params, "ok"),
+            audit: audit(who, "CreateRelease", params, "ok"),
         };
-        self.consensus
-            .propose(Proposal::Command(cmd))
-            .await
-            .map_err(propose_status)?;
+        self.consensus.propose(Proposal::Command(cmd)).await?;
         let release = self
             .consensus
             .read(|s| s.release(&spec.name, &r.image).cloned())
-            .ok_or_else(|| Status::internal("the release vanished after it was committed"))?;
-        Ok(Response::new(pb::CreateReleaseResponse {
+            .ok_or_else(|| ApiError::internal("the release vanished after it was committed"))?;
+        Ok(pb::CreateReleaseResponse {
             release: Some(release.into()),
             running_operations: self.running_on(&spec.name),
-        }))
+        })
     }
 
-    async fn list_releases(
-        &self,
-        req: Request<pb::ListReleasesRequest>,
-    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        let spec = self.app(&req.into_inner().app)?;
+    pub async fn list_releases(&self, r: pb::ListReleasesRequest) -> Result<pb::ListReleasesResponse, ApiError> {
+        let spec = self.app(&r.app)?;
         let mut releases: Vec<Release> = self.consensus.read(|s| {
             s.releases
                 .get(&spec.name)
@@ -1109,16 +1058,12 @@ impl ControlService for ControlApi {
                 .unwrap_or_default()
         });
         releases.sort_by_key(|r| std::cmp::Reverse(r.created_at_unix_ms));
-        Ok(Response::new(pb::ListReleasesResponse {
+        Ok(pb::ListReleasesResponse {
             releases: releases.into_iter().map(Into::into).collect(),
-        }))
+        })
     }
 
-    async fn get_release(
-        &self,
-        req: Request<pb::GetReleaseRequest>,
-    ) -> Result<Response<pb::GetReleaseResponse>, Status> {
-        let r = req.into_inner();
+    pub async fn get_release(&self, r: pb::GetReleaseRequest) -> Result<pb::GetReleaseResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let (release, bundle) = self
             .consensus
@@ -1127,8 +1072,8 @@ impl ControlService for ControlApi {
                 let bundle = s.bundles.get(&release.digest).cloned().unwrap_or_default();
                 Some((release, bundle))
             })
-            .ok_or_else(|| Status::not_found(format!("app {} has no release {:?}", spec.name, r.image)))?;
-        Ok(Response::new(pb::GetReleaseResponse {
+            .ok_or_else(|| ApiError::not_found(format!("app {} has no release {:?}", spec.name, r.image)))?;
+        Ok(pb::GetReleaseResponse {
             release: Some(release.into()),
             migrations: bundle
                 .files()
@@ -1138,27 +1083,25 @@ impl ControlService for ControlApi {
                     content: sql.into_bytes(),
                 })
                 .collect(),
-        }))
+        })
     }
 
-    async fn migrate(&self, req: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
-        let who = caller(&req)?;
-        let r = req.into_inner();
+    pub async fn migrate(&self, who: &Identity, r: pb::MigrateRequest) -> Result<pb::MigrateResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let action = match pb::MigrateAction::try_from(r.action) {
             Ok(pb::MigrateAction::Status) => "status",
             Ok(pb::MigrateAction::Plan) => "plan",
             Ok(pb::MigrateAction::Up) => "up",
             Ok(pb::MigrateAction::Down) => "down",
-            _ => return Err(Status::invalid_argument("action must be status, plan, up or down")),
+            _ => return Err(ApiError::invalid_argument("action must be status, plan, up or down")),
         };
         if matches!(action, "up" | "down") && r.region.is_empty() && !r.dry_run {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "{action} changes one region at a time: give a region"
             )));
         }
         let targets = Self::targets(&spec, &r.region, true)?;
-        self.consensus.catch_up().await.map_err(propose_status)?;
+        self.consensus.catch_up().await?;
         // The release: the one named, or the app's newest.
         let image = if r.image.is_empty() {
             self.consensus
@@ -1170,7 +1113,7 @@ impl ControlService for ControlApi {
                         .map(|r| r.image.clone())
                 })
                 .ok_or_else(|| {
-                    Status::failed_precondition(format!(
+                    ApiError::failed_precondition(format!(
                         "app {} has no release yet (create one with cutover release create)",
                         spec.name
                     ))
@@ -1185,20 +1128,20 @@ impl ControlService for ControlApi {
                 let release = s.release(&spec.name, &image)?;
                 Some(s.bundles.get(&release.digest).cloned().unwrap_or_default())
             })
-            .ok_or_else(|| Status::not_found(format!("app {} has no release {image:?}", spec.name)))?;
+            .ok_or_else(|| ApiError::not_found(format!("app {} has no release {image:?}", spec.name)))?;
         let versions: Vec<i64> = bundle.migrations.iter().map(|m| m.version).collect();
         match (action, r.target) {
             ("down", None) => {
-                return Err(Status::invalid_argument(
+                return Err(ApiError::invalid_argument(
                     "down needs a target version (0 reverts every migration)",
                 ));
             }
             (_, Some(t)) if t != 0 && !versions.contains(&t) => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "target {t} is not a migration of release {image} (it has {versions:?})"
                 )));
             }
-            ("up", Some(0)) => return Err(Status::invalid_argument("up to version 0 would apply nothing")),
+            ("up", Some(0)) => return Err(ApiError::invalid_argument("up to version 0 would apply nothing")),
             _ => {}
         }
         let op_spec = OperationSpec {
@@ -1211,8 +1154,8 @@ impl ControlService for ControlApi {
             ..OperationSpec::default()
         };
         let id = self
-            .start_app_operation(&who, OperationKind::Migrate, &spec, targets, op_spec)
+            .start_app_operation(who, OperationKind::Migrate, &spec, targets, op_spec)
             .await?;
-        Ok(Response::new(pb::MigrateResponse { operation_id: id }))
+        Ok(pb::MigrateResponse { operation_id: id })
     }
 }

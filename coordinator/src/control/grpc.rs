@@ -1,0 +1,216 @@
+//! The control service's gRPC face: each call names its caller, hands the
+//! request to the application layer (`ControlApi`'s inherent methods of the
+//! same name, which Rust picks before the trait's), and maps its
+//! [`ApiError`](super::ApiError) to a status in one place
+//! (`From<ApiError> for Status`).
+
+use cutover_shared::grpc::caller;
+use cutover_shared::proto::control_service_server::ControlService;
+use cutover_shared::proto::{self as pb};
+use tonic::{Request, Response, Status};
+
+use super::{ControlApi, WatchStream};
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    type WatchOperationStream = WatchStream;
+
+    async fn get_cluster_status(
+        &self,
+        req: Request<pb::GetClusterStatusRequest>,
+    ) -> Result<Response<pb::GetClusterStatusResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::get_cluster_status(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AddNodeResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::add_node(self, &who, req.into_inner()).await?))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::remove_node(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(ControlApi::list_agents(self, req.into_inner()).await?))
+    }
+
+    async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Ok(Response::new(ControlApi::get_status(self, req.into_inner()).await?))
+    }
+
+    async fn run_task(&self, req: Request<pb::RunTaskRequest>) -> Result<Response<pb::RunTaskResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::run_task(self, &who, req.into_inner()).await?))
+    }
+
+    async fn list_operations(
+        &self,
+        req: Request<pb::ListOperationsRequest>,
+    ) -> Result<Response<pb::ListOperationsResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_operations(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn get_operation(
+        &self,
+        req: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<pb::GetOperationResponse>, Status> {
+        Ok(Response::new(ControlApi::get_operation(self, req.into_inner()).await?))
+    }
+
+    async fn watch_operation(&self, req: Request<pb::WatchOperationRequest>) -> Result<Response<WatchStream>, Status> {
+        Ok(Response::new(
+            ControlApi::watch_operation(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn create_attestation(
+        &self,
+        req: Request<pb::CreateAttestationRequest>,
+    ) -> Result<Response<pb::CreateAttestationResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::create_attestation(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_attestations(
+        &self,
+        req: Request<pb::ListAttestationsRequest>,
+    ) -> Result<Response<pb::ListAttestationsResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_attestations(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_audit_events(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn apply_app(&self, req: Request<pb::ApplyAppRequest>) -> Result<Response<pb::ApplyAppResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::apply_app(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_apps(&self, req: Request<pb::ListAppsRequest>) -> Result<Response<pb::ListAppsResponse>, Status> {
+        Ok(Response::new(ControlApi::list_apps(self, req.into_inner()).await?))
+    }
+
+    async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::GetAppResponse>, Status> {
+        Ok(Response::new(ControlApi::get_app(self, req.into_inner()).await?))
+    }
+
+    async fn deploy(&self, req: Request<pb::DeployRequest>) -> Result<Response<pb::DeployResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::deploy(self, &who, req.into_inner()).await?))
+    }
+
+    async fn switch(&self, req: Request<pb::SwitchRequest>) -> Result<Response<pb::SwitchResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::switch(self, &who, req.into_inner()).await?))
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::rollback(self, &who, req.into_inner()).await?))
+    }
+
+    async fn health_check(
+        &self,
+        req: Request<pb::HealthCheckRequest>,
+    ) -> Result<Response<pb::HealthCheckResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::health_check(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn promote_operation(
+        &self,
+        req: Request<pb::PromoteOperationRequest>,
+    ) -> Result<Response<pb::PromoteOperationResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::promote_operation(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn pause_operation(
+        &self,
+        req: Request<pb::PauseOperationRequest>,
+    ) -> Result<Response<pb::PauseOperationResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::pause_operation(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn resume_operation(
+        &self,
+        req: Request<pb::ResumeOperationRequest>,
+    ) -> Result<Response<pb::ResumeOperationResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::resume_operation(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn abort_operation(
+        &self,
+        req: Request<pb::AbortOperationRequest>,
+    ) -> Result<Response<pb::AbortOperationResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::abort_operation(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn create_release(
+        &self,
+        req: Request<pb::CreateReleaseRequest>,
+    ) -> Result<Response<pb::CreateReleaseResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::create_release(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_releases(
+        &self,
+        req: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        Ok(Response::new(ControlApi::list_releases(self, req.into_inner()).await?))
+    }
+
+    async fn get_release(
+        &self,
+        req: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::GetReleaseResponse>, Status> {
+        Ok(Response::new(ControlApi::get_release(self, req.into_inner()).await?))
+    }
+
+    async fn migrate(&self, req: Request<pb::MigrateRequest>) -> Result<Response<pb::MigrateResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::migrate(self, &who, req.into_inner()).await?))
+    }
+}
