@@ -74,8 +74,8 @@ pub struct Agent {
 }
 
 /// Reads the region and cluster an agent certificate binds it to.
-pub fn cluster_from_cert(path: &std::path::Path) -> Result<ClusterRef, AgentError> {
-    let id = cutover_shared::identity::identity_from_pem_file(path)?;
+pub fn cluster_from_cert(path: &std::path::Path, trust_domain: &str) -> Result<ClusterRef, AgentError> {
+    let id = cutover_shared::identity::identity_from_pem_file(path, trust_domain)?;
     id.agent_cluster()
         .ok_or_else(|| AgentError::Certificate(path.display().to_string(), format!("names {id}, not an agent")))
 }
@@ -84,7 +84,7 @@ impl Agent {
     pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
         cfg.validate()?;
         cutover_shared::tls::install_crypto_provider();
-        let cluster = cluster_from_cert(&cfg.tls.cert)?;
+        let cluster = cluster_from_cert(&cfg.tls.cert, &cfg.tls.trust_domain)?;
         let store = Arc::new(Store::open(&cfg.data_dir)?);
         let apps = Arc::new(app_tasks::AppRuntime::new(drivers::DriverContext {
             data_dir: cfg.data_dir.clone(),

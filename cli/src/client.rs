@@ -35,6 +35,10 @@ pub struct ConnOpts {
     /// TLS server name to expect instead of the address host.
     #[arg(long, env = "CUTOVER_SERVER_NAME", global = true)]
     pub server_name: Option<String>,
+    /// SPIFFE trust domain the coordinators must be in.
+    #[arg(long, env = "CUTOVER_TRUST_DOMAIN", global = true,
+          default_value = cutover_shared::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
     /// `text` for people, `json` for scripts.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
@@ -50,6 +54,7 @@ impl ConnOpts {
             ca: need(&self.ca, "ca", "CUTOVER_CA")?,
             cert: need(&self.cert, "cert", "CUTOVER_CERT")?,
             key: need(&self.key, "key", "CUTOVER_KEY")?,
+            trust_domain: self.trust_domain.clone(),
         })
     }
 

@@ -123,6 +123,7 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         cert: Some(sys.pki.operator.cert.clone()),
         key: Some(sys.pki.operator.key.clone()),
         server_name: None,
+        trust_domain: sys.pki.trust_domain.clone(),
         output,
     };
     let mut steps: Vec<Step> = Vec::new();

@@ -13,6 +13,7 @@ use cutover_shared::config::{
     Member, RaftConfig,
 };
 use cutover_shared::domain::AgentState;
+use cutover_shared::identity::DEFAULT_TRUST_DOMAIN;
 use cutover_shared::telemetry::LogFormat;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -52,7 +53,7 @@ impl DevSystem {
             }
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let pki = init_dev_pki(&dir.join("certs"), 3, regions)?;
+        let pki = init_dev_pki(&dir.join("certs"), DEFAULT_TRUST_DOMAIN, 3, regions)?;
         let mut listeners = Vec::new();
         for _ in 0..3 {
             listeners.push(TcpListener::bind("127.0.0.1:0").await?);

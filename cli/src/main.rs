@@ -76,6 +76,10 @@ enum CertsCmd {
     Init {
         #[arg(long)]
         dir: PathBuf,
+        /// SPIFFE trust domain the certificates name (set the same
+        /// `tls.trust_domain` in every config).
+        #[arg(long, default_value = cutover_shared::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
 }
 
@@ -145,9 +149,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Certs {
-            cmd: CertsCmd::Init { dir },
+            cmd: CertsCmd::Init { dir, trust_domain },
         } => {
-            let pki = cutover_shared::certs::init_dev_pki(&dir, 3, dev::DEV_REGIONS)?;
+            let pki = cutover_shared::certs::init_dev_pki(&dir, &trust_domain, 3, dev::DEV_REGIONS)?;
             println!("wrote a development CA and certificates to {}", pki.dir.display());
             println!("  CA:           {}", pki.ca.display());
             for (id, f) in &pki.coordinators {

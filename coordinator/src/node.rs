@@ -115,7 +115,7 @@ impl Node {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .layer(GuardLayer::new(policy))
+            .layer(GuardLayer::new(policy, &cfg.tls.trust_domain))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -447,7 +447,12 @@ pub struct AppClusterStatus {
 /// Validates an image reference (`[registry/]name[:tag][@digest]` for
 /// Kubernetes; the local driver substitutes it into a command).
 pub fn validate_image_ref(image: &str) -> Result<(), Error> {
-    let fail = |why: &str| Err(Error::InvalidArgument(format!("image {image:?}: {why}")));
+    let fail = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "image {}: {why}",
+            crate::domain::quote(image)
+        )))
+    };
     if image.is_empty() {
         return fail("must not be empty");
     }

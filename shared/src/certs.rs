@@ -13,7 +13,7 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use crate::Error;
-use crate::identity::{Identity, Role};
+use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity, Role};
 use crate::tls::TlsFiles;
 
 fn pki(e: impl std::fmt::Display) -> Error {
@@ -25,6 +25,17 @@ pub struct CertAuthority {
     params: CertificateParams,
     key: KeyPair,
     cert_pem: String,
+    /// The trust domain `issue` and `issue_window` name.
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for CertAuthority {
+    // Never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A PEM certificate and its PEM private key.
@@ -56,7 +67,15 @@ impl CertAuthority {
             cert_pem: cert.pem(),
             params,
             key,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
         })
+    }
+
+    /// Issues in `trust_domain` from now on.
+    pub fn with_trust_domain(mut self, trust_domain: &str) -> Result<Self, Error> {
+        crate::identity::validate_trust_domain(trust_domain)?;
+        self.trust_domain = trust_domain.to_owned();
+        Ok(self)
     }
 
     /// The CA certificate in PEM.
@@ -74,12 +93,35 @@ impl CertAuthority {
         not_before: Duration,
         not_after_from_now: i64,
     ) -> Result<IssuedCert, Error> {
+        self.issue_full(&self.trust_domain, identity, dns_names, not_before, not_after_from_now)
+    }
+
+    /// Issues a one-year certificate in another trust domain (for tests of
+    /// two systems under one CA).
+    pub fn issue_in(&self, trust_domain: &str, identity: &Identity, dns_names: &[&str]) -> Result<IssuedCert, Error> {
+        self.issue_full(
+            trust_domain,
+            identity,
+            dns_names,
+            Duration::from_secs(3600),
+            365 * 24 * 3600,
+        )
+    }
+
+    fn issue_full(
+        &self,
+        trust_domain: &str,
+        identity: &Identity,
+        dns_names: &[&str],
+        not_before: Duration,
+        not_after_from_now: i64,
+    ) -> Result<IssuedCert, Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity.to_string());
         dn.push(DnType::OrganizationName, "cutover");
         params.distinguished_name = dn;
-        let mut sans = vec![SanType::URI(identity.spiffe_uri().try_into().map_err(pki)?)];
+        let mut sans = vec![SanType::URI(identity.spiffe_uri(trust_domain).try_into().map_err(pki)?)];
         for name in dns_names {
             sans.push(SanType::DnsName((*name).try_into().map_err(pki)?));
         }
@@ -144,6 +186,7 @@ pub fn write_issued(dir: &Path, stem: &str, cert: &IssuedCert, ca: &Path) -> Res
         ca: ca.to_owned(),
         cert: cert_path,
         key: key_path,
+        trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
     })
 }
 
@@ -152,6 +195,9 @@ pub fn write_issued(dir: &Path, stem: &str, cert: &IssuedCert, ca: &Path) -> Res
 pub struct DevPki {
     pub dir: PathBuf,
     pub ca: PathBuf,
+    /// The CA itself, for issuing more (tests).
+    pub authority: std::sync::Arc<CertAuthority>,
+    pub trust_domain: String,
     /// Coordinator node id → files.
     pub coordinators: Vec<(u64, TlsFiles)>,
     /// (region, cluster) → files.
@@ -161,21 +207,25 @@ pub struct DevPki {
 }
 
 /// Writes a development CA plus certificates for `coordinators` coordinator
-/// nodes (ids 1..=n), one agent per `(region, cluster)`, an operator and a
-/// viewer into `dir`.
-pub fn init_dev_pki(dir: &Path, coordinators: u64, agents: &[(&str, &str)]) -> Result<DevPki, Error> {
+/// nodes (ids 1..=n, named by id), one agent per `(region, cluster)`, an
+/// operator and a viewer into `dir`, all in `trust_domain`.
+pub fn init_dev_pki(
+    dir: &Path,
+    trust_domain: &str,
+    coordinators: u64,
+    agents: &[(&str, &str)],
+) -> Result<DevPki, Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}: {e}", dir.display())))?;
-    let ca = CertAuthority::generate("cutover development CA")?;
+    let ca = CertAuthority::generate("cutover development CA")?.with_trust_domain(trust_domain)?;
+    let write_issued = |dir: &Path, stem: &str, cert: &IssuedCert, ca: &Path| {
+        write_issued(dir, stem, cert, ca).map(|mut t| {
+            t.trust_domain = trust_domain.to_owned();
+            t
+        })
+    };
     let ca_path = dir.join("ca.crt");
     write_file(&ca_path, ca.cert_pem(), false)?;
-    let mut out = DevPki {
-        dir: dir.to_owned(),
-        ca: ca_path.clone(),
-        coordinators: vec![],
-        agents: vec![],
-        operator: TlsFiles::default(),
-        viewer: TlsFiles::default(),
-    };
+    let mut coordinator_files = Vec::new();
     for id in 1..=coordinators {
         let ident = Identity {
             role: Role::Coordinator,
@@ -183,9 +233,9 @@ pub fn init_dev_pki(dir: &Path, coordinators: u64, agents: &[(&str, &str)]) -> R
         };
         let host = format!("coordinator-{id}");
         let issued = ca.issue(&ident, &["localhost", &host])?;
-        out.coordinators
-            .push((id, write_issued(dir, &host, &issued, &ca_path)?));
+        coordinator_files.push((id, write_issued(dir, &host, &issued, &ca_path)?));
     }
+    let mut agent_files = Vec::new();
     for (region, cluster) in agents {
         let ident = Identity {
             role: Role::Agent,
@@ -193,17 +243,26 @@ pub fn init_dev_pki(dir: &Path, coordinators: u64, agents: &[(&str, &str)]) -> R
         };
         let issued = ca.issue(&ident, &[])?;
         let files = write_issued(dir, &format!("agent-{region}-{cluster}"), &issued, &ca_path)?;
-        out.agents.push((region.to_string(), cluster.to_string(), files));
+        agent_files.push((region.to_string(), cluster.to_string(), files));
     }
     let op = Identity {
         role: Role::Operator,
         name: "admin".into(),
     };
-    out.operator = write_issued(dir, "operator", &ca.issue(&op, &[])?, &ca_path)?;
+    let operator = write_issued(dir, "operator", &ca.issue(&op, &[])?, &ca_path)?;
     let viewer = Identity {
         role: Role::Viewer,
         name: "viewer".into(),
     };
-    out.viewer = write_issued(dir, "viewer", &ca.issue(&viewer, &[])?, &ca_path)?;
-    Ok(out)
+    let viewer = write_issued(dir, "viewer", &ca.issue(&viewer, &[])?, &ca_path)?;
+    Ok(DevPki {
+        dir: dir.to_owned(),
+        ca: ca_path,
+        authority: std::sync::Arc::new(ca),
+        trust_domain: trust_domain.to_owned(),
+        coordinators: coordinator_files,
+        agents: agent_files,
+        operator,
+        viewer,
+    })
 }

@@ -12,12 +12,26 @@ use crate::operation::OperationSpec;
 /// Longest name accepted for a region, cluster, app or principal.
 pub const MAX_NAME_LEN: usize = 63;
 
+/// `s` quoted for an error message, cut to its first 64 characters: bad
+/// input never comes back whole (a 1 MiB value in a status message exceeds
+/// gRPC's metadata limit and turns INVALID_ARGUMENT into
+/// RESOURCE_EXHAUSTED).
+pub fn quote(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let prefix: String = s.chars().take(MAX).collect();
+        format!("{prefix:?}... ({} bytes)", s.len())
+    }
+}
+
 /// Checks that `value` is a plain DNS-style label: lowercase ASCII letters,
 /// digits and `-`, starting with a letter or digit, at most 63 characters.
 /// This is what keeps `../x`, spaces and oversize names out of paths, metric
 /// labels and Kubernetes object names.
 pub fn validate_name(field: &str, value: &str) -> Result<(), Error> {
-    let bad = |why: &str| Error::InvalidArgument(format!("{field} {value:?} {why}"));
+    let bad = |why: &str| Error::InvalidArgument(format!("{field} {} {why}", quote(value)));
     if value.is_empty() {
         return Err(Error::InvalidArgument(format!("{field} must not be empty")));
     }

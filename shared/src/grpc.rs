@@ -38,11 +38,16 @@ fn builtin(path: &str) -> Option<&'static [Role]> {
 #[derive(Clone)]
 pub struct GuardLayer {
     policy: Policy,
+    trust_domain: Arc<str>,
 }
 
 impl GuardLayer {
-    pub fn new(policy: Policy) -> Self {
-        Self { policy }
+    /// Callers must be in `trust_domain` and hold a role `policy` allows.
+    pub fn new(policy: Policy, trust_domain: &str) -> Self {
+        Self {
+            policy,
+            trust_domain: trust_domain.into(),
+        }
     }
 }
 
@@ -52,6 +57,7 @@ impl<S> Layer<S> for GuardLayer {
         Guard {
             inner,
             policy: self.policy.clone(),
+            trust_domain: self.trust_domain.clone(),
         }
     }
 }
@@ -61,6 +67,7 @@ impl<S> Layer<S> for GuardLayer {
 pub struct Guard<S> {
     inner: S,
     policy: Policy,
+    trust_domain: Arc<str>,
 }
 
 fn method_label(path: &str) -> String {
@@ -75,8 +82,8 @@ fn record(method: &str, code: &str, start: Instant) {
 }
 
 /// Decides whether the caller may invoke `path`.
-pub fn authorize(policy: &Policy, path: &str, ext: &http::Extensions) -> Result<Identity, Status> {
-    let identity = peer_identity(ext).map_err(|e| Status::unauthenticated(e.to_string()))?;
+pub fn authorize(policy: &Policy, trust_domain: &str, path: &str, ext: &http::Extensions) -> Result<Identity, Status> {
+    let identity = peer_identity(ext, trust_domain).map_err(|e| Status::unauthenticated(e.to_string()))?;
     let allowed = builtin(path)
         .or_else(|| policy(path))
         .ok_or_else(|| Status::unimplemented(format!("unknown method {path}")))?;
@@ -109,7 +116,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let start = Instant::now();
         let method = method_label(req.uri().path());
-        match authorize(&self.policy, req.uri().path(), req.extensions()) {
+        match authorize(&self.policy, &self.trust_domain, req.uri().path(), req.extensions()) {
             Err(status) => {
                 tracing::warn!(method = %method, code = ?status.code(), "refused: {}", status.message());
                 record(&method, &format!("{:?}", status.code()), start);

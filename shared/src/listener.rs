@@ -96,14 +96,14 @@ impl ClientCertVerifier for DeferredVerifier {
     }
 }
 
-fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+pub(crate) fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
     rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
 }
 
-fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, Error> {
+pub(crate) fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, Error> {
     let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
     rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?

@@ -5,18 +5,25 @@
 //! any TLS object is built: with two providers compiled in, rustls would panic
 //! on first use instead of picking one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
-use crate::identity::Identity;
+use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity, Role};
 use crate::listener::PeerInfo;
 
-/// The CA bundle, certificate and private key of one process, as PEM files.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The CA bundle, certificate and private key of one process, as PEM files,
+/// and the trust domain every identity must be in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFiles {
     /// CA certificate(s) trusted for peers.
     pub ca: PathBuf,
@@ -24,47 +31,155 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This process's private key.
     pub key: PathBuf,
+    /// The SPIFFE trust domain of this system (`spiffe://<trust_domain>/...`).
+    /// Certificates naming another domain are refused, even from the same
+    /// CA. Default `cutover`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
 }
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        Self {
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            trust_domain: default_trust_domain(),
+        }
+    }
+}
+
+/// How long a client waits for TCP and the TLS handshake together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Installs aws-lc-rs as the process-wide rustls provider. Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {what} {}: {e}", path.display())))
-}
-
 impl TlsFiles {
-    /// Client side: present our certificate, verify the server against our CA
-    /// and `server_name`.
-    pub fn client_config(&self, server_name: &str) -> Result<ClientTlsConfig, Error> {
+    /// Client side: present our certificate; verify the server's chain
+    /// against our CA, its name, and that it is a coordinator of our trust
+    /// domain (every cutover client talks to coordinators only).
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, Error> {
         install_crypto_provider();
-        let cert = read(&self.cert, "certificate")?;
-        let key = read(&self.key, "private key")?;
-        let ca = read(&self.ca, "CA certificate")?;
-        Ok(ClientTlsConfig::new()
-            .identity(TlsIdentity::from_pem(cert, key))
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(server_name))
+        crate::identity::validate_trust_domain(&self.trust_domain)?;
+        let certs = crate::listener::load_certs(&self.cert)?;
+        let key = crate::listener::load_key(&self.key)?;
+        let mut roots = RootCertStore::empty();
+        for ca in crate::listener::load_certs(&self.ca)? {
+            roots
+                .add(ca)
+                .map_err(|e| Error::Tls(format!("CA certificate {}: {e}", self.ca.display())))?;
+        }
+        let webpki = WebPkiServerVerifier::builder(Arc::new(roots))
+            .build()
+            .map_err(|e| Error::Tls(format!("CA certificate {}: {e}", self.ca.display())))?;
+        let verifier = CoordinatorVerifier {
+            inner: webpki,
+            trust_domain: self.trust_domain.clone(),
+        };
+        let mut cfg = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| Error::Tls(format!("{}: {e}", self.key.display())))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
     }
 
     /// A lazily connecting mTLS channel to `addr` (`host:port`, optionally with
     /// an `https://` prefix). The TLS server name is the host unless
     /// `server_name` overrides it.
+    ///
+    /// Why not tonic's TLS: it cannot check what a server certificate says
+    /// beyond its name, and any certificate from the CA (an agent's, an
+    /// operator's) with a matching name would pass as a coordinator. The
+    /// connector here runs rustls with [`CoordinatorVerifier`] and hands
+    /// tonic the finished stream.
     pub fn channel(&self, addr: &str, server_name: Option<&str>) -> Result<Channel, Error> {
         let (url, host) = normalize_addr(addr)?;
-        let tls = self.client_config(server_name.unwrap_or(&host))?;
-        let endpoint = Endpoint::from_shared(url.clone())
+        let name = ServerName::try_from(server_name.unwrap_or(&host).to_owned())
+            .map_err(|e| Error::InvalidArgument(format!("bad server name for {addr:?}: {e}")))?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.client_config()?));
+        let authority = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+        // The stream is already TLS when tonic gets it, so tonic speaks
+        // plain HTTP/2 over it: the URI scheme is http on purpose.
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| Error::InvalidArgument(format!("bad address {addr:?}: {e}")))?
-            .tls_config(tls)
-            .map_err(|e| Error::Tls(format!("TLS setup for {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
+            .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        Ok(endpoint.connect_lazy())
+        let connect = move |_: http::Uri| {
+            let connector = connector.clone();
+            let name = name.clone();
+            let authority = authority.clone();
+            async move {
+                let io = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                    let tcp = tokio::net::TcpStream::connect(&authority).await?;
+                    tcp.set_nodelay(true)?;
+                    connector.connect(name, tcp).await
+                })
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+                Ok::<_, std::io::Error>(TokioIo::new(io))
+            }
+        };
+        Ok(endpoint.connect_with_connector_lazy(tower::service_fn(connect)))
+    }
+}
+
+/// The client's check of a server certificate: the CA's chain and the host
+/// name (WebPKI), then the SPIFFE ID: a coordinator in our trust domain.
+#[derive(Debug)]
+struct CoordinatorVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for CoordinatorVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let who = Identity::from_certificate_der(end_entity.as_ref(), &self.trust_domain)
+            .map_err(|e| rustls::Error::General(format!("server {e}")))?;
+        if who.role != Role::Coordinator {
+            return Err(rustls::Error::General(format!(
+                "server certificate names {who}, not a coordinator"
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -95,7 +210,7 @@ pub fn normalize_addr(addr: &str) -> Result<(String, String), Error> {
 /// The verified identity of the caller of a request accepted by
 /// [`crate::listener::MtlsAcceptor`]. Every way of not having one is an
 /// error naming the reason.
-pub fn peer_identity(extensions: &http::Extensions) -> Result<Identity, Error> {
+pub fn peer_identity(extensions: &http::Extensions, trust_domain: &str) -> Result<Identity, Error> {
     let info = extensions
         .get::<PeerInfo>()
         .ok_or_else(|| Error::Identity("connection not accepted by the mutual-TLS listener".into()))?;
@@ -114,5 +229,5 @@ pub fn peer_identity(extensions: &http::Extensions) -> Result<Identity, Error> {
     let leaf = certs
         .first()
         .ok_or_else(|| Error::Identity("empty client certificate chain".into()))?;
-    Identity::from_certificate_der(leaf.as_ref())
+    Identity::from_certificate_der(leaf.as_ref(), trust_domain)
 }

@@ -43,6 +43,7 @@ pub struct TestClusterBuilder {
     regions: Vec<(String, String)>,
     configure: Option<ConfigFn>,
     spare_nodes: u64,
+    trust_domain: String,
 }
 
 impl TestClusterBuilder {
@@ -60,6 +61,11 @@ impl TestClusterBuilder {
         self.spare_nodes = n;
         self
     }
+    /// The SPIFFE trust domain of every certificate and config.
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = td.to_owned();
+        self
+    }
     /// Adjusts every coordinator's config before it starts.
     pub fn configure(mut self, f: impl Fn(&mut CoordinatorConfig) + Send + Sync + 'static) -> Self {
         self.configure = Some(Box::new(f));
@@ -73,7 +79,12 @@ impl TestClusterBuilder {
         cutover_shared::telemetry::init_tracing(LogFormat::Human);
         let tmp = tempfile::Builder::new().prefix("cutover-test-").tempdir()?;
         let refs: Vec<(&str, &str)> = self.regions.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        let pki = init_dev_pki(&tmp.path().join("certs"), self.nodes + self.spare_nodes, &refs)?;
+        let pki = init_dev_pki(
+            &tmp.path().join("certs"),
+            &self.trust_domain,
+            self.nodes + self.spare_nodes,
+            &refs,
+        )?;
         let mut listeners = Vec::new();
         for _ in 0..self.nodes + self.spare_nodes {
             listeners.push(TcpListener::bind("127.0.0.1:0").await?);
@@ -175,6 +186,7 @@ impl TestCluster {
             regions: vec![],
             configure: None,
             spare_nodes: 0,
+            trust_domain: cutover_shared::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
         }
     }
 

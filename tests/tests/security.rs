@@ -244,6 +244,24 @@ async fn bad_input_is_refused_with_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+    // A 1 MiB bad value is refused as INVALID_ARGUMENT, quoting only a
+    // prefix: the whole value in the status would exceed the metadata limit
+    // and reach the client as RESOURCE_EXHAUSTED instead.
+    let huge = "x/".repeat(512 * 1024);
+    let err = op
+        .get_operation(pb::GetOperationRequest {
+            operation_id: huge.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().len() < 300, "{} bytes", err.message().len());
+    assert!(err.message().contains("(1048576 bytes)"), "{}", err.message());
+    let mut big_param = task("us-east", "us-east-1");
+    big_param.params.insert(huge, "v".into());
+    let err = op.run_task(big_param).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().len() < 300, "{} bytes", err.message().len());
     let err = op
         .get_operation(pb::GetOperationRequest {
             operation_id: "../../etc".into(),

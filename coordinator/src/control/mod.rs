@@ -108,7 +108,8 @@ pub fn validate_image(image: &str) -> Result<(), ApiError> {
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(ApiError::invalid_argument(format!(
-            "image {image:?} contains whitespace or control characters"
+            "image {} contains whitespace or control characters",
+            domain::quote(image)
         )));
     }
     Ok(())
@@ -126,7 +127,8 @@ fn validate_param_name(name: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::invalid_argument(format!(
-            "param name {name:?} must be 1..{} lowercase letters, digits, '-' or '_', starting with a letter",
+            "param name {} must be 1..{} lowercase letters, digits, '-' or '_', starting with a letter",
+            domain::quote(name),
             domain::MAX_NAME_LEN
         )))
     }
@@ -146,7 +148,10 @@ fn list_limit(asked: u32) -> usize {
 
 fn validate_id(field: &str, id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::invalid_argument(format!("{field} {id:?} is not a valid id")));
+        return Err(ApiError::invalid_argument(format!(
+            "{field} {} is not a valid id",
+            domain::quote(id)
+        )));
     }
     Ok(())
 }

@@ -1,0 +1,182 @@
+//! Identities bound to the system they belong to (issue: security
+//! hardening, findings 1 to 3): Raft peers must be current members and
+//! speak only for themselves, every identity is checked against the
+//! configured trust domain, and clients accept only a coordinator as the
+//! server.
+
+use std::time::Duration;
+
+use cutover_shared::certs::write_issued;
+use cutover_shared::identity::{Identity, Role};
+use cutover_shared::proto as pb;
+use cutover_shared::proto::raft_service_client::RaftServiceClient;
+use cutover_shared::tls::TlsFiles;
+use cutover_tests::TestCluster;
+
+const T: Duration = Duration::from_secs(15);
+
+fn issue(c: &TestCluster, trust_domain: &str, role: Role, name: &str) -> TlsFiles {
+    let who = Identity {
+        role,
+        name: name.into(),
+    };
+    let cert = c.pki.authority.issue_in(trust_domain, &who, &["localhost"]).unwrap();
+    let mut files = write_issued(
+        c.tmp.path(),
+        &format!("{trust_domain}-{}", name.replace('/', "-")),
+        &cert,
+        &c.pki.ca,
+    )
+    .unwrap();
+    // The client still expects this cluster's coordinators.
+    files.trust_domain = c.pki.trust_domain.clone();
+    files
+}
+
+fn propose(garbage: &[u8]) -> pb::ProposeRequest {
+    pb::ProposeRequest {
+        command: garbage.to_vec(),
+    }
+}
+
+fn commit_index(c: &TestCluster, i: usize) -> u64 {
+    c.node(i).consensus().status().commit_index
+}
+
+/// Finding 1: a coordinator certificate that is not a member (another
+/// environment's node 9 from the same CA) cannot call any Raft RPC, and a
+/// removed node is refused at once; a member gets past the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_current_members_may_call_raft() {
+    let c = TestCluster::builder().nodes(3).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let addr = &c.configs[leader].listen;
+    let before = commit_index(&c, leader);
+
+    let outsider = issue(&c, "cutover", Role::Coordinator, "9");
+    let mut raft = RaftServiceClient::new(outsider.channel(addr, None).unwrap());
+    let err = raft.propose(propose(b"x")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not a member"), "{}", err.message());
+    let err = raft
+        .append_entries(pb::AppendEntriesRequest { payload: vec![1] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    let err = raft.vote(pb::VoteRequest { payload: vec![1] }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // A name that is not a node id is no member either.
+    let named = issue(&c, "cutover", Role::Coordinator, "staging-1");
+    let err = RaftServiceClient::new(named.channel(addr, None).unwrap())
+        .propose(propose(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // A member passes the membership check (and then fails to decode).
+    let member = (leader + 1) % 3;
+    let mut raft = RaftServiceClient::new(c.pki.coordinators[member].1.channel(addr, None).unwrap());
+    let err = raft.propose(propose(b"x")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert_eq!(commit_index(&c, leader), before, "nothing was committed");
+
+    // Remove that member: its certificate stops working at once.
+    let removed = c.pki.coordinators[member].0;
+    c.operator(leader)
+        .remove_node(pb::RemoveNodeRequest { node_id: removed })
+        .await
+        .unwrap();
+    let err = raft.propose(propose(b"x")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not a member"), "{}", err.message());
+    c.shutdown().await;
+}
+
+/// Finding 2: the trust domain is configuration, checked on every identity.
+/// A staging operator certificate signed by the production CA is refused,
+/// and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_trust_domain_under_the_same_ca_is_refused() {
+    let c = TestCluster::builder()
+        .nodes(1)
+        .trust_domain("prod")
+        .start()
+        .await
+        .unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let addr = &c.configs[leader].listen;
+    let attest = || pb::CreateAttestationRequest {
+        image: "img:1".into(),
+        checks: [("tests".into(), "passed".into())].into(),
+    };
+
+    let staging = issue(&c, "staging", Role::Operator, "alice");
+    let mut client = pb::control_service_client::ControlServiceClient::new(staging.channel(addr, None).unwrap());
+    let err = client.create_attestation(attest()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(
+        err.message()
+            .contains("trust domain \"staging\" is not this system's \"prod\""),
+        "{}",
+        err.message()
+    );
+    assert!(c.node(leader).consensus().read(|s| s.attestations.is_empty()));
+
+    // The same CA's certificate in the configured domain works.
+    let prod = issue(&c, "prod", Role::Operator, "bob");
+    pb::control_service_client::ControlServiceClient::new(prod.channel(addr, None).unwrap())
+        .create_attestation(attest())
+        .await
+        .expect("a prod operator is accepted");
+
+    // A staging coordinator is not a peer either.
+    let peer = issue(&c, "staging", Role::Coordinator, "1");
+    let err = RaftServiceClient::new(peer.channel(addr, None).unwrap())
+        .propose(propose(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    c.shutdown().await;
+}
+
+/// Finding 3: a client accepts only a coordinator of its trust domain as
+/// the server. A server presenting an agent's certificate from the same CA,
+/// with a matching host name, is refused during the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_refuse_a_server_that_is_not_a_coordinator() {
+    let c = TestCluster::builder().nodes(1).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+
+    // An impostor: the coordinator's own server code, but started with an
+    // agent's certificate (which names localhost too).
+    let agent = issue(&c, "cutover", Role::Agent, "us-east/c1");
+    let mut impostor_cfg = c.configs[leader].clone();
+    impostor_cfg.tls.cert = agent.cert.clone();
+    impostor_cfg.tls.key = agent.key.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let impostor_addr = format!("localhost:{}", listener.local_addr().unwrap().port());
+    let acceptor = cutover_shared::listener::MtlsAcceptor::new(&impostor_cfg.tls).unwrap();
+    let (health, _) = {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        (service, reporter)
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(acceptor.incoming(listener)),
+    );
+
+    let err =
+        pb::control_service_client::ControlServiceClient::new(c.pki.operator.channel(&impostor_addr, None).unwrap())
+            .list_apps(pb::ListAppsRequest {})
+            .await
+            .unwrap_err();
+    let chain = format!("{err:?}");
+    assert!(chain.contains("not a coordinator"), "{chain}");
+
+    // The real coordinator, same client files, works.
+    c.operator(leader).list_apps(pb::ListAppsRequest {}).await.unwrap();
+    server.abort();
+    c.shutdown().await;
+}
