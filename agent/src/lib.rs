@@ -89,6 +89,7 @@ impl Agent {
         let apps = Arc::new(app_tasks::AppRuntime::new(drivers::DriverContext {
             data_dir: cfg.data_dir.clone(),
             cluster: cluster.clone(),
+            policy: cfg.drivers.clone(),
         }));
         let dbs = Arc::new(db_tasks::DbRuntime::new(&cfg.databases, &cfg.data_dir));
         Ok(Agent {

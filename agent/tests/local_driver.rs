@@ -10,6 +10,7 @@ use std::time::Duration;
 use cutover_agent::drivers::local::LocalDriver;
 use cutover_agent::drivers::{DriverContext, PlatformDriver};
 use cutover_shared::app::{Color, LocalSpec};
+use cutover_shared::config::DriverPolicy;
 use cutover_shared::domain::ClusterRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -41,12 +42,17 @@ fn sample_app_command() -> Vec<String> {
     .to_vec()
 }
 
+/// A context whose policy allows the sample app (by its path).
 fn ctx(dir: &Path) -> DriverContext {
     DriverContext {
         data_dir: dir.to_path_buf(),
         cluster: ClusterRef {
             region: "local".into(),
             cluster: "dev".into(),
+        },
+        policy: DriverPolicy {
+            local_commands: vec![env!("CARGO_BIN_EXE_cutover-sample-app").into()],
+            kubeconfig: None,
         },
     }
 }
@@ -464,4 +470,60 @@ async fn a_reapplied_app_keeps_deploying() {
         "the old service address is released"
     );
     assert_eq!(body(&moved.listen).await, "version v3\n");
+}
+
+/// The agent's own config bounds what app definitions (which any operator
+/// can apply) make it run: a command or kubeconfig outside its `[drivers]`
+/// fails before anything starts, with a message naming the setting.
+#[tokio::test]
+async fn a_definition_outside_the_agents_driver_policy_starts_nothing() {
+    use cutover_agent::drivers::driver_for;
+    use cutover_shared::app::{AppCluster, AppSpec, DriverKind, KubeSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let mut context = ctx(dir.path());
+    context.policy.local_commands.push("/opt/apps/".into());
+    let app = |local: Option<LocalSpec>, kubernetes: Option<KubeSpec>| {
+        let mut a: AppSpec = serde_json::from_value(serde_json::json!({"name": "web", "clusters": []})).unwrap();
+        a.clusters = vec![AppCluster {
+            region: "local".into(),
+            cluster: "dev".into(),
+            driver: if local.is_some() {
+                DriverKind::Local
+            } else {
+                DriverKind::Kubernetes
+            },
+            local,
+            kubernetes,
+        }];
+        a
+    };
+    for program in ["sh", "/bin/sh", "/opt/apps/../../bin/sh", "/opt/appsx/run", ""] {
+        let command = vec![program.to_owned(), "-c".into(), "touch pwned".into()];
+        let err = match driver_for(&app(Some(spec(command)), None), &context).await {
+            Ok(_) => panic!("{program:?} was allowed"),
+            Err(e) => e.message,
+        };
+        assert!(err.contains("this agent may not run"), "{err}");
+        assert!(err.contains("local_commands allow"), "{err}");
+    }
+    assert!(
+        !dir.path().join("apps").exists(),
+        "a refused definition left state behind"
+    );
+    // The listed program and a program under a listed directory pass.
+    assert!(context.policy.allows_program(env!("CARGO_BIN_EXE_cutover-sample-app")));
+    assert!(context.policy.allows_program("/opt/apps/web/run"));
+
+    // Kubernetes: a definition may not pick credentials the agent does not use.
+    let kube: KubeSpec = serde_json::from_value(serde_json::json!({
+        "namespace": "shop",
+        "kubeconfig": "/root/.kube/admin.conf",
+    }))
+    .unwrap();
+    let err = match driver_for(&app(None, Some(kube)), &context).await {
+        Ok(_) => panic!("a foreign kubeconfig was allowed"),
+        Err(e) => e.message,
+    };
+    assert!(err.contains("may not use kubeconfig"), "{err}");
+    assert!(err.contains("in-cluster service account"), "{err}");
 }

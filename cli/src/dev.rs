@@ -10,7 +10,7 @@ use cutover_coordinator::Node;
 use cutover_shared::certs::{DevPki, init_dev_pki};
 use cutover_shared::config::{
     AgentConfig, CoordinatorConfig, DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS, DatabaseConfig, DbDriver,
-    Member, RaftConfig,
+    DriverPolicy, Member, RaftConfig,
 };
 use cutover_shared::domain::AgentState;
 use cutover_shared::identity::DEFAULT_TRUST_DOMAIN;
@@ -131,6 +131,16 @@ impl DevSystem {
             tls: tls.clone(),
             reconnect_min_ms: 100,
             reconnect_max_ms: 2000,
+            // The sample app is this very binary, by path or (as in
+            // deploy/examples/app-sample.toml) by name on PATH.
+            drivers: DriverPolicy {
+                local_commands: std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .into_iter()
+                    .chain(["cutover".to_owned()])
+                    .collect(),
+                kubeconfig: None,
+            },
         }
     }
 

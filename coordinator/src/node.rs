@@ -73,6 +73,7 @@ pub struct Node {
     addr: std::net::SocketAddr,
     ops_addr: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
+    watches: Arc<std::sync::atomic::AtomicUsize>,
     /// Cuts every open connection (see `MtlsAcceptor::cut_handle`).
     cut: tokio_util::sync::CancellationToken,
     server: JoinHandle<Result<(), String>>,
@@ -104,9 +105,11 @@ impl Node {
         health.set_serving::<AgentServiceServer<AgentApi>>().await;
         let (reflection_v1, reflection_v1alpha) = reflection_services();
         let policy: Policy = Arc::new(access_policy);
+        let watches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let control = ControlServiceServer::new(ControlApi {
             consensus: consensus.clone(),
             data_dir: cfg.data_dir.clone(),
+            watches: watches.clone(),
         });
         let agent = AgentServiceServer::new(AgentApi { hub: hub.clone() });
         let raft = consensus.grpc_service();
@@ -158,6 +161,7 @@ impl Node {
             addr,
             ops_addr,
             stop,
+            watches,
             cut,
             server,
             tasks,
@@ -196,6 +200,11 @@ impl Node {
     /// Agents with an open stream to this node.
     pub fn connected_agents(&self) -> usize {
         self.hub.connected()
+    }
+
+    /// `WatchOperation` streams this node is serving.
+    pub fn open_watches(&self) -> usize {
+        self.watches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops Raft (so leadership moves on at once), then the server: open

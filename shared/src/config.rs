@@ -204,6 +204,42 @@ pub struct AgentConfig {
     /// migrate (`[[databases]]`; none by default).
     #[serde(default)]
     pub databases: Vec<DatabaseConfig>,
+    /// What app definitions may make this agent run (`[drivers]`).
+    #[serde(default)]
+    pub drivers: DriverPolicy,
+}
+
+/// What app definitions may make an agent run. App definitions come from
+/// any operator; this, from the agent's own config, bounds them: a
+/// definition outside it fails its deploy before anything starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriverPolicy {
+    /// Programs the local driver may start, matched against a command's
+    /// first word: an exact name or path (`cutover`, `/usr/bin/python3`), or
+    /// a directory prefix ending in `/` (`/opt/apps/`). Default: none, so
+    /// the local driver starts nothing until the agent's config lists it.
+    pub local_commands: Vec<String>,
+    /// The kubeconfig the kubernetes driver uses. An app definition may
+    /// name this file or none. Absent (the default): only the in-cluster
+    /// service account, and a definition naming any kubeconfig is refused.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl DriverPolicy {
+    /// May the local driver start `program` (a command's first word)?
+    pub fn allows_program(&self, program: &str) -> bool {
+        if program.is_empty() || program.split('/').any(|segment| segment == "..") {
+            return false;
+        }
+        self.local_commands.iter().any(|allowed| {
+            if allowed.ends_with('/') {
+                program.starts_with(allowed.as_str())
+            } else {
+                program == allowed
+            }
+        })
+    }
 }
 
 /// A database engine the agent migrates.

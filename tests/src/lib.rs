@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use cutover_agent::Agent;
 use cutover_coordinator::Node;
 use cutover_shared::certs::{DevPki, init_dev_pki};
-use cutover_shared::config::{AgentConfig, CoordinatorConfig, Member, RaftConfig};
+use cutover_shared::config::{AgentConfig, CoordinatorConfig, DriverPolicy, Member, RaftConfig};
 use cutover_shared::proto as pb;
 use cutover_shared::proto::control_service_client::ControlServiceClient;
 use cutover_shared::telemetry::LogFormat;
@@ -307,6 +307,12 @@ impl TestCluster {
             reconnect_min_ms: 50,
             reconnect_max_ms: 500,
             databases: vec![],
+            // Tests run the sample app from the build directory and shell
+            // scripts; the allowlist itself is tested in the agent crate.
+            drivers: DriverPolicy {
+                local_commands: vec!["/".into(), "sh".into()],
+                kubeconfig: None,
+            },
         }
     }
 

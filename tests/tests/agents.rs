@@ -241,3 +241,37 @@ async fn run_task_refuses_app_and_database_kinds() {
     .unwrap();
     c.shutdown().await;
 }
+
+/// A `WatchOperation` client that goes away releases its stream at once,
+/// even while the operation it watched runs on unchanged (it used to hold a
+/// task until the operation's next change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_whose_client_went_away_is_released_while_the_operation_runs() {
+    let (c, leader) = cluster_with_us_east_agent().await;
+    let id = run_echo(&c, leader, "us-east", "us-east-1", &[("delay_ms", "60000")]).await;
+    let mut client = c.operator(leader);
+    let mut stream = client
+        .watch_operation(pb::WatchOperationRequest { operation_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(
+        !first.operation.unwrap().state.eq(&(pb::TaskState::Succeeded as i32)),
+        "the echo still runs"
+    );
+    assert_eq!(c.node(leader).open_watches(), 1);
+    drop(stream);
+    drop(client);
+    // Released within a second or so (the heartbeat and HTTP/2 reset take
+    // a moment); before, only when the 60 s echo finished.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.node(leader).open_watches() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch task outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}

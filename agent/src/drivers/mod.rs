@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec, Color, DriverKind};
-use cutover_shared::domain::ClusterRef;
+use cutover_shared::config::DriverPolicy;
+use cutover_shared::domain::{ClusterRef, quote};
 
 pub mod kubernetes;
 pub mod local;
@@ -61,9 +62,13 @@ pub struct DriverContext {
     /// The agent's data directory; drivers keep state under `apps/<app>/`.
     pub data_dir: PathBuf,
     pub cluster: ClusterRef,
+    /// What this agent's config lets app definitions run.
+    pub policy: DriverPolicy,
 }
 
-/// Builds the driver for `app` in this agent's cluster.
+/// Builds the driver for `app` in this agent's cluster, after checking
+/// its settings against the agent's [`DriverPolicy`]: nothing starts for a
+/// definition the agent does not allow.
 pub async fn driver_for(app: &AppSpec, ctx: &DriverContext) -> Result<Arc<dyn PlatformDriver>, DriverError> {
     let c = app
         .cluster(&ctx.cluster)
@@ -74,13 +79,42 @@ pub async fn driver_for(app: &AppSpec, ctx: &DriverContext) -> Result<Arc<dyn Pl
                 .local
                 .clone()
                 .ok_or_else(|| DriverError::new("driver local without [local] settings"))?;
+            let program = spec.command.first().map(String::as_str).unwrap_or_default();
+            if !ctx.policy.allows_program(program) {
+                return Err(DriverError::new(format!(
+                    "app {}: this agent may not run {} (local.command); its [drivers] local_commands allow {}",
+                    app.name,
+                    quote(program),
+                    if ctx.policy.local_commands.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        ctx.policy.local_commands.join(", ")
+                    }
+                )));
+            }
             Ok(Arc::new(local::LocalDriver::open(&app.name, spec, ctx).await?))
         }
         DriverKind::Kubernetes => {
-            let spec = c
+            let mut spec = c
                 .kubernetes
                 .clone()
                 .ok_or_else(|| DriverError::new("driver kubernetes without [kubernetes] settings"))?;
+            // The agent's config picks the credentials; a definition may
+            // only repeat that choice.
+            match (&spec.kubeconfig, &ctx.policy.kubeconfig) {
+                (Some(asked), Some(allowed)) if asked == allowed => {}
+                (Some(asked), allowed) => {
+                    return Err(DriverError::new(format!(
+                        "app {}: this agent may not use kubeconfig {} (kubernetes.kubeconfig); it uses {}",
+                        app.name,
+                        quote(&asked.display().to_string()),
+                        allowed
+                            .as_ref()
+                            .map_or("its in-cluster service account".to_owned(), |p| p.display().to_string())
+                    )));
+                }
+                (None, allowed) => spec.kubeconfig = allowed.clone(),
+            }
             Ok(Arc::new(kubernetes::KubeDriver::connect(&app.name, spec).await?))
         }
     }

@@ -49,6 +49,25 @@ pub struct ControlApi {
     pub consensus: Consensus,
     /// This node's data directory (its audit file lives there).
     pub data_dir: std::path::PathBuf,
+    /// Open `WatchOperation` streams (each holds a task until its client
+    /// goes away or the operation ends).
+    pub watches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one open watch stream while it lives.
+struct WatchGuard(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl WatchGuard {
+    fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn audit(who: &Identity, action: &str, params: serde_json::Value, outcome: &str) -> AuditDraft {
@@ -694,7 +713,9 @@ impl ControlApi {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let consensus = self.consensus.clone();
         let mut applied = consensus.applied();
+        let guard = WatchGuard::new(&self.watches);
         tokio::spawn(async move {
+            let _guard = guard;
             if tx
                 .send(Ok(pb::WatchOperationResponse {
                     operation: Some(operation_proto(&consensus, last.clone())),
@@ -707,8 +728,12 @@ impl ControlApi {
             while !last.state.is_finished() {
                 // A periodic wake-up as well, in case this node stops applying
                 // (it lost contact with the leader): the client then still
-                // sees the stream alive.
-                let _ = tokio::time::timeout(Duration::from_secs(5), applied.changed()).await;
+                // sees the stream alive. A client that went away ends the
+                // task at once, not at the operation's next change.
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::timeout(Duration::from_secs(5), applied.changed()) => {}
+                }
                 let Some(now) = consensus.read(|s| s.operations.get(&id).cloned()) else {
                     return;
                 };
