@@ -318,17 +318,14 @@ impl AgentService for AgentApi {
         tracing::info!(agent = %cluster, session = session_id, "agent registered");
         hub.dispatch(&cluster);
 
-        // Reports are committed in order by one writer per session, so a slow
-        // commit never delays heartbeat handling.
-        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Command>();
-        let writer_hub = hub.clone();
-        tokio::spawn(async move {
-            while let Some(cmd) = report_rx.recv().await {
-                if let Err(e) = writer_hub.consensus.propose(Proposal::Command(cmd)).await {
-                    tracing::warn!("could not commit agent report: {e}");
-                }
-            }
-        });
+        // Reports are committed by one writer per session, so a slow commit
+        // never delays heartbeat handling. What waits for it is bounded:
+        // progress and app statuses are coalesced to the latest per task and
+        // per app, and results queue in a bounded channel (an agent that
+        // overfills it loses its session and replays them on reconnect).
+        let reports = Arc::new(Reports::default());
+        let (result_tx, result_rx) = mpsc::channel::<Command>(MAX_QUEUED_RESULTS);
+        tokio::spawn(write_reports(hub.clone(), reports.clone(), result_rx));
         let reader_hub = hub.clone();
         let reader_cluster = cluster.clone();
         tokio::spawn(async move {
@@ -352,25 +349,45 @@ impl AgentService for AgentApi {
                         }
                     }
                     Some(connect_request::Message::Progress(p)) => {
-                        let _ = report_tx.send(Command::TaskProgress {
+                        // Refused before any proposal: a report for a task
+                        // this agent does not hold costs no log entry.
+                        if !reader_hub
+                            .consensus
+                            .read(|s| s.task_open_for(&p.task_id, &reader_cluster))
+                        {
+                            metrics::counter!("cutover_agent_reports_refused_total", "kind" => "progress").increment(1);
+                            continue;
+                        }
+                        reports.progress(Command::TaskProgress {
                             from: reader_cluster.clone(),
                             progress: p.into(),
                         });
                     }
                     Some(connect_request::Message::Result(r)) => {
                         let result: TaskResult = r.into();
+                        if !reader_hub
+                            .consensus
+                            .read(|s| s.task_open_for(&result.task_id, &reader_cluster))
+                        {
+                            metrics::counter!("cutover_agent_reports_refused_total", "kind" => "result").increment(1);
+                            continue;
+                        }
                         tracing::info!(agent = %reader_cluster, task = %result.task_id, success = result.success, replayed = result.replayed, "task result");
-                        let _ = report_tx.send(Command::TaskFinished {
+                        let cmd = Command::TaskFinished {
                             from: reader_cluster.clone(),
                             result,
                             at_unix_ms: now_unix_ms(),
-                        });
+                        };
+                        if result_tx.try_send(cmd).is_err() {
+                            tracing::warn!(agent = %reader_cluster, "too many results waiting to commit: ending the session (the agent replays them)");
+                            break;
+                        }
                     }
                     Some(connect_request::Message::AppStatus(r)) => {
                         if validate_name("app", &r.app).is_ok()
                             && let Some(status) = r.status
                         {
-                            let _ = report_tx.send(Command::AppStatusReported {
+                            reports.app_status(Command::AppStatusReported {
                                 from: reader_cluster.clone(),
                                 app: r.app,
                                 status: status.into(),
@@ -393,6 +410,82 @@ impl AgentService for AgentApi {
             tracing::info!(agent = %reader_cluster, session = session_id, "agent stream closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Results that may wait for their commit, per session.
+const MAX_QUEUED_RESULTS: usize = 1024;
+/// How long the writer gathers progress before committing the latest of
+/// each task: at most one progress entry per task per window.
+const PROGRESS_WINDOW: Duration = Duration::from_millis(250);
+
+/// A session's progress and app statuses waiting for the writer, the
+/// latest per task and per app: their size is bounded by the agent's open
+/// tasks and apps, whatever it sends.
+#[derive(Default)]
+struct Reports {
+    pending: Mutex<HashMap<String, Command>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Reports {
+    fn progress(&self, cmd: Command) {
+        if let Command::TaskProgress { progress, .. } = &cmd {
+            let key = format!("task/{}", progress.task_id);
+            self.pending.lock().expect("reports").insert(key, cmd);
+            self.wake.notify_one();
+        }
+    }
+
+    fn app_status(&self, cmd: Command) {
+        if let Command::AppStatusReported { app, .. } = &cmd {
+            let key = format!("app/{app}");
+            self.pending.lock().expect("reports").insert(key, cmd);
+            self.wake.notify_one();
+        }
+    }
+
+    fn take(&self) -> Vec<Command> {
+        self.pending.lock().expect("reports").drain().map(|(_, c)| c).collect()
+    }
+}
+
+/// Commits a session's reports: results in order as they come, progress and
+/// statuses coalesced per `PROGRESS_WINDOW`. Ends when the session's reader
+/// does (it holds the result sender).
+async fn write_reports(hub: Arc<AgentHub>, reports: Arc<Reports>, mut results: mpsc::Receiver<Command>) {
+    let propose = |cmd: Command| {
+        let hub = hub.clone();
+        async move {
+            if let Err(e) = hub.consensus.propose(Proposal::Command(cmd)).await {
+                tracing::warn!("could not commit agent report: {e}");
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            r = results.recv() => match r {
+                Some(cmd) => {
+                    // Progress before the result it precedes.
+                    for c in reports.take() {
+                        propose(c).await;
+                    }
+                    propose(cmd).await;
+                }
+                None => {
+                    for c in reports.take() {
+                        propose(c).await;
+                    }
+                    return;
+                }
+            },
+            _ = reports.wake.notified() => {
+                tokio::time::sleep(PROGRESS_WINDOW).await;
+                for c in reports.take() {
+                    propose(c).await;
+                }
+            }
+        }
     }
 }
 

@@ -674,6 +674,17 @@ impl State {
         std::mem::take(&mut self.pruned_audit)
     }
 
+    /// Is `task_id` a task of `cluster` that has not finished? Agents' reports
+    /// are checked with this before they are proposed, so a report for an
+    /// unknown, foreign or finished task costs no log entry.
+    pub fn task_open_for(&self, task_id: &str, cluster: &ClusterRef) -> bool {
+        self.task_index
+            .get(task_id)
+            .and_then(|op| self.operations.get(op))
+            .and_then(|op| op.tasks.iter().find(|t| t.spec.task_id == task_id))
+            .is_some_and(|t| &t.spec.target == cluster && !t.state.is_finished())
+    }
+
     /// The unfinished operation acting on `app` in `cluster`, if any.
     pub fn running_operation(&self, app: &str, cluster: &ClusterRef) -> Option<&str> {
         self.operations

@@ -275,3 +275,151 @@ async fn a_watch_whose_client_went_away_is_released_while_the_operation_runs() {
     }
     c.shutdown().await;
 }
+
+/// Resident memory of this test process (the coordinators run in it).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+}
+
+/// An agent cannot flood the Raft log: reports for tasks it does not hold
+/// are refused before any proposal, progress is coalesced to the latest per
+/// task, nothing queues without bound, and the other agent's heartbeats stay
+/// on time throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
+    use cutover_shared::proto::agent_service_client::AgentServiceClient;
+    use pb::connect_request::Message as Up;
+    use pb::connect_response::Message as Down;
+
+    let mut c = TestCluster::builder()
+        .nodes(3)
+        .regions(REGIONS)
+        .configure(|cfg| cfg.agent_heartbeat_interval_ms = DEFAULT_AGENT_HEARTBEAT_MS)
+        .start()
+        .await
+        .unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    c.start_agent(0).unwrap();
+    c.wait_state(leader, T, "us-east up", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    let us_east_session = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.agents["us-east/us-east-1"].session);
+
+    // The flooder: eu-west's own certificate, speaking the protocol by hand.
+    let tls = c.pki.agents[1].2.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConnectRequest>(4096);
+    let send = |m: Up| {
+        let tx = tx.clone();
+        async move { tx.send(pb::ConnectRequest { message: Some(m) }).await.unwrap() }
+    };
+    send(Up::Register(pb::Register {
+        cluster: None,
+        agent_version: "flood".into(),
+        task_kinds: vec!["echo".into()],
+    }))
+    .await;
+    let mut client = AgentServiceClient::new(tls.channel(&c.configs[leader].listen, None).unwrap());
+    let mut inbound = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seq = 0u64;
+    // Sends a heartbeat and waits for its acknowledgement: every message
+    // sent before it has then been read by the coordinator.
+    let sync = async |seq: &mut u64, inbound: &mut tonic::Streaming<pb::ConnectResponse>| -> Option<String> {
+        *seq += 1;
+        send(Up::Heartbeat(pb::Heartbeat {
+            sequence: *seq,
+            sent_at_unix_ms: 0,
+        }))
+        .await;
+        let mut task = None;
+        loop {
+            match inbound.message().await.unwrap().unwrap().message {
+                Some(Down::HeartbeatAck(a)) if a.sequence == *seq => return task,
+                Some(Down::Task(t)) => task = Some(t.task_id),
+                _ => {}
+            }
+        }
+    };
+    sync(&mut seq, &mut inbound).await;
+    c.wait_state(leader, T, "eu-west up", |s| {
+        agent_state(s, "eu-west/eu-west-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    // A real task for the flooder, which it never finishes.
+    let op = run_echo(&c, leader, "eu-west", "eu-west-1", &[]).await;
+    let task_id = loop {
+        if let Some(t) = sync(&mut seq, &mut inbound).await {
+            break t;
+        }
+    };
+    let progress = |task: &str, i: u64| {
+        Up::Progress(pb::TaskProgress {
+            task_id: task.into(),
+            message: format!("step {i}"),
+            at_unix_ms: 1,
+        })
+    };
+    let commit_index = || c.node(leader).consensus().status().commit_index;
+
+    // 100,000 progress messages for a task that does not exist.
+    let rss_before = rss_bytes();
+    let before = commit_index();
+    for i in 0..100_000u64 {
+        send(progress("op-nonexistent-1", i)).await;
+        if i % 5_000 == 0 {
+            sync(&mut seq, &mut inbound).await;
+        }
+    }
+    sync(&mut seq, &mut inbound).await;
+    let grew = commit_index() - before;
+    assert!(
+        grew <= 5,
+        "100,000 reports for an unknown task added {grew} log entries"
+    );
+    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    println!("100,000 reports for an unknown task: {grew} log entries, resident memory +{rss_growth} bytes");
+    assert!(
+        rss_growth < 64 << 20,
+        "memory grew by {rss_growth} bytes while reading the flood"
+    );
+
+    // 20,000 for its own task: coalesced, a few entries, the latest kept.
+    let before = commit_index();
+    for i in 0..20_000u64 {
+        send(progress(&task_id, i)).await;
+        if i % 5_000 == 0 {
+            sync(&mut seq, &mut inbound).await;
+        }
+    }
+    sync(&mut seq, &mut inbound).await;
+    c.wait_state(leader, T, "latest progress committed", |s| {
+        s.operations[&op].tasks[0]
+            .progress
+            .last()
+            .is_some_and(|p| p.message == "step 19999")
+    })
+    .await
+    .unwrap();
+    let grew = commit_index() - before;
+    println!("20,000 progress reports for its task: {grew} log entries");
+    assert!(grew < 200, "20,000 progress reports added {grew} log entries");
+
+    // The other agent kept its session the whole time.
+    let (state, session) = c.node(leader).consensus().read(|s| {
+        let a = &s.agents["us-east/us-east-1"];
+        (a.state, a.session)
+    });
+    assert_eq!((state, session), (AgentState::Up, us_east_session));
+    drop(tx);
+    c.shutdown().await;
+}
