@@ -66,6 +66,10 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
     })
 }
 
+/// Concurrent HTTP/2 streams one connection may hold open (an agent holds
+/// one, an operator's CLI a few watches).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// A running coordinator node.
 pub struct Node {
     consensus: Consensus,
@@ -118,6 +122,7 @@ impl Node {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .layer(GuardLayer::new(policy, &cfg.tls.trust_domain))
             .add_service(health_service)
             .add_service(reflection_v1)

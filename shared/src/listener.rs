@@ -11,6 +11,15 @@
 //!
 //! Proof of possession of the private key (the handshake signature) is still
 //! checked by rustls during the handshake; only the chain verdict is deferred.
+//!
+//! Connections do not outlive what was checked at their handshake:
+//! - one with a verified certificate is closed when that certificate
+//!   expires, or after [`MAX_CONNECTION_AGE`], whichever comes first, so a
+//!   long-lived HTTP/2 connection cannot carry an expired identity; the
+//!   client reconnects and its certificate is judged again;
+//! - one without (plaintext, no certificate, a rejected chain) can only be
+//!   told why it is refused: it is closed after [`UNVERIFIED_LIFETIME`], and
+//!   at most [`MAX_UNVERIFIED_CONNECTIONS`] are open at once.
 
 use std::future::Future;
 use std::io;
@@ -38,7 +47,16 @@ use crate::Error;
 use crate::tls::{TlsFiles, install_crypto_provider};
 
 /// How long a client gets to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection without a verified certificate stays open: long
+/// enough to be told why it is refused.
+pub const UNVERIFIED_LIFETIME: Duration = Duration::from_secs(10);
+/// Connections without a verified certificate open at once; more are
+/// closed as soon as they are accepted.
+pub const MAX_UNVERIFIED_CONNECTIONS: usize = 1024;
+/// The longest a verified connection lives; the client reconnects and its
+/// certificate is checked again (revocation and rotation take effect).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 
 /// What the listener learned about a connection, available to every request
 /// on it through its extensions.
@@ -117,6 +135,33 @@ pub struct MtlsAcceptor {
     verifier: Arc<dyn ClientCertVerifier>,
     /// Cancelling it cuts every connection this acceptor produced.
     cut: CancellationToken,
+    /// See [`UNVERIFIED_LIFETIME`]; tests shorten it.
+    unverified_lifetime: Duration,
+    /// See [`MAX_CONNECTION_AGE`].
+    max_age: Duration,
+    /// Connections without a verified certificate open now.
+    unverified: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one open unverified connection while it lives.
+struct UnverifiedSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for UnverifiedSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// When a certificate (DER) stops being valid, as a duration from now.
+fn time_left(der: &[u8]) -> Option<Duration> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    Some(Duration::from_secs(not_after.saturating_sub(now).max(0) as u64))
 }
 
 impl MtlsAcceptor {
@@ -142,7 +187,18 @@ impl MtlsAcceptor {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             verifier,
             cut: CancellationToken::new(),
+            unverified_lifetime: UNVERIFIED_LIFETIME,
+            max_age: MAX_CONNECTION_AGE,
+            unverified: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
+    }
+
+    /// Sets how long connections without a verified certificate, and all
+    /// connections, may live (tests use short ones).
+    pub fn with_lifetimes(mut self, unverified: Duration, max_age: Duration) -> Self {
+        self.unverified_lifetime = unverified;
+        self.max_age = max_age;
+        self
     }
 
     /// A handle that, when cancelled, makes every connection accepted so far
@@ -153,12 +209,31 @@ impl MtlsAcceptor {
         self.cut.clone()
     }
 
-    fn stream(&self, io: Either<TlsStream<TcpStream>, TcpStream>, info: PeerInfo) -> MtlsStream {
-        MtlsStream {
+    fn stream(&self, io: Either<TlsStream<TcpStream>, TcpStream>, info: PeerInfo) -> io::Result<MtlsStream> {
+        let verified = info.tls && info.cert_error.is_none() && info.certs.as_ref().is_some_and(|c| !c.is_empty());
+        let (lifetime, slot) = if verified {
+            let left = info
+                .certs
+                .as_ref()
+                .and_then(|c| c.first())
+                .and_then(|leaf| time_left(leaf.as_ref()))
+                .unwrap_or(Duration::ZERO);
+            (left.min(self.max_age), None)
+        } else {
+            let open = self.unverified.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let slot = UnverifiedSlot(self.unverified.clone());
+            if open >= MAX_UNVERIFIED_CONNECTIONS {
+                return Err(io::Error::other("too many unauthenticated connections"));
+            }
+            (self.unverified_lifetime, Some(slot))
+        };
+        Ok(MtlsStream {
             io,
             info,
             cut: Box::pin(self.cut.clone().cancelled_owned()),
-        }
+            expires: Box::pin(tokio::time::sleep(lifetime)),
+            _slot: slot,
+        })
     }
 
     /// Sorts a fresh connection: TLS (a handshake record comes first) or
@@ -175,7 +250,7 @@ impl MtlsAcceptor {
                 certs: None,
                 cert_error: None,
             };
-            return Ok(self.stream(Either::Right(tcp), info));
+            return self.stream(Either::Right(tcp), info);
         }
         let tls = self.acceptor.accept(tcp).await?;
         let chain = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
@@ -192,7 +267,7 @@ impl MtlsAcceptor {
             certs: chain.map(Arc::new),
             cert_error,
         };
-        Ok(self.stream(Either::Left(tls), info))
+        self.stream(Either::Left(tls), info)
     }
 
     /// Accepts connections on `listener` until the returned stream is
@@ -236,16 +311,26 @@ pub struct MtlsStream {
     io: Either<TlsStream<TcpStream>, TcpStream>,
     info: PeerInfo,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// When this connection ends: its certificate's expiry or the age
+    /// limit, or the short lifetime of an unverified connection.
+    expires: Pin<Box<tokio::time::Sleep>>,
+    _slot: Option<UnverifiedSlot>,
 }
 
 impl MtlsStream {
     /// Fails once the acceptor's connections are cut; registers the waker so
     /// a task parked on this connection wakes up to see it.
     fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.cut.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server shut down")),
-            Poll::Pending => Ok(()),
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server shut down"));
         }
+        if self.expires.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection lifetime over (certificate expiry, age limit, or unauthenticated)",
+            ));
+        }
+        Ok(())
     }
 }
 

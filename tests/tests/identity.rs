@@ -180,3 +180,115 @@ async fn clients_refuse_a_server_that_is_not_a_coordinator() {
     server.abort();
     c.shutdown().await;
 }
+
+/// A server on `listener` the way coordinators serve (the mutual-TLS
+/// listener and the access guard), with health checking only, and the given
+/// connection lifetimes.
+fn serve_health(
+    tls: &TlsFiles,
+    listener: tokio::net::TcpListener,
+    unverified: Duration,
+    max_age: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let acceptor = cutover_shared::listener::MtlsAcceptor::new(tls)
+        .unwrap()
+        .with_lifetimes(unverified, max_age);
+    let (_, health) = tonic_health::server::health_reporter();
+    let policy: cutover_shared::grpc::Policy = std::sync::Arc::new(|_: &str| None);
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .layer(cutover_shared::grpc::GuardLayer::new(policy, "cutover"))
+            .add_service(health)
+            .serve_with_incoming(acceptor.incoming(listener))
+            .await;
+    })
+}
+
+fn health_request() -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest { service: String::new() }
+}
+
+/// Finding 4 (connection lifetime): a certificate is not only checked at
+/// the handshake. A long-lived connection ends when its certificate
+/// expires, so the expired identity stops working on it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_identity_stops_working_when_its_certificate_expires() {
+    let c = TestCluster::builder().nodes(1).start().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("localhost:{}", listener.local_addr().unwrap().port());
+    let server = serve_health(
+        &c.pki.coordinators[0].1,
+        listener,
+        Duration::from_secs(10),
+        Duration::from_secs(3600),
+    );
+    let op = Identity {
+        role: Role::Operator,
+        name: "short".into(),
+    };
+    // Valid for the next 3 seconds.
+    let cert = c
+        .pki
+        .authority
+        .issue_window(&op, &[], Duration::from_secs(3600), 3)
+        .unwrap();
+    let files = write_issued(c.tmp.path(), "short-lived", &cert, &c.pki.ca).unwrap();
+    let expires = std::time::Instant::now() + Duration::from_secs(3);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(files.channel(&addr, None).unwrap());
+    health.check(health_request()).await.expect("valid while it is");
+    // Keep using the same channel (one HTTP/2 connection) until refused.
+    let deadline = expires + Duration::from_secs(10);
+    let err = loop {
+        match health.check(health_request()).await {
+            Ok(_) => {
+                assert!(std::time::Instant::now() < deadline, "still accepted well after expiry");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) if e.code() == tonic::Code::Unauthenticated => break e,
+            // The connection was closed under the call: the next one
+            // reconnects and is judged again.
+            Err(_) => continue,
+        }
+    };
+    assert!(
+        std::time::Instant::now() + Duration::from_millis(1100) >= expires,
+        "refused before expiry"
+    );
+    assert!(err.message().contains("expired"), "{}", err.message());
+    server.abort();
+    c.shutdown().await;
+}
+
+/// Finding 7 (resources held by clients): a connection without a verified
+/// certificate is closed after a short lifetime instead of being kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unauthenticated_connection_is_closed_after_its_lifetime() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = TestCluster::builder().nodes(1).start().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = serve_health(
+        &c.pki.coordinators[0].1,
+        listener,
+        Duration::from_millis(500),
+        Duration::from_secs(3600),
+    );
+    // A plaintext HTTP/2 client that says hello and then idles.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle plaintext connection was kept open");
+    server.abort();
+    c.shutdown().await;
+}
