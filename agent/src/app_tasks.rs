@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec, Color, validate_image_ref};
 use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
+use cutover_shared::task::outputs::AppOutputs;
 use cutover_shared::task::{self, TaskKind, TaskParams};
 use tokio::sync::Mutex;
 
@@ -42,10 +43,6 @@ pub struct AppRuntime {
     drivers: std::sync::Mutex<HashMap<String, Entry>>,
     /// Serializes building drivers (and closing the ones they replace).
     build: Mutex<()>,
-}
-
-fn status_json(s: &AppClusterStatus) -> String {
-    serde_json::to_string(s).unwrap_or_default()
 }
 
 impl AppRuntime {
@@ -148,7 +145,7 @@ impl AppRuntime {
 
     /// Executes one app task.
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
-        let mut outputs = std::collections::BTreeMap::new();
+        let mut outputs = AppOutputs::default();
         let result = self.run(task, progress, &mut outputs).await;
         let (success, message) = match result {
             Ok(m) => (true, m),
@@ -157,7 +154,7 @@ impl AppRuntime {
                 if !e.diagnostics.is_empty() {
                     m.push_str("\n  ");
                     m.push_str(&e.diagnostics.join("\n  "));
-                    outputs.insert("diagnostics".into(), e.diagnostics.join("\n"));
+                    outputs.diagnostics = e.diagnostics;
                 }
                 (false, m)
             }
@@ -166,7 +163,7 @@ impl AppRuntime {
             task_id: task.task_id.clone(),
             success,
             message,
-            outputs,
+            outputs: outputs.to_wire(),
             replayed: false,
             finished_at_unix_ms: now_unix_ms(),
         }
@@ -176,7 +173,7 @@ impl AppRuntime {
         &self,
         task: &TaskSpec,
         progress: &(dyn Fn(String) + Send + Sync),
-        outputs: &mut std::collections::BTreeMap<String, String>,
+        outputs: &mut AppOutputs,
     ) -> Result<String, DriverError> {
         let params = TaskParams::from_wire(&task.kind, &task.params).map_err(|e| DriverError::new(e.to_string()))?;
         let spec = task::attached_spec(&task.params)
@@ -192,8 +189,8 @@ impl AppRuntime {
                 progress(format!("deploying {image} to {color}"));
                 driver.deploy(color, image, progress).await?;
                 let after = driver.status().await?;
-                outputs.insert("color".into(), color.to_string());
-                outputs.insert("status".into(), status_json(&after));
+                outputs.color = Some(color);
+                outputs.status = Some(after.clone());
                 Ok(format!("{image} deployed to {color}"))
             }
             TaskParams::AppGates { color, .. } => {
@@ -213,8 +210,8 @@ impl AppRuntime {
                 };
                 progress(format!("running health gates against {target}"));
                 let report = gates::run_gates(&spec, &target).await;
-                outputs.insert("report".into(), serde_json::to_string(&report).unwrap_or_default());
-                outputs.insert("status".into(), status_json(&before));
+                outputs.report = Some(serde_json::to_string(&report).unwrap_or_default());
+                outputs.status = Some(before.clone());
                 let mut lines = Vec::new();
                 for p in &report.probes {
                     lines.push(format!(
@@ -261,7 +258,7 @@ impl AppRuntime {
                         .ok_or_else(|| DriverError::new("nothing is deployed yet; nothing to switch"))?,
                 };
                 if before.active == Some(to) {
-                    outputs.insert("status".into(), status_json(&before));
+                    outputs.status = Some(before.clone());
                     return Ok(format!("{to} is already active"));
                 }
                 let target = before.colors.iter().find(|c| c.color == to);
@@ -272,7 +269,7 @@ impl AppRuntime {
                 }
                 driver.switch(to).await?;
                 let after = driver.status().await?;
-                outputs.insert("status".into(), status_json(&after));
+                outputs.status = Some(after.clone());
                 if let Some(delay) = spec.scale_down_delay_secs {
                     let old = to.other();
                     let d = driver.clone();
@@ -313,7 +310,7 @@ impl AppRuntime {
                     }
                     tokio::time::sleep(BAKE_PROBE_INTERVAL).await;
                 }
-                outputs.insert("status".into(), status_json(&driver.status().await?));
+                outputs.status = Some(driver.status().await?);
                 Ok(format!("baked {secs} s, {rounds} probe rounds passed"))
             }
             other => Err(DriverError::new(format!("{} is not an app task", other.kind()))),

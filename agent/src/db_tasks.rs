@@ -20,6 +20,7 @@ use cutover_shared::app::AppSpec;
 use cutover_shared::config::DatabaseConfig;
 use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
 use cutover_shared::release::Bundle;
+use cutover_shared::task::outputs::{BackupOutput, MigrateOutputs};
 use cutover_shared::task::{self, TaskKind, TaskParams};
 
 use crate::migrate::{self, Direction, MigrationSource, Outcome, RunEvent};
@@ -55,13 +56,13 @@ impl DbRuntime {
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
         let (success, message, outputs) = match self.run(task, progress).await {
             Ok((ok, msg, out)) => (ok, msg, out),
-            Err(e) => (false, e, BTreeMap::new()),
+            Err(e) => (false, e, MigrateOutputs::default()),
         };
         TaskResult {
             task_id: task.task_id.clone(),
             success,
             message,
-            outputs,
+            outputs: outputs.to_wire(),
             replayed: false,
             finished_at_unix_ms: now_unix_ms(),
         }
@@ -71,7 +72,7 @@ impl DbRuntime {
         &self,
         task: &TaskSpec,
         progress: &(dyn Fn(String) + Send + Sync),
-    ) -> Result<(bool, String, BTreeMap<String, String>), String> {
+    ) -> Result<(bool, String, MigrateOutputs), String> {
         let p = &task.params;
         let Ok(TaskParams::DbMigrate(m)) = TaskParams::from_wire(&task.kind, p) else {
             return Err(match TaskParams::from_wire(&task.kind, p) {
@@ -101,24 +102,24 @@ impl DbRuntime {
         })?;
         let cfg = migrate::resolve(db, &self.data_dir).map_err(|e| e.to_string())?;
         let source = MigrationSource::from_bundle(&bundle).map_err(|e| e.to_string())?;
-        let mut out = BTreeMap::new();
+        let mut out = MigrateOutputs::default();
         let changes = matches!(action, "up" | "down") && !dry_run;
         if changes && !cfg.primary {
             let why = "not the primary (a replica): migrations run against the region's primary".to_owned();
-            out.insert("skipped".into(), why.clone());
+            out.skipped = Some(why.clone());
             return Ok((true, format!("skipped: {why}"), out));
         }
         match (action, dry_run) {
             ("status", _) => {
                 let st = migrate::status(&cfg, &source).await.map_err(|e| e.to_string())?;
                 let at = st.newest_applied.unwrap_or(0);
-                out.insert("applied_version".into(), at.to_string());
-                out.insert("pending".into(), join(st.pending.iter().copied()));
-                out.insert("drift".into(), join(st.drifted.iter().copied()));
-                out.insert("dirty".into(), join(st.dirty.iter().copied()));
-                out.insert("unknown".into(), join(st.unknown.iter().copied()));
+                out.applied_version = Some(at);
+                out.pending = Some(st.pending.to_vec());
+                out.drift = Some(st.drifted.to_vec());
+                out.dirty = Some(st.dirty.to_vec());
+                out.unknown = Some(st.unknown.to_vec());
                 if !cfg.primary {
-                    out.insert("skipped".into(), "replica".into());
+                    out.skipped = Some("replica".into());
                 }
                 let mut msg = format!("at version {at}; {} pending", st.pending.len());
                 if !st.drifted.is_empty() {
@@ -145,11 +146,8 @@ impl DbRuntime {
                         text.push_str(&format!("    {}\n", stmt.trim()));
                     }
                 }
-                out.insert("plan".into(), text);
-                out.insert(
-                    "applied_version".into(),
-                    plan.applied.last().copied().unwrap_or(0).to_string(),
-                );
+                out.plan = Some(text);
+                out.applied_version = Some(plan.applied.last().copied().unwrap_or(0));
                 let msg = if plan.steps.is_empty() {
                     "nothing to run".to_owned()
                 } else {
@@ -170,29 +168,25 @@ impl DbRuntime {
                     migrate::down(&cfg, &source, target, &observer).await
                 }
                 .map_err(|e| e.to_string())?;
-                out.insert(
-                    "outcome".into(),
+                out.outcome = Some(
                     serde_json::to_value(report.outcome)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default(),
                 );
-                out.insert(
-                    "applied".into(),
-                    if report.succeeded() {
-                        join(report.applied.iter().map(|s| s.version))
-                    } else {
-                        String::new()
-                    },
-                );
+                out.applied = Some(if report.succeeded() {
+                    report.applied.iter().map(|s| s.version).collect()
+                } else {
+                    Vec::new()
+                });
                 let newest = |v: &[i64]| v.iter().max().copied().unwrap_or(0);
-                out.insert("from_version".into(), newest(&report.versions_before).to_string());
-                out.insert("to_version".into(), newest(&report.versions_after).to_string());
-                if let Some(b) = &report.backup {
-                    out.insert("backup_path".into(), b.path.display().to_string());
-                    out.insert("backup_bytes".into(), b.size.to_string());
-                    out.insert("backup_sha256".into(), b.sha256.clone());
-                }
+                out.from_version = Some(newest(&report.versions_before));
+                out.to_version = Some(newest(&report.versions_after));
+                out.backup = report.backup.as_ref().map(|b| BackupOutput {
+                    path: b.path.display().to_string(),
+                    bytes: b.size,
+                    sha256: b.sha256.clone(),
+                });
                 let steps = report
                     .applied
                     .iter()

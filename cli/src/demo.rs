@@ -208,9 +208,13 @@ pub async fn run(output: Output) -> Result<ExitCode> {
                 .iter()
                 .filter(|t| {
                     t.task.as_ref().is_some_and(|s| s.kind == "db.migrate")
-                        && t.result
-                            .as_ref()
-                            .is_some_and(|r| r.outputs.get("to_version").is_some_and(|v| v == "1"))
+                        && t.result.as_ref().is_some_and(|r| {
+                            cutover_shared::task::outputs::MigrateOutputs::from_wire(
+                                &r.outputs.clone().into_iter().collect(),
+                            )
+                            .to_version
+                                == Some(1)
+                        })
                 })
                 .count();
             if migrated != services.len() {

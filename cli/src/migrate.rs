@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use cutover_shared::proto as pb;
 use cutover_shared::release::Bundle;
+use cutover_shared::task::outputs::MigrateOutputs;
 use serde_json::json;
 
 use crate::client::{ConnOpts, Output, call};
@@ -294,44 +295,45 @@ pub async fn run_migrate(cmd: MigrateCmd, conn: ConnOpts) -> Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let get = |r: &RegionResult, k: &str| r.outputs.get(k).cloned().unwrap_or_default();
+        let outputs = |r: &RegionResult| MigrateOutputs::from_wire(&r.outputs.clone().into_iter().collect());
         let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
+        let list = |v: Option<Vec<i64>>| {
+            v.unwrap_or_default()
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         if action == pb::MigrateAction::Status {
             println!(
                 "{:<28} {:>8}  {:<20} {:<12} NOTE",
                 "CLUSTER", "APPLIED", "PENDING", "DRIFT"
             );
             for r in &results {
+                let o = outputs(r);
                 let note = if !r.ok {
                     format!("FAILED: {}", r.message)
                 } else {
-                    get(r, "skipped")
+                    o.skipped.clone().unwrap_or_default()
                 };
                 println!(
                     "{:<28} {:>8}  {:<20} {:<12} {}",
                     r.target,
-                    dash(get(r, "applied_version")),
-                    dash(get(r, "pending")),
-                    dash(get(r, "drift")),
+                    dash(o.applied_version.map(|v| v.to_string()).unwrap_or_default()),
+                    dash(list(o.pending)),
+                    dash(list(o.drift)),
                     note
                 );
             }
         } else {
             for r in &results {
                 println!("{} {}: {}", if r.ok { "ok" } else { "FAILED" }, r.target, r.message);
-                let plan = get(r, "plan");
-                if !plan.is_empty() {
-                    for line in plan.lines() {
-                        println!("    {line}");
-                    }
+                let o = outputs(r);
+                for line in o.plan.as_deref().unwrap_or_default().lines() {
+                    println!("    {line}");
                 }
-                let backup = get(r, "backup_path");
-                if !backup.is_empty() {
-                    println!(
-                        "    backup {backup} ({} bytes, sha256 {})",
-                        get(r, "backup_bytes"),
-                        get(r, "backup_sha256")
-                    );
+                if let Some(b) = &o.backup {
+                    println!("    backup {} ({} bytes, sha256 {})", b.path, b.bytes, b.sha256);
                 }
             }
             println!("operation {id}: {}", if succeeded { "succeeded" } else { "failed" });

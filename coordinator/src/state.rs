@@ -338,12 +338,9 @@ impl State {
                 } else {
                     TaskState::Failed
                 };
-                let reported = task.spec.params.get("app").cloned().zip(
-                    result
-                        .outputs
-                        .get("status")
-                        .and_then(|s| serde_json::from_str::<AppClusterStatus>(s).ok()),
-                );
+                let reported = task::app_of(&task.spec.params)
+                    .map(str::to_owned)
+                    .zip(cutover_shared::task::outputs::AppOutputs::from_wire(&result.outputs).status);
                 task.result = Some(result);
                 refresh_operation(op, at_unix_ms);
                 if let Some((app, status)) = reported {

@@ -222,7 +222,11 @@ impl World {
                 if ok {
                     c.images.insert(color, image);
                 }
-                outputs.insert(task::outputs::COLOR.to_owned(), color.to_string());
+                outputs = task::outputs::AppOutputs {
+                    color: Some(color),
+                    ..Default::default()
+                }
+                .to_wire();
             }
             TaskParams::AppSwitch { to, .. } => {
                 let to = to.expect("every switch names its color");
@@ -235,12 +239,13 @@ impl World {
                 assert!(spec.params.contains_key("bundle"), "a migration carries its bundle");
                 task::attached_bundle(&spec.params).expect("attached bundle matches its digest");
                 if ok {
-                    outputs.insert("applied".into(), "1".into());
-                    outputs.insert("from_version".into(), "0".into());
-                    outputs.insert(
-                        "to_version".into(),
-                        if m.action.as_str() == "up" { "1" } else { "0" }.into(),
-                    );
+                    outputs = task::outputs::MigrateOutputs {
+                        applied: Some(vec![1]),
+                        from_version: Some(0),
+                        to_version: Some(if m.action.as_str() == "up" { 1 } else { 0 }),
+                        ..Default::default()
+                    }
+                    .to_wire();
                 }
             }
             TaskParams::AppGates { .. } | TaskParams::AppBake { .. } => {}

@@ -450,39 +450,231 @@ pub fn attached_bundle(params: &WireParams) -> Result<Bundle, TaskError> {
 }
 
 /// Output keys the coordinator reads back from results.
-pub mod outputs {
-    use super::WireParams;
-    use crate::app::Color;
+/// The app a stored task names. Tolerant where `TaskParams::from_wire` is
+/// strict: the state machine applies tasks from older logs exactly as it
+/// did when they were written.
+pub fn app_of(params: &WireParams) -> Option<&str> {
+    params.get("app").map(String::as_str)
+}
 
-    /// `app.deploy`: the color the image was written to.
-    pub const COLOR: &str = "color";
-    /// Every app task: the driver's `AppClusterStatus`, JSON.
-    pub const STATUS: &str = "status";
-    /// `db.migrate` up/down: the versions applied or reverted (comma list).
-    pub const APPLIED: &str = "applied";
-    /// `db.migrate` up/down: the schema version before and after.
-    pub const FROM_VERSION: &str = "from_version";
-    pub const TO_VERSION: &str = "to_version";
+pub mod outputs {
+    //! What tasks report back (`TaskResult.outputs`), one typed struct per
+    //! task family. On the wire they are string maps, which the CLI shows
+    //! as they are; `to_wire` and `from_wire` here are the only code that
+    //! knows their keys.
+
+    use super::WireParams;
+    use crate::app::{AppClusterStatus, Color};
+
+    fn versions(list: &str) -> Vec<i64> {
+        list.split(',').filter_map(|v| v.trim().parse().ok()).collect()
+    }
+
+    fn join(list: &[i64]) -> String {
+        list.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+    }
+
+    /// What the app tasks (`app.deploy`, `app.gates`, `app.switch`,
+    /// `app.bake`) report.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct AppOutputs {
+        /// `app.deploy`: the color the image was written to.
+        pub color: Option<Color>,
+        /// The driver's view of the app after the task.
+        pub status: Option<AppClusterStatus>,
+        /// `app.gates`: the gate report (JSON, for people and tools).
+        pub report: Option<String>,
+        /// A failed driver call's diagnostics (Kubernetes Events, logs).
+        pub diagnostics: Vec<String>,
+    }
+
+    impl AppOutputs {
+        pub fn to_wire(&self) -> WireParams {
+            let mut m = WireParams::new();
+            if let Some(c) = self.color {
+                m.insert("color".into(), c.to_string());
+            }
+            if let Some(s) = &self.status {
+                m.insert("status".into(), serde_json::to_string(s).unwrap_or_default());
+            }
+            if let Some(r) = &self.report {
+                m.insert("report".into(), r.clone());
+            }
+            if !self.diagnostics.is_empty() {
+                m.insert("diagnostics".into(), self.diagnostics.join("\n"));
+            }
+            m
+        }
+
+        pub fn from_wire(m: &WireParams) -> Self {
+            AppOutputs {
+                color: m.get("color").and_then(|c| Color::parse(c)),
+                status: m.get("status").and_then(|s| serde_json::from_str(s).ok()),
+                report: m.get("report").cloned(),
+                diagnostics: m
+                    .get("diagnostics")
+                    .map(|d| d.lines().map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            }
+        }
+    }
+
+    /// A pre-migration backup.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct BackupOutput {
+        pub path: String,
+        pub bytes: u64,
+        pub sha256: String,
+    }
+
+    /// What `db.migrate` reports. Which fields are set depends on the
+    /// action: status sets the version lists, plan the plan, up and down
+    /// the outcome, what was applied, the versions and the backup.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct MigrateOutputs {
+        /// Why nothing ran (a replica).
+        pub skipped: Option<String>,
+        pub applied_version: Option<i64>,
+        pub pending: Option<Vec<i64>>,
+        pub drift: Option<Vec<i64>>,
+        pub dirty: Option<Vec<i64>>,
+        pub unknown: Option<Vec<i64>>,
+        pub plan: Option<String>,
+        pub outcome: Option<String>,
+        /// The versions applied or reverted (empty when it failed).
+        pub applied: Option<Vec<i64>>,
+        pub from_version: Option<i64>,
+        pub to_version: Option<i64>,
+        pub backup: Option<BackupOutput>,
+    }
+
+    impl MigrateOutputs {
+        pub fn to_wire(&self) -> WireParams {
+            let mut m = WireParams::new();
+            let mut put = |k: &str, v: String| {
+                m.insert(k.to_owned(), v);
+            };
+            if let Some(s) = &self.skipped {
+                put("skipped", s.clone());
+            }
+            if let Some(v) = self.applied_version {
+                put("applied_version", v.to_string());
+            }
+            for (k, list) in [
+                ("pending", &self.pending),
+                ("drift", &self.drift),
+                ("dirty", &self.dirty),
+                ("unknown", &self.unknown),
+                ("applied", &self.applied),
+            ] {
+                if let Some(list) = list {
+                    put(k, join(list));
+                }
+            }
+            if let Some(p) = &self.plan {
+                put("plan", p.clone());
+            }
+            if let Some(o) = &self.outcome {
+                put("outcome", o.clone());
+            }
+            if let Some(v) = self.from_version {
+                put("from_version", v.to_string());
+            }
+            if let Some(v) = self.to_version {
+                put("to_version", v.to_string());
+            }
+            if let Some(b) = &self.backup {
+                put("backup_path", b.path.clone());
+                put("backup_bytes", b.bytes.to_string());
+                put("backup_sha256", b.sha256.clone());
+            }
+            m
+        }
+
+        pub fn from_wire(m: &WireParams) -> Self {
+            let num = |k: &str| m.get(k).and_then(|v| v.parse().ok());
+            let list = |k: &str| m.get(k).map(|v| versions(v));
+            MigrateOutputs {
+                skipped: m.get("skipped").cloned(),
+                applied_version: num("applied_version"),
+                pending: list("pending"),
+                drift: list("drift"),
+                dirty: list("dirty"),
+                unknown: list("unknown"),
+                plan: m.get("plan").cloned(),
+                outcome: m.get("outcome").cloned(),
+                applied: list("applied"),
+                from_version: num("from_version"),
+                to_version: num("to_version"),
+                backup: m.get("backup_path").map(|path| BackupOutput {
+                    path: path.clone(),
+                    bytes: num("backup_bytes").map_or(0, |b: i64| b.max(0) as u64),
+                    sha256: m.get("backup_sha256").cloned().unwrap_or_default(),
+                }),
+            }
+        }
+
+        /// True when it applied or reverted anything.
+        pub fn migrated_anything(&self) -> bool {
+            self.applied.as_ref().is_some_and(|a| !a.is_empty())
+        }
+    }
 
     /// The color an `app.deploy` result reports.
     pub fn deployed_color(out: &WireParams) -> Option<Color> {
-        out.get(COLOR).and_then(|c| Color::parse(c))
-    }
-
-    /// True when a migration result says it applied or reverted anything.
-    pub fn migrated_anything(out: &WireParams) -> bool {
-        out.get(APPLIED).is_some_and(|a| !a.is_empty())
-    }
-
-    /// A version output, parsed.
-    pub fn version(out: &WireParams, key: &str) -> Option<i64> {
-        out.get(key).and_then(|v| v.parse().ok())
+        AppOutputs::from_wire(out).color
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_round_trip_through_the_wire() {
+        use outputs::{AppOutputs, BackupOutput, MigrateOutputs};
+        let app = AppOutputs {
+            color: Some(crate::app::Color::Green),
+            status: Some(crate::app::AppClusterStatus {
+                active: Some(crate::app::Color::Blue),
+                colors: vec![],
+                last_switch_unix_ms: Some(7),
+            }),
+            report: Some("{}".into()),
+            diagnostics: vec!["event one".into(), "event two".into()],
+        };
+        assert_eq!(AppOutputs::from_wire(&app.to_wire()), app);
+        let up = MigrateOutputs {
+            outcome: Some("applied".into()),
+            applied: Some(vec![3, 4]),
+            from_version: Some(2),
+            to_version: Some(4),
+            backup: Some(BackupOutput {
+                path: "/b/shop.dump".into(),
+                bytes: 42,
+                sha256: "ab".repeat(32),
+            }),
+            ..Default::default()
+        };
+        let wire = up.to_wire();
+        // The wire form is what agents sent before the types (CLI and
+        // older coordinators read it).
+        assert_eq!(wire["applied"], "3,4");
+        assert_eq!(wire["backup_bytes"], "42");
+        assert_eq!(MigrateOutputs::from_wire(&wire), up);
+        assert!(up.migrated_anything());
+        let status = MigrateOutputs {
+            applied_version: Some(4),
+            pending: Some(vec![]),
+            drift: Some(vec![2]),
+            dirty: Some(vec![]),
+            unknown: Some(vec![]),
+            ..Default::default()
+        };
+        assert_eq!(status.to_wire()["pending"], "");
+        assert_eq!(MigrateOutputs::from_wire(&status.to_wire()), status);
+        assert!(!status.migrated_anything());
+    }
 
     fn app() -> AppRef {
         AppRef {

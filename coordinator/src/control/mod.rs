@@ -331,10 +331,11 @@ impl ControlApi {
                 .filter(|t| targets.contains(&t.spec.target))
                 .filter_map(|t| {
                     let out = &t.result.as_ref()?.outputs;
-                    if out.get("applied").is_none_or(|a| a.is_empty()) {
+                    let out = cutover_shared::task::outputs::MigrateOutputs::from_wire(out);
+                    if !out.migrated_anything() {
                         return None;
                     }
-                    Some((t.spec.target.to_string(), out.get("from_version")?.parse().ok()?))
+                    Some((t.spec.target.to_string(), out.from_version?))
                 })
                 .collect();
             if migrated.is_empty() {

@@ -28,7 +28,7 @@ pub(super) fn migrated(op: &Operation) -> Vec<&TaskRecord> {
         .filter(|t| {
             matches!(params_of(t), Some(TaskParams::DbMigrate(m)) if m.action == MigrateAction::Up && !m.compensate)
         })
-        .filter(|t| t.result.as_ref().is_some_and(|r| outputs::migrated_anything(&r.outputs)))
+        .filter(|t| t.result.as_ref().is_some_and(|r| outputs::MigrateOutputs::from_wire(&r.outputs).migrated_anything()))
         .collect()
 }
 
@@ -79,7 +79,7 @@ pub(super) fn next_step(op: &Operation, inputs: &Inputs<'_>) -> Option<Step> {
         let from = t
             .result
             .as_ref()
-            .and_then(|r| outputs::version(&r.outputs, outputs::FROM_VERSION))
+            .and_then(|r| outputs::MigrateOutputs::from_wire(&r.outputs).from_version)
             .unwrap_or(0);
         m.action = MigrateAction::Down;
         m.target = Some(from);

@@ -33,7 +33,10 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
                 (MIGRATE, true) => format!(
                     "{} schema reverted to version {}",
                     t.spec.target,
-                    t.spec.params.get("target").map_or("0", String::as_str)
+                    match cutover_shared::task::TaskParams::from_wire(&t.spec.kind, &t.spec.params) {
+                        Ok(cutover_shared::task::TaskParams::DbMigrate(m)) => m.target.unwrap_or(0),
+                        _ => 0,
+                    }
                 ),
                 (MIGRATE, false) => format!("{} schema NOT reverted", t.spec.target),
                 (_, true) => format!("{} switched back", t.spec.target),
@@ -43,11 +46,14 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
         .collect();
     if !reversible {
         for t in &migrated {
-            let at = t.result.as_ref().and_then(|r| r.outputs.get("to_version"));
+            let at = t
+                .result
+                .as_ref()
+                .and_then(|r| cutover_shared::task::outputs::MigrateOutputs::from_wire(&r.outputs).to_version);
             summary.push_str(&format!(
                 "; {} schema left at version {} (the release's migrations are not all reversible)",
                 t.spec.target,
-                at.map_or("?", String::as_str)
+                at.map_or("?".to_owned(), |v| v.to_string())
             ));
         }
     }
