@@ -51,6 +51,19 @@ async fn only_current_members_may_call_raft() {
     let c = TestCluster::builder().nodes(3).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     let addr = &c.configs[leader].listen;
+    // The new leader's own first entry must be committed before counting.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let st = c.node(leader).consensus().status();
+        if st.commit_index > 0 && st.commit_index == st.last_log_index {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader never committed its entry"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = commit_index(&c, leader);
 
     let outsider = issue(&c, "cutover", Role::Coordinator, "9");
