@@ -221,6 +221,17 @@ impl Consensus {
         self.shared.applied.subscribe()
     }
 
+    /// May node `id` take part in Raft with this node: is it in the current
+    /// membership (or has this node none yet)? Reads the metrics in place:
+    /// it runs on every peer message.
+    pub fn accepts_peer(&self, id: NodeId) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let mut nodes = membership.nodes().map(|(n, _)| *n).peekable();
+        nodes.peek().is_none() || nodes.any(|n| n == id)
+    }
+
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics().borrow_watched().clone();
         m.state == ServerState::Leader

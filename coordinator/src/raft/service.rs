@@ -42,8 +42,7 @@ impl RaftGrpc {
         let id: NodeId = who.name.parse().map_err(|_| {
             Status::permission_denied(format!("{who}: a coordinator certificate must name its Raft node id"))
         })?;
-        let members = self.consensus.status().members;
-        if !members.is_empty() && !members.iter().any(|(m, _, _)| *m == id) {
+        if !self.consensus.accepts_peer(id) {
             return Err(Status::permission_denied(format!(
                 "{who} is not a member of this cluster"
             )));
