@@ -39,6 +39,9 @@ pub struct ConnOpts {
     #[arg(long, env = "CUTOVER_TRUST_DOMAIN", global = true,
           default_value = cutover_shared::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// A PEM CRL file: a coordinator certificate it lists is refused.
+    #[arg(long, env = "CUTOVER_CRL", global = true)]
+    pub crl: Option<PathBuf>,
     /// `text` for people, `json` for scripts.
     #[arg(long, short, value_enum, default_value_t = Output::Text, global = true)]
     pub output: Output,
@@ -55,6 +58,7 @@ impl ConnOpts {
             cert: need(&self.cert, "cert", "CUTOVER_CERT")?,
             key: need(&self.key, "key", "CUTOVER_KEY")?,
             trust_domain: self.trust_domain.clone(),
+            crl: self.crl.clone(),
         })
     }
 

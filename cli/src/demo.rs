@@ -7,6 +7,7 @@
 //! the Raft leader and checks the cluster carries on. It prints a report and
 //! exits 0 only if every expectation held, zero failed requests included.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -113,10 +114,12 @@ fn task_times(op: &pb::Operation) -> Vec<TaskTime> {
         .collect()
 }
 
-pub async fn run(output: Output) -> Result<ExitCode> {
+pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option<String>) -> Result<ExitCode> {
     cutover_shared::telemetry::init_tracing(cutover_shared::telemetry::LogFormat::Human);
+    let metrics = cutover_shared::telemetry::metrics_handle();
     let started = Instant::now();
-    let mut sys = DevSystem::start(None, DEMO_REGIONS).await?;
+    let keep = data_dir.clone();
+    let mut sys = DevSystem::start_with(data_dir, DEMO_REGIONS, database_url).await?;
     let conn = ConnOpts {
         addr: sys.addrs.clone(),
         ca: Some(sys.pki.ca.clone()),
@@ -124,6 +127,7 @@ pub async fn run(output: Output) -> Result<ExitCode> {
         key: Some(sys.pki.operator.key.clone()),
         server_name: None,
         trust_domain: sys.pki.trust_domain.clone(),
+        crl: None,
         output,
     };
     let mut steps: Vec<Step> = Vec::new();
@@ -316,6 +320,11 @@ pub async fn run(output: Output) -> Result<ExitCode> {
     }
     let total = started.elapsed();
     sys.shutdown().await;
+    if let Some(dir) = &keep {
+        // What a Prometheus scrape would have seen at the end.
+        let path = dir.join("metrics.prom");
+        std::fs::write(&path, metrics.render()).with_context(|| format!("writing {}", path.display()))?;
+    }
 
     let switch_ms: Vec<(String, i64)> = steps
         .iter()

@@ -28,6 +28,14 @@ pub const DEMO_REGIONS: &[(&str, &str)] = &[
     ("ap-south", "ap-south-1"),
 ];
 
+/// A PostgreSQL URL for `region`'s sample database: `{region}` in
+/// `template` becomes the region's name with `-` as `_`, so that it is a
+/// plain database name (`postgres://u:p@host/sample_{region}` →
+/// `.../sample_us_east`).
+pub fn region_database_url(template: &str, region: &str) -> String {
+    template.replace("{region}", &region.replace('-', "_"))
+}
+
 pub struct DevAgent {
     pub region: String,
     stop: Option<oneshot::Sender<()>>,
@@ -41,10 +49,22 @@ pub struct DevSystem {
     pub nodes: Vec<Option<Node>>,
     pub addrs: Vec<String>,
     pub agents: Vec<DevAgent>,
+    /// Each region's sample-app database; `None`: a SQLite file per region.
+    pub database_url: Option<String>,
 }
 
 impl DevSystem {
     pub async fn start(data_dir: Option<PathBuf>, regions: &[(&str, &str)]) -> Result<DevSystem> {
+        Self::start_with(data_dir, regions, None).await
+    }
+
+    /// Like [`DevSystem::start`], with the sample app's databases at
+    /// `database_url` (see [`region_database_url`]) instead of SQLite files.
+    pub async fn start_with(
+        data_dir: Option<PathBuf>,
+        regions: &[(&str, &str)],
+        database_url: Option<String>,
+    ) -> Result<DevSystem> {
         let (dir, tmp) = match data_dir {
             Some(d) => (d, None),
             None => {
@@ -95,6 +115,7 @@ impl DevSystem {
             nodes,
             addrs,
             agents: vec![],
+            database_url,
         };
         for i in 0..regions.len() {
             sys.start_agent(i)?;
@@ -104,17 +125,24 @@ impl DevSystem {
 
     pub fn agent_config(&self, i: usize) -> AgentConfig {
         let (region, cluster, tls) = &self.pki.agents[i];
-        // The sample app's database in this region: a SQLite file, primary.
-        // Its URL sits in a file, as a real secret would.
+        // The sample app's database in this region: a SQLite file, primary,
+        // unless a URL was given. Its URL sits in a file, as a real secret
+        // would (mode 0600: it may carry a password).
         let url_file = self.dir.join(format!("sample-db-url-{region}"));
-        let db = self.dir.join(format!("sample-{region}.db"));
-        if let Err(e) = std::fs::write(&url_file, format!("sqlite://{}?mode=rwc", db.display())) {
-            tracing::warn!("cannot write {}: {e}", url_file.display());
+        let (driver, url) = match &self.database_url {
+            Some(template) => (DbDriver::Postgres, region_database_url(template, region)),
+            None => {
+                let db = self.dir.join(format!("sample-{region}.db"));
+                (DbDriver::Sqlite, format!("sqlite://{}?mode=rwc", db.display()))
+            }
+        };
+        if let Err(e) = cutover_shared::certs::write_file(&url_file, &url, true) {
+            tracing::warn!("{e}");
         }
         AgentConfig {
             databases: vec![DatabaseConfig {
                 app: "sample".into(),
-                driver: DbDriver::Sqlite,
+                driver,
                 url_file: Some(url_file),
                 url_env: None,
                 primary: true,

@@ -56,6 +56,15 @@ enum Cmd {
     Demo {
         #[arg(long, short, value_enum, default_value_t = client::Output::Text)]
         output: client::Output,
+        /// Keep data, certificates, logs' inputs and a final metrics dump
+        /// (`metrics.prom`) here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// PostgreSQL instead of SQLite for the sample app: a URL in which
+        /// `{region}` names each region's database (`-` written as `_`);
+        /// the databases must exist.
+        #[arg(long, env = "CUTOVER_DEMO_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
     /// A small HTTP app for trying cutover: `/` answers its version,
     /// `/health` its health. A version containing "unhealthy", "slow" or
@@ -185,7 +194,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             sys.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo { output } => demo::run(output).await,
+        Cmd::Demo {
+            output,
+            data_dir,
+            database_url,
+        } => demo::run(output, data_dir, database_url).await,
         Cmd::SampleApp { version, listen } => {
             cutover_agent::sample_app::run(version, listen, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

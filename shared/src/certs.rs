@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -38,10 +39,12 @@ impl std::fmt::Debug for CertAuthority {
     }
 }
 
-/// A PEM certificate and its PEM private key.
+/// A PEM certificate, its PEM private key and its serial number.
 pub struct IssuedCert {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The serial, as a CRL names it.
+    pub serial: Vec<u8>,
 }
 
 impl CertAuthority {
@@ -137,12 +140,43 @@ impl CertAuthority {
         params.not_before = now - time::Duration::try_from(not_before).map_err(pki)?;
         params.not_after = now + time::Duration::seconds(not_after_from_now);
         let key = KeyPair::generate().map_err(pki)?;
+        // A serial unique to the key (its public key's digest), positive and
+        // at most 20 octets as RFC 5280 requires.
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(key.public_key_raw());
+        let mut serial = digest[..16].to_vec();
+        serial[0] &= 0x7f;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).map_err(pki)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
         })
+    }
+
+    /// A PEM CRL signed by this CA listing `revoked` serials (for a key
+    /// compromise), valid for a week; `number` must grow with each new CRL.
+    pub fn crl(&self, number: u64, revoked: &[&[u8]]) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(7),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(serial),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        params.signed_by(&issuer).map_err(pki)?.pem().map_err(pki)
     }
 
     /// Issues a certificate valid for one year.
@@ -187,6 +221,7 @@ pub fn write_issued(dir: &Path, stem: &str, cert: &IssuedCert, ca: &Path) -> Res
         cert: cert_path,
         key: key_path,
         trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+        crl: None,
     })
 }
 

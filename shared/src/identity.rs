@@ -167,11 +167,8 @@ impl fmt::Display for Identity {
 /// Reads the identity named by the first certificate in a PEM file.
 pub fn identity_from_pem_file(path: &std::path::Path, trust_domain: &str) -> Result<Identity, Error> {
     let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice())
-        .next()
-        .ok_or_else(|| Error::Tls(format!("{}: no PEM certificate found", path.display())))?
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-    Identity::from_certificate_der(der.as_ref(), trust_domain)
+    let chain = crate::material::parse_certs(&pem, path)?;
+    Identity::from_certificate_der(chain[0].as_ref(), trust_domain)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The crate every cutover crate uses: the generated API (`proto`), plain
 //! domain types (`domain`), conversions between the two (`convert`), caller
-//! identity (`identity`), mutual TLS (`tls`, and `listener` for the
-//! server side), the development PKI (`certs`),
+//! identity (`identity`), mutual TLS (`tls`, `listener` for the
+//! server side, `material` for reloading certificates and CRLs), the development PKI (`certs`),
 //! gRPC server plumbing (`grpc`), process configuration (`config`),
 //! telemetry (`telemetry`), the typed coordinator-agent task contract
 //! (`task`) and what an operation is asked to do (`operation`).
@@ -17,12 +17,24 @@ pub mod grpc;
 pub mod identity;
 pub mod listener;
 pub mod load;
+pub mod material;
 pub mod operation;
 pub mod proto;
 pub mod release;
 pub mod task;
 pub mod telemetry;
 pub mod tls;
+
+/// How many inputs each fuzz target runs (`CUTOVER_FUZZ_CASES`, default
+/// 512: what CI runs). The targets are proptest tests in
+/// `shared/tests/fuzz.rs` and the coordinator's Raft codec.
+#[doc(hidden)]
+pub fn fuzz_cases() -> u32 {
+    std::env::var("CUTOVER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512)
+}
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

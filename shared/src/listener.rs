@@ -17,6 +17,9 @@
 //!   expires, or after [`MAX_CONNECTION_AGE`], whichever comes first, so a
 //!   long-lived HTTP/2 connection cannot carry an expired identity; the
 //!   client reconnects and its certificate is judged again;
+//! - it is also re-judged whenever the process's TLS files change (a new
+//!   CRL, a CA leaving the bundle, see [`crate::material`]) and closed if it
+//!   no longer passes, so a revocation reaches long-lived streams too;
 //! - one without (plaintext, no certificate, a rejected chain) can only be
 //!   told why it is refused: it is closed after [`UNVERIFIED_LIFETIME`], and
 //!   at most [`MAX_UNVERIFIED_CONNECTIONS`] are open at once.
@@ -30,10 +33,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -44,7 +46,8 @@ use tokio_util::either::Either;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::Error;
-use crate::tls::{TlsFiles, install_crypto_provider};
+use crate::material::{ConnectionCheck, LiveTls};
+use crate::tls::TlsFiles;
 
 /// How long a client gets to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,13 +72,16 @@ pub struct PeerInfo {
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// Why the chain was not accepted (unknown issuer, expired, ...).
     pub cert_error: Option<String>,
+    /// For a verified chain: its re-judgement when the TLS material changes
+    /// (CRL, CA bundle), which every request consults.
+    pub check: Option<Arc<ConnectionCheck>>,
 }
 
 /// Accepts the handshake with any client certificate (or none); the chain
 /// is judged afterwards by the wrapped WebPKI verifier.
 #[derive(Debug)]
-struct DeferredVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+pub(crate) struct DeferredVerifier {
+    pub(crate) inner: Arc<dyn ClientCertVerifier>,
 }
 
 impl ClientCertVerifier for DeferredVerifier {
@@ -114,25 +120,12 @@ impl ClientCertVerifier for DeferredVerifier {
     }
 }
 
-pub(crate) fn load_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
-    rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))
-}
-
-pub(crate) fn load_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let pem = std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {}: {e}", path.display())))?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?
-        .ok_or_else(|| Error::Tls(format!("{}: no private key found", path.display())))
-}
-
 /// The server side of one port's mutual TLS.
 #[derive(Clone)]
 pub struct MtlsAcceptor {
-    acceptor: TlsAcceptor,
-    verifier: Arc<dyn ClientCertVerifier>,
+    /// The certificate to present and the CA bundle and CRL to judge
+    /// clients by, re-read when the files change.
+    live: Arc<LiveTls>,
     /// Cancelling it cuts every connection this acceptor produced.
     cut: CancellationToken,
     /// See [`UNVERIFIED_LIFETIME`]; tests shorten it.
@@ -166,26 +159,8 @@ fn time_left(der: &[u8]) -> Option<Duration> {
 
 impl MtlsAcceptor {
     pub fn new(files: &TlsFiles) -> Result<Self, Error> {
-        install_crypto_provider();
-        let mut roots = RootCertStore::empty();
-        for ca in load_certs(&files.ca)? {
-            roots
-                .add(ca)
-                .map_err(|e| Error::Tls(format!("{}: {e}", files.ca.display())))?;
-        }
-        let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-            .build()
-            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
-        let mut config = ServerConfig::builder()
-            .with_client_cert_verifier(Arc::new(DeferredVerifier {
-                inner: verifier.clone(),
-            }))
-            .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
-            .map_err(|e| Error::Tls(format!("{}: {e}", files.cert.display())))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Self {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-            verifier,
+            live: LiveTls::get(files)?,
             cut: CancellationToken::new(),
             unverified_lifetime: UNVERIFIED_LIFETIME,
             max_age: MAX_CONNECTION_AGE,
@@ -227,10 +202,14 @@ impl MtlsAcceptor {
             }
             (self.unverified_lifetime, Some(slot))
         };
+        let refused = info.check.as_ref().map(|c| Box::pin(c.close.clone().cancelled_owned()));
+        let watching = info.check.as_ref().map(|c| c.watch());
         Ok(MtlsStream {
             io,
             info,
             cut: Box::pin(self.cut.clone().cancelled_owned()),
+            refused,
+            _watching: watching,
             expires: Box::pin(tokio::time::sleep(lifetime)),
             _slot: slot,
         })
@@ -249,23 +228,36 @@ impl MtlsAcceptor {
                 tls: false,
                 certs: None,
                 cert_error: None,
+                check: None,
             };
             return self.stream(Either::Right(tcp), info);
         }
-        let tls = self.acceptor.accept(tcp).await?;
-        let chain = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+        // The generation is read before the material, so a reload in between
+        // only makes the first request judge the chain once more.
+        let generation = self.live.generation();
+        let material = self.live.material();
+        let tls = TlsAcceptor::from(material.server.clone()).accept(tcp).await?;
+        let chain = tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.to_vec()));
         let cert_error = chain.as_ref().and_then(|chain| {
             let (leaf, rest) = chain.split_first()?;
-            self.verifier
+            material
+                .client_verifier
                 .verify_client_cert(leaf, rest, UnixTime::now())
                 .err()
                 .map(|e| e.to_string())
         });
+        let check = match (&chain, &cert_error) {
+            (Some(c), None) if !c.is_empty() => {
+                Some(Arc::new(ConnectionCheck::new(self.live.clone(), c.clone(), generation)))
+            }
+            _ => None,
+        };
         let info = PeerInfo {
             remote,
             tls: true,
-            certs: chain.map(Arc::new),
+            certs: chain,
             cert_error,
+            check,
         };
         self.stream(Either::Left(tls), info)
     }
@@ -311,6 +303,10 @@ pub struct MtlsStream {
     io: Either<TlsStream<TcpStream>, TcpStream>,
     info: PeerInfo,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Fires when a request found the certificate no longer valid.
+    refused: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Stops the re-judging task when the connection ends.
+    _watching: Option<tokio_util::sync::DropGuard>,
     /// When this connection ends: its certificate's expiry or the age
     /// limit, or the short lifetime of an unverified connection.
     expires: Pin<Box<tokio::time::Sleep>>,
@@ -323,6 +319,14 @@ impl MtlsStream {
     fn check_cut(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if self.cut.as_mut().poll(cx).is_ready() {
             return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server shut down"));
+        }
+        if let Some(refused) = self.refused.as_mut()
+            && refused.as_mut().poll(cx).is_ready()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "client certificate no longer valid (revoked, or its CA removed)",
+            ));
         }
         if self.expires.as_mut().poll(cx).is_ready() {
             return Err(io::Error::new(

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
@@ -23,7 +23,7 @@ use crate::listener::PeerInfo;
 
 /// The CA bundle, certificate and private key of one process, as PEM files,
 /// and the trust domain every identity must be in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TlsFiles {
     /// CA certificate(s) trusted for peers.
     pub ca: PathBuf,
@@ -36,6 +36,11 @@ pub struct TlsFiles {
     /// CA. Default `cutover`.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// A PEM file of certificate revocation lists, re-read like the
+    /// certificates. A certificate whose serial it lists is refused, on new
+    /// connections and on the next request of open ones. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 fn default_trust_domain() -> String {
@@ -49,6 +54,7 @@ impl Default for TlsFiles {
             cert: PathBuf::new(),
             key: PathBuf::new(),
             trust_domain: default_trust_domain(),
+            crl: None,
         }
     }
 }
@@ -62,36 +68,6 @@ pub fn install_crypto_provider() {
 }
 
 impl TlsFiles {
-    /// Client side: present our certificate; verify the server's chain
-    /// against our CA, its name, and that it is a coordinator of our trust
-    /// domain (every cutover client talks to coordinators only).
-    pub fn client_config(&self) -> Result<rustls::ClientConfig, Error> {
-        install_crypto_provider();
-        crate::identity::validate_trust_domain(&self.trust_domain)?;
-        let certs = crate::listener::load_certs(&self.cert)?;
-        let key = crate::listener::load_key(&self.key)?;
-        let mut roots = RootCertStore::empty();
-        for ca in crate::listener::load_certs(&self.ca)? {
-            roots
-                .add(ca)
-                .map_err(|e| Error::Tls(format!("CA certificate {}: {e}", self.ca.display())))?;
-        }
-        let webpki = WebPkiServerVerifier::builder(Arc::new(roots))
-            .build()
-            .map_err(|e| Error::Tls(format!("CA certificate {}: {e}", self.ca.display())))?;
-        let verifier = CoordinatorVerifier {
-            inner: webpki,
-            trust_domain: self.trust_domain.clone(),
-        };
-        let mut cfg = rustls::ClientConfig::builder()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| Error::Tls(format!("{}: {e}", self.key.display())))?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(cfg)
-    }
-
     /// A lazily connecting mTLS channel to `addr` (`host:port`, optionally with
     /// an `https://` prefix). The TLS server name is the host unless
     /// `server_name` overrides it.
@@ -105,7 +81,9 @@ impl TlsFiles {
         let (url, host) = normalize_addr(addr)?;
         let name = ServerName::try_from(server_name.unwrap_or(&host).to_owned())
             .map_err(|e| Error::InvalidArgument(format!("bad server name for {addr:?}: {e}")))?;
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.client_config()?));
+        // Loaded now so a bad file set fails here; each connection then
+        // takes whatever is current, so rotated files reach new connections.
+        let live = crate::material::LiveTls::get(self)?;
         let authority = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
         // The stream is already TLS when tonic gets it, so tonic speaks
         // plain HTTP/2 over it: the URI scheme is http on purpose.
@@ -116,7 +94,7 @@ impl TlsFiles {
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
         let connect = move |_: http::Uri| {
-            let connector = connector.clone();
+            let connector = tokio_rustls::TlsConnector::from(live.material().client.clone());
             let name = name.clone();
             let authority = authority.clone();
             async move {
@@ -137,9 +115,9 @@ impl TlsFiles {
 /// The client's check of a server certificate: the CA's chain and the host
 /// name (WebPKI), then the SPIFFE ID: a coordinator in our trust domain.
 #[derive(Debug)]
-struct CoordinatorVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    trust_domain: String,
+pub(crate) struct CoordinatorVerifier {
+    pub(crate) inner: Arc<WebPkiServerVerifier>,
+    pub(crate) trust_domain: String,
 }
 
 impl ServerCertVerifier for CoordinatorVerifier {
@@ -225,6 +203,11 @@ pub fn peer_identity(extensions: &http::Extensions, trust_domain: &str) -> Resul
         .ok_or_else(|| Error::Identity("no client certificate presented; cutover requires mutual TLS".into()))?;
     if let Some(why) = &info.cert_error {
         return Err(Error::Identity(format!("client certificate rejected: {why}")));
+    }
+    if let Some(check) = &info.check {
+        check
+            .still_valid()
+            .map_err(|why| Error::Identity(format!("client certificate no longer accepted: {why}")))?;
     }
     let leaf = certs
         .first()

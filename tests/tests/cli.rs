@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -47,11 +48,11 @@ fn cutover(env: &HashMap<String, String>, args: &[&str]) -> (bool, String, Strin
     )
 }
 
-#[test]
-fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("dev.log");
-    let mut dev = Proc::spawn(&["dev", "--data-dir", dir.path().join("data").to_str().unwrap()], &log).unwrap();
+/// Starts `cutover dev` with its data in `dir/data` and returns it, the
+/// environment its exports print, and its log file.
+fn start_dev(dir: &Path) -> (Proc, HashMap<String, String>, PathBuf) {
+    let log = dir.join("dev.log");
+    let dev = Proc::spawn(&["dev", "--data-dir", dir.join("data").to_str().unwrap()], &log).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     let env: HashMap<String, String> = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -70,6 +71,13 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     for k in ["CUTOVER_ADDR", "CUTOVER_CA", "CUTOVER_CERT", "CUTOVER_KEY"] {
         assert!(env.contains_key(k), "{k} missing from {env:?}");
     }
+    (dev, env, log)
+}
+
+#[test]
+fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut dev, env, log) = start_dev(dir.path());
     assert_eq!(env["CUTOVER_ADDR"].split(',').count(), 3);
     // The sample app serves in every region.
     let text = std::fs::read_to_string(&log).unwrap();
@@ -180,4 +188,186 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
             "{s} still answers after dev stopped"
         );
     }
+}
+
+/// Replaces `path` the way cert-manager and kubelet do: the new content
+/// appears at once (write beside, then rename), never half-written.
+fn replace(path: &Path, data: &str, private: bool) {
+    let tmp = path.with_extension("rotating");
+    cutover_shared::certs::write_file(&tmp, data, private).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Runs `cluster status` against each coordinator alone with `env` until
+/// `done` holds for its outcome, within `within`.
+fn until_each(
+    addrs: &[String],
+    env: &HashMap<String, String>,
+    within: Duration,
+    what: &str,
+    done: impl Fn(bool, &str) -> bool,
+) {
+    for addr in addrs {
+        let mut env = env.clone();
+        env.insert("CUTOVER_ADDR".into(), addr.clone());
+        let deadline = Instant::now() + within;
+        loop {
+            let (ok, _, err) = cutover(&env, &["cluster", "status"]);
+            if done(ok, &err) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{addr}: {what} (last: ok={ok} {err})");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Finding 4 (rotation without restart): every certificate of a running
+/// `cutover dev` is replaced, the CA included, the way an operator rotates
+/// a CA: first trust old and new, then re-issue every leaf from the new CA,
+/// then drop the old CA. Every process picks each step up from disk; the
+/// old CA's certificates stop working, also on connections opened before
+/// (agent sessions, Raft channels), and the system keeps deploying.
+#[test]
+fn dev_keeps_working_while_every_certificate_rotates_to_a_new_ca() {
+    use cutover_shared::certs::{CertAuthority, write_issued};
+    use cutover_shared::identity::{Identity, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, env, log) = start_dev(dir.path());
+    let certs = dir.path().join("data/certs");
+    let addrs: Vec<String> = env["CUTOVER_ADDR"].split(',').map(str::to_owned).collect();
+    let within = cutover_shared::material::RELOAD_INTERVAL * 4;
+    let old_ca = std::fs::read_to_string(certs.join("ca.crt")).unwrap();
+    let new_ca = CertAuthority::generate("rotated CA").unwrap();
+    let keep = dir.path().join("kept");
+    std::fs::create_dir_all(&keep).unwrap();
+    for f in ["operator.crt", "operator.key"] {
+        std::fs::copy(certs.join(f), keep.join(f)).unwrap();
+    }
+    let with = |ca: &Path, cert: &Path, key: &Path| {
+        let mut e = env.clone();
+        e.insert("CUTOVER_CA".into(), ca.display().to_string());
+        e.insert("CUTOVER_CERT".into(), cert.display().to_string());
+        e.insert("CUTOVER_KEY".into(), key.display().to_string());
+        e
+    };
+    let who = |role, name: &str| Identity {
+        role,
+        name: name.to_owned(),
+    };
+
+    // 1. Trust both CAs: a new-CA operator gets in everywhere.
+    replace(&certs.join("ca.crt"), &format!("{old_ca}{}", new_ca.cert_pem()), false);
+    let probe = write_issued(
+        &keep,
+        "new-operator",
+        &new_ca.issue(&who(Role::Operator, "admin"), &[]).unwrap(),
+        &certs.join("ca.crt"),
+    )
+    .unwrap();
+    let probe_env = with(&probe.ca, &probe.cert, &probe.key);
+    until_each(
+        &addrs,
+        &probe_env,
+        within,
+        "a new-CA operator still refused",
+        |ok, _| ok,
+    );
+
+    // 2. Re-issue every leaf from the new CA.
+    let mut leaves = vec![];
+    for id in 1..=addrs.len() {
+        let host = format!("coordinator-{id}");
+        leaves.push((
+            host.clone(),
+            who(Role::Coordinator, &id.to_string()),
+            vec!["localhost".to_owned(), host],
+        ));
+    }
+    for (region, cluster) in [("us-east", "us-east-1"), ("eu-west", "eu-west-1")] {
+        leaves.push((
+            format!("agent-{region}-{cluster}"),
+            who(Role::Agent, &format!("{region}/{cluster}")),
+            vec![],
+        ));
+    }
+    leaves.push(("operator".into(), who(Role::Operator, "admin"), vec![]));
+    leaves.push(("viewer".into(), who(Role::Viewer, "viewer"), vec![]));
+    for (stem, identity, names) in &leaves {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let issued = new_ca.issue(identity, &names).unwrap();
+        // Key first, then certificate: the window in between holds a pair
+        // that does not match, which a reload must skip, not take.
+        replace(&certs.join(format!("{stem}.key")), &issued.key_pem, true);
+        replace(&certs.join(format!("{stem}.crt")), &issued.cert_pem, false);
+    }
+    // Every coordinator now presents a new-CA certificate.
+    let new_only = keep.join("new-ca.crt");
+    std::fs::write(&new_only, new_ca.cert_pem()).unwrap();
+    let new_env = with(&new_only, &certs.join("operator.crt"), &certs.join("operator.key"));
+    until_each(
+        &addrs,
+        &new_env,
+        within,
+        "still presents an old-CA certificate",
+        |ok, _| ok,
+    );
+
+    // 3. Drop the old CA: its certificates stop working.
+    replace(&certs.join("ca.crt"), new_ca.cert_pem(), false);
+    let old_env = with(
+        &certs.join("ca.crt"),
+        &keep.join("operator.crt"),
+        &keep.join("operator.key"),
+    );
+    until_each(
+        &addrs,
+        &old_env,
+        within,
+        "an old-CA operator still accepted",
+        |ok, err| !ok && err.contains("UNAUTHENTICATED"),
+    );
+
+    // Work continues with the exports as printed (they name the rotated
+    // files): both agents are back on new-CA sessions and a deploy runs in
+    // every region.
+    for (region, cluster) in [("us-east", "us-east-1"), ("eu-west", "eu-west-1")] {
+        let (ok, out, err) = cutover(
+            &env,
+            &[
+                "task",
+                "run",
+                "--region",
+                region,
+                "--cluster",
+                cluster,
+                "--param",
+                "message=rotated",
+                "-o",
+                "json",
+            ],
+        );
+        assert!(ok, "task on {region} after rotation: {out}\n{err}");
+        let op: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(op["tasks"][0]["result"]["message"], "rotated", "{out}");
+    }
+    let (ok, out, err) = cutover(&env, &["deploy", "--app", "sample", "--image", "sample:v2"]);
+    assert!(ok, "deploy after rotation: {out}\n{err}");
+    let (ok, out, err) = cutover(&env, &["agents", "list", "--output", "json"]);
+    assert!(ok, "{err}");
+    let agents: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(agents.as_array().unwrap().iter().all(|a| a["state"] == "up"), "{out}");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let reloads = text.matches("reloaded TLS certificate").count();
+    assert!(
+        reloads >= 3 * 5,
+        "expected every process's files reloaded three times, saw {reloads}:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("no longer accepted") && l.contains("agent/us-east/us-east-1")),
+        "the agents' old-CA sessions were not closed:\n{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
 }

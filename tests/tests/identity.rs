@@ -305,3 +305,69 @@ async fn an_unauthenticated_connection_is_closed_after_its_lifetime() {
     server.abort();
     c.shutdown().await;
 }
+
+/// Finding 4 (revocation): with `tls.crl` configured, a CRL that names an
+/// operator's certificate takes effect without a restart. The revoked
+/// operator is refused on the connection it already has open and on new
+/// ones; every other identity keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_operator_is_refused_once_the_crl_names_it() {
+    use cutover_shared::certs::write_file;
+    let crl_dir = tempfile::tempdir().unwrap();
+    let crl = crl_dir.path().join("revoked.crl");
+    let in_config = crl.clone();
+    let mut c = TestCluster::builder()
+        .nodes(1)
+        .configure(move |cfg| cfg.tls.crl = Some(in_config.clone()))
+        .prepare()
+        .await
+        .unwrap();
+    write_file(&crl, &c.pki.authority.crl(1, &[]).unwrap(), false).unwrap();
+    c.start_node(0).await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let addr = c.configs[leader].listen.clone();
+
+    let mallory = Identity {
+        role: Role::Operator,
+        name: "mallory".into(),
+    };
+    let cert = c.pki.authority.issue(&mallory, &[]).unwrap();
+    let files = write_issued(c.tmp.path(), "mallory", &cert, &c.pki.ca).unwrap();
+    let status = || pb::GetClusterStatusRequest {};
+    let mut open = pb::control_service_client::ControlServiceClient::new(files.channel(&addr, None).unwrap());
+    open.get_cluster_status(status())
+        .await
+        .expect("accepted before revocation");
+
+    write_file(&crl, &c.pki.authority.crl(2, &[&cert.serial]).unwrap(), false).unwrap();
+    // The same channel, whose connection was opened before the CRL.
+    let deadline = std::time::Instant::now() + cutover_shared::material::RELOAD_INTERVAL * 3;
+    let err = loop {
+        match open.get_cluster_status(status()).await {
+            Ok(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "still accepted after the CRL named it"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) if e.code() == tonic::Code::Unauthenticated => break e,
+            Err(e) => panic!("expected UNAUTHENTICATED, got {e:?}"),
+        }
+    };
+    assert!(err.message().contains("Revoked"), "{err:?}");
+    let err = pb::control_service_client::ControlServiceClient::new(files.channel(&addr, None).unwrap())
+        .get_cluster_status(status())
+        .await
+        .expect_err("a new connection with a revoked certificate");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("Revoked"), "{err:?}");
+    // The operator and viewer from the same CA are not affected.
+    c.operator(leader).get_cluster_status(status()).await.unwrap();
+    c.client(&c.pki.viewer, leader)
+        .unwrap()
+        .get_cluster_status(status())
+        .await
+        .unwrap();
+    c.shutdown().await;
+}

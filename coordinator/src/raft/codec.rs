@@ -71,3 +71,112 @@ mod tests {
         assert!(matches!(decode::<Command>(&future), Err(CodecError::UnknownVersion(9))));
     }
 }
+
+/// Fuzzing the decoders of everything a peer or the disk hands us (issue:
+/// security hardening, finding 8): log entries, votes, append-entries
+/// requests, snapshot metadata and snapshots, and proposed commands. See
+/// `shared/tests/fuzz.rs` for why proptest and for `CUTOVER_FUZZ_CASES`.
+#[cfg(test)]
+mod fuzz {
+    use openraft::EntryPayload;
+    use openraft::type_config::alias::{EntryOf, SnapshotMetaOf, VoteOf};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::raft::TypeConfig;
+    use crate::raft::state_machine::SmData;
+    use crate::state::{AuditDraft, Command};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: cutover_shared::fuzz_cases(),
+            max_shrink_iters: 2048,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn command() -> Command {
+        Command::Audit(AuditDraft {
+            at_unix_ms: 7,
+            actor: "operator/a".into(),
+            action: "Deploy".into(),
+            parameters: "{\"app\":\"sample\"}".into(),
+            outcome: "ok".into(),
+        })
+    }
+
+    /// Valid encodings of each decoded type, to mutate.
+    fn seeds() -> Vec<Vec<u8>> {
+        let entry = EntryOf::<TypeConfig> {
+            log_id: openraft::testing::log_id::<TypeConfig>(3, 1, 42),
+            payload: EntryPayload::Normal(command()),
+        };
+        let rpc = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+            vote: VoteOf::<TypeConfig>::new_committed(3, 1),
+            prev_log_id: Some(openraft::testing::log_id::<TypeConfig>(3, 1, 41)),
+            entries: vec![entry.clone()],
+            leader_commit: Some(openraft::testing::log_id::<TypeConfig>(3, 1, 40)),
+        };
+        let meta = SnapshotMetaOf::<TypeConfig> {
+            last_log_id: Some(openraft::testing::log_id::<TypeConfig>(3, 1, 42)),
+            last_membership: Default::default(),
+        };
+        vec![
+            encode(&command()).unwrap(),
+            encode(&entry).unwrap(),
+            encode(&rpc).unwrap(),
+            encode(&meta).unwrap(),
+            encode(&SmData::default()).unwrap(),
+            serde_json::to_vec(&command()).unwrap(),
+        ]
+    }
+
+    /// Every decoder on `bytes`: none may panic; what decodes re-encodes
+    /// and decodes to the same value.
+    fn check(bytes: &[u8]) {
+        if let Ok(c) = decode::<Command>(bytes) {
+            assert_eq!(decode::<Command>(&encode(&c).unwrap()).unwrap(), c);
+        }
+        if let Ok(e) = decode::<EntryOf<TypeConfig>>(bytes) {
+            assert_eq!(decode::<EntryOf<TypeConfig>>(&encode(&e).unwrap()).unwrap(), e);
+        }
+        let _ = decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(bytes);
+        let _ = decode::<openraft::raft::VoteRequest<TypeConfig>>(bytes);
+        let _ = decode::<VoteOf<TypeConfig>>(bytes);
+        let _ = decode::<SnapshotMetaOf<TypeConfig>>(bytes);
+        let _ = decode::<SmData>(bytes);
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn raft_decoders_arbitrary(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            check(&bytes);
+        }
+
+        #[test]
+        fn raft_decoders_after_the_tag(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut tagged = V1.to_vec();
+            tagged.extend_from_slice(&bytes);
+            check(&tagged);
+        }
+
+        #[test]
+        fn raft_decoders_mutated(
+            which in 0usize..6,
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), any::<bool>()), 0..8),
+            cut in proptest::option::weighted(0.2, any::<usize>()),
+        ) {
+            let mut b = seeds().swap_remove(which);
+            for (pos, byte, insert) in edits {
+                let at = pos % (b.len() + 1);
+                if insert || at == b.len() { b.insert(at, byte) } else { b[at] = byte }
+            }
+            if let Some(cut) = cut {
+                b.truncate(cut % (b.len() + 1));
+            }
+            check(&b);
+        }
+    }
+}
