@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app_tasks;
+pub mod backup;
 pub mod db_tasks;
 pub mod drivers;
 pub mod gates;
@@ -116,6 +117,10 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.apps.readopt().await;
+        if let Some(b) = self.cfg.backup.clone() {
+            let own = format!("{}/{}/", self.cluster.region, self.cluster.cluster);
+            let _checks = tokio::spawn(backup::startup_checks(b, own));
+        }
         let n = self.cfg.coordinators.len();
         let mut next = rand::rng().random_range(0..n);
         let mut failures: u32 = 0;

@@ -169,6 +169,7 @@ impl DevSystem {
                     .collect(),
                 kubeconfig: None,
             },
+            backup: None,
         }
     }
 

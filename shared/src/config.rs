@@ -207,6 +207,97 @@ pub struct AgentConfig {
     /// What app definitions may make this agent run (`[drivers]`).
     #[serde(default)]
     pub drivers: DriverPolicy,
+    /// Where this agent's backups go (`[backup]`); none by default.
+    #[serde(default)]
+    pub backup: Option<BackupStoreConfig>,
+}
+
+/// One S3-protocol bucket (AWS S3, Garage, MinIO, Ceph) for this agent's
+/// backups. Credentials come from the usual AWS chain (the `AWS_*`
+/// environment variables, the shared config and credentials files, web
+/// identity, the instance or task role) or from `credentials_file`, never
+/// from this file itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupStoreConfig {
+    /// The endpoint URL; absent: AWS S3 in `region`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    /// An AWS credentials file (`[default]` with `aws_access_key_id` and
+    /// `aws_secret_access_key`), e.g. a mounted secret, used instead of
+    /// the usual chain. Absent (the default): the usual chain.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// Prepended to every object key (e.g. `backups/`). Default empty.
+    #[serde(default)]
+    pub prefix: String,
+    /// The bucket's region. Default `us-east-1`.
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), which most servers
+    /// other than AWS need. Default: on when `endpoint` is set.
+    #[serde(default)]
+    pub path_style: Option<bool>,
+    /// Server-side encryption requested on top of cutover's own: `AES256`
+    /// (SSE-S3) or `aws:kms` (SSE-KMS, with `kms_key_id`). Default: none.
+    #[serde(default)]
+    pub server_side_encryption: Option<String>,
+    #[serde(default)]
+    pub kms_key_id: Option<String>,
+    /// Client-side encryption keys, each a file of 64 hexadecimal
+    /// characters (`openssl rand -hex 32`) under an id. The first seals new
+    /// backups; every one listed opens the backups its id names, so keys
+    /// rotate by adding a new first entry.
+    pub keys: Vec<BackupKeyFile>,
+    /// Bytes per uploaded part, in MiB (5 to 5120). Default 8. Memory is
+    /// about three parts, whatever the database size.
+    #[serde(default = "default_part_size_mib")]
+    pub part_size_mib: u32,
+}
+
+/// A backup encryption key file and its id (recorded in every backup it seals).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupKeyFile {
+    pub id: String,
+    pub file: PathBuf,
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".to_owned()
+}
+
+fn default_part_size_mib() -> u32 {
+    8
+}
+
+impl BackupStoreConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |why: String| Err(Error::Config(format!("backup: {why}")));
+        if self.bucket.len() < 3 || self.bucket.len() > 63 {
+            return bad(format!(
+                "bucket {} must be 3 to 63 characters",
+                crate::domain::quote(&self.bucket)
+            ));
+        }
+        if self.keys.is_empty() {
+            return bad("no keys: backups are always encrypted ([[backup.keys]] id, file)".into());
+        }
+        if !(5..=5120).contains(&self.part_size_mib) {
+            return bad(format!("part_size_mib {} is outside 5 to 5120", self.part_size_mib));
+        }
+        match self.server_side_encryption.as_deref() {
+            None | Some("AES256") | Some("aws:kms") => {}
+            Some(other) => {
+                return bad(format!(
+                    "server_side_encryption {} is neither AES256 nor aws:kms",
+                    crate::domain::quote(other)
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What app definitions may make an agent run. App definitions come from
@@ -378,6 +469,9 @@ impl AgentConfig {
             .find(|(i, d)| self.databases[..*i].iter().any(|e| e.app == d.app))
         {
             return Err(Error::Config(format!("databases: app {} is listed twice", d.1.app)));
+        }
+        if let Some(b) = &self.backup {
+            b.validate()?;
         }
         Ok(())
     }

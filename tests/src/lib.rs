@@ -8,6 +8,7 @@
 
 pub mod postgres;
 pub mod process;
+pub mod s3;
 
 pub use process::ProcessCluster;
 
@@ -313,6 +314,7 @@ impl TestCluster {
                 local_commands: vec!["/".into(), "sh".into()],
                 kubeconfig: None,
             },
+            backup: None,
         }
     }
 

@@ -74,6 +74,22 @@ fn start_dev(dir: &Path) -> (Proc, HashMap<String, String>, PathBuf) {
     (dev, env, log)
 }
 
+/// Stops `cutover dev` the way a user does, with Ctrl-C, and checks it
+/// exits cleanly (and so stops the sample apps it started).
+fn stop_dev(dev: &mut Proc) {
+    let pid = dev.child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = dev.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "dev did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "dev exited with {status}");
+}
+
 #[test]
 fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,17 +186,7 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
 
     // Ctrl-C stops it cleanly.
-    let pid = dev.child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = dev.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "dev exited with {status}");
+    stop_dev(&mut dev);
     // It stopped the sample app too.
     for s in &services {
         assert!(
@@ -233,7 +239,7 @@ fn dev_keeps_working_while_every_certificate_rotates_to_a_new_ca() {
     use cutover_shared::certs::{CertAuthority, write_issued};
     use cutover_shared::identity::{Identity, Role};
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, env, log) = start_dev(dir.path());
+    let (mut dev, env, log) = start_dev(dir.path());
     let certs = dir.path().join("data/certs");
     let addrs: Vec<String> = env["CUTOVER_ADDR"].split(',').map(str::to_owned).collect();
     let within = cutover_shared::material::RELOAD_INTERVAL * 4;
@@ -370,4 +376,5 @@ fn dev_keeps_working_while_every_certificate_rotates_to_a_new_ca() {
         "the agents' old-CA sessions were not closed:\n{text}"
     );
     assert!(!text.contains("panicked"), "{text}");
+    stop_dev(&mut dev);
 }

@@ -101,7 +101,7 @@ pub fn pg_env(url: &DbUrl, red: &Redactor) -> Result<PgEnv, MigrateError> {
 }
 
 /// A passfile for one tool run, removed on drop.
-struct Passfile(PathBuf);
+pub struct Passfile(PathBuf);
 
 impl Passfile {
     fn write(dir: &Path, password: &str) -> std::io::Result<Passfile> {
@@ -238,6 +238,43 @@ fn tool_error(red: &Redactor, what: &str, out: &std::process::Output) -> String 
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     ))
+}
+
+/// A libpq tool (`pg_dump`, `pg_restore`) of the server's own major
+/// version, connected to `cfg`'s server, to `database` instead of the URL's
+/// when given. The password is in the returned passfile (in
+/// `cfg.backup_dir`), which must outlive the tool. stdin is null; callers
+/// pipe what they need. Errors are redacted.
+pub async fn pg_tool_command(
+    cfg: &DbConfig,
+    tool: &str,
+    database: Option<&str>,
+) -> Result<(Command, Option<Passfile>), MigrateError> {
+    let red = Redactor::new(&cfg.url);
+    let major = match Conn::connect(cfg, Access::ReadOnly).await? {
+        Some(mut conn) => {
+            let m = conn.pg_major().await;
+            conn.close().await;
+            m?
+        }
+        None => None,
+    };
+    let path = pg_tool(cfg, major, tool)?;
+    let mut env = pg_env(&cfg.url, &red)?;
+    if let Some(db) = database {
+        env.vars.retain(|(k, _)| *k != "PGDATABASE");
+        env.vars.push(("PGDATABASE", db.to_owned()));
+    }
+    ensure_dir(&cfg.backup_dir)?;
+    let pass = env
+        .password
+        .as_deref()
+        .map(|p| Passfile::write(&cfg.backup_dir, p))
+        .transpose()
+        .map_err(|e| MigrateError::Backup(format!("cannot write a passfile: {e}")))?;
+    let mut cmd = pg_command(&path, &env, &[], pass.as_ref());
+    cmd.arg("--no-password");
+    Ok((cmd, pass))
 }
 
 /// Backs the database up into `cfg.backup_dir` before a run. `versions` are
@@ -622,4 +659,62 @@ pub async fn lock_sqlite(cfg: &DbConfig) -> Result<FileLock, MigrateError> {
             }
         }
     }
+}
+
+/// `db`'s URL with `database` in place of its database (a scratch database
+/// on the same server, with the same credentials).
+pub fn database_url(db: &DbConfig, database: &str) -> Result<DbUrl, MigrateError> {
+    let red = Redactor::new(&db.url);
+    let mut u =
+        url::Url::parse(db.url.expose()).map_err(|e| MigrateError::Config(red.clean(&format!("database URL: {e}"))))?;
+    u.set_path(&format!("/{database}"));
+    Ok(DbUrl::new(u.to_string()))
+}
+
+/// Runs one statement on `db`'s server outside a transaction (CREATE and
+/// DROP DATABASE cannot run in one).
+async fn server_statement(db: &DbConfig, sql: &str) -> Result<(), MigrateError> {
+    use sqlx::Connection;
+    let red = Redactor::new(&db.url);
+    let mut conn = sqlx::PgConnection::connect(db.url.expose())
+        .await
+        .map_err(|e| MigrateError::Database(red.clean(&format!("connecting: {e}"))))?;
+    let r = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    r.map(|_| ())
+        .map_err(|e| MigrateError::Database(red.clean(&format!("{sql}: {e}"))))
+}
+
+/// Creates database `name` (lowercase letters, digits, `_`) on `db`'s server.
+pub async fn create_database(db: &DbConfig, name: &str) -> Result<(), MigrateError> {
+    check_database_name(name)?;
+    server_statement(db, &format!("CREATE DATABASE \"{name}\"")).await
+}
+
+/// Drops database `name` on `db`'s server, if it exists.
+pub async fn drop_database(db: &DbConfig, name: &str) -> Result<(), MigrateError> {
+    check_database_name(name)?;
+    server_statement(db, &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await
+}
+
+fn check_database_name(name: &str) -> Result<(), MigrateError> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(MigrateError::Config(format!(
+            "database name {} must be 1 to 63 lowercase letters, digits and _",
+            cutover_shared::domain::quote(name)
+        )));
+    }
+    Ok(())
+}
+
+/// `text` with `url`'s secrets removed.
+pub fn redact(url: &DbUrl, text: &str) -> String {
+    Redactor::new(url).clean(text)
 }

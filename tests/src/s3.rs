@@ -1,0 +1,122 @@
+//! A throwaway S3-protocol server for tests: moto's `moto_server` on a
+//! loopback port, its own process, killed on drop.
+//!
+//! moto implements SigV4 requests, versioning and multipart uploads; it
+//! does not verify the checksums clients send, so tests of checksums
+//! compare what cutover recorded with what it downloads. The program is
+//! `moto_server` on `PATH` (scripts/setup installs it from PyPI), or
+//! `CUTOVER_MOTO_SERVER`. A test that cannot start it fails: it never
+//! silently skips.
+//!
+//! This file depends on nothing else in `cutover-tests`, so the agent's
+//! tests include it with `#[path]`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A running moto S3 server owned by the test.
+pub struct TestS3 {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestS3 {
+    /// Starts a server on an ephemeral loopback port and waits until it
+    /// answers.
+    pub fn start() -> Result<TestS3> {
+        let program = std::env::var("CUTOVER_MOTO_SERVER").unwrap_or_else(|_| "moto_server".to_owned());
+        let dir = tempfile::Builder::new().prefix("cutover-s3-").tempdir()?;
+        let log = dir.path().join("moto.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {program} (pip install 'moto[server]', or set CUTOVER_MOTO_SERVER)"))?;
+        let mut s3 = TestS3 {
+            child,
+            port: 0,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&s3.log).unwrap_or_default();
+            // werkzeug prints this once the socket is bound.
+            if let Some(port) = text
+                .lines()
+                .find_map(|l| l.split("Running on http://127.0.0.1:").nth(1))
+                .and_then(|rest| rest.trim().trim_end_matches('/').parse().ok())
+            {
+                s3.port = port;
+                break;
+            }
+            if let Some(status) = s3.child.try_wait()? {
+                bail!("{program} exited ({status}):\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("{program} did not start within 60 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(s3)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One plain HTTP request; moto does not check signatures, so bucket
+    /// set-up needs no SDK. Returns the status code and body.
+    fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.port,
+            body.len()
+        )?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        let status = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("bad reply to {method} {path}: {reply}"))?;
+        Ok((status, reply))
+    }
+
+    /// Creates a bucket, with versioning on if asked.
+    pub fn create_bucket(&self, name: &str, versioned: bool) -> Result<()> {
+        let (status, reply) = self.request("PUT", &format!("/{name}"), "")?;
+        if status != 200 {
+            bail!("creating bucket {name}: {reply}");
+        }
+        if versioned {
+            let body = "<VersioningConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                        <Status>Enabled</Status></VersioningConfiguration>";
+            let (status, reply) = self.request("PUT", &format!("/{name}?versioning"), body)?;
+            if status != 200 {
+                bail!("enabling versioning on {name}: {reply}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestS3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
