@@ -21,7 +21,7 @@ use cutover_shared::telemetry::{self, LogFormat};
 #[derive(Parser)]
 #[command(
     name = "cutover",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("CUTOVER_GIT_REV"), ")"),
     about = "Multi-region blue-green cutovers and disaster recovery"
 )]
 struct Cli {
@@ -52,6 +52,14 @@ enum Cmd {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Shell completions for bash, zsh, fish, elvish or PowerShell, on stdout
+    /// (e.g. `cutover completions bash > /etc/bash_completion.d/cutover`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff), on stdout (e.g. `cutover man > cutover.1`).
+    Man,
     /// Start what `dev` starts, run a scripted scenario, print a report, exit 0 only if it all held.
     Demo {
         #[arg(long, short, value_enum, default_value_t = client::Output::Text)]
@@ -192,6 +200,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             shutdown_signal().await;
             eprintln!("stopping");
             sys.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "cutover", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo {

@@ -178,6 +178,8 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("no heartbeat acknowledgement"), "{text}");
+    // Its log is a file here: no colour codes in it.
+    assert!(!text.contains('\u{1b}'), "ANSI escapes in a log file:\n{text}");
 
     // Failures exit non-zero and say why.
     let (ok, _, err) = cutover(&env, &["status", "--app", "nope"]);
@@ -377,4 +379,48 @@ fn dev_keeps_working_while_every_certificate_rotates_to_a_new_ca() {
     );
     assert!(!text.contains("panicked"), "{text}");
     stop_dev(&mut dev);
+}
+
+/// `cutover --version` names the commit it was built from, as users quote
+/// it in bug reports.
+#[test]
+fn version_names_the_git_revision() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(head.status.success(), "the tests run from a git checkout");
+    let head = String::from_utf8(head.stdout).unwrap().trim().to_owned();
+    let (ok, out, err) = cutover(&HashMap::new(), &["--version"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("cutover {} (git {head})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Shell completions and a man page, generated from the same definition
+/// as the parser, so they list every verb.
+#[test]
+fn completions_and_man_page_cover_the_verbs() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef cutover"),
+        ("fish", "complete -c cutover"),
+    ] {
+        let (ok, out, err) = cutover(&HashMap::new(), &["completions", shell]);
+        assert!(ok, "{shell}: {err}");
+        assert!(out.contains(marker), "{shell}: no {marker:?} in\n{out}");
+        for verb in ["deploy", "rollback", "coordinator", "demo"] {
+            assert!(out.contains(verb), "{shell} completions lack {verb}");
+        }
+    }
+    let (ok, _, err) = cutover(&HashMap::new(), &["completions", "tcsh"]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+    let (ok, man, err) = cutover(&HashMap::new(), &["man"]);
+    assert!(ok, "{err}");
+    assert!(man.starts_with(".ie") || man.contains(".TH cutover"), "{man}");
+    assert!(man.contains("deploy") && man.contains("demo"), "{man}");
 }
