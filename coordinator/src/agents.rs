@@ -125,14 +125,15 @@ impl AgentHub {
     async fn reap(&self) {
         let now = Instant::now();
         let since = *self.leader_since.lock().expect("leader_since");
-        let up: Vec<(ClusterRef, u64)> = self.consensus.read(|s| {
+        let wall_now = now_unix_ms();
+        let up: Vec<(ClusterRef, u64, i64)> = self.consensus.read(|s| {
             s.agents
                 .values()
                 .filter(|a| a.state == AgentState::Up)
-                .map(|a| (a.cluster.clone(), a.session))
+                .map(|a| (a.cluster.clone(), a.session, a.since_unix_ms))
                 .collect()
         });
-        for (cluster, session) in up {
+        for (cluster, session, up_since_ms) in up {
             let last = {
                 let sessions = self.sessions.lock().expect("sessions");
                 // Only the registration the state records counts: a newer
@@ -140,7 +141,15 @@ impl AgentHub {
                 match sessions.get(&cluster) {
                     Some(s) if s.id != session && session != 0 => continue,
                     Some(s) => s.last_seen.max(since),
-                    None => since,
+                    // No session here: the agent is gone, or its AgentUp
+                    // has committed and the registration has not reached
+                    // `sessions` yet. Either way its clock starts at that
+                    // AgentUp, not earlier: counting from when this node
+                    // began leading marked just-registered agents down.
+                    None => {
+                        let age = Duration::from_millis(wall_now.saturating_sub(up_since_ms).max(0) as u64);
+                        since.max(now.checked_sub(age).unwrap_or(now))
+                    }
                 }
             };
             if now.duration_since(last) > self.dead_after() {
