@@ -178,7 +178,7 @@ async fn corrupt_truncated_or_wrongly_keyed_backups_are_named_and_never_restored
     let mut flipped = bytes.clone();
     flipped[mid] ^= 0x40;
     let mut forged = replaced(&f, &record, flipped.clone()).await;
-    forged.object.sha256 = backup::sha256_hex(&flipped);
+    forged.object.sha256 = cutover_shared::release::sha256_hex(&flipped);
     let e = backup::verify(&f.store, &forged, &f.keys).await.unwrap_err();
     assert!(
         matches!(e, BackupError::Corrupt { .. }) && e.to_string().contains("authentication"),

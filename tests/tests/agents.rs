@@ -15,12 +15,10 @@ fn agent_state(s: &cutover_coordinator::state::State, key: &str) -> Option<Agent
     s.agents.get(key).map(|a| a.state)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn agent_up_down_within_three_intervals_and_up_again() {
-    // The product's default interval: the test clusters' 200 ms leaves too
-    // little room for a commit on a loaded 2-core machine to say anything
-    // about the 3-interval promise users get.
-    let mut c = TestCluster::builder()
+/// Three coordinators at the product's default heartbeat interval, and the
+/// leader's index.
+async fn cluster_with_default_heartbeat() -> (TestCluster, usize) {
+    let c = TestCluster::builder()
         .nodes(3)
         .regions(REGIONS)
         .configure(|cfg| cfg.agent_heartbeat_interval_ms = DEFAULT_AGENT_HEARTBEAT_MS)
@@ -28,6 +26,15 @@ async fn agent_up_down_within_three_intervals_and_up_again() {
         .await
         .unwrap();
     let leader = c.wait_leader(T).await.unwrap();
+    (c, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_up_down_within_three_intervals_and_up_again() {
+    // The product's default interval: the test clusters' 200 ms leaves too
+    // little room for a commit on a loaded 2-core machine to say anything
+    // about the 3-interval promise users get.
+    let (mut c, leader) = cluster_with_default_heartbeat().await;
     c.start_agent(0).unwrap();
     c.start_agent(1).unwrap();
     c.wait_state(leader, T, "both agents up", |s| {
@@ -292,14 +299,7 @@ async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
     use pb::connect_request::Message as Up;
     use pb::connect_response::Message as Down;
 
-    let mut c = TestCluster::builder()
-        .nodes(3)
-        .regions(REGIONS)
-        .configure(|cfg| cfg.agent_heartbeat_interval_ms = DEFAULT_AGENT_HEARTBEAT_MS)
-        .start()
-        .await
-        .unwrap();
-    let leader = c.wait_leader(T).await.unwrap();
+    let (mut c, leader) = cluster_with_default_heartbeat().await;
     c.start_agent(0).unwrap();
     c.wait_state(leader, T, "us-east up", |s| {
         agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)

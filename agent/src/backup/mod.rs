@@ -32,12 +32,11 @@ use std::io::{self, Read, Write};
 use std::process::Stdio;
 
 use cutover_shared::config::BackupStoreConfig;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::migrate::{DbConfig, DbUrl, Driver, MigrateError, pg_tool_command};
 use seal::{BackupKey, Opener, SealError, Sealer};
-use store::{ObjectStore, Piece, Uploaded, hex};
+use store::{ObjectStore, Piece, Uploaded};
 
 /// Parts queued between the dump and the upload.
 pub const PART_QUEUE: usize = 2;
@@ -400,15 +399,7 @@ pub async fn restore_scratch(
     scratch: &str,
 ) -> Result<DbUrl, BackupError> {
     verify(store, record, keys).await?;
-    if !scratch
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    {
-        return Err(BackupError::Restore(format!(
-            "scratch database name {} must be lowercase letters, digits and _",
-            cutover_shared::domain::quote(scratch)
-        )));
-    }
+    // create_database refuses a name that is not a plain database name.
     crate::migrate::create_database(db, scratch).await?;
     let (mut cmd, pass) = pg_tool_command(db, "pg_restore", Some(scratch)).await?;
     cmd.arg("--no-owner")
@@ -450,9 +441,4 @@ pub async fn restore_scratch(
 /// Drops a scratch database made by [`restore_scratch`].
 pub async fn drop_scratch(db: &DbConfig, scratch: &str) -> Result<(), BackupError> {
     Ok(crate::migrate::drop_database(db, scratch).await?)
-}
-
-/// SHA-256 of bytes, hex (for callers comparing dumps).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
 }

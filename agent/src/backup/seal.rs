@@ -123,7 +123,7 @@ impl BackupKey {
 
     /// The key as 64 hexadecimal characters, for writing a key file.
     pub fn to_hex(&self) -> String {
-        self.key.iter().map(|b| format!("{b:02x}")).collect()
+        cutover_shared::release::hex(&self.key)
     }
 
     fn check(&self) -> [u8; 16] {

@@ -21,6 +21,7 @@ use aws_sdk_s3::types::{
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use cutover_shared::config::BackupStoreConfig;
+use cutover_shared::release::hex;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -367,8 +368,4 @@ impl ObjectStore {
             .map_err(|e| store_err(&format!("writing {key}"), e))?;
         Ok(out.version_id().map(str::to_owned))
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -224,9 +224,7 @@ pub fn file_sha256(path: &Path) -> std::io::Result<(u64, String)> {
     Ok((size, hex(&h.finalize())))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use cutover_shared::release::hex;
 
 fn now_ms() -> u64 {
     cutover_shared::domain::now_unix_ms().max(0) as u64
