@@ -68,6 +68,7 @@ pub struct Agent {
     store: Arc<Store>,
     apps: Arc<app_tasks::AppRuntime>,
     dbs: Arc<db_tasks::DbRuntime>,
+    backups: Arc<backup::task::BackupRuntime>,
     /// The current session's sender; tasks send through whatever session is
     /// open when they finish.
     outbox: Outbox,
@@ -93,12 +94,19 @@ impl Agent {
             policy: cfg.drivers.clone(),
         }));
         let dbs = Arc::new(db_tasks::DbRuntime::new(&cfg.databases, &cfg.data_dir));
+        let backups = Arc::new(backup::task::BackupRuntime::new(
+            &cfg.databases,
+            &cfg.data_dir,
+            cluster.clone(),
+            cfg.backup.clone(),
+        ));
         Ok(Agent {
             cfg,
             cluster,
             store,
             apps,
             dbs,
+            backups,
             outbox: Default::default(),
             running: Default::default(),
         })
@@ -117,9 +125,15 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.apps.readopt().await;
-        if let Some(b) = self.cfg.backup.clone() {
-            let own = format!("{}/{}/", self.cluster.region, self.cluster.cluster);
-            let _checks = tokio::spawn(backup::startup_checks(b, own));
+        if self.backups.configured() {
+            // The store's start-up checks (versioning, uploads a crash left
+            // unfinished) run now; a backup task waits for them.
+            let backups = self.backups.clone();
+            tokio::spawn(async move {
+                if let Err(e) = backups.start().await {
+                    tracing::warn!("backup store: {e}");
+                }
+            });
         }
         let n = self.cfg.coordinators.len();
         let mut next = rand::rng().random_range(0..n);
@@ -192,6 +206,11 @@ impl Agent {
                 .iter()
                 .chain(app_tasks::KINDS)
                 .chain(db_tasks::KINDS)
+                .chain(if self.backups.configured() {
+                    backup::task::KINDS
+                } else {
+                    &[]
+                })
                 .map(|k| k.as_str().to_owned())
                 .collect(),
         };
@@ -302,6 +321,7 @@ impl Agent {
         let running = self.running.clone();
         let apps = self.apps.clone();
         let dbs = self.dbs.clone();
+        let backups = self.backups.clone();
         tokio::spawn(async move {
             let task_id = spec.task_id.clone();
             // redb commits fsync: off the async workers, which carry every
@@ -338,6 +358,8 @@ impl Agent {
                 apps.execute(&spec, &progress).await
             } else if kind.is_some_and(|k| db_tasks::KINDS.contains(&k)) {
                 dbs.execute(&spec, &progress).await
+            } else if kind.is_some_and(|k| backup::task::KINDS.contains(&k)) {
+                backups.execute(&spec, &progress).await
             } else {
                 tasks::execute(&spec, progress).await
             };

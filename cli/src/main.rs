@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod backup;
 mod client;
 mod demo;
 mod dev;

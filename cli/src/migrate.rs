@@ -216,7 +216,7 @@ pub async fn run_release(cmd: ReleaseCmd, conn: ConnOpts) -> Result<ExitCode> {
 }
 
 /// Polls an operation until it finishes.
-async fn finished_operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> {
+pub(crate) async fn finished_operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30 * 60);
     loop {
         let op = call(conn, |mut c| {
@@ -237,15 +237,15 @@ async fn finished_operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> 
     }
 }
 
-/// One cluster's answer to a migrate task.
-struct RegionResult {
-    target: String,
-    ok: bool,
-    message: String,
-    outputs: std::collections::HashMap<String, String>,
+/// One cluster's answer to a migrate or backup task.
+pub(crate) struct RegionResult {
+    pub target: String,
+    pub ok: bool,
+    pub message: String,
+    pub outputs: std::collections::HashMap<String, String>,
 }
 
-fn results(op: &pb::Operation) -> Vec<RegionResult> {
+pub(crate) fn results(op: &pb::Operation) -> Vec<RegionResult> {
     op.tasks
         .iter()
         .filter_map(|t| {

@@ -62,6 +62,13 @@ pub enum Verb {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// Backups of an app's databases: create, list, get, validate, restore.
+    Backup {
+        #[command(subcommand)]
+        cmd: crate::backup::BackupCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Database migrations against each region's primary: status, plan, up, down.
     Migrate {
         #[command(subcommand)]
@@ -458,6 +465,7 @@ fn kind_name(k: i32) -> &'static str {
         pb::OperationKind::Rollback => "rollback",
         pb::OperationKind::HealthCheck => "health-check",
         pb::OperationKind::Migrate => "migrate",
+        pb::OperationKind::Backup => "backup",
         pb::OperationKind::Unspecified => "operation",
     }
 }
@@ -952,6 +960,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         }
         Verb::Release { cmd, conn } => return crate::migrate::run_release(cmd, conn).await,
         Verb::Migrate { cmd, conn } => return crate::migrate::run_migrate(cmd, conn).await,
+        Verb::Backup { cmd, conn } => return crate::backup::run(cmd, conn).await,
         Verb::Promote { operation, gate, conn } => steer(&conn, &operation, Steer::Promote(gate)).await?,
         Verb::Pause { operation, conn } => steer(&conn, &operation, Steer::Pause).await?,
         Verb::Resume { operation, conn } => steer(&conn, &operation, Steer::Resume).await?,

@@ -52,14 +52,15 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
             Some(
                 "AddNode" | "RemoveNode" | "RunTask" | "CreateAttestation" | "ApplyApp" | "Deploy" | "Switch"
                 | "Rollback" | "HealthCheck" | "PromoteOperation" | "PauseOperation" | "ResumeOperation"
-                | "AbortOperation" | "CreateRelease" | "Migrate",
+                | "AbortOperation" | "CreateRelease" | "Migrate" | "CreateBackup" | "ValidateBackup" | "RestoreBackup",
             ),
         ) => WRITES,
         (
             _,
             Some(
                 "GetClusterStatus" | "ListAgents" | "GetStatus" | "ListOperations" | "GetOperation" | "WatchOperation"
-                | "ListAttestations" | "ListAuditEvents" | "ListApps" | "GetApp" | "ListReleases" | "GetRelease",
+                | "ListAttestations" | "ListAuditEvents" | "ListApps" | "GetApp" | "ListReleases" | "GetRelease"
+                | "ListBackups" | "GetBackup",
             ),
         ) => READS,
         _ => return None,

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec};
+use cutover_shared::backup::{BackupAction, BackupEntry, MAX_VALIDATIONS, Validation};
 use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
@@ -189,6 +190,10 @@ pub struct State {
     /// The last audit sequence number given out.
     #[serde(default)]
     pub audit_sequence: u64,
+    /// The backup catalog, by backup id. An entry is added when its
+    /// upload's task finishes successfully, never before.
+    #[serde(default)]
+    pub backups: BTreeMap<String, BackupEntry>,
 }
 
 impl State {
@@ -342,9 +347,24 @@ impl State {
                     .map(str::to_owned)
                     .zip(cutover_shared::task::outputs::AppOutputs::from_wire(&result.outputs).status);
                 task.result = Some(result);
+                let cataloged = catalog_change(op, i, at_unix_ms);
                 refresh_operation(op, at_unix_ms);
                 if let Some((app, status)) = reported {
                     self.app_status.entry(app).or_default().insert(from.to_string(), status);
+                }
+                match cataloged {
+                    Some(CatalogChange::Add(entry)) => {
+                        self.backups.entry(entry.id.clone()).or_insert(*entry);
+                    }
+                    Some(CatalogChange::Validated { backup_id, validation }) => {
+                        if let Some(b) = self.backups.get_mut(&backup_id) {
+                            b.validations.push(validation);
+                            if b.validations.len() > MAX_VALIDATIONS {
+                                b.validations.remove(0);
+                            }
+                        }
+                    }
+                    None => {}
                 }
             }
             Command::Attest { attestations, audit } => {
@@ -722,6 +742,61 @@ impl State {
             |d| self.spec_by_digest(d).and_then(|s| serde_json::to_string(s).ok()),
             |d| self.bundles.get(d).and_then(|b| serde_json::to_string(b).ok()),
         );
+    }
+}
+
+/// What a finished `db.backup` task changes in the catalog.
+enum CatalogChange {
+    Add(Box<BackupEntry>),
+    Validated { backup_id: String, validation: Validation },
+}
+
+/// The catalog change task `i` of `op` makes by finishing with its result:
+/// a successful upload adds its entry; a validation, passed or not, is
+/// recorded on its backup.
+fn catalog_change(op: &Operation, i: usize, at: i64) -> Option<CatalogChange> {
+    use cutover_shared::task::{TaskParams, outputs::BackupOutputs};
+    let t = &op.tasks[i];
+    let result = t.result.as_ref()?;
+    let Ok(TaskParams::DbBackup(p)) = TaskParams::from_wire(&t.spec.kind, &t.spec.params) else {
+        return None;
+    };
+    let out = BackupOutputs::from_wire(&result.outputs);
+    match p.action {
+        BackupAction::Create if result.success => {
+            let object = out.object?;
+            let started = out.started_at_unix_ms.unwrap_or(t.created_at_unix_ms);
+            Some(CatalogChange::Add(Box::new(BackupEntry {
+                id: p.backup_id,
+                app: p.app.app,
+                cluster: t.spec.target.clone(),
+                database: out.database.unwrap_or_default(),
+                engine: out.engine.unwrap_or_default(),
+                object,
+                migration_version: out.migration_version.unwrap_or(0),
+                table_rows: out.table_rows.unwrap_or_default(),
+                started_at_unix_ms: started,
+                finished_at_unix_ms: result.finished_at_unix_ms,
+                requested_by: op.created_by.clone(),
+                operation_id: op.id.clone(),
+                trigger: op.spec.backup.as_ref().map(|b| b.trigger.clone()).unwrap_or_default(),
+                validations: Vec::new(),
+            })))
+        }
+        BackupAction::Validate => Some(CatalogChange::Validated {
+            backup_id: p.backup_id,
+            validation: Validation {
+                operation_id: op.id.clone(),
+                at_unix_ms: at,
+                passed: result.success,
+                verdict: out
+                    .verdict
+                    .unwrap_or_else(|| if result.success { "passed" } else { "error" }.to_owned()),
+                message: result.message.clone(),
+                duration_ms: out.duration_ms.unwrap_or(0),
+            },
+        }),
+        _ => None,
     }
 }
 

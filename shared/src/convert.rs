@@ -133,6 +133,7 @@ impl From<domain::Operation> for proto::Operation {
             domain::OperationKind::Rollback => proto::OperationKind::Rollback,
             domain::OperationKind::HealthCheck => proto::OperationKind::HealthCheck,
             domain::OperationKind::Migrate => proto::OperationKind::Migrate,
+            domain::OperationKind::Backup => proto::OperationKind::Backup,
         };
         proto::Operation {
             id: o.id,
@@ -440,6 +441,44 @@ impl From<crate::release::Release> for proto::Release {
             reversible: r.reversible,
             created_by: r.created_by,
             created_at_unix_ms: r.created_at_unix_ms,
+        }
+    }
+}
+
+impl From<crate::backup::BackupEntry> for proto::Backup {
+    fn from(b: crate::backup::BackupEntry) -> Self {
+        proto::Backup {
+            trigger: b.trigger.as_str().to_owned(),
+            id: b.id,
+            app: b.app,
+            region: b.cluster.region,
+            cluster: b.cluster.cluster,
+            database: b.database,
+            engine: b.engine,
+            object_key: b.object.key,
+            version_id: b.object.version_id.unwrap_or_default(),
+            size_bytes: b.object.size,
+            sha256: b.object.sha256,
+            key_id: b.object.key_id,
+            dump_bytes: b.object.dump_bytes,
+            migration_version: b.migration_version,
+            table_rows: b.table_rows.into_iter().collect(),
+            started_at_unix_ms: b.started_at_unix_ms,
+            finished_at_unix_ms: b.finished_at_unix_ms,
+            requested_by: b.requested_by,
+            operation_id: b.operation_id,
+            validations: b
+                .validations
+                .into_iter()
+                .map(|v| proto::BackupValidation {
+                    operation_id: v.operation_id,
+                    at_unix_ms: v.at_unix_ms,
+                    passed: v.passed,
+                    verdict: v.verdict,
+                    message: v.message,
+                    duration_ms: v.duration_ms,
+                })
+                .collect(),
         }
     }
 }

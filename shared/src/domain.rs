@@ -172,6 +172,8 @@ pub enum OperationKind {
     HealthCheck,
     /// Show, plan, apply or revert an app's database migrations.
     Migrate,
+    /// Back up an app's databases, or validate or restore a backup.
+    Backup,
 }
 
 impl OperationKind {
@@ -183,6 +185,7 @@ impl OperationKind {
             OperationKind::Rollback => "rollback",
             OperationKind::HealthCheck => "health-check",
             OperationKind::Migrate => "migrate",
+            OperationKind::Backup => "backup",
         }
     }
 }

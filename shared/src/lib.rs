@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod backup;
 pub mod certs;
 pub mod config;
 pub mod convert;

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::app::Color;
+use crate::backup::{BackupAction, BackupObject, BackupTrigger};
 use crate::task::MigrateAction;
 
 /// How a deploy moves traffic across regions.
@@ -47,6 +48,24 @@ pub struct MigrateSpec {
     pub target: Option<i64>,
     /// Plan and report, change nothing.
     pub dry_run: bool,
+}
+
+/// A backup operation's request. For validate and restore, the catalog
+/// entry's object and row counts are copied in at creation, so the plan
+/// reads nothing else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSpec {
+    pub action: BackupAction,
+    /// Validate and restore: the backup acted on.
+    #[serde(default)]
+    pub backup_id: Option<String>,
+    #[serde(default)]
+    pub object: Option<BackupObject>,
+    #[serde(default)]
+    pub table_rows: BTreeMap<String, i64>,
+    /// Create: why it was taken.
+    #[serde(default)]
+    pub trigger: BackupTrigger,
 }
 
 /// What an operation does, fixed at creation. Fields that do not apply to
@@ -85,6 +104,9 @@ pub struct OperationSpec {
     /// Migrate: what to do.
     #[serde(default)]
     pub migrate: Option<MigrateSpec>,
+    /// Backup: what to do (boxed: most operations have none).
+    #[serde(default)]
+    pub backup: Option<Box<BackupSpec>>,
 }
 
 impl OperationSpec {
@@ -125,6 +147,7 @@ impl OperationSpec {
                 target: get("target").and_then(|t| t.parse().ok()),
                 dry_run: get("dry_run") == Some("true"),
             }),
+            backup: None,
         }
     }
 
@@ -172,6 +195,15 @@ impl OperationSpec {
             }
             if mg.dry_run {
                 put("dry_run", "true".into());
+            }
+        }
+        if let Some(b) = &self.backup {
+            put("backup_action", b.action.as_str().into());
+            if let Some(id) = &b.backup_id {
+                put("backup_id", id.clone());
+            }
+            if b.action == BackupAction::Create {
+                put("trigger", b.trigger.as_str().into());
             }
         }
         m

@@ -23,6 +23,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 
 use crate::app::{AppSpec, Color};
+use crate::backup::{BackupAction, BackupObject};
 use crate::release::Bundle;
 
 /// A task's parameters as they travel: a string map.
@@ -58,11 +59,14 @@ pub enum TaskKind {
     AppBake,
     /// Show, plan, apply or revert an app's database migrations.
     DbMigrate,
+    /// Back up an app's database to the object store, or validate or
+    /// restore a backup.
+    DbBackup,
 }
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 7] = [
+    pub const ALL: [TaskKind; 8] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
@@ -70,6 +74,7 @@ impl TaskKind {
         TaskKind::AppSwitch,
         TaskKind::AppBake,
         TaskKind::DbMigrate,
+        TaskKind::DbBackup,
     ];
 
     /// The kind's name on the wire.
@@ -82,6 +87,7 @@ impl TaskKind {
             TaskKind::AppSwitch => "app.switch",
             TaskKind::AppBake => "app.bake",
             TaskKind::DbMigrate => "db.migrate",
+            TaskKind::DbBackup => "db.backup",
         }
     }
 
@@ -104,6 +110,7 @@ impl TaskKind {
             TaskKind::AppDeploy | TaskKind::AppGates | TaskKind::AppBake => "cutover deploy",
             TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
             TaskKind::DbMigrate => "cutover migrate",
+            TaskKind::DbBackup => "cutover backup",
         }
     }
 }
@@ -187,6 +194,19 @@ pub struct MigrateParams {
     pub compensate: bool,
 }
 
+/// `db.backup`'s parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackupParams {
+    pub app: AppRef,
+    pub action: BackupAction,
+    /// The backup's id (create: the id it gets).
+    pub backup_id: String,
+    /// Validate and restore: the object to read, from the catalog.
+    pub object: Option<BackupObject>,
+    /// Validate: rows per table recorded when the backup was taken.
+    pub table_rows: BTreeMap<String, i64>,
+}
+
 /// One typed parameter set per [`TaskKind`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TaskParams {
@@ -214,6 +234,7 @@ pub enum TaskParams {
         seconds: u64,
     },
     DbMigrate(MigrateParams),
+    DbBackup(BackupParams),
 }
 
 fn get<'a>(p: &'a WireParams, key: &'static str) -> Result<&'a str, TaskError> {
@@ -233,6 +254,17 @@ where
             v.parse::<T>().map_err(|e| TaskError::Invalid {
                 key,
                 why: format!("{v:?}: {e}"),
+            })
+        })
+        .transpose()
+}
+
+fn json<T: serde::de::DeserializeOwned>(p: &WireParams, key: &'static str) -> Result<Option<T>, TaskError> {
+    p.get(key)
+        .map(|v| {
+            serde_json::from_str(v).map_err(|e| TaskError::Invalid {
+                key,
+                why: e.to_string(),
             })
         })
         .transpose()
@@ -265,6 +297,7 @@ impl TaskParams {
             TaskParams::AppSwitch { .. } => TaskKind::AppSwitch,
             TaskParams::AppBake { .. } => TaskKind::AppBake,
             TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
+            TaskParams::DbBackup(_) => TaskKind::DbBackup,
         }
     }
 
@@ -277,6 +310,7 @@ impl TaskParams {
             | TaskParams::AppSwitch { app, .. }
             | TaskParams::AppBake { app, .. } => Some(app),
             TaskParams::DbMigrate(m) => Some(&m.app),
+            TaskParams::DbBackup(b) => Some(&b.app),
         }
     }
 
@@ -339,6 +373,16 @@ impl TaskParams {
                     put("compensate", "true".into());
                 }
             }
+            TaskParams::DbBackup(b) => {
+                put("action", b.action.as_str().into());
+                put("backup_id", b.backup_id.clone());
+                if let Some(o) = &b.object {
+                    put("object", serde_json::to_string(o).unwrap_or_default());
+                }
+                if !b.table_rows.is_empty() {
+                    put("table_rows", serde_json::to_string(&b.table_rows).unwrap_or_default());
+                }
+            }
         }
         (self.kind().as_str().to_owned(), p)
     }
@@ -384,6 +428,19 @@ impl TaskParams {
                     target: number(p, "target")?,
                     dry_run: flag(p, "dry_run"),
                     compensate: flag(p, "compensate"),
+                })
+            }
+            TaskKind::DbBackup => {
+                let action = get(p, "action")?;
+                TaskParams::DbBackup(BackupParams {
+                    app: app_ref(p)?,
+                    action: BackupAction::parse(action).ok_or_else(|| TaskError::Invalid {
+                        key: "action",
+                        why: format!("{action:?} is not create, validate or restore"),
+                    })?,
+                    backup_id: get(p, "backup_id")?.to_owned(),
+                    object: json(p, "object")?,
+                    table_rows: json(p, "table_rows")?.unwrap_or_default(),
                 })
             }
         })
@@ -463,8 +520,11 @@ pub mod outputs {
     //! as they are; `to_wire` and `from_wire` here are the only code that
     //! knows their keys.
 
+    use std::collections::BTreeMap;
+
     use super::WireParams;
     use crate::app::{AppClusterStatus, Color};
+    use crate::backup::BackupObject;
 
     fn versions(list: &str) -> Vec<i64> {
         list.split(',').filter_map(|v| v.trim().parse().ok()).collect()
@@ -620,6 +680,66 @@ pub mod outputs {
         }
     }
 
+    /// What `db.backup` reports. Create sets the object and the facts the
+    /// catalog records; validate the verdict; restore the scratch database.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct BackupOutputs {
+        pub object: Option<BackupObject>,
+        /// The database's name on its server.
+        pub database: Option<String>,
+        pub engine: Option<String>,
+        pub migration_version: Option<i64>,
+        pub table_rows: Option<BTreeMap<String, i64>>,
+        pub started_at_unix_ms: Option<i64>,
+        pub duration_ms: Option<u64>,
+        /// Validate: `passed` or what failed (see [`crate::backup::Validation`]).
+        pub verdict: Option<String>,
+        /// Restore: the scratch database the backup was restored into.
+        pub scratch: Option<String>,
+    }
+
+    impl BackupOutputs {
+        pub fn to_wire(&self) -> WireParams {
+            let mut m = WireParams::new();
+            let mut put = |k: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    m.insert(k.to_owned(), v);
+                }
+            };
+            put(
+                "object",
+                self.object.as_ref().and_then(|o| serde_json::to_string(o).ok()),
+            );
+            put("database", self.database.clone());
+            put("engine", self.engine.clone());
+            put("migration_version", self.migration_version.map(|v| v.to_string()));
+            put(
+                "table_rows",
+                self.table_rows.as_ref().and_then(|t| serde_json::to_string(t).ok()),
+            );
+            put("started_at_unix_ms", self.started_at_unix_ms.map(|v| v.to_string()));
+            put("duration_ms", self.duration_ms.map(|v| v.to_string()));
+            put("verdict", self.verdict.clone());
+            put("scratch", self.scratch.clone());
+            m
+        }
+
+        pub fn from_wire(m: &WireParams) -> Self {
+            let num = |k: &str| m.get(k).and_then(|v| v.parse().ok());
+            BackupOutputs {
+                object: m.get("object").and_then(|o| serde_json::from_str(o).ok()),
+                database: m.get("database").cloned(),
+                engine: m.get("engine").cloned(),
+                migration_version: num("migration_version"),
+                table_rows: m.get("table_rows").and_then(|t| serde_json::from_str(t).ok()),
+                started_at_unix_ms: num("started_at_unix_ms"),
+                duration_ms: m.get("duration_ms").and_then(|v| v.parse().ok()),
+                verdict: m.get("verdict").cloned(),
+                scratch: m.get("scratch").cloned(),
+            }
+        }
+    }
+
     /// The color an `app.deploy` result reports.
     pub fn deployed_color(out: &WireParams) -> Option<Color> {
         AppOutputs::from_wire(out).color
@@ -674,6 +794,22 @@ mod tests {
         assert_eq!(status.to_wire()["pending"], "");
         assert_eq!(MigrateOutputs::from_wire(&status.to_wire()), status);
         assert!(!status.migrated_anything());
+        let backup = outputs::BackupOutputs {
+            object: Some(crate::backup::BackupObject {
+                key: "k".into(),
+                size: 3,
+                ..Default::default()
+            }),
+            database: Some("shop".into()),
+            engine: Some("PostgreSQL 16.4".into()),
+            migration_version: Some(4),
+            table_rows: Some(BTreeMap::from([("public.t".to_owned(), 2)])),
+            started_at_unix_ms: Some(1),
+            duration_ms: Some(5),
+            verdict: Some("passed".into()),
+            scratch: Some("shop_restore_x".into()),
+        };
+        assert_eq!(outputs::BackupOutputs::from_wire(&backup.to_wire()), backup);
     }
 
     fn app() -> AppRef {
@@ -721,6 +857,21 @@ mod tests {
                 target: Some(3),
                 dry_run: true,
                 compensate: true,
+            }),
+            TaskParams::DbBackup(BackupParams {
+                app: app(),
+                action: BackupAction::Validate,
+                backup_id: "shop-20261129-030005-us-east-us-east-1-3fa2c1".into(),
+                object: Some(BackupObject {
+                    key: "b/us-east/us-east-1/shop/x.cbk".into(),
+                    version_id: Some("v1".into()),
+                    size: 10,
+                    sha256: "ab".repeat(32),
+                    parts: 2,
+                    key_id: "k1".into(),
+                    dump_bytes: 30,
+                }),
+                table_rows: BTreeMap::from([("public.orders".to_owned(), 3)]),
             }),
         ];
         let mut kinds = std::collections::BTreeSet::new();

@@ -22,11 +22,14 @@
 //! The encryption keys come from the agent's config and never leave it; a
 //! backup's header names the key id that sealed it (see [`seal`]).
 //!
-//! What is not here yet: the catalog in Raft, the CLI verbs and schedules,
-//! SQLite, restore onto a primary (see ARCHITECTURE.md, "Backups").
+//! [`task`] runs the `db.backup` task (create, validate, restore) on top
+//! of these; the coordinator keeps the catalog. Not here yet: SQLite,
+//! restore onto a primary, schedules (see ARCHITECTURE.md, "Backups").
 
+pub mod facts;
 pub mod seal;
 pub mod store;
+pub mod task;
 
 use std::io::{self, Read, Write};
 use std::process::Stdio;
@@ -63,38 +66,6 @@ pub enum BackupError {
     Restore(String),
     #[error(transparent)]
     Database(#[from] MigrateError),
-}
-
-/// What an agent checks of its backup store when it starts, logged rather
-/// than fatal (the store may come up later): that the bucket keeps
-/// versions, and that no upload a crash interrupted is left unfinished.
-/// `own` is this agent's part of the key space (`<region>/<cluster>/`):
-/// other agents may share the bucket and be uploading right now.
-pub async fn startup_checks(cfg: BackupStoreConfig, own: String) {
-    let store = match ObjectStore::connect(&cfg).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("backup store: {e}");
-            return;
-        }
-    };
-    if let Err(e) = load_keys(&cfg) {
-        tracing::warn!("backup store: {e}");
-    }
-    match store.versioning_enabled().await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            bucket = %cfg.bucket,
-            "backup bucket does not keep versions: an overwritten or deleted backup cannot be recovered; \
-             enable versioning on it"
-        ),
-        Err(e) => tracing::warn!("backup store: {e}"),
-    }
-    match store.abort_incomplete(&store.key(&own)).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(bucket = %cfg.bucket, "aborted {n} unfinished backup upload(s) left by a crash"),
-        Err(e) => tracing::warn!("backup store: {e}"),
-    }
 }
 
 /// The keys of a store config: the first seals, all open.
@@ -175,6 +146,18 @@ pub async fn backup(
     keys: &[BackupKey],
     name: &str,
 ) -> Result<BackupRecord, BackupError> {
+    backup_at(db, store, keys, name, None).await
+}
+
+/// [`backup`], dumping the exported snapshot `snapshot` (see
+/// [`facts::Snapshot`]) when given.
+pub async fn backup_at(
+    db: &DbConfig,
+    store: &ObjectStore,
+    keys: &[BackupKey],
+    name: &str,
+    snapshot: Option<&str>,
+) -> Result<BackupRecord, BackupError> {
     let key = keys
         .first()
         .ok_or_else(|| BackupError::Config("no encryption key".into()))?
@@ -189,6 +172,7 @@ pub async fn backup(
     cmd.arg("--format=custom")
         .arg("--compress=0")
         .arg(format!("--lock-wait-timeout={}", db.lock_timeout.as_millis()))
+        .args(snapshot.map(|s| format!("--snapshot={s}")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let object_key = store.key(name);
@@ -242,7 +226,6 @@ pub async fn backup(
         .map_err(|e| BackupError::Source(format!("the dump thread failed: {e}")))?;
     let dump_bytes = produced.map_err(|why| BackupError::Source(db_clean(db, &why)))?;
     let object = uploaded?;
-    metrics::counter!("cutover_backup_bytes_total", "app" => db.app.clone()).increment(object.size);
     Ok(BackupRecord {
         object,
         key_id,

@@ -360,3 +360,27 @@ impl RunObserver for Quiet {
 pub async fn dump_checksum(cfg: &DbConfig) -> Result<String, MigrateError> {
     backup::content_checksum(cfg).await
 }
+
+/// Runs an app's checks (`migration_checks`: each one row, one boolean,
+/// true) against `cfg`'s database, where they cannot write. The error
+/// names the first check that failed.
+pub async fn run_checks(cfg: &DbConfig, checks: &[String]) -> Result<(), String> {
+    if checks.is_empty() {
+        return Ok(());
+    }
+    let Some(mut conn) = conn::Conn::connect(cfg, conn::Access::ReadOnly)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Err("the database does not exist".into());
+    };
+    let mut result = Ok(());
+    for check in checks {
+        if let Err(e) = conn.check(check).await {
+            result = Err(format!("check {check:?} failed: {e}"));
+            break;
+        }
+    }
+    conn.close().await;
+    result
+}

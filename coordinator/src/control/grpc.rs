@@ -213,4 +213,45 @@ impl ControlService for ControlApi {
         let who = caller(&req)?;
         Ok(Response::new(ControlApi::migrate(self, &who, req.into_inner()).await?))
     }
+
+    async fn create_backup(
+        &self,
+        req: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::create_backup(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_backups(
+        &self,
+        req: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        Ok(Response::new(ControlApi::list_backups(self, req.into_inner()).await?))
+    }
+
+    async fn get_backup(&self, req: Request<pb::GetBackupRequest>) -> Result<Response<pb::GetBackupResponse>, Status> {
+        Ok(Response::new(ControlApi::get_backup(self, req.into_inner()).await?))
+    }
+
+    async fn validate_backup(
+        &self,
+        req: Request<pb::ValidateBackupRequest>,
+    ) -> Result<Response<pb::ValidateBackupResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::validate_backup(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn restore_backup(
+        &self,
+        req: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::restore_backup(self, &who, req.into_inner()).await?,
+        ))
+    }
 }

@@ -20,13 +20,14 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use cutover_shared::app::{AppSpec, Color, validate_image_ref};
+use cutover_shared::backup::{BackupAction, BackupEntry, validate_backup_id};
 use cutover_shared::convert::cluster_from_proto;
 use cutover_shared::domain::{
     self, AgentState, Attestation, ClusterRef, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms,
     validate_name,
 };
 use cutover_shared::identity::Identity;
-use cutover_shared::operation::{MigrateSpec, OperationSpec, Promotion, Strategy};
+use cutover_shared::operation::{BackupSpec, MigrateSpec, OperationSpec, Promotion, Strategy};
 use cutover_shared::proto::{self as pb};
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{MigrateAction, TaskKind};
@@ -241,6 +242,19 @@ impl ControlApi {
         }
         let now = now_unix_ms();
         let id = format!("op-{}", uuid::Uuid::new_v4().simple());
+        let action = match kind {
+            OperationKind::Deploy => "Deploy",
+            OperationKind::Switch => "Switch",
+            OperationKind::Rollback => "Rollback",
+            OperationKind::HealthCheck => "HealthCheck",
+            OperationKind::Migrate => "Migrate",
+            OperationKind::Backup => match op_spec.backup.as_ref().map(|b| b.action) {
+                Some(BackupAction::Validate) => "ValidateBackup",
+                Some(BackupAction::Restore) => "RestoreBackup",
+                _ => "CreateBackup",
+            },
+            OperationKind::Task => "RunTask",
+        };
         let audit_params = serde_json::json!({
             "app": spec.name,
             "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
@@ -261,14 +275,6 @@ impl ControlApi {
             control: Default::default(),
             spec_digest: None,
             bundle_digest: None,
-        };
-        let action = match kind {
-            OperationKind::Deploy => "Deploy",
-            OperationKind::Switch => "Switch",
-            OperationKind::Rollback => "Rollback",
-            OperationKind::HealthCheck => "HealthCheck",
-            OperationKind::Migrate => "Migrate",
-            OperationKind::Task => "RunTask",
         };
         let cmd = Command::CreateOperation {
             operation,
@@ -1188,5 +1194,145 @@ impl ControlApi {
             .start_app_operation(who, OperationKind::Migrate, &spec, targets, op_spec)
             .await?;
         Ok(pb::MigrateResponse { operation_id: id })
+    }
+
+    /// Refuses targets whose agent cannot back up (no `[backup]` store in
+    /// its config, so it does not offer `db.backup`).
+    fn check_backup_store(&self, targets: &[ClusterRef]) -> Result<(), ApiError> {
+        for t in targets {
+            let kinds = self
+                .consensus
+                .read(|s| s.agents.get(&t.to_string()).map(|a| a.task_kinds.clone()))
+                .unwrap_or_default();
+            if !kinds.iter().any(|k| k == TaskKind::DbBackup.as_str()) {
+                return Err(ApiError::failed_precondition(format!(
+                    "the agent for {t} has no backup store (add a [backup] section to its config)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn backup(&self, id: &str) -> Result<BackupEntry, ApiError> {
+        validate_backup_id(id)?;
+        self.consensus
+            .read(|s| s.backups.get(id).cloned())
+            .ok_or_else(|| ApiError::not_found(format!("no backup {id}")))
+    }
+
+    pub async fn create_backup(
+        &self,
+        who: &Identity,
+        r: pb::CreateBackupRequest,
+    ) -> Result<pb::CreateBackupResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        let targets = Self::targets(&spec, &r.region, true)?;
+        self.consensus.catch_up().await?;
+        self.check_backup_store(&targets)?;
+        let op_spec = OperationSpec {
+            backup: Some(Box::new(BackupSpec {
+                action: BackupAction::Create,
+                backup_id: None,
+                object: None,
+                table_rows: BTreeMap::new(),
+                trigger: Default::default(),
+            })),
+            ..OperationSpec::default()
+        };
+        let id = self
+            .start_app_operation(who, OperationKind::Backup, &spec, targets, op_spec)
+            .await?;
+        Ok(pb::CreateBackupResponse { operation_id: id })
+    }
+
+    pub async fn list_backups(&self, r: pb::ListBackupsRequest) -> Result<pb::ListBackupsResponse, ApiError> {
+        if !r.app.is_empty() {
+            validate_name("app", &r.app)?;
+        }
+        if !r.region.is_empty() {
+            validate_name("region", &r.region)?;
+        }
+        let mut backups: Vec<BackupEntry> = self.consensus.read(|s| {
+            s.backups
+                .values()
+                .filter(|b| r.app.is_empty() || b.app == r.app)
+                .filter(|b| r.region.is_empty() || b.cluster.region == r.region)
+                .cloned()
+                .collect()
+        });
+        backups.sort_by(|a, b| (b.finished_at_unix_ms, &b.id).cmp(&(a.finished_at_unix_ms, &a.id)));
+        backups.truncate(list_limit(r.limit));
+        Ok(pb::ListBackupsResponse {
+            backups: backups.into_iter().map(Into::into).collect(),
+        })
+    }
+
+    pub async fn get_backup(&self, r: pb::GetBackupRequest) -> Result<pb::GetBackupResponse, ApiError> {
+        Ok(pb::GetBackupResponse {
+            backup: Some(self.backup(&r.id)?.into()),
+        })
+    }
+
+    /// Starts a validate or restore of backup `id` on the cluster it was
+    /// taken in (where its store and keys are).
+    async fn read_backup(&self, who: &Identity, id: &str, action: BackupAction) -> Result<String, ApiError> {
+        let entry = self.backup(id)?;
+        let spec = self.app(&entry.app)?;
+        if spec.cluster(&entry.cluster).is_none() {
+            return Err(ApiError::failed_precondition(format!(
+                "app {} no longer runs in {}, where backup {id} was taken",
+                entry.app, entry.cluster
+            )));
+        }
+        let targets = vec![entry.cluster.clone()];
+        self.consensus.catch_up().await?;
+        self.check_backup_store(&targets)?;
+        let op_spec = OperationSpec {
+            backup: Some(Box::new(BackupSpec {
+                action,
+                backup_id: Some(entry.id),
+                object: Some(entry.object),
+                table_rows: entry.table_rows,
+                trigger: Default::default(),
+            })),
+            ..OperationSpec::default()
+        };
+        self.start_app_operation(who, OperationKind::Backup, &spec, targets, op_spec)
+            .await
+    }
+
+    pub async fn validate_backup(
+        &self,
+        who: &Identity,
+        r: pb::ValidateBackupRequest,
+    ) -> Result<pb::ValidateBackupResponse, ApiError> {
+        let id = self.read_backup(who, &r.id, BackupAction::Validate).await?;
+        Ok(pb::ValidateBackupResponse { operation_id: id })
+    }
+
+    pub async fn restore_backup(
+        &self,
+        who: &Identity,
+        r: pb::RestoreBackupRequest,
+    ) -> Result<pb::RestoreBackupResponse, ApiError> {
+        match pb::RestoreTarget::try_from(r.to) {
+            Ok(pb::RestoreTarget::Scratch) => {}
+            Ok(pb::RestoreTarget::Primary) => {
+                self.backup(&r.id)?;
+                if !r.confirm {
+                    return Err(ApiError::failed_precondition(format!(
+                        "restoring backup {} onto the primary replaces its data and cannot be undone: \
+                         repeat with confirm (cutover backup restore {} --to primary --confirm)",
+                        r.id, r.id
+                    )));
+                }
+                return Err(ApiError::Unimplemented(
+                    "restoring onto the primary is not available yet; restore to a scratch database".into(),
+                ));
+            }
+            _ => return Err(ApiError::invalid_argument("to must be scratch or primary")),
+        }
+        let id = self.read_backup(who, &r.id, BackupAction::Restore).await?;
+        Ok(pb::RestoreBackupResponse { operation_id: id })
     }
 }

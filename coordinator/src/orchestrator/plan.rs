@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppSpec, Color};
+use cutover_shared::backup;
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind};
 use cutover_shared::operation::{MigrateSpec, Strategy};
 use cutover_shared::release::Bundle;
-use cutover_shared::task::{self, AppRef, MigrateAction, MigrateParams, TaskParams, outputs};
+use cutover_shared::task::{self, AppRef, BackupParams, MigrateAction, MigrateParams, TaskParams, outputs};
 
 use super::DEPLOY;
 
@@ -270,6 +271,31 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                 let mut m = Step::new(t, params);
                 m.with_previous = i > 0;
                 steps.push(m);
+            }
+        }
+        OperationKind::Backup => {
+            // Each target's step is its own: the clusters back up (or the one
+            // cluster validates or restores) at the same time.
+            let Some(b) = op.spec.backup.as_ref() else {
+                return steps;
+            };
+            for (i, t) in op.targets.iter().enumerate() {
+                let backup_id = match (&b.backup_id, b.action) {
+                    (Some(id), _) => id.clone(),
+                    (None, _) => backup::backup_id(&inputs.app.app, t, &op.id, op.created_at_unix_ms),
+                };
+                let mut s = Step::new(
+                    t,
+                    TaskParams::DbBackup(BackupParams {
+                        app: app(),
+                        action: b.action,
+                        backup_id,
+                        object: b.object.clone(),
+                        table_rows: b.table_rows.clone(),
+                    }),
+                );
+                s.with_previous = i > 0;
+                steps.push(s);
             }
         }
         OperationKind::HealthCheck => {

@@ -1,0 +1,451 @@
+//! `db.backup`: the backup task. The coordinator names the app, the
+//! action and the backup; this module finds the app's database in the
+//! agent's own config, and the store and keys in its `[backup]` section
+//! (neither ever leaves this process), and runs the pipeline of
+//! [`super`]:
+//!
+//! - `create`: dump the database at one exported snapshot, recording the
+//!   server, the newest migration and each table's rows in the same
+//!   snapshot, and upload it under `<region>/<cluster>/<app>/<id>.cbk`.
+//!   The result carries what the catalog records; the coordinator commits
+//!   the entry only from a successful result, so an interrupted upload
+//!   leaves none.
+//! - `validate`: verify the object (size, SHA-256, every sealed chunk),
+//!   restore it into a scratch database, run the app's checks, compare the
+//!   row counts with the recorded ones, and drop the scratch database.
+//! - `restore`: restore into a new scratch database, kept for the operator.
+//!
+//! Metrics, labelled by app, region and database:
+//! `cutover_backup_last_success_timestamp_seconds`, `cutover_backup_bytes`,
+//! `cutover_backup_duration_seconds`,
+//! `cutover_backup_validation_last_success_timestamp_seconds`, and the
+//! counters `cutover_backup_failures_total` and
+//! `cutover_backup_validation_failures_total` (labelled by verdict too).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cutover_shared::backup::{self as catalog, BackupAction, BackupObject};
+use cutover_shared::config::{BackupStoreConfig, DatabaseConfig};
+use cutover_shared::domain::{ClusterRef, TaskResult, TaskSpec, now_unix_ms};
+use cutover_shared::task::outputs::BackupOutputs;
+use cutover_shared::task::{self, BackupParams, TaskKind, TaskParams};
+use tokio::sync::OnceCell;
+
+use super::facts::{self, Snapshot};
+use super::seal::BackupKey;
+use super::store::ObjectStore;
+use super::{BackupError, BackupRecord};
+use crate::migrate::{self, DbConfig, Driver};
+
+/// Kinds this module executes (offered only when `[backup]` is configured).
+pub const KINDS: &[TaskKind] = &[TaskKind::DbBackup];
+
+/// The connected store and its keys, once the start-up checks ran.
+struct Ready {
+    store: ObjectStore,
+    keys: Vec<BackupKey>,
+}
+
+/// Runs `db.backup` tasks for this agent's databases.
+pub struct BackupRuntime {
+    databases: BTreeMap<String, DatabaseConfig>,
+    data_dir: PathBuf,
+    cluster: ClusterRef,
+    cfg: Option<BackupStoreConfig>,
+    ready: OnceCell<Ready>,
+}
+
+/// A step's failure: a verdict word for the catalog and the message.
+type Failure = (String, String);
+
+fn verdict(e: &BackupError) -> &'static str {
+    match e {
+        BackupError::Corrupt { .. } => "corrupt",
+        BackupError::Truncated { .. } => "truncated",
+        BackupError::Key { .. } => "wrong-key",
+        BackupError::Restore(_) | BackupError::Database(_) => "restore-failed",
+        _ => "error",
+    }
+}
+
+fn fail(e: BackupError) -> Failure {
+    (verdict(&e).to_owned(), e.to_string())
+}
+
+impl BackupRuntime {
+    pub fn new(
+        databases: &[DatabaseConfig],
+        data_dir: &Path,
+        cluster: ClusterRef,
+        cfg: Option<BackupStoreConfig>,
+    ) -> BackupRuntime {
+        BackupRuntime {
+            databases: databases.iter().map(|d| (d.app.clone(), d.clone())).collect(),
+            data_dir: data_dir.to_owned(),
+            cluster,
+            cfg,
+            ready: OnceCell::new(),
+        }
+    }
+
+    /// True when this agent has a backup store.
+    pub fn configured(&self) -> bool {
+        self.cfg.is_some()
+    }
+
+    /// Connects to the store and runs the start-up checks, once: the
+    /// bucket keeps versions (a warning if not), and no upload a crash
+    /// interrupted is left unfinished under this cluster's prefix. Tasks
+    /// wait for this, so the clean-up never races a new upload. A failure
+    /// is not remembered: the next call tries again.
+    pub async fn start(&self) -> Result<(), BackupError> {
+        self.ready().await.map(|_| ())
+    }
+
+    async fn ready(&self) -> Result<&Ready, BackupError> {
+        let cfg = self
+            .cfg
+            .as_ref()
+            .ok_or_else(|| BackupError::Config("this agent has no [backup] store".into()))?;
+        self.ready
+            .get_or_try_init(|| async {
+                let keys = super::load_keys(cfg)?;
+                let store = ObjectStore::connect(cfg).await?;
+                match store.versioning_enabled().await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        bucket = %cfg.bucket,
+                        "backup bucket does not keep versions: an overwritten or deleted backup cannot be \
+                         recovered; enable versioning on it"
+                    ),
+                    Err(e) => return Err(e),
+                }
+                let own = store.key(&format!("{}/{}/", self.cluster.region, self.cluster.cluster));
+                match store.abort_incomplete(&own).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(bucket = %cfg.bucket, "aborted {n} unfinished backup upload(s) left by a crash")
+                    }
+                    Err(e) => return Err(e),
+                }
+                Ok(Ready { store, keys })
+            })
+            .await
+    }
+
+    pub async fn execute(&self, spec: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
+        let (success, message, outputs) = match self.run(spec, progress).await {
+            Ok((msg, out)) => (true, msg, out),
+            Err((out, (verdict, msg))) => (
+                false,
+                msg,
+                BackupOutputs {
+                    verdict: Some(verdict),
+                    ..out
+                },
+            ),
+        };
+        TaskResult {
+            task_id: spec.task_id.clone(),
+            success,
+            message,
+            outputs: outputs.to_wire(),
+            replayed: false,
+            finished_at_unix_ms: now_unix_ms(),
+        }
+    }
+
+    fn database(&self, app: &str) -> Result<DbConfig, BackupError> {
+        let d = self.databases.get(app).ok_or_else(|| {
+            BackupError::Config(format!(
+                "no database is configured for app {app} on {} (add a [[databases]] entry to the agent's config)",
+                self.cluster
+            ))
+        })?;
+        let db = migrate::resolve(d, &self.data_dir)?;
+        if db.driver != Driver::Postgres {
+            return Err(BackupError::Config(format!(
+                "{} databases cannot be backed up to the object store yet",
+                db.driver
+            )));
+        }
+        Ok(db)
+    }
+
+    async fn run(
+        &self,
+        spec: &TaskSpec,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(String, BackupOutputs), (BackupOutputs, Failure)> {
+        let none = |f: Failure| (BackupOutputs::default(), f);
+        let p = match TaskParams::from_wire(&spec.kind, &spec.params) {
+            Ok(TaskParams::DbBackup(p)) => p,
+            Ok(other) => return Err(none(("error".into(), format!("{} is not a backup task", other.kind())))),
+            Err(e) => return Err(none(("error".into(), e.to_string()))),
+        };
+        catalog::validate_backup_id(&p.backup_id).map_err(|e| none(("error".into(), e.to_string())))?;
+        let db = self.database(&p.app.app).map_err(|e| none(fail(e)))?;
+        let ready = self.ready().await.map_err(|e| none(fail(e)))?;
+        let labels = Labels::new(&p.app.app, &self.cluster, &db);
+        match p.action {
+            BackupAction::Create => self.create(&p, &db, ready, &labels, progress).await,
+            BackupAction::Validate | BackupAction::Restore => {
+                let checks = task::attached_spec(&spec.params)
+                    .map(|s| s.migration_checks)
+                    .unwrap_or_default();
+                self.read(&p, &db, ready, &labels, &checks, &spec.task_id, progress)
+                    .await
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        p: &BackupParams,
+        db: &DbConfig,
+        ready: &Ready,
+        labels: &Labels,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(String, BackupOutputs), (BackupOutputs, Failure)> {
+        let started_ms = now_unix_ms();
+        let started = Instant::now();
+        let failed = |e: BackupError| {
+            metrics::counter!("cutover_backup_failures_total", &labels.0[..]).increment(1);
+            (BackupOutputs::default(), fail(e))
+        };
+        let snapshot = Snapshot::take(db).await.map_err(failed)?;
+        let name = catalog::object_name(&self.cluster, &p.app.app, &p.backup_id);
+        progress(format!(
+            "dumping {} ({} tables) to {}",
+            snapshot.facts.database,
+            snapshot.facts.table_rows.len(),
+            ready.store.key(&name)
+        ));
+        let record = super::backup_at(db, &ready.store, &ready.keys, &name, Some(&snapshot.id)).await;
+        let facts = snapshot.facts.clone();
+        snapshot.release().await;
+        let record: BackupRecord = record.map_err(failed)?;
+        let elapsed = started.elapsed();
+        metrics::gauge!("cutover_backup_last_success_timestamp_seconds", &labels.0[..])
+            .set(now_unix_ms() as f64 / 1000.0);
+        metrics::gauge!("cutover_backup_bytes", &labels.0[..]).set(record.object.size as f64);
+        metrics::gauge!("cutover_backup_duration_seconds", &labels.0[..]).set(elapsed.as_secs_f64());
+        let msg = format!(
+            "backed up {} ({} dumped, {} stored, {} part(s)) in {:.1} s as {}",
+            facts.database,
+            bytes(record.dump_bytes),
+            bytes(record.object.size),
+            record.object.parts,
+            elapsed.as_secs_f64(),
+            p.backup_id
+        );
+        Ok((
+            msg,
+            BackupOutputs {
+                object: Some(BackupObject {
+                    key: record.object.key,
+                    version_id: record.object.version_id,
+                    size: record.object.size,
+                    sha256: record.object.sha256,
+                    parts: record.object.parts,
+                    key_id: record.key_id,
+                    dump_bytes: record.dump_bytes,
+                }),
+                database: Some(facts.database),
+                engine: Some(facts.engine),
+                migration_version: Some(facts.migration_version),
+                table_rows: Some(facts.table_rows),
+                started_at_unix_ms: Some(started_ms),
+                duration_ms: Some(elapsed.as_millis() as u64),
+                verdict: None,
+                scratch: None,
+            },
+        ))
+    }
+
+    /// Validate (restore into a scratch database, check, drop it) or
+    /// restore (into a scratch database that is kept).
+    #[allow(clippy::too_many_arguments)]
+    async fn read(
+        &self,
+        p: &BackupParams,
+        db: &DbConfig,
+        ready: &Ready,
+        labels: &Labels,
+        checks: &[String],
+        task_id: &str,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(String, BackupOutputs), (BackupOutputs, Failure)> {
+        let started = Instant::now();
+        let validate = p.action == BackupAction::Validate;
+        let timed = |out: BackupOutputs| BackupOutputs {
+            duration_ms: Some(started.elapsed().as_millis() as u64),
+            ..out
+        };
+        let failed = |(verdict, msg): Failure| {
+            if validate {
+                metrics::counter!(
+                    "cutover_backup_validation_failures_total",
+                    &labels.with("verdict", &verdict)[..]
+                )
+                .increment(1);
+            }
+            (timed(BackupOutputs::default()), (verdict, msg))
+        };
+        let object = p
+            .object
+            .clone()
+            .ok_or_else(|| failed(("error".into(), "the task names no backup object".into())))?;
+        let record = BackupRecord {
+            object: super::store::Uploaded {
+                key: object.key.clone(),
+                version_id: object.version_id.clone(),
+                size: object.size,
+                sha256: object.sha256.clone(),
+                parts: object.parts,
+            },
+            key_id: object.key_id.clone(),
+            dump_bytes: object.dump_bytes,
+        };
+        let scratch = scratch_name(&p.app.app, p.action, task_id);
+        progress(format!(
+            "checking {} and restoring it into database {scratch}",
+            p.backup_id
+        ));
+        let url = super::restore_scratch(db, &ready.store, &record, &ready.keys, &scratch)
+            .await
+            .map_err(|e| failed(fail(e)))?;
+        let copy = DbConfig { url, ..db.clone() };
+        if !validate {
+            return Ok((
+                format!(
+                    "restored {} into database {scratch} (on the primary's server; drop it when done)",
+                    p.backup_id
+                ),
+                timed(BackupOutputs {
+                    scratch: Some(scratch),
+                    ..Default::default()
+                }),
+            ));
+        }
+        progress(format!("running {} check(s) and comparing row counts", checks.len()));
+        let verdict = check_copy(&copy, checks, &p.table_rows).await;
+        if let Err(e) = super::drop_scratch(db, &scratch).await {
+            tracing::warn!("could not drop the scratch database {scratch}: {e}");
+        }
+        verdict.map_err(failed)?;
+        metrics::gauge!(
+            "cutover_backup_validation_last_success_timestamp_seconds",
+            &labels.0[..]
+        )
+        .set(now_unix_ms() as f64 / 1000.0);
+        Ok((
+            format!(
+                "{} restores: checksum, decryption and restore passed, {} check(s) passed, {} table(s) have the \
+                 recorded row counts ({:.1} s)",
+                p.backup_id,
+                checks.len(),
+                p.table_rows.len(),
+                started.elapsed().as_secs_f64()
+            ),
+            timed(BackupOutputs {
+                verdict: Some("passed".into()),
+                ..Default::default()
+            }),
+        ))
+    }
+}
+
+/// Runs the app's checks on a restored copy and compares its row counts
+/// with those recorded at backup time.
+async fn check_copy(copy: &DbConfig, checks: &[String], recorded: &BTreeMap<String, i64>) -> Result<(), Failure> {
+    migrate::run_checks(copy, checks)
+        .await
+        .map_err(|e| ("check-failed".to_owned(), e))?;
+    let rows = facts::table_rows(copy).await.map_err(fail)?;
+    let differ: Vec<String> = recorded
+        .iter()
+        .filter(|(t, n)| rows.get(*t) != Some(n))
+        .map(|(t, n)| {
+            format!(
+                "{t}: recorded {n}, restored {}",
+                rows.get(t).map_or("no table".to_owned(), |r| r.to_string())
+            )
+        })
+        .collect();
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err((
+            "rows-differ".into(),
+            format!("row counts differ: {}", differ.join("; ")),
+        ))
+    }
+}
+
+/// The scratch database of a validate or restore task: `<app>_<action>_<8
+/// hex of the task id>`, a valid PostgreSQL name whatever the app is called.
+fn scratch_name(app: &str, action: BackupAction, task_id: &str) -> String {
+    use sha2::Digest;
+    let h = cutover_shared::release::hex(&sha2::Sha256::digest(task_id.as_bytes()));
+    let app: String = app.replace('-', "_").chars().take(40).collect();
+    format!("{app}_{}_{}", action.as_str(), &h[..8])
+}
+
+fn bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if n as f64 >= MIB {
+        format!("{:.1} MiB", n as f64 / MIB)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// The labels every backup metric carries.
+struct Labels(Vec<(&'static str, String)>);
+
+impl Labels {
+    fn new(app: &str, cluster: &ClusterRef, db: &DbConfig) -> Labels {
+        let database = migrate_db_name(db);
+        Labels(vec![
+            ("app", app.to_owned()),
+            ("region", cluster.region.clone()),
+            ("database", database),
+        ])
+    }
+
+    fn with(&self, k: &'static str, v: &str) -> Vec<(&'static str, String)> {
+        let mut l = self.0.clone();
+        l.push((k, v.to_owned()));
+        l
+    }
+}
+
+/// The database's name from its URL's path (never the URL itself).
+fn migrate_db_name(db: &DbConfig) -> String {
+    url::Url::parse(db.url.expose())
+        .ok()
+        .map(|u| u.path().trim_start_matches('/').to_owned())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| db.app.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_names_are_valid_database_names() {
+        let n = scratch_name("shop-eu", BackupAction::Validate, "op-abc-1");
+        assert!(n.starts_with("shop_eu_validate_"), "{n}");
+        assert!(n.len() <= 63);
+        assert!(
+            n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        );
+        let long = scratch_name(&"a".repeat(63), BackupAction::Restore, "t");
+        assert!(long.len() <= 63, "{long}");
+    }
+}
