@@ -63,6 +63,127 @@ pub enum BackupCmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Scheduled backups and their retention.
+    Schedule {
+        #[command(subcommand)]
+        cmd: ScheduleCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ScheduleCmd {
+    /// Set (create or replace) an app's schedule.
+    Set {
+        #[arg(long)]
+        app: String,
+        /// Default: every region the app runs in.
+        #[arg(long)]
+        region: Option<String>,
+        /// UTC; five fields (minute hour day month weekday), e.g. "0 3 * * *".
+        #[arg(long)]
+        cron: String,
+        /// The newest backup of each of the last N days, weeks, months is kept.
+        #[arg(long, default_value = "daily=30")]
+        retention: String,
+        /// Validate each scheduled backup by restore once it is taken.
+        #[arg(long)]
+        validate: bool,
+    },
+    /// Every schedule, with its next slot.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove an app's schedule (its backups stay).
+    Delete {
+        #[arg(long)]
+        app: String,
+    },
+}
+
+fn schedule_json(s: &pb::BackupSchedule) -> serde_json::Value {
+    json!({
+        "app": s.app, "region": (!s.region.is_empty()).then_some(&s.region), "cron": s.cron,
+        "retention": s.retention, "validate": s.validate, "updated_by": s.updated_by,
+        "updated_at_unix_ms": s.updated_at_unix_ms, "last_slot_unix_ms": s.last_slot_unix_ms,
+        "next_slot_unix_ms": s.next_slot_unix_ms,
+    })
+}
+
+fn print_schedule(s: &pb::BackupSchedule) {
+    println!(
+        "{:<20} {:<10} {:<16} {:<32} {:<9} next {}",
+        s.app,
+        if s.region.is_empty() { "all" } else { &s.region },
+        s.cron,
+        s.retention,
+        if s.validate { "validate" } else { "-" },
+        time(s.next_slot_unix_ms)
+    );
+}
+
+async fn run_schedule(cmd: ScheduleCmd, conn: ConnOpts) -> Result<ExitCode> {
+    match cmd {
+        ScheduleCmd::Set {
+            app,
+            region,
+            cron,
+            retention,
+            validate,
+        } => {
+            let req = pb::SetBackupScheduleRequest {
+                app,
+                region: region.unwrap_or_default(),
+                cron,
+                retention,
+                validate,
+            };
+            let s = call(&conn, |mut c| {
+                let req = req.clone();
+                async move { c.set_backup_schedule(req).await }
+            })
+            .await?
+            .schedule
+            .context("the coordinator returned no schedule")?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&schedule_json(&s))?);
+            } else {
+                print_schedule(&s);
+            }
+        }
+        ScheduleCmd::List => {
+            let list = call(&conn, |mut c| async move {
+                c.list_backup_schedules(pb::ListBackupSchedulesRequest {}).await
+            })
+            .await?
+            .schedules;
+            if conn.output == Output::Json {
+                let v: Vec<serde_json::Value> = list.iter().map(schedule_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if list.is_empty() {
+                println!("no backup schedules");
+            } else {
+                println!(
+                    "{:<20} {:<10} {:<16} {:<32} {:<9} NEXT",
+                    "APP", "REGION", "CRON", "RETENTION", "VALIDATE"
+                );
+                for s in &list {
+                    print_schedule(s);
+                }
+            }
+        }
+        ScheduleCmd::Delete { app } => {
+            call(&conn, |mut c| {
+                let app = app.clone();
+                async move { c.delete_backup_schedule(pb::DeleteBackupScheduleRequest { app }).await }
+            })
+            .await?;
+            if conn.output == Output::Json {
+                println!("{}", json!({ "deleted": app }));
+            } else {
+                println!("schedule of {app} deleted; its backups stay");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn time(ms: i64) -> String {
@@ -149,6 +270,7 @@ async fn follow(conn: &ConnOpts, id: &str, detach: bool) -> Result<ExitCode> {
 
 pub async fn run(cmd: BackupCmd, conn: ConnOpts) -> Result<ExitCode> {
     match cmd {
+        BackupCmd::Schedule { cmd } => run_schedule(cmd, conn).await,
         BackupCmd::Create { app, region, detach } => {
             let req = pb::CreateBackupRequest {
                 app,

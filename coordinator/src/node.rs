@@ -50,17 +50,46 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
         (
             _,
             Some(
-                "AddNode" | "RemoveNode" | "RunTask" | "CreateAttestation" | "ApplyApp" | "Deploy" | "Switch"
-                | "Rollback" | "HealthCheck" | "PromoteOperation" | "PauseOperation" | "ResumeOperation"
-                | "AbortOperation" | "CreateRelease" | "Migrate" | "CreateBackup" | "ValidateBackup" | "RestoreBackup",
+                "AddNode"
+                | "RemoveNode"
+                | "RunTask"
+                | "CreateAttestation"
+                | "ApplyApp"
+                | "Deploy"
+                | "Switch"
+                | "Rollback"
+                | "HealthCheck"
+                | "PromoteOperation"
+                | "PauseOperation"
+                | "ResumeOperation"
+                | "AbortOperation"
+                | "CreateRelease"
+                | "Migrate"
+                | "CreateBackup"
+                | "ValidateBackup"
+                | "RestoreBackup"
+                | "SetBackupSchedule"
+                | "DeleteBackupSchedule",
             ),
         ) => WRITES,
         (
             _,
             Some(
-                "GetClusterStatus" | "ListAgents" | "GetStatus" | "ListOperations" | "GetOperation" | "WatchOperation"
-                | "ListAttestations" | "ListAuditEvents" | "ListApps" | "GetApp" | "ListReleases" | "GetRelease"
-                | "ListBackups" | "GetBackup",
+                "GetClusterStatus"
+                | "ListAgents"
+                | "GetStatus"
+                | "ListOperations"
+                | "GetOperation"
+                | "WatchOperation"
+                | "ListAttestations"
+                | "ListAuditEvents"
+                | "ListApps"
+                | "GetApp"
+                | "ListReleases"
+                | "GetRelease"
+                | "ListBackups"
+                | "GetBackup"
+                | "ListBackupSchedules",
             ),
         ) => READS,
         _ => return None,

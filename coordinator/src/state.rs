@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec};
-use cutover_shared::backup::{BackupAction, BackupEntry, MAX_VALIDATIONS, Validation};
+use cutover_shared::backup::{BackupAction, BackupEntry, BackupSchedule, MAX_VALIDATIONS, Validation};
 use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
@@ -124,6 +124,22 @@ pub enum Command {
         app: String,
         status: AppClusterStatus,
     },
+    /// Set (create or replace) an app's backup schedule. A replaced
+    /// schedule keeps its last slot, so changing it never re-runs a slot.
+    PutBackupSchedule {
+        schedule: BackupSchedule,
+        audit: AuditDraft,
+    },
+    /// Remove an app's backup schedule.
+    DeleteBackupSchedule { app: String, audit: AuditDraft },
+    /// The leader starts the backup of a schedule's slot. Applied only if
+    /// the slot is newer than the schedule's last one, so each slot runs
+    /// once however many leaders propose it.
+    StartScheduledBackup {
+        operation: Operation,
+        slot_unix_ms: i64,
+        audit: AuditDraft,
+    },
     /// Drop finished history beyond the retention policy (the leader
     /// proposes it; the policy travels in the command so every node prunes
     /// the same).
@@ -194,6 +210,9 @@ pub struct State {
     /// upload's task finishes successfully, never before.
     #[serde(default)]
     pub backups: BTreeMap<String, BackupEntry>,
+    /// Backup schedules, by app.
+    #[serde(default)]
+    pub backup_schedules: BTreeMap<String, BackupSchedule>,
 }
 
 impl State {
@@ -251,46 +270,45 @@ impl State {
                 }
             }
             Command::CreateOperation {
-                mut operation,
+                operation,
                 audit,
                 fix_inputs,
-            } => {
-                if self.operations.contains_key(&operation.id) {
-                    return CommandResponse::err(format!("operation {} already exists", operation.id));
+            } => return self.create_operation(operation, audit, fix_inputs),
+            Command::PutBackupSchedule { mut schedule, audit } => {
+                if !self.apps.contains_key(&schedule.app) {
+                    return CommandResponse::err(format!("unknown app {:?}", schedule.app));
                 }
-                if let Some(app) = &operation.app {
-                    if !self.apps.contains_key(app) {
-                        return CommandResponse::err(format!("unknown app {app:?}"));
-                    }
-                    for t in &operation.targets {
-                        if let Some(running) = self.running_operation(app, t) {
-                            return CommandResponse::err(format!(
-                                "operation {running} is already running on {app} in {t}"
-                            ));
-                        }
-                    }
+                if let Some(old) = self.backup_schedules.get(&schedule.app) {
+                    schedule.last_slot_unix_ms = schedule.last_slot_unix_ms.max(old.last_slot_unix_ms);
                 }
-                if let Some(app) = operation.app.clone()
-                    && fix_inputs
-                {
-                    // Fix the operation's inputs now: the app definition and
-                    // the release migrations in force at this log index. Its
-                    // plan reads these, never what is applied later.
-                    let spec = self.apps[&app].clone();
-                    let digest = spec_digest(&spec);
-                    self.specs.entry(digest.clone()).or_insert(spec);
-                    operation.spec_digest = Some(digest);
-                    operation.bundle_digest = operation
-                        .release_image()
-                        .and_then(|image| self.release(&app, image))
-                        .map(|r| r.digest.clone());
-                }
-                for t in &operation.tasks {
-                    self.task_index.insert(t.spec.task_id.clone(), operation.id.clone());
-                }
-                self.operations.insert(operation.id.clone(), operation);
-                self.task_generation += 1;
+                self.backup_schedules.insert(schedule.app.clone(), schedule);
                 self.audit(audit);
+            }
+            Command::DeleteBackupSchedule { app, audit } => {
+                if self.backup_schedules.remove(&app).is_none() {
+                    return CommandResponse::err(format!("app {app:?} has no backup schedule"));
+                }
+                self.audit(audit);
+            }
+            Command::StartScheduledBackup {
+                operation,
+                slot_unix_ms,
+                audit,
+            } => {
+                let app = operation.app.clone().unwrap_or_default();
+                let Some(last) = self.backup_schedules.get(&app).map(|s| s.last_slot_unix_ms) else {
+                    return CommandResponse::err(format!("app {app:?} has no backup schedule"));
+                };
+                if slot_unix_ms <= last {
+                    return CommandResponse::err(format!("slot {slot_unix_ms} of {app} already started"));
+                }
+                let created = self.create_operation(operation, audit, true);
+                if created.error.is_none()
+                    && let Some(s) = self.backup_schedules.get_mut(&app)
+                {
+                    s.last_slot_unix_ms = slot_unix_ms;
+                }
+                return created;
             }
             Command::TaskDispatched { task_id } => {
                 if let Some((op, i)) = self.task_mut(&task_id) {
@@ -362,6 +380,32 @@ impl State {
                             if b.validations.len() > MAX_VALIDATIONS {
                                 b.validations.remove(0);
                             }
+                        }
+                    }
+                    Some(CatalogChange::Deleted { deleted, kept, actor }) => {
+                        for id in deleted {
+                            if let Some(b) = self.backups.remove(&id) {
+                                self.audit(AuditDraft {
+                                    at_unix_ms,
+                                    actor: actor.clone(),
+                                    action: "DeleteBackup".into(),
+                                    parameters: serde_json::json!({
+                                        "id": b.id, "app": b.app, "cluster": b.cluster.to_string(),
+                                        "object_key": b.object.key, "version_id": b.object.version_id,
+                                    })
+                                    .to_string(),
+                                    outcome: "deleted".into(),
+                                });
+                            }
+                        }
+                        for (id, why) in kept {
+                            self.audit(AuditDraft {
+                                at_unix_ms,
+                                actor: actor.clone(),
+                                action: "DeleteBackup".into(),
+                                parameters: serde_json::json!({ "id": id }).to_string(),
+                                outcome: format!("kept: {why}"),
+                            });
                         }
                     }
                     None => {}
@@ -451,6 +495,44 @@ impl State {
                 self.app_status.entry(app).or_default().insert(from.to_string(), status);
             }
         }
+        CommandResponse::default()
+    }
+
+    fn create_operation(&mut self, mut operation: Operation, audit: AuditDraft, fix_inputs: bool) -> CommandResponse {
+        if self.operations.contains_key(&operation.id) {
+            return CommandResponse::err(format!("operation {} already exists", operation.id));
+        }
+        if let Some(app) = &operation.app {
+            if !self.apps.contains_key(app) {
+                return CommandResponse::err(format!("unknown app {app:?}"));
+            }
+            for t in &operation.targets {
+                if let Some(running) = self.running_operation(app, t) {
+                    return CommandResponse::err(format!("operation {running} is already running on {app} in {t}"));
+                }
+            }
+        }
+        if let Some(app) = operation.app.clone()
+            && fix_inputs
+        {
+            // Fix the operation's inputs now: the app definition and
+            // the release migrations in force at this log index. Its
+            // plan reads these, never what is applied later.
+            let spec = self.apps[&app].clone();
+            let digest = spec_digest(&spec);
+            self.specs.entry(digest.clone()).or_insert(spec);
+            operation.spec_digest = Some(digest);
+            operation.bundle_digest = operation
+                .release_image()
+                .and_then(|image| self.release(&app, image))
+                .map(|r| r.digest.clone());
+        }
+        for t in &operation.tasks {
+            self.task_index.insert(t.spec.task_id.clone(), operation.id.clone());
+        }
+        self.operations.insert(operation.id.clone(), operation);
+        self.task_generation += 1;
+        self.audit(audit);
         CommandResponse::default()
     }
 
@@ -748,7 +830,16 @@ impl State {
 /// What a finished `db.backup` task changes in the catalog.
 enum CatalogChange {
     Add(Box<BackupEntry>),
-    Validated { backup_id: String, validation: Validation },
+    Validated {
+        backup_id: String,
+        validation: Validation,
+    },
+    /// Objects deleted (their entries go, audited) or kept by the store.
+    Deleted {
+        deleted: Vec<String>,
+        kept: BTreeMap<String, String>,
+        actor: String,
+    },
 }
 
 /// The catalog change task `i` of `op` makes by finishing with its result:
@@ -796,7 +887,12 @@ fn catalog_change(op: &Operation, i: usize, at: i64) -> Option<CatalogChange> {
                 duration_ms: out.duration_ms.unwrap_or(0),
             },
         }),
-        _ => None,
+        BackupAction::Delete => Some(CatalogChange::Deleted {
+            deleted: out.deleted.unwrap_or_default(),
+            kept: out.kept.unwrap_or_default(),
+            actor: op.created_by.clone(),
+        }),
+        BackupAction::Restore | BackupAction::Create => None,
     }
 }
 
@@ -880,6 +976,13 @@ impl std::fmt::Display for Command {
             } => write!(f, "FinishOperation({operation_id}, {state:?})"),
             Command::AppStatusReported { from, app, .. } => write!(f, "AppStatusReported({app} in {from})"),
             Command::Compact { .. } => write!(f, "Compact"),
+            Command::PutBackupSchedule { schedule, .. } => write!(f, "PutBackupSchedule({})", schedule.app),
+            Command::DeleteBackupSchedule { app, .. } => write!(f, "DeleteBackupSchedule({app})"),
+            Command::StartScheduledBackup {
+                operation,
+                slot_unix_ms,
+                ..
+            } => write!(f, "StartScheduledBackup({}, slot {slot_unix_ms})", operation.id),
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct BackupObject {
     pub key_id: String,
     /// Bytes of the dump inside, before compression and sealing.
     pub dump_bytes: u64,
+    /// Object Lock: the store refuses to delete it before this time.
+    #[serde(default)]
+    pub retain_until_unix_ms: Option<i64>,
 }
 
 /// Why a backup was taken.
@@ -132,6 +135,8 @@ pub enum BackupAction {
     Validate,
     /// Restore into a new scratch database, kept for the operator.
     Restore,
+    /// Delete backups' objects (retention).
+    Delete,
 }
 
 impl BackupAction {
@@ -140,13 +145,19 @@ impl BackupAction {
             BackupAction::Create => "create",
             BackupAction::Validate => "validate",
             BackupAction::Restore => "restore",
+            BackupAction::Delete => "delete",
         }
     }
 
     pub fn parse(s: &str) -> Option<BackupAction> {
-        [BackupAction::Create, BackupAction::Validate, BackupAction::Restore]
-            .into_iter()
-            .find(|a| a.as_str() == s)
+        [
+            BackupAction::Create,
+            BackupAction::Validate,
+            BackupAction::Restore,
+            BackupAction::Delete,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
     }
 }
 
@@ -202,6 +213,187 @@ pub fn object_name(target: &ClusterRef, app: &str, id: &str) -> String {
     format!("{}/{}/{app}/{id}.cbk", target.region, target.cluster)
 }
 
+/// How many backups a schedule keeps: the newest of each of the last
+/// `daily` days, `weekly` ISO weeks and `monthly` months (grandfather,
+/// father, son), counted back from now, in UTC. Whatever the policy, the
+/// newest backup that passed validation and any backup under Object Lock
+/// are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+}
+
+/// The most periods of one kind a policy may name (ten years of days).
+pub const MAX_RETENTION_PERIODS: u32 = 3660;
+
+impl Default for RetentionPolicy {
+    /// The seed's policy: 30 days.
+    fn default() -> Self {
+        RetentionPolicy {
+            daily: 30,
+            weekly: 0,
+            monthly: 0,
+        }
+    }
+}
+
+impl RetentionPolicy {
+    /// Parses `daily=30,weekly=8,monthly=12` (any of them; the others 0).
+    pub fn parse(s: &str) -> Result<RetentionPolicy, crate::Error> {
+        let bad = |why: String| crate::Error::InvalidArgument(format!("retention {}: {why}", crate::domain::quote(s)));
+        let mut p = RetentionPolicy {
+            daily: 0,
+            weekly: 0,
+            monthly: 0,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not period=count")))?;
+            let n: u32 = v.trim().parse().map_err(|_| bad(format!("{v:?} is not a count")))?;
+            if n > MAX_RETENTION_PERIODS {
+                return Err(bad(format!("{n} is more than {MAX_RETENTION_PERIODS}")));
+            }
+            match k.trim() {
+                "daily" => p.daily = n,
+                "weekly" => p.weekly = n,
+                "monthly" => p.monthly = n,
+                other => return Err(bad(format!("unknown period {other:?} (daily, weekly, monthly)"))),
+            }
+        }
+        if p.daily == 0 && p.weekly == 0 && p.monthly == 0 {
+            return Err(bad(
+                "it keeps nothing; name at least one of daily, weekly, monthly".into()
+            ));
+        }
+        Ok(p)
+    }
+}
+
+impl std::fmt::Display for RetentionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daily={},weekly={},monthly={}",
+            self.daily, self.weekly, self.monthly
+        )
+    }
+}
+
+/// A backup schedule of one app, committed in Raft and run by the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSchedule {
+    pub app: String,
+    /// One region, or every region the app runs in.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Five fields (minute hour day month weekday), or six with seconds
+    /// first; UTC.
+    pub cron: String,
+    pub retention: RetentionPolicy,
+    /// Validate each scheduled backup by restore right after taking it.
+    #[serde(default)]
+    pub validate: bool,
+    pub updated_by: String,
+    pub updated_at_unix_ms: i64,
+    /// The newest slot started (Unix ms). A slot at or before it never
+    /// starts again: this is what makes each slot run exactly once across
+    /// leader changes.
+    pub last_slot_unix_ms: i64,
+}
+
+/// Parses a cron expression (5 fields, or 6 with seconds first), UTC.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, crate::Error> {
+    if expr.len() > 200 {
+        return Err(crate::Error::InvalidArgument(
+            "cron expression longer than 200 characters".into(),
+        ));
+    }
+    croner::Cron::new(expr)
+        .with_seconds_optional()
+        .parse()
+        .map_err(|e| crate::Error::InvalidArgument(format!("cron {}: {e}", crate::domain::quote(expr))))
+}
+
+fn utc(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// The first slot of `cron` strictly after `after_ms`.
+pub fn next_slot(cron: &croner::Cron, after_ms: i64) -> Option<i64> {
+    cron.find_next_occurrence(&utc(after_ms), false)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// The slot due now: the newest slot after `last_slot_ms` and at or before
+/// `now_ms`. Older missed slots (a cluster down for days) are not run one
+/// by one: the newest stands for them.
+pub fn due_slot(cron: &croner::Cron, last_slot_ms: i64, now_ms: i64) -> Option<i64> {
+    let mut due = None;
+    let mut at = last_slot_ms;
+    // Bounded: a schedule every second, a day behind.
+    for _ in 0..100_000 {
+        match next_slot(cron, at) {
+            Some(s) if s <= now_ms => {
+                due = Some(s);
+                at = s;
+            }
+            _ => break,
+        }
+    }
+    due
+}
+
+/// The backups of one app in one cluster that `policy` no longer keeps at
+/// `now_ms`, oldest first. Kept whatever the policy: the newest backup
+/// whose newest validation passed, and every backup under Object Lock.
+pub fn expired<'a>(
+    backups: impl IntoIterator<Item = &'a BackupEntry>,
+    policy: &RetentionPolicy,
+    now_ms: i64,
+) -> Vec<&'a BackupEntry> {
+    use chrono::Datelike;
+    use std::collections::BTreeSet;
+    let mut all: Vec<&BackupEntry> = backups.into_iter().collect();
+    // Newest first.
+    all.sort_by(|a, b| (b.finished_at_unix_ms, &b.id).cmp(&(a.finished_at_unix_ms, &a.id)));
+    let now = utc(now_ms);
+    let day = |t: chrono::DateTime<chrono::Utc>| t.date_naive().num_days_from_ce() as i64;
+    let week = |t: chrono::DateTime<chrono::Utc>| {
+        // ISO weeks start on Monday; day 1 of the common era was a Monday.
+        (day(t) - 1).div_euclid(7)
+    };
+    let month = |t: chrono::DateTime<chrono::Utc>| t.year() as i64 * 12 + t.month0() as i64;
+    let mut keep: BTreeSet<&str> = BTreeSet::new();
+    for (period, count) in [
+        (&day as &dyn Fn(chrono::DateTime<chrono::Utc>) -> i64, policy.daily),
+        (&week, policy.weekly),
+        (&month, policy.monthly),
+    ] {
+        let current = period(now);
+        let mut seen = BTreeSet::new();
+        for b in &all {
+            let p = period(utc(b.finished_at_unix_ms));
+            if current - p < i64::from(count) && p <= current && seen.insert(p) {
+                keep.insert(b.id.as_str());
+            }
+        }
+    }
+    if let Some(v) = all.iter().find(|b| b.validated()) {
+        keep.insert(v.id.as_str());
+    }
+    let mut out: Vec<&BackupEntry> = all
+        .into_iter()
+        .filter(|b| !keep.contains(b.id.as_str()))
+        .filter(|b| b.object.retain_until_unix_ms.is_none_or(|t| t <= now_ms))
+        .collect();
+    out.reverse();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,8 +422,40 @@ mod tests {
             let json = serde_json::to_string(&t).unwrap();
             assert_eq!(serde_json::from_str::<BackupTrigger>(&json).unwrap(), t);
         }
-        for a in [BackupAction::Create, BackupAction::Validate, BackupAction::Restore] {
+        for a in [
+            BackupAction::Create,
+            BackupAction::Validate,
+            BackupAction::Restore,
+            BackupAction::Delete,
+        ] {
             assert_eq!(BackupAction::parse(a.as_str()), Some(a));
         }
+    }
+
+    #[test]
+    fn retention_policies_parse_and_refuse_nonsense() {
+        let p = RetentionPolicy::parse("daily=30,weekly=8,monthly=12").unwrap();
+        assert_eq!((p.daily, p.weekly, p.monthly), (30, 8, 12));
+        assert_eq!(RetentionPolicy::parse(&p.to_string()).unwrap(), p);
+        assert_eq!(RetentionPolicy::parse("weekly=4").unwrap().daily, 0);
+        for bad in ["", "daily=0", "hourly=3", "daily=x", "daily", "daily=99999"] {
+            assert!(RetentionPolicy::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn slots_are_found_after_the_last_one() {
+        let cron = parse_cron("0 3 * * *").unwrap();
+        // 2026-11-29 03:00:05 UTC.
+        let t = 1_795_921_205_000;
+        let slot = 1_795_921_200_000;
+        assert_eq!(next_slot(&cron, slot - 1), Some(slot));
+        assert_eq!(next_slot(&cron, slot), Some(slot + 86_400_000));
+        assert_eq!(due_slot(&cron, slot - 1, t), Some(slot));
+        assert_eq!(due_slot(&cron, slot, t), None, "a slot runs once");
+        // Three days behind: only the newest slot runs.
+        assert_eq!(due_slot(&cron, slot - 3 * 86_400_000, t), Some(slot));
+        assert!(parse_cron("0 3 * *").is_err());
+        assert!(parse_cron("*/10 * * * * *").is_ok(), "seconds are allowed");
     }
 }

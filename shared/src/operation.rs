@@ -66,6 +66,27 @@ pub struct BackupSpec {
     /// Create: why it was taken.
     #[serde(default)]
     pub trigger: BackupTrigger,
+    /// Create: validate each new backup by restore once it is taken.
+    #[serde(default)]
+    pub validate: bool,
+    /// Delete: backup id → object, decided at creation (retention).
+    #[serde(default)]
+    pub delete: BTreeMap<String, BackupObject>,
+}
+
+impl BackupSpec {
+    /// `action` with nothing else set.
+    pub fn new(action: BackupAction) -> BackupSpec {
+        BackupSpec {
+            action,
+            backup_id: None,
+            object: None,
+            table_rows: BTreeMap::new(),
+            trigger: BackupTrigger::Manual,
+            validate: false,
+            delete: BTreeMap::new(),
+        }
+    }
 }
 
 /// What an operation does, fixed at creation. Fields that do not apply to
@@ -204,6 +225,15 @@ impl OperationSpec {
             }
             if b.action == BackupAction::Create {
                 put("trigger", b.trigger.as_str().into());
+                if let BackupTrigger::Schedule { slot_unix_ms } = b.trigger {
+                    put("slot_unix_ms", slot_unix_ms.to_string());
+                }
+                if b.validate {
+                    put("validate", "true".into());
+                }
+            }
+            if !b.delete.is_empty() {
+                put("delete", b.delete.keys().cloned().collect::<Vec<_>>().join(","));
             }
         }
         m

@@ -205,6 +205,8 @@ pub struct BackupParams {
     pub object: Option<BackupObject>,
     /// Validate: rows per table recorded when the backup was taken.
     pub table_rows: BTreeMap<String, i64>,
+    /// Delete: backup id → the object to delete.
+    pub delete: BTreeMap<String, BackupObject>,
 }
 
 /// One typed parameter set per [`TaskKind`].
@@ -382,6 +384,9 @@ impl TaskParams {
                 if !b.table_rows.is_empty() {
                     put("table_rows", serde_json::to_string(&b.table_rows).unwrap_or_default());
                 }
+                if !b.delete.is_empty() {
+                    put("delete", serde_json::to_string(&b.delete).unwrap_or_default());
+                }
             }
         }
         (self.kind().as_str().to_owned(), p)
@@ -436,11 +441,12 @@ impl TaskParams {
                     app: app_ref(p)?,
                     action: BackupAction::parse(action).ok_or_else(|| TaskError::Invalid {
                         key: "action",
-                        why: format!("{action:?} is not create, validate or restore"),
+                        why: format!("{action:?} is not create, validate, restore or delete"),
                     })?,
                     backup_id: get(p, "backup_id")?.to_owned(),
                     object: json(p, "object")?,
                     table_rows: json(p, "table_rows")?.unwrap_or_default(),
+                    delete: json(p, "delete")?.unwrap_or_default(),
                 })
             }
         })
@@ -696,6 +702,10 @@ pub mod outputs {
         pub verdict: Option<String>,
         /// Restore: the scratch database the backup was restored into.
         pub scratch: Option<String>,
+        /// Delete: the backups whose objects are gone.
+        pub deleted: Option<Vec<String>>,
+        /// Delete: the backups the store would not delete, and why (Object Lock).
+        pub kept: Option<BTreeMap<String, String>>,
     }
 
     impl BackupOutputs {
@@ -721,6 +731,11 @@ pub mod outputs {
             put("duration_ms", self.duration_ms.map(|v| v.to_string()));
             put("verdict", self.verdict.clone());
             put("scratch", self.scratch.clone());
+            put(
+                "deleted",
+                self.deleted.as_ref().and_then(|d| serde_json::to_string(d).ok()),
+            );
+            put("kept", self.kept.as_ref().and_then(|k| serde_json::to_string(k).ok()));
             m
         }
 
@@ -736,6 +751,8 @@ pub mod outputs {
                 duration_ms: m.get("duration_ms").and_then(|v| v.parse().ok()),
                 verdict: m.get("verdict").cloned(),
                 scratch: m.get("scratch").cloned(),
+                deleted: m.get("deleted").and_then(|d| serde_json::from_str(d).ok()),
+                kept: m.get("kept").and_then(|k| serde_json::from_str(k).ok()),
             }
         }
     }
@@ -808,6 +825,8 @@ mod tests {
             duration_ms: Some(5),
             verdict: Some("passed".into()),
             scratch: Some("shop_restore_x".into()),
+            deleted: Some(vec!["a".into()]),
+            kept: Some(BTreeMap::from([("b".to_owned(), "locked".to_owned())])),
         };
         assert_eq!(outputs::BackupOutputs::from_wire(&backup.to_wire()), backup);
     }
@@ -870,8 +889,10 @@ mod tests {
                     parts: 2,
                     key_id: "k1".into(),
                     dump_bytes: 30,
+                    retain_until_unix_ms: Some(9),
                 }),
                 table_rows: BTreeMap::from([("public.orders".to_owned(), 3)]),
+                delete: BTreeMap::from([("x".to_owned(), BackupObject::default())]),
             }),
         ];
         let mut kinds = std::collections::BTreeSet::new();

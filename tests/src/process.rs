@@ -62,6 +62,16 @@ impl ProcessCluster {
     /// Writes configs for `nodes` coordinators (the harness's tight Raft
     /// timings) and one agent per region, then starts every process.
     pub async fn start(nodes: u64, regions: &[(&str, &str)]) -> Result<ProcessCluster> {
+        Self::start_with(nodes, regions, |_, _, _| {}).await
+    }
+
+    /// [`Self::start`], with `agent(i, config, dir)` adjusting agent `i`'s
+    /// config (its databases, its backup store) before it is written.
+    pub async fn start_with(
+        nodes: u64,
+        regions: &[(&str, &str)],
+        agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
+    ) -> Result<ProcessCluster> {
         let mut harness = TestCluster::builder().nodes(nodes).regions(regions).prepare().await?;
         let dir = harness.tmp.path().to_owned();
         std::fs::create_dir_all(dir.join("logs"))?;
@@ -85,6 +95,7 @@ impl ProcessCluster {
         for (i, (region, _)) in regions.iter().enumerate() {
             let mut cfg = harness.agent_config(i);
             cfg.log_format = LogFormat::Json;
+            agent(i, &mut cfg, &dir);
             let path = dir.join(format!("agent-{region}.toml"));
             std::fs::write(&path, to_toml(&cfg)?)?;
             agent_configs.push(path);

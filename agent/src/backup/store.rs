@@ -368,4 +368,45 @@ impl ObjectStore {
             .map_err(|e| store_err(&format!("writing {key}"), e))?;
         Ok(out.version_id().map(str::to_owned))
     }
+
+    /// Deletes one version of `key` (the whole key when `version` is
+    /// `None`). A version already gone counts as deleted. A store under
+    /// Object Lock refuses, and the error says so.
+    pub async fn delete(&self, key: &str, version: Option<&str>) -> Result<(), BackupError> {
+        let r = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_owned))
+            .send()
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let code = e.as_service_error().and_then(|s| {
+                    use aws_sdk_s3::error::ProvideErrorMetadata;
+                    s.code().map(str::to_owned)
+                });
+                if matches!(code.as_deref(), Some("NoSuchKey" | "NoSuchVersion")) {
+                    return Ok(());
+                }
+                Err(store_err(&format!("deleting {key}"), e))
+            }
+        }
+    }
+
+    /// The Object Lock retention of a stored version (Unix ms), if any.
+    pub async fn retain_until(&self, key: &str, version: Option<&str>) -> Result<Option<i64>, BackupError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_owned))
+            .send()
+            .await
+            .map_err(|e| store_err(&format!("reading {key}"), e))?;
+        Ok(head.object_lock_retain_until_date().and_then(|d| d.to_millis().ok()))
+    }
 }

@@ -113,6 +113,8 @@ impl BackupRuntime {
             .get_or_try_init(|| async {
                 let keys = super::load_keys(cfg)?;
                 let store = ObjectStore::connect(cfg).await?;
+                // Both checks only warn: a store that cannot answer them
+                // (the in-process development store) still takes backups.
                 match store.versioning_enabled().await {
                     Ok(true) => {}
                     Ok(false) => tracing::warn!(
@@ -120,7 +122,7 @@ impl BackupRuntime {
                         "backup bucket does not keep versions: an overwritten or deleted backup cannot be \
                          recovered; enable versioning on it"
                     ),
-                    Err(e) => return Err(e),
+                    Err(e) => tracing::warn!("backup store: cannot tell whether the bucket keeps versions: {e}"),
                 }
                 let own = store.key(&format!("{}/{}/", self.cluster.region, self.cluster.cluster));
                 match store.abort_incomplete(&own).await {
@@ -128,7 +130,7 @@ impl BackupRuntime {
                     Ok(n) => {
                         tracing::info!(bucket = %cfg.bucket, "aborted {n} unfinished backup upload(s) left by a crash")
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => tracing::warn!("backup store: cannot clean up unfinished uploads: {e}"),
                 }
                 Ok(Ready { store, keys })
             })
@@ -191,6 +193,7 @@ impl BackupRuntime {
         let labels = Labels::new(&p.app.app, &self.cluster, &db);
         match p.action {
             BackupAction::Create => self.create(&p, &db, ready, &labels, progress).await,
+            BackupAction::Delete => Ok(delete(&p, ready, progress).await),
             BackupAction::Validate | BackupAction::Restore => {
                 let checks = task::attached_spec(&spec.params)
                     .map(|s| s.migration_checks)
@@ -228,6 +231,16 @@ impl BackupRuntime {
         snapshot.release().await;
         let record: BackupRecord = record.map_err(failed)?;
         let elapsed = started.elapsed();
+        // Object Lock (a bucket default, say) makes the backup immutable
+        // until then; retention leaves it alone meanwhile.
+        let retain_until = ready
+            .store
+            .retain_until(&record.object.key, record.object.version_id.as_deref())
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!("backup: {e}");
+                None
+            });
         metrics::gauge!("cutover_backup_last_success_timestamp_seconds", &labels.0[..])
             .set(now_unix_ms() as f64 / 1000.0);
         metrics::gauge!("cutover_backup_bytes", &labels.0[..]).set(record.object.size as f64);
@@ -252,6 +265,7 @@ impl BackupRuntime {
                     parts: record.object.parts,
                     key_id: record.key_id,
                     dump_bytes: record.dump_bytes,
+                    retain_until_unix_ms: retain_until,
                 }),
                 database: Some(facts.database),
                 engine: Some(facts.engine),
@@ -259,8 +273,7 @@ impl BackupRuntime {
                 table_rows: Some(facts.table_rows),
                 started_at_unix_ms: Some(started_ms),
                 duration_ms: Some(elapsed.as_millis() as u64),
-                verdict: None,
-                scratch: None,
+                ..Default::default()
             },
         ))
     }
@@ -356,6 +369,41 @@ impl BackupRuntime {
             }),
         ))
     }
+}
+
+/// Deletes the objects of the backups retention let go. One the store
+/// refuses (Object Lock) is kept and named; the task still succeeds, so
+/// the catalog drops exactly the deleted ones.
+async fn delete(p: &BackupParams, ready: &Ready, progress: &(dyn Fn(String) + Send + Sync)) -> (String, BackupOutputs) {
+    progress(format!("deleting {} backup(s)", p.delete.len()));
+    let mut deleted = Vec::new();
+    let mut kept = BTreeMap::new();
+    for (id, object) in &p.delete {
+        match ready.store.delete(&object.key, object.version_id.as_deref()).await {
+            Ok(()) => deleted.push(id.clone()),
+            Err(e) => {
+                kept.insert(id.clone(), e.to_string());
+            }
+        }
+    }
+    let msg = if kept.is_empty() {
+        format!("deleted {} backup(s)", deleted.len())
+    } else {
+        format!(
+            "deleted {} backup(s); the store kept {}: {}",
+            deleted.len(),
+            kept.len(),
+            kept.values().next().cloned().unwrap_or_default()
+        )
+    };
+    (
+        msg,
+        BackupOutputs {
+            deleted: Some(deleted),
+            kept: Some(kept),
+            ..Default::default()
+        },
+    )
 }
 
 /// Runs the app's checks on a restored copy and compares its row counts

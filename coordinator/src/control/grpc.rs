@@ -254,4 +254,33 @@ impl ControlService for ControlApi {
             ControlApi::restore_backup(self, &who, req.into_inner()).await?,
         ))
     }
+
+    async fn set_backup_schedule(
+        &self,
+        req: Request<pb::SetBackupScheduleRequest>,
+    ) -> Result<Response<pb::SetBackupScheduleResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::set_backup_schedule(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_backup_schedules(
+        &self,
+        req: Request<pb::ListBackupSchedulesRequest>,
+    ) -> Result<Response<pb::ListBackupSchedulesResponse>, Status> {
+        Ok(Response::new(
+            ControlApi::list_backup_schedules(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_backup_schedule(
+        &self,
+        req: Request<pb::DeleteBackupScheduleRequest>,
+    ) -> Result<Response<pb::DeleteBackupScheduleResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::delete_backup_schedule(self, &who, req.into_inner()).await?,
+        ))
+    }
 }

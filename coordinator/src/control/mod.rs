@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use cutover_shared::app::{AppSpec, Color, validate_image_ref};
-use cutover_shared::backup::{BackupAction, BackupEntry, validate_backup_id};
+use cutover_shared::backup::{self, BackupAction, BackupEntry, BackupSchedule, RetentionPolicy, validate_backup_id};
 use cutover_shared::convert::cluster_from_proto;
 use cutover_shared::domain::{
     self, AgentState, Attestation, ClusterRef, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms,
@@ -1230,13 +1230,7 @@ impl ControlApi {
         self.consensus.catch_up().await?;
         self.check_backup_store(&targets)?;
         let op_spec = OperationSpec {
-            backup: Some(Box::new(BackupSpec {
-                action: BackupAction::Create,
-                backup_id: None,
-                object: None,
-                table_rows: BTreeMap::new(),
-                trigger: Default::default(),
-            })),
+            backup: Some(Box::new(BackupSpec::new(BackupAction::Create))),
             ..OperationSpec::default()
         };
         let id = self
@@ -1289,11 +1283,10 @@ impl ControlApi {
         self.check_backup_store(&targets)?;
         let op_spec = OperationSpec {
             backup: Some(Box::new(BackupSpec {
-                action,
                 backup_id: Some(entry.id),
                 object: Some(entry.object),
                 table_rows: entry.table_rows,
-                trigger: Default::default(),
+                ..BackupSpec::new(action)
             })),
             ..OperationSpec::default()
         };
@@ -1334,5 +1327,98 @@ impl ControlApi {
         }
         let id = self.read_backup(who, &r.id, BackupAction::Restore).await?;
         Ok(pb::RestoreBackupResponse { operation_id: id })
+    }
+
+    pub async fn set_backup_schedule(
+        &self,
+        who: &Identity,
+        r: pb::SetBackupScheduleRequest,
+    ) -> Result<pb::SetBackupScheduleResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        let region = (!r.region.is_empty()).then(|| r.region.clone());
+        // Refuses a region the app does not run in.
+        Self::targets(&spec, &r.region, true)?;
+        backup::parse_cron(&r.cron)?;
+        let retention = if r.retention.is_empty() {
+            RetentionPolicy::default()
+        } else {
+            RetentionPolicy::parse(&r.retention)?
+        };
+        let now = now_unix_ms();
+        let schedule = BackupSchedule {
+            app: spec.name.clone(),
+            region,
+            cron: r.cron.clone(),
+            retention,
+            validate: r.validate,
+            updated_by: who.to_string(),
+            updated_at_unix_ms: now,
+            // From now on: setting a schedule never starts a past slot.
+            last_slot_unix_ms: now,
+        };
+        let params = serde_json::json!({
+            "app": spec.name, "region": r.region, "cron": r.cron, "retention": retention.to_string(),
+            "validate": r.validate,
+        });
+        self.consensus
+            .propose(Proposal::Command(Command::PutBackupSchedule {
+                schedule,
+                audit: audit(who, "SetBackupSchedule", params, "ok"),
+            }))
+            .await?;
+        let stored = self
+            .consensus
+            .read(|s| s.backup_schedules.get(&spec.name).cloned())
+            .ok_or_else(|| ApiError::unavailable("the schedule is not applied on this node yet"))?;
+        Ok(pb::SetBackupScheduleResponse {
+            schedule: Some(schedule_proto(stored)),
+        })
+    }
+
+    pub async fn list_backup_schedules(
+        &self,
+        _r: pb::ListBackupSchedulesRequest,
+    ) -> Result<pb::ListBackupSchedulesResponse, ApiError> {
+        let schedules: Vec<BackupSchedule> = self.consensus.read(|s| s.backup_schedules.values().cloned().collect());
+        Ok(pb::ListBackupSchedulesResponse {
+            schedules: schedules.into_iter().map(schedule_proto).collect(),
+        })
+    }
+
+    pub async fn delete_backup_schedule(
+        &self,
+        who: &Identity,
+        r: pb::DeleteBackupScheduleRequest,
+    ) -> Result<pb::DeleteBackupScheduleResponse, ApiError> {
+        validate_name("app", &r.app)?;
+        self.consensus.catch_up().await?;
+        if !self.consensus.read(|s| s.backup_schedules.contains_key(&r.app)) {
+            return Err(ApiError::not_found(format!("app {:?} has no backup schedule", r.app)));
+        }
+        self.consensus
+            .propose(Proposal::Command(Command::DeleteBackupSchedule {
+                app: r.app.clone(),
+                audit: audit(who, "DeleteBackupSchedule", serde_json::json!({ "app": r.app }), "ok"),
+            }))
+            .await?;
+        Ok(pb::DeleteBackupScheduleResponse {})
+    }
+}
+
+fn schedule_proto(s: BackupSchedule) -> pb::BackupSchedule {
+    let next = backup::parse_cron(&s.cron)
+        .ok()
+        .and_then(|c| backup::next_slot(&c, s.last_slot_unix_ms.max(now_unix_ms())))
+        .unwrap_or(0);
+    pb::BackupSchedule {
+        app: s.app,
+        region: s.region.unwrap_or_default(),
+        cron: s.cron,
+        retention: s.retention.to_string(),
+        validate: s.validate,
+        updated_by: s.updated_by,
+        updated_at_unix_ms: s.updated_at_unix_ms,
+        last_slot_unix_ms: s.last_slot_unix_ms,
+        next_slot_unix_ms: next,
     }
 }

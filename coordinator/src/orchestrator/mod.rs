@@ -12,6 +12,7 @@
 
 mod compensate;
 mod plan;
+pub mod schedule;
 mod summary;
 
 use cutover_shared::config::RetentionConfig;
@@ -184,6 +185,20 @@ pub async fn advance(consensus: &Consensus) {
     }
 }
 
+/// Proposes what the backup schedules and their retention call for now.
+pub async fn run_schedules(consensus: &Consensus) {
+    let commands = consensus.read(|s| schedule::due(s, now_unix_ms()));
+    for cmd in commands {
+        tracing::info!("backup schedule: {cmd}");
+        match consensus.propose(Proposal::Command(cmd)).await {
+            Ok(_) => {}
+            // Another leader's decision got there first.
+            Err(crate::raft::ProposeError::Rejected(e)) => tracing::debug!("backup schedule: {e}"),
+            Err(e) => tracing::warn!("backup schedule: could not commit: {e}"),
+        }
+    }
+}
+
 /// How often the leader checks the state against the retention policy.
 const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -217,6 +232,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
         if consensus.is_leader() {
             advance(&consensus).await;
+            run_schedules(&consensus).await;
             if last_compaction.elapsed() >= COMPACT_EVERY {
                 last_compaction = std::time::Instant::now();
                 compact(&consensus, &retention).await;

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppSpec, Color};
-use cutover_shared::backup;
+use cutover_shared::backup::{self, BackupAction};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind};
 use cutover_shared::operation::{MigrateSpec, Strategy};
 use cutover_shared::release::Bundle;
-use cutover_shared::task::{self, AppRef, BackupParams, MigrateAction, MigrateParams, TaskParams, outputs};
+use cutover_shared::task::{self, AppRef, BackupParams, MigrateAction, MigrateParams, TaskKind, TaskParams, outputs};
 
 use super::DEPLOY;
 
@@ -275,27 +275,59 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
         }
         OperationKind::Backup => {
             // Each target's step is its own: the clusters back up (or the one
-            // cluster validates or restores) at the same time.
-            let Some(b) = op.spec.backup.as_ref() else {
+            // cluster validates, restores or deletes) at the same time.
+            let Some(b) = op.spec.backup.as_deref() else {
                 return steps;
             };
-            for (i, t) in op.targets.iter().enumerate() {
-                let backup_id = match (&b.backup_id, b.action) {
-                    (Some(id), _) => id.clone(),
-                    (None, _) => backup::backup_id(&inputs.app.app, t, &op.id, op.created_at_unix_ms),
-                };
-                let mut s = Step::new(
+            let step = |t: &ClusterRef, action: BackupAction, backup_id: String, object, table_rows| {
+                Step::new(
                     t,
                     TaskParams::DbBackup(BackupParams {
                         app: app(),
-                        action: b.action,
+                        action,
                         backup_id,
-                        object: b.object.clone(),
-                        table_rows: b.table_rows.clone(),
+                        object,
+                        table_rows,
+                        delete: if action == BackupAction::Delete {
+                            b.delete.clone()
+                        } else {
+                            BTreeMap::new()
+                        },
                     }),
-                );
+                )
+            };
+            let id_of = |t: &ClusterRef| {
+                b.backup_id
+                    .clone()
+                    .unwrap_or_else(|| backup::backup_id(&inputs.app.app, t, &op.id, op.created_at_unix_ms))
+            };
+            for (i, t) in op.targets.iter().enumerate() {
+                let mut s = step(t, b.action, id_of(t), b.object.clone(), b.table_rows.clone());
                 s.with_previous = i > 0;
                 steps.push(s);
+            }
+            if b.action == BackupAction::Create && b.validate {
+                // Then each new backup is validated by restore, with what its
+                // create step reported (committed only once every create
+                // step finished).
+                for (i, t) in op.targets.iter().enumerate() {
+                    let out = op
+                        .tasks
+                        .iter()
+                        .find(|r| &r.spec.target == t && r.spec.kind == TaskKind::DbBackup.as_str())
+                        .and_then(|r| r.result.as_ref())
+                        .map(|r| outputs::BackupOutputs::from_wire(&r.outputs))
+                        .unwrap_or_default();
+                    let mut s = step(
+                        t,
+                        BackupAction::Validate,
+                        id_of(t),
+                        out.object,
+                        out.table_rows.unwrap_or_default(),
+                    );
+                    s.with_previous = i > 0;
+                    steps.push(s);
+                }
             }
         }
         OperationKind::HealthCheck => {
