@@ -71,24 +71,62 @@ struct Fixture {
     encryption_key: String,
 }
 
+/// Which database the agent backs up.
+#[derive(Clone, Copy, PartialEq)]
+enum Db {
+    Postgres,
+    Sqlite,
+}
+
+const SCHEMA: &str = "create table orders (id int primary key, item text not null); \
+                      create table customers (id int primary key, name text); \
+                      insert into customers values (1, 'ada'), (2, 'grace');";
+
 async fn fixture(versioned: bool) -> Fixture {
+    fixture_on(versioned, Db::Postgres).await
+}
+
+async fn fixture_on(versioned: bool, engine: Db) -> Fixture {
     captured_logs();
     cutover_shared::telemetry::metrics_handle();
     let pg = TestPostgres::start().unwrap();
-    let url = pg.create_database("shop").unwrap();
-    pg.psql(
-        "shop",
-        "create table orders (id int primary key, item text not null); \
-         insert into orders select g, md5(g::text) from generate_series(1, 5000) g; \
-         create table customers (id int primary key, name text); \
-         insert into customers values (1, 'ada'), (2, 'grace');",
-    )
-    .unwrap();
     let s3 = TestS3::start().unwrap();
     s3.create_bucket("backups", versioned).unwrap();
     let mut c = TestCluster::builder().nodes(3).regions(REGION).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     let dir = c.tmp.path().to_owned();
+    let (url, driver) = match engine {
+        Db::Postgres => {
+            let url = pg.create_database("shop").unwrap();
+            pg.psql(
+                "shop",
+                &format!("{SCHEMA} insert into orders select g, md5(g::text) from generate_series(1, 5000) g;"),
+            )
+            .unwrap();
+            (url, DbDriver::Postgres)
+        }
+        Db::Sqlite => {
+            use sqlx::{ConnectOptions, Connection};
+            let url = format!("sqlite://{}", dir.join("shop.db").display());
+            let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(dir.join("shop.db"))
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .connect()
+                .await
+                .unwrap();
+            sqlx::raw_sql(SCHEMA).execute(&mut conn).await.unwrap();
+            sqlx::raw_sql(
+                "with recursive g(n) as (select 1 union all select n + 1 from g where n < 5000) \
+                 insert into orders select n, hex(randomblob(16)) from g",
+            )
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            conn.close().await.unwrap();
+            (url, DbDriver::Sqlite)
+        }
+    };
     let key = BackupKey::generate("k1").unwrap();
     let encryption_key = key.to_hex();
     std::fs::write(dir.join("k1.key"), &encryption_key).unwrap();
@@ -118,7 +156,7 @@ async fn fixture(versioned: bool) -> Fixture {
     let mut cfg = c.agent_config(0);
     cfg.databases = vec![DatabaseConfig {
         app: "shop".into(),
-        driver: DbDriver::Postgres,
+        driver,
         url_file: Some(url_file),
         url_env: None,
         primary: true,
@@ -140,7 +178,11 @@ async fn fixture(versioned: bool) -> Fixture {
         .apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
         .await
         .unwrap();
-    let source = DbConfig::new("shop", Driver::Postgres, DbUrl::new(url), dir.join("work"));
+    let source_driver = match engine {
+        Db::Postgres => Driver::Postgres,
+        Db::Sqlite => Driver::Sqlite,
+    };
+    let source = DbConfig::new("shop", source_driver, DbUrl::new(url), dir.join("work"));
     Fixture {
         pg,
         _s3: s3,
@@ -444,6 +486,51 @@ async fn a_corrupted_object_is_named_and_never_restored() {
             .lines()
             .any(|l| l.starts_with("cutover_backup_validation_failures_total{") && l.contains("verdict=\"corrupt\"")),
         "{metrics}"
+    );
+    f.c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sqlite_backup_round_trips_through_the_store() {
+    let f = fixture_on(true, Db::Sqlite).await;
+    let b = f.create().await;
+    assert!(b.engine.starts_with("SQLite "), "{}", b.engine);
+    assert_eq!(b.database, "shop.db");
+    assert_eq!(b.table_rows.get("main.orders"), Some(&5000));
+    assert!(b.dump_bytes > 0 && !b.version_id.is_empty(), "{b:?}");
+    let stage = f.c.tmp.path().join("agent-us-east-us-east-1").join("backup-stage");
+    assert_eq!(
+        std::fs::read_dir(&stage).map(|d| d.count()).unwrap_or(0),
+        0,
+        "the staged copy was left behind"
+    );
+
+    let v = f.validate(&b.id).await;
+    assert_eq!(v.state, pb::TaskState::Succeeded as i32, "{v:?}");
+    assert!(f.get(&b.id).await.validations[0].passed);
+
+    let r = f
+        .op()
+        .restore_backup(pb::RestoreBackupRequest {
+            id: b.id.clone(),
+            to: pb::RestoreTarget::Scratch as i32,
+            confirm: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let r = f.finished(&r).await;
+    assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
+    let copy_path = outputs(&r)["scratch"].clone();
+    let copy = DbConfig {
+        url: DbUrl::new(format!("sqlite://{copy_path}")),
+        ..f.source.clone()
+    };
+    assert_eq!(
+        dump_checksum(&copy).await.unwrap(),
+        dump_checksum(&f.source).await.unwrap(),
+        "the restored copy differs from the source"
     );
     f.c.shutdown().await;
 }

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::backup::MAX_RECORDED_TABLES;
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, Row};
 
 use super::BackupError;
 use crate::migrate::DbConfig;
@@ -117,6 +118,59 @@ async fn read_facts(conn: &mut PgConnection) -> Result<Facts, sqlx::Error> {
     Ok(Facts {
         engine: format!("PostgreSQL {}", version.split_whitespace().next().unwrap_or(&version)),
         database,
+        migration_version,
+        table_rows,
+    })
+}
+
+/// The facts of a SQLite database file (a copy taken for a backup, or a
+/// restored one), opened read-only.
+pub async fn sqlite_facts(path: &std::path::Path) -> Result<Facts, BackupError> {
+    let err = |what: &str, e: sqlx::Error| BackupError::Source(format!("{what} {}: {e}", path.display()));
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .disable_statement_logging()
+        .connect()
+        .await
+        .map_err(|e| err("opening", e))?;
+    let facts = read_sqlite_facts(&mut conn).await.map_err(|e| err("reading", e));
+    let _ = conn.close().await;
+    let mut facts = facts?;
+    facts.database = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(facts)
+}
+
+async fn read_sqlite_facts(conn: &mut SqliteConnection) -> Result<Facts, sqlx::Error> {
+    let version: String = sqlx::query_scalar("SELECT sqlite_version()")
+        .fetch_one(&mut *conn)
+        .await?;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name LIMIT ?1",
+    )
+    .bind(MAX_RECORDED_TABLES as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut table_rows = BTreeMap::new();
+    let mut migration_version = 0;
+    for name in names {
+        let sql = format!("SELECT count(*) FROM {}", ident(&name));
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
+        if name == "_sqlx_migrations" {
+            migration_version =
+                sqlx::query_scalar::<_, Option<i64>>("SELECT max(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&mut *conn)
+                    .await?
+                    .unwrap_or(0);
+        }
+        table_rows.insert(format!("main.{name}"), n);
+    }
+    Ok(Facts {
+        engine: format!("SQLite {version}"),
+        database: String::new(),
         migration_version,
         table_rows,
     })

@@ -194,16 +194,7 @@ pub async fn backup_at(
             s
         });
         let mut input = Counting { inner: stdout, n: 0 };
-        let piped = (|| -> io::Result<PartWriter> {
-            let parts = PartWriter {
-                tx: tx.clone(),
-                size: part_size,
-                buf: Vec::with_capacity(part_size),
-            };
-            let mut z = zstd::stream::write::Encoder::new(Sealer::new(parts, &key)?, ZSTD_LEVEL)?;
-            io::copy(&mut input, &mut z)?;
-            z.finish()?.finish()
-        })();
+        let piped = seal_into_parts(&mut input, &tx, part_size, &key);
         if piped.is_err() {
             let _ = child.kill();
         }
@@ -231,6 +222,92 @@ pub async fn backup_at(
         key_id,
         dump_bytes,
     })
+}
+
+/// Compresses and seals everything `input` yields into parts of
+/// `part_size` sent down `tx`, except the last, which the caller hands
+/// over ([`PartWriter::finish`]) once it knows the source ended well.
+fn seal_into_parts(
+    input: &mut dyn Read,
+    tx: &mpsc::Sender<Piece>,
+    part_size: usize,
+    key: &BackupKey,
+) -> io::Result<PartWriter> {
+    let parts = PartWriter {
+        tx: tx.clone(),
+        size: part_size,
+        buf: Vec::with_capacity(part_size),
+    };
+    let mut z = zstd::stream::write::Encoder::new(Sealer::new(parts, key)?, ZSTD_LEVEL)?;
+    io::copy(input, &mut z)?;
+    z.finish()?.finish()
+}
+
+/// Backs up the file at `path` (a consistent SQLite copy) to `name` in
+/// `store`, sealed with `keys[0]`.
+pub async fn backup_file(
+    path: &std::path::Path,
+    store: &ObjectStore,
+    keys: &[BackupKey],
+    name: &str,
+) -> Result<BackupRecord, BackupError> {
+    let key = keys
+        .first()
+        .ok_or_else(|| BackupError::Config("no encryption key".into()))?
+        .clone();
+    let file =
+        std::fs::File::open(path).map_err(|e| BackupError::Source(format!("opening {}: {e}", path.display())))?;
+    let (tx, rx) = mpsc::channel(PART_QUEUE);
+    let part_size = store.part_size();
+    let key_id = key.id.clone();
+    let produce = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let mut input = Counting { inner: file, n: 0 };
+        let sealed = seal_into_parts(&mut input, &tx, part_size, &key).and_then(PartWriter::finish);
+        if let Err(e) = sealed {
+            let why = format!("streaming the copy: {e}");
+            let _ = tx.blocking_send(Piece::Failed(why.clone()));
+            return Err(why);
+        }
+        Ok(input.n)
+    });
+    let uploaded = store.upload(&store.key(name), rx).await;
+    let dump_bytes = produce
+        .await
+        .map_err(|e| BackupError::Source(format!("the copy thread failed: {e}")))?
+        .map_err(BackupError::Source)?;
+    Ok(BackupRecord {
+        object: uploaded?,
+        key_id,
+        dump_bytes,
+    })
+}
+
+/// Restores a verified backup of a file (SQLite) to `to`, which must not
+/// exist: written beside it, synced, then renamed into place, so a
+/// failure leaves nothing at `to`. Runs [`verify`] first.
+pub async fn restore_file(
+    store: &ObjectStore,
+    record: &BackupRecord,
+    keys: &[BackupKey],
+    to: &std::path::Path,
+) -> Result<(), BackupError> {
+    if to.exists() {
+        return Err(BackupError::Restore(format!("{} already exists", to.display())));
+    }
+    verify(store, record, keys).await?;
+    let partial = to.with_extension("partial");
+    let target = partial.clone();
+    let written = with_plaintext(store, record, keys, move |plain| {
+        let mut f = std::fs::File::create(&target)?;
+        io::copy(plain, &mut f)?;
+        f.sync_all()
+    })
+    .await;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, to).map_err(|e| BackupError::Restore(format!("placing {}: {e}", to.display())))
 }
 
 /// Removes the connection string from a tool's message.

@@ -166,14 +166,54 @@ impl BackupRuntime {
                 self.cluster
             ))
         })?;
-        let db = migrate::resolve(d, &self.data_dir)?;
-        if db.driver != Driver::Postgres {
-            return Err(BackupError::Config(format!(
-                "{} databases cannot be backed up to the object store yet",
-                db.driver
-            )));
+        Ok(migrate::resolve(d, &self.data_dir)?)
+    }
+
+    /// Takes the backup of `db` to `name`: PostgreSQL dumped at one
+    /// exported snapshot; SQLite copied (`VACUUM INTO`, beside the agent's
+    /// data, then removed) and the copy uploaded. The facts come from the
+    /// same snapshot or copy.
+    async fn take(
+        &self,
+        db: &DbConfig,
+        ready: &Ready,
+        name: &str,
+        id: &str,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<(BackupRecord, facts::Facts), BackupError> {
+        let say = |f: &facts::Facts| {
+            progress(format!(
+                "backing up {} ({} tables) to {}",
+                f.database,
+                f.table_rows.len(),
+                ready.store.key(name)
+            ))
+        };
+        if db.driver == Driver::Postgres {
+            let snapshot = Snapshot::take(db).await?;
+            say(&snapshot.facts);
+            let record = super::backup_at(db, &ready.store, &ready.keys, name, Some(&snapshot.id)).await;
+            let facts = snapshot.facts.clone();
+            snapshot.release().await;
+            return Ok((record?, facts));
         }
-        Ok(db)
+        let stage = self.data_dir.join("backup-stage");
+        std::fs::create_dir_all(&stage).map_err(|e| BackupError::Source(format!("{}: {e}", stage.display())))?;
+        let copy = stage.join(format!("{id}.sqlite"));
+        let _ = std::fs::remove_file(&copy);
+        let taken = async {
+            migrate::sqlite_copy(db, &copy).await?;
+            let mut f = facts::sqlite_facts(&copy).await?;
+            f.database = migrate::sqlite_path(db)?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            say(&f);
+            Ok::<_, BackupError>((super::backup_file(&copy, &ready.store, &ready.keys, name).await?, f))
+        }
+        .await;
+        let _ = std::fs::remove_file(&copy);
+        taken
     }
 
     async fn run(
@@ -218,18 +258,11 @@ impl BackupRuntime {
             metrics::counter!("cutover_backup_failures_total", &labels.0[..]).increment(1);
             (BackupOutputs::default(), fail(e))
         };
-        let snapshot = Snapshot::take(db).await.map_err(failed)?;
         let name = catalog::object_name(&self.cluster, &p.app.app, &p.backup_id);
-        progress(format!(
-            "dumping {} ({} tables) to {}",
-            snapshot.facts.database,
-            snapshot.facts.table_rows.len(),
-            ready.store.key(&name)
-        ));
-        let record = super::backup_at(db, &ready.store, &ready.keys, &name, Some(&snapshot.id)).await;
-        let facts = snapshot.facts.clone();
-        snapshot.release().await;
-        let record: BackupRecord = record.map_err(failed)?;
+        let (record, facts) = self
+            .take(db, ready, &name, &p.backup_id, progress)
+            .await
+            .map_err(failed)?;
         let elapsed = started.elapsed();
         // Object Lock (a bucket default, say) makes the backup immutable
         // until then; retention leaves it alone meanwhile.
@@ -327,27 +360,21 @@ impl BackupRuntime {
             "checking {} and restoring it into database {scratch}",
             p.backup_id
         ));
-        let url = super::restore_scratch(db, &ready.store, &record, &ready.keys, &scratch)
+        let copy = restore_copy(db, ready, &record, &scratch)
             .await
             .map_err(|e| failed(fail(e)))?;
-        let copy = DbConfig { url, ..db.clone() };
         if !validate {
             return Ok((
-                format!(
-                    "restored {} into database {scratch} (on the primary's server; drop it when done)",
-                    p.backup_id
-                ),
+                format!("restored {} into {} (drop it when done)", p.backup_id, copy.name()),
                 timed(BackupOutputs {
-                    scratch: Some(scratch),
+                    scratch: Some(copy.id()),
                     ..Default::default()
                 }),
             ));
         }
         progress(format!("running {} check(s) and comparing row counts", checks.len()));
         let verdict = check_copy(&copy, checks, &p.table_rows).await;
-        if let Err(e) = super::drop_scratch(db, &scratch).await {
-            tracing::warn!("could not drop the scratch database {scratch}: {e}");
-        }
+        copy.remove(db).await;
         verdict.map_err(failed)?;
         metrics::gauge!(
             "cutover_backup_validation_last_success_timestamp_seconds",
@@ -406,13 +433,87 @@ async fn delete(p: &BackupParams, ready: &Ready, progress: &(dyn Fn(String) + Se
     )
 }
 
+/// A restored copy: a scratch database on the primary's PostgreSQL
+/// server, or a SQLite file beside the database's.
+enum Copy {
+    Pg { cfg: DbConfig, name: String },
+    Sqlite { cfg: DbConfig, path: PathBuf },
+}
+
+impl Copy {
+    fn cfg(&self) -> &DbConfig {
+        match self {
+            Copy::Pg { cfg, .. } | Copy::Sqlite { cfg, .. } => cfg,
+        }
+    }
+
+    /// The scratch database's name, or the file's path.
+    fn id(&self) -> String {
+        match self {
+            Copy::Pg { name, .. } => name.clone(),
+            Copy::Sqlite { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// What the operator finds it by.
+    fn name(&self) -> String {
+        match self {
+            Copy::Pg { name, .. } => format!("database {name} on the primary's server"),
+            Copy::Sqlite { path, .. } => format!("SQLite file {}", path.display()),
+        }
+    }
+
+    async fn remove(&self, db: &DbConfig) {
+        match self {
+            Copy::Pg { name, .. } => {
+                if let Err(e) = super::drop_scratch(db, name).await {
+                    tracing::warn!("could not drop the scratch database {name}: {e}");
+                }
+            }
+            Copy::Sqlite { path, .. } => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(PathBuf::from(p));
+                }
+            }
+        }
+    }
+}
+
+/// Restores `record` (verified first) into a new copy named `scratch`.
+async fn restore_copy(db: &DbConfig, ready: &Ready, record: &BackupRecord, scratch: &str) -> Result<Copy, BackupError> {
+    if db.driver == Driver::Postgres {
+        let url = super::restore_scratch(db, &ready.store, record, &ready.keys, scratch).await?;
+        return Ok(Copy::Pg {
+            cfg: DbConfig { url, ..db.clone() },
+            name: scratch.to_owned(),
+        });
+    }
+    let live = migrate::sqlite_path(db)?;
+    let path = live
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join(format!("{scratch}.sqlite"));
+    super::restore_file(&ready.store, record, &ready.keys, &path).await?;
+    let url = migrate::DbUrl::new(format!("sqlite://{}", path.display()));
+    Ok(Copy::Sqlite {
+        cfg: DbConfig { url, ..db.clone() },
+        path,
+    })
+}
+
 /// Runs the app's checks on a restored copy and compares its row counts
 /// with those recorded at backup time.
-async fn check_copy(copy: &DbConfig, checks: &[String], recorded: &BTreeMap<String, i64>) -> Result<(), Failure> {
-    migrate::run_checks(copy, checks)
+async fn check_copy(copy: &Copy, checks: &[String], recorded: &BTreeMap<String, i64>) -> Result<(), Failure> {
+    migrate::run_checks(copy.cfg(), checks)
         .await
         .map_err(|e| ("check-failed".to_owned(), e))?;
-    let rows = facts::table_rows(copy).await.map_err(fail)?;
+    let rows = match copy {
+        Copy::Pg { cfg, .. } => facts::table_rows(cfg).await,
+        Copy::Sqlite { path, .. } => facts::sqlite_facts(path).await.map(|f| f.table_rows),
+    }
+    .map_err(fail)?;
     let differ: Vec<String> = recorded
         .iter()
         .filter(|(t, n)| rows.get(*t) != Some(n))

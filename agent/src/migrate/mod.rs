@@ -384,3 +384,16 @@ pub async fn run_checks(cfg: &DbConfig, checks: &[String]) -> Result<(), String>
     conn.close().await;
     result
 }
+
+pub use conn::sqlite_path;
+
+/// A consistent copy of a live SQLite database at `to` (`VACUUM INTO`),
+/// taken read-only: the database itself is not changed.
+pub async fn sqlite_copy(cfg: &DbConfig, to: &std::path::Path) -> Result<(), MigrateError> {
+    let Some(mut conn) = conn::Conn::connect(cfg, conn::Access::ReadOnly).await? else {
+        return Err(MigrateError::Config("the SQLite database does not exist".into()));
+    };
+    let r = conn.sqlite_vacuum_into(to).await;
+    conn.close().await;
+    r
+}
