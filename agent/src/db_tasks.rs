@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use cutover_shared::app::AppSpec;
 use cutover_shared::config::DatabaseConfig;
@@ -23,6 +24,7 @@ use cutover_shared::release::Bundle;
 use cutover_shared::task::outputs::{BackupOutput, MigrateOutputs};
 use cutover_shared::task::{self, TaskKind, TaskParams};
 
+use crate::backup::task::BackupRuntime;
 use crate::migrate::{self, Direction, MigrationSource, Outcome, RunEvent};
 
 /// Kinds this module executes.
@@ -32,6 +34,8 @@ pub const KINDS: &[TaskKind] = &[TaskKind::DbMigrate];
 pub struct DbRuntime {
     databases: BTreeMap<String, DatabaseConfig>,
     data_dir: PathBuf,
+    /// Where pre-migration backups are also uploaded, if configured.
+    backups: Option<Arc<BackupRuntime>>,
 }
 
 fn join(versions: impl IntoIterator<Item = i64>) -> String {
@@ -46,10 +50,11 @@ impl DbRuntime {
     /// The databases of an agent config (which `AgentConfig::validate`
     /// checked: a config error stops the agent at start, not at the first
     /// cutover).
-    pub fn new(databases: &[DatabaseConfig], data_dir: &Path) -> DbRuntime {
+    pub fn new(databases: &[DatabaseConfig], data_dir: &Path, backups: Option<Arc<BackupRuntime>>) -> DbRuntime {
         DbRuntime {
             databases: databases.iter().map(|d| (d.app.clone(), d.clone())).collect(),
             data_dir: data_dir.to_owned(),
+            backups: backups.filter(|b| b.configured()),
         }
     }
 
@@ -187,6 +192,15 @@ impl DbRuntime {
                     bytes: b.size,
                     sha256: b.sha256.clone(),
                 });
+                // The pre-migration backup goes to the object store too, and
+                // so into the catalog, whatever the migration's outcome.
+                if let (Some(info), Some(store)) = (&report.backup, &self.backups) {
+                    progress(format!("uploading the pre-migration backup of {app}"));
+                    match store.store_migration_backup(app, &cfg, info, &task.operation_id).await {
+                        Ok(s) => out.stored = Some(s),
+                        Err(e) => tracing::warn!(app = %app, "the pre-migration backup stays local only: {e}"),
+                    }
+                }
                 let steps = report
                     .applied
                     .iter()

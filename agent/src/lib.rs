@@ -93,12 +93,16 @@ impl Agent {
             cluster: cluster.clone(),
             policy: cfg.drivers.clone(),
         }));
-        let dbs = Arc::new(db_tasks::DbRuntime::new(&cfg.databases, &cfg.data_dir));
         let backups = Arc::new(backup::task::BackupRuntime::new(
             &cfg.databases,
             &cfg.data_dir,
             cluster.clone(),
             cfg.backup.clone(),
+        ));
+        let dbs = Arc::new(db_tasks::DbRuntime::new(
+            &cfg.databases,
+            &cfg.data_dir,
+            Some(backups.clone()),
         ));
         Ok(Agent {
             cfg,

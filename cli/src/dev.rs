@@ -51,6 +51,8 @@ pub struct DevSystem {
     pub agents: Vec<DevAgent>,
     /// Each region's sample-app database; `None`: a SQLite file per region.
     pub database_url: Option<String>,
+    /// The embedded object store the agents back up to.
+    pub store: crate::devstore::DevStore,
 }
 
 impl DevSystem {
@@ -108,6 +110,7 @@ impl DevSystem {
             };
             nodes.push(Some(Node::start(cfg, listener, None).await?));
         }
+        let store = crate::devstore::DevStore::start(&dir.join("backup")).await?;
         let mut sys = DevSystem {
             dir,
             _tmp: tmp,
@@ -116,6 +119,7 @@ impl DevSystem {
             addrs,
             agents: vec![],
             database_url,
+            store,
         };
         for i in 0..regions.len() {
             sys.start_agent(i)?;
@@ -169,7 +173,7 @@ impl DevSystem {
                     .collect(),
                 kubeconfig: None,
             },
-            backup: None,
+            backup: Some(self.store.config.clone()),
         }
     }
 

@@ -8,6 +8,7 @@ mod backup;
 mod client;
 mod demo;
 mod dev;
+mod devstore;
 mod migrate;
 mod verbs;
 

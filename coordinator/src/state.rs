@@ -849,8 +849,30 @@ fn catalog_change(op: &Operation, i: usize, at: i64) -> Option<CatalogChange> {
     use cutover_shared::task::{TaskParams, outputs::BackupOutputs};
     let t = &op.tasks[i];
     let result = t.result.as_ref()?;
-    let Ok(TaskParams::DbBackup(p)) = TaskParams::from_wire(&t.spec.kind, &t.spec.params) else {
-        return None;
+    let p = match TaskParams::from_wire(&t.spec.kind, &t.spec.params) {
+        Ok(TaskParams::DbBackup(p)) => p,
+        // A migration's backup, uploaded too: cataloged whatever the
+        // migration's outcome (the object exists either way).
+        Ok(TaskParams::DbMigrate(m)) => {
+            let s = cutover_shared::task::outputs::MigrateOutputs::from_wire(&result.outputs).stored?;
+            return Some(CatalogChange::Add(Box::new(BackupEntry {
+                id: s.id,
+                app: m.app.app,
+                cluster: t.spec.target.clone(),
+                database: s.database,
+                engine: s.engine,
+                object: s.object,
+                migration_version: s.migration_version,
+                table_rows: s.table_rows,
+                started_at_unix_ms: s.started_at_unix_ms,
+                finished_at_unix_ms: result.finished_at_unix_ms,
+                requested_by: op.created_by.clone(),
+                operation_id: op.id.clone(),
+                trigger: cutover_shared::backup::BackupTrigger::Migration,
+                validations: Vec::new(),
+            })));
+        }
+        _ => return None,
     };
     let out = BackupOutputs::from_wire(&result.outputs);
     match p.action {

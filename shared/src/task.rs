@@ -593,6 +593,20 @@ pub mod outputs {
         pub sha256: String,
     }
 
+    /// A pre-migration backup the agent also uploaded to its object store,
+    /// which the catalog records beside the scheduled ones.
+    #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+    pub struct StoredBackup {
+        pub id: String,
+        pub object: BackupObject,
+        pub database: String,
+        pub engine: String,
+        pub migration_version: i64,
+        #[serde(default)]
+        pub table_rows: BTreeMap<String, i64>,
+        pub started_at_unix_ms: i64,
+    }
+
     /// What `db.migrate` reports. Which fields are set depends on the
     /// action: status sets the version lists, plan the plan, up and down
     /// the outcome, what was applied, the versions and the backup.
@@ -612,6 +626,8 @@ pub mod outputs {
         pub from_version: Option<i64>,
         pub to_version: Option<i64>,
         pub backup: Option<BackupOutput>,
+        /// The same backup, uploaded to the agent's object store.
+        pub stored: Option<StoredBackup>,
     }
 
     impl MigrateOutputs {
@@ -654,6 +670,9 @@ pub mod outputs {
                 put("backup_bytes", b.bytes.to_string());
                 put("backup_sha256", b.sha256.clone());
             }
+            if let Some(s) = self.stored.as_ref().and_then(|s| serde_json::to_string(s).ok()) {
+                put("stored_backup", s);
+            }
             m
         }
 
@@ -677,6 +696,7 @@ pub mod outputs {
                     bytes: num("backup_bytes").map_or(0, |b: i64| b.max(0) as u64),
                     sha256: m.get("backup_sha256").cloned().unwrap_or_default(),
                 }),
+                stored: m.get("stored_backup").and_then(|s| serde_json::from_str(s).ok()),
             }
         }
 
@@ -790,6 +810,12 @@ mod tests {
                 path: "/b/shop.dump".into(),
                 bytes: 42,
                 sha256: "ab".repeat(32),
+            }),
+            stored: Some(outputs::StoredBackup {
+                id: "shop-1".into(),
+                engine: "SQLite 3.45".into(),
+                migration_version: 2,
+                ..Default::default()
             }),
             ..Default::default()
         };

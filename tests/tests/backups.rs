@@ -534,3 +534,56 @@ async fn a_sqlite_backup_round_trips_through_the_store() {
     );
     f.c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migrations_backup_is_uploaded_and_cataloged_beside_the_others() {
+    let f = fixture_on(true, Db::Sqlite).await;
+    let scheduled = f.create().await;
+    f.op()
+        .create_release(pb::CreateReleaseRequest {
+            app: "shop".into(),
+            image: "shop:v2".into(),
+            migrations: vec![
+                pb::MigrationFile {
+                    name: "1_notes.up.sql".into(),
+                    content: b"create table notes (id int primary key);".to_vec(),
+                },
+                pb::MigrationFile {
+                    name: "1_notes.down.sql".into(),
+                    content: b"drop table notes;".to_vec(),
+                },
+            ],
+        })
+        .await
+        .unwrap();
+    let id = f
+        .op()
+        .migrate(pb::MigrateRequest {
+            app: "shop".into(),
+            region: "us-east".into(),
+            action: pb::MigrateAction::Up as i32,
+            target: None,
+            dry_run: false,
+            image: "shop:v2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let op = f.finished(&id).await;
+    assert_eq!(op.state, pb::TaskState::Succeeded as i32, "{op:?}");
+    let list = f.list().await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    let m = list
+        .iter()
+        .find(|b| b.operation_id == id)
+        .expect("the migration's backup is cataloged");
+    assert_eq!(m.trigger, "migration");
+    assert_eq!(m.migration_version, 0, "taken before the migration ran");
+    assert_eq!(m.table_rows.get("main.orders"), Some(&5000));
+    assert!(list.iter().any(|b| b.id == scheduled.id));
+    // It is a backup like any other: it validates by restore.
+    let v = f.validate(&m.id).await;
+    assert_eq!(v.state, pb::TaskState::Succeeded as i32, "{v:?}");
+    f.c.shutdown().await;
+}

@@ -2,7 +2,8 @@
 //!
 //! A whole `cutover demo` runs with real secrets in play: the sample app's
 //! databases are PostgreSQL with a password (in the agents' URL files), and
-//! every process has a private key. Afterwards every log line, every file
+//! every process has a private key; the backups have an encryption key and
+//! the embedded object store a secret access key. Afterwards every log line, every file
 //! the demo wrote (Raft logs and snapshots, which hold the operation
 //! records and the audit trail; agent state; app working directories) and
 //! the final metrics are searched for those secrets. Only the files that
@@ -92,6 +93,21 @@ fn a_whole_demo_leaves_no_secret_in_logs_state_or_metrics() {
         if name.ends_with(".key") {
             secrets.extend(key_secrets(f));
             homes.push(f.clone());
+        } else if name == "backup-key-dev-1" {
+            // The backups' encryption key (hex).
+            let hex = std::fs::read_to_string(f).unwrap();
+            assert_eq!(hex.trim().len(), 64, "{}", f.display());
+            secrets.push(("the backup encryption key".into(), hex.trim().as_bytes().to_vec()));
+            homes.push(f.clone());
+        } else if name == "credentials" {
+            // The object store's secret access key.
+            let text = std::fs::read_to_string(f).unwrap();
+            let secret = text
+                .lines()
+                .find_map(|l| l.strip_prefix("aws_secret_access_key = "))
+                .expect("a secret access key");
+            secrets.push(("the object store's secret key".into(), secret.as_bytes().to_vec()));
+            homes.push(f.clone());
         } else if name.starts_with("sample-db-url-") {
             let url = std::fs::read_to_string(f).unwrap();
             assert!(
@@ -104,8 +120,8 @@ fn a_whole_demo_leaves_no_secret_in_logs_state_or_metrics() {
     }
     assert_eq!(
         homes.len(),
-        3 + 3 + 2 + 3,
-        "keys of 3 coordinators, 3 agents, operator, viewer; 3 URL files: {homes:?}"
+        3 + 3 + 2 + 3 + 2,
+        "keys of 3 coordinators, 3 agents, operator, viewer; 3 URL files; the backup key and store credentials: {homes:?}"
     );
 
     // Where they must not be: the log, and every other file, metrics included.

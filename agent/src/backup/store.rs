@@ -133,15 +133,10 @@ impl ObjectStore {
         if let Ok(v) = asked {
             return Ok(v.status() == Some(&BucketVersioningStatus::Enabled));
         }
-        let probe = self.key(".cutover-versioning-probe");
+        // One probe per asker: agents sharing a bucket check at once.
+        let probe = self.key(&format!(".cutover-versioning-probe-{}", uuid::Uuid::new_v4().simple()));
         let version = self.put(&probe, b"probe".to_vec()).await?;
-        let mut del = self.client.delete_object().bucket(&self.bucket).key(&probe);
-        if let Some(v) = &version {
-            del = del.version_id(v);
-        }
-        del.send()
-            .await
-            .map_err(|e| store_err(&format!("deleting {probe}"), e))?;
+        self.delete(&probe, version.as_deref()).await?;
         Ok(version.is_some())
     }
 

@@ -29,7 +29,7 @@ use std::time::Instant;
 use cutover_shared::backup::{self as catalog, BackupAction, BackupObject};
 use cutover_shared::config::{BackupStoreConfig, DatabaseConfig};
 use cutover_shared::domain::{ClusterRef, TaskResult, TaskSpec, now_unix_ms};
-use cutover_shared::task::outputs::BackupOutputs;
+use cutover_shared::task::outputs::{BackupOutputs, StoredBackup};
 use cutover_shared::task::{self, BackupParams, TaskKind, TaskParams};
 use tokio::sync::OnceCell;
 
@@ -135,6 +135,51 @@ impl BackupRuntime {
                 Ok(Ready { store, keys })
             })
             .await
+    }
+
+    /// Uploads a migration's pre-migration backup (a local file, taken by
+    /// the migration engine) to the store, for the catalog: one copy of
+    /// the safety net off the machine.
+    pub async fn store_migration_backup(
+        &self,
+        app: &str,
+        db: &DbConfig,
+        info: &migrate::BackupInfo,
+        operation_id: &str,
+    ) -> Result<StoredBackup, BackupError> {
+        let ready = self.ready().await?;
+        let started = i64::try_from(info.created_unix_ms).unwrap_or(0);
+        let id = catalog::backup_id(app, &self.cluster, operation_id, started);
+        let name = catalog::object_name(&self.cluster, app, &id);
+        let record = super::backup_file(&info.path, &ready.store, &ready.keys, &name).await?;
+        let (engine, database, table_rows) = if db.driver == Driver::Sqlite {
+            let f = facts::sqlite_facts(&info.path).await?;
+            let file = migrate::sqlite_path(db)?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (f.engine, file, f.table_rows)
+        } else {
+            ("PostgreSQL".to_owned(), migrate_db_name(db), BTreeMap::new())
+        };
+        Ok(StoredBackup {
+            id,
+            object: BackupObject {
+                key: record.object.key,
+                version_id: record.object.version_id,
+                size: record.object.size,
+                sha256: record.object.sha256,
+                parts: record.object.parts,
+                key_id: record.key_id,
+                dump_bytes: record.dump_bytes,
+                retain_until_unix_ms: None,
+            },
+            database,
+            engine,
+            migration_version: info.versions.iter().max().copied().unwrap_or(0),
+            table_rows,
+            started_at_unix_ms: started,
+        })
     }
 
     pub async fn execute(&self, spec: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
