@@ -19,7 +19,6 @@ use cutover_agent::backup::seal::BackupKey;
 use cutover_agent::backup::store::ObjectStore;
 use cutover_agent::backup::{self, BackupError, BackupRecord};
 use cutover_agent::migrate::{DbConfig, DbUrl, Driver, dump_checksum};
-use cutover_shared::config::{BackupKeyFile, BackupStoreConfig};
 
 struct Fixture {
     pg: postgres::TestPostgres,
@@ -48,29 +47,9 @@ async fn fixture(name: &str) -> Fixture {
     s3.create_bucket("backups", true).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let key = BackupKey::generate("k1").unwrap();
-    let key_file = dir.path().join("k1.key");
-    std::fs::write(&key_file, key.to_hex()).unwrap();
-    let creds = dir.path().join("credentials");
-    std::fs::write(
-        &creds,
-        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing-secret\n",
-    )
-    .unwrap();
-    let cfg = BackupStoreConfig {
-        endpoint: Some(s3.endpoint()),
-        bucket: "backups".into(),
-        credentials_file: Some(creds),
-        prefix: "test/".into(),
-        region: "us-east-1".into(),
-        path_style: None,
-        server_side_encryption: None,
-        kms_key_id: None,
-        keys: vec![BackupKeyFile {
-            id: "k1".into(),
-            file: key_file,
-        }],
-        part_size_mib: 5,
-    };
+    let cfg = s3
+        .backup_config("backups", "test/", dir.path(), &key.to_hex(), "testing-secret")
+        .unwrap();
     let store = ObjectStore::connect(&cfg).await.unwrap();
     assert!(store.versioning_enabled().await.unwrap());
     let keys = backup::load_keys(&cfg).unwrap();

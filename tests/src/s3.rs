@@ -96,6 +96,40 @@ impl TestS3 {
         Ok((status, reply))
     }
 
+    /// An agent's `[backup]` section for `bucket` on this server: the
+    /// credentials (any: moto does not check them; `secret` is what tests
+    /// search logs for) and the encryption key `key_hex` under id `k1`,
+    /// written into `dir`.
+    pub fn backup_config(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        dir: &std::path::Path,
+        key_hex: &str,
+        secret: &str,
+    ) -> Result<cutover_shared::config::BackupStoreConfig> {
+        std::fs::write(dir.join("k1.key"), key_hex)?;
+        std::fs::write(
+            dir.join("credentials"),
+            format!("[default]\naws_access_key_id = AKIDTEST\naws_secret_access_key = {secret}\n"),
+        )?;
+        Ok(cutover_shared::config::BackupStoreConfig {
+            endpoint: Some(self.endpoint()),
+            bucket: bucket.into(),
+            credentials_file: Some(dir.join("credentials")),
+            prefix: prefix.into(),
+            region: "us-east-1".into(),
+            path_style: None,
+            server_side_encryption: None,
+            kms_key_id: None,
+            keys: vec![cutover_shared::config::BackupKeyFile {
+                id: "k1".into(),
+                file: dir.join("k1.key"),
+            }],
+            part_size_mib: 5,
+        })
+    }
+
     /// Creates a bucket, with versioning on if asked.
     pub fn create_bucket(&self, name: &str, versioned: bool) -> Result<()> {
         let (status, reply) = self.request("PUT", &format!("/{name}"), "")?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use cutover_agent::backup::seal::BackupKey;
 use cutover_agent::backup::store::ObjectStore;
-use cutover_shared::config::{BackupKeyFile, BackupStoreConfig, DatabaseConfig, DbDriver};
+use cutover_shared::config::{BackupStoreConfig, DatabaseConfig, DbDriver};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
 use cutover_tests::process::ProcessCluster;
@@ -46,16 +46,9 @@ async fn fixture(rows: u32) -> Fixture {
     .unwrap();
     let s3 = TestS3::start().unwrap();
     s3.create_bucket("backups", true).unwrap();
-    let endpoint = s3.endpoint();
     let key = BackupKey::generate("k1").unwrap().to_hex();
     let store_cfg = std::sync::Mutex::new(None);
     let pc = ProcessCluster::start_with(3, REGION, |_, cfg, dir| {
-        std::fs::write(dir.join("k1.key"), &key).unwrap();
-        std::fs::write(
-            dir.join("credentials"),
-            "[default]\naws_access_key_id = AKIDTEST\naws_secret_access_key = not-checked-by-moto\n",
-        )
-        .unwrap();
         std::fs::write(dir.join("shop-db-url"), &url).unwrap();
         cfg.databases = vec![DatabaseConfig {
             app: "shop".into(),
@@ -68,21 +61,9 @@ async fn fixture(rows: u32) -> Fixture {
             backup_dir: None,
             pg_bin_dir: None,
         }];
-        let b = BackupStoreConfig {
-            endpoint: Some(endpoint.clone()),
-            bucket: "backups".into(),
-            credentials_file: Some(dir.join("credentials")),
-            prefix: String::new(),
-            region: "us-east-1".into(),
-            path_style: None,
-            server_side_encryption: None,
-            kms_key_id: None,
-            keys: vec![BackupKeyFile {
-                id: "k1".into(),
-                file: dir.join("k1.key"),
-            }],
-            part_size_mib: 5,
-        };
+        let b = s3
+            .backup_config("backups", "", dir, &key, "not-checked-by-moto")
+            .unwrap();
         *store_cfg.lock().unwrap() = Some(b.clone());
         cfg.backup = Some(b);
     })

@@ -22,7 +22,7 @@ use std::time::Duration;
 use cutover_agent::backup::seal::BackupKey;
 use cutover_agent::backup::store::ObjectStore;
 use cutover_agent::migrate::{DbConfig, DbUrl, Driver, dump_checksum};
-use cutover_shared::config::{BackupKeyFile, BackupStoreConfig, DatabaseConfig, DbDriver};
+use cutover_shared::config::{BackupStoreConfig, DatabaseConfig, DbDriver};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
 use cutover_tests::s3::TestS3;
@@ -127,30 +127,11 @@ async fn fixture_on(versioned: bool, engine: Db) -> Fixture {
             (url, DbDriver::Sqlite)
         }
     };
-    let key = BackupKey::generate("k1").unwrap();
-    let encryption_key = key.to_hex();
-    std::fs::write(dir.join("k1.key"), &encryption_key).unwrap();
+    let encryption_key = BackupKey::generate("k1").unwrap().to_hex();
     let secret_key = format!("s3cret-{}", std::process::id());
-    std::fs::write(
-        dir.join("credentials"),
-        format!("[default]\naws_access_key_id = AKIDTESTBACKUPS\naws_secret_access_key = {secret_key}\n"),
-    )
-    .unwrap();
-    let store_cfg = BackupStoreConfig {
-        endpoint: Some(s3.endpoint()),
-        bucket: "backups".into(),
-        credentials_file: Some(dir.join("credentials")),
-        prefix: "cutover/".into(),
-        region: "us-east-1".into(),
-        path_style: None,
-        server_side_encryption: None,
-        kms_key_id: None,
-        keys: vec![BackupKeyFile {
-            id: "k1".into(),
-            file: dir.join("k1.key"),
-        }],
-        part_size_mib: 5,
-    };
+    let store_cfg = s3
+        .backup_config("backups", "cutover/", &dir, &encryption_key, &secret_key)
+        .unwrap();
     let url_file = dir.join("shop-db-url");
     std::fs::write(&url_file, &url).unwrap();
     let mut cfg = c.agent_config(0);
@@ -270,6 +251,21 @@ impl Fixture {
         self.finished(&op).await
     }
 
+    async fn restore_scratch(&self, id: &str) -> pb::Operation {
+        let op = self
+            .op()
+            .restore_backup(pb::RestoreBackupRequest {
+                id: id.into(),
+                to: pb::RestoreTarget::Scratch as i32,
+                confirm: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .operation_id;
+        self.finished(&op).await
+    }
+
     fn databases(&self) -> Vec<String> {
         self.pg
             .psql("postgres", "select datname from pg_database order by 1")
@@ -323,18 +319,7 @@ async fn a_backup_is_cataloged_validated_by_restore_and_restorable() {
     assert_eq!(f.databases(), before, "validation left a database behind");
 
     // Restore to a scratch database: the same content as the source.
-    let r = f
-        .op()
-        .restore_backup(pb::RestoreBackupRequest {
-            id: b.id.clone(),
-            to: pb::RestoreTarget::Scratch as i32,
-            confirm: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    let r = f.finished(&r).await;
+    let r = f.restore_scratch(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
     let scratch = outputs(&r)["scratch"].clone();
     assert!(f.databases().contains(&scratch), "{scratch} not created");
@@ -464,18 +449,7 @@ async fn a_corrupted_object_is_named_and_never_restored() {
     assert_eq!(f.databases(), before, "a corrupt backup was restored");
 
     // Restore refuses it the same way.
-    let r = f
-        .op()
-        .restore_backup(pb::RestoreBackupRequest {
-            id: b.id.clone(),
-            to: pb::RestoreTarget::Scratch as i32,
-            confirm: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    let r = f.finished(&r).await;
+    let r = f.restore_scratch(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Failed as i32);
     assert_eq!(outputs(&r)["verdict"], "corrupt");
     assert_eq!(f.databases(), before, "a corrupt backup was restored");
@@ -509,18 +483,7 @@ async fn a_sqlite_backup_round_trips_through_the_store() {
     assert_eq!(v.state, pb::TaskState::Succeeded as i32, "{v:?}");
     assert!(f.get(&b.id).await.validations[0].passed);
 
-    let r = f
-        .op()
-        .restore_backup(pb::RestoreBackupRequest {
-            id: b.id.clone(),
-            to: pb::RestoreTarget::Scratch as i32,
-            confirm: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    let r = f.finished(&r).await;
+    let r = f.restore_scratch(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
     let copy_path = outputs(&r)["scratch"].clone();
     let copy = DbConfig {

@@ -164,16 +164,7 @@ impl BackupRuntime {
         };
         Ok(StoredBackup {
             id,
-            object: BackupObject {
-                key: record.object.key,
-                version_id: record.object.version_id,
-                size: record.object.size,
-                sha256: record.object.sha256,
-                parts: record.object.parts,
-                key_id: record.key_id,
-                dump_bytes: record.dump_bytes,
-                retain_until_unix_ms: None,
-            },
+            object: object_of(record, None),
             database,
             engine,
             migration_version: info.versions.iter().max().copied().unwrap_or(0),
@@ -335,16 +326,7 @@ impl BackupRuntime {
         Ok((
             msg,
             BackupOutputs {
-                object: Some(BackupObject {
-                    key: record.object.key,
-                    version_id: record.object.version_id,
-                    size: record.object.size,
-                    sha256: record.object.sha256,
-                    parts: record.object.parts,
-                    key_id: record.key_id,
-                    dump_bytes: record.dump_bytes,
-                    retain_until_unix_ms: retain_until,
-                }),
+                object: Some(object_of(record, retain_until)),
                 database: Some(facts.database),
                 engine: Some(facts.engine),
                 migration_version: Some(facts.migration_version),
@@ -476,6 +458,20 @@ async fn delete(p: &BackupParams, ready: &Ready, progress: &(dyn Fn(String) + Se
             ..Default::default()
         },
     )
+}
+
+/// What the catalog records of an upload.
+fn object_of(record: BackupRecord, retain_until_unix_ms: Option<i64>) -> BackupObject {
+    BackupObject {
+        key: record.object.key,
+        version_id: record.object.version_id,
+        size: record.object.size,
+        sha256: record.object.sha256,
+        parts: record.object.parts,
+        key_id: record.key_id,
+        dump_bytes: record.dump_bytes,
+        retain_until_unix_ms,
+    }
 }
 
 /// A restored copy: a scratch database on the primary's PostgreSQL
