@@ -124,6 +124,12 @@ impl Node {
     ) -> Result<Node, NodeError> {
         cfg.validate()?;
         cutover_shared::tls::install_crypto_provider();
+        if ops_listener.is_some() {
+            // The recorder must exist before Raft publishes its first
+            // gauges (right at open): a gauge set with no recorder is lost
+            // until it next changes, and /metrics would lack it.
+            cutover_shared::telemetry::metrics_handle();
+        }
         let acceptor = cutover_shared::listener::MtlsAcceptor::new(&cfg.tls)?;
         let cut = acceptor.cut_handle();
         let addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
