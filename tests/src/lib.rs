@@ -403,8 +403,11 @@ pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
         ]
         .map(String::from)
         .to_vec(),
-        listen: free_addr(),
-        preview_listen: free_addr(),
+        // Below the ephemeral range: a port `free_addr` released can be
+        // taken by another test's outgoing connection before the app binds
+        // it (CI saw "router cannot listen ...: Address already in use").
+        listen: process::stable_free_addr(),
+        preview_listen: process::stable_free_addr(),
         drain_timeout_ms: 5000,
     }
 }
