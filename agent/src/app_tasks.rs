@@ -1,4 +1,5 @@
-//! App tasks (`app.deploy`, `app.gates`, `app.switch`): what the
+//! App tasks (`app.deploy`, `app.gates`, `app.switch`, `app.bake`,
+//! `app.maintenance`): what the
 //! coordinator's orchestrator asks of this agent for one app. Drivers are
 //! built once per app definition and kept, because the local driver owns
 //! processes and routers.
@@ -21,6 +22,7 @@ pub const KINDS: &[TaskKind] = &[
     TaskKind::AppGates,
     TaskKind::AppSwitch,
     TaskKind::AppBake,
+    TaskKind::AppMaintenance,
 ];
 
 /// How often a bake probes the serving color.
@@ -312,6 +314,15 @@ impl AppRuntime {
                 }
                 outputs.status = Some(driver.status().await?);
                 Ok(format!("baked {secs} s, {rounds} probe rounds passed"))
+            }
+            TaskParams::AppMaintenance { on, .. } => {
+                driver.maintenance(on, progress).await?;
+                outputs.status = Some(driver.status().await?);
+                Ok(if on {
+                    "in maintenance: neither color takes traffic".to_owned()
+                } else {
+                    "out of maintenance".to_owned()
+                })
             }
             other => Err(DriverError::new(format!("{} is not an app task", other.kind()))),
         }

@@ -20,13 +20,19 @@
 //! (nothing was sent) is tried once more on the then-current upstream. That
 //! covers a flip away from a process that has just exited. Everything else
 //! that fails is answered 502 with a short body.
+//!
+//! In maintenance ([`Router::set_maintenance`]) every new request is answered
+//! `503 Service Unavailable` with `Retry-After`, without reaching an
+//! upstream: the app takes no traffic, so makes no writes, while a restore
+//! replaces its database. Its processes keep running, so leaving
+//! maintenance is instant.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -48,6 +54,8 @@ use tokio::task::JoinHandle;
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Default for how long [`Router::shutdown`] lets requests in flight finish.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a router in maintenance tells clients to wait before retrying.
+pub const MAINTENANCE_RETRY_AFTER_SECS: u32 = 30;
 /// How long [`Router::bind`] retries an address still held by a router that
 /// is shutting down.
 const BIND_RETRY: Duration = Duration::from_secs(3);
@@ -72,6 +80,8 @@ struct Shared {
     /// Requests in flight (until their response body ends), per upstream.
     inflight: watch::Sender<HashMap<SocketAddr, usize>>,
     drain_ms: AtomicU64,
+    /// Answer 503 instead of forwarding.
+    maintenance: AtomicBool,
 }
 
 impl Router {
@@ -104,6 +114,7 @@ impl Router {
             client,
             inflight: watch::Sender::new(HashMap::new()),
             drain_ms: AtomicU64::new(DEFAULT_DRAIN_TIMEOUT.as_millis() as u64),
+            maintenance: AtomicBool::new(false),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -121,6 +132,14 @@ impl Router {
         let old = std::mem::replace(&mut *self.shared.upstream.write().expect("upstream lock"), vec![addr])[0];
         if old != addr {
             tracing::info!(listen = %self.local_addr, from = %old, to = %addr, "router upstream switched");
+        }
+    }
+
+    /// In maintenance, new requests are answered 503 and reach no upstream;
+    /// requests already forwarded finish (see [`Router::drain`]).
+    pub fn set_maintenance(&self, on: bool) {
+        if self.shared.maintenance.swap(on, Ordering::SeqCst) != on {
+            tracing::info!(listen = %self.local_addr, on, "router maintenance");
         }
     }
 
@@ -313,17 +332,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-fn bad_gateway(message: String) -> Response<ProxyBody> {
+fn plain(status: StatusCode, message: String) -> Response<ProxyBody> {
     let mut r = Response::new(
         Full::new(Bytes::from(message))
             .map_err(|never| match never {})
             .boxed_unsync(),
     );
-    *r.status_mut() = StatusCode::BAD_GATEWAY;
+    *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+fn bad_gateway(message: String) -> Response<ProxyBody> {
+    plain(StatusCode::BAD_GATEWAY, message)
+}
+
+fn in_maintenance() -> Response<ProxyBody> {
+    let mut r = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "503 service unavailable: in maintenance (a database restore is running)\n".into(),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(MAINTENANCE_RETRY_AFTER_SECS));
     r
 }
 
@@ -355,6 +388,9 @@ async fn proxy(
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         parts.headers.insert("x-forwarded-for", v);
+    }
+    if shared.maintenance.load(Ordering::SeqCst) {
+        return Ok(in_maintenance());
     }
     let bodiless = body.is_end_stream();
     let mut addr = shared.current();
@@ -435,6 +471,30 @@ mod tests {
 
     fn any_local() -> SocketAddr {
         "127.0.0.1:0".parse().unwrap()
+    }
+
+    /// In maintenance every request is answered 503 with Retry-After and
+    /// none reaches the app; out of it, the app answers again.
+    #[tokio::test]
+    async fn maintenance_answers_503_and_forwards_nothing() {
+        let a = app("v1").await;
+        let router = Router::bind(any_local(), a.addr).await.unwrap();
+        let c = client();
+        assert_eq!(get(&c, router.local_addr(), "/").await.unwrap().0, 200);
+        router.set_maintenance(true);
+        let uri: Uri = format!("http://{}/orders", router.local_addr()).parse().unwrap();
+        let resp = c.get(uri).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            resp.headers().get(header::RETRY_AFTER).unwrap(),
+            &MAINTENANCE_RETRY_AFTER_SECS.to_string()
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("maintenance"));
+        assert_eq!(router.in_flight(a.addr), 0);
+        router.set_maintenance(false);
+        assert_eq!(get(&c, router.local_addr(), "/").await.unwrap().0, 200);
+        router.shutdown().await;
     }
 
     /// ≥300 req/s for ~2 s through the router while the upstream flips 10

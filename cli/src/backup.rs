@@ -57,7 +57,8 @@ pub enum BackupCmd {
         id: String,
         #[arg(long, value_enum, default_value_t = RestoreTo::Scratch)]
         to: RestoreTo,
-        /// Required with --to primary: its data is replaced.
+        /// Required with --to primary: its data is replaced (the app is in
+        /// maintenance meanwhile, and a safety backup is taken first).
         #[arg(long)]
         confirm: bool,
         #[arg(long)]

@@ -681,6 +681,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                         if let Some(a) = &s.app {
                             v["active"] = json!(color_name(a.active));
                             v["last_switch_unix_ms"] = json!(a.last_switch_unix_ms);
+                            v["maintenance"] = json!(a.maintenance);
                             v["colors"] = json!(a.colors.iter().map(|k| json!({
                                 "color": color_name(k.color), "image": k.image, "replicas_ready": k.replicas_ready,
                                 "replicas_desired": k.replicas_desired, "healthy": k.healthy,
@@ -718,7 +719,8 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                         c.region,
                         c.cluster,
                         agent_state(s.agent_state),
-                        color_name(a.active),
+                        // A restore onto the primary holds both colors.
+                        if a.maintenance { "MAINT" } else { color_name(a.active) },
                         cell(pb::Color::Blue),
                         cell(pb::Color::Green)
                     );

@@ -914,7 +914,7 @@ fn catalog_change(op: &Operation, i: usize, at: i64) -> Option<CatalogChange> {
             kept: out.kept.unwrap_or_default(),
             actor: op.created_by.clone(),
         }),
-        BackupAction::Restore | BackupAction::Create => None,
+        BackupAction::Restore | BackupAction::RestorePrimary | BackupAction::Create => None,
     }
 }
 

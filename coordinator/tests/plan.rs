@@ -175,6 +175,7 @@ impl World {
             active: c.active,
             colors: vec![],
             last_switch_unix_ms: None,
+            maintenance: false,
         };
         self.apply(Command::AppStatusReported {
             from: target(region),

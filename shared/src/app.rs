@@ -442,6 +442,10 @@ pub struct AppClusterStatus {
     pub active: Option<Color>,
     pub colors: Vec<ColorStatus>,
     pub last_switch_unix_ms: Option<i64>,
+    /// In maintenance: taking no traffic in either color (while a restore
+    /// replaces its database).
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// Validates an image reference (`[registry/]name[:tag][@digest]` for

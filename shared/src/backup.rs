@@ -135,6 +135,10 @@ pub enum BackupAction {
     Validate,
     /// Restore into a new scratch database, kept for the operator.
     Restore,
+    /// Replace the primary database's content with the backup's (the app
+    /// is in maintenance meanwhile, and a safety backup was taken first).
+    #[serde(rename = "restore-primary")]
+    RestorePrimary,
     /// Delete backups' objects (retention).
     Delete,
 }
@@ -145,6 +149,7 @@ impl BackupAction {
             BackupAction::Create => "create",
             BackupAction::Validate => "validate",
             BackupAction::Restore => "restore",
+            BackupAction::RestorePrimary => "restore-primary",
             BackupAction::Delete => "delete",
         }
     }
@@ -154,6 +159,7 @@ impl BackupAction {
             BackupAction::Create,
             BackupAction::Validate,
             BackupAction::Restore,
+            BackupAction::RestorePrimary,
             BackupAction::Delete,
         ]
         .into_iter()
@@ -426,6 +432,7 @@ mod tests {
             BackupAction::Create,
             BackupAction::Validate,
             BackupAction::Restore,
+            BackupAction::RestorePrimary,
             BackupAction::Delete,
         ] {
             assert_eq!(BackupAction::parse(a.as_str()), Some(a));

@@ -218,6 +218,7 @@ impl From<app::AppClusterStatus> for proto::AppClusterStatus {
                 })
                 .collect(),
             last_switch_unix_ms: s.last_switch_unix_ms.unwrap_or(0),
+            maintenance: s.maintenance,
         }
     }
 }
@@ -418,6 +419,7 @@ impl From<proto::AppClusterStatus> for app::AppClusterStatus {
                 })
                 .collect(),
             last_switch_unix_ms: (s.last_switch_unix_ms != 0).then_some(s.last_switch_unix_ms),
+            maintenance: s.maintenance,
         }
     }
 }

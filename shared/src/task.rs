@@ -57,6 +57,9 @@ pub enum TaskKind {
     AppSwitch,
     /// Watch the serving color for a while after a switch.
     AppBake,
+    /// Put an app in or out of maintenance: while on, it takes no traffic
+    /// (so makes no writes), in either color.
+    AppMaintenance,
     /// Show, plan, apply or revert an app's database migrations.
     DbMigrate,
     /// Back up an app's database to the object store, or validate or
@@ -66,13 +69,14 @@ pub enum TaskKind {
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 8] = [
+    pub const ALL: [TaskKind; 9] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
         TaskKind::AppGates,
         TaskKind::AppSwitch,
         TaskKind::AppBake,
+        TaskKind::AppMaintenance,
         TaskKind::DbMigrate,
         TaskKind::DbBackup,
     ];
@@ -86,6 +90,7 @@ impl TaskKind {
             TaskKind::AppGates => "app.gates",
             TaskKind::AppSwitch => "app.switch",
             TaskKind::AppBake => "app.bake",
+            TaskKind::AppMaintenance => "app.maintenance",
             TaskKind::DbMigrate => "db.migrate",
             TaskKind::DbBackup => "db.backup",
         }
@@ -110,7 +115,7 @@ impl TaskKind {
             TaskKind::AppDeploy | TaskKind::AppGates | TaskKind::AppBake => "cutover deploy",
             TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
             TaskKind::DbMigrate => "cutover migrate",
-            TaskKind::DbBackup => "cutover backup",
+            TaskKind::DbBackup | TaskKind::AppMaintenance => "cutover backup",
         }
     }
 }
@@ -235,6 +240,13 @@ pub enum TaskParams {
         app: AppRef,
         seconds: u64,
     },
+    AppMaintenance {
+        app: AppRef,
+        /// On: stop taking traffic; off: take it again.
+        on: bool,
+        /// Ends a maintenance that a failed operation began.
+        compensate: bool,
+    },
     DbMigrate(MigrateParams),
     DbBackup(BackupParams),
 }
@@ -298,6 +310,7 @@ impl TaskParams {
             TaskParams::AppGates { .. } => TaskKind::AppGates,
             TaskParams::AppSwitch { .. } => TaskKind::AppSwitch,
             TaskParams::AppBake { .. } => TaskKind::AppBake,
+            TaskParams::AppMaintenance { .. } => TaskKind::AppMaintenance,
             TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
             TaskParams::DbBackup(_) => TaskKind::DbBackup,
         }
@@ -310,7 +323,8 @@ impl TaskParams {
             TaskParams::AppDeploy { app, .. }
             | TaskParams::AppGates { app, .. }
             | TaskParams::AppSwitch { app, .. }
-            | TaskParams::AppBake { app, .. } => Some(app),
+            | TaskParams::AppBake { app, .. }
+            | TaskParams::AppMaintenance { app, .. } => Some(app),
             TaskParams::DbMigrate(m) => Some(&m.app),
             TaskParams::DbBackup(b) => Some(&b.app),
         }
@@ -319,7 +333,7 @@ impl TaskParams {
     /// True for a step that undoes an earlier one after a failure.
     pub fn is_compensation(&self) -> bool {
         match self {
-            TaskParams::AppSwitch { compensate, .. } => *compensate,
+            TaskParams::AppSwitch { compensate, .. } | TaskParams::AppMaintenance { compensate, .. } => *compensate,
             TaskParams::DbMigrate(m) => m.compensate,
             _ => false,
         }
@@ -359,6 +373,12 @@ impl TaskParams {
                 }
             }
             TaskParams::AppBake { seconds, .. } => put("seconds", seconds.to_string()),
+            TaskParams::AppMaintenance { on, compensate, .. } => {
+                put("on", on.to_string());
+                if *compensate {
+                    put("compensate", "true".into());
+                }
+            }
             TaskParams::DbMigrate(m) => {
                 put("action", m.action.as_str().into());
                 put("image", m.image.clone());
@@ -420,6 +440,20 @@ impl TaskParams {
                 app: app_ref(p)?,
                 seconds: number(p, "seconds")?.unwrap_or(0),
             },
+            TaskKind::AppMaintenance => TaskParams::AppMaintenance {
+                app: app_ref(p)?,
+                on: match get(p, "on")? {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(TaskError::Invalid {
+                            key: "on",
+                            why: format!("{other:?} is not true or false"),
+                        });
+                    }
+                },
+                compensate: flag(p, "compensate"),
+            },
             TaskKind::DbMigrate => {
                 let action = p.get("action").map_or("status", String::as_str);
                 TaskParams::DbMigrate(MigrateParams {
@@ -441,7 +475,7 @@ impl TaskParams {
                     app: app_ref(p)?,
                     action: BackupAction::parse(action).ok_or_else(|| TaskError::Invalid {
                         key: "action",
-                        why: format!("{action:?} is not create, validate, restore or delete"),
+                        why: format!("{action:?} is not create, validate, restore, restore-primary or delete"),
                     })?,
                     backup_id: get(p, "backup_id")?.to_owned(),
                     object: json(p, "object")?,
@@ -722,6 +756,9 @@ pub mod outputs {
         pub verdict: Option<String>,
         /// Restore: the scratch database the backup was restored into.
         pub scratch: Option<String>,
+        /// Restore onto the primary: the database that now holds the data
+        /// the restore replaced (kept for the operator to drop).
+        pub replaced: Option<String>,
         /// Delete: the backups whose objects are gone.
         pub deleted: Option<Vec<String>>,
         /// Delete: the backups the store would not delete, and why (Object Lock).
@@ -751,6 +788,7 @@ pub mod outputs {
             put("duration_ms", self.duration_ms.map(|v| v.to_string()));
             put("verdict", self.verdict.clone());
             put("scratch", self.scratch.clone());
+            put("replaced", self.replaced.clone());
             put(
                 "deleted",
                 self.deleted.as_ref().and_then(|d| serde_json::to_string(d).ok()),
@@ -771,6 +809,7 @@ pub mod outputs {
                 duration_ms: m.get("duration_ms").and_then(|v| v.parse().ok()),
                 verdict: m.get("verdict").cloned(),
                 scratch: m.get("scratch").cloned(),
+                replaced: m.get("replaced").cloned(),
                 deleted: m.get("deleted").and_then(|d| serde_json::from_str(d).ok()),
                 kept: m.get("kept").and_then(|k| serde_json::from_str(k).ok()),
             }
@@ -796,6 +835,7 @@ mod tests {
                 active: Some(crate::app::Color::Blue),
                 colors: vec![],
                 last_switch_unix_ms: Some(7),
+                maintenance: true,
             }),
             report: Some("{}".into()),
             diagnostics: vec!["event one".into(), "event two".into()],
@@ -851,6 +891,7 @@ mod tests {
             duration_ms: Some(5),
             verdict: Some("passed".into()),
             scratch: Some("shop_restore_x".into()),
+            replaced: Some("shop_before_restore_x".into()),
             deleted: Some(vec!["a".into()]),
             kept: Some(BTreeMap::from([("b".to_owned(), "locked".to_owned())])),
         };
@@ -893,6 +934,16 @@ mod tests {
             TaskParams::AppBake {
                 app: app(),
                 seconds: 10,
+            },
+            TaskParams::AppMaintenance {
+                app: app(),
+                on: true,
+                compensate: false,
+            },
+            TaskParams::AppMaintenance {
+                app: app(),
+                on: false,
+                compensate: true,
             },
             TaskParams::DbMigrate(MigrateParams {
                 app: app(),

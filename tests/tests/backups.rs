@@ -252,12 +252,21 @@ impl Fixture {
     }
 
     async fn restore_scratch(&self, id: &str) -> pb::Operation {
+        self.restore(id, pb::RestoreTarget::Scratch).await
+    }
+
+    /// `cutover backup restore ID --to primary --confirm`, to its end.
+    async fn restore_primary(&self, id: &str) -> pb::Operation {
+        self.restore(id, pb::RestoreTarget::Primary).await
+    }
+
+    async fn restore(&self, id: &str, to: pb::RestoreTarget) -> pb::Operation {
         let op = self
             .op()
             .restore_backup(pb::RestoreBackupRequest {
                 id: id.into(),
-                to: pb::RestoreTarget::Scratch as i32,
-                confirm: false,
+                to: to as i32,
+                confirm: to == pb::RestoreTarget::Primary,
             })
             .await
             .unwrap()
@@ -278,6 +287,91 @@ impl Fixture {
 
 fn outputs(op: &pb::Operation) -> std::collections::HashMap<String, String> {
     op.tasks[0].result.as_ref().unwrap().outputs.clone()
+}
+
+/// Each step of `op`: its kind and what it did (`on` of a maintenance
+/// step, `action` of a backup step), and whether it was a compensation.
+fn steps(op: &pb::Operation) -> Vec<(String, String, bool)> {
+    op.tasks
+        .iter()
+        .map(|t| {
+            let task = t.task.as_ref().unwrap();
+            let p = &task.params;
+            let what = p.get("on").or_else(|| p.get("action")).cloned().unwrap_or_default();
+            (
+                task.kind.clone(),
+                what,
+                p.get("compensate").is_some_and(|c| c == "true"),
+            )
+        })
+        .collect()
+}
+
+fn step_list(l: &[(&str, &str, bool)]) -> Vec<(String, String, bool)> {
+    l.iter().map(|(k, w, c)| (k.to_string(), w.to_string(), *c)).collect()
+}
+
+/// Restore onto the primary with confirm: the app goes into maintenance,
+/// a safety backup of the data about to be replaced is taken and
+/// cataloged, the backup (checked like a validation) takes the primary's
+/// place in one step, the replaced data stays as a database of its own,
+/// and the app takes traffic again. The audit names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_confirmed_restore_replaces_the_primary_after_a_safety_backup() {
+    let f = fixture(true).await;
+    let original = dump_checksum(&f.source).await.unwrap();
+    let b = f.create().await;
+    f.pg.psql(
+        "shop",
+        "delete from orders where id > 100; insert into customers values (3, 'linus'); \
+         create table refunds (id int primary key);",
+    )
+    .unwrap();
+    let changed = dump_checksum(&f.source).await.unwrap();
+    assert_ne!(changed, original);
+
+    let r = f.restore_primary(&b.id).await;
+    assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
+    assert_eq!(
+        steps(&r),
+        step_list(&[
+            ("app.maintenance", "true", false),
+            ("db.backup", "create", false),
+            ("db.backup", "restore-primary", false),
+            ("app.maintenance", "false", false),
+        ])
+    );
+    assert_eq!(
+        dump_checksum(&f.source).await.unwrap(),
+        original,
+        "the primary does not hold the backup's data"
+    );
+    // What the restore replaced is kept, whole.
+    let replaced = r.tasks[2].result.as_ref().unwrap().outputs["replaced"].clone();
+    assert!(f.databases().contains(&replaced), "{replaced} is gone");
+    let kept = DbConfig {
+        url: cutover_agent::migrate::database_url(&f.source, &replaced).unwrap(),
+        ..f.source.clone()
+    };
+    assert_eq!(dump_checksum(&kept).await.unwrap(), changed);
+    // So is a safety backup of it, in the catalog beside the others.
+    let safety = f
+        .list()
+        .await
+        .into_iter()
+        .find(|x| x.trigger == "safety")
+        .expect("the safety backup is cataloged");
+    assert_eq!(safety.operation_id, r.id);
+    assert_eq!(safety.table_rows.get("public.orders"), Some(&100));
+    assert_eq!(safety.table_rows.get("public.customers"), Some(&3));
+    // The operator's request is in the audit.
+    let audited = f.c.node(f.leader).consensus().read(|s| {
+        s.audit.iter().any(|a| {
+            a.action == "RestoreBackupOntoPrimary" && a.parameters.contains(&b.id) && a.actor.contains("operator")
+        })
+    });
+    assert!(audited, "the restore onto the primary is not audited");
+    f.c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -452,6 +546,25 @@ async fn a_corrupted_object_is_named_and_never_restored() {
     let r = f.restore_scratch(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Failed as i32);
     assert_eq!(outputs(&r)["verdict"], "corrupt");
+    assert_eq!(f.databases(), before, "a corrupt backup was restored");
+
+    // Onto the primary too: the primary keeps its data, and the app leaves
+    // maintenance (a compensation) though the restore failed.
+    let primary = dump_checksum(&f.source).await.unwrap();
+    let r = f.restore_primary(&b.id).await;
+    assert_eq!(r.state, pb::TaskState::Failed as i32, "{r:?}");
+    assert_eq!(
+        steps(&r),
+        step_list(&[
+            ("app.maintenance", "true", false),
+            ("db.backup", "create", false),
+            ("db.backup", "restore-primary", false),
+            ("app.maintenance", "false", true),
+        ])
+    );
+    assert_eq!(r.tasks[3].state, pb::TaskState::Succeeded as i32, "{r:?}");
+    assert!(r.tasks[2].result.as_ref().unwrap().message.contains("corrupt"), "{r:?}");
+    assert_eq!(dump_checksum(&f.source).await.unwrap(), primary, "the primary changed");
     assert_eq!(f.databases(), before, "a corrupt backup was restored");
 
     let metrics = cutover_shared::telemetry::metrics_handle().render();

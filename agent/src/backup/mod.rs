@@ -458,12 +458,29 @@ pub async fn restore_scratch(
     keys: &[BackupKey],
     scratch: &str,
 ) -> Result<DbUrl, BackupError> {
+    restore_database(db, store, record, keys, scratch, false).await
+}
+
+/// [`restore_scratch`], optionally keeping the dump's object owners and
+/// privileges (a database that will replace the primary must: its app's
+/// role owns what it owned before). Keeping owners needs the agent's role
+/// to be that owner, or a superuser.
+pub async fn restore_database(
+    db: &DbConfig,
+    store: &ObjectStore,
+    record: &BackupRecord,
+    keys: &[BackupKey],
+    scratch: &str,
+    keep_owners: bool,
+) -> Result<DbUrl, BackupError> {
     verify(store, record, keys).await?;
     // create_database refuses a name that is not a plain database name.
     crate::migrate::create_database(db, scratch).await?;
     let (mut cmd, pass) = pg_tool_command(db, "pg_restore", Some(scratch)).await?;
-    cmd.arg("--no-owner")
-        .arg("--exit-on-error")
+    if !keep_owners {
+        cmd.arg("--no-owner");
+    }
+    cmd.arg("--exit-on-error")
         .arg("--single-transaction")
         .arg(format!("--dbname={scratch}"))
         .stdin(Stdio::piped())

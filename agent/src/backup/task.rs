@@ -270,7 +270,7 @@ impl BackupRuntime {
         match p.action {
             BackupAction::Create => self.create(&p, &db, ready, &labels, progress).await,
             BackupAction::Delete => Ok(delete(&p, ready, progress).await),
-            BackupAction::Validate | BackupAction::Restore => {
+            BackupAction::Validate | BackupAction::Restore | BackupAction::RestorePrimary => {
                 let checks = task::attached_spec(&spec.params)
                     .map(|s| s.migration_checks)
                     .unwrap_or_default();
@@ -338,8 +338,10 @@ impl BackupRuntime {
         ))
     }
 
-    /// Validate (restore into a scratch database, check, drop it) or
-    /// restore (into a scratch database that is kept).
+    /// Validate (restore into a scratch database, check, drop it), restore
+    /// (into a scratch database that is kept), or restore onto the primary
+    /// (into a new database, checked like a validation, which then takes
+    /// the primary's place; the replaced one is kept under another name).
     #[allow(clippy::too_many_arguments)]
     async fn read(
         &self,
@@ -382,14 +384,49 @@ impl BackupRuntime {
             key_id: object.key_id.clone(),
             dump_bytes: object.dump_bytes,
         };
-        let scratch = scratch_name(&p.app.app, p.action, task_id);
+        let onto_primary = p.action == BackupAction::RestorePrimary;
+        if onto_primary && db.driver != Driver::Postgres {
+            return Err(failed((
+                "error".into(),
+                "restoring onto a SQLite primary is not supported: restore to scratch and put the file in place \
+                 while the app is stopped"
+                    .into(),
+            )));
+        }
+        let scratch = scratch_name(&p.app.app, p.action.as_str(), task_id);
         progress(format!(
             "checking {} and restoring it into database {scratch}",
             p.backup_id
         ));
-        let copy = restore_copy(db, ready, &record, &scratch)
+        let copy = restore_copy(db, ready, &record, &scratch, onto_primary)
             .await
             .map_err(|e| failed(fail(e)))?;
+        if onto_primary {
+            progress(format!("running {} check(s) and comparing row counts", checks.len()));
+            if let Err(f) = check_copy(&copy, checks, &p.table_rows).await {
+                copy.remove(db).await;
+                return Err(failed(f));
+            }
+            let replaced = scratch_name(&p.app.app, "replaced", task_id);
+            progress(format!(
+                "putting {scratch} in the primary's place; the replaced data stays as {replaced}"
+            ));
+            if let Err(e) = migrate::swap_databases(db, &scratch, &replaced).await {
+                copy.remove(db).await;
+                return Err(failed(fail(e.into())));
+            }
+            return Ok((
+                format!(
+                    "restored {} onto the primary; the data it replaced is kept as database {replaced} (drop it \
+                     when done)",
+                    p.backup_id
+                ),
+                timed(BackupOutputs {
+                    replaced: Some(replaced),
+                    ..Default::default()
+                }),
+            ));
+        }
         if !validate {
             return Ok((
                 format!("restored {} into {} (drop it when done)", p.backup_id, copy.name()),
@@ -523,9 +560,16 @@ impl Copy {
 }
 
 /// Restores `record` (verified first) into a new copy named `scratch`.
-async fn restore_copy(db: &DbConfig, ready: &Ready, record: &BackupRecord, scratch: &str) -> Result<Copy, BackupError> {
+/// `keep_owners`: see [`super::restore_database`].
+async fn restore_copy(
+    db: &DbConfig,
+    ready: &Ready,
+    record: &BackupRecord,
+    scratch: &str,
+    keep_owners: bool,
+) -> Result<Copy, BackupError> {
     if db.driver == Driver::Postgres {
-        let url = super::restore_scratch(db, &ready.store, record, &ready.keys, scratch).await?;
+        let url = super::restore_database(db, &ready.store, record, &ready.keys, scratch, keep_owners).await?;
         return Ok(Copy::Pg {
             cfg: DbConfig { url, ..db.clone() },
             name: scratch.to_owned(),
@@ -575,13 +619,15 @@ async fn check_copy(copy: &Copy, checks: &[String], recorded: &BTreeMap<String, 
     }
 }
 
-/// The scratch database of a validate or restore task: `<app>_<action>_<8
+/// The scratch database of a validate or restore task: `<app>_<what>_<8
 /// hex of the task id>`, a valid PostgreSQL name whatever the app is called.
-fn scratch_name(app: &str, action: BackupAction, task_id: &str) -> String {
+fn scratch_name(app: &str, what: &str, task_id: &str) -> String {
     use sha2::Digest;
     let h = cutover_shared::release::hex(&sha2::Sha256::digest(task_id.as_bytes()));
-    let app: String = app.replace('-', "_").chars().take(40).collect();
-    format!("{app}_{}_{}", action.as_str(), &h[..8])
+    let what = what.replace('-', "_");
+    // 63 bytes at most: two `_` and 8 hex digits besides the two names.
+    let app: String = app.replace('-', "_").chars().take(63 - 10 - what.len()).collect();
+    format!("{app}_{what}_{}", &h[..8])
 }
 
 fn bytes(n: u64) -> String {
@@ -628,14 +674,15 @@ mod tests {
 
     #[test]
     fn scratch_names_are_valid_database_names() {
-        let n = scratch_name("shop-eu", BackupAction::Validate, "op-abc-1");
+        let n = scratch_name("shop-eu", BackupAction::Validate.as_str(), "op-abc-1");
         assert!(n.starts_with("shop_eu_validate_"), "{n}");
         assert!(n.len() <= 63);
         assert!(
             n.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         );
-        let long = scratch_name(&"a".repeat(63), BackupAction::Restore, "t");
+        let long = scratch_name(&"a".repeat(63), BackupAction::RestorePrimary.as_str(), "t");
         assert!(long.len() <= 63, "{long}");
+        assert!(long.contains("_restore_primary_"), "{long}");
     }
 }

@@ -37,6 +37,9 @@ pub const LAST_SWITCH_ANNOTATION: &str = "cutover.dev/last-switch";
 /// Annotation on a scaled-down Deployment: its replica count before, restored
 /// by the next deploy to that color.
 pub const SCALED_DOWN_FROM_ANNOTATION: &str = "cutover.dev/scaled-down-from";
+/// Annotation on a Deployment scaled to zero for maintenance: its replica
+/// count before, restored when maintenance ends.
+pub const MAINTENANCE_FROM_ANNOTATION: &str = "cutover.dev/maintenance-from";
 /// The deployment controller's revision annotation on ReplicaSets.
 const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
 /// Events kept per object in a failure's diagnostics.
@@ -186,6 +189,18 @@ impl KubeDriver {
         }
     }
 
+    /// The image of the app's container in `d` (`spec.container`, else the
+    /// container named like the app, else the first).
+    fn image(&self, d: &Deployment) -> String {
+        let cs = containers(d);
+        let want = self.spec.container.as_deref().unwrap_or(&self.app);
+        cs.iter()
+            .find(|c| c.name == want)
+            .or_else(|| cs.first())
+            .and_then(|c| c.image.clone())
+            .unwrap_or_default()
+    }
+
     fn color_status(&self, color: Color, d: Option<&Deployment>) -> ColorStatus {
         let Some(d) = d else {
             return ColorStatus {
@@ -196,14 +211,7 @@ impl KubeDriver {
                 healthy: false,
             };
         };
-        let cs = containers(d);
-        let want = self.spec.container.as_deref().unwrap_or(&self.app);
-        let image = cs
-            .iter()
-            .find(|c| c.name == want)
-            .or_else(|| cs.first())
-            .and_then(|c| c.image.clone())
-            .unwrap_or_default();
+        let image = self.image(d);
         let desired = desired_replicas(d);
         let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0).max(0) as u32;
         ColorStatus {
@@ -359,6 +367,41 @@ impl KubeDriver {
             }))
     }
 
+    /// Polls until no pod of Deployment `d` exists any more (terminating
+    /// ones included: they may still write), or fails after the progress
+    /// deadline.
+    async fn wait_no_pods(&self, name: &str, d: &Deployment, progress: Progress<'_>) -> Result<(), DriverError> {
+        let Some(selector) = d.spec.selector.match_labels.as_ref().map(label_selector) else {
+            return Ok(());
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.spec.namespace);
+        let started = tokio::time::Instant::now();
+        let mut last = usize::MAX;
+        loop {
+            let pods = api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| kube_error(&format!("list pods {selector}"), e))?
+                .items
+                .len();
+            if pods == 0 {
+                return Ok(());
+            }
+            if pods != last {
+                progress(format!("{}: waiting for {pods} pod(s) to stop", self.qualified(name)));
+                last = pods;
+            }
+            if started.elapsed() >= self.progress_deadline {
+                return Err(DriverError::new(format!(
+                    "{pods} pod(s) of {} still exist {} s after scaling it to 0 for maintenance",
+                    self.qualified(name),
+                    self.progress_deadline.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
     /// Appends why the ReplicaSet's pods are not ready (waiting or
     /// terminated containers).
     async fn push_pod_states(&self, out: &mut Vec<String>, rs: &ReplicaSet) {
@@ -410,12 +453,14 @@ impl PlatformDriver for KubeDriver {
     async fn status(&self) -> Result<AppClusterStatus, DriverError> {
         let api = self.deployments();
         let mut colors = vec![];
+        let mut maintenance = false;
         for color in [Color::Blue, Color::Green] {
             let name = self.deployment_name(color);
             let d = api
                 .get_opt(&name)
                 .await
                 .map_err(|e| kube_error(&format!("get deployment {}", self.qualified(&name)), e))?;
+            maintenance |= d.as_ref().and_then(maintenance_from).is_some();
             colors.push(self.color_status(color, d.as_ref()));
         }
         let svc = self.active_service().await?;
@@ -429,7 +474,74 @@ impl PlatformDriver for KubeDriver {
             active,
             colors,
             last_switch_unix_ms,
+            maintenance,
         })
+    }
+
+    /// On: both Deployments go to zero replicas (the count before is kept
+    /// in an annotation) and the driver waits until their pods are gone, so
+    /// nothing of the app writes. Off: each comes back at that count and
+    /// the driver waits for its rollout.
+    async fn maintenance(&self, on: bool, progress: Progress<'_>) -> Result<(), DriverError> {
+        let api = self.deployments();
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let mut changed = Vec::new();
+        for color in [Color::Blue, Color::Green] {
+            let name = self.deployment_name(color);
+            let Some(d) = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| kube_error(&format!("get deployment {}", self.qualified(&name)), e))?
+            else {
+                continue;
+            };
+            let from = maintenance_from(&d);
+            let patch = match (on, from) {
+                // Already held: keep the count recorded first.
+                (true, Some(_)) => json!({"spec": {"replicas": 0}}),
+                (true, None) => json!({
+                    "metadata": {"annotations": {MAINTENANCE_FROM_ANNOTATION: desired_replicas(&d).to_string()}},
+                    "spec": {"replicas": 0},
+                }),
+                // JSON merge patch: `null` removes the annotation.
+                (false, Some(n)) => json!({
+                    "metadata": {"annotations": {MAINTENANCE_FROM_ANNOTATION: null}},
+                    "spec": {"replicas": n},
+                }),
+                (false, None) => continue,
+            };
+            api.patch(&name, &pp, &Patch::Merge(&patch)).await.map_err(|e| {
+                kube_error(
+                    &format!(
+                        "{} maintenance for deployment {}",
+                        if on { "start" } else { "end" },
+                        self.qualified(&name)
+                    ),
+                    e,
+                )
+            })?;
+            progress(format!(
+                "{}: {}",
+                self.qualified(&name),
+                if on {
+                    "scaled to 0 for maintenance".to_owned()
+                } else {
+                    format!("back to {} replicas", from.unwrap_or(0))
+                }
+            ));
+            changed.push((name, d));
+        }
+        for (name, d) in changed {
+            if on {
+                self.wait_no_pods(&name, &d, progress).await?;
+            } else if maintenance_from(&d).is_some_and(|n| n > 0) {
+                self.wait_for_rollout(&name, &self.image(&d), progress).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn deploy(&self, color: Color, image: &str, progress: Progress<'_>) -> Result<(), DriverError> {
@@ -686,6 +798,17 @@ impl Rollout {
             self.updated, self.desired, self.ready, self.desired, self.available, self.desired
         )
     }
+}
+
+/// The replica count a Deployment had before maintenance scaled it to
+/// zero, while it is in maintenance.
+fn maintenance_from(d: &Deployment) -> Option<u32> {
+    d.metadata
+        .annotations
+        .as_ref()?
+        .get(MAINTENANCE_FROM_ANNOTATION)?
+        .parse()
+        .ok()
 }
 
 /// `spec.replicas`, which the API server defaults to 1.
@@ -1387,6 +1510,94 @@ mod tests {
         .await
     }
 
+    /// Maintenance scales both colors to zero, remembering each count, and
+    /// waits until their pods (terminating ones too) are gone; ending it
+    /// restores the counts and waits for the rollouts. Status reports it.
+    #[tokio::test]
+    async fn maintenance_scales_both_colors_to_zero_and_back() {
+        const BLUE_MERGE: &str = "/apis/apps/v1/namespaces/shop/deployments/oatie-backend-blue?&fieldManager=cutover";
+        const BLUE_PODS: &str = "/api/v1/namespaces/shop/pods?&labelSelector=app%3Doatie-backend%2Ccolor%3Dblue";
+        const GREEN_PODS: &str = "/api/v1/namespaces/shop/pods?&labelSelector=app%3Doatie-backend%2Ccolor%3Dgreen";
+        let held = |color: &str, image: &str, generation: i64, from: &str| {
+            let mut d = deployment(
+                color,
+                image,
+                generation,
+                0,
+                rollout_status(generation, 0, 0, 0, 0, vec![]),
+            );
+            d["metadata"]["annotations"][MAINTENANCE_FROM_ANNOTATION] = json!(from);
+            d
+        };
+        let terminating = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "oatie-backend-blue-7d9f8c6b5d-x2x9k", "namespace": NS,
+                         "labels": {"app": APP, "color": "blue", "pod-template-hash": "7d9f8c6b5d"},
+                         "deletionTimestamp": "2025-03-01T10:05:00Z"},
+            "status": {"phase": "Running"}
+        });
+        within(async {
+            let (seen, progress) = progress_log();
+            let (driver, server) = start(
+                spec(),
+                script(vec![
+                    ("GET", BLUE, deployment("blue", V1, 4, 3, complete_status(4, 3))),
+                    ("PATCH", BLUE_MERGE, held("blue", V1, 5, "3")),
+                    ("GET", GREEN, deployment("green", V2, 6, 2, complete_status(6, 2))),
+                    ("PATCH", GREEN_MERGE, held("green", V2, 7, "2")),
+                    ("GET", BLUE_PODS, list("PodList", vec![terminating.clone()])),
+                    ("GET", BLUE_PODS, list("PodList", vec![])),
+                    ("GET", GREEN_PODS, list("PodList", vec![])),
+                ]),
+            );
+            driver.maintenance(true, &progress).await.expect("maintenance on");
+            let log = finish(driver, server).await;
+            assert_eq!(log.len(), 7);
+            for (i, from) in [(1, "3"), (3, "2")] {
+                assert_eq!(log[i].content_type.as_deref(), Some(MERGE));
+                assert_eq!(
+                    log[i].body,
+                    Some(json!({"metadata": {"annotations": {MAINTENANCE_FROM_ANNOTATION: from}}, "spec": {"replicas": 0}}))
+                );
+            }
+            let seen = seen.lock().unwrap().join("\n");
+            assert!(seen.contains("waiting for 1 pod(s) to stop"), "{seen}");
+
+            let (driver, server) = start(
+                spec(),
+                script(vec![
+                    ("GET", BLUE, held("blue", V1, 5, "3")),
+                    ("GET", GREEN, held("green", V2, 7, "2")),
+                    ("GET", SVC, service(APP, "blue", 80, json!({}))),
+                ]),
+            );
+            let st = driver.status().await.expect("status");
+            finish(driver, server).await;
+            assert!(st.maintenance, "{st:?}");
+
+            let (driver, server) = start(
+                spec(),
+                script(vec![
+                    ("GET", BLUE, held("blue", V1, 5, "3")),
+                    ("PATCH", BLUE_MERGE, deployment("blue", V1, 6, 3, rollout_status(5, 0, 0, 0, 0, vec![]))),
+                    ("GET", GREEN, held("green", V2, 7, "2")),
+                    ("PATCH", GREEN_MERGE, deployment("green", V2, 8, 2, rollout_status(7, 0, 0, 0, 0, vec![]))),
+                    ("GET", BLUE, deployment("blue", V1, 6, 3, complete_status(6, 3))),
+                    ("GET", GREEN, deployment("green", V2, 8, 2, complete_status(8, 2))),
+                ]),
+            );
+            driver.maintenance(false, &|_| {}).await.expect("maintenance off");
+            let log = finish(driver, server).await;
+            for (i, n) in [(1, 3), (3, 2)] {
+                assert_eq!(
+                    log[i].body,
+                    Some(json!({"metadata": {"annotations": {MAINTENANCE_FROM_ANNOTATION: null}}, "spec": {"replicas": n}}))
+                );
+            }
+        })
+        .await
+    }
+
     // ---- switch, rollback, status against a stateful fake ----
 
     /// RFC 7386 JSON merge patch.
@@ -1575,6 +1786,7 @@ mod tests {
                         },
                     ],
                     last_switch_unix_ms: Some(1_740_819_600_000),
+                    maintenance: false,
                 }
             );
 

@@ -9,6 +9,10 @@
 //! agent: a restarted agent re-adopts the processes that are still alive
 //! (same pid and same start time) and rebinds its routers to the recorded
 //! active color.
+//!
+//! Maintenance (for a restore onto the app's database) is a flag in the
+//! state that both routers honour: they answer 503 and forward nothing,
+//! while the processes keep running, so ending it is instant.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -48,6 +52,9 @@ struct State {
     colors: BTreeMap<Color, ColorState>,
     #[serde(default)]
     last_switch_unix_ms: Option<i64>,
+    /// Both routers answer 503 (see [`PlatformDriver::maintenance`]).
+    #[serde(default)]
+    maintenance: bool,
 }
 
 /// One color's process, as last started.
@@ -213,6 +220,9 @@ impl LocalDriver {
                     r.shutdown().await;
                 }
             }
+        }
+        for r in [&routers.service, &routers.preview].into_iter().flatten() {
+            r.set_maintenance(state.maintenance);
         }
         Ok(())
     }
@@ -445,6 +455,7 @@ impl PlatformDriver for LocalDriver {
             active: state.active,
             colors,
             last_switch_unix_ms: state.last_switch_unix_ms,
+            maintenance: state.maintenance,
         })
     }
 
@@ -571,6 +582,39 @@ impl PlatformDriver for LocalDriver {
 
     async fn preview_address(&self) -> Result<String, DriverError> {
         Ok(self.spec.preview_listen.clone())
+    }
+
+    async fn maintenance(&self, on: bool, progress: Progress<'_>) -> Result<(), DriverError> {
+        let mut routers = self.op.lock().await;
+        let mut next = self.state();
+        if next.maintenance != on {
+            next.maintenance = on;
+            // Durable first: a restarted agent's routers follow the file.
+            self.save(next.clone())?;
+        }
+        self.route(&mut routers).await?;
+        if on {
+            // Requests forwarded before the flag was set finish first, so
+            // nothing the app was doing overlaps the restore.
+            for c in next.colors.values() {
+                for r in [&routers.service, &routers.preview].into_iter().flatten() {
+                    if r.in_flight(c.upstream) > 0 && !r.drain(c.upstream, self.drain).await {
+                        return Err(err(format!(
+                            "requests to {} still in flight after {} ms",
+                            c.upstream,
+                            self.drain.as_millis()
+                        )));
+                    }
+                }
+            }
+            progress(format!(
+                "in maintenance: {} and {} answer 503",
+                self.listen, self.preview_listen
+            ));
+        } else {
+            progress(format!("out of maintenance: {} serves again", self.listen));
+        }
+        Ok(())
     }
 
     async fn close(&self) {

@@ -46,6 +46,10 @@ pub trait PlatformDriver: Send + Sync {
     async fn switch(&self, to: Color) -> Result<(), DriverError>;
     /// Stops `color` (the previous color, after the scale-down delay).
     async fn scale_down(&self, color: Color) -> Result<(), DriverError>;
+    /// Puts the app in maintenance (`on`: neither color takes traffic, so
+    /// the app makes no writes; requests in flight finish first) or takes
+    /// it out. Idempotent, and kept across agent restarts.
+    async fn maintenance(&self, on: bool, progress: Progress<'_>) -> Result<(), DriverError>;
     /// `host:port` where probes reach the inactive (preview) color.
     async fn preview_address(&self) -> Result<String, DriverError>;
     /// `host:port` of the stable service address (the active color).

@@ -685,6 +685,97 @@ async fn server_statement(db: &DbConfig, sql: &str) -> Result<(), MigrateError> 
         .map_err(|e| MigrateError::Database(red.clean(&format!("{sql}: {e}"))))
 }
 
+/// `name` as a quoted SQL identifier.
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The database `db`'s URL names (as libpq reads it: the path, or a
+/// `dbname` parameter).
+pub fn database_name(db: &DbConfig) -> Result<String, MigrateError> {
+    pg_env(&db.url, &Redactor::new(&db.url))?
+        .vars
+        .into_iter()
+        .find(|(k, _)| *k == "PGDATABASE")
+        .map(|(_, v)| v)
+        .ok_or_else(|| MigrateError::Config("the database URL names no database".into()))
+}
+
+/// Puts database `restored` in the place of `db`'s database: `db`'s is
+/// renamed to `keep_as` and `restored` takes its name and owner, in one
+/// transaction, so the app finds either all of the old data or all of the
+/// new. Sessions still connected to either database (an idle pool of an
+/// app in maintenance) are ended first, and new ones refused meanwhile.
+/// Runs from the server's `postgres` database: neither renamed database
+/// may have a session, ours included. On failure nothing is renamed and
+/// `db`'s database accepts connections again.
+pub async fn swap_databases(db: &DbConfig, restored: &str, keep_as: &str) -> Result<(), MigrateError> {
+    use sqlx::Connection;
+    check_database_name(restored)?;
+    check_database_name(keep_as)?;
+    let primary = database_name(db)?;
+    let red = Redactor::new(&db.url);
+    let admin = database_url(db, "postgres")?;
+    let mut conn = sqlx::PgConnection::connect(admin.expose())
+        .await
+        .map_err(|e| MigrateError::Database(red.clean(&format!("connecting to the postgres database: {e}"))))?;
+    let run = |sql: String| sqlx::raw_sql(sqlx::AssertSqlSafe(sql));
+    let fail = |what: &str, e: sqlx::Error| MigrateError::Database(red.clean(&format!("{what}: {e}")));
+    let (p, r, k) = (ident(&primary), ident(restored), ident(keep_as));
+    let swapped = async {
+        run(format!("ALTER DATABASE {p} WITH ALLOW_CONNECTIONS false"))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| fail(&format!("closing {primary} to new sessions"), e))?;
+        // pg_terminate_backend only signals; wait until they are gone.
+        let deadline = std::time::Instant::now() + db.lock_timeout.max(std::time::Duration::from_secs(5));
+        loop {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname IN ($1, $2) AND pid <> pg_backend_pid()",
+            )
+            .bind(&primary)
+            .bind(restored)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| fail("ending sessions", e))?;
+            if left == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(MigrateError::Database(format!(
+                    "{left} session(s) on {primary} did not end; nothing was replaced"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let owner: String = sqlx::query_scalar("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1")
+            .bind(&primary)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| fail("reading the owner", e))?;
+        let mut tx = conn.begin().await.map_err(|e| fail("BEGIN", e))?;
+        for sql in [
+            format!("ALTER DATABASE {p} RENAME TO {k}"),
+            format!("ALTER DATABASE {r} RENAME TO {p}"),
+            format!("ALTER DATABASE {p} OWNER TO {}", ident(&owner)),
+            format!("ALTER DATABASE {k} WITH ALLOW_CONNECTIONS true"),
+        ] {
+            run(sql.clone()).execute(&mut *tx).await.map_err(|e| fail(&sql, e))?;
+        }
+        tx.commit().await.map_err(|e| fail("COMMIT", e))
+    }
+    .await;
+    if swapped.is_err() {
+        // Whatever failed, the primary takes sessions again.
+        let _ = run(format!("ALTER DATABASE {p} WITH ALLOW_CONNECTIONS true"))
+            .execute(&mut conn)
+            .await;
+    }
+    let _ = conn.close().await;
+    swapped
+}
+
 /// Creates database `name` (lowercase letters, digits, `_`) on `db`'s server.
 pub async fn create_database(db: &DbConfig, name: &str) -> Result<(), MigrateError> {
     check_database_name(name)?;

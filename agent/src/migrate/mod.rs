@@ -38,7 +38,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use backup::{Passfile, create_database, database_url, drop_database, pg_tool_command, redact};
+pub use backup::{
+    Passfile, create_database, database_name, database_url, drop_database, pg_tool_command, redact, swap_databases,
+};
 pub use config::{
     DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS, DatabaseConfig, DbConfig, DbUrl, Driver, check_config,
     resolve,

@@ -30,9 +30,6 @@ pub enum ApiError {
     /// Stored data could not be read back (the audit file's chain broke).
     #[error("{0}")]
     DataLoss(String),
-    /// A valid request for something this version does not do yet.
-    #[error("{0}")]
-    Unimplemented(String),
     /// A bug or an I/O failure on this node.
     #[error("{0}")]
     Internal(String),
@@ -72,7 +69,6 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::Unavailable(m) => Status::unavailable(m),
             ApiError::DataLoss(m) => Status::data_loss(m),
-            ApiError::Unimplemented(m) => Status::unimplemented(m),
             ApiError::Internal(m) => Status::internal(m),
         }
     }

@@ -20,7 +20,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use cutover_shared::app::{AppSpec, Color, validate_image_ref};
-use cutover_shared::backup::{self, BackupAction, BackupEntry, BackupSchedule, RetentionPolicy, validate_backup_id};
+use cutover_shared::backup::{
+    self, BackupAction, BackupEntry, BackupSchedule, BackupTrigger, RetentionPolicy, validate_backup_id,
+};
 use cutover_shared::convert::cluster_from_proto;
 use cutover_shared::domain::{
     self, AgentState, Attestation, ClusterRef, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms,
@@ -251,6 +253,7 @@ impl ControlApi {
             OperationKind::Backup => match op_spec.backup.as_ref().map(|b| b.action) {
                 Some(BackupAction::Validate) => "ValidateBackup",
                 Some(BackupAction::Restore) => "RestoreBackup",
+                Some(BackupAction::RestorePrimary) => "RestoreBackupOntoPrimary",
                 _ => "CreateBackup",
             },
             OperationKind::Task => "RunTask",
@@ -1281,11 +1284,37 @@ impl ControlApi {
         let targets = vec![entry.cluster.clone()];
         self.consensus.catch_up().await?;
         self.check_backup_store(&targets)?;
+        if action == BackupAction::RestorePrimary {
+            if !entry.engine.starts_with("PostgreSQL") {
+                return Err(ApiError::failed_precondition(format!(
+                    "backup {id} is of a {} database; only PostgreSQL backups restore onto the primary \
+                     (restore it to scratch instead)",
+                    entry.engine.split_whitespace().next().unwrap_or("non-PostgreSQL")
+                )));
+            }
+            let t = &targets[0];
+            let kinds = self
+                .consensus
+                .read(|s| s.agents.get(&t.to_string()).map(|a| a.task_kinds.clone()))
+                .unwrap_or_default();
+            if !kinds.iter().any(|k| k == TaskKind::AppMaintenance.as_str()) {
+                return Err(ApiError::failed_precondition(format!(
+                    "the agent for {t} cannot put {} in maintenance (upgrade it first)",
+                    entry.app
+                )));
+            }
+        }
         let op_spec = OperationSpec {
             backup: Some(Box::new(BackupSpec {
                 backup_id: Some(entry.id),
                 object: Some(entry.object),
                 table_rows: entry.table_rows,
+                // Onto the primary, the backup taken first is a safety net.
+                trigger: if action == BackupAction::RestorePrimary {
+                    BackupTrigger::Safety
+                } else {
+                    BackupTrigger::Manual
+                },
                 ..BackupSpec::new(action)
             })),
             ..OperationSpec::default()
@@ -1308,24 +1337,23 @@ impl ControlApi {
         who: &Identity,
         r: pb::RestoreBackupRequest,
     ) -> Result<pb::RestoreBackupResponse, ApiError> {
-        match pb::RestoreTarget::try_from(r.to) {
-            Ok(pb::RestoreTarget::Scratch) => {}
+        let action = match pb::RestoreTarget::try_from(r.to) {
+            Ok(pb::RestoreTarget::Scratch) => BackupAction::Restore,
             Ok(pb::RestoreTarget::Primary) => {
                 self.backup(&r.id)?;
                 if !r.confirm {
                     return Err(ApiError::failed_precondition(format!(
-                        "restoring backup {} onto the primary replaces its data and cannot be undone: \
-                         repeat with confirm (cutover backup restore {} --to primary --confirm)",
+                        "restoring backup {} onto the primary replaces its data: the app goes into maintenance \
+                         and a safety backup is taken first; repeat with confirm (cutover backup restore {} \
+                         --to primary --confirm)",
                         r.id, r.id
                     )));
                 }
-                return Err(ApiError::Unimplemented(
-                    "restoring onto the primary is not available yet; restore to a scratch database".into(),
-                ));
+                BackupAction::RestorePrimary
             }
             _ => return Err(ApiError::invalid_argument("to must be scratch or primary")),
-        }
-        let id = self.read_backup(who, &r.id, BackupAction::Restore).await?;
+        };
+        let id = self.read_backup(who, &r.id, action).await?;
         Ok(pb::RestoreBackupResponse { operation_id: id })
     }
 

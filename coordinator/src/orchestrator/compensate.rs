@@ -2,14 +2,17 @@
 //! steps that put things back: every switch that may have moved traffic is
 //! switched back to the color that served before (named, so a re-sent step
 //! converges), then, when the release's migrations are reversible, the
-//! schema changes this operation made are undone.
+//! schema changes this operation made are undone. An app this operation
+//! put in maintenance takes traffic again (a restore onto the primary
+//! replaces the database in one transaction, so a failed one left the old
+//! data in place).
 
 use cutover_shared::app::Color;
 use cutover_shared::domain::{ClusterRef, Operation, TaskRecord, TaskState};
 use cutover_shared::release::Bundle;
 use cutover_shared::task::{MigrateAction, TaskParams, outputs};
 
-use super::{Inputs, MIGRATE, SWITCH, Step, is_compensation, params_of};
+use super::{Inputs, MAINTENANCE, MIGRATE, SWITCH, Step, is_compensation, params_of};
 
 /// The clusters where a compensation of `kind` already ran.
 fn compensated<'a>(op: &'a Operation, kind: &str) -> Vec<&'a ClusterRef> {
@@ -85,6 +88,30 @@ pub(super) fn next_step(op: &Operation, inputs: &Inputs<'_>) -> Option<Step> {
         m.target = Some(from);
         m.compensate = true;
         return Some(Step::new(&t.spec.target, TaskParams::DbMigrate(m)));
+    }
+    // Maintenance begun (or perhaps begun: a failed step may have acted)
+    // and not ended by this operation ends now.
+    let ended = compensated(op, MAINTENANCE);
+    let held = op.tasks.iter().filter(|t| t.spec.kind == MAINTENANCE).find(|t| {
+        matches!(params_of(t), Some(TaskParams::AppMaintenance { on: true, .. }))
+            && !ended.contains(&&t.spec.target)
+            && !op.tasks.iter().any(|o| {
+                o.spec.target == t.spec.target
+                    && o.state == TaskState::Succeeded
+                    && matches!(params_of(o), Some(TaskParams::AppMaintenance { on: false, .. }))
+            })
+    });
+    if let Some(t) = held
+        && let Some(TaskParams::AppMaintenance { app, .. }) = params_of(t)
+    {
+        return Some(Step::new(
+            &t.spec.target,
+            TaskParams::AppMaintenance {
+                app,
+                on: false,
+                compensate: true,
+            },
+        ));
     }
     None
 }

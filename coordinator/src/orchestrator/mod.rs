@@ -32,6 +32,7 @@ pub const SWITCH: &str = "app.switch";
 pub const BAKE: &str = "app.bake";
 /// Runs an app's migrations against its primary database in a cluster.
 pub const MIGRATE: &str = "db.migrate";
+pub const MAINTENANCE: &str = "app.maintenance";
 
 /// The release image whose migrations `op` uses, if any.
 pub fn release_image(op: &Operation) -> Option<&str> {

@@ -301,6 +301,30 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     .clone()
                     .unwrap_or_else(|| backup::backup_id(&inputs.app.app, t, &op.id, op.created_at_unix_ms))
             };
+            if b.action == BackupAction::RestorePrimary {
+                // The app stops taking traffic (so writing) first; then a
+                // safety backup of the data about to be replaced; then the
+                // restore; then traffic again. A failure on the way ends
+                // the maintenance (see compensate).
+                let maintenance = |t: &ClusterRef, on| {
+                    Step::new(
+                        t,
+                        TaskParams::AppMaintenance {
+                            app: app(),
+                            on,
+                            compensate: false,
+                        },
+                    )
+                };
+                for t in &op.targets {
+                    let safety = backup::backup_id(&inputs.app.app, t, &op.id, op.created_at_unix_ms);
+                    steps.push(maintenance(t, true));
+                    steps.push(step(t, BackupAction::Create, safety, None, BTreeMap::new()));
+                    steps.push(step(t, b.action, id_of(t), b.object.clone(), b.table_rows.clone()));
+                    steps.push(maintenance(t, false));
+                }
+                return steps;
+            }
             for (i, t) in op.targets.iter().enumerate() {
                 let mut s = step(t, b.action, id_of(t), b.object.clone(), b.table_rows.clone());
                 s.with_previous = i > 0;
