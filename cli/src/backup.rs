@@ -64,6 +64,17 @@ pub enum BackupCmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Delete a backup's object and its catalog entry (audited). Refused
+    /// while the object is under Object Lock.
+    Delete {
+        id: String,
+        /// Also delete the newest backup of its app and cluster that passed
+        /// validation.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        detach: bool,
+    },
     /// Scheduled backups and their retention.
     Schedule {
         #[command(subcommand)]
@@ -227,6 +238,7 @@ fn backup_json(b: &pb::Backup) -> serde_json::Value {
         "table_rows": b.table_rows.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "started_at_unix_ms": b.started_at_unix_ms, "finished_at_unix_ms": b.finished_at_unix_ms,
         "requested_by": b.requested_by, "operation_id": b.operation_id, "trigger": b.trigger,
+        "retain_until_unix_ms": b.retain_until_unix_ms,
         "validations": b.validations.iter().map(|v| json!({
             "operation_id": v.operation_id, "at_unix_ms": v.at_unix_ms, "passed": v.passed,
             "verdict": v.verdict, "message": v.message, "duration_ms": v.duration_ms,
@@ -355,6 +367,9 @@ pub async fn run(cmd: BackupCmd, conn: ConnOpts) -> Result<ExitCode> {
                 b.key_id
             );
             println!("  sha256 {}", b.sha256);
+            if b.retain_until_unix_ms > 0 {
+                println!("  under Object Lock until {}", time(b.retain_until_unix_ms));
+            }
             println!("  schema at migration {}", b.migration_version);
             let mut tables: Vec<_> = b.table_rows.iter().collect();
             tables.sort();
@@ -380,6 +395,15 @@ pub async fn run(cmd: BackupCmd, conn: ConnOpts) -> Result<ExitCode> {
             let op = call(&conn, |mut c| {
                 let id = id.clone();
                 async move { c.validate_backup(pb::ValidateBackupRequest { id }).await }
+            })
+            .await?
+            .operation_id;
+            follow(&conn, &op, detach).await
+        }
+        BackupCmd::Delete { id, force, detach } => {
+            let op = call(&conn, |mut c| {
+                let id = id.clone();
+                async move { c.delete_backup(pb::DeleteBackupRequest { id, force }).await }
             })
             .await?
             .operation_id;

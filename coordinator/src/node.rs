@@ -68,6 +68,7 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "CreateBackup"
                 | "ValidateBackup"
                 | "RestoreBackup"
+                | "DeleteBackup"
                 | "SetBackupSchedule"
                 | "DeleteBackupSchedule",
             ),

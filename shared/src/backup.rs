@@ -327,6 +327,11 @@ fn utc(ms: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
+/// Unix ms as RFC 3339 UTC, to the second, for messages.
+pub fn format_unix_ms(ms: i64) -> String {
+    utc(ms).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 /// The first slot of `cron` strictly after `after_ms`.
 pub fn next_slot(cron: &croner::Cron, after_ms: i64) -> Option<i64> {
     cron.find_next_occurrence(&utc(after_ms), false)

@@ -469,6 +469,7 @@ impl From<crate::backup::BackupEntry> for proto::Backup {
             finished_at_unix_ms: b.finished_at_unix_ms,
             requested_by: b.requested_by,
             operation_id: b.operation_id,
+            retain_until_unix_ms: b.object.retain_until_unix_ms.unwrap_or(0),
             validations: b
                 .validations
                 .into_iter()

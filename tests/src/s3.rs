@@ -1,9 +1,11 @@
 //! A throwaway S3-protocol server for tests: moto's `moto_server` on a
 //! loopback port, its own process, killed on drop.
 //!
-//! moto implements SigV4 requests, versioning and multipart uploads; it
-//! does not verify the checksums clients send, so tests of checksums
-//! compare what cutover recorded with what it downloads. The program is
+//! moto implements SigV4 requests, versioning, Object Lock and multipart
+//! uploads; it does not verify the checksums clients send, so tests of
+//! checksums compare what cutover recorded with what it downloads. It does
+//! not apply a bucket's default retention to multipart uploads (AWS does),
+//! which is why the agent locks an upload the store left unlocked. The program is
 //! `moto_server` on `PATH` (scripts/setup installs it from PyPI), or
 //! `CUTOVER_MOTO_SERVER`. A test that cannot start it fails: it never
 //! silently skips.
@@ -78,11 +80,16 @@ impl TestS3 {
     /// One plain HTTP request; moto does not check signatures, so bucket
     /// set-up needs no SDK. Returns the status code and body.
     fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
+        self.request_with(method, path, "", body)
+    }
+
+    /// [`Self::request`] with extra header lines (each ending `\r\n`).
+    fn request_with(&self, method: &str, path: &str, headers: &str, body: &str) -> Result<(u16, String)> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.port,
             body.len()
         )?;
@@ -128,6 +135,33 @@ impl TestS3 {
             }],
             part_size_mib: 5,
         })
+    }
+
+    /// Creates a bucket with Object Lock (so versioned), whose default
+    /// retention keeps new objects `days` days in COMPLIANCE mode: not even
+    /// the bucket's owner can delete them sooner.
+    // The agent's tests include this file and do not call it.
+    #[allow(dead_code)]
+    pub fn create_locked_bucket(&self, name: &str, days: u32) -> Result<()> {
+        let (status, reply) = self.request_with(
+            "PUT",
+            &format!("/{name}"),
+            "x-amz-bucket-object-lock-enabled: true\r\n",
+            "",
+        )?;
+        if status != 200 {
+            bail!("creating bucket {name}: {reply}");
+        }
+        let body = format!(
+            "<ObjectLockConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention><Mode>COMPLIANCE</Mode>\
+             <Days>{days}</Days></DefaultRetention></Rule></ObjectLockConfiguration>"
+        );
+        let (status, reply) = self.request("PUT", &format!("/{name}?object-lock"), &body)?;
+        if status != 200 {
+            bail!("setting Object Lock on {name}: {reply}");
+        }
+        Ok(())
     }
 
     /// Creates a bucket, with versioning on if asked.

@@ -82,16 +82,35 @@ const SCHEMA: &str = "create table orders (id int primary key, item text not nul
                       create table customers (id int primary key, name text); \
                       insert into customers values (1, 'ada'), (2, 'grace');";
 
+/// The bucket the agent writes to.
+#[derive(Clone, Copy, PartialEq)]
+enum Bucket {
+    Plain,
+    Versioned,
+    /// Object Lock with a default retention of one day (COMPLIANCE).
+    Locked,
+}
+
 async fn fixture(versioned: bool) -> Fixture {
     fixture_on(versioned, Db::Postgres).await
 }
 
 async fn fixture_on(versioned: bool, engine: Db) -> Fixture {
+    let bucket = if versioned { Bucket::Versioned } else { Bucket::Plain };
+    fixture_with(bucket, engine, |_| {}).await
+}
+
+/// The fixture, with `tweak` applied to the agent's store config.
+async fn fixture_with(bucket: Bucket, engine: Db, tweak: impl FnOnce(&mut BackupStoreConfig)) -> Fixture {
     captured_logs();
     cutover_shared::telemetry::metrics_handle();
     let pg = TestPostgres::start().unwrap();
     let s3 = TestS3::start().unwrap();
-    s3.create_bucket("backups", versioned).unwrap();
+    match bucket {
+        Bucket::Plain => s3.create_bucket("backups", false).unwrap(),
+        Bucket::Versioned => s3.create_bucket("backups", true).unwrap(),
+        Bucket::Locked => s3.create_locked_bucket("backups", 1).unwrap(),
+    }
     let mut c = TestCluster::builder().nodes(3).regions(REGION).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     let dir = c.tmp.path().to_owned();
@@ -129,9 +148,10 @@ async fn fixture_on(versioned: bool, engine: Db) -> Fixture {
     };
     let encryption_key = BackupKey::generate("k1").unwrap().to_hex();
     let secret_key = format!("s3cret-{}", std::process::id());
-    let store_cfg = s3
+    let mut store_cfg = s3
         .backup_config("backups", "cutover/", &dir, &encryption_key, &secret_key)
         .unwrap();
+    tweak(&mut store_cfg);
     let url_file = dir.join("shop-db-url");
     std::fs::write(&url_file, &url).unwrap();
     let mut cfg = c.agent_config(0);
@@ -661,5 +681,102 @@ async fn a_migrations_backup_is_uploaded_and_cataloged_beside_the_others() {
     // It is a backup like any other: it validates by restore.
     let v = f.validate(&m.id).await;
     assert_eq!(v.state, pb::TaskState::Succeeded as i32, "{v:?}");
+    f.c.shutdown().await;
+}
+
+/// A bucket with Object Lock: each backup is locked for the bucket's
+/// default period (the agent locks it when the store did not, as moto does
+/// not for multipart uploads), the catalog shows until when, the store
+/// refuses to delete it, and so does `cutover backup delete`. The
+/// configured server-side encryption is requested on top of cutover's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn object_lock_keeps_backups_and_server_side_encryption_is_requested() {
+    let f = fixture_with(Bucket::Locked, Db::Postgres, |c| {
+        c.server_side_encryption = Some("AES256".into())
+    })
+    .await;
+    let b = f.create().await;
+    let now = cutover_shared::domain::now_unix_ms();
+    let day = 86_400_000;
+    assert!(
+        b.retain_until_unix_ms > now + day - 3_600_000 && b.retain_until_unix_ms <= now + day,
+        "locked until {} (now {now})",
+        b.retain_until_unix_ms
+    );
+    let store = ObjectStore::connect(&f.store_cfg).await.unwrap();
+    let version = Some(b.version_id.as_str());
+    let head = store.head(&b.object_key, version).await.unwrap();
+    assert_eq!(head.server_side_encryption.as_deref(), Some("AES256"));
+    assert_eq!(head.retain_until_unix_ms, Some(b.retain_until_unix_ms));
+
+    // Not even the agent's own credentials can delete it.
+    let e = store.delete(&b.object_key, version).await.unwrap_err();
+    assert!(e.to_string().contains("AccessDenied"), "{e}");
+    store
+        .head(&b.object_key, version)
+        .await
+        .expect("the locked object is still there");
+
+    // Nor the operator, and the refusal changes nothing.
+    let ops_before = f.c.node(f.leader).consensus().read(|s| s.operations.len());
+    let err = f
+        .op()
+        .delete_backup(pb::DeleteBackupRequest {
+            id: b.id.clone(),
+            force: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("Object Lock until"), "{}", err.message());
+    assert_eq!(f.c.node(f.leader).consensus().read(|s| s.operations.len()), ops_before);
+    assert_eq!(f.get(&b.id).await.id, b.id);
+    f.c.shutdown().await;
+}
+
+/// `cutover backup delete`: the object version goes from the store and the
+/// entry from the catalog, audited; the newest validated backup of its app
+/// and cluster needs force; bad ids are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_backup_leaves_the_store_and_the_catalog() {
+    let f = fixture(true).await;
+    let validated = f.create().await;
+    assert_eq!(f.validate(&validated.id).await.state, pb::TaskState::Succeeded as i32);
+    let newer = f.create().await;
+    let delete = |id: &str, force: bool| {
+        let mut op = f.op();
+        let id = id.to_owned();
+        async move { op.delete_backup(pb::DeleteBackupRequest { id, force }).await }
+    };
+
+    let err = delete(&validated.id, false).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--force"), "{}", err.message());
+
+    let store = ObjectStore::connect(&f.store_cfg).await.unwrap();
+    for (b, force) in [(&newer, false), (&validated, true)] {
+        let id = delete(&b.id, force).await.unwrap().into_inner().operation_id;
+        let op = f.finished(&id).await;
+        assert_eq!(op.state, pb::TaskState::Succeeded as i32, "{op:?}");
+        assert!(f.list().await.iter().all(|x| x.id != b.id), "{} still cataloged", b.id);
+        assert!(
+            store.head(&b.object_key, Some(&b.version_id)).await.is_err(),
+            "{} is still stored",
+            b.id
+        );
+        let audited = f.c.node(f.leader).consensus().read(|s| {
+            s.audit
+                .iter()
+                .any(|a| a.action == "DeleteBackup" && a.outcome == "deleted" && a.parameters.contains(&b.id))
+        });
+        assert!(audited, "the deletion of {} is not audited", b.id);
+    }
+
+    for (id, code) in [
+        ("../x", tonic::Code::InvalidArgument),
+        ("shop-nope", tonic::Code::NotFound),
+    ] {
+        assert_eq!(delete(id, true).await.unwrap_err().code(), code, "{id}");
+    }
     f.c.shutdown().await;
 }

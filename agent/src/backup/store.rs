@@ -16,7 +16,8 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
-    BucketVersioningStatus, ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption,
+    BucketVersioningStatus, ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled,
+    ObjectLockRetention, ObjectLockRetentionMode, ServerSideEncryption,
 };
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -47,6 +48,23 @@ pub struct Uploaded {
     /// SHA-256 of the whole object, hex.
     pub sha256: String,
     pub parts: u32,
+}
+
+/// A bucket's default Object Lock retention.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockDefault {
+    /// `GOVERNANCE` or `COMPLIANCE`.
+    pub mode: ObjectLockRetentionMode,
+    pub period: Duration,
+}
+
+/// See [`ObjectStore::head`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectHead {
+    /// Object Lock: not deletable before then (Unix ms).
+    pub retain_until_unix_ms: Option<i64>,
+    /// `AES256` or `aws:kms`, when the store encrypts it.
+    pub server_side_encryption: Option<String>,
 }
 
 /// One bucket and key prefix.
@@ -391,8 +409,72 @@ impl ObjectStore {
         }
     }
 
-    /// The Object Lock retention of a stored version (Unix ms), if any.
-    pub async fn retain_until(&self, key: &str, version: Option<&str>) -> Result<Option<i64>, BackupError> {
+    /// The bucket's default Object Lock retention, if it has Object Lock
+    /// with one. A bucket without Object Lock is `None`, not an error.
+    pub async fn lock_default(&self) -> Result<Option<LockDefault>, BackupError> {
+        let out = match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                use aws_sdk_s3::error::ProvideErrorMetadata;
+                let code = e.as_service_error().and_then(|s| s.code().map(str::to_owned));
+                if code.as_deref() == Some("ObjectLockConfigurationNotFoundError") {
+                    return Ok(None);
+                }
+                return Err(store_err("reading the bucket's Object Lock configuration", e));
+            }
+        };
+        let Some(cfg) = out.object_lock_configuration() else {
+            return Ok(None);
+        };
+        if cfg.object_lock_enabled() != Some(&ObjectLockEnabled::Enabled) {
+            return Ok(None);
+        }
+        let Some(d) = cfg.rule().and_then(|r| r.default_retention()) else {
+            return Ok(None);
+        };
+        let days = i64::from(d.days().unwrap_or(0)) + 365 * i64::from(d.years().unwrap_or(0));
+        Ok(match (d.mode(), u64::try_from(days)) {
+            (Some(mode), Ok(days)) if days > 0 => Some(LockDefault {
+                mode: mode.clone(),
+                period: Duration::from_secs(days * 86_400),
+            }),
+            _ => None,
+        })
+    }
+
+    /// Puts a stored version under Object Lock `mode` until `until_ms`.
+    pub async fn retain(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        mode: ObjectLockRetentionMode,
+        until_ms: i64,
+    ) -> Result<(), BackupError> {
+        let retention = ObjectLockRetention::builder()
+            .mode(mode)
+            .retain_until_date(aws_sdk_s3::primitives::DateTime::from_millis(until_ms))
+            .build();
+        self.client
+            .put_object_retention()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_owned))
+            .retention(retention)
+            .send()
+            .await
+            .map_err(|e| store_err(&format!("locking {key}"), e))?;
+        Ok(())
+    }
+
+    /// What the store says of a stored version: its Object Lock
+    /// retention and its server-side encryption.
+    pub async fn head(&self, key: &str, version: Option<&str>) -> Result<ObjectHead, BackupError> {
         let head = self
             .client
             .head_object()
@@ -402,6 +484,9 @@ impl ObjectStore {
             .send()
             .await
             .map_err(|e| store_err(&format!("reading {key}"), e))?;
-        Ok(head.object_lock_retain_until_date().and_then(|d| d.to_millis().ok()))
+        Ok(ObjectHead {
+            retain_until_unix_ms: head.object_lock_retain_until_date().and_then(|d| d.to_millis().ok()),
+            server_side_encryption: head.server_side_encryption().map(|s| s.as_str().to_owned()),
+        })
     }
 }

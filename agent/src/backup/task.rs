@@ -46,6 +46,8 @@ pub const KINDS: &[TaskKind] = &[TaskKind::DbBackup];
 struct Ready {
     store: ObjectStore,
     keys: Vec<BackupKey>,
+    /// The bucket's default Object Lock retention, read at start.
+    lock: Option<super::store::LockDefault>,
 }
 
 /// Runs `db.backup` tasks for this agent's databases.
@@ -132,7 +134,22 @@ impl BackupRuntime {
                     }
                     Err(e) => tracing::warn!("backup store: cannot clean up unfinished uploads: {e}"),
                 }
-                Ok(Ready { store, keys })
+                let lock = match store.lock_default().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!("backup store: cannot read the bucket's Object Lock configuration: {e}");
+                        None
+                    }
+                };
+                if let Some(l) = &lock {
+                    tracing::info!(
+                        bucket = %cfg.bucket,
+                        "backups are kept under Object Lock ({}, {} days)",
+                        l.mode.as_str(),
+                        l.period.as_secs() / 86_400
+                    );
+                }
+                Ok(Ready { store, keys, lock })
             })
             .await
     }
@@ -152,6 +169,7 @@ impl BackupRuntime {
         let id = catalog::backup_id(app, &self.cluster, operation_id, started);
         let name = catalog::object_name(&self.cluster, app, &id);
         let record = super::backup_file(&info.path, &ready.store, &ready.keys, &name).await?;
+        let retain_until = lock_in(ready, &record).await;
         let (engine, database, table_rows) = if db.driver == Driver::Sqlite {
             let f = facts::sqlite_facts(&info.path).await?;
             let file = migrate::sqlite_path(db)?
@@ -164,7 +182,7 @@ impl BackupRuntime {
         };
         Ok(StoredBackup {
             id,
-            object: object_of(record, None),
+            object: object_of(record, retain_until),
             database,
             engine,
             migration_version: info.versions.iter().max().copied().unwrap_or(0),
@@ -300,16 +318,7 @@ impl BackupRuntime {
             .await
             .map_err(failed)?;
         let elapsed = started.elapsed();
-        // Object Lock (a bucket default, say) makes the backup immutable
-        // until then; retention leaves it alone meanwhile.
-        let retain_until = ready
-            .store
-            .retain_until(&record.object.key, record.object.version_id.as_deref())
-            .await
-            .unwrap_or_else(|e| {
-                tracing::debug!("backup: {e}");
-                None
-            });
+        let retain_until = lock_in(ready, &record).await;
         metrics::gauge!("cutover_backup_last_success_timestamp_seconds", &labels.0[..])
             .set(now_unix_ms() as f64 / 1000.0);
         metrics::gauge!("cutover_backup_bytes", &labels.0[..]).set(record.object.size as f64);
@@ -495,6 +504,34 @@ async fn delete(p: &BackupParams, ready: &Ready, progress: &(dyn Fn(String) + Se
             ..Default::default()
         },
     )
+}
+
+/// Object Lock makes a backup immutable until the returned time;
+/// retention leaves it alone meanwhile. A bucket with a default retention
+/// applies it to new objects, but not every store does so for multipart
+/// uploads: one the store left unlocked is locked here for the bucket's
+/// default period. Failing that, the backup still stands, unlocked.
+async fn lock_in(ready: &Ready, record: &BackupRecord) -> Option<i64> {
+    let (key, version) = (&record.object.key, record.object.version_id.as_deref());
+    let head = match ready.store.head(key, version).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("backup: {e}");
+            return None;
+        }
+    };
+    if head.retain_until_unix_ms.is_some() {
+        return head.retain_until_unix_ms;
+    }
+    let lock = ready.lock.as_ref()?;
+    let until = now_unix_ms().saturating_add(i64::try_from(lock.period.as_millis()).unwrap_or(i64::MAX));
+    match ready.store.retain(key, version, lock.mode.clone(), until).await {
+        Ok(()) => Some(until),
+        Err(e) => {
+            tracing::warn!("backup: the bucket has Object Lock, but {e}");
+            None
+        }
+    }
 }
 
 /// What the catalog records of an upload.

@@ -255,6 +255,16 @@ impl ControlService for ControlApi {
         ))
     }
 
+    async fn delete_backup(
+        &self,
+        req: Request<pb::DeleteBackupRequest>,
+    ) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::delete_backup(self, &who, req.into_inner()).await?,
+        ))
+    }
+
     async fn set_backup_schedule(
         &self,
         req: Request<pb::SetBackupScheduleRequest>,

@@ -254,6 +254,7 @@ impl ControlApi {
                 Some(BackupAction::Validate) => "ValidateBackup",
                 Some(BackupAction::Restore) => "RestoreBackup",
                 Some(BackupAction::RestorePrimary) => "RestoreBackupOntoPrimary",
+                Some(BackupAction::Delete) => "DeleteBackup",
                 _ => "CreateBackup",
             },
             OperationKind::Task => "RunTask",
@@ -1355,6 +1356,53 @@ impl ControlApi {
         };
         let id = self.read_backup(who, &r.id, action).await?;
         Ok(pb::RestoreBackupResponse { operation_id: id })
+    }
+
+    pub async fn delete_backup(
+        &self,
+        who: &Identity,
+        r: pb::DeleteBackupRequest,
+    ) -> Result<pb::DeleteBackupResponse, ApiError> {
+        let entry = self.backup(&r.id)?;
+        let now = now_unix_ms();
+        if let Some(until) = entry.object.retain_until_unix_ms.filter(|t| *t > now) {
+            return Err(ApiError::failed_precondition(format!(
+                "backup {} is under Object Lock until {} and cannot be deleted before then",
+                entry.id,
+                backup::format_unix_ms(until)
+            )));
+        }
+        if !r.force {
+            let newest_validated = self.consensus.read(|s| {
+                s.backups
+                    .values()
+                    .filter(|b| b.app == entry.app && b.cluster == entry.cluster && b.validated())
+                    .max_by(|a, b| (a.finished_at_unix_ms, &a.id).cmp(&(b.finished_at_unix_ms, &b.id)))
+                    .map(|b| b.id.clone())
+            });
+            if newest_validated.as_deref() == Some(entry.id.as_str()) {
+                return Err(ApiError::failed_precondition(format!(
+                    "backup {} is the newest of {} in {} that passed validation; repeat with force to delete it \
+                     anyway (cutover backup delete {} --force)",
+                    entry.id, entry.app, entry.cluster, entry.id
+                )));
+            }
+        }
+        let spec = self.app(&entry.app)?;
+        let targets = vec![entry.cluster.clone()];
+        self.consensus.catch_up().await?;
+        self.check_backup_store(&targets)?;
+        let op_spec = OperationSpec {
+            backup: Some(Box::new(BackupSpec {
+                delete: std::collections::BTreeMap::from([(entry.id.clone(), entry.object)]),
+                ..BackupSpec::new(BackupAction::Delete)
+            })),
+            ..OperationSpec::default()
+        };
+        let id = self
+            .start_app_operation(who, OperationKind::Backup, &spec, targets, op_spec)
+            .await?;
+        Ok(pb::DeleteBackupResponse { operation_id: id })
     }
 
     pub async fn set_backup_schedule(
