@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod garage;
 pub mod postgres;
 pub mod process;
 pub mod s3;
