@@ -453,14 +453,17 @@ pub fn sample_app_spec(name: &str, regions: &[(&str, &str)]) -> cutover_shared::
 /// runs first in `scripts/test`).
 pub fn cutover_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let bin = dir.join("cutover");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bin cutover` first (scripts/test does)",
-        bin.display()
-    );
-    bin
+    // A test runs from target/<profile>/deps, a binary (the bench) from
+    // target/<profile>.
+    let dirs: Vec<&Path> = exe.ancestors().skip(1).take(2).collect();
+    let bin = dirs.iter().map(|d| d.join("cutover")).find(|b| b.is_file());
+    bin.unwrap_or_else(|| {
+        panic!(
+            "{} is missing: run `cargo build --bin cutover` first (scripts/test does)",
+            dirs.last()
+                .map_or_else(String::new, |d| d.join("cutover").display().to_string())
+        )
+    })
 }
 
 /// A `cutover` subprocess, killed with SIGKILL when dropped.
@@ -491,5 +494,37 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Everything this test process logs (at debug, the chattiest transport
+/// crates at info), from the first call on: tests search it for secrets
+/// that must never reach a log. One subscriber per process.
+pub fn captured_logs() -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let make = move || LogWriter(writer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug,h2=info,hyper=info,tower=info,openraft=info,aws=debug,sqlx=debug")
+            .with_writer(make)
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+/// Appends log output to the shared buffer.
+struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -15,8 +15,6 @@
 //! - The store's credentials and the encryption key appear in no log,
 //!   operation, audit event, catalog entry or metric.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cutover_agent::backup::seal::BackupKey;
@@ -27,37 +25,10 @@ use cutover_shared::proto as pb;
 use cutover_tests::garage::TestGarage;
 use cutover_tests::postgres::TestPostgres;
 use cutover_tests::s3::TestS3;
-use cutover_tests::{TestCluster, sample_app_spec};
+use cutover_tests::{TestCluster, captured_logs, sample_app_spec};
 
 const T: Duration = Duration::from_secs(90);
 const REGION: &[(&str, &str)] = &[("us-east", "us-east-1")];
-
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let make = move || LogWriter(writer.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug,h2=info,hyper=info,tower=info,openraft=info,aws=debug,sqlx=debug")
-            .with_writer(make)
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Everything one test needs: the servers, the cluster with one agent
 /// whose config lists the database and the store, and the secrets.

@@ -4,48 +4,18 @@
 //! migration fails moving no traffic (SQLite), rollbacks across a release's
 //! migrations, and the connection string kept out of results and logs.
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cutover_shared::app::AppSpec;
 use cutover_shared::config::{AgentConfig, DatabaseConfig, DbDriver};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
-use cutover_tests::{TestCluster, sample_app_spec};
+use cutover_tests::{TestCluster, captured_logs, sample_app_spec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(90);
 const REGIONS: &[(&str, &str)] = &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
-
-/// Everything this test binary logs, to check no secret reaches a log.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let writer = buf.clone();
-        let make = move || LogWriter(writer.clone());
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug,h2=info,hyper=info,tower=info,openraft=info,sqlx=debug")
-            .with_writer(make)
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn files(list: &[(&str, &str)]) -> Vec<pb::MigrationFile> {
     list.iter()
