@@ -201,6 +201,9 @@ pub async fn run_schedules(consensus: &Consensus) {
 }
 
 /// How often the leader checks the state against the retention policy.
+/// How often the leader looks for due backup slots and expired backups.
+const SCHEDULE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Proposes a `Compact` if the state holds more finished history than
@@ -224,16 +227,23 @@ pub async fn compact(consensus: &Consensus, retention: &RetentionConfig) -> Opti
 }
 
 /// Runs for the node's lifetime: after every apply (and once a second, for a
-/// leader that just took over), advances operations if this node leads; once
-/// a minute, the leader also compacts finished history.
+/// leader that just took over), advances operations if this node leads; at
+/// most once a second the leader starts due backup slots and retention, and
+/// once a minute it compacts finished history.
 pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut applied = consensus.applied();
     let mut last_compaction = std::time::Instant::now();
+    let mut last_schedules: Option<std::time::Instant> = None;
     loop {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
         if consensus.is_leader() {
             advance(&consensus).await;
-            run_schedules(&consensus).await;
+            // Slots are minutes apart and retention scans every backup, so
+            // at most once a second, however busy the log is.
+            if last_schedules.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
+                last_schedules = Some(std::time::Instant::now());
+                run_schedules(&consensus).await;
+            }
             if last_compaction.elapsed() >= COMPACT_EVERY {
                 last_compaction = std::time::Instant::now();
                 compact(&consensus, &retention).await;
