@@ -110,6 +110,11 @@ impl TestGarage {
         format!("http://{}", self.s3)
     }
 
+    /// The access key's id.
+    pub fn access_key(&self) -> &str {
+        &self.access_key
+    }
+
     /// The secret of the access key (tests search logs for it).
     pub fn secret_key(&self) -> &str {
         &self.secret_key
@@ -124,29 +129,14 @@ impl TestGarage {
         dir: &std::path::Path,
         key_hex: &str,
     ) -> Result<cutover_shared::config::BackupStoreConfig> {
-        std::fs::write(dir.join("k1.key"), key_hex)?;
-        std::fs::write(
-            dir.join("credentials"),
-            format!(
-                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-                self.access_key, self.secret_key
-            ),
-        )?;
-        Ok(cutover_shared::config::BackupStoreConfig {
-            endpoint: Some(self.endpoint()),
-            bucket: self.bucket.clone(),
-            credentials_file: Some(dir.join("credentials")),
-            prefix: prefix.into(),
-            region: "garage".into(),
-            path_style: None,
-            server_side_encryption: None,
-            kms_key_id: None,
-            keys: vec![cutover_shared::config::BackupKeyFile {
-                id: "k1".into(),
-                file: dir.join("k1.key"),
-            }],
-            part_size_mib: 5,
-        })
+        crate::s3::Store {
+            endpoint: self.endpoint(),
+            region: "garage",
+            bucket: &self.bucket,
+            access_key: &self.access_key,
+            secret: &self.secret_key,
+        }
+        .config(prefix, dir, key_hex)
     }
 }
 

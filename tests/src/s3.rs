@@ -115,26 +115,14 @@ impl TestS3 {
         key_hex: &str,
         secret: &str,
     ) -> Result<cutover_shared::config::BackupStoreConfig> {
-        std::fs::write(dir.join("k1.key"), key_hex)?;
-        std::fs::write(
-            dir.join("credentials"),
-            format!("[default]\naws_access_key_id = AKIDTEST\naws_secret_access_key = {secret}\n"),
-        )?;
-        Ok(cutover_shared::config::BackupStoreConfig {
-            endpoint: Some(self.endpoint()),
-            bucket: bucket.into(),
-            credentials_file: Some(dir.join("credentials")),
-            prefix: prefix.into(),
-            region: "us-east-1".into(),
-            path_style: None,
-            server_side_encryption: None,
-            kms_key_id: None,
-            keys: vec![cutover_shared::config::BackupKeyFile {
-                id: "k1".into(),
-                file: dir.join("k1.key"),
-            }],
-            part_size_mib: 5,
-        })
+        let store = Store {
+            endpoint: self.endpoint(),
+            region: "us-east-1",
+            bucket,
+            access_key: "AKIDTEST",
+            secret,
+        };
+        store.config(prefix, dir, key_hex)
     }
 
     /// Creates a bucket with Object Lock (so versioned), whose default
@@ -179,6 +167,51 @@ impl TestS3 {
             }
         }
         Ok(())
+    }
+}
+
+/// A bucket on a test server and the key to it.
+pub struct Store<'a> {
+    pub endpoint: String,
+    pub region: &'a str,
+    pub bucket: &'a str,
+    pub access_key: &'a str,
+    pub secret: &'a str,
+}
+
+impl Store<'_> {
+    /// An agent's `[backup]` section for the bucket: the key in a
+    /// credentials file and encryption key `key_hex` under id `k1`, both
+    /// written into `dir`, 5 MiB parts.
+    pub fn config(
+        &self,
+        prefix: &str,
+        dir: &std::path::Path,
+        key_hex: &str,
+    ) -> Result<cutover_shared::config::BackupStoreConfig> {
+        std::fs::write(dir.join("k1.key"), key_hex)?;
+        std::fs::write(
+            dir.join("credentials"),
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.access_key, self.secret
+            ),
+        )?;
+        Ok(cutover_shared::config::BackupStoreConfig {
+            endpoint: Some(self.endpoint.clone()),
+            bucket: self.bucket.into(),
+            credentials_file: Some(dir.join("credentials")),
+            prefix: prefix.into(),
+            region: self.region.into(),
+            path_style: None,
+            server_side_encryption: None,
+            kms_key_id: None,
+            keys: vec![cutover_shared::config::BackupKeyFile {
+                id: "k1".into(),
+                file: dir.join("k1.key"),
+            }],
+            part_size_mib: 5,
+        })
     }
 }
 

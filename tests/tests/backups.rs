@@ -290,6 +290,14 @@ impl Fixture {
         self.finished(&op).await
     }
 
+    /// Database `name` on the source's server.
+    fn database(&self, name: &str) -> DbConfig {
+        DbConfig {
+            url: cutover_agent::migrate::database_url(&self.source, name).unwrap(),
+            ..self.source.clone()
+        }
+    }
+
     fn databases(&self) -> Vec<String> {
         self.pg
             .psql("postgres", "select datname from pg_database order by 1")
@@ -322,8 +330,18 @@ fn steps(op: &pb::Operation) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-fn step_list(l: &[(&str, &str, bool)]) -> Vec<(String, String, bool)> {
-    l.iter().map(|(k, w, c)| (k.to_string(), w.to_string(), *c)).collect()
+/// The steps of a restore onto the primary: maintenance, a safety backup,
+/// the restore, and the end of maintenance (a compensation after a failure).
+fn restore_primary_steps(compensated: bool) -> Vec<(String, String, bool)> {
+    [
+        ("app.maintenance", "true", false),
+        ("db.backup", "create", false),
+        ("db.backup", "restore-primary", false),
+        ("app.maintenance", "false", compensated),
+    ]
+    .iter()
+    .map(|(k, w, c)| (k.to_string(), w.to_string(), *c))
+    .collect()
 }
 
 /// Restore onto the primary with confirm: the app goes into maintenance,
@@ -347,15 +365,7 @@ async fn a_confirmed_restore_replaces_the_primary_after_a_safety_backup() {
 
     let r = f.restore_primary(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
-    assert_eq!(
-        steps(&r),
-        step_list(&[
-            ("app.maintenance", "true", false),
-            ("db.backup", "create", false),
-            ("db.backup", "restore-primary", false),
-            ("app.maintenance", "false", false),
-        ])
-    );
+    assert_eq!(steps(&r), restore_primary_steps(false));
     assert_eq!(
         dump_checksum(&f.source).await.unwrap(),
         original,
@@ -364,10 +374,7 @@ async fn a_confirmed_restore_replaces_the_primary_after_a_safety_backup() {
     // What the restore replaced is kept, whole.
     let replaced = r.tasks[2].result.as_ref().unwrap().outputs["replaced"].clone();
     assert!(f.databases().contains(&replaced), "{replaced} is gone");
-    let kept = DbConfig {
-        url: cutover_agent::migrate::database_url(&f.source, &replaced).unwrap(),
-        ..f.source.clone()
-    };
+    let kept = f.database(&replaced);
     assert_eq!(dump_checksum(&kept).await.unwrap(), changed);
     // So is a safety backup of it, in the catalog beside the others.
     let safety = f
@@ -432,10 +439,7 @@ async fn a_backup_is_cataloged_validated_by_restore_and_restorable() {
     assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
     let scratch = outputs(&r)["scratch"].clone();
     assert!(f.databases().contains(&scratch), "{scratch} not created");
-    let copy = DbConfig {
-        url: cutover_agent::migrate::database_url(&f.source, &scratch).unwrap(),
-        ..f.source.clone()
-    };
+    let copy = f.database(&scratch);
     assert_eq!(
         dump_checksum(&copy).await.unwrap(),
         dump_checksum(&f.source).await.unwrap(),
@@ -568,15 +572,7 @@ async fn a_corrupted_object_is_named_and_never_restored() {
     let primary = dump_checksum(&f.source).await.unwrap();
     let r = f.restore_primary(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Failed as i32, "{r:?}");
-    assert_eq!(
-        steps(&r),
-        step_list(&[
-            ("app.maintenance", "true", false),
-            ("db.backup", "create", false),
-            ("db.backup", "restore-primary", false),
-            ("app.maintenance", "false", true),
-        ])
-    );
+    assert_eq!(steps(&r), restore_primary_steps(true));
     assert_eq!(r.tasks[3].state, pb::TaskState::Succeeded as i32, "{r:?}");
     assert!(r.tasks[2].result.as_ref().unwrap().message.contains("corrupt"), "{r:?}");
     assert_eq!(dump_checksum(&f.source).await.unwrap(), primary, "the primary changed");
@@ -789,10 +785,7 @@ async fn a_backup_round_trips_through_garage() {
     assert_eq!(v.state, pb::TaskState::Succeeded as i32, "{v:?}");
     let r = f.restore_scratch(&b.id).await;
     assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
-    let copy = DbConfig {
-        url: cutover_agent::migrate::database_url(&f.source, &outputs(&r)["scratch"]).unwrap(),
-        ..f.source.clone()
-    };
+    let copy = f.database(&outputs(&r)["scratch"]);
     assert_eq!(
         dump_checksum(&copy).await.unwrap(),
         dump_checksum(&f.source).await.unwrap(),

@@ -1202,13 +1202,18 @@ impl ControlApi {
 
     /// Refuses targets whose agent cannot back up (no `[backup]` store in
     /// its config, so it does not offer `db.backup`).
+    /// Whether the agent of `t` runs tasks of `kind`.
+    fn agent_offers(&self, t: &ClusterRef, kind: TaskKind) -> bool {
+        self.consensus.read(|s| {
+            s.agents
+                .get(&t.to_string())
+                .is_some_and(|a| a.task_kinds.iter().any(|k| k == kind.as_str()))
+        })
+    }
+
     fn check_backup_store(&self, targets: &[ClusterRef]) -> Result<(), ApiError> {
         for t in targets {
-            let kinds = self
-                .consensus
-                .read(|s| s.agents.get(&t.to_string()).map(|a| a.task_kinds.clone()))
-                .unwrap_or_default();
-            if !kinds.iter().any(|k| k == TaskKind::DbBackup.as_str()) {
+            if !self.agent_offers(t, TaskKind::DbBackup) {
                 return Err(ApiError::failed_precondition(format!(
                     "the agent for {t} has no backup store (add a [backup] section to its config)"
                 )));
@@ -1294,11 +1299,7 @@ impl ControlApi {
                 )));
             }
             let t = &targets[0];
-            let kinds = self
-                .consensus
-                .read(|s| s.agents.get(&t.to_string()).map(|a| a.task_kinds.clone()))
-                .unwrap_or_default();
-            if !kinds.iter().any(|k| k == TaskKind::AppMaintenance.as_str()) {
+            if !self.agent_offers(t, TaskKind::AppMaintenance) {
                 return Err(ApiError::failed_precondition(format!(
                     "the agent for {t} cannot put {} in maintenance (upgrade it first)",
                     entry.app
