@@ -150,6 +150,13 @@ async fn corrupt_truncated_or_wrongly_keyed_backups_are_named_and_never_restored
     let truncated = replaced(&f, &record, bytes[..bytes.len() - 1000].to_vec()).await;
     let e = backup::verify(&f.store, &truncated, &f.keys).await.unwrap_err();
     assert!(matches!(e, BackupError::Truncated { .. }), "{e}");
+    // A restore reads it in one pass: pg_restore may have taken most of
+    // it, and still nothing is left behind.
+    let e = backup::restore_scratch(&f.db, &f.store, &truncated, &f.keys, "ledger_scratch")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BackupError::Truncated { .. }), "{e}");
+    assert!(!scratch_exists(&f, "ledger_scratch"), "a truncated backup was restored");
 
     // The damage is also caught by the seal alone: with the checksum
     // recorded for the damaged bytes (a catalog that was altered too), the

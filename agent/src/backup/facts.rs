@@ -32,12 +32,18 @@ pub struct Snapshot {
     conn: PgConnection,
     /// The exported snapshot's id, for `pg_dump --snapshot`.
     pub id: String,
+    /// Without row counts until [`Snapshot::count_rows`].
     pub facts: Facts,
+    /// The tables whose rows are counted.
+    pub tables: Vec<(String, String)>,
+    redact: crate::migrate::DbUrl,
 }
 
 impl Snapshot {
     /// Opens a repeatable-read transaction on `db`, exports its snapshot
-    /// and reads the facts in it.
+    /// and reads the cheap facts in it (server, database, migration,
+    /// tables); the row counts come from [`Snapshot::count_rows`], which
+    /// can run while the dump does: they read the same snapshot.
     pub async fn take(db: &DbConfig) -> Result<Snapshot, BackupError> {
         let err =
             |what: &str, e: sqlx::Error| BackupError::Source(crate::migrate::redact(&db.url, &format!("{what}: {e}")));
@@ -51,10 +57,24 @@ impl Snapshot {
             .fetch_one(&mut conn)
             .await
             .map_err(|e| err("exporting the snapshot", e))?;
-        let facts = read_facts(&mut conn)
+        let (facts, tables) = read_facts(&mut conn)
             .await
             .map_err(|e| err("reading the database", e))?;
-        Ok(Snapshot { conn, id, facts })
+        Ok(Snapshot {
+            conn,
+            id,
+            facts,
+            tables,
+            redact: db.url.clone(),
+        })
+    }
+
+    /// Counts every table's rows in the snapshot, into `facts`.
+    pub async fn count_rows(&mut self) -> Result<(), BackupError> {
+        self.facts.table_rows = count_rows(&mut self.conn, &self.tables)
+            .await
+            .map_err(|e| BackupError::Source(crate::migrate::redact(&self.redact, &format!("counting rows: {e}"))))?;
+        Ok(())
     }
 
     /// Ends the transaction (the dump has finished with the snapshot).
@@ -72,7 +92,10 @@ pub async fn table_rows(db: &DbConfig) -> Result<BTreeMap<String, i64>, BackupEr
     let mut conn = PgConnection::connect(db.url.expose())
         .await
         .map_err(|e| err("connecting to the restored copy", e))?;
-    let rows = read_facts(&mut conn).await.map(|f| f.table_rows);
+    let rows = match read_facts(&mut conn).await {
+        Ok((_, tables)) => count_rows(&mut conn, &tables).await,
+        Err(e) => Err(e),
+    };
     let _ = conn.close().await;
     rows.map_err(|e| err("counting the restored rows", e))
 }
@@ -82,7 +105,8 @@ fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-async fn read_facts(conn: &mut PgConnection) -> Result<Facts, sqlx::Error> {
+/// The facts but the row counts, and the tables to count.
+async fn read_facts(conn: &mut PgConnection) -> Result<(Facts, Vec<(String, String)>), sqlx::Error> {
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&mut *conn).await?;
     let database: String = sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(&mut *conn)
@@ -108,19 +132,31 @@ async fn read_facts(conn: &mut PgConnection) -> Result<Facts, sqlx::Error> {
     .bind(MAX_RECORDED_TABLES as i64)
     .fetch_all(&mut *conn)
     .await?;
-    let mut table_rows = BTreeMap::new();
-    for t in tables {
-        let (schema, name): (String, String) = (t.try_get(0)?, t.try_get(1)?);
-        let sql = format!("SELECT count(*) FROM {}.{}", ident(&schema), ident(&name));
-        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
-        table_rows.insert(format!("{schema}.{name}"), n);
-    }
-    Ok(Facts {
+    let tables = tables
+        .into_iter()
+        .map(|t| Ok((t.try_get(0)?, t.try_get(1)?)))
+        .collect::<Result<Vec<(String, String)>, sqlx::Error>>()?;
+    let facts = Facts {
         engine: format!("PostgreSQL {}", version.split_whitespace().next().unwrap_or(&version)),
         database,
         migration_version,
-        table_rows,
-    })
+        table_rows: BTreeMap::new(),
+    };
+    Ok((facts, tables))
+}
+
+/// `schema.table` → rows, for each of `tables`.
+async fn count_rows(
+    conn: &mut PgConnection,
+    tables: &[(String, String)],
+) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+    let mut table_rows = BTreeMap::new();
+    for (schema, name) in tables {
+        let sql = format!("SELECT count(*) FROM {}.{}", ident(schema), ident(name));
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
+        table_rows.insert(format!("{schema}.{name}"), n);
+    }
+    Ok(table_rows)
 }
 
 /// The facts of a SQLite database file (a copy taken for a backup, or a

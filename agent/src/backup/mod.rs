@@ -13,18 +13,21 @@
 //! written to local disk. The SHA-256 of the whole object is computed on
 //! the way and recorded; a download is hashed again and compared.
 //!
-//! Validation ([`verify`]) downloads, checks the SHA-256, opens every sealed
-//! chunk and decompresses to the end, without writing anything. A restore
-//! into a scratch database ([`restore_scratch`]) runs only after that pass
-//! succeeded, so a corrupt, truncated or wrongly keyed object is named and
-//! never restored, not even in part.
+//! [`verify`] downloads, checks the SHA-256, opens every sealed chunk and
+//! decompresses to the end, without writing anything. A restore into a new
+//! database ([`restore_scratch`], [`restore_database`]) is one pass too:
+//! each chunk is authenticated before `pg_restore` sees its bytes, which it
+//! applies in one transaction, and the object's size, SHA-256 and dump
+//! length are checked at the end. An object that fails any check is named
+//! (corrupt, truncated, wrong key) and its database dropped: it is never
+//! restored, not even in part.
 //!
 //! The encryption keys come from the agent's config and never leave it; a
 //! backup's header names the key id that sealed it (see [`seal`]).
 //!
-//! [`task`] runs the `db.backup` task (create, validate, restore) on top
-//! of these; the coordinator keeps the catalog. Not here yet: SQLite,
-//! restore onto a primary, schedules (see ARCHITECTURE.md, "Backups").
+//! [`task`] runs the `db.backup` task (create, validate, restore, restore
+//! onto the primary, delete) on top of these; the coordinator keeps the
+//! catalog and the schedules.
 
 pub mod facts;
 pub mod seal;
@@ -43,6 +46,8 @@ use store::{ObjectStore, Piece, Uploaded};
 
 /// Parts queued between the dump and the upload.
 pub const PART_QUEUE: usize = 2;
+/// The most of the source read at a time (a pipe gives at most 64 KiB).
+const READ_BUFFER: usize = 256 * 1024;
 /// zstd level: 3 is zstd's default, fast enough to keep up with pg_dump.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -239,7 +244,18 @@ fn seal_into_parts(
         buf: Vec::with_capacity(part_size),
     };
     let mut z = zstd::stream::write::Encoder::new(Sealer::new(parts, key)?, ZSTD_LEVEL)?;
-    io::copy(input, &mut z)?;
+    // Whole pipe reads (up to 64 KiB) into zstd, rather than io::copy's
+    // 8 KiB pieces: fewer, fuller compression calls.
+    let mut buf = vec![0u8; READ_BUFFER];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        z.write_all(&buf[..n])?;
+    }
     z.finish()?.finish()
 }
 
@@ -282,9 +298,10 @@ pub async fn backup_file(
     })
 }
 
-/// Restores a verified backup of a file (SQLite) to `to`, which must not
-/// exist: written beside it, synced, then renamed into place, so a
-/// failure leaves nothing at `to`. Runs [`verify`] first.
+/// Restores a backup of a file (SQLite) to `to`, which must not exist:
+/// written beside it in one pass (checked as [`restore_database`] checks),
+/// synced, then renamed into place only once every check passed, so a
+/// failure leaves nothing at `to`.
 pub async fn restore_file(
     store: &ObjectStore,
     record: &BackupRecord,
@@ -294,15 +311,16 @@ pub async fn restore_file(
     if to.exists() {
         return Err(BackupError::Restore(format!("{} already exists", to.display())));
     }
-    verify(store, record, keys).await?;
     let partial = to.with_extension("partial");
     let target = partial.clone();
     let written = with_plaintext(store, record, keys, move |plain| {
         let mut f = std::fs::File::create(&target)?;
-        io::copy(plain, &mut f)?;
-        f.sync_all()
+        let n = io::copy(plain, &mut f)?;
+        f.sync_all()?;
+        Ok(n)
     })
-    .await;
+    .await
+    .and_then(|n| dump_length(record, n));
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
@@ -438,19 +456,27 @@ pub struct Verified {
 /// without restoring it.
 pub async fn verify(store: &ObjectStore, record: &BackupRecord, keys: &[BackupKey]) -> Result<Verified, BackupError> {
     let dump_bytes = with_plaintext(store, record, keys, |r| io::copy(r, &mut io::sink())).await?;
+    dump_length(record, dump_bytes)?;
+    Ok(Verified { dump_bytes })
+}
+
+/// The dump inside is as long as the record says.
+fn dump_length(record: &BackupRecord, dump_bytes: u64) -> Result<(), BackupError> {
     if dump_bytes != record.dump_bytes {
         return Err(BackupError::Corrupt {
             key: record.object.key.clone(),
             why: format!("{dump_bytes} dump bytes inside, recorded {}", record.dump_bytes),
         });
     }
-    Ok(Verified { dump_bytes })
+    Ok(())
 }
 
-/// Restores a verified backup into a new scratch database next to `db`'s,
-/// and returns that database's URL (the caller drops it with
-/// [`drop_scratch`]). Runs [`verify`] first: nothing is restored from an
-/// object that does not verify.
+/// Restores a backup into a new scratch database next to `db`'s, and
+/// returns that database's URL (the caller drops it with [`drop_scratch`]).
+/// One pass over the object: every chunk is authenticated before
+/// `pg_restore` sees its bytes, pg_restore runs in one transaction, and
+/// the whole object's size, SHA-256 and dump length are checked at the end;
+/// an object that fails any of them leaves no database behind.
 pub async fn restore_scratch(
     db: &DbConfig,
     store: &ObjectStore,
@@ -473,7 +499,6 @@ pub async fn restore_database(
     scratch: &str,
     keep_owners: bool,
 ) -> Result<DbUrl, BackupError> {
-    verify(store, record, keys).await?;
     // create_database refuses a name that is not a plain database name.
     crate::migrate::create_database(db, scratch).await?;
     let (mut cmd, pass) = pg_tool_command(db, "pg_restore", Some(scratch)).await?;
@@ -494,7 +519,9 @@ pub async fn restore_database(
         let copied = io::copy(plain, &mut stdin);
         drop(stdin);
         let out = child.wait_with_output()?;
-        copied?;
+        // The seal's verdict first: pg_restore failing on a cut stream is
+        // its consequence.
+        let copied = copied?;
         if !out.status.success() {
             return Err(io::Error::other(crate::migrate::redact(
                 &url,
@@ -505,9 +532,10 @@ pub async fn restore_database(
                 ),
             )));
         }
-        Ok(())
+        Ok(copied)
     })
-    .await;
+    .await
+    .and_then(|n| dump_length(record, n));
     if let Err(e) = restored {
         let _ = crate::migrate::drop_database(db, scratch).await;
         return Err(e);

@@ -235,21 +235,35 @@ impl BackupRuntime {
         id: &str,
         progress: &(dyn Fn(String) + Send + Sync),
     ) -> Result<(BackupRecord, facts::Facts), BackupError> {
-        let say = |f: &facts::Facts| {
+        let say = |database: &str, tables: usize| {
             progress(format!(
-                "backing up {} ({} tables) to {}",
-                f.database,
-                f.table_rows.len(),
+                "backing up {database} ({tables} tables) to {}",
                 ready.store.key(name)
             ))
         };
         if db.driver == Driver::Postgres {
-            let snapshot = Snapshot::take(db).await?;
-            say(&snapshot.facts);
-            let record = super::backup_at(db, &ready.store, &ready.keys, name, Some(&snapshot.id)).await;
+            let mut snapshot = Snapshot::take(db).await?;
+            say(&snapshot.facts.database, snapshot.tables.len());
+            // The rows are counted while the dump runs: both read the same
+            // snapshot, on two server backends.
+            let snapshot_id = snapshot.id.clone();
+            let (record, counted) = tokio::join!(
+                super::backup_at(db, &ready.store, &ready.keys, name, Some(&snapshot_id)),
+                snapshot.count_rows()
+            );
             let facts = snapshot.facts.clone();
             snapshot.release().await;
-            return Ok((record?, facts));
+            let record = record?;
+            if let Err(e) = counted {
+                // Uploaded but not described: not a backup the catalog
+                // could validate, so it does not stay.
+                let _ = ready
+                    .store
+                    .delete(&record.object.key, record.object.version_id.as_deref())
+                    .await;
+                return Err(e);
+            }
+            return Ok((record, facts));
         }
         let stage = self.data_dir.join("backup-stage");
         std::fs::create_dir_all(&stage).map_err(|e| BackupError::Source(format!("{}: {e}", stage.display())))?;
@@ -262,7 +276,7 @@ impl BackupRuntime {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            say(&f);
+            say(&f.database, f.table_rows.len());
             Ok::<_, BackupError>((super::backup_file(&copy, &ready.store, &ready.keys, name).await?, f))
         }
         .await;
