@@ -13,11 +13,15 @@
 //! - `switch`: operator call to the new color serving, over many switches,
 //!   with the failed-request count of a steady load running throughout.
 //!   (1 region; the 3-region figure needs the multi-region cutover.)
+//! - `backup`: backup and restore of a pgbench database into Garage by the
+//!   agent process, beside `pg_dump | zstd | aws s3 cp -` and back, with the
+//!   agent's peak memory at two sizes.
 //!
 //! `all` runs every scenario, and exits non-zero if any of them failed.
 
 #![forbid(unsafe_code)]
 
+mod backup;
 mod commit;
 mod etcd;
 mod failover;
@@ -71,6 +75,12 @@ enum Scenario {
     },
     /// Simulated agents on the agent stream: leader CPU, memory, heartbeats.
     Fanin {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Backup and restore of a PostgreSQL database into Garage, beside
+    /// pg_dump | zstd | aws s3 cp.
+    Backup {
         #[arg(long)]
         quick: bool,
     },
@@ -310,6 +320,7 @@ async fn scenario(name: &str, quick: bool) -> Result<()> {
         "commit" => commit::run(quick, None).await?,
         "failover" => failover::run(quick, None).await?,
         "fanin" => fanin::run(quick).await?,
+        "backup" => backup::run(quick).await?,
         "switch" => switch(quick, 100).await?,
         other => bail!("unknown scenario {other}"),
     };
@@ -369,9 +380,10 @@ fn main() -> Result<()> {
                 write_results("failover-tuned", &v)?;
             }
             Scenario::Fanin { quick } => scenario("fanin", quick).await?,
+            Scenario::Backup { quick } => scenario("backup", quick).await?,
             Scenario::All { quick } => {
                 let mut failed = Vec::new();
-                for name in ["commit", "failover", "fanin", "switch"] {
+                for name in ["commit", "failover", "fanin", "switch", "backup"] {
                     let t = Instant::now();
                     println!("== {name}");
                     match scenario(name, quick).await {

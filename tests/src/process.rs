@@ -175,6 +175,11 @@ impl ProcessCluster {
     }
 
     /// kill -9 of agent `i` (its app processes keep running, by design).
+    /// The process id of agent `i`, while it runs.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents[i].as_ref().map(|p| p.child.id())
+    }
+
     pub fn kill9_agent(&mut self, i: usize) {
         if let Some(mut p) = self.agents[i].take() {
             p.kill9();
