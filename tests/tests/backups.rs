@@ -795,3 +795,59 @@ async fn a_backup_round_trips_through_garage() {
     assert!(!logs.contains(&f.secret_key), "Garage's secret key is in the logs");
     f.c.shutdown().await;
 }
+
+/// A SQLite primary is restored in place: the live file keeps its inode
+/// (running processes hold it open) and gets the backup's content in one
+/// transaction, after a safety backup; the replaced content is kept as a
+/// file beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sqlite_primary_is_restored_in_place() {
+    use sqlx::{ConnectOptions, Connection};
+    let f = fixture_on(true, Db::Sqlite).await;
+    let live = f.c.tmp.path().join("shop.db");
+    let original = dump_checksum(&f.source).await.unwrap();
+    let b = f.create().await;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&live)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "delete from orders where id > 100; insert into customers values (3, 'linus'); \
+         create table refunds (id integer primary key autoincrement, amount int); \
+         insert into refunds (amount) values (7);",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let changed = dump_checksum(&f.source).await.unwrap();
+    assert_ne!(changed, original);
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&live).unwrap());
+
+    let r = f.restore_primary(&b.id).await;
+    assert_eq!(r.state, pb::TaskState::Succeeded as i32, "{r:?}");
+    assert_eq!(steps(&r), restore_primary_steps(false));
+    assert_eq!(dump_checksum(&f.source).await.unwrap(), original);
+    // An open connection sees the restored content, in the same file.
+    let customers: i64 = sqlx::query_scalar("select count(*) from customers")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(customers, 2);
+    conn.close().await.unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&live).unwrap()),
+        inode
+    );
+    let kept = r.tasks[2].result.as_ref().unwrap().outputs["replaced"].clone();
+    let kept_db = DbConfig::new(
+        "shop",
+        Driver::Sqlite,
+        DbUrl::new(format!("sqlite://{kept}")),
+        f.c.tmp.path().join("work"),
+    );
+    assert_eq!(dump_checksum(&kept_db).await.unwrap(), changed);
+    let safety = f.list().await.into_iter().find(|x| x.trigger == "safety").unwrap();
+    assert_eq!(safety.table_rows.get("main.customers"), Some(&3));
+    f.c.shutdown().await;
+}

@@ -408,14 +408,6 @@ impl BackupRuntime {
             dump_bytes: object.dump_bytes,
         };
         let onto_primary = p.action == BackupAction::RestorePrimary;
-        if onto_primary && db.driver != Driver::Postgres {
-            return Err(failed((
-                "error".into(),
-                "restoring onto a SQLite primary is not supported: restore to scratch and put the file in place \
-                 while the app is stopped"
-                    .into(),
-            )));
-        }
         let scratch = scratch_name(&p.app.app, p.action.as_str(), task_id);
         progress(format!(
             "checking {} and restoring it into database {scratch}",
@@ -430,18 +422,21 @@ impl BackupRuntime {
                 copy.remove(db).await;
                 return Err(failed(f));
             }
-            let replaced = scratch_name(&p.app.app, "replaced", task_id);
+            let keep = scratch_name(&p.app.app, "replaced", task_id);
             progress(format!(
-                "putting {scratch} in the primary's place; the replaced data stays as {replaced}"
+                "putting {} in the primary's place; the replaced data stays as {keep}",
+                copy.name()
             ));
-            if let Err(e) = migrate::swap_databases(db, &scratch, &replaced).await {
-                copy.remove(db).await;
-                return Err(failed(fail(e.into())));
-            }
+            let (replaced, described) = match replace_primary(db, &copy, &keep).await {
+                Ok(r) => r,
+                Err(e) => {
+                    copy.remove(db).await;
+                    return Err(failed(fail(e)));
+                }
+            };
             return Ok((
                 format!(
-                    "restored {} onto the primary; the data it replaced is kept as database {replaced} (drop it \
-                     when done)",
+                    "restored {} onto the primary; the data it replaced is kept as {described} (drop it when done)",
                     p.backup_id
                 ),
                 timed(BackupOutputs {
@@ -637,6 +632,37 @@ async fn restore_copy(
         cfg: DbConfig { url, ..db.clone() },
         path,
     })
+}
+
+/// Puts a checked restored copy in the primary's place and returns where
+/// the replaced data is kept (its database name or file path, and how to
+/// find it). PostgreSQL: the copy's database takes the primary's name in
+/// one transaction and the primary is renamed `keep`. SQLite: the live
+/// file is copied to `<keep>.sqlite` beside it, its content replaced with
+/// the copy's in one transaction (running processes keep the file open,
+/// so it is not swapped under them), and the copy removed.
+async fn replace_primary(db: &DbConfig, copy: &Copy, keep: &str) -> Result<(String, String), BackupError> {
+    match copy {
+        Copy::Pg { name, .. } => {
+            migrate::swap_databases(db, name, keep).await?;
+            Ok((keep.to_owned(), format!("database {keep}")))
+        }
+        Copy::Sqlite { path, .. } => {
+            let live = migrate::sqlite_path(db)?;
+            let kept = live
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(format!("{keep}.sqlite"));
+            migrate::sqlite_copy(db, &kept).await?;
+            if let Err(e) = migrate::sqlite_replace(db, path).await {
+                // Nothing was replaced: nothing to keep.
+                let _ = std::fs::remove_file(&kept);
+                return Err(e.into());
+            }
+            copy.remove(db).await;
+            Ok((kept.display().to_string(), format!("SQLite file {}", kept.display())))
+        }
+    }
 }
 
 /// Runs the app's checks on a restored copy and compares its row counts

@@ -326,6 +326,12 @@ impl Conn {
                 o.try_get(2).map_err(&e)?,
                 o.try_get(3).map_err(&e)?,
             );
+            // SQLite's AUTOINCREMENT bookkeeping: its rows are content, the
+            // table itself (which cannot be dropped once made) is not.
+            if name == "sqlite_sequence" {
+                tables.push(name);
+                continue;
+            }
             out.push(format!("{ty} {name} {tbl} {sql}"));
             if ty == "table" && name != MIGRATIONS_TABLE {
                 tables.push(name);
@@ -354,6 +360,9 @@ impl Conn {
                     .await
                     .map_err(&e)?;
             rows.sort();
+            if t == "sqlite_sequence" && rows.is_empty() {
+                continue;
+            }
             out.push(format!("data {t} ({})", cols.join(",")));
             out.extend(rows);
         }

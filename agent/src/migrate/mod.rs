@@ -399,3 +399,121 @@ pub async fn sqlite_copy(cfg: &DbConfig, to: &std::path::Path) -> Result<(), Mig
     conn.close().await;
     r
 }
+
+/// Replaces the content of `cfg`'s live SQLite database with that of the
+/// database file `from`, in one `BEGIN IMMEDIATE` transaction on the live
+/// file itself: every schema object of the live database is dropped, every
+/// one of `from` recreated from its SQL, the rows copied, `sqlite_sequence`
+/// and `user_version` carried over. Processes that hold the file open see
+/// the new content (the file is not swapped under them); a failure rolls
+/// back and changes nothing.
+pub async fn sqlite_replace(cfg: &DbConfig, from: &std::path::Path) -> Result<(), MigrateError> {
+    use sqlx::{ConnectOptions, Connection};
+    let red = redact::Redactor::new(&cfg.url);
+    let path = sqlite_path(cfg)?;
+    let fail = |what: &str, e: sqlx::Error| MigrateError::Database(red.clean(&format!("{what}: {e}")));
+    let from_str = from
+        .to_str()
+        .ok_or_else(|| MigrateError::Backup(format!("{} is not UTF-8", from.display())))?;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .foreign_keys(false)
+        .busy_timeout(cfg.lock_timeout)
+        .disable_statement_logging()
+        .connect()
+        .await
+        .map_err(|e| fail("opening the database", e))?;
+    let q = |sql: String| sqlx::raw_sql(sqlx::AssertSqlSafe(sql));
+    let id = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let result = async {
+        sqlx::query("ATTACH DATABASE ?1 AS restored")
+            .bind(from_str)
+            .execute(&mut conn)
+            .await
+            .map_err(|e| fail("attaching the restored copy", e))?;
+        q("BEGIN IMMEDIATE".into())
+            .execute(&mut conn)
+            .await
+            .map_err(|e| fail("locking the database", e))?;
+        let replaced = async {
+            let live: Vec<(String, String)> = sqlx::query_as(
+                "SELECT type, name FROM main.sqlite_master WHERE name NOT LIKE 'sqlite_%' \
+                 AND type IN ('view', 'trigger', 'table') ORDER BY type = 'table', name",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| fail("listing the live schema", e))?;
+            for (kind, name) in live {
+                q(format!("DROP {} IF EXISTS main.{}", kind.to_uppercase(), id(&name)))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| fail(&format!("dropping {name}"), e))?;
+            }
+            let wanted: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT type, name, sql FROM restored.sqlite_master WHERE sql IS NOT NULL \
+                 AND name NOT LIKE 'sqlite_%' ORDER BY rowid",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| fail("reading the restored schema", e))?;
+            // Tables and their rows first, then what refers to them.
+            for (kind, name, sql) in wanted.iter().filter(|(k, _, _)| k == "table") {
+                q(sql.clone())
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| fail(&format!("creating {kind} {name}"), e))?;
+                q(format!("INSERT INTO main.{n} SELECT * FROM restored.{n}", n = id(name)))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| fail(&format!("copying the rows of {name}"), e))?;
+            }
+            for (kind, name, sql) in wanted.iter().filter(|(k, _, _)| k != "table") {
+                q(sql.clone())
+                    .execute(&mut conn)
+                    .await
+                    .map_err(|e| fail(&format!("creating {kind} {name}"), e))?;
+            }
+            // AUTOINCREMENT counters: the restored ones, or none (the live
+            // table, which SQLite never drops, is emptied).
+            for (schema, sql) in [
+                ("main", "DELETE FROM main.sqlite_sequence"),
+                (
+                    "restored",
+                    "INSERT INTO main.sqlite_sequence SELECT * FROM restored.sqlite_sequence",
+                ),
+            ] {
+                let exists: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) > 0 FROM {schema}.sqlite_master WHERE name = 'sqlite_sequence'"
+                )))
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| fail("reading sqlite_sequence", e))?;
+                if exists {
+                    q(sql.into())
+                        .execute(&mut conn)
+                        .await
+                        .map_err(|e| fail("copying sqlite_sequence", e))?;
+                }
+            }
+            let version: i64 = sqlx::query_scalar("PRAGMA restored.user_version")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| fail("reading user_version", e))?;
+            q(format!("PRAGMA main.user_version = {version}"))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| fail("setting user_version", e))?;
+            Ok::<_, MigrateError>(())
+        }
+        .await;
+        let end = if replaced.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = q(end.into()).execute(&mut conn).await;
+        replaced?;
+        ended.map_err(|e| fail(end, e))?;
+        Ok(())
+    }
+    .await;
+    let _ = q("DETACH DATABASE restored".into()).execute(&mut conn).await;
+    let _ = conn.close().await;
+    result
+}

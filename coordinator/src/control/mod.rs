@@ -1291,13 +1291,6 @@ impl ControlApi {
         self.consensus.catch_up().await?;
         self.check_backup_store(&targets)?;
         if action == BackupAction::RestorePrimary {
-            if !entry.engine.starts_with("PostgreSQL") {
-                return Err(ApiError::failed_precondition(format!(
-                    "backup {id} is of a {} database; only PostgreSQL backups restore onto the primary \
-                     (restore it to scratch instead)",
-                    entry.engine.split_whitespace().next().unwrap_or("non-PostgreSQL")
-                )));
-            }
             let t = &targets[0];
             if !self.agent_offers(t, TaskKind::AppMaintenance) {
                 return Err(ApiError::failed_precondition(format!(
