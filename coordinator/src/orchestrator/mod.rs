@@ -11,6 +11,7 @@
 //! failed its gates never takes traffic.
 
 mod compensate;
+pub mod gauges;
 mod plan;
 pub mod schedule;
 mod summary;
@@ -229,13 +230,22 @@ pub async fn compact(consensus: &Consensus, retention: &RetentionConfig) -> Opti
 /// Runs for the node's lifetime: after every apply (and once a second, for a
 /// leader that just took over), advances operations if this node leads; at
 /// most once a second the leader starts due backup slots and retention, and
-/// once a minute it compacts finished history.
+/// once a minute it compacts finished history. Every node exports the
+/// state's gauges ([`gauges`]) at most once a second.
 pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut applied = consensus.applied();
     let mut last_compaction = std::time::Instant::now();
     let mut last_schedules: Option<std::time::Instant> = None;
+    let mut last_gauges: Option<std::time::Instant> = None;
+    let mut exported = gauges::Exported::default();
+    let node = consensus.node_id().to_string();
     loop {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
+        // Every node, from its own applied state, at most once a second.
+        if last_gauges.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
+            last_gauges = Some(std::time::Instant::now());
+            consensus.read(|s| gauges::export(s, &node, now_unix_ms(), &mut exported));
+        }
         if consensus.is_leader() {
             advance(&consensus).await;
             // Slots are minutes apart and retention scans every backup, so
