@@ -122,6 +122,20 @@ impl BackupEntry {
     pub fn validated(&self) -> bool {
         self.last_validation().is_some_and(|v| v.passed)
     }
+
+    /// Until when Object Lock keeps it at `now_ms`, if it does.
+    pub fn locked_until(&self, now_ms: i64) -> Option<i64> {
+        self.object.retain_until_unix_ms.filter(|t| *t > now_ms)
+    }
+}
+
+/// The newest of `backups` whose newest validation passed: the one
+/// retention never deletes and a manual delete needs force for.
+pub fn newest_validated<'a>(backups: impl IntoIterator<Item = &'a BackupEntry>) -> Option<&'a BackupEntry> {
+    backups
+        .into_iter()
+        .filter(|b| b.validated())
+        .max_by(|a, b| (a.finished_at_unix_ms, &a.id).cmp(&(b.finished_at_unix_ms, &b.id)))
 }
 
 /// What a backup operation does.
@@ -393,13 +407,13 @@ pub fn expired<'a>(
             }
         }
     }
-    if let Some(v) = all.iter().find(|b| b.validated()) {
+    if let Some(v) = newest_validated(all.iter().copied()) {
         keep.insert(v.id.as_str());
     }
     let mut out: Vec<&BackupEntry> = all
         .into_iter()
         .filter(|b| !keep.contains(b.id.as_str()))
-        .filter(|b| b.object.retain_until_unix_ms.is_none_or(|t| t <= now_ms))
+        .filter(|b| b.locked_until(now_ms).is_none())
         .collect();
     out.reverse();
     out

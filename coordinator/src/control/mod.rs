@@ -1200,8 +1200,6 @@ impl ControlApi {
         Ok(pb::MigrateResponse { operation_id: id })
     }
 
-    /// Refuses targets whose agent cannot back up (no `[backup]` store in
-    /// its config, so it does not offer `db.backup`).
     /// Whether the agent of `t` runs tasks of `kind`.
     fn agent_offers(&self, t: &ClusterRef, kind: TaskKind) -> bool {
         self.consensus.read(|s| {
@@ -1211,6 +1209,8 @@ impl ControlApi {
         })
     }
 
+    /// Refuses targets whose agent cannot back up (no `[backup]` store in
+    /// its config, so it does not offer `db.backup`).
     fn check_backup_store(&self, targets: &[ClusterRef]) -> Result<(), ApiError> {
         for t in targets {
             if !self.agent_offers(t, TaskKind::DbBackup) {
@@ -1358,8 +1358,7 @@ impl ControlApi {
         r: pb::DeleteBackupRequest,
     ) -> Result<pb::DeleteBackupResponse, ApiError> {
         let entry = self.backup(&r.id)?;
-        let now = now_unix_ms();
-        if let Some(until) = entry.object.retain_until_unix_ms.filter(|t| *t > now) {
+        if let Some(until) = entry.locked_until(now_unix_ms()) {
             return Err(ApiError::failed_precondition(format!(
                 "backup {} is under Object Lock until {} and cannot be deleted before then",
                 entry.id,
@@ -1368,11 +1367,12 @@ impl ControlApi {
         }
         if !r.force {
             let newest_validated = self.consensus.read(|s| {
-                s.backups
-                    .values()
-                    .filter(|b| b.app == entry.app && b.cluster == entry.cluster && b.validated())
-                    .max_by(|a, b| (a.finished_at_unix_ms, &a.id).cmp(&(b.finished_at_unix_ms, &b.id)))
-                    .map(|b| b.id.clone())
+                backup::newest_validated(
+                    s.backups
+                        .values()
+                        .filter(|b| b.app == entry.app && b.cluster == entry.cluster),
+                )
+                .map(|b| b.id.clone())
             });
             if newest_validated.as_deref() == Some(entry.id.as_str()) {
                 return Err(ApiError::failed_precondition(format!(
