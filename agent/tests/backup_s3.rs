@@ -9,6 +9,8 @@
 //! - A dump that fails mid-stream leaves no object and no unfinished
 //!   multipart upload.
 
+#[path = "../../tests/src/ports.rs"]
+mod ports;
 #[path = "../../tests/src/postgres.rs"]
 #[allow(dead_code)]
 mod postgres;

@@ -14,11 +14,14 @@ use cutover_shared::config::DriverPolicy;
 use cutover_shared::domain::ClusterRef;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+// The harness's port picker, included rather than depended on (the harness
+// depends on this crate). A port from `bind(0)`, released, was taken by
+// another test's app process before the router bound it.
+#[path = "../../tests/src/ports.rs"]
+mod ports;
+
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    ports::stable_free_addr().parse().unwrap()
 }
 
 fn spec(command: Vec<String>) -> LocalSpec {

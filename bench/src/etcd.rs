@@ -65,7 +65,7 @@ impl EtcdCluster {
         let tmp = tempfile::Builder::new().prefix("cutover-bench-etcd-").tempdir()?;
         let mut members = Vec::new();
         for i in 0..3 {
-            let client_url = format!("http://{}", cutover_tests::free_addr());
+            let client_url = format!("http://{}", cutover_tests::stable_free_addr());
             let channel = Endpoint::from_shared(client_url.clone())?
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
@@ -73,7 +73,7 @@ impl EtcdCluster {
             members.push(Member {
                 name: format!("e{}", i + 1),
                 client_url,
-                peer_url: format!("http://{}", cutover_tests::free_addr()),
+                peer_url: format!("http://{}", cutover_tests::stable_free_addr()),
                 data_dir: tmp.path().join(format!("e{}.etcd", i + 1)),
                 log: tmp.path().join(format!("e{}.log", i + 1)),
                 child: None,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::process::stable_free_addr;
+use crate::stable_free_addr;
 
 /// A running single-node Garage owned by the test.
 pub struct TestGarage {

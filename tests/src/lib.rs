@@ -7,10 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod garage;
+pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod s3;
 
+pub use ports::stable_free_addr;
 pub use process::ProcessCluster;
 
 /// The steady load generator, re-exported for tests and benchmarks.
@@ -384,12 +386,6 @@ impl Drop for TestCluster {
     }
 }
 
-/// A free loopback address (bound, then released).
-pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    l.local_addr().expect("local address").to_string()
-}
-
 /// Local-driver settings that run `program sample-app` (the `cutover`
 /// binary, or the bench binary) on fresh loopback addresses.
 pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
@@ -404,11 +400,11 @@ pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
         ]
         .map(String::from)
         .to_vec(),
-        // Below the ephemeral range: a port `free_addr` released can be
+        // Below the ephemeral range: a port `bind(0)` released can be
         // taken by another test's outgoing connection before the app binds
         // it (CI saw "router cannot listen ...: Address already in use").
-        listen: process::stable_free_addr(),
-        preview_listen: process::stable_free_addr(),
+        listen: stable_free_addr(),
+        preview_listen: stable_free_addr(),
         drain_timeout_ms: 5000,
     }
 }

@@ -340,9 +340,11 @@ fn path_str(p: &Path) -> Result<&str> {
     p.to_str().with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
-/// A free loopback port (bound, then released).
+/// A free loopback port below the ephemeral range (see `stable_free_addr`).
+/// `super::ports`: whoever includes this file includes `ports.rs` beside it.
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let addr: std::net::SocketAddr = super::ports::stable_free_addr().parse()?;
+    Ok(addr.port())
 }
 
 /// A password no test could produce by accident.

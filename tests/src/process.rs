@@ -20,7 +20,7 @@ use cutover_shared::proto::control_service_client::ControlServiceClient;
 use cutover_shared::telemetry::LogFormat;
 use tonic::transport::Channel;
 
-use crate::{Proc, TestCluster, cutover_bin};
+use crate::{Proc, TestCluster, cutover_bin, stable_free_addr};
 
 /// What the processes log: info, without the chattiest dependencies.
 const LOG_FILTER: &str = "info,openraft=warn,h2=warn,tower=warn,hyper=warn,hyper_util=warn";
@@ -409,41 +409,4 @@ impl Drop for ProcessCluster {
         }
         // The harness's own drop then kills the app processes.
     }
-}
-
-/// A free loopback address whose port lies below the kernel's ephemeral
-/// range. `free_addr` hands out a port that a later `bind(0)` or outgoing
-/// connection (another test's app process, router, coordinator) may take
-/// before the process it was meant for binds it; no kernel-chosen port
-/// comes from below the ephemeral range.
-pub fn stable_free_addr() -> String {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Within this process, successive calls walk a permutation of the range
-    // (a step coprime with its size), so no port is handed out twice; the
-    // start differs between processes.
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    static SEED: OnceLock<u32> = OnceLock::new();
-    const SPAN: u32 = 12_000;
-    const STEP: u32 = 7919;
-    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(32768);
-    let first = low.saturating_sub(SPAN).max(1024);
-    let span = (low - first).max(1);
-    let seed = *SEED.get_or_init(|| {
-        std::process::id().wrapping_mul(2_654_435_761)
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-    });
-    for _ in 0..span {
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = first + (seed % span + (k % span) * STEP) % span;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
-            return l.local_addr().expect("local address").to_string();
-        }
-    }
-    crate::free_addr()
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
 use cutover_shared::proto as pb;
 use cutover_tests::cutover_bin;
-use cutover_tests::process::{ProcessCluster, TaskEventKind, describe, stable_free_addr};
+use cutover_tests::process::{ProcessCluster, TaskEventKind, describe};
+use cutover_tests::stable_free_addr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const REGIONS: &[(&str, &str)] = &[

@@ -11,6 +11,8 @@ use cutover_agent::migrate::{
 };
 // The harness of `cutover-tests`, compiled in here so that the agent's
 // tests do not build the coordinator.
+#[path = "../../../tests/src/ports.rs"]
+mod ports;
 #[path = "../../../tests/src/postgres.rs"]
 pub mod postgres;
 pub use postgres::TestPostgres;
