@@ -360,6 +360,7 @@ mod tests {
 
     fn spec(health: Vec<Probe>) -> AppSpec {
         AppSpec {
+            dr: Default::default(),
             name: "web".into(),
             clusters: vec![],
             health,

@@ -11,6 +11,7 @@
 pub mod app_tasks;
 pub mod backup;
 pub mod db_tasks;
+pub mod dr;
 pub mod drivers;
 pub mod gates;
 pub mod migrate;
@@ -253,6 +254,12 @@ impl Agent {
         // to answer (a router waiting for its address, a cluster API under
         // load) must never delay this loop's heartbeats.
         let _status_task = AbortOnDrop(tokio::spawn(report_app_statuses(self.apps.clone(), tx.clone())));
+        let _db_status_task = AbortOnDrop(tokio::spawn(report_database_statuses(
+            self.cfg.databases.clone(),
+            self.cfg.data_dir.clone(),
+            Duration::from_millis(self.cfg.db_status_interval_ms),
+            tx.clone(),
+        )));
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -404,6 +411,34 @@ async fn report_app_statuses(apps: Arc<app_tasks::AppRuntime>, tx: mpsc::Sender<
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Observes the databases every `interval` and reports them all, on their
+/// own task for the same reason as app statuses: a database that is slow to
+/// answer must not delay heartbeats. Ends when the session's stream closes.
+async fn report_database_statuses(
+    databases: Vec<cutover_shared::config::DatabaseConfig>,
+    data_dir: std::path::PathBuf,
+    interval: Duration,
+    tx: mpsc::Sender<ConnectRequest>,
+) {
+    if databases.is_empty() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let statuses = dr::observe_all(&databases, &data_dir).await;
+        let msg = ConnectRequest {
+            message: Some(connect_request::Message::DatabaseStatus(proto::DatabaseStatusReport {
+                databases: statuses.into_iter().map(Into::into).collect(),
+            })),
+        };
+        if tx.send(msg).await.is_err() {
+            return;
         }
     }
 }

@@ -225,7 +225,9 @@ backup_dir = "/var/backups/other"
     assert!(!debug.contains("Hunter2Secret") && debug.contains(REDACTED), "{debug}");
 
     let other = &cfg.databases[1];
-    assert!(!other.primary);
+    // `primary = false`, the older spelling, is a standby.
+    assert!(!other.is_primary());
+    assert_eq!(other.role(), cutover_shared::dr::DbRole::Standby);
     // The variable is not set: refused, naming it.
     let e = cutover_agent::migrate::resolve(other, std::path::Path::new("/data")).unwrap_err();
     assert!(e.to_string().contains("CUTOVER_TEST_SQLITE_URL"), "{e}");

@@ -213,6 +213,7 @@ async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json
         .filter_map(|c| c.local.as_ref().map(|l| l.listen.clone()))
         .collect();
     let spec = AppSpec {
+        dr: Default::default(),
         name: "bench".into(),
         clusters,
         health: vec![Probe::Http {

@@ -198,7 +198,7 @@ async fn run_schedule(cmd: ScheduleCmd, conn: ConnOpts) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -229,7 +229,7 @@ fn validation_word(b: &pb::Backup) -> String {
     }
 }
 
-fn backup_json(b: &pb::Backup) -> serde_json::Value {
+pub(crate) fn backup_json(b: &pb::Backup) -> serde_json::Value {
     json!({
         "id": b.id, "app": b.app, "region": b.region, "cluster": b.cluster, "database": b.database,
         "engine": b.engine, "object_key": b.object_key, "version_id": b.version_id,

@@ -149,7 +149,9 @@ impl DevSystem {
                 driver,
                 url_file: Some(url_file),
                 url_env: None,
-                primary: true,
+                role: None,
+                primary: None,
+                follows: None,
                 lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
                 statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
                 backup_dir: None,
@@ -174,6 +176,7 @@ impl DevSystem {
                 kubeconfig: None,
             },
             backup: Some(self.store.config.clone()),
+            db_status_interval_ms: 1000,
         }
     }
 
@@ -270,6 +273,7 @@ impl DevSystem {
             });
         }
         let spec = AppSpec {
+            dr: Default::default(),
             name: "sample".into(),
             clusters,
             health: vec![Probe::Http {

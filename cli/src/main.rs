@@ -9,6 +9,7 @@ mod client;
 mod demo;
 mod dev;
 mod devstore;
+mod dr;
 mod migrate;
 mod verbs;
 

@@ -69,6 +69,14 @@ pub enum Verb {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// Disaster recovery: each region's database role and lag, and the
+    /// failover runbook.
+    Dr {
+        #[command(subcommand)]
+        cmd: crate::dr::DrCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Database migrations against each region's primary: status, plan, up, down.
     Migrate {
         #[command(subcommand)]
@@ -963,6 +971,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         Verb::Release { cmd, conn } => return crate::migrate::run_release(cmd, conn).await,
         Verb::Migrate { cmd, conn } => return crate::migrate::run_migrate(cmd, conn).await,
         Verb::Backup { cmd, conn } => return crate::backup::run(cmd, conn).await,
+        Verb::Dr { cmd, conn } => return crate::dr::run(cmd, conn).await,
         Verb::Promote { operation, gate, conn } => steer(&conn, &operation, Steer::Promote(gate)).await?,
         Verb::Pause { operation, conn } => steer(&conn, &operation, Steer::Pause).await?,
         Verb::Resume { operation, conn } => steer(&conn, &operation, Steer::Resume).await?,

@@ -403,6 +403,26 @@ impl AgentService for AgentApi {
                             });
                         }
                     }
+                    Some(connect_request::Message::DatabaseStatus(r)) => {
+                        // Malformed entries are dropped one by one: the
+                        // rest of the report still counts.
+                        let databases: Vec<_> = r
+                            .databases
+                            .into_iter()
+                            .take(crate::state::MAX_REPORTED_DATABASES)
+                            .filter_map(|d| match cutover_shared::convert::database_status_from_proto(d) {
+                                Ok(d) => Some(d),
+                                Err(e) => {
+                                    tracing::warn!(agent = %reader_cluster, "database status refused: {e}");
+                                    None
+                                }
+                            })
+                            .collect();
+                        reports.database_status(Command::DatabaseStatusReported {
+                            from: reader_cluster.clone(),
+                            databases,
+                        });
+                    }
                     Some(connect_request::Message::Register(_)) | None => {
                         tracing::warn!(agent = %reader_cluster, "unexpected message on agent stream");
                     }
@@ -452,6 +472,11 @@ impl Reports {
             self.pending.lock().expect("reports").insert(key, cmd);
             self.wake.notify_one();
         }
+    }
+
+    fn database_status(&self, cmd: Command) {
+        self.pending.lock().expect("reports").insert("db".into(), cmd);
+        self.wake.notify_one();
     }
 
     fn take(&self) -> Vec<Command> {

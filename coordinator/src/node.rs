@@ -90,7 +90,9 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "GetRelease"
                 | "ListBackups"
                 | "GetBackup"
-                | "ListBackupSchedules",
+                | "ListBackupSchedules"
+                | "GetDrStatus"
+                | "PlanFailover",
             ),
         ) => READS,
         _ => return None,

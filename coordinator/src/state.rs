@@ -13,6 +13,7 @@ use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
     TaskProgress, TaskRecord, TaskResult, TaskState,
 };
+use cutover_shared::dr::DatabaseStatus;
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{self, spec_digest};
 use serde::{Deserialize, Serialize};
@@ -147,7 +148,17 @@ pub enum Command {
         retention: RetentionConfig,
         at_unix_ms: i64,
     },
+    /// An agent's periodic observation of its databases (role, WAL
+    /// position, lag). Replaces everything that cluster reported before.
+    DatabaseStatusReported {
+        from: ClusterRef,
+        databases: Vec<DatabaseStatus>,
+    },
 }
+
+/// Databases one report may carry: an agent has one per app, and a report
+/// beyond this is refused rather than stored.
+pub const MAX_REPORTED_DATABASES: usize = 256;
 
 /// What applying a command produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +224,10 @@ pub struct State {
     /// Backup schedules, by app.
     #[serde(default)]
     pub backup_schedules: BTreeMap<String, BackupSchedule>,
+    /// App → `region/cluster` → its database as that cluster's agent last
+    /// observed it.
+    #[serde(default)]
+    pub db_status: BTreeMap<String, BTreeMap<String, DatabaseStatus>>,
 }
 
 impl State {
@@ -487,6 +502,22 @@ impl State {
                 }
             }
             Command::Compact { retention, at_unix_ms } => self.compact(&retention, at_unix_ms),
+            Command::DatabaseStatusReported { from, databases } => {
+                if databases.len() > MAX_REPORTED_DATABASES {
+                    return CommandResponse::err(format!(
+                        "{from} reported {} databases, more than {MAX_REPORTED_DATABASES}",
+                        databases.len()
+                    ));
+                }
+                let key = from.to_string();
+                for by_cluster in self.db_status.values_mut() {
+                    by_cluster.remove(&key);
+                }
+                for d in databases {
+                    self.db_status.entry(d.app.clone()).or_default().insert(key.clone(), d);
+                }
+                self.db_status.retain(|_, by_cluster| !by_cluster.is_empty());
+            }
             Command::AppStatusReported { from, app, status } => {
                 let runs_there = self.apps.get(&app).is_some_and(|a| a.cluster(&from).is_some());
                 if !runs_there {
@@ -998,6 +1029,9 @@ impl std::fmt::Display for Command {
             } => write!(f, "FinishOperation({operation_id}, {state:?})"),
             Command::AppStatusReported { from, app, .. } => write!(f, "AppStatusReported({app} in {from})"),
             Command::Compact { .. } => write!(f, "Compact"),
+            Command::DatabaseStatusReported { from, databases } => {
+                write!(f, "DatabaseStatusReported({from}, {} databases)", databases.len())
+            }
             Command::PutBackupSchedule { schedule, .. } => write!(f, "PutBackupSchedule({})", schedule.app),
             Command::DeleteBackupSchedule { app, .. } => write!(f, "DeleteBackupSchedule({app})"),
             Command::StartScheduledBackup {

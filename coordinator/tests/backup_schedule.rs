@@ -34,6 +34,7 @@ fn cluster() -> ClusterRef {
 
 fn app() -> AppSpec {
     AppSpec {
+        dr: Default::default(),
         name: "shop".into(),
         clusters: vec![AppCluster {
             region: "us-east".into(),

@@ -36,6 +36,7 @@ fn target(region: &str) -> ClusterRef {
 
 fn spec(bake_secs: u64) -> AppSpec {
     AppSpec {
+        dr: Default::default(),
         name: "shop".into(),
         clusters: REGIONS
             .iter()

@@ -214,6 +214,11 @@ pub struct AppSpec {
     /// undoes the migration run.
     #[serde(default)]
     pub migration_checks: Vec<String>,
+    /// Disaster-recovery settings (`[dr]`). Left out of the serialized
+    /// form while they are the defaults, so definitions written before
+    /// they existed keep their digests.
+    #[serde(default, skip_serializing_if = "crate::dr::DrSettings::is_default")]
+    pub dr: crate::dr::DrSettings,
 }
 
 fn default_bake_secs() -> u64 {
@@ -312,6 +317,7 @@ impl AppSpec {
                 ));
             }
         }
+        self.dr.validate()?;
         for (i, check) in self.migration_checks.iter().enumerate() {
             if check.trim().is_empty() || check.len() > 4096 {
                 return Err(bad(

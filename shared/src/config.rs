@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::domain::ClusterRef;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
 
@@ -210,6 +211,15 @@ pub struct AgentConfig {
     /// Where this agent's backups go (`[backup]`); none by default.
     #[serde(default)]
     pub backup: Option<BackupStoreConfig>,
+    /// How often the databases' replication role, WAL position and lag are
+    /// read and reported (what `cutover dr status` shows and a failover
+    /// plan weighs), ms. Default 5000.
+    #[serde(default = "default_db_status_interval_ms")]
+    pub db_status_interval_ms: u64,
+}
+
+fn default_db_status_interval_ms() -> u64 {
+    5000
 }
 
 /// One S3-protocol bucket (AWS S3, Garage, MinIO, Ceph) for this agent's
@@ -362,9 +372,6 @@ pub const DEFAULT_LOCK_TIMEOUT_MS: u64 = 5_000;
 /// The default limit on one statement, ms (15 minutes).
 pub const DEFAULT_STATEMENT_TIMEOUT_MS: u64 = 15 * 60 * 1000;
 
-fn default_true() -> bool {
-    true
-}
 fn default_lock_timeout_ms() -> u64 {
     DEFAULT_LOCK_TIMEOUT_MS
 }
@@ -382,7 +389,7 @@ fn default_statement_timeout_ms() -> u64 {
 /// app = "sample"
 /// driver = "postgres"          # or "sqlite"
 /// url_file = "/run/secrets/sample-db-url"   # or: url_env = "SAMPLE_DATABASE_URL"
-/// primary = true
+/// role = "primary"           # or "standby", with follows = "us-east/prod-1"
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -399,11 +406,20 @@ pub struct DatabaseConfig {
     /// An environment variable holding the connection string.
     #[serde(default)]
     pub url_env: Option<String>,
-    /// Whether this is the writable primary. Migrations, rollbacks and
-    /// restores run only against a primary; a replica (false) answers
-    /// status and plan. Default true.
-    #[serde(default = "default_true")]
-    pub primary: bool,
+    /// `primary` (writable; the default) or `standby` (a streaming replica,
+    /// read-only). Migrations, rollbacks and restores run only against a
+    /// primary; a standby answers status and plan, and is what a failover
+    /// promotes.
+    #[serde(default)]
+    pub role: Option<crate::dr::DbRole>,
+    /// The older spelling of `role`: `true` is `primary`, `false` is
+    /// `standby`. Refused when it contradicts `role`.
+    #[serde(default)]
+    pub primary: Option<bool>,
+    /// For a standby: the `region/cluster` whose primary it replicates from
+    /// (what `cutover dr status` shows and a failover plan checks).
+    #[serde(default)]
+    pub follows: Option<String>,
     /// Longest wait for a lock: the migration lock, and on PostgreSQL the
     /// session's `lock_timeout`, so a migration's DDL never queues behind
     /// (and in front of) the app's traffic for long. Default 5000.
@@ -425,6 +441,21 @@ pub struct DatabaseConfig {
 }
 
 impl DatabaseConfig {
+    /// The configured role: `role`, else `primary`, else primary.
+    pub fn role(&self) -> crate::dr::DbRole {
+        use crate::dr::DbRole;
+        match (self.role, self.primary) {
+            (Some(r), _) => r,
+            (None, Some(false)) => DbRole::Standby,
+            (None, _) => DbRole::Primary,
+        }
+    }
+
+    /// Whether migrations, rollbacks and restores may run against it.
+    pub fn is_primary(&self) -> bool {
+        self.role() == crate::dr::DbRole::Primary
+    }
+
     /// Checks what serde cannot, naming the field.
     pub fn validate(&self) -> Result<(), Error> {
         crate::domain::validate_name("databases.app", &self.app).map_err(|e| Error::Config(e.to_string()))?;
@@ -433,6 +464,22 @@ impl DatabaseConfig {
             (Some(_), Some(_)) => return bad("set one of url_file and url_env, not both"),
             (None, None) => return bad("url_file or url_env is required"),
             _ => {}
+        }
+        if let (Some(role), Some(primary)) = (self.role, self.primary)
+            && (role == crate::dr::DbRole::Primary) != primary
+        {
+            return bad(&format!(
+                "role = \"{role}\" contradicts primary = {primary}; set only role"
+            ));
+        }
+        if let Some(f) = &self.follows {
+            if self.role() != crate::dr::DbRole::Standby {
+                return bad("follows is for a standby (role = \"standby\")");
+            }
+            let ok = f.split_once('/').is_some_and(|(r, c)| ClusterRef::new(r, c).is_ok());
+            if !ok {
+                return bad(&format!("follows = {f:?}: expected region/cluster"));
+            }
         }
         if self.lock_timeout_ms == 0 {
             return bad("lock_timeout_ms must be positive");
@@ -458,6 +505,9 @@ impl AgentConfig {
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(Error::Config("need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
+        }
+        if !(100..=600_000).contains(&self.db_status_interval_ms) {
+            return Err(Error::Config("db_status_interval_ms: between 100 and 600000".into()));
         }
         for d in &self.databases {
             d.validate()?;
@@ -537,6 +587,30 @@ mod tests {
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
+    fn database(extra: &str) -> Result<(), Error> {
+        let text = format!("app = \"shop\"\ndriver = \"postgres\"\nurl_env = \"X\"\n{extra}");
+        let d: DatabaseConfig = toml::from_str(&text).map_err(|e| Error::Config(e.to_string()))?;
+        d.validate()
+    }
+
+    /// `role` and its older spelling `primary` agree or are refused;
+    /// `follows` is a standby's, and names a region/cluster.
+    #[test]
+    fn database_roles_validate_naming_the_field() {
+        database("role = \"standby\"\nfollows = \"us-east/c1\"").unwrap();
+        database("primary = false\nfollows = \"us-east/c1\"").unwrap();
+        database("role = \"primary\"\nprimary = true").unwrap();
+        let e = database("role = \"standby\"\nprimary = true").unwrap_err().to_string();
+        assert!(e.contains("contradicts"), "{e}");
+        let e = database("follows = \"us-east/c1\"").unwrap_err().to_string();
+        assert!(e.contains("follows is for a standby"), "{e}");
+        let e = database("role = \"standby\"\nfollows = \"../etc\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected region/cluster"), "{e}");
+        assert!(database("role = \"leader\"").is_err());
+    }
+
     /// The documented examples stay valid configs with the defaults they show.
     #[test]
     fn the_example_configs_parse_and_validate() {
@@ -544,7 +618,7 @@ mod tests {
         agent.validate().unwrap();
         assert_eq!(agent.databases.len(), 1);
         let db = &agent.databases[0];
-        assert_eq!((db.driver, db.primary), (DbDriver::Sqlite, true));
+        assert_eq!((db.driver, db.is_primary()), (DbDriver::Sqlite, true));
         assert_eq!(db.lock_timeout_ms, DEFAULT_LOCK_TIMEOUT_MS);
         assert_eq!(db.statement_timeout_ms, DEFAULT_STATEMENT_TIMEOUT_MS);
         let coordinator: CoordinatorConfig = toml::from_str(&example("coordinator-1.toml")).unwrap();

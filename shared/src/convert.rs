@@ -291,6 +291,12 @@ impl From<app::AppSpec> for proto::App {
             bake_secs: Some(a.bake_secs),
             required_attestations: a.required_attestations.into_iter().collect(),
             migration_checks: a.migration_checks,
+            dr: Some(proto::DrSettings {
+                max_data_loss_secs: Some(a.dr.max_data_loss_secs),
+                automatic: a.dr.automatic,
+                failover_after_secs: Some(a.dr.failover_after_secs),
+                cooldown_secs: Some(a.dr.cooldown_secs),
+            }),
         }
     }
 }
@@ -391,6 +397,15 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
         bake_secs: a.bake_secs.unwrap_or(10),
         required_attestations: a.required_attestations.into_iter().collect(),
         migration_checks: a.migration_checks,
+        dr: a.dr.map_or_else(crate::dr::DrSettings::default, |d| {
+            let def = crate::dr::DrSettings::default();
+            crate::dr::DrSettings {
+                max_data_loss_secs: d.max_data_loss_secs.unwrap_or(def.max_data_loss_secs),
+                automatic: d.automatic,
+                failover_after_secs: d.failover_after_secs.unwrap_or(def.failover_after_secs),
+                cooldown_secs: d.cooldown_secs.unwrap_or(def.cooldown_secs),
+            }
+        }),
     };
     spec.validate()?;
     Ok(spec)
@@ -484,4 +499,82 @@ impl From<crate::backup::BackupEntry> for proto::Backup {
                 .collect(),
         }
     }
+}
+
+impl From<crate::dr::DbRole> for proto::DatabaseRole {
+    fn from(r: crate::dr::DbRole) -> Self {
+        match r {
+            crate::dr::DbRole::Primary => proto::DatabaseRole::Primary,
+            crate::dr::DbRole::Standby => proto::DatabaseRole::Standby,
+        }
+    }
+}
+
+fn db_role(r: i32) -> Option<crate::dr::DbRole> {
+    match proto::DatabaseRole::try_from(r) {
+        Ok(proto::DatabaseRole::Primary) => Some(crate::dr::DbRole::Primary),
+        Ok(proto::DatabaseRole::Standby) => Some(crate::dr::DbRole::Standby),
+        _ => None,
+    }
+}
+
+impl From<crate::dr::DatabaseStatus> for proto::DatabaseStatus {
+    fn from(d: crate::dr::DatabaseStatus) -> Self {
+        proto::DatabaseStatus {
+            app: d.app,
+            driver: d.driver.as_str().into(),
+            configured_role: proto::DatabaseRole::from(d.configured_role) as i32,
+            role: d.role.map_or(proto::DatabaseRole::Unspecified, Into::into) as i32,
+            follows: d.follows.unwrap_or_default(),
+            lsn: d.lsn,
+            receive_lsn: d.receive_lsn,
+            lag_ms: d.lag_ms,
+            error: d.error.unwrap_or_default(),
+            observed_at_unix_ms: d.observed_at_unix_ms,
+        }
+    }
+}
+
+/// A database status from an agent's report; refused (naming the field)
+/// when it names no valid app, driver or role, so nothing malformed reaches
+/// the log.
+pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr::DatabaseStatus, Error> {
+    domain::validate_name("app", &d.app)?;
+    let driver = match d.driver.as_str() {
+        "postgres" => crate::config::DbDriver::Postgres,
+        "sqlite" => crate::config::DbDriver::Sqlite,
+        other => return Err(Error::InvalidArgument(format!("driver: unknown {other:?}"))),
+    };
+    let configured_role =
+        db_role(d.configured_role).ok_or_else(|| Error::InvalidArgument("configured_role: unset".into()))?;
+    let follows = (!d.follows.is_empty()).then_some(d.follows);
+    if let Some(f) = &follows {
+        let ok = f
+            .split_once('/')
+            .is_some_and(|(r, c)| domain::ClusterRef::new(r, c).is_ok());
+        if !ok {
+            return Err(Error::InvalidArgument(format!("follows: {f:?} is not region/cluster")));
+        }
+    }
+    // An error message is the agent's own text; bound it like any report.
+    let mut error = d.error;
+    if error.len() > 1024 {
+        let mut cut = 1024;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    Ok(crate::dr::DatabaseStatus {
+        app: d.app,
+        driver,
+        configured_role,
+        role: db_role(d.role),
+        follows,
+        lsn: d.lsn,
+        receive_lsn: d.receive_lsn,
+        lag_ms: d.lag_ms,
+        error: (!error.is_empty()).then_some(error),
+        observed_at_unix_ms: d.observed_at_unix_ms,
+    })
 }

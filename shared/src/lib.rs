@@ -14,6 +14,7 @@ pub mod certs;
 pub mod config;
 pub mod convert;
 pub mod domain;
+pub mod dr;
 pub mod grpc;
 pub mod identity;
 pub mod listener;

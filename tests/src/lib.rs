@@ -318,6 +318,8 @@ impl TestCluster {
                 kubeconfig: None,
             },
             backup: None,
+            // Tight, like the Raft timeouts: DR tests wait for reports.
+            db_status_interval_ms: 250,
         }
     }
 
@@ -415,6 +417,7 @@ pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
 pub fn sample_app_spec(name: &str, regions: &[(&str, &str)]) -> cutover_shared::app::AppSpec {
     use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
     AppSpec {
+        dr: Default::default(),
         name: name.into(),
         clusters: regions
             .iter()

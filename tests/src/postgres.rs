@@ -99,6 +99,64 @@ impl TestPostgres {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("postgres did not start")))
     }
 
+    /// Starts a streaming standby of this server: `pg_basebackup -R` (the
+    /// standby's `primary_conninfo` points at this server's unix socket)
+    /// into a directory of its own, started on its own port. It has the same
+    /// superuser and password; it is stopped and removed on drop.
+    pub fn start_standby(&self) -> Result<TestPostgres> {
+        let dir = tempfile::Builder::new().prefix("cutover-pg-standby-").tempdir()?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .with_context(|| format!("handing {} to the postgres user", dir.path().display()))?;
+        }
+        let mut standby = TestPostgres {
+            bin: self.bin.clone(),
+            dir,
+            port: 0,
+            password: self.password.clone(),
+            run_as: self.run_as,
+        };
+        let port = self.port.to_string();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                path_str(self.dir.path())?,
+                "-p",
+                &port,
+                "-U",
+                SUPERUSER,
+                "-D",
+                path_str(&standby.data_dir())?,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        )?;
+        let mut last = None;
+        for _ in 0..3 {
+            let port = free_port()?;
+            match standby.start_on(port) {
+                Ok(()) => {
+                    standby.port = port;
+                    standby.wait_ready(Duration::from_secs(30))?;
+                    return Ok(standby);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("the standby did not start")))
+    }
+
+    /// This server's current WAL write position (`pg_current_wal_lsn`), as
+    /// PostgreSQL prints it.
+    pub fn current_lsn(&self) -> Result<String> {
+        self.psql("postgres", "SELECT pg_current_wal_lsn()")
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

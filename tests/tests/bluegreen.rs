@@ -16,6 +16,7 @@ const T: Duration = Duration::from_secs(60);
 
 fn app(name: &str) -> AppSpec {
     AppSpec {
+        dr: Default::default(),
         name: name.into(),
         clusters: vec![AppCluster {
             region: "us-east".into(),

@@ -37,6 +37,7 @@ fn app() -> AppSpec {
     let script = "case '{image}' in *-delayed) sleep 1;; esac; \
                   exec \"$0\" sample-app --version '{image}' --listen '{listen}'";
     AppSpec {
+        dr: Default::default(),
         name: "shop".into(),
         clusters: REGIONS
             .iter()

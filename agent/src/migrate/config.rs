@@ -88,7 +88,7 @@ pub fn resolve(d: &DatabaseConfig, data_dir: &Path) -> Result<DbConfig, MigrateE
         app: d.app.clone(),
         driver: d.driver,
         url,
-        primary: d.primary,
+        primary: d.is_primary(),
         lock_timeout: Duration::from_millis(d.lock_timeout_ms),
         statement_timeout: Duration::from_millis(d.statement_timeout_ms),
         backup_dir: d

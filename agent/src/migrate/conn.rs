@@ -39,6 +39,19 @@ pub struct Conn {
     red: Redactor,
 }
 
+/// A PostgreSQL server's replication state (see [`Conn::replication`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replication {
+    /// A standby (replaying WAL) rather than a primary.
+    pub in_recovery: bool,
+    /// A primary's current WAL position, a standby's replayed one.
+    pub lsn: Option<u64>,
+    /// A standby's received position.
+    pub receive_lsn: Option<u64>,
+    /// A standby's replay delay, ms.
+    pub lag_ms: Option<u64>,
+}
+
 /// How a connection may touch the database.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -132,6 +145,34 @@ impl Conn {
             .await
             .map_err(|e| MigrateError::Database(self.red.clean(&format!("cannot read the server version: {e}"))))?;
         Ok(n.parse::<u32>().ok().map(|n| n / 10_000))
+    }
+
+    /// A PostgreSQL server's replication state; `None` for SQLite.
+    pub async fn replication(&mut self) -> Result<Option<Replication>, MigrateError> {
+        let Inner::Pg(c) = &mut self.inner else {
+            return Ok(None);
+        };
+        // A standby's lag is 0 only while its WAL receiver streams and it
+        // has replayed all it received; otherwise it is the age of the last
+        // transaction it replayed (unknown before the first one).
+        let sql = "SELECT pg_is_in_recovery(), \
+                   (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
+                   pg_last_wal_receive_lsn()::text, \
+                   CASE WHEN NOT pg_is_in_recovery() THEN NULL \
+                        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
+                             AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0::bigint \
+                        ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
+        let (in_recovery, lsn, receive, lag): (bool, Option<String>, Option<String>, Option<i64>) = sqlx::query_as(sql)
+            .fetch_one(&mut *c)
+            .await
+            .map_err(|e| MigrateError::Database(self.red.clean(&format!("cannot read the replication state: {e}"))))?;
+        let lsn_of = |s: Option<String>| s.as_deref().and_then(cutover_shared::dr::parse_lsn);
+        Ok(Some(Replication {
+            in_recovery,
+            lsn: lsn_of(lsn),
+            receive_lsn: lsn_of(receive),
+            lag_ms: lag.map(|l| u64::try_from(l).unwrap_or(0)),
+        }))
     }
 
     async fn table_exists(&mut self) -> Result<bool, MigrateError> {

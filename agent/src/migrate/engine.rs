@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::backup::{self, hex};
 use super::config::DbConfig;
-use super::conn::{Access, AppliedRow, Conn};
+use super::conn::{Access, AppliedRow, Conn, Replication};
 use super::source::MigrationSource;
 use super::split::split_statements;
 use super::{
@@ -136,6 +136,18 @@ fn plan_steps(
         }
     }
     Ok(steps)
+}
+
+/// The server's replication state (`None` for SQLite). Changes nothing.
+pub async fn replication(cfg: &DbConfig) -> Result<Option<Replication>, MigrateError> {
+    match Conn::connect(cfg, Access::ReadOnly).await? {
+        None => Ok(None),
+        Some(mut c) => {
+            let r = c.replication().await;
+            c.close().await;
+            r
+        }
+    }
 }
 
 /// Where the database stands against `source`. Changes nothing (a SQLite

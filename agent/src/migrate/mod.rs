@@ -45,7 +45,8 @@ pub use config::{
     DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS, DatabaseConfig, DbConfig, DbUrl, Driver, check_config,
     resolve,
 };
-pub use engine::{down, plan, restore, status, up};
+pub use conn::Replication;
+pub use engine::{down, plan, replication, restore, status, up};
 pub use redact::REDACTED;
 pub use source::{MigrationSource, VersionedMigration};
 pub use split::split_statements;

@@ -231,6 +231,20 @@ impl ControlService for ControlApi {
         Ok(Response::new(ControlApi::list_backups(self, req.into_inner()).await?))
     }
 
+    async fn get_dr_status(
+        &self,
+        req: Request<pb::GetDrStatusRequest>,
+    ) -> Result<Response<pb::GetDrStatusResponse>, Status> {
+        Ok(Response::new(ControlApi::get_dr_status(self, req.into_inner()).await?))
+    }
+
+    async fn plan_failover(
+        &self,
+        req: Request<pb::PlanFailoverRequest>,
+    ) -> Result<Response<pb::PlanFailoverResponse>, Status> {
+        Ok(Response::new(ControlApi::plan_failover(self, req.into_inner()).await?))
+    }
+
     async fn get_backup(&self, req: Request<pb::GetBackupRequest>) -> Result<Response<pb::GetBackupResponse>, Status> {
         Ok(Response::new(ControlApi::get_backup(self, req.into_inner()).await?))
     }

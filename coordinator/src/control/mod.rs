@@ -10,6 +10,7 @@
 //! `grpc` is the service's gRPC face, and `error` maps `ApiError` to a
 //! status in one place.
 
+mod dr;
 mod error;
 mod grpc;
 

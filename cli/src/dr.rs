@@ -1,0 +1,208 @@
+//! `cutover dr …`: an app's disaster-recovery posture (`status`) and the
+//! failover runbook computed from the live state (`plan`).
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use cutover_shared::dr::{format_lsn, human_ms};
+use cutover_shared::proto as pb;
+use serde_json::json;
+
+use crate::backup::{backup_json, time};
+use crate::client::{ConnOpts, Output, call};
+
+/// Exit status of `dr plan` when something blocks the failover.
+const BLOCKED: u8 = 2;
+
+#[derive(Subcommand)]
+pub enum DrCmd {
+    /// Per cluster: the agent, the database's role, WAL position and lag,
+    /// and the newest backups.
+    Status {
+        #[arg(long)]
+        app: String,
+    },
+    /// The failover runbook from the live state: the cluster that would
+    /// take over, the data-loss window it would accept now, the steps, and
+    /// what blocks it. Changes nothing. Exits 2 when something blocks it.
+    Plan {
+        #[arg(long)]
+        app: String,
+        /// The region to fail over to (default: the reachable standby with
+        /// the least lag).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+fn role_word(r: i32) -> &'static str {
+    match pb::DatabaseRole::try_from(r) {
+        Ok(pb::DatabaseRole::Primary) => "primary",
+        Ok(pb::DatabaseRole::Standby) => "standby",
+        _ => "unknown",
+    }
+}
+
+fn database_json(d: &pb::DatabaseStatus) -> serde_json::Value {
+    json!({
+        "app": d.app, "driver": d.driver,
+        "configured_role": role_word(d.configured_role), "role": role_word(d.role),
+        "follows": (!d.follows.is_empty()).then_some(&d.follows),
+        "lsn": d.lsn.map(format_lsn), "receive_lsn": d.receive_lsn.map(format_lsn),
+        "lag_ms": d.lag_ms, "error": (!d.error.is_empty()).then_some(&d.error),
+        "observed_at_unix_ms": d.observed_at_unix_ms,
+    })
+}
+
+pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
+    match cmd {
+        DrCmd::Status { app } => {
+            let st = call(&conn, |mut c| {
+                let app = app.clone();
+                async move { c.get_dr_status(pb::GetDrStatusRequest { app }).await }
+            })
+            .await?;
+            if conn.output == Output::Json {
+                let clusters: Vec<serde_json::Value> = st
+                    .clusters
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "region": c.region, "cluster": c.cluster, "agent_up": c.agent_up,
+                            "database": c.database.as_ref().map(database_json),
+                            "lag_bytes": c.lag_bytes,
+                            "last_backup": c.last_backup.as_ref().map(backup_json),
+                            "last_validated_backup": c.last_validated_backup.as_ref().map(backup_json),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "app": st.app, "clusters": clusters }))?
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24} {:<6} {:<8} {:<14} {:>10} {:<21} LAST VALIDATED BACKUP",
+                "CLUSTER", "AGENT", "ROLE", "LSN", "LAG", "LAST BACKUP"
+            );
+            for c in &st.clusters {
+                let (role, lsn, lag) = match &c.database {
+                    None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+                    Some(d) if !d.error.is_empty() => ("unreachable".to_owned(), "-".to_owned(), "-".to_owned()),
+                    Some(d) => (
+                        role_word(d.role).to_owned(),
+                        d.lsn.map_or_else(|| "-".into(), format_lsn),
+                        match (d.lag_ms, c.lag_bytes) {
+                            (Some(ms), Some(b)) => format!("{} {b}B", human_ms(ms)),
+                            (Some(ms), None) => human_ms(ms),
+                            _ => "-".into(),
+                        },
+                    ),
+                };
+                println!(
+                    "{:<24} {:<6} {:<8} {:<14} {:>10} {:<21} {}",
+                    format!("{}/{}", c.region, c.cluster),
+                    if c.agent_up { "up" } else { "DOWN" },
+                    role,
+                    lsn,
+                    lag,
+                    c.last_backup
+                        .as_ref()
+                        .map_or_else(|| "none".into(), |b| time(b.finished_at_unix_ms)),
+                    c.last_validated_backup
+                        .as_ref()
+                        .map_or_else(|| "none".into(), |b| b.id.clone()),
+                );
+                if let Some(d) = c.database.as_ref().filter(|d| !d.error.is_empty()) {
+                    println!("    {}", d.error);
+                }
+            }
+            println!("last drill: none yet");
+            Ok(ExitCode::SUCCESS)
+        }
+        DrCmd::Plan { app, to } => {
+            let req = pb::PlanFailoverRequest {
+                app,
+                to: to.unwrap_or_default(),
+            };
+            let p = call(&conn, |mut c| {
+                let req = req.clone();
+                async move { c.plan_failover(req).await }
+            })
+            .await?
+            .plan
+            .context("the coordinator returned no plan")?;
+            let code = if p.blockers.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(BLOCKED)
+            };
+            if conn.output == Output::Json {
+                let v = json!({
+                    "app": p.app,
+                    "from": (!p.from_region.is_empty()).then(|| format!("{}/{}", p.from_region, p.from_cluster)),
+                    "to": (!p.to_region.is_empty()).then(|| format!("{}/{}", p.to_region, p.to_cluster)),
+                    "source": (!p.source.is_empty()).then_some(&p.source),
+                    "backup_id": (!p.backup_id.is_empty()).then_some(&p.backup_id),
+                    "data_loss_window_ms": p.data_loss_window_ms,
+                    "max_data_loss_ms": p.max_data_loss_ms,
+                    "steps": p.steps.iter().map(|s| json!({
+                        "name": s.name, "description": s.description, "expected_ms": s.expected_ms,
+                    })).collect::<Vec<_>>(),
+                    "blockers": p.blockers.iter().map(|b| json!({
+                        "reason": b.reason,
+                        "overridden_by": (!b.overridden_by.is_empty()).then_some(&b.overridden_by),
+                    })).collect::<Vec<_>>(),
+                    "ready": p.blockers.is_empty(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(code);
+            }
+            let from = if p.from_region.is_empty() {
+                "no reported primary".to_owned()
+            } else {
+                format!("{}/{}", p.from_region, p.from_cluster)
+            };
+            let to = if p.to_region.is_empty() {
+                "nowhere".to_owned()
+            } else {
+                format!("{}/{}", p.to_region, p.to_cluster)
+            };
+            println!("failover of {}: {from} -> {to}", p.app);
+            let source = match p.source.as_str() {
+                "standby" => "promote the streaming standby".to_owned(),
+                "backup" => format!("restore backup {}", p.backup_id),
+                _ => "none".to_owned(),
+            };
+            println!("  data from:         {source}");
+            println!(
+                "  data-loss window:  {} (the app accepts {})",
+                p.data_loss_window_ms.map_or_else(|| "unknown".into(), human_ms),
+                human_ms(p.max_data_loss_ms)
+            );
+            println!("  steps:");
+            for (i, s) in p.steps.iter().enumerate() {
+                let expected = s.expected_ms.map_or_else(
+                    || "no drill has measured it".into(),
+                    |ms| format!("about {}", human_ms(ms)),
+                );
+                println!("    {}. {:<13} {} ({expected})", i + 1, s.name, s.description);
+            }
+            if p.blockers.is_empty() {
+                println!("  nothing blocks it");
+            } else {
+                println!("  blocked by:");
+                for b in &p.blockers {
+                    if b.overridden_by.is_empty() {
+                        println!("    - {}", b.reason);
+                    } else {
+                        println!("    - {} (override: {})", b.reason, b.overridden_by);
+                    }
+                }
+            }
+            Ok(code)
+        }
+    }
+}

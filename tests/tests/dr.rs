@@ -1,0 +1,297 @@
+//! Disaster recovery against a real PostgreSQL primary and its streaming
+//! standby (`pg_basebackup -R`), with real agents and coordinators:
+//! - agents report each database's role as the server sees it, its WAL
+//!   position and its lag;
+//! - `GetDrStatus` (and `cutover dr status`) show them per cluster;
+//! - `PlanFailover` (and `cutover dr plan`) picks the standby, reports the
+//!   data-loss window, and names what blocks a failover and the flag that
+//!   overrides it: a paused standby's lag, a down agent;
+//! - bad input (an unknown app or region, the primary's own region) is
+//!   refused; a viewer may read; no connection password reaches the state
+//!   or the logs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use cutover_shared::config::{DatabaseConfig, DbDriver};
+use cutover_shared::dr::{DbRole, parse_lsn};
+use cutover_shared::proto as pb;
+use cutover_tests::postgres::TestPostgres;
+use cutover_tests::{TestCluster, captured_logs, cutover_bin, sample_app_spec};
+
+const REGIONS: &[(&str, &str)] = &[("us-east", "c1"), ("eu-west", "c1")];
+const T: Duration = Duration::from_secs(30);
+
+fn database(url_file: &Path, role: DbRole, follows: Option<&str>) -> DatabaseConfig {
+    DatabaseConfig {
+        app: "shop".into(),
+        driver: DbDriver::Postgres,
+        url_file: Some(url_file.to_owned()),
+        url_env: None,
+        role: Some(role),
+        primary: None,
+        follows: follows.map(str::to_owned),
+        lock_timeout_ms: 5000,
+        statement_timeout_ms: 60_000,
+        backup_dir: None,
+        pg_bin_dir: None,
+    }
+}
+
+/// The `cutover` CLI as the operator, against node `node`.
+fn cli(c: &TestCluster, node: usize, args: &[&str]) -> (i32, String, String) {
+    let op = &c.pki.operator;
+    let env: HashMap<&str, String> = HashMap::from([
+        ("CUTOVER_ADDR", c.addrs()[node].clone()),
+        ("CUTOVER_CA", op.ca.display().to_string()),
+        ("CUTOVER_CERT", op.cert.display().to_string()),
+        ("CUTOVER_KEY", op.key.display().to_string()),
+    ]);
+    let out = Command::new(cutover_bin()).args(args).envs(env).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standby() {
+    let logs = captured_logs();
+    let primary = TestPostgres::start().unwrap();
+    let url = primary.create_database("shop").unwrap();
+    primary
+        .psql(
+            "shop",
+            "create table orders (id bigint primary key, item text not null); \
+             insert into orders select g, md5(g::text) from generate_series(1, 1000) g;",
+        )
+        .unwrap();
+    let standby = primary.start_standby().unwrap();
+    let standby_url = standby.url("shop");
+
+    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let dir = c.tmp.path().to_owned();
+    let (primary_file, standby_file) = (dir.join("primary-url"), dir.join("standby-url"));
+    std::fs::write(&primary_file, &url).unwrap();
+    std::fs::write(&standby_file, &standby_url).unwrap();
+    let mut cfg = c.agent_config(0);
+    cfg.databases = vec![database(&primary_file, DbRole::Primary, None)];
+    c.start_agent_with(0, cfg).unwrap();
+    let mut cfg = c.agent_config(1);
+    cfg.databases = vec![database(&standby_file, DbRole::Standby, Some("us-east/c1"))];
+    c.start_agent_with(1, cfg).unwrap();
+    c.wait_state(leader, T, "both agents up", |s| {
+        s.agents
+            .values()
+            .filter(|a| a.state == cutover_shared::domain::AgentState::Up)
+            .count()
+            == 2
+    })
+    .await
+    .unwrap();
+    let mut spec = sample_app_spec("shop", REGIONS);
+    spec.dr.max_data_loss_secs = 5;
+    let mut op = c.operator(leader);
+    op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+        .await
+        .unwrap();
+
+    // Writes on the primary reach the standby, and both agents say so: the
+    // standby's replayed position catches up with the primary's.
+    primary
+        .psql(
+            "shop",
+            "insert into orders select g, 'late' from generate_series(1001, 1500) g",
+        )
+        .unwrap();
+    let written = parse_lsn(&primary.current_lsn().unwrap()).unwrap();
+    c.wait_state(leader, T, "the standby's report to pass the primary's write", |s| {
+        let Some(dbs) = s.db_status.get("shop") else {
+            return false;
+        };
+        let (Some(p), Some(st)) = (dbs.get("us-east/c1"), dbs.get("eu-west/c1")) else {
+            return false;
+        };
+        p.role == Some(DbRole::Primary)
+            && st.role == Some(DbRole::Standby)
+            && st.lsn.is_some_and(|l| l >= written)
+            && p.lsn.is_some_and(|l| l >= written)
+            && st.lag_ms == Some(0)
+            && p.lsn == st.lsn
+    })
+    .await
+    .unwrap();
+
+    // A viewer may read the DR status; it shows both roles and no lag.
+    let mut viewer = c.client(&c.pki.viewer, leader).unwrap();
+    let st = viewer
+        .get_dr_status(pb::GetDrStatusRequest { app: "shop".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let by: HashMap<String, &pb::DrClusterStatus> = st
+        .clusters
+        .iter()
+        .map(|c| (format!("{}/{}", c.region, c.cluster), c))
+        .collect();
+    let (p, s) = (&by["us-east/c1"], &by["eu-west/c1"]);
+    assert!(p.agent_up && s.agent_up);
+    let (pd, sd) = (p.database.as_ref().unwrap(), s.database.as_ref().unwrap());
+    assert_eq!(pd.role, pb::DatabaseRole::Primary as i32);
+    assert_eq!(sd.role, pb::DatabaseRole::Standby as i32);
+    assert_eq!(sd.follows, "us-east/c1");
+    assert_eq!(s.lag_bytes, Some(0));
+    assert_eq!(p.lag_bytes, None);
+
+    // The plan: promote eu-west's standby, nothing lost, nothing blocking.
+    let plan = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!(
+        (plan.from_region.as_str(), plan.to_region.as_str()),
+        ("us-east", "eu-west")
+    );
+    assert_eq!(plan.source, "standby");
+    assert_eq!(plan.data_loss_window_ms, Some(0));
+    assert_eq!(plan.max_data_loss_ms, 5000);
+    assert!(plan.blockers.is_empty(), "{:?}", plan.blockers);
+    let steps: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(steps, ["fence", "promote", "repoint", "move-traffic", "verify"]);
+
+    // The CLI prints the same plan as JSON for tools, exit 0 when ready.
+    let (code, out, err) = cli(&c, leader, &["dr", "plan", "--app", "shop", "-o", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["to"], "eu-west/c1");
+    assert_eq!(v["ready"], true);
+    let (code, out, err) = cli(&c, leader, &["dr", "status", "--app", "shop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("us-east/c1") && out.contains("primary") && out.contains("standby"),
+        "{out}"
+    );
+
+    // Bad input changes nothing and says why.
+    let e = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: "us-east".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("holds the primary already"), "{}", e.message());
+    let e = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: "ap-south".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = op
+        .get_dr_status(pb::GetDrStatusRequest { app: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "../x".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // A standby that stops replaying falls behind: once its lag is over the
+    // app's max_data_loss (5 s), the plan says so and names the override.
+    standby.psql("postgres", "SELECT pg_wal_replay_pause()").unwrap();
+    primary
+        .psql(
+            "shop",
+            "insert into orders select g, 'paused' from generate_series(1501, 1600) g",
+        )
+        .unwrap();
+    c.wait_state(leader, T, "the paused standby's lag over 5 s", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("eu-west/c1"))
+            .is_some_and(|d| d.lag_ms.is_some_and(|l| l > 5000))
+    })
+    .await
+    .unwrap();
+    let plan = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert!(
+        plan.blockers
+            .iter()
+            .any(|b| b.overridden_by == "--accept-data-loss" && b.reason.contains("max_data_loss")),
+        "{:?}",
+        plan.blockers
+    );
+    let (code, out, _) = cli(&c, leader, &["dr", "plan", "--app", "shop"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("override: --accept-data-loss"), "{out}");
+    standby.psql("postgres", "SELECT pg_wal_replay_resume()").unwrap();
+    c.wait_state(leader, T, "the standby caught up again", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("eu-west/c1"))
+            .is_some_and(|d| d.lag_ms == Some(0))
+    })
+    .await
+    .unwrap();
+
+    // The standby's agent goes away: the plan is blocked, with no override.
+    c.stop_agent(1).await;
+    c.wait_state(leader, T, "eu-west's agent down", |s| {
+        s.agents
+            .get("eu-west/c1")
+            .is_some_and(|a| a.state == cutover_shared::domain::AgentState::Down)
+    })
+    .await
+    .unwrap();
+    let plan = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert!(
+        plan.blockers
+            .iter()
+            .any(|b| b.reason.contains("agent for eu-west/c1 is down") && b.overridden_by.is_empty()),
+        "{:?}",
+        plan.blockers
+    );
+
+    // The password of either server is nowhere in the state or the logs.
+    let state = c.node(leader).consensus().read(|s| format!("{:?}", s.db_status));
+    assert!(!state.contains(primary.password()), "{state}");
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(!text.contains(primary.password()), "a password reached the logs");
+    c.shutdown().await;
+}
