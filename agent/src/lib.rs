@@ -70,6 +70,7 @@ pub struct Agent {
     apps: Arc<app_tasks::AppRuntime>,
     dbs: Arc<db_tasks::DbRuntime>,
     backups: Arc<backup::task::BackupRuntime>,
+    dr: Arc<dr::DrRuntime>,
     /// The current session's sender; tasks send through whatever session is
     /// open when they finish.
     outbox: Outbox,
@@ -105,7 +106,9 @@ impl Agent {
             &cfg.data_dir,
             Some(backups.clone()),
         ));
+        let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir));
         Ok(Agent {
+            dr,
             cfg,
             cluster,
             store,
@@ -211,6 +214,7 @@ impl Agent {
                 .iter()
                 .chain(app_tasks::KINDS)
                 .chain(db_tasks::KINDS)
+                .chain(dr::KINDS)
                 .chain(if self.backups.configured() {
                     backup::task::KINDS
                 } else {
@@ -333,6 +337,7 @@ impl Agent {
         let apps = self.apps.clone();
         let dbs = self.dbs.clone();
         let backups = self.backups.clone();
+        let dr = self.dr.clone();
         tokio::spawn(async move {
             let task_id = spec.task_id.clone();
             // redb commits fsync: off the async workers, which carry every
@@ -371,6 +376,8 @@ impl Agent {
                 dbs.execute(&spec, &progress).await
             } else if kind.is_some_and(|k| backup::task::KINDS.contains(&k)) {
                 backups.execute(&spec, &progress).await
+            } else if kind.is_some_and(|k| dr::KINDS.contains(&k)) {
+                dr.execute(&spec, &progress).await
             } else {
                 tasks::execute(&spec, progress).await
             };

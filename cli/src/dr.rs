@@ -1,5 +1,6 @@
-//! `cutover dr …`: an app's disaster-recovery posture (`status`) and the
-//! failover runbook computed from the live state (`plan`).
+//! `cutover dr …`: an app's disaster-recovery posture (`status`), the
+//! failover runbook computed from the live state (`plan`), and the
+//! failover itself (`failover`).
 
 use std::process::ExitCode;
 
@@ -34,6 +35,29 @@ pub enum DrCmd {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Fail the app over: commit a new primary epoch, fence the old
+    /// primary (app in maintenance, database read-only), promote the
+    /// standby once it replayed the old primary's last write, run the
+    /// gates there. Refused, changing nothing, while `dr plan` shows a
+    /// blocker the flags do not override.
+    Failover {
+        #[arg(long)]
+        app: String,
+        /// The region to fail over to (default: the plan's choice).
+        #[arg(long)]
+        to: Option<String>,
+        /// Proceed although the old primary's agent is down (it is
+        /// superseded by the new epoch instead of fenced).
+        #[arg(long)]
+        force: bool,
+        /// Proceed although the data-loss window is over the app's
+        /// max_data_loss.
+        #[arg(long)]
+        accept_data_loss: bool,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 fn role_word(r: i32) -> &'static str {
@@ -50,13 +74,57 @@ fn database_json(d: &pb::DatabaseStatus) -> serde_json::Value {
         "configured_role": role_word(d.configured_role), "role": role_word(d.role),
         "follows": (!d.follows.is_empty()).then_some(&d.follows),
         "lsn": d.lsn.map(format_lsn), "receive_lsn": d.receive_lsn.map(format_lsn),
-        "lag_ms": d.lag_ms, "error": (!d.error.is_empty()).then_some(&d.error),
+        "lag_ms": d.lag_ms, "error": (!d.error.is_empty()).then_some(&d.error), "fenced": d.fenced,
         "observed_at_unix_ms": d.observed_at_unix_ms,
     })
 }
 
 pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
     match cmd {
+        DrCmd::Failover {
+            app,
+            to,
+            force,
+            accept_data_loss,
+            detach,
+        } => {
+            let req = pb::FailoverRequest {
+                app,
+                to: to.unwrap_or_default(),
+                force,
+                accept_data_loss,
+            };
+            let started = call(&conn, |mut c| {
+                let req = req.clone();
+                async move { c.failover(req).await }
+            })
+            .await?;
+            let id = started.operation_id;
+            if detach {
+                if conn.output == Output::Json {
+                    println!("{}", json!({ "operation_id": id, "epoch": started.epoch }));
+                } else {
+                    println!("{id}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if conn.output == Output::Text {
+                println!("failover {id} started: epoch {}", started.epoch);
+            }
+            let op = crate::migrate::finished_operation(&conn, &id).await?;
+            let ok = op.state == pb::TaskState::Succeeded as i32;
+            if conn.output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "operation_id": id, "epoch": started.epoch, "ok": ok, "summary": op.summary,
+                    }))?
+                );
+            } else {
+                println!("{}: {}", if ok { "succeeded" } else { "FAILED" }, op.summary);
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         DrCmd::Status { app } => {
             let st = call(&conn, |mut c| {
                 let app = app.clone();
@@ -91,6 +159,11 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                 let (role, lsn, lag) = match &c.database {
                     None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
                     Some(d) if !d.error.is_empty() => ("unreachable".to_owned(), "-".to_owned(), "-".to_owned()),
+                    Some(d) if d.fenced => (
+                        "fenced".to_owned(),
+                        d.lsn.map_or_else(|| "-".into(), format_lsn),
+                        "-".to_owned(),
+                    ),
                     Some(d) => (
                         role_word(d.role).to_owned(),
                         d.lsn.map_or_else(|| "-".into(), format_lsn),
@@ -118,6 +191,17 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                 if let Some(d) = c.database.as_ref().filter(|d| !d.error.is_empty()) {
                     println!("    {}", d.error);
                 }
+            }
+            if st.epoch > 0 {
+                println!(
+                    "primary epoch {}{}",
+                    st.epoch,
+                    if st.epoch_primary.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", made primary: {}", st.epoch_primary)
+                    }
+                );
             }
             println!("last drill: none yet");
             Ok(ExitCode::SUCCESS)

@@ -474,6 +474,7 @@ fn kind_name(k: i32) -> &'static str {
         pb::OperationKind::HealthCheck => "health-check",
         pb::OperationKind::Migrate => "migrate",
         pb::OperationKind::Backup => "backup",
+        pb::OperationKind::Failover => "failover",
         pb::OperationKind::Unspecified => "operation",
     }
 }

@@ -70,7 +70,8 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "RestoreBackup"
                 | "DeleteBackup"
                 | "SetBackupSchedule"
-                | "DeleteBackupSchedule",
+                | "DeleteBackupSchedule"
+                | "Failover",
             ),
         ) => WRITES,
         (

@@ -13,7 +13,7 @@ use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
     TaskProgress, TaskRecord, TaskResult, TaskState,
 };
-use cutover_shared::dr::DatabaseStatus;
+use cutover_shared::dr::{DatabaseStatus, DrEpoch};
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{self, spec_digest};
 use serde::{Deserialize, Serialize};
@@ -228,6 +228,9 @@ pub struct State {
     /// observed it.
     #[serde(default)]
     pub db_status: BTreeMap<String, BTreeMap<String, DatabaseStatus>>,
+    /// App → its primary epoch (absent: it never failed over).
+    #[serde(default)]
+    pub dr_epochs: BTreeMap<String, DrEpoch>,
 }
 
 impl State {
@@ -499,6 +502,14 @@ impl State {
                     op.state = state;
                     op.summary = summary;
                     op.updated_at_unix_ms = at_unix_ms;
+                    // A failover that succeeded names the epoch's primary.
+                    if state == TaskState::Succeeded
+                        && let (Some(app), Some(f)) = (&op.app, &op.spec.failover)
+                        && let Some(e) = self.dr_epochs.get_mut(app)
+                        && e.epoch == f.epoch
+                    {
+                        e.primary = Some(f.to.clone());
+                    }
                 }
             }
             Command::Compact { retention, at_unix_ms } => self.compact(&retention, at_unix_ms),
@@ -542,6 +553,28 @@ impl State {
                     return CommandResponse::err(format!("operation {running} is already running on {app} in {t}"));
                 }
             }
+        }
+        if let (Some(app), Some(f)) = (&operation.app, &operation.spec.failover) {
+            // The fence: the new epoch is committed with the decision,
+            // before any step acts. Two failovers decided on the same
+            // epoch: the second is refused.
+            let current = self.dr_epochs.get(app).map_or(0, |e| e.epoch);
+            if f.epoch != current + 1 {
+                return CommandResponse::err(format!(
+                    "{app} is at primary epoch {current}; a failover to epoch {} was decided on a stale view",
+                    f.epoch
+                ));
+            }
+            let primary = self.dr_epochs.get(app).and_then(|e| e.primary.clone());
+            self.dr_epochs.insert(
+                app.clone(),
+                DrEpoch {
+                    epoch: f.epoch,
+                    primary,
+                    operation_id: operation.id.clone(),
+                    at_unix_ms: operation.created_at_unix_ms,
+                },
+            );
         }
         if let Some(app) = operation.app.clone()
             && fix_inputs

@@ -12,9 +12,9 @@ use cutover_coordinator::orchestrator::{self, Inputs};
 use cutover_coordinator::state::{AuditDraft, Command, State};
 use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKind, LocalSpec};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskState};
-use cutover_shared::operation::{MigrateSpec, OperationSpec, Strategy};
+use cutover_shared::operation::{FailoverSpec, MigrateSpec, OperationSpec, Strategy};
 use cutover_shared::release::{Bundle, Release};
-use cutover_shared::task::{self, MigrateAction, TaskKind, TaskParams};
+use cutover_shared::task::{self, FailoverAction, MigrateAction, TaskKind, TaskParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -250,7 +250,17 @@ impl World {
                     .to_wire();
                 }
             }
-            TaskParams::AppGates { .. } | TaskParams::AppBake { .. } => {}
+            TaskParams::DbFailover(f) => {
+                if ok {
+                    outputs = task::outputs::FailoverOutputs {
+                        lsn: Some(if f.action == FailoverAction::Fence { 100 } else { 200 }),
+                        epoch: Some(f.epoch),
+                        caught_up_ms: None,
+                    }
+                    .to_wire();
+                }
+            }
+            TaskParams::AppGates { .. } | TaskParams::AppBake { .. } | TaskParams::AppMaintenance { .. } => {}
             other => panic!("unexpected task {other:?}"),
         }
         if crash {
@@ -639,5 +649,146 @@ fn plans_by_kind_and_strategy() {
     assert_eq!(
         plan_of(&migrate, Some(&b)),
         ["db.migrate us-east", "db.migrate eu-west +", "db.migrate ap-south +"]
+    );
+}
+
+/// A failover from us-east to eu-west under `epoch`, as `Failover` creates
+/// it when us-east's agent is up.
+fn failover_op(id: &str, epoch: u64) -> Operation {
+    let mut op = operation(
+        id,
+        OperationKind::Failover,
+        OperationSpec {
+            failover: Some(Box::new(FailoverSpec {
+                from: Some(target("us-east")),
+                to: target("eu-west"),
+                epoch,
+                fence: true,
+                verify_color: Some(Color::Blue),
+                data_loss_window_ms: Some(0),
+                force: false,
+                accept_data_loss: false,
+            })),
+            ..OperationSpec::default()
+        },
+    );
+    op.targets = vec![target("eu-west"), target("us-east")];
+    op
+}
+
+fn failover_params(w: &World, id: &str) -> Vec<(String, FailoverAction, Option<u64>, bool)> {
+    w.op(id)
+        .tasks
+        .iter()
+        .filter_map(|t| match TaskParams::from_wire(&t.spec.kind, &t.spec.params) {
+            Ok(TaskParams::DbFailover(f)) => {
+                Some((t.spec.target.region.clone(), f.action, f.wait_for_lsn, f.compensate))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The fence comes first and the promotion waits for the position the
+/// fence reported; the epoch is committed with the decision, once: a
+/// second failover decided on the same epoch is refused. Decisions
+/// committed twice (a new leader) change nothing.
+#[test]
+fn a_failover_fences_then_promotes_at_the_fence_position_under_one_epoch() {
+    let mut w = World::new(false);
+    w.apply(Command::CreateOperation {
+        operation: failover_op("op-f", 1),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    assert_eq!(w.state.dr_epochs["shop"].epoch, 1);
+    assert_eq!(w.state.dr_epochs["shop"].primary, None);
+    w.drive("op-f", |_, e| e == Event::Duplicate);
+    assert_eq!(w.op("op-f").state, TaskState::Succeeded, "{}", w.op("op-f").summary);
+    assert_eq!(
+        w.steps("op-f"),
+        [
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover eu-west",
+            "app.gates eu-west"
+        ]
+    );
+    assert_eq!(
+        failover_params(&w, "op-f"),
+        [
+            ("us-east".into(), FailoverAction::Fence, None, false),
+            ("eu-west".into(), FailoverAction::Promote, Some(100), false),
+        ]
+    );
+    assert_eq!(w.state.dr_epochs["shop"].primary, Some(target("eu-west")));
+    assert!(
+        w.op("op-f").summary.contains("data lost: nothing"),
+        "{}",
+        w.op("op-f").summary
+    );
+}
+
+/// A failover that failed before it promoted anything lifts the fence and
+/// ends the maintenance; one whose promotion was sent undoes nothing (two
+/// writable primaries are worse), and says so.
+#[test]
+fn a_failed_failover_is_undone_only_before_the_promotion() {
+    let fail_on = |action: FailoverAction| {
+        move |w: &mut World, e: Event| {
+            e == Event::Fail
+                && w.op("op-f").tasks.iter().any(|t| {
+                    !t.state.is_finished()
+                        && matches!(
+                            TaskParams::from_wire(&t.spec.kind, &t.spec.params),
+                            Ok(TaskParams::DbFailover(f)) if f.action == action
+                        )
+                })
+        }
+    };
+    let mut w = World::new(false);
+    w.apply(Command::CreateOperation {
+        operation: failover_op("op-f", 1),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-f", fail_on(FailoverAction::Fence));
+    assert_eq!(w.op("op-f").state, TaskState::Failed);
+    assert_eq!(
+        w.steps("op-f"),
+        [
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover us-east",
+            "app.maintenance us-east"
+        ]
+    );
+    assert_eq!(
+        failover_params(&w, "op-f"),
+        [
+            ("us-east".into(), FailoverAction::Fence, None, false),
+            ("us-east".into(), FailoverAction::Unfence, None, true),
+        ]
+    );
+    // The epoch moved on (the next failover takes 2); no new primary.
+    assert_eq!(w.state.dr_epochs["shop"].epoch, 1);
+    assert_eq!(w.state.dr_epochs["shop"].primary, None);
+
+    let mut w = World::new(false);
+    w.apply(Command::CreateOperation {
+        operation: failover_op("op-f", 1),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-f", fail_on(FailoverAction::Promote));
+    assert_eq!(w.op("op-f").state, TaskState::Failed);
+    assert_eq!(
+        w.steps("op-f"),
+        ["app.maintenance us-east", "db.failover us-east", "db.failover eu-west"]
+    );
+    assert!(
+        w.op("op-f").summary.contains("stays fenced at epoch 1"),
+        "{}",
+        w.op("op-f").summary
     );
 }

@@ -134,6 +134,7 @@ impl From<domain::Operation> for proto::Operation {
             domain::OperationKind::HealthCheck => proto::OperationKind::HealthCheck,
             domain::OperationKind::Migrate => proto::OperationKind::Migrate,
             domain::OperationKind::Backup => proto::OperationKind::Backup,
+            domain::OperationKind::Failover => proto::OperationKind::Failover,
         };
         proto::Operation {
             id: o.id,
@@ -531,6 +532,7 @@ impl From<crate::dr::DatabaseStatus> for proto::DatabaseStatus {
             lag_ms: d.lag_ms,
             error: d.error.unwrap_or_default(),
             observed_at_unix_ms: d.observed_at_unix_ms,
+            fenced: d.fenced,
         }
     }
 }
@@ -576,5 +578,6 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
         lag_ms: d.lag_ms,
         error: (!error.is_empty()).then_some(error),
         observed_at_unix_ms: d.observed_at_unix_ms,
+        fenced: d.fenced,
     })
 }

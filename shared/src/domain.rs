@@ -174,6 +174,9 @@ pub enum OperationKind {
     Migrate,
     /// Back up an app's databases, or validate or restore a backup.
     Backup,
+    /// Move an app's primary database (and the app's writes) to another
+    /// region.
+    Failover,
 }
 
 impl OperationKind {
@@ -186,6 +189,7 @@ impl OperationKind {
             OperationKind::HealthCheck => "health-check",
             OperationKind::Migrate => "migrate",
             OperationKind::Backup => "backup",
+            OperationKind::Failover => "failover",
         }
     }
 }

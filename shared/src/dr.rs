@@ -63,18 +63,22 @@ pub struct DatabaseStatus {
     #[serde(default)]
     pub error: Option<String>,
     pub observed_at_unix_ms: i64,
+    /// A primary that refuses writes: one a failover fenced.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
-impl DatabaseStatus {
-    /// The same observation apart from the moment and the lag's exact
-    /// value: what decides whether a report is worth committing before the
-    /// periodic one.
-    pub fn same_shape(&self, other: &DatabaseStatus) -> bool {
-        self.role == other.role
-            && self.configured_role == other.configured_role
-            && self.error == other.error
-            && self.follows == other.follows
-    }
+/// An app's primary epoch: bumped (committed) by every failover before it
+/// acts, so agents can refuse work from a superseded decision.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrEpoch {
+    pub epoch: u64,
+    /// The cluster the last successful failover made primary (`None`
+    /// before the first, or while the epoch's failover has not succeeded).
+    pub primary: Option<ClusterRef>,
+    /// The failover that committed this epoch.
+    pub operation_id: String,
+    pub at_unix_ms: i64,
 }
 
 /// Parses PostgreSQL's textual LSN (`16/B374D848`).
@@ -242,7 +246,11 @@ pub struct PlanInput<'a> {
 pub fn primaries(clusters: &[ClusterView]) -> Vec<&ClusterView> {
     let observed: Vec<&ClusterView> = clusters
         .iter()
-        .filter(|c| c.database.as_ref().is_some_and(|d| d.role == Some(DbRole::Primary)))
+        .filter(|c| {
+            c.database
+                .as_ref()
+                .is_some_and(|d| d.role == Some(DbRole::Primary) && !d.fenced)
+        })
         .collect();
     if !observed.is_empty() {
         return observed;
@@ -510,6 +518,7 @@ mod tests {
             lag_ms,
             error: None,
             observed_at_unix_ms: 1,
+            fenced: false,
         }
     }
 

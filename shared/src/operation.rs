@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::Color;
 use crate::backup::{BackupAction, BackupObject, BackupTrigger};
+use crate::domain::ClusterRef;
 use crate::task::MigrateAction;
 
 /// How a deploy moves traffic across regions.
@@ -128,6 +129,30 @@ pub struct OperationSpec {
     /// Backup: what to do (boxed: most operations have none).
     #[serde(default)]
     pub backup: Option<Box<BackupSpec>>,
+    /// Failover: from where to where, under which epoch.
+    #[serde(default)]
+    pub failover: Option<Box<FailoverSpec>>,
+}
+
+/// What a failover was decided to do, fixed at creation: the plan reads
+/// nothing else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverSpec {
+    /// The primary being replaced (`None`: none had reported).
+    pub from: Option<ClusterRef>,
+    pub to: ClusterRef,
+    /// The primary epoch this failover commits (the app's last + 1).
+    pub epoch: u64,
+    /// Fence the old primary first: its agent is up. A forced failover
+    /// past a lost region supersedes it by the epoch alone.
+    pub fence: bool,
+    /// The color serving in `to` at creation, whose gates verify the new
+    /// primary (`None`: nothing deployed there yet; no gates run).
+    pub verify_color: Option<Color>,
+    /// The data-loss window the plan reported at creation, ms.
+    pub data_loss_window_ms: Option<u64>,
+    pub force: bool,
+    pub accept_data_loss: bool,
 }
 
 impl OperationSpec {
@@ -169,6 +194,7 @@ impl OperationSpec {
                 dry_run: get("dry_run") == Some("true"),
             }),
             backup: None,
+            failover: None,
         }
     }
 
@@ -216,6 +242,22 @@ impl OperationSpec {
             }
             if mg.dry_run {
                 put("dry_run", "true".into());
+            }
+        }
+        if let Some(f) = &self.failover {
+            if let Some(from) = &f.from {
+                put("from", from.to_string());
+            }
+            put("to", f.to.to_string());
+            put("epoch", f.epoch.to_string());
+            if let Some(w) = f.data_loss_window_ms {
+                put("data_loss_window_ms", w.to_string());
+            }
+            if f.force {
+                put("force", "true".into());
+            }
+            if f.accept_data_loss {
+                put("accept_data_loss", "true".into());
             }
         }
         if let Some(b) = &self.backup {

@@ -65,11 +65,15 @@ pub enum TaskKind {
     /// Back up an app's database to the object store, or validate or
     /// restore a backup.
     DbBackup,
+    /// Disaster recovery on an app's database: fence it (read-only, its
+    /// sessions ended), lift a fence, or promote a standby; each stamped
+    /// with the app's primary epoch.
+    DbFailover,
 }
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 9] = [
+    pub const ALL: [TaskKind; 10] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
@@ -79,6 +83,7 @@ impl TaskKind {
         TaskKind::AppMaintenance,
         TaskKind::DbMigrate,
         TaskKind::DbBackup,
+        TaskKind::DbFailover,
     ];
 
     /// The kind's name on the wire.
@@ -93,6 +98,7 @@ impl TaskKind {
             TaskKind::AppMaintenance => "app.maintenance",
             TaskKind::DbMigrate => "db.migrate",
             TaskKind::DbBackup => "db.backup",
+            TaskKind::DbFailover => "db.failover",
         }
     }
 
@@ -116,6 +122,7 @@ impl TaskKind {
             TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
             TaskKind::DbMigrate => "cutover migrate",
             TaskKind::DbBackup | TaskKind::AppMaintenance => "cutover backup",
+            TaskKind::DbFailover => "cutover dr failover",
         }
     }
 }
@@ -199,6 +206,50 @@ pub struct MigrateParams {
     pub compensate: bool,
 }
 
+/// What a `db.failover` task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailoverAction {
+    /// Make the database refuse writes (`default_transaction_read_only`,
+    /// every other session of it ended) and report its final WAL position.
+    Fence,
+    /// Lift a fence (a failover that failed before it promoted anything).
+    Unfence,
+    /// Promote a standby, once it replayed up to `wait_for_lsn`, and wait
+    /// until it accepts writes.
+    Promote,
+}
+
+impl FailoverAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverAction::Fence => "fence",
+            FailoverAction::Unfence => "unfence",
+            FailoverAction::Promote => "promote",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FailoverAction> {
+        [FailoverAction::Fence, FailoverAction::Unfence, FailoverAction::Promote]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
+/// `db.failover`'s parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailoverParams {
+    pub app: AppRef,
+    pub action: FailoverAction,
+    /// The app's primary epoch this task acts for. An agent that has seen a
+    /// newer one refuses the task.
+    pub epoch: u64,
+    /// Promote: the fenced primary's final position, which the standby
+    /// must have replayed first (`None`: the old primary was not fenced).
+    pub wait_for_lsn: Option<u64>,
+    /// Undoes an earlier step of the same operation after a failure.
+    pub compensate: bool,
+}
+
 /// `db.backup`'s parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupParams {
@@ -249,6 +300,7 @@ pub enum TaskParams {
     },
     DbMigrate(MigrateParams),
     DbBackup(BackupParams),
+    DbFailover(FailoverParams),
 }
 
 fn get<'a>(p: &'a WireParams, key: &'static str) -> Result<&'a str, TaskError> {
@@ -313,6 +365,7 @@ impl TaskParams {
             TaskParams::AppMaintenance { .. } => TaskKind::AppMaintenance,
             TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
             TaskParams::DbBackup(_) => TaskKind::DbBackup,
+            TaskParams::DbFailover(_) => TaskKind::DbFailover,
         }
     }
 
@@ -327,6 +380,7 @@ impl TaskParams {
             | TaskParams::AppMaintenance { app, .. } => Some(app),
             TaskParams::DbMigrate(m) => Some(&m.app),
             TaskParams::DbBackup(b) => Some(&b.app),
+            TaskParams::DbFailover(f) => Some(&f.app),
         }
     }
 
@@ -335,6 +389,7 @@ impl TaskParams {
         match self {
             TaskParams::AppSwitch { compensate, .. } | TaskParams::AppMaintenance { compensate, .. } => *compensate,
             TaskParams::DbMigrate(m) => m.compensate,
+            TaskParams::DbFailover(f) => f.compensate,
             _ => false,
         }
     }
@@ -406,6 +461,16 @@ impl TaskParams {
                 }
                 if !b.delete.is_empty() {
                     put("delete", serde_json::to_string(&b.delete).unwrap_or_default());
+                }
+            }
+            TaskParams::DbFailover(f) => {
+                put("action", f.action.as_str().into());
+                put("epoch", f.epoch.to_string());
+                if let Some(l) = f.wait_for_lsn {
+                    put("wait_for_lsn", l.to_string());
+                }
+                if f.compensate {
+                    put("compensate", "true".into());
                 }
             }
         }
@@ -481,6 +546,19 @@ impl TaskParams {
                     object: json(p, "object")?,
                     table_rows: json(p, "table_rows")?.unwrap_or_default(),
                     delete: json(p, "delete")?.unwrap_or_default(),
+                })
+            }
+            TaskKind::DbFailover => {
+                let action = get(p, "action")?;
+                TaskParams::DbFailover(FailoverParams {
+                    app: app_ref(p)?,
+                    action: FailoverAction::parse(action).ok_or_else(|| TaskError::Invalid {
+                        key: "action",
+                        why: format!("{action:?} is not fence, unfence or promote"),
+                    })?,
+                    epoch: number(p, "epoch")?.ok_or(TaskError::Missing("epoch"))?,
+                    wait_for_lsn: number(p, "wait_for_lsn")?,
+                    compensate: flag(p, "compensate"),
                 })
             }
         })
@@ -816,6 +894,41 @@ pub mod outputs {
         }
     }
 
+    /// What `db.failover` reports: the database's WAL position when the
+    /// task ended (a fence: the last write it will ever take; a promotion:
+    /// the new primary's first), and the epoch it acted for.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct FailoverOutputs {
+        pub lsn: Option<u64>,
+        pub epoch: Option<u64>,
+        /// Promote: how long the standby took to replay up to the fence, ms.
+        pub caught_up_ms: Option<u64>,
+    }
+
+    impl FailoverOutputs {
+        pub fn to_wire(&self) -> WireParams {
+            let mut m = WireParams::new();
+            if let Some(l) = self.lsn {
+                m.insert("lsn".into(), crate::dr::format_lsn(l));
+            }
+            if let Some(e) = self.epoch {
+                m.insert("epoch".into(), e.to_string());
+            }
+            if let Some(c) = self.caught_up_ms {
+                m.insert("caught_up_ms".into(), c.to_string());
+            }
+            m
+        }
+
+        pub fn from_wire(m: &WireParams) -> Self {
+            FailoverOutputs {
+                lsn: m.get("lsn").and_then(|l| crate::dr::parse_lsn(l)),
+                epoch: m.get("epoch").and_then(|v| v.parse().ok()),
+                caught_up_ms: m.get("caught_up_ms").and_then(|v| v.parse().ok()),
+            }
+        }
+    }
+
     /// The color an `app.deploy` result reports.
     pub fn deployed_color(out: &WireParams) -> Option<Color> {
         AppOutputs::from_wire(out).color
@@ -970,6 +1083,20 @@ mod tests {
                 }),
                 table_rows: BTreeMap::from([("public.orders".to_owned(), 3)]),
                 delete: BTreeMap::from([("x".to_owned(), BackupObject::default())]),
+            }),
+            TaskParams::DbFailover(FailoverParams {
+                app: app(),
+                action: FailoverAction::Promote,
+                epoch: 7,
+                wait_for_lsn: Some(0x16_B374_D848),
+                compensate: false,
+            }),
+            TaskParams::DbFailover(FailoverParams {
+                app: app(),
+                action: FailoverAction::Unfence,
+                epoch: 2,
+                wait_for_lsn: None,
+                compensate: true,
             }),
         ];
         let mut kinds = std::collections::BTreeSet::new();

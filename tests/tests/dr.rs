@@ -57,18 +57,20 @@ fn cli(c: &TestCluster, node: usize, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standby() {
-    let logs = captured_logs();
+/// A primary with a `shop` database, its streaming standby, and a cluster
+/// whose us-east agent has the primary and eu-west agent the standby, with
+/// app `shop` declared in both (`max_data_loss_secs` 5).
+struct Fixture {
+    primary: TestPostgres,
+    standby: TestPostgres,
+    c: TestCluster,
+    leader: usize,
+}
+
+async fn fixture(schema: &str) -> Fixture {
     let primary = TestPostgres::start().unwrap();
     let url = primary.create_database("shop").unwrap();
-    primary
-        .psql(
-            "shop",
-            "create table orders (id bigint primary key, item text not null); \
-             insert into orders select g, md5(g::text) from generate_series(1, 1000) g;",
-        )
-        .unwrap();
+    primary.psql("shop", schema).unwrap();
     let standby = primary.start_standby().unwrap();
     let standby_url = standby.url("shop");
 
@@ -95,19 +97,22 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
     .unwrap();
     let mut spec = sample_app_spec("shop", REGIONS);
     spec.dr.max_data_loss_secs = 5;
-    let mut op = c.operator(leader);
-    op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+    spec.bake_secs = 0;
+    c.operator(leader)
+        .apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
         .await
         .unwrap();
+    Fixture {
+        primary,
+        standby,
+        c,
+        leader,
+    }
+}
 
-    // Writes on the primary reach the standby, and both agents say so: the
-    // standby's replayed position catches up with the primary's.
-    primary
-        .psql(
-            "shop",
-            "insert into orders select g, 'late' from generate_series(1001, 1500) g",
-        )
-        .unwrap();
+/// Waits until both agents reported, the standby caught up with everything
+/// the primary wrote so far.
+async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) {
     let written = parse_lsn(&primary.current_lsn().unwrap()).unwrap();
     c.wait_state(leader, T, "the standby's report to pass the primary's write", |s| {
         let Some(dbs) = s.db_status.get("shop") else {
@@ -125,6 +130,32 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
     })
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standby() {
+    let logs = captured_logs();
+    let Fixture {
+        primary,
+        standby,
+        mut c,
+        leader,
+    } = fixture(
+        "create table orders (id bigint primary key, item text not null); \
+         insert into orders select g, md5(g::text) from generate_series(1, 1000) g;",
+    )
+    .await;
+    let mut op = c.operator(leader);
+
+    // Writes on the primary reach the standby, and both agents say so: the
+    // standby's replayed position catches up with the primary's.
+    primary
+        .psql(
+            "shop",
+            "insert into orders select g, 'late' from generate_series(1001, 1500) g",
+        )
+        .unwrap();
+    wait_caught_up(&primary, &c, leader).await;
 
     // A viewer may read the DR status; it shows both roles and no lag.
     let mut viewer = c.client(&c.pki.viewer, leader).unwrap();
@@ -293,5 +324,209 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
     assert!(!state.contains(primary.password()), "{state}");
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(!text.contains(primary.password()), "a password reached the logs");
+    c.shutdown().await;
+}
+
+/// Inserts 1, 2, 3, ... one autocommitted row each, into whichever of
+/// `urls` takes writes, and records each number whose commit was
+/// acknowledged. A refused or broken write is retried, same number, on
+/// the next server: the writer follows the primary across a failover.
+struct SequenceWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(i64, usize)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SequenceWriter {
+    fn start(urls: Vec<String>) -> SequenceWriter {
+        use sqlx::Connection;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let task = tokio::spawn(async move {
+            let mut n: i64 = 1;
+            let mut at = 0usize;
+            let mut conn: Option<sqlx::PgConnection> = None;
+            while !s.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    conn = sqlx::PgConnection::connect(&urls[at]).await.ok();
+                }
+                let ok = match conn.as_mut() {
+                    Some(c) => sqlx::query("insert into seq values ($1)")
+                        .bind(n)
+                        .execute(&mut *c)
+                        .await
+                        .is_ok(),
+                    None => false,
+                };
+                if ok {
+                    a.lock().unwrap().push((n, at));
+                    n += 1;
+                } else {
+                    // Refused (read-only, a standby) or cut off (fenced):
+                    // the same number on the other server, after a breath.
+                    conn = None;
+                    at = (at + 1) % urls.len();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        SequenceWriter { stop, acked, task }
+    }
+
+    /// How many commits server `i` acknowledged so far.
+    fn acked_on(&self, i: usize) -> usize {
+        self.acked.lock().unwrap().iter().filter(|(_, at)| *at == i).count()
+    }
+
+    async fn finish(self) -> Vec<i64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.acked.lock().unwrap().iter().map(|(n, _)| *n).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primary() {
+    let Fixture {
+        primary,
+        standby,
+        c,
+        leader,
+    } = fixture("create table seq (n bigint primary key)").await;
+    let mut op = c.operator(leader);
+    wait_caught_up(&primary, &c, leader).await;
+    // The app runs in both regions, so the failover verifies eu-west with
+    // the gates of the color serving there.
+    let id = op
+        .deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: "sample:v1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    c.wait_state(leader, T, "the deploy to succeed", |s| {
+        s.operations[&id].state == cutover_shared::domain::TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+
+    // A refused failover changes nothing: the primary's own region.
+    let before = c
+        .node(leader)
+        .consensus()
+        .read(|s| (s.operations.len(), s.audit_sequence));
+    let e = op
+        .failover(pb::FailoverRequest {
+            app: "shop".into(),
+            to: "us-east".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    let after = c
+        .node(leader)
+        .consensus()
+        .read(|s| (s.operations.len(), s.audit_sequence));
+    assert_eq!(before, after);
+
+    let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);
+    c.wait_state(leader, T, "the writer to get going", |_| writer.acked_on(0) >= 50)
+        .await
+        .unwrap();
+    let started = op
+        .failover(pb::FailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.epoch, 1);
+    c.wait_state(leader, T, "the failover to finish", |s| {
+        s.operations[&started.operation_id].state.is_finished()
+    })
+    .await
+    .unwrap();
+    let done = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.operations[&started.operation_id].clone());
+    assert_eq!(
+        done.state,
+        cutover_shared::domain::TaskState::Succeeded,
+        "{}",
+        done.summary
+    );
+    assert!(done.summary.contains("data lost: nothing"), "{}", done.summary);
+    let steps: Vec<String> = done
+        .tasks
+        .iter()
+        .map(|t| format!("{} {}", t.spec.kind, t.spec.target.region))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover eu-west",
+            "app.gates eu-west"
+        ]
+    );
+
+    // The writer carries on against the new primary; then every number
+    // whose commit was acknowledged, on either server, is there.
+    c.wait_state(leader, T, "writes on the new primary", |_| writer.acked_on(1) >= 50)
+        .await
+        .unwrap();
+    let acked = writer.finish().await;
+    let rows: std::collections::BTreeSet<i64> = standby
+        .psql("shop", "select n from seq")
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    let lost: Vec<&i64> = acked.iter().filter(|n| !rows.contains(n)).collect();
+    assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
+    assert!(acked.len() >= 100);
+
+    // The old primary refuses writes; the new one is a primary.
+    let e = primary
+        .psql("shop", "insert into seq values (-1)")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read-only transaction"), "{e}");
+    assert_eq!(standby.psql("shop", "select pg_is_in_recovery()").unwrap(), "f");
+
+    // DR status shows the epoch, the new primary and the fenced old one.
+    c.wait_state(leader, T, "us-east reported fenced, eu-west primary", |s| {
+        let Some(dbs) = s.db_status.get("shop") else {
+            return false;
+        };
+        dbs.get("us-east/c1").is_some_and(|d| d.fenced)
+            && dbs
+                .get("eu-west/c1")
+                .is_some_and(|d| d.role == Some(DbRole::Primary) && !d.fenced)
+    })
+    .await
+    .unwrap();
+    let st = op
+        .get_dr_status(pb::GetDrStatusRequest { app: "shop".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((st.epoch, st.epoch_primary.as_str()), (1, "eu-west/c1"));
+    let (code, out, err) = cli(&c, leader, &["dr", "status", "--app", "shop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("fenced") && out.contains("primary epoch 1, made primary: eu-west/c1"),
+        "{out}"
+    );
     c.shutdown().await;
 }

@@ -50,6 +50,9 @@ pub struct Replication {
     pub receive_lsn: Option<u64>,
     /// A standby's replay delay, ms.
     pub lag_ms: Option<u64>,
+    /// New transactions are read-only (`default_transaction_read_only`):
+    /// on a primary, a fence.
+    pub read_only: bool,
 }
 
 /// How a connection may touch the database.
@@ -161,8 +164,10 @@ impl Conn {
                    CASE WHEN NOT pg_is_in_recovery() THEN NULL \
                         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
                              AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0::bigint \
-                        ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
-        let (in_recovery, lsn, receive, lag): (bool, Option<String>, Option<String>, Option<i64>) = sqlx::query_as(sql)
+                        ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END, \
+                   current_setting('default_transaction_read_only') = 'on'";
+        type Row = (bool, Option<String>, Option<String>, Option<i64>, bool);
+        let (in_recovery, lsn, receive, lag, read_only): Row = sqlx::query_as(sql)
             .fetch_one(&mut *c)
             .await
             .map_err(|e| MigrateError::Database(self.red.clean(&format!("cannot read the replication state: {e}"))))?;
@@ -172,7 +177,149 @@ impl Conn {
             lsn: lsn_of(lsn),
             receive_lsn: lsn_of(receive),
             lag_ms: lag.map(|l| u64::try_from(l).unwrap_or(0)),
+            read_only,
         }))
+    }
+
+    /// Runs one statement on PostgreSQL (outside any transaction block:
+    /// `ALTER SYSTEM` refuses one); a no-op on SQLite.
+    async fn pg_exec(&mut self, what: &str, sql: &'static str) -> Result<(), MigrateError> {
+        let Inner::Pg(c) = &mut self.inner else {
+            return Ok(());
+        };
+        let r = sqlx::raw_sql(sql).execute(&mut *c).await;
+        r.map(|_| ()).map_err(|e| self.err(what, e))
+    }
+
+    async fn pg_scalar<T>(&mut self, what: &str, sql: &'static str) -> Result<T, MigrateError>
+    where
+        T: Send + Unpin + for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
+        let Inner::Pg(c) = &mut self.inner else {
+            return Err(MigrateError::Config(format!("{what}: not a PostgreSQL database")));
+        };
+        let r = sqlx::query_scalar::<_, T>(sql).fetch_one(&mut *c).await;
+        r.map_err(|e| self.err(what, e))
+    }
+
+    /// Sets (or resets) `default_transaction_read_only` server-wide and
+    /// waits until this session sees it: the reload reaches backends
+    /// asynchronously.
+    async fn set_read_only(&mut self, on: bool) -> Result<(), MigrateError> {
+        if on {
+            self.pg_exec(
+                "cannot make the server read-only",
+                "ALTER SYSTEM SET default_transaction_read_only = on",
+            )
+            .await?;
+        } else {
+            self.pg_exec(
+                "cannot lift read-only",
+                "ALTER SYSTEM RESET default_transaction_read_only",
+            )
+            .await?;
+        }
+        self.pg_exec("cannot reload the configuration", "SELECT pg_reload_conf()")
+            .await?;
+        let want = if on { "on" } else { "off" };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now: String = self
+                .pg_scalar(
+                    "cannot read the setting",
+                    "SELECT current_setting('default_transaction_read_only')",
+                )
+                .await?;
+            if now == want {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(MigrateError::Database(format!(
+                    "default_transaction_read_only is still {now} 10 s after the reload"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Fences a PostgreSQL primary: new transactions are read-only
+    /// server-wide, and every other client session is ended (an open
+    /// transaction could still commit). Returns the final WAL position,
+    /// which a standby must replay before it may be promoted. Idempotent.
+    pub async fn fence(&mut self) -> Result<u64, MigrateError> {
+        self.set_read_only(true).await?;
+        // pg_terminate_backend(pid, timeout) waits for each to be gone.
+        let _: i64 = self
+            .pg_scalar(
+                "cannot end the other sessions",
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+                 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) t",
+            )
+            .await?;
+        let lsn: String = self
+            .pg_scalar("cannot read the WAL position", "SELECT pg_current_wal_lsn()::text")
+            .await?;
+        cutover_shared::dr::parse_lsn(&lsn)
+            .ok_or_else(|| MigrateError::Database(format!("unreadable WAL position {lsn:?}")))
+    }
+
+    /// Lifts a fence. Idempotent.
+    pub async fn unfence(&mut self) -> Result<(), MigrateError> {
+        self.set_read_only(false).await
+    }
+
+    /// Promotes a PostgreSQL standby once it replayed up to `wait_for`
+    /// (within `catch_up`), and waits until it accepts writes. A server
+    /// that is already a primary is only made writable (a re-sent task).
+    /// Returns the new primary's WAL position and how long the catch-up
+    /// took.
+    pub async fn promote(
+        &mut self,
+        wait_for: Option<u64>,
+        catch_up: Duration,
+    ) -> Result<(u64, Duration), MigrateError> {
+        let started = std::time::Instant::now();
+        let in_recovery: bool = self
+            .pg_scalar("cannot read the role", "SELECT pg_is_in_recovery()")
+            .await?;
+        let mut waited = Duration::ZERO;
+        if in_recovery {
+            if let Some(target) = wait_for {
+                loop {
+                    let at: Option<String> = self
+                        .pg_scalar(
+                            "cannot read the replay position",
+                            "SELECT pg_last_wal_replay_lsn()::text",
+                        )
+                        .await?;
+                    let at = at.as_deref().and_then(cutover_shared::dr::parse_lsn).unwrap_or(0);
+                    if at >= target {
+                        break;
+                    }
+                    if started.elapsed() > catch_up {
+                        return Err(MigrateError::Database(format!(
+                            "the standby replayed up to {} of the fenced primary's {} in {catch_up:?}; not promoted",
+                            cutover_shared::dr::format_lsn(at),
+                            cutover_shared::dr::format_lsn(target)
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                waited = started.elapsed();
+            }
+            let promoted: bool = self.pg_scalar("cannot promote", "SELECT pg_promote(true, 60)").await?;
+            if !promoted {
+                return Err(MigrateError::Database("pg_promote did not finish within 60 s".into()));
+            }
+        }
+        // A standby copied from a fenced primary inherits its fence.
+        self.set_read_only(false).await?;
+        let lsn: String = self
+            .pg_scalar("cannot read the WAL position", "SELECT pg_current_wal_lsn()::text")
+            .await?;
+        let lsn = cutover_shared::dr::parse_lsn(&lsn)
+            .ok_or_else(|| MigrateError::Database(format!("unreadable WAL position {lsn:?}")))?;
+        Ok((lsn, waited))
     }
 
     async fn table_exists(&mut self) -> Result<bool, MigrateError> {

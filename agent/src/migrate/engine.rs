@@ -138,6 +138,46 @@ fn plan_steps(
     Ok(steps)
 }
 
+/// Fences a PostgreSQL primary (see [`Conn::fence`]); its final WAL position.
+pub async fn fence(cfg: &DbConfig) -> Result<u64, MigrateError> {
+    let mut c = pg_conn(cfg).await?;
+    let r = c.fence().await;
+    c.close().await;
+    r
+}
+
+/// Lifts a fence.
+pub async fn unfence(cfg: &DbConfig) -> Result<(), MigrateError> {
+    let mut c = pg_conn(cfg).await?;
+    let r = c.unfence().await;
+    c.close().await;
+    r
+}
+
+/// Promotes a standby (see [`Conn::promote`]).
+pub async fn promote(
+    cfg: &DbConfig,
+    wait_for: Option<u64>,
+    catch_up: std::time::Duration,
+) -> Result<(u64, std::time::Duration), MigrateError> {
+    let mut c = pg_conn(cfg).await?;
+    let r = c.promote(wait_for, catch_up).await;
+    c.close().await;
+    r
+}
+
+async fn pg_conn(cfg: &DbConfig) -> Result<Conn, MigrateError> {
+    if cfg.driver != super::config::Driver::Postgres {
+        return Err(MigrateError::Config(format!(
+            "{}: only PostgreSQL databases are fenced and promoted",
+            cfg.app
+        )));
+    }
+    Conn::connect(cfg, Access::ReadWrite)
+        .await?
+        .ok_or_else(|| MigrateError::Config("no database".into()))
+}
+
 /// The server's replication state (`None` for SQLite). Changes nothing.
 pub async fn replication(cfg: &DbConfig) -> Result<Option<Replication>, MigrateError> {
     match Conn::connect(cfg, Access::ReadOnly).await? {

@@ -46,7 +46,7 @@ pub use config::{
     resolve,
 };
 pub use conn::Replication;
-pub use engine::{down, plan, replication, restore, status, up};
+pub use engine::{down, fence, plan, promote, replication, restore, status, unfence, up};
 pub use redact::REDACTED;
 pub use source::{MigrationSource, VersionedMigration};
 pub use split::split_statements;

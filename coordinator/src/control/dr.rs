@@ -4,9 +4,12 @@
 //! will run, so what `cutover dr plan` shows is what would happen.
 
 use cutover_shared::backup::{BackupEntry, newest_validated};
-use cutover_shared::domain::{AgentState, ClusterRef};
+use cutover_shared::domain::{AgentState, ClusterRef, OperationKind, now_unix_ms, validate_name};
 use cutover_shared::dr::{self, ClusterView, DataSource, FailoverPlan, PlanInput};
+use cutover_shared::identity::Identity;
+use cutover_shared::operation::{FailoverSpec, OperationSpec};
 use cutover_shared::proto as pb;
+use cutover_shared::task::TaskKind;
 
 use super::ControlApi;
 use super::error::ApiError;
@@ -77,9 +80,15 @@ impl ControlApi {
                 })
                 .collect()
         });
+        let epoch = self
+            .consensus
+            .read(|s| s.dr_epochs.get(&spec.name).cloned())
+            .unwrap_or_default();
         Ok(pb::GetDrStatusResponse {
             app: spec.name,
             clusters,
+            epoch: epoch.epoch,
+            epoch_primary: epoch.primary.map(|p| p.to_string()).unwrap_or_default(),
         })
     }
 
@@ -102,6 +111,101 @@ impl ControlApi {
         let plan = plan.map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         Ok(pb::PlanFailoverResponse {
             plan: Some(plan_to_proto(plan)),
+        })
+    }
+}
+
+impl ControlApi {
+    /// Starts a failover: the plan again, on caught-up state; refused with
+    /// every blocker the request does not override; else one `Failover`
+    /// operation whose creation commits the app's next primary epoch.
+    pub async fn failover(&self, who: &Identity, r: pb::FailoverRequest) -> Result<pb::FailoverResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        if !r.to.is_empty() {
+            validate_name("to", &r.to)?;
+        }
+        self.consensus.catch_up().await?;
+        let now = now_unix_ms();
+        let (plan, epoch, statuses) = self.consensus.read(|s| {
+            let plan = dr::plan(&PlanInput {
+                app: &spec,
+                clusters: cluster_views(s, &spec),
+                backups: app_backups(s, &spec.name),
+                running_operation: running_on(s, &spec),
+                to: (!r.to.is_empty()).then_some(r.to.as_str()),
+                now_unix_ms: now,
+            });
+            let epoch = s.dr_epochs.get(&spec.name).map_or(0, |e| e.epoch) + 1;
+            (plan, epoch, s.app_status.get(&spec.name).cloned().unwrap_or_default())
+        });
+        let plan = plan.map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+        let refused: Vec<String> = plan
+            .blockers
+            .iter()
+            .filter(|b| match b.overridden_by {
+                Some("--force") => !r.force,
+                Some("--accept-data-loss") => !r.accept_data_loss,
+                _ => true,
+            })
+            .map(|b| match b.overridden_by {
+                Some(flag) => format!("{} (override: {flag})", b.reason),
+                None => b.reason.clone(),
+            })
+            .collect();
+        if !refused.is_empty() {
+            return Err(ApiError::failed_precondition(format!(
+                "failover of {} refused: {}",
+                spec.name,
+                refused.join("; ")
+            )));
+        }
+        let to = plan
+            .to
+            .clone()
+            .ok_or_else(|| ApiError::failed_precondition(format!("{} has no cluster to fail over to", spec.name)))?;
+        if !matches!(plan.source, Some(DataSource::Standby { .. })) {
+            return Err(ApiError::failed_precondition(format!(
+                "{to} has no standby of {}; a failover that restores a backup is not available yet \
+                 (restore it with `cutover backup restore --to primary`)",
+                spec.name
+            )));
+        }
+        // The old primary is fenced when its agent can be asked to; a
+        // forced failover past a lost region supersedes it by the epoch.
+        let from_up = plan.from.as_ref().is_some_and(|f| {
+            self.consensus.read(|s| s.agents.get(&f.to_string()).map(|a| a.state)) == Some(AgentState::Up)
+        });
+        let fence = plan.from.is_some() && from_up;
+        let mut targets = vec![to.clone()];
+        if fence && let Some(f) = &plan.from {
+            targets.push(f.clone());
+        }
+        for t in &targets {
+            if !self.agent_offers(t, TaskKind::DbFailover) {
+                return Err(ApiError::failed_precondition(format!(
+                    "the agent for {t} cannot fail databases over (upgrade it first)"
+                )));
+            }
+        }
+        let op_spec = OperationSpec {
+            failover: Some(Box::new(FailoverSpec {
+                from: plan.from.clone(),
+                to: to.clone(),
+                epoch,
+                fence,
+                verify_color: statuses.get(&to.to_string()).and_then(|st| st.active),
+                data_loss_window_ms: plan.data_loss_window_ms,
+                force: r.force,
+                accept_data_loss: r.accept_data_loss,
+            })),
+            ..OperationSpec::default()
+        };
+        let id = self
+            .start_app_operation(who, OperationKind::Failover, &spec, targets, op_spec)
+            .await?;
+        Ok(pb::FailoverResponse {
+            operation_id: id,
+            epoch,
         })
     }
 }

@@ -231,6 +231,11 @@ impl ControlService for ControlApi {
         Ok(Response::new(ControlApi::list_backups(self, req.into_inner()).await?))
     }
 
+    async fn failover(&self, req: Request<pb::FailoverRequest>) -> Result<Response<pb::FailoverResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::failover(self, &who, req.into_inner()).await?))
+    }
+
     async fn get_dr_status(
         &self,
         req: Request<pb::GetDrStatusRequest>,

@@ -258,6 +258,7 @@ impl ControlApi {
                 Some(BackupAction::Delete) => "DeleteBackup",
                 _ => "CreateBackup",
             },
+            OperationKind::Failover => "Failover",
             OperationKind::Task => "RunTask",
         };
         let audit_params = serde_json::json!({

@@ -8,9 +8,9 @@
 //! data in place).
 
 use cutover_shared::app::Color;
-use cutover_shared::domain::{ClusterRef, Operation, TaskRecord, TaskState};
+use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskRecord, TaskState};
 use cutover_shared::release::Bundle;
-use cutover_shared::task::{MigrateAction, TaskParams, outputs};
+use cutover_shared::task::{FailoverAction, FailoverParams, MigrateAction, TaskParams, outputs};
 
 use super::{Inputs, MAINTENANCE, MIGRATE, SWITCH, Step, is_compensation, params_of};
 
@@ -21,6 +21,60 @@ fn compensated<'a>(op: &'a Operation, kind: &str) -> Vec<&'a ClusterRef> {
         .filter(|t| is_compensation(t) && t.spec.kind == kind)
         .map(|t| &t.spec.target)
         .collect()
+}
+
+/// Whether a failover's promotion was ever sent: from then on the standby
+/// may be a primary, so the old one must stay fenced whatever happened.
+pub(super) fn promotion_attempted(op: &Operation) -> bool {
+    op.tasks
+        .iter()
+        .any(|t| matches!(params_of(t), Some(TaskParams::DbFailover(f)) if f.action == FailoverAction::Promote))
+}
+
+/// A failover that failed before it promoted anything puts the old primary
+/// back: the fence lifted (a failed fence may have acted), then its app
+/// takes traffic again. Once a promotion was sent nothing is undone: two
+/// writable primaries are worse than a failover left for an operator.
+fn failover_step(op: &Operation) -> Option<Step> {
+    if promotion_attempted(op) {
+        return None;
+    }
+    let unfenced = op
+        .tasks
+        .iter()
+        .any(|t| matches!(params_of(t), Some(TaskParams::DbFailover(f)) if f.action == FailoverAction::Unfence));
+    let fence = op.tasks.iter().find_map(|t| match params_of(t) {
+        Some(TaskParams::DbFailover(f)) if f.action == FailoverAction::Fence && t.state.is_finished() => {
+            Some((t.spec.target.clone(), f))
+        }
+        _ => None,
+    });
+    if !unfenced && let Some((target, f)) = fence {
+        return Some(Step::new(
+            &target,
+            TaskParams::DbFailover(FailoverParams {
+                action: FailoverAction::Unfence,
+                wait_for_lsn: None,
+                compensate: true,
+                ..f
+            }),
+        ));
+    }
+    let ended = compensated(op, MAINTENANCE);
+    op.tasks
+        .iter()
+        .filter(|t| t.spec.kind == MAINTENANCE && !ended.contains(&&t.spec.target))
+        .find_map(|t| match params_of(t) {
+            Some(TaskParams::AppMaintenance { app, on: true, .. }) => Some(Step::new(
+                &t.spec.target,
+                TaskParams::AppMaintenance {
+                    app,
+                    on: false,
+                    compensate: true,
+                },
+            )),
+            _ => None,
+        })
 }
 
 /// The forward `db.migrate` up steps that changed a schema.
@@ -38,6 +92,9 @@ pub(super) fn migrated(op: &Operation) -> Vec<&TaskRecord> {
 /// The next compensating step, or `None` once everything that can be put
 /// back has been.
 pub(super) fn next_step(op: &Operation, inputs: &Inputs<'_>) -> Option<Step> {
+    if op.kind == OperationKind::Failover {
+        return failover_step(op);
+    }
     // Every switch that may have moved traffic: the ones that succeeded,
     // and the ones that failed after possibly acting (an agent that
     // switched, crashed, and failed on the re-run; a driver that patched

@@ -9,7 +9,10 @@ use cutover_shared::backup::{self, BackupAction};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind};
 use cutover_shared::operation::{MigrateSpec, Strategy};
 use cutover_shared::release::Bundle;
-use cutover_shared::task::{self, AppRef, BackupParams, MigrateAction, MigrateParams, TaskKind, TaskParams, outputs};
+use cutover_shared::task::{
+    self, AppRef, BackupParams, FailoverAction, FailoverParams, MigrateAction, MigrateParams, TaskKind, TaskParams,
+    outputs,
+};
 
 use super::DEPLOY;
 
@@ -361,6 +364,57 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     TaskParams::AppGates {
                         app: app(),
                         color: None,
+                    },
+                ));
+            }
+        }
+        OperationKind::Failover => {
+            // The old primary is fenced (its app stops taking traffic, its
+            // database stops taking writes) before the standby is promoted,
+            // and the promotion waits until the standby replayed the
+            // fence's last write: a planned failover loses nothing.
+            let Some(f) = op.spec.failover.as_deref() else {
+                return steps;
+            };
+            let failover = |t: &ClusterRef, action, wait_for_lsn| {
+                Step::new(
+                    t,
+                    TaskParams::DbFailover(FailoverParams {
+                        app: app(),
+                        action,
+                        epoch: f.epoch,
+                        wait_for_lsn,
+                        compensate: false,
+                    }),
+                )
+            };
+            let mut fenced_at = None;
+            if f.fence
+                && let Some(from) = &f.from
+            {
+                steps.push(Step::new(
+                    from,
+                    TaskParams::AppMaintenance {
+                        app: app(),
+                        on: true,
+                        compensate: false,
+                    },
+                ));
+                steps.push(failover(from, FailoverAction::Fence, None));
+                fenced_at = op
+                    .tasks
+                    .iter()
+                    .find(|r| &r.spec.target == from && r.spec.kind == TaskKind::DbFailover.as_str())
+                    .and_then(|r| r.result.as_ref())
+                    .and_then(|r| outputs::FailoverOutputs::from_wire(&r.outputs).lsn);
+            }
+            steps.push(failover(&f.to, FailoverAction::Promote, fenced_at));
+            if let Some(color) = f.verify_color {
+                steps.push(Step::new(
+                    &f.to,
+                    TaskParams::AppGates {
+                        app: app(),
+                        color: Some(color),
                     },
                 ));
             }

@@ -60,7 +60,64 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
     if !back.is_empty() {
         summary.push_str(&format!("; rolled back: {}", back.join(", ")));
     }
+    if let Some(f) = &op.spec.failover
+        && compensate::promotion_attempted(op)
+    {
+        summary.push_str(&format!(
+            "; the promotion in {} was attempted, so nothing was undone: {} stays fenced at epoch {} \
+             (check {} with `cutover dr status`, then fail over again)",
+            f.to,
+            f.from
+                .as_ref()
+                .map_or_else(|| "the old primary".to_owned(), ToString::to_string),
+            f.epoch,
+            f.to
+        ));
+    }
     summary
+}
+
+/// A successful failover's report: RTO (the decision to the new primary
+/// verified) and the data-loss window, with each step.
+fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> String {
+    use cutover_shared::task::outputs::FailoverOutputs;
+    let ended = op
+        .tasks
+        .iter()
+        .filter_map(|t| t.result.as_ref().map(|r| r.finished_at_unix_ms))
+        .max()
+        .unwrap_or(op.created_at_unix_ms);
+    let rto_ms = u64::try_from(ended.saturating_sub(op.created_at_unix_ms)).unwrap_or(0);
+    let promoted = op
+        .tasks
+        .iter()
+        .filter(|t| t.spec.target == f.to && t.spec.kind == cutover_shared::task::TaskKind::DbFailover.as_str())
+        .filter_map(|t| t.result.as_ref())
+        .map(|r| FailoverOutputs::from_wire(&r.outputs))
+        .next_back();
+    let loss = if f.fence {
+        "nothing (the old primary was fenced and the standby replayed its last write)".to_owned()
+    } else {
+        match f.data_loss_window_ms {
+            Some(w) => format!(
+                "at most {} (the old primary could not be fenced)",
+                cutover_shared::dr::human_ms(w)
+            ),
+            None => "unknown (the old primary could not be fenced)".to_owned(),
+        }
+    };
+    format!(
+        "failed over {} to {} at epoch {} in {} (RTO); data lost: {loss}; new primary at {}",
+        f.from
+            .as_ref()
+            .map_or_else(|| "(no reported primary)".to_owned(), ToString::to_string),
+        f.to,
+        f.epoch,
+        cutover_shared::dr::human_ms(rto_ms),
+        promoted
+            .and_then(|p| p.lsn)
+            .map_or_else(|| "?".to_owned(), cutover_shared::dr::format_lsn)
+    )
 }
 
 /// The steps' results of a successful operation, or the failed steps of a
@@ -74,6 +131,9 @@ pub(super) fn finished(op: &Operation) -> (TaskState, String) {
         .collect();
     if !failed.is_empty() {
         return (TaskState::Failed, failed.join("; "));
+    }
+    if let Some(f) = &op.spec.failover {
+        return (TaskState::Succeeded, failover(op, f));
     }
     let summary = op
         .tasks
