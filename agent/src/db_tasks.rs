@@ -105,7 +105,10 @@ impl DbRuntime {
                 task.target
             )
         })?;
-        let cfg = migrate::resolve(db, &self.data_dir).map_err(|e| e.to_string())?;
+        let mut cfg = migrate::resolve(db, &self.data_dir).map_err(|e| e.to_string())?;
+        // What the server is now, not what the file said: after a failover
+        // the promoted standby is migrated and the fenced primary is not.
+        cfg.primary = crate::dr::acts_as_primary(&cfg, &self.data_dir).await;
         let source = MigrationSource::from_bundle(&bundle).map_err(|e| e.to_string())?;
         let mut out = MigrateOutputs::default();
         let changes = matches!(action, "up" | "down") && !dry_run;

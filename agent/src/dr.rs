@@ -67,9 +67,71 @@ pub async fn observe(db: &DatabaseConfig, data_dir: &Path) -> DatabaseStatus {
     status
 }
 
+/// Whether migrations may change `cfg`'s database now. A PostgreSQL server
+/// in recovery or fenced is not a primary, whatever the config says; one
+/// that is neither is, if the config says so or this agent promoted it
+/// (a failover does not rewrite config files). SQLite, or a server that
+/// cannot be asked (its connection will fail anyway): as configured.
+pub async fn acts_as_primary(cfg: &migrate::DbConfig, data_dir: &Path) -> bool {
+    match tokio::time::timeout(OBSERVE_TIMEOUT, migrate::replication(cfg)).await {
+        Ok(Ok(Some(r))) if r.in_recovery || r.read_only => false,
+        Ok(Ok(Some(_))) => cfg.primary || promoted_here(data_dir, &cfg.app),
+        _ => cfg.primary,
+    }
+}
+
+/// Whether this agent promoted `app`'s database (and no later fence
+/// undid it), from `<data_dir>/dr-epochs.json`.
+pub fn promoted_here(data_dir: &Path, app: &str) -> bool {
+    read_epochs(&data_dir.join(EPOCHS_FILE))
+        .get(app)
+        .is_some_and(|e| e.promoted)
+}
+
+const EPOCHS_FILE: &str = "dr-epochs.json";
+
+/// What this agent knows of one app's failovers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct AppEpoch {
+    /// The highest primary epoch seen.
+    epoch: u64,
+    /// This agent promoted the app's database (and did not fence it since).
+    #[serde(default)]
+    promoted: bool,
+    /// This agent fenced the app's primary itself when its lease ran out
+    /// (as opposed to a failover's fence, which only a rejoin lifts).
+    #[serde(default)]
+    self_fenced: bool,
+}
+
+fn read_epochs(path: &Path) -> BTreeMap<String, AppEpoch> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
 /// Observes every configured database, concurrently.
 pub async fn observe_all(databases: &[DatabaseConfig], data_dir: &Path) -> Vec<DatabaseStatus> {
     futures::future::join_all(databases.iter().map(|d| observe(d, data_dir))).await
+}
+
+/// Checks the lease every quarter of it (at least once a second): once no
+/// leader renewed it for `lease`, fences this agent's primaries.
+pub async fn watch_lease(
+    dr: std::sync::Arc<DrRuntime>,
+    renewed: std::sync::Arc<Mutex<std::time::Instant>>,
+    lease: Duration,
+) {
+    let mut tick = tokio::time::interval((lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let since = renewed.lock().expect("lease").elapsed();
+        if since > lease {
+            dr.self_fence(since).await;
+        }
+    }
 }
 
 /// Kinds `DrRuntime` executes.
@@ -89,11 +151,17 @@ struct Epochs {
 }
 
 impl Epochs {
-    fn read(&self) -> BTreeMap<String, u64> {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    fn read(&self) -> BTreeMap<String, AppEpoch> {
+        read_epochs(&self.path)
+    }
+
+    fn write(&self, all: &BTreeMap<String, AppEpoch>) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(all).unwrap_or_default())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
     }
 
     /// Records `epoch` for `app` unless a newer one is known; refuses an
@@ -101,25 +169,35 @@ impl Epochs {
     fn admit(&self, app: &str, epoch: u64) -> Result<(), String> {
         let _held = self.lock.lock().expect("epochs");
         let mut all = self.read();
-        let known = all.get(app).copied().unwrap_or(0);
+        let known = all.get(app).map_or(0, |e| e.epoch);
         if epoch < known {
             return Err(format!(
                 "stale epoch {epoch} for {app}: this agent has seen epoch {known}; the task comes from a superseded failover"
             ));
         }
         if epoch > known {
-            all.insert(app.to_owned(), epoch);
-            let tmp = self.path.with_extension("json.tmp");
-            let write = || -> std::io::Result<()> {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&serde_json::to_vec(&all).unwrap_or_default())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &self.path)
-            };
-            write().map_err(|e| format!("cannot record epoch {epoch} of {app}: {e}"))?;
+            all.entry(app.to_owned()).or_default().epoch = epoch;
+            self.write(&all)
+                .map_err(|e| format!("cannot record epoch {epoch} of {app}: {e}"))?;
         }
         Ok(())
+    }
+
+    fn update(&self, app: &str, f: impl FnOnce(&mut AppEpoch)) -> Result<(), String> {
+        let _held = self.lock.lock().expect("epochs");
+        let mut all = self.read();
+        f(all.entry(app.to_owned()).or_default());
+        self.write(&all)
+            .map_err(|e| format!("cannot record {app}'s failover state: {e}"))
+    }
+
+    /// Records whether this agent's database of `app` is one it promoted.
+    fn set_promoted(&self, app: &str, promoted: bool) -> Result<(), String> {
+        let _held = self.lock.lock().expect("epochs");
+        let mut all = self.read();
+        all.entry(app.to_owned()).or_default().promoted = promoted;
+        self.write(&all)
+            .map_err(|e| format!("cannot record the promotion of {app}: {e}"))
     }
 }
 
@@ -136,15 +214,86 @@ impl DrRuntime {
             databases: databases.iter().map(|d| (d.app.clone(), d.clone())).collect(),
             data_dir: data_dir.to_owned(),
             epochs: Epochs {
-                path: data_dir.join("dr-epochs.json"),
+                path: data_dir.join(EPOCHS_FILE),
                 lock: Mutex::new(()),
             },
         }
     }
 
+    /// Fences every PostgreSQL database of this agent that is a writable
+    /// primary, recording that the agent did it itself. One that cannot
+    /// be reached is tried again at the next check.
+    pub async fn self_fence(&self, since: Duration) {
+        for (app, db) in &self.databases {
+            if db.driver != DbDriver::Postgres {
+                continue;
+            }
+            let Ok(cfg) = migrate::resolve(db, &self.data_dir) else {
+                continue;
+            };
+            match tokio::time::timeout(OBSERVE_TIMEOUT, migrate::replication(&cfg)).await {
+                Ok(Ok(Some(r))) if !r.in_recovery && !r.read_only => {}
+                _ => continue,
+            }
+            if let Err(e) = self.epochs.update(app, |e| e.self_fenced = true) {
+                tracing::error!("{e}");
+                continue;
+            }
+            match migrate::fence(&cfg).await {
+                Ok(lsn) => tracing::warn!(
+                    app = %app,
+                    "no leader renewed the lease for {since:?}: fenced {app}'s primary (read-only) at {}",
+                    format_lsn(lsn)
+                ),
+                Err(e) => tracing::error!(app = %app, "lease lost, and {app}'s primary could not be fenced: {e}"),
+            }
+        }
+    }
+
+    /// After registering: a primary this agent fenced itself is lifted if
+    /// no failover was decided since (the app's epoch is the one the agent
+    /// knows, and names no other cluster as primary); otherwise it stays
+    /// fenced until an operator rejoins it.
+    pub async fn after_register(
+        &self,
+        epochs: &[cutover_shared::proto::AppEpoch],
+        me: &cutover_shared::domain::ClusterRef,
+    ) {
+        for (app, mine) in self.epochs.read() {
+            if !mine.self_fenced {
+                continue;
+            }
+            let (epoch, primary) = epochs
+                .iter()
+                .find(|e| e.app == app)
+                .map_or((0, String::new()), |e| (e.epoch, e.primary.clone()));
+            if epoch != mine.epoch || !(primary.is_empty() || primary == me.to_string()) {
+                tracing::warn!(
+                    app = %app,
+                    "{app}'s primary stays fenced: the coordinators are at epoch {epoch} (primary {primary:?}), this agent fenced it at {}",
+                    mine.epoch
+                );
+                continue;
+            }
+            let Some(db) = self.databases.get(&app) else { continue };
+            let Ok(cfg) = migrate::resolve(db, &self.data_dir) else {
+                continue;
+            };
+            match migrate::unfence(&cfg).await {
+                Ok(()) => {
+                    if let Err(e) = self.epochs.update(&app, |e| e.self_fenced = false) {
+                        tracing::error!("{e}");
+                    }
+                    tracing::info!(app = %app, "lease renewed and no failover decided: {app}'s primary takes writes again");
+                }
+                Err(e) => tracing::error!(app = %app, "could not lift {app}'s fence: {e}"),
+            }
+        }
+    }
+
     /// The highest epoch this agent has seen for `app` (0: none).
     pub fn epoch(&self, app: &str) -> u64 {
-        self.epochs.read().get(app).copied().unwrap_or(0)
+        self.epochs.read().get(app).map_or(0, |e| e.epoch)
     }
 
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
@@ -190,6 +339,7 @@ impl DrRuntime {
         let msg = match f.action {
             FailoverAction::Fence => {
                 progress(format!("fencing {app}'s database (epoch {})", f.epoch));
+                self.epochs.set_promoted(app, false)?;
                 let lsn = migrate::fence(&cfg).await.map_err(|e| e.to_string())?;
                 out.lsn = Some(lsn);
                 format!(
@@ -208,6 +358,7 @@ impl DrRuntime {
                 let (lsn, waited) = migrate::promote(&cfg, f.wait_for_lsn, CATCH_UP)
                     .await
                     .map_err(|e| e.to_string())?;
+                self.epochs.set_promoted(app, true)?;
                 out.lsn = Some(lsn);
                 out.caught_up_ms = Some(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
                 format!(
@@ -238,6 +389,8 @@ mod tests {
         e.admit("shop", 2).unwrap();
         e.admit("shop", 2).unwrap();
         e.admit("other", 1).unwrap();
+        e.set_promoted("shop", true).unwrap();
+        assert!(promoted_here(dir.path(), "shop") && !promoted_here(dir.path(), "other"));
         let restarted = epochs();
         let refused = restarted.admit("shop", 1).unwrap_err();
         assert!(
@@ -245,7 +398,8 @@ mod tests {
             "{refused}"
         );
         restarted.admit("shop", 3).unwrap();
-        assert_eq!(restarted.read().get("shop"), Some(&3));
-        assert_eq!(restarted.read().get("other"), Some(&1));
+        let read = restarted.read();
+        assert_eq!((read["shop"].epoch, read["shop"].promoted), (3, true));
+        assert_eq!((read["other"].epoch, read["other"].promoted), (1, false));
     }
 }

@@ -71,6 +71,9 @@ pub struct Agent {
     dbs: Arc<db_tasks::DbRuntime>,
     backups: Arc<backup::task::BackupRuntime>,
     dr: Arc<dr::DrRuntime>,
+    /// When a leader last acknowledged a heartbeat (or registered this
+    /// agent): the lease, which a coordinator majority renews.
+    renewed: Arc<Mutex<Instant>>,
     /// The current session's sender; tasks send through whatever session is
     /// open when they finish.
     outbox: Outbox,
@@ -109,6 +112,7 @@ impl Agent {
         let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir));
         Ok(Agent {
             dr,
+            renewed: Arc::new(Mutex::new(Instant::now())),
             cfg,
             cluster,
             store,
@@ -143,6 +147,17 @@ impl Agent {
                 }
             });
         }
+        // The lease: cut off from every leader for `lease_secs`, the agent
+        // fences its own primaries, as Patroni does, so a region that lost
+        // the coordinators stops taking writes before another region's
+        // standby may be promoted past it.
+        let _lease = (self.cfg.lease_secs > 0).then(|| {
+            AbortOnDrop(tokio::spawn(dr::watch_lease(
+                self.dr.clone(),
+                self.renewed.clone(),
+                Duration::from_secs(self.cfg.lease_secs),
+            )))
+        });
         let n = self.cfg.coordinators.len();
         let mut next = rand::rng().random_range(0..n);
         let mut failures: u32 = 0;
@@ -244,6 +259,9 @@ impl Agent {
                 message: Some(connect_response::Message::Registered(r)),
             })) => {
                 tracing::info!(coordinator = %addr, leader = r.leader_node_id, cluster = %self.cluster, "registered");
+                *self.renewed.lock().expect("lease") = Instant::now();
+                let (dr, epochs, me) = (self.dr.clone(), r.epochs.clone(), self.cluster.clone());
+                tokio::spawn(async move { dr.after_register(&epochs, &me).await });
                 Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(10)))
             }
             Ok(other) => return SessionEnd::Lost(format!("unexpected first message {other:?}")),
@@ -283,6 +301,7 @@ impl Agent {
                     Ok(Some(m)) => match m.message {
                         Some(connect_response::Message::HeartbeatAck(ack)) => {
                             last_ack = Instant::now();
+                            *self.renewed.lock().expect("lease") = last_ack;
                             if let Some(t) = sent_at.remove(&ack.sequence) {
                                 metrics::histogram!("cutover_agent_heartbeat_rtt_seconds").record(t.elapsed().as_secs_f64());
                             }

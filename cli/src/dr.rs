@@ -231,6 +231,7 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                     "source": (!p.source.is_empty()).then_some(&p.source),
                     "backup_id": (!p.backup_id.is_empty()).then_some(&p.backup_id),
                     "data_loss_window_ms": p.data_loss_window_ms,
+                    "wal_behind_bytes": p.wal_behind_bytes,
                     "max_data_loss_ms": p.max_data_loss_ms,
                     "steps": p.steps.iter().map(|s| json!({
                         "name": s.name, "description": s.description, "expected_ms": s.expected_ms,
@@ -266,6 +267,9 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                 p.data_loss_window_ms.map_or_else(|| "unknown".into(), human_ms),
                 human_ms(p.max_data_loss_ms)
             );
+            if let Some(b) = p.wal_behind_bytes {
+                println!("  WAL not replayed:  {b} bytes");
+            }
             println!("  steps:");
             for (i, s) in p.steps.iter().enumerate() {
                 let expected = s.expected_ms.map_or_else(

@@ -300,6 +300,16 @@ impl AgentService for AgentApi {
                 session_id: session_id.to_string(),
                 leader_node_id: leader,
                 heartbeat_interval_ms: hub.heartbeat.as_millis() as u32,
+                epochs: hub.consensus.read(|s| {
+                    s.dr_epochs
+                        .iter()
+                        .map(|(app, e)| proto::AppEpoch {
+                            app: app.clone(),
+                            epoch: e.epoch,
+                            primary: e.primary.as_ref().map(ToString::to_string).unwrap_or_default(),
+                        })
+                        .collect()
+                }),
             })),
         }))
         .map_err(|_| Status::internal("session channel closed"))?;

@@ -505,6 +505,7 @@ impl State {
                     // A failover that succeeded names the epoch's primary.
                     if state == TaskState::Succeeded
                         && let (Some(app), Some(f)) = (&op.app, &op.spec.failover)
+                        && !f.fence_only
                         && let Some(e) = self.dr_epochs.get_mut(app)
                         && e.epoch == f.epoch
                     {
@@ -559,22 +560,32 @@ impl State {
             // before any step acts. Two failovers decided on the same
             // epoch: the second is refused.
             let current = self.dr_epochs.get(app).map_or(0, |e| e.epoch);
-            if f.epoch != current + 1 {
+            if f.fence_only {
+                // Fencing a stray primary acts for the current epoch.
+                if f.epoch != current || current == 0 {
+                    return CommandResponse::err(format!(
+                        "{app} is at primary epoch {current}; a fence for epoch {} is stale",
+                        f.epoch
+                    ));
+                }
+            } else if f.epoch != current + 1 {
                 return CommandResponse::err(format!(
                     "{app} is at primary epoch {current}; a failover to epoch {} was decided on a stale view",
                     f.epoch
                 ));
             }
             let primary = self.dr_epochs.get(app).and_then(|e| e.primary.clone());
-            self.dr_epochs.insert(
-                app.clone(),
-                DrEpoch {
-                    epoch: f.epoch,
-                    primary,
-                    operation_id: operation.id.clone(),
-                    at_unix_ms: operation.created_at_unix_ms,
-                },
-            );
+            if !f.fence_only {
+                self.dr_epochs.insert(
+                    app.clone(),
+                    DrEpoch {
+                        epoch: f.epoch,
+                        primary,
+                        operation_id: operation.id.clone(),
+                        at_unix_ms: operation.created_at_unix_ms,
+                    },
+                );
+            }
         }
         if let Some(app) = operation.app.clone()
             && fix_inputs

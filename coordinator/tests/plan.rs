@@ -666,8 +666,10 @@ fn failover_op(id: &str, epoch: u64) -> Operation {
                 fence: true,
                 verify_color: Some(Color::Blue),
                 data_loss_window_ms: Some(0),
+                wal_behind_bytes: None,
                 force: false,
                 accept_data_loss: false,
+                fence_only: false,
             })),
             ..OperationSpec::default()
         },

@@ -216,6 +216,20 @@ pub struct AgentConfig {
     /// plan weighs), ms. Default 5000.
     #[serde(default = "default_db_status_interval_ms")]
     pub db_status_interval_ms: u64,
+    /// The lease, seconds: cut off from every coordinator leader this long,
+    /// the agent fences its own PostgreSQL primaries (read-only), so a
+    /// region that lost the coordinators stops taking writes before another
+    /// region's standby may be promoted past it; it lifts the fence when a
+    /// leader is back and no failover was decided meanwhile. Keep it well
+    /// above a leader election and below the apps' `failover_after_secs`.
+    /// 0 turns it off (an app with no standby gains nothing from it).
+    /// Default 30.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+}
+
+fn default_lease_secs() -> u64 {
+    30
 }
 
 fn default_db_status_interval_ms() -> u64 {

@@ -212,6 +212,10 @@ pub struct FailoverPlan {
     pub source: Option<DataSource>,
     /// At most this much committed data would be lost now.
     pub data_loss_window_ms: Option<u64>,
+    /// WAL the standby is known not to have replayed: the primary's last
+    /// reported position minus the standby's (a lower bound when the
+    /// primary stopped reporting).
+    pub wal_behind_bytes: Option<u64>,
     pub max_data_loss_ms: u64,
     pub steps: Vec<PlanStep>,
     pub blockers: Vec<Blocker>,
@@ -436,6 +440,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
         block(&mut blockers, format!("operation {op} is running on {app}"), None);
     }
 
+    let wal_behind_bytes = match (&source, &from, target) {
+        (Some(DataSource::Standby { .. }), Some(f), Some(t)) => {
+            let lsn = |c: &ClusterView| c.database.as_ref().and_then(|d| d.lsn);
+            lsn(f).zip(lsn(t)).map(|(p, s)| p.saturating_sub(s))
+        }
+        _ => None,
+    };
     let steps = steps(
         app,
         from.as_ref().map(|f| &f.cluster),
@@ -448,6 +459,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
         to: target.map(|t| t.cluster.clone()),
         source,
         data_loss_window_ms: window,
+        wal_behind_bytes,
         max_data_loss_ms,
         steps,
         blockers,

@@ -151,8 +151,16 @@ pub struct FailoverSpec {
     pub verify_color: Option<Color>,
     /// The data-loss window the plan reported at creation, ms.
     pub data_loss_window_ms: Option<u64>,
+    /// WAL the standby was known not to have replayed at creation.
+    #[serde(default)]
+    pub wal_behind_bytes: Option<u64>,
     pub force: bool,
     pub accept_data_loss: bool,
+    /// Only fence `from`, a primary left over from before the current
+    /// epoch (its region came back after a forced failover): no new epoch,
+    /// no promotion.
+    #[serde(default)]
+    pub fence_only: bool,
 }
 
 impl OperationSpec {
@@ -258,6 +266,9 @@ impl OperationSpec {
             }
             if f.accept_data_loss {
                 put("accept_data_loss", "true".into());
+            }
+            if f.fence_only {
+                put("fence_only", "true".into());
             }
         }
         if let Some(b) = &self.backup {

@@ -320,6 +320,7 @@ impl TestCluster {
             backup: None,
             // Tight, like the Raft timeouts: DR tests wait for reports.
             db_status_interval_ms: 250,
+            lease_secs: 30,
         }
     }
 

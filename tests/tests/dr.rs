@@ -530,3 +530,236 @@ async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primar
     );
     c.shutdown().await;
 }
+
+/// The old region is lost (its agent down) while the standby lags: a
+/// failover is refused until `--force` (the old primary cannot be fenced)
+/// and `--accept-data-loss` (the lag is over max_data_loss) are both
+/// given; then it promotes and reports the window. When the old region
+/// comes back, the leader fences the primary it still has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_comes_back_fenced() {
+    let Fixture {
+        primary,
+        standby,
+        mut c,
+        leader,
+    } = fixture("create table seq (n bigint primary key)").await;
+    let mut op = c.operator(leader);
+    // One transaction replayed, so the standby's lag has a clock.
+    primary.psql("shop", "insert into seq values (0)").unwrap();
+    wait_caught_up(&primary, &c, leader).await;
+    let id = op
+        .deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: "sample:v1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    c.wait_state(leader, T, "the deploy to succeed", |s| {
+        s.operations[&id].state == cutover_shared::domain::TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+
+    // The standby loses its primary (no WAL receiver any more); the primary
+    // takes 100 more writes, which the standby will never see.
+    standby
+        .psql("postgres", "ALTER SYSTEM SET primary_conninfo = ''")
+        .unwrap();
+    standby.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    primary
+        .psql("shop", "insert into seq select g from generate_series(1, 100) g")
+        .unwrap();
+    c.wait_state(leader, T, "the cut-off standby's lag over 5 s", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("eu-west/c1"))
+            .is_some_and(|d| d.lag_ms.is_some_and(|l| l > 5000))
+    })
+    .await
+    .unwrap();
+    // The agent's config, to bring it back later.
+    let mut us_east_cfg = c.agent_config(0);
+    us_east_cfg.databases = vec![database(&c.tmp.path().join("primary-url"), DbRole::Primary, None)];
+    c.stop_agent(0).await;
+    c.wait_state(leader, T, "us-east's agent down", |s| {
+        s.agents
+            .get("us-east/c1")
+            .is_some_and(|a| a.state == cutover_shared::domain::AgentState::Down)
+    })
+    .await
+    .unwrap();
+
+    let failover = |force: bool, accept_data_loss: bool| pb::FailoverRequest {
+        app: "shop".into(),
+        to: "eu-west".into(),
+        force,
+        accept_data_loss,
+    };
+    let ops_before = c.node(leader).consensus().read(|s| s.operations.len());
+    let e = op.failover(failover(false, false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("override: --force") && e.message().contains("override: --accept-data-loss"),
+        "{}",
+        e.message()
+    );
+    let e = op.failover(failover(true, false)).await.unwrap_err();
+    assert!(
+        e.message().contains("override: --accept-data-loss") && !e.message().contains("override: --force"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(c.node(leader).consensus().read(|s| s.operations.len()), ops_before);
+
+    let started = op.failover(failover(true, true)).await.unwrap().into_inner();
+    c.wait_state(leader, T, "the forced failover to finish", |s| {
+        s.operations[&started.operation_id].state.is_finished()
+    })
+    .await
+    .unwrap();
+    let done = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.operations[&started.operation_id].clone());
+    assert_eq!(
+        done.state,
+        cutover_shared::domain::TaskState::Succeeded,
+        "{}",
+        done.summary
+    );
+    assert!(
+        done.summary.contains("could not be fenced")
+            && done.summary.contains("bytes of WAL the standby never replayed"),
+        "{}",
+        done.summary
+    );
+    assert_eq!(
+        done.tasks.len(),
+        2,
+        "promote and gates in eu-west only: {:?}",
+        done.tasks
+    );
+    // What was lost: the writes the standby never replayed.
+    let new_rows: i64 = standby
+        .psql("shop", "select count(*) from seq")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(new_rows < 100, "the paused standby had {new_rows} of 100 rows");
+    assert_eq!(standby.psql("shop", "select pg_is_in_recovery()").unwrap(), "f");
+
+    // us-east comes back: its database is still a writable primary until
+    // the leader fences it under the current epoch.
+    c.start_agent_with(0, us_east_cfg).unwrap();
+    c.wait_state(leader, T, "us-east's old primary fenced", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("us-east/c1"))
+            .is_some_and(|d| d.fenced)
+    })
+    .await
+    .unwrap();
+    let e = primary
+        .psql("shop", "insert into seq values (-1)")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read-only transaction"), "{e}");
+    c.wait_state(leader, T, "the fence operation to finish", |s| {
+        s.operations
+            .values()
+            .any(|o| o.created_by == "cutover/dr-fence" && o.state.is_finished())
+    })
+    .await
+    .unwrap();
+    let fence = c.node(leader).consensus().read(|s| {
+        s.operations
+            .values()
+            .find(|o| o.created_by == "cutover/dr-fence")
+            .cloned()
+    });
+    let fence = fence.expect("a fence operation");
+    assert_eq!(
+        fence.state,
+        cutover_shared::domain::TaskState::Succeeded,
+        "{}",
+        fence.summary
+    );
+    assert!(
+        fence.summary.contains("left over from before epoch 1"),
+        "{}",
+        fence.summary
+    );
+    c.shutdown().await;
+}
+
+/// `show default_transaction_read_only` in a new session, polled until it
+/// reads `want` (the agent acts on its own clock: there is nothing to
+/// wait on but the server).
+fn wait_read_only(pg: &TestPostgres, want: &str) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let now = pg.psql("shop", "show default_transaction_read_only").unwrap();
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "default_transaction_read_only still {now} after {T:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Cut off from every coordinator for its lease, an agent fences its own
+/// primary (writes refused); when a leader is back and no failover was
+/// decided meanwhile, it lifts the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_from_the_coordinators_fences_its_primary_until_they_return() {
+    let primary = TestPostgres::start().unwrap();
+    let url = primary.create_database("shop").unwrap();
+    primary.psql("shop", "create table seq (n bigint primary key)").unwrap();
+    let mut c = TestCluster::builder()
+        .nodes(3)
+        .regions(&[("us-east", "c1")])
+        .start()
+        .await
+        .unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let url_file = c.tmp.path().join("primary-url");
+    std::fs::write(&url_file, &url).unwrap();
+    let mut cfg = c.agent_config(0);
+    cfg.databases = vec![database(&url_file, DbRole::Primary, None)];
+    cfg.lease_secs = 2;
+    c.start_agent_with(0, cfg).unwrap();
+    c.wait_state(leader, T, "the primary reported", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("us-east/c1"))
+            .is_some_and(|d| d.role == Some(DbRole::Primary) && !d.fenced)
+    })
+    .await
+    .unwrap();
+    primary.psql("shop", "insert into seq values (1)").unwrap();
+
+    for i in 0..3 {
+        c.stop_node(i).await;
+    }
+    wait_read_only(&primary, "on");
+    let e = primary
+        .psql("shop", "insert into seq values (2)")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("read-only transaction"), "{e}");
+
+    for i in 0..3 {
+        c.start_node(i).await.unwrap();
+    }
+    c.wait_leader(T).await.unwrap();
+    wait_read_only(&primary, "off");
+    primary.psql("shop", "insert into seq values (3)").unwrap();
+    c.shutdown().await;
+}

@@ -195,8 +195,10 @@ impl ControlApi {
                 fence,
                 verify_color: statuses.get(&to.to_string()).and_then(|st| st.active),
                 data_loss_window_ms: plan.data_loss_window_ms,
+                wal_behind_bytes: plan.wal_behind_bytes,
                 force: r.force,
                 accept_data_loss: r.accept_data_loss,
+                fence_only: false,
             })),
             ..OperationSpec::default()
         };
@@ -227,6 +229,7 @@ fn plan_to_proto(p: FailoverPlan) -> pb::FailoverPlan {
         to_cluster,
         source,
         data_loss_window_ms: p.data_loss_window_ms,
+        wal_behind_bytes: p.wal_behind_bytes,
         max_data_loss_ms: p.max_data_loss_ms,
         backup_id,
         steps: p

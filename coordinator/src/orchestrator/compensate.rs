@@ -36,7 +36,8 @@ pub(super) fn promotion_attempted(op: &Operation) -> bool {
 /// takes traffic again. Once a promotion was sent nothing is undone: two
 /// writable primaries are worse than a failover left for an operator.
 fn failover_step(op: &Operation) -> Option<Step> {
-    if promotion_attempted(op) {
+    // A stray primary that could not be fenced is not unfenced either.
+    if promotion_attempted(op) || op.spec.failover.as_ref().is_some_and(|f| f.fence_only) {
         return None;
     }
     let unfenced = op

@@ -11,6 +11,7 @@
 //! failed its gates never takes traffic.
 
 mod compensate;
+pub mod dr_watch;
 pub mod gauges;
 mod plan;
 pub mod schedule;
@@ -187,11 +188,17 @@ pub async fn advance(consensus: &Consensus) {
     }
 }
 
-/// Proposes what the backup schedules and their retention call for now.
+/// Proposes what the backup schedules and their retention, and the
+/// primaries a failover superseded, call for now.
 pub async fn run_schedules(consensus: &Consensus) {
-    let commands = consensus.read(|s| schedule::due(s, now_unix_ms()));
+    let now = now_unix_ms();
+    let commands = consensus.read(|s| {
+        let mut c = schedule::due(s, now);
+        c.extend(dr_watch::due(s, now));
+        c
+    });
     for cmd in commands {
-        tracing::info!("backup schedule: {cmd}");
+        tracing::info!("scheduled: {cmd}");
         match consensus.propose(Proposal::Command(cmd)).await {
             Ok(_) => {}
             // Another leader's decision got there first.

@@ -401,6 +401,9 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     },
                 ));
                 steps.push(failover(from, FailoverAction::Fence, None));
+                if f.fence_only {
+                    return steps;
+                }
                 fenced_at = op
                     .tasks
                     .iter()

@@ -36,7 +36,7 @@ const RETENTION_RETRY_MS: i64 = 3_600_000;
 
 /// An operation id derived from what it is for, so two leaders proposing
 /// the same decision propose the same id (the second is refused).
-fn derived_id(what: &str) -> String {
+pub(super) fn derived_id(what: &str) -> String {
     let h = Sha256::digest(what.as_bytes());
     format!("op-{}", &cutover_shared::release::hex(&h)[..32])
 }

@@ -80,6 +80,14 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
 /// A successful failover's report: RTO (the decision to the new primary
 /// verified) and the data-loss window, with each step.
 fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> String {
+    if f.fence_only {
+        return format!(
+            "fenced {}, a primary left over from before epoch {} (whose primary is {})",
+            f.from.as_ref().map_or_else(|| "?".to_owned(), ToString::to_string),
+            f.epoch,
+            f.to
+        );
+    }
     use cutover_shared::task::outputs::FailoverOutputs;
     let ended = op
         .tasks
@@ -98,12 +106,15 @@ fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> Stri
     let loss = if f.fence {
         "nothing (the old primary was fenced and the standby replayed its last write)".to_owned()
     } else {
+        let bytes = f.wal_behind_bytes.map_or_else(String::new, |b| {
+            format!(", at least {b} bytes of WAL the standby never replayed")
+        });
         match f.data_loss_window_ms {
             Some(w) => format!(
-                "at most {} (the old primary could not be fenced)",
+                "the writes of at most the last {}{bytes} (the old primary could not be fenced)",
                 cutover_shared::dr::human_ms(w)
             ),
-            None => "unknown (the old primary could not be fenced)".to_owned(),
+            None => format!("unknown{bytes} (the old primary could not be fenced)"),
         }
     };
     format!(
