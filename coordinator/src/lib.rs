@@ -14,6 +14,7 @@
 pub mod agents;
 pub mod audit_log;
 pub mod control;
+pub mod dr;
 pub mod node;
 pub mod orchestrator;
 pub mod raft;

@@ -103,8 +103,9 @@ pub struct DrSettings {
     /// `--accept-data-loss`, seconds. Default 30.
     #[serde(default = "default_max_data_loss_secs")]
     pub max_data_loss_secs: u64,
-    /// Fail over automatically when the primary region is lost. Default
-    /// off; refused in this release (see `validate`).
+    /// Fail over automatically when the primary region is lost (its agent
+    /// down for `failover_after_secs`, the standby within
+    /// `max_data_loss_secs`). Default off.
     #[serde(default)]
     pub automatic: bool,
     /// How long the primary region must be down before an automatic
@@ -151,11 +152,6 @@ impl DrSettings {
         // setting anyone means; refusing it catches a value in ms.
         if self.max_data_loss_secs > 86_400 {
             return bad("max_data_loss_secs", "at most 86400 (one day)");
-        }
-        // Refused rather than accepted and ignored until the coordinator
-        // acts on it.
-        if self.automatic {
-            return bad("automatic", "automatic failover is not available in this release");
         }
         if !(1..=86_400).contains(&self.failover_after_secs) {
             return bad("failover_after_secs", "between 1 and 86400");

@@ -151,6 +151,15 @@ impl TestPostgres {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("the standby did not start")))
     }
 
+    /// Stops the server at once (`pg_ctl stop -m immediate`), as a lost
+    /// machine would: no checkpoint, no goodbye to its standbys.
+    pub fn stop_immediately(&self) -> Result<()> {
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&self.data_dir())?, "-m", "immediate", "-w", "stop"],
+        )
+    }
+
     /// This server's current WAL write position (`pg_current_wal_lsn`), as
     /// PostgreSQL prints it.
     pub fn current_lsn(&self) -> Result<String> {

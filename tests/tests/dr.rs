@@ -702,7 +702,11 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
 fn wait_read_only(pg: &TestPostgres, want: &str) {
     let deadline = std::time::Instant::now() + T;
     loop {
-        let now = pg.psql("shop", "show default_transaction_read_only").unwrap();
+        // The fence ends every other session, this one included if it is
+        // caught open: that is a "not yet".
+        let now = pg
+            .psql("shop", "show default_transaction_read_only")
+            .unwrap_or_else(|e| e.to_string());
         if now == want {
             return;
         }
@@ -761,5 +765,94 @@ async fn an_agent_cut_off_from_the_coordinators_fences_its_primary_until_they_re
     c.wait_leader(T).await.unwrap();
     wait_read_only(&primary, "off");
     primary.psql("shop", "insert into seq values (3)").unwrap();
+    c.shutdown().await;
+}
+
+/// The primary region is lost (its agent and its database stop). With
+/// `dr.automatic`, the leader fails the app over to the standby once the
+/// agent has been down for `failover_after_secs`, not before, and a writer
+/// that follows the primary carries on there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_region_fails_over_automatically() {
+    let Fixture {
+        primary,
+        standby,
+        mut c,
+        leader,
+    } = fixture("create table seq (n bigint primary key)").await;
+    let mut op = c.operator(leader);
+    let mut spec = sample_app_spec("shop", REGIONS);
+    spec.bake_secs = 0;
+    spec.dr.automatic = true;
+    spec.dr.failover_after_secs = 1;
+    spec.dr.max_data_loss_secs = 5;
+    op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+        .await
+        .unwrap();
+    primary.psql("shop", "insert into seq values (0)").unwrap();
+    wait_caught_up(&primary, &c, leader).await;
+    let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);
+    c.wait_state(leader, T, "the writer to get going", |_| writer.acked_on(0) >= 50)
+        .await
+        .unwrap();
+
+    c.stop_agent(0).await;
+    primary.stop_immediately().unwrap();
+    c.wait_state(leader, T, "the automatic failover to finish", |s| {
+        s.operations
+            .values()
+            .any(|o| o.created_by == "cutover/dr-auto" && o.state.is_finished())
+    })
+    .await
+    .unwrap();
+    let (done, down_at) = c.node(leader).consensus().read(|s| {
+        let op = s
+            .operations
+            .values()
+            .find(|o| o.created_by == "cutover/dr-auto")
+            .cloned();
+        (op.unwrap(), s.agents["us-east/c1"].since_unix_ms)
+    });
+    assert_eq!(
+        done.state,
+        cutover_shared::domain::TaskState::Succeeded,
+        "{}",
+        done.summary
+    );
+    assert!(done.summary.contains("to eu-west/c1 at epoch 1"), "{}", done.summary);
+    assert!(
+        done.created_at_unix_ms - down_at >= 1000,
+        "started {} ms after the agent was marked down, before failover_after_secs",
+        done.created_at_unix_ms - down_at
+    );
+    c.wait_state(leader, T, "writes on the new primary", |_| writer.acked_on(1) >= 50)
+        .await
+        .unwrap();
+    let acked = writer.finish().await;
+    let rows: std::collections::BTreeSet<i64> = standby
+        .psql("shop", "select n from seq")
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    // Asynchronous replication: what the lost primary acknowledged last may
+    // be gone, but never a write the new primary acknowledged.
+    let lost = acked.iter().filter(|n| !rows.contains(n)).count();
+    let max = acked.iter().max().copied().unwrap_or(0);
+    assert!(
+        rows.contains(&max),
+        "the newest acknowledged write is on the new primary"
+    );
+    eprintln!(
+        "automatic failover: {}; {lost} of {} acknowledged writes lost",
+        done.summary,
+        acked.len()
+    );
+    let audit = c.node(leader).consensus().read(|s| {
+        s.audit
+            .iter()
+            .any(|e| e.actor == "cutover/dr-auto" && e.action == "AutomaticFailover")
+    });
+    assert!(audit, "the automatic failover is audited");
     c.shutdown().await;
 }

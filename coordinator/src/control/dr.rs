@@ -1,59 +1,30 @@
-//! The disaster-recovery reads of `ControlService`: `GetDrStatus` and
-//! `PlanFailover`. Both are computed from this node's applied state; the
-//! plan itself is `cutover_shared::dr::plan`, the same function a failover
-//! will run, so what `cutover dr plan` shows is what would happen.
+//! Disaster recovery in `ControlService`: `GetDrStatus`, `PlanFailover`
+//! and `Failover`. Reads come from this node's applied state; the plan is
+//! `crate::dr::plan`, the same function a failover (an operator's or an
+//! automatic one) runs, so what `cutover dr plan` shows is what would
+//! happen.
 
 use cutover_shared::backup::{BackupEntry, newest_validated};
-use cutover_shared::domain::{AgentState, ClusterRef, OperationKind, now_unix_ms, validate_name};
-use cutover_shared::dr::{self, ClusterView, DataSource, FailoverPlan, PlanInput};
+use cutover_shared::domain::{ClusterRef, OperationKind, now_unix_ms, validate_name};
+use cutover_shared::dr::{self, DataSource, FailoverPlan};
 use cutover_shared::identity::Identity;
-use cutover_shared::operation::{FailoverSpec, OperationSpec};
+use cutover_shared::operation::OperationSpec;
 use cutover_shared::proto as pb;
 use cutover_shared::task::TaskKind;
 
 use super::ControlApi;
 use super::error::ApiError;
-use crate::state::State;
-
-/// Each cluster of `app` with its agent's state and database, in the app's
-/// order.
-fn cluster_views(s: &State, app: &cutover_shared::app::AppSpec) -> Vec<ClusterView> {
-    let dbs = s.db_status.get(&app.name);
-    app.clusters
-        .iter()
-        .map(|c| {
-            let cluster = c.cluster_ref();
-            let key = cluster.to_string();
-            ClusterView {
-                agent_up: s.agents.get(&key).is_some_and(|a| a.state == AgentState::Up),
-                database: dbs.and_then(|d| d.get(&key)).cloned(),
-                cluster,
-            }
-        })
-        .collect()
-}
-
-fn app_backups<'a>(s: &'a State, app: &str) -> Vec<&'a BackupEntry> {
-    s.backups.values().filter(|b| b.app == app).collect()
-}
-
-/// The unfinished operation on any cluster of `app`, if there is one.
-fn running_on(s: &State, app: &cutover_shared::app::AppSpec) -> Option<String> {
-    app.clusters
-        .iter()
-        .find_map(|c| s.running_operation(&app.name, &c.cluster_ref()).map(str::to_owned))
-}
 
 impl ControlApi {
     pub async fn get_dr_status(&self, r: pb::GetDrStatusRequest) -> Result<pb::GetDrStatusResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let clusters = self.consensus.read(|s| {
-            let views = cluster_views(s, &spec);
+            let views = crate::dr::cluster_views(s, &spec);
             let primary_lsn = dr::primaries(&views)
                 .first()
                 .and_then(|p| p.database.as_ref())
                 .and_then(|d| d.lsn);
-            let backups = app_backups(s, &spec.name);
+            let backups = crate::dr::app_backups(s, &spec.name);
             views
                 .into_iter()
                 .map(|v| {
@@ -98,16 +69,8 @@ impl ControlApi {
             cutover_shared::domain::validate_name("to", &r.to)?;
         }
         let now = cutover_shared::domain::now_unix_ms();
-        let plan = self.consensus.read(|s| {
-            dr::plan(&PlanInput {
-                app: &spec,
-                clusters: cluster_views(s, &spec),
-                backups: app_backups(s, &spec.name),
-                running_operation: running_on(s, &spec),
-                to: (!r.to.is_empty()).then_some(r.to.as_str()),
-                now_unix_ms: now,
-            })
-        });
+        let to = (!r.to.is_empty()).then_some(r.to.as_str());
+        let plan = self.consensus.read(|s| crate::dr::plan(s, &spec, to, now));
         let plan = plan.map_err(|e| ApiError::invalid_argument(e.to_string()))?;
         Ok(pb::PlanFailoverResponse {
             plan: Some(plan_to_proto(plan)),
@@ -126,32 +89,17 @@ impl ControlApi {
         }
         self.consensus.catch_up().await?;
         let now = now_unix_ms();
-        let (plan, epoch, statuses) = self.consensus.read(|s| {
-            let plan = dr::plan(&PlanInput {
-                app: &spec,
-                clusters: cluster_views(s, &spec),
-                backups: app_backups(s, &spec.name),
-                running_operation: running_on(s, &spec),
-                to: (!r.to.is_empty()).then_some(r.to.as_str()),
-                now_unix_ms: now,
-            });
-            let epoch = s.dr_epochs.get(&spec.name).map_or(0, |e| e.epoch) + 1;
-            (plan, epoch, s.app_status.get(&spec.name).cloned().unwrap_or_default())
+        let to = (!r.to.is_empty()).then_some(r.to.as_str());
+        let (plan, spec_now) = self.consensus.read(|s| {
+            let plan = crate::dr::plan(s, &spec, to, now);
+            let failover = plan
+                .as_ref()
+                .ok()
+                .and_then(|p| crate::dr::failover_spec(s, &spec, p, r.force, r.accept_data_loss));
+            (plan, failover)
         });
         let plan = plan.map_err(|e| ApiError::invalid_argument(e.to_string()))?;
-        let refused: Vec<String> = plan
-            .blockers
-            .iter()
-            .filter(|b| match b.overridden_by {
-                Some("--force") => !r.force,
-                Some("--accept-data-loss") => !r.accept_data_loss,
-                _ => true,
-            })
-            .map(|b| match b.overridden_by {
-                Some(flag) => format!("{} (override: {flag})", b.reason),
-                None => b.reason.clone(),
-            })
-            .collect();
+        let refused = crate::dr::standing_blockers(&plan, r.force, r.accept_data_loss);
         if !refused.is_empty() {
             return Err(ApiError::failed_precondition(format!(
                 "failover of {} refused: {}",
@@ -159,10 +107,13 @@ impl ControlApi {
                 refused.join("; ")
             )));
         }
-        let to = plan
-            .to
-            .clone()
-            .ok_or_else(|| ApiError::failed_precondition(format!("{} has no cluster to fail over to", spec.name)))?;
+        let Some(failover) = spec_now else {
+            return Err(ApiError::failed_precondition(format!(
+                "{} has no cluster to fail over to",
+                spec.name
+            )));
+        };
+        let to = failover.to.clone();
         if !matches!(plan.source, Some(DataSource::Standby { .. })) {
             return Err(ApiError::failed_precondition(format!(
                 "{to} has no standby of {}; a failover that restores a backup is not available yet \
@@ -170,14 +121,9 @@ impl ControlApi {
                 spec.name
             )));
         }
-        // The old primary is fenced when its agent can be asked to; a
-        // forced failover past a lost region supersedes it by the epoch.
-        let from_up = plan.from.as_ref().is_some_and(|f| {
-            self.consensus.read(|s| s.agents.get(&f.to_string()).map(|a| a.state)) == Some(AgentState::Up)
-        });
-        let fence = plan.from.is_some() && from_up;
+        let (fence, epoch) = (failover.fence, failover.epoch);
         let mut targets = vec![to.clone()];
-        if fence && let Some(f) = &plan.from {
+        if fence && let Some(f) = &failover.from {
             targets.push(f.clone());
         }
         for t in &targets {
@@ -188,18 +134,7 @@ impl ControlApi {
             }
         }
         let op_spec = OperationSpec {
-            failover: Some(Box::new(FailoverSpec {
-                from: plan.from.clone(),
-                to: to.clone(),
-                epoch,
-                fence,
-                verify_color: statuses.get(&to.to_string()).and_then(|st| st.active),
-                data_loss_window_ms: plan.data_loss_window_ms,
-                wal_behind_bytes: plan.wal_behind_bytes,
-                force: r.force,
-                accept_data_loss: r.accept_data_loss,
-                fence_only: false,
-            })),
+            failover: Some(Box::new(failover)),
             ..OperationSpec::default()
         };
         let id = self

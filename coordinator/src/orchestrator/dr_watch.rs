@@ -1,4 +1,15 @@
-//! The leader's watch over primaries a failover superseded.
+//! The leader's watch over primaries: automatic failover, and primaries a
+//! failover superseded.
+//!
+//! Automatic failover (an app's `dr.automatic`): once the agent of the
+//! cluster holding the app's primary has been down for
+//! `dr.failover_after_secs`, no failover of the app ran within
+//! `dr.cooldown_secs`, and the failover plan has no blocker other than the
+//! old region being unreachable (so the standby's lag is within
+//! `max_data_loss`), the leader starts the failover the plan calls for
+//! (actor `cutover/dr-auto`; its id derived from the app and the epoch, so
+//! two leaders propose one decision). With the agents' lease shorter than
+//! `failover_after_secs`, the lost region's primary fenced itself before.
 //!
 //! A forced failover cannot fence the old primary (its region is gone).
 //! When that region comes back, its agent reports the database as a
@@ -16,13 +27,111 @@ use crate::state::{AuditDraft, Command, State};
 
 /// Who stray primaries are fenced by.
 pub const FENCE_ACTOR: &str = "cutover/dr-fence";
+/// Who automatic failovers are started by.
+pub const AUTO_ACTOR: &str = "cutover/dr-auto";
+
+/// The automatic failovers the state calls for now.
+fn automatic(s: &State, now: i64) -> Vec<Command> {
+    let mut out = Vec::new();
+    for spec in s.apps.values().filter(|a| a.dr.automatic) {
+        let views = crate::dr::cluster_views(s, spec);
+        let Some(primary) = cutover_shared::dr::primaries(&views).first().map(|p| p.cluster.clone()) else {
+            continue;
+        };
+        let Some(agent) = s.agents.get(&primary.to_string()) else {
+            continue;
+        };
+        let down_for = now.saturating_sub(agent.since_unix_ms);
+        let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        if agent.state != AgentState::Down || down_for < after_ms {
+            continue;
+        }
+        let cooldown_ms = i64::try_from(spec.dr.cooldown_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        if s.dr_epochs
+            .get(&spec.name)
+            .is_some_and(|e| now.saturating_sub(e.at_unix_ms) < cooldown_ms)
+        {
+            continue;
+        }
+        let Ok(plan) = crate::dr::plan(s, spec, None, now) else {
+            continue;
+        };
+        // The old region being unreachable is why this runs; anything
+        // else (a lagging standby, a running operation) waits for people.
+        if !crate::dr::standing_blockers(&plan, true, false).is_empty()
+            || !matches!(plan.source, Some(cutover_shared::dr::DataSource::Standby { .. }))
+        {
+            continue;
+        }
+        let Some(failover) = crate::dr::failover_spec(s, spec, &plan, true, false) else {
+            continue;
+        };
+        let mut targets = vec![failover.to.clone()];
+        if failover.fence
+            && let Some(f) = &failover.from
+        {
+            targets.push(f.clone());
+        }
+        let id = super::schedule::derived_id(&format!("dr-auto/{}/{}", spec.name, failover.epoch));
+        if s.operations.contains_key(&id) {
+            continue;
+        }
+        let parameters = serde_json::json!({
+            "app": spec.name, "from": primary.to_string(), "to": failover.to.to_string(),
+            "epoch": failover.epoch, "agent_down_ms": down_for,
+            "data_loss_window_ms": failover.data_loss_window_ms,
+        })
+        .to_string();
+        out.push(Command::CreateOperation {
+            audit: AuditDraft {
+                at_unix_ms: now,
+                actor: AUTO_ACTOR.into(),
+                action: "AutomaticFailover".into(),
+                parameters,
+                outcome: "ok".into(),
+            },
+            operation: new_operation(id, &spec.name, targets, failover, AUTO_ACTOR, now),
+            fix_inputs: true,
+        });
+    }
+    out
+}
+
+fn new_operation(
+    id: String,
+    app: &str,
+    targets: Vec<cutover_shared::domain::ClusterRef>,
+    failover: FailoverSpec,
+    by: &str,
+    now: i64,
+) -> Operation {
+    Operation {
+        id,
+        kind: OperationKind::Failover,
+        app: Some(app.to_owned()),
+        targets,
+        spec: OperationSpec {
+            failover: Some(Box::new(failover)),
+            ..OperationSpec::default()
+        },
+        state: TaskState::Pending,
+        created_by: by.to_owned(),
+        created_at_unix_ms: now,
+        updated_at_unix_ms: now,
+        tasks: vec![],
+        summary: String::new(),
+        control: Default::default(),
+        spec_digest: None,
+        bundle_digest: None,
+    }
+}
 
 /// A fence that failed is tried again after this.
 const RETRY_MS: i64 = 60_000;
 
-/// The fence operations the state calls for now.
+/// The automatic failovers and fence operations the state calls for now.
 pub fn due(s: &State, now: i64) -> Vec<Command> {
-    let mut out = Vec::new();
+    let mut out = automatic(s, now);
     for (app, epoch) in &s.dr_epochs {
         let Some(primary) = &epoch.primary else { continue };
         let Some(dbs) = s.db_status.get(app) else { continue };
@@ -47,36 +156,19 @@ pub fn due(s: &State, now: i64) -> Vec<Command> {
             if s.operations.contains_key(&id) {
                 continue;
             }
-            let operation = Operation {
-                id,
-                kind: OperationKind::Failover,
-                app: Some(app.clone()),
-                targets: vec![cluster.clone()],
-                spec: OperationSpec {
-                    failover: Some(Box::new(FailoverSpec {
-                        from: Some(cluster.clone()),
-                        to: primary.clone(),
-                        epoch: epoch.epoch,
-                        fence: true,
-                        verify_color: None,
-                        data_loss_window_ms: None,
-                        wal_behind_bytes: None,
-                        force: false,
-                        accept_data_loss: false,
-                        fence_only: true,
-                    })),
-                    ..OperationSpec::default()
-                },
-                state: TaskState::Pending,
-                created_by: FENCE_ACTOR.into(),
-                created_at_unix_ms: now,
-                updated_at_unix_ms: now,
-                tasks: vec![],
-                summary: String::new(),
-                control: Default::default(),
-                spec_digest: None,
-                bundle_digest: None,
+            let fence = FailoverSpec {
+                from: Some(cluster.clone()),
+                to: primary.clone(),
+                epoch: epoch.epoch,
+                fence: true,
+                verify_color: None,
+                data_loss_window_ms: None,
+                wal_behind_bytes: None,
+                force: false,
+                accept_data_loss: false,
+                fence_only: true,
             };
+            let operation = new_operation(id, app, vec![cluster.clone()], fence, FENCE_ACTOR, now);
             out.push(Command::CreateOperation {
                 audit: AuditDraft {
                     at_unix_ms: now,

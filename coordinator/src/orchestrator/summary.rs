@@ -106,7 +106,7 @@ fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> Stri
     let loss = if f.fence {
         "nothing (the old primary was fenced and the standby replayed its last write)".to_owned()
     } else {
-        let bytes = f.wal_behind_bytes.map_or_else(String::new, |b| {
+        let bytes = f.wal_behind_bytes.filter(|b| *b > 0).map_or_else(String::new, |b| {
             format!(", at least {b} bytes of WAL the standby never replayed")
         });
         match f.data_loss_window_ms {

@@ -1,0 +1,106 @@
+//! Disaster recovery's view of the replicated state, shared by the control
+//! API (`PlanFailover`, `Failover`) and the leader's watch (automatic
+//! failover, stray primaries): what `cutover_shared::dr::plan` reads, and
+//! the failover a plan turns into. Pure functions of the state and a clock
+//! reading, so an operator's failover and an automatic one decide alike.
+
+use cutover_shared::app::AppSpec;
+use cutover_shared::backup::BackupEntry;
+use cutover_shared::domain::AgentState;
+use cutover_shared::dr::{self, ClusterView, FailoverPlan, PlanError, PlanInput};
+use cutover_shared::operation::FailoverSpec;
+
+use crate::state::State;
+
+/// Each cluster of `app` with its agent's state and database, in the app's
+/// order.
+pub fn cluster_views(s: &State, app: &AppSpec) -> Vec<ClusterView> {
+    let dbs = s.db_status.get(&app.name);
+    app.clusters
+        .iter()
+        .map(|c| {
+            let cluster = c.cluster_ref();
+            let key = cluster.to_string();
+            ClusterView {
+                agent_up: s.agents.get(&key).is_some_and(|a| a.state == AgentState::Up),
+                database: dbs.and_then(|d| d.get(&key)).cloned(),
+                cluster,
+            }
+        })
+        .collect()
+}
+
+/// The app's backups, any cluster.
+pub fn app_backups<'a>(s: &'a State, app: &str) -> Vec<&'a BackupEntry> {
+    s.backups.values().filter(|b| b.app == app).collect()
+}
+
+/// The unfinished operation on any cluster of `app`, if there is one.
+pub fn running_on(s: &State, app: &AppSpec) -> Option<String> {
+    app.clusters
+        .iter()
+        .find_map(|c| s.running_operation(&app.name, &c.cluster_ref()).map(str::to_owned))
+}
+
+/// The failover runbook for `app` now.
+pub fn plan(s: &State, app: &AppSpec, to: Option<&str>, now: i64) -> Result<FailoverPlan, PlanError> {
+    dr::plan(&PlanInput {
+        app,
+        clusters: cluster_views(s, app),
+        backups: app_backups(s, &app.name),
+        running_operation: running_on(s, app),
+        to,
+        now_unix_ms: now,
+    })
+}
+
+/// The failover `plan` calls for, under the app's next epoch: the old
+/// primary is fenced when its agent is up; the new one is verified with
+/// the gates of the color serving there. `None` when the plan has no
+/// target.
+pub fn failover_spec(
+    s: &State,
+    app: &AppSpec,
+    plan: &FailoverPlan,
+    force: bool,
+    accept_data_loss: bool,
+) -> Option<FailoverSpec> {
+    let to = plan.to.clone()?;
+    let fence = plan
+        .from
+        .as_ref()
+        .is_some_and(|f| s.agents.get(&f.to_string()).is_some_and(|a| a.state == AgentState::Up));
+    Some(FailoverSpec {
+        from: plan.from.clone(),
+        epoch: s.dr_epochs.get(&app.name).map_or(0, |e| e.epoch) + 1,
+        fence,
+        verify_color: s
+            .app_status
+            .get(&app.name)
+            .and_then(|st| st.get(&to.to_string()))
+            .and_then(|st| st.active),
+        data_loss_window_ms: plan.data_loss_window_ms,
+        wal_behind_bytes: plan.wal_behind_bytes,
+        force,
+        accept_data_loss,
+        fence_only: false,
+        to,
+    })
+}
+
+/// The blockers of `plan` that `force` and `accept_data_loss` do not
+/// override, each with the flag that would, if any.
+pub fn standing_blockers(plan: &FailoverPlan, force: bool, accept_data_loss: bool) -> Vec<String> {
+    plan.blockers
+        .iter()
+        .filter(|b| match b.overridden_by {
+            Some("--force") => !force,
+            Some("--accept-data-loss") => !accept_data_loss,
+            _ => true,
+        })
+        .map(|b| match b.overridden_by {
+            Some(flag) => format!("{} (override: {flag})", b.reason),
+            None => b.reason.clone(),
+        })
+        .collect()
+}

@@ -1,0 +1,178 @@
+//! The leader's DR watch driven through the state machine with an injected
+//! clock: an automatic failover starts once the primary's agent has been
+//! down for `failover_after_secs` and not before, only one per epoch and
+//! cooldown, never past a standby lagging beyond `max_data_loss_secs`, and
+//! never for an app that did not ask for it.
+
+use cutover_coordinator::orchestrator::dr_watch;
+use cutover_coordinator::state::{AuditDraft, Command, State};
+use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LocalSpec};
+use cutover_shared::config::DbDriver;
+use cutover_shared::domain::{ClusterRef, TaskState};
+use cutover_shared::dr::{DatabaseStatus, DbRole};
+
+const T0: i64 = 1_767_225_600_000;
+
+fn audit(at: i64) -> AuditDraft {
+    AuditDraft {
+        at_unix_ms: at,
+        actor: "operator/test".into(),
+        action: "test".into(),
+        parameters: String::new(),
+        outcome: "ok".into(),
+    }
+}
+
+fn cluster(region: &str) -> ClusterRef {
+    ClusterRef::new(region, "main").unwrap()
+}
+
+fn app(automatic: bool) -> AppSpec {
+    let mut spec = AppSpec {
+        dr: Default::default(),
+        name: "shop".into(),
+        clusters: ["us-east", "eu-west"]
+            .iter()
+            .map(|r| AppCluster {
+                region: r.to_string(),
+                cluster: "main".into(),
+                driver: DriverKind::Local,
+                local: Some(LocalSpec {
+                    command: vec!["shop".into()],
+                    listen: "127.0.0.1:1".into(),
+                    preview_listen: "127.0.0.1:2".into(),
+                    drain_timeout_ms: 1000,
+                }),
+                kubernetes: None,
+            })
+            .collect(),
+        health: vec![],
+        load: Default::default(),
+        scale_down_delay_secs: None,
+        waves: vec![],
+        bake_secs: 0,
+        required_attestations: Default::default(),
+        migration_checks: vec![],
+    };
+    spec.dr.automatic = automatic;
+    spec.dr.failover_after_secs = 10;
+    spec.dr.max_data_loss_secs = 5;
+    spec.dr.cooldown_secs = 3600;
+    spec
+}
+
+fn db(role: DbRole, lag_ms: Option<u64>) -> DatabaseStatus {
+    DatabaseStatus {
+        app: "shop".into(),
+        driver: DbDriver::Postgres,
+        configured_role: role,
+        role: Some(role),
+        follows: None,
+        lsn: Some(1000),
+        receive_lsn: None,
+        lag_ms,
+        error: None,
+        observed_at_unix_ms: T0,
+        fenced: false,
+    }
+}
+
+fn apply(s: &mut State, cmd: Command) {
+    let r = s.apply(cmd.clone());
+    assert_eq!(r.error, None, "{cmd}");
+}
+
+/// Both agents up and reporting (the standby `lag_ms` behind), then
+/// us-east's agent marked down at `T0`.
+fn world(automatic: bool, lag_ms: u64) -> State {
+    let mut s = State::default();
+    for (i, r) in ["us-east", "eu-west"].iter().enumerate() {
+        apply(
+            &mut s,
+            Command::AgentUp {
+                cluster: cluster(r),
+                agent_version: "test".into(),
+                task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
+                at_unix_ms: T0 - 60_000,
+                session: i as u64 + 1,
+            },
+        );
+    }
+    apply(
+        &mut s,
+        Command::PutApp {
+            spec: app(automatic),
+            audit: audit(T0 - 60_000),
+        },
+    );
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("us-east"),
+            databases: vec![db(DbRole::Primary, None)],
+        },
+    );
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("eu-west"),
+            databases: vec![db(DbRole::Standby, Some(lag_ms))],
+        },
+    );
+    apply(
+        &mut s,
+        Command::AgentDown {
+            cluster: cluster("us-east"),
+            at_unix_ms: T0,
+            session: 1,
+        },
+    );
+    s
+}
+
+#[test]
+fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
+    let mut s = world(true, 200);
+    assert!(dr_watch::due(&s, T0 + 9_999).is_empty(), "before failover_after_secs");
+    let due = dr_watch::due(&s, T0 + 10_000);
+    assert_eq!(due.len(), 1, "{due:?}");
+    let Command::CreateOperation { operation, audit, .. } = due[0].clone() else {
+        panic!("{:?}", due[0]);
+    };
+    assert_eq!(operation.created_by, dr_watch::AUTO_ACTOR);
+    assert_eq!(audit.action, "AutomaticFailover");
+    let f = operation.spec.failover.as_deref().unwrap();
+    assert_eq!((f.epoch, f.fence, f.force), (1, false, true));
+    assert_eq!(
+        (f.from.clone(), f.to.clone()),
+        (Some(cluster("us-east")), cluster("eu-west"))
+    );
+    assert_eq!(operation.targets, [cluster("eu-west")]);
+    // Two leaders propose the same decision: the second is refused.
+    apply(&mut s, due[0].clone());
+    assert!(s.apply(due[0].clone()).error.is_some());
+    // While it runs, and after it ended, within the cooldown: nothing more.
+    assert!(dr_watch::due(&s, T0 + 11_000).is_empty());
+    apply(
+        &mut s,
+        Command::FinishOperation {
+            operation_id: operation.id.clone(),
+            state: TaskState::Succeeded,
+            summary: "ok".into(),
+            at_unix_ms: T0 + 12_000,
+        },
+    );
+    assert_eq!(s.dr_epochs["shop"].primary, Some(cluster("eu-west")));
+    assert!(dr_watch::due(&s, T0 + 60_000).is_empty());
+}
+
+#[test]
+fn no_automatic_failover_past_a_lagging_standby_or_for_an_app_that_did_not_ask() {
+    let s = world(true, 6_000);
+    assert!(
+        dr_watch::due(&s, T0 + 60_000).is_empty(),
+        "the lag is over max_data_loss"
+    );
+    let s = world(false, 0);
+    assert!(dr_watch::due(&s, T0 + 60_000).is_empty(), "automatic is off");
+}
