@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec, Color, validate_image_ref};
-use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
+use cutover_shared::domain::{TaskResult, TaskSpec};
 use cutover_shared::task::outputs::AppOutputs;
 use cutover_shared::task::{self, TaskKind, TaskParams};
 use tokio::sync::Mutex;
@@ -161,14 +161,7 @@ impl AppRuntime {
                 (false, m)
             }
         };
-        TaskResult {
-            task_id: task.task_id.clone(),
-            success,
-            message,
-            outputs: outputs.to_wire(),
-            replayed: false,
-            finished_at_unix_ms: now_unix_ms(),
-        }
+        TaskResult::finished(&task.task_id, success, message, outputs.to_wire())
     }
 
     async fn run(

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use cutover_shared::app::AppSpec;
 use cutover_shared::config::DatabaseConfig;
-use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
+use cutover_shared::domain::{TaskResult, TaskSpec};
 use cutover_shared::release::Bundle;
 use cutover_shared::task::outputs::{BackupOutput, MigrateOutputs};
 use cutover_shared::task::{self, TaskKind, TaskParams};
@@ -63,14 +63,7 @@ impl DbRuntime {
             Ok((ok, msg, out)) => (ok, msg, out),
             Err(e) => (false, e, MigrateOutputs::default()),
         };
-        TaskResult {
-            task_id: task.task_id.clone(),
-            success,
-            message,
-            outputs: outputs.to_wire(),
-            replayed: false,
-            finished_at_unix_ms: now_unix_ms(),
-        }
+        TaskResult::finished(&task.task_id, success, message, outputs.to_wire())
     }
 
     async fn run(

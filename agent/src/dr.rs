@@ -301,14 +301,7 @@ impl DrRuntime {
             Ok((msg, out)) => (true, msg, out),
             Err(e) => (false, e, FailoverOutputs::default()),
         };
-        TaskResult {
-            task_id: task.task_id.clone(),
-            success,
-            message,
-            outputs: outputs.to_wire(),
-            replayed: false,
-            finished_at_unix_ms: now_unix_ms(),
-        }
+        TaskResult::finished(&task.task_id, success, message, outputs.to_wire())
     }
 
     async fn run(

@@ -131,6 +131,20 @@ pub struct TaskResult {
     pub finished_at_unix_ms: i64,
 }
 
+impl TaskResult {
+    /// The result of task `task_id`, finished now (not a replay).
+    pub fn finished(task_id: &str, success: bool, message: String, outputs: BTreeMap<String, String>) -> TaskResult {
+        TaskResult {
+            task_id: task_id.to_owned(),
+            success,
+            message,
+            outputs,
+            replayed: false,
+            finished_at_unix_ms: now_unix_ms(),
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, from the wall clock.
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
@@ -245,6 +259,36 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// A new, pending operation on `app` with no tasks yet (the
+    /// orchestrator adds them): what the control API, the backup schedules
+    /// and the DR watch create.
+    pub fn new_app(
+        id: String,
+        kind: OperationKind,
+        app: &str,
+        targets: Vec<ClusterRef>,
+        spec: OperationSpec,
+        created_by: &str,
+        now_unix_ms: i64,
+    ) -> Operation {
+        Operation {
+            id,
+            kind,
+            app: Some(app.to_owned()),
+            targets,
+            spec,
+            state: TaskState::Pending,
+            created_by: created_by.to_owned(),
+            created_at_unix_ms: now_unix_ms,
+            updated_at_unix_ms: now_unix_ms,
+            tasks: vec![],
+            summary: String::new(),
+            control: Default::default(),
+            spec_digest: None,
+            bundle_digest: None,
+        }
+    }
+
     /// The release image whose migrations the operation acts with, if any.
     pub fn release_image(&self) -> Option<&str> {
         match self.kind {

@@ -132,6 +132,26 @@ async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) 
     .unwrap();
 }
 
+/// Deploys `sample:v1` of `shop` everywhere and waits until it succeeded.
+async fn deploy_v1(c: &TestCluster, leader: usize) {
+    let id = c
+        .operator(leader)
+        .deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: "sample:v1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    c.wait_state(leader, T, "the deploy to succeed", |s| {
+        s.operations[&id].state == cutover_shared::domain::TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standby() {
     let logs = captured_logs();
@@ -352,16 +372,26 @@ impl SequenceWriter {
                 if conn.is_none() {
                     conn = sqlx::PgConnection::connect(&urls[at]).await.ok();
                 }
-                let ok = match conn.as_mut() {
-                    Some(c) => sqlx::query("insert into seq values ($1)")
-                        .bind(n)
-                        .execute(&mut *c)
-                        .await
-                        .is_ok(),
-                    None => false,
+                let r = match conn.as_mut() {
+                    Some(c) => Some(
+                        sqlx::query("insert into seq values ($1)")
+                            .bind(n)
+                            .execute(&mut *c)
+                            .await,
+                    ),
+                    None => None,
                 };
-                if ok {
+                // A number already there committed without its
+                // acknowledgement reaching us (the server died between the
+                // two): it exists, but it was never acknowledged.
+                let exists = matches!(
+                    &r,
+                    Some(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("23505")
+                );
+                if matches!(r, Some(Ok(_))) {
                     a.lock().unwrap().push((n, at));
+                    n += 1;
+                } else if exists {
                     n += 1;
                 } else {
                     // Refused (read-only, a standby) or cut off (fenced):
@@ -399,21 +429,7 @@ async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primar
     wait_caught_up(&primary, &c, leader).await;
     // The app runs in both regions, so the failover verifies eu-west with
     // the gates of the color serving there.
-    let id = op
-        .deploy(pb::DeployRequest {
-            app: "shop".into(),
-            image: "sample:v1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    c.wait_state(leader, T, "the deploy to succeed", |s| {
-        s.operations[&id].state == cutover_shared::domain::TaskState::Succeeded
-    })
-    .await
-    .unwrap();
+    deploy_v1(&c, leader).await;
 
     // A refused failover changes nothing: the primary's own region.
     let before = c
@@ -548,21 +564,7 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
     // One transaction replayed, so the standby's lag has a clock.
     primary.psql("shop", "insert into seq values (0)").unwrap();
     wait_caught_up(&primary, &c, leader).await;
-    let id = op
-        .deploy(pb::DeployRequest {
-            app: "shop".into(),
-            image: "sample:v1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    c.wait_state(leader, T, "the deploy to succeed", |s| {
-        s.operations[&id].state == cutover_shared::domain::TaskState::Succeeded
-    })
-    .await
-    .unwrap();
+    deploy_v1(&c, leader).await;
 
     // The standby loses its primary (no WAL receiver any more); the primary
     // takes 100 more writes, which the standby will never see.

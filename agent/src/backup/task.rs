@@ -203,14 +203,7 @@ impl BackupRuntime {
                 },
             ),
         };
-        TaskResult {
-            task_id: spec.task_id.clone(),
-            success,
-            message,
-            outputs: outputs.to_wire(),
-            replayed: false,
-            finished_at_unix_ms: now_unix_ms(),
-        }
+        TaskResult::finished(&spec.task_id, success, message, outputs.to_wire())
     }
 
     fn database(&self, app: &str) -> Result<DbConfig, BackupError> {

@@ -266,22 +266,8 @@ impl ControlApi {
             "targets": targets.iter().map(|t| t.to_string()).collect::<Vec<_>>(),
             "params": op_spec.to_display(),
         });
-        let operation = domain::Operation {
-            id: id.clone(),
-            kind,
-            app: Some(spec.name.clone()),
-            targets,
-            spec: op_spec,
-            state: TaskState::Pending,
-            created_by: who.to_string(),
-            created_at_unix_ms: now,
-            updated_at_unix_ms: now,
-            tasks: vec![],
-            summary: String::new(),
-            control: Default::default(),
-            spec_digest: None,
-            bundle_digest: None,
-        };
+        let operation =
+            domain::Operation::new_app(id.clone(), kind, &spec.name, targets, op_spec, &who.to_string(), now);
         let cmd = Command::CreateOperation {
             operation,
             audit: audit(who, action, audit_params, "accepted"),

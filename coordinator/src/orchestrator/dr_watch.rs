@@ -19,7 +19,7 @@
 //! stays fenced until an operator rejoins it. Like the backup schedules,
 //! a pure function of the replicated state and a clock reading.
 
-use cutover_shared::domain::{AgentState, Operation, OperationKind, TaskState};
+use cutover_shared::domain::{AgentState, Operation, OperationKind};
 use cutover_shared::dr::DbRole;
 use cutover_shared::operation::{FailoverSpec, OperationSpec};
 
@@ -105,25 +105,11 @@ fn new_operation(
     by: &str,
     now: i64,
 ) -> Operation {
-    Operation {
-        id,
-        kind: OperationKind::Failover,
-        app: Some(app.to_owned()),
-        targets,
-        spec: OperationSpec {
-            failover: Some(Box::new(failover)),
-            ..OperationSpec::default()
-        },
-        state: TaskState::Pending,
-        created_by: by.to_owned(),
-        created_at_unix_ms: now,
-        updated_at_unix_ms: now,
-        tasks: vec![],
-        summary: String::new(),
-        control: Default::default(),
-        spec_digest: None,
-        bundle_digest: None,
-    }
+    let spec = OperationSpec {
+        failover: Some(Box::new(failover)),
+        ..OperationSpec::default()
+    };
+    Operation::new_app(id, OperationKind::Failover, app, targets, spec, by, now)
 }
 
 /// A fence that failed is tried again after this.

@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::backup::{self, BackupAction, BackupTrigger};
-use cutover_shared::domain::{AgentState, ClusterRef, Operation, OperationKind, TaskState};
+use cutover_shared::domain::{AgentState, ClusterRef, Operation, OperationKind};
 use cutover_shared::operation::{BackupSpec, OperationSpec};
 use cutover_shared::task::TaskKind;
 use sha2::{Digest, Sha256};
@@ -42,25 +42,11 @@ pub(super) fn derived_id(what: &str) -> String {
 }
 
 fn operation(id: String, app: &str, targets: Vec<ClusterRef>, spec: BackupSpec, by: &str, now: i64) -> Operation {
-    Operation {
-        id,
-        kind: OperationKind::Backup,
-        app: Some(app.to_owned()),
-        targets,
-        spec: OperationSpec {
-            backup: Some(Box::new(spec)),
-            ..OperationSpec::default()
-        },
-        state: TaskState::Pending,
-        created_by: by.to_owned(),
-        created_at_unix_ms: now,
-        updated_at_unix_ms: now,
-        tasks: vec![],
-        summary: String::new(),
-        control: Default::default(),
-        spec_digest: None,
-        bundle_digest: None,
-    }
+    let spec = OperationSpec {
+        backup: Some(Box::new(spec)),
+        ..OperationSpec::default()
+    };
+    Operation::new_app(id, OperationKind::Backup, app, targets, spec, by, now)
 }
 
 fn audit(by: &str, action: &str, parameters: serde_json::Value, now: i64) -> AuditDraft {
