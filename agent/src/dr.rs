@@ -291,11 +291,6 @@ impl DrRuntime {
         }
     }
 
-    /// The highest epoch this agent has seen for `app` (0: none).
-    pub fn epoch(&self, app: &str) -> u64 {
-        self.epochs.read().get(app).map_or(0, |e| e.epoch)
-    }
-
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
         let (success, message, outputs) = match self.run(task, progress).await {
             Ok((msg, out)) => (true, msg, out),

@@ -306,11 +306,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
             }
             v
         }
-        None => input
-            .clusters
-            .iter()
-            .filter(|c| from.as_ref().is_none_or(|f| f.cluster != c.cluster))
-            .collect(),
+        None => input.clusters.iter().collect(),
     };
     let from_cluster = from.as_ref().map(|f| f.cluster.clone());
     let candidates: Vec<&ClusterView> = candidates

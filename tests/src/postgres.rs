@@ -82,16 +82,21 @@ impl TestPostgres {
             ],
         )?;
         let _ = std::fs::remove_file(&pwfile);
-        // The free port is found by binding and releasing it, so another
-        // process may take it first: try a few.
+        pg.start_on_free_port()?;
+        Ok(pg)
+    }
+
+    /// Starts the initialized server on a free port and waits until it is
+    /// ready. The port is found by binding and releasing it, so another
+    /// process may take it first: try a few.
+    fn start_on_free_port(&mut self) -> Result<()> {
         let mut last = None;
         for _ in 0..3 {
             let port = free_port()?;
-            match pg.start_on(port) {
+            match self.start_on(port) {
                 Ok(()) => {
-                    pg.port = port;
-                    pg.wait_ready(Duration::from_secs(30))?;
-                    return Ok(pg);
+                    self.port = port;
+                    return self.wait_ready(Duration::from_secs(30));
                 }
                 Err(e) => last = Some(e),
             }
@@ -136,19 +141,8 @@ impl TestPostgres {
                 "--no-sync",
             ],
         )?;
-        let mut last = None;
-        for _ in 0..3 {
-            let port = free_port()?;
-            match standby.start_on(port) {
-                Ok(()) => {
-                    standby.port = port;
-                    standby.wait_ready(Duration::from_secs(30))?;
-                    return Ok(standby);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("the standby did not start")))
+        standby.start_on_free_port()?;
+        Ok(standby)
     }
 
     /// Stops the server at once (`pg_ctl stop -m immediate`), as a lost

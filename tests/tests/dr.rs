@@ -132,6 +132,30 @@ async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) 
     .unwrap();
 }
 
+/// Waits until eu-west's standby reports a replay lag over 5 s (the
+/// fixture's max_data_loss).
+async fn wait_standby_lag_over_5s(c: &TestCluster, leader: usize) {
+    c.wait_state(leader, T, "the standby's lag over 5 s", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("eu-west/c1"))
+            .is_some_and(|d| d.lag_ms.is_some_and(|l| l > 5000))
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until the agent of `cluster` (`region/cluster`) is marked down.
+async fn wait_agent_down(c: &TestCluster, leader: usize, cluster: &str) {
+    c.wait_state(leader, T, &format!("{cluster}'s agent down"), |s| {
+        s.agents
+            .get(cluster)
+            .is_some_and(|a| a.state == cutover_shared::domain::AgentState::Down)
+    })
+    .await
+    .unwrap();
+}
+
 /// Deploys `sample:v1` of `shop` everywhere and waits until it succeeded.
 async fn deploy_v1(c: &TestCluster, leader: usize) {
     let id = c
@@ -274,14 +298,7 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
             "insert into orders select g, 'paused' from generate_series(1501, 1600) g",
         )
         .unwrap();
-    c.wait_state(leader, T, "the paused standby's lag over 5 s", |s| {
-        s.db_status
-            .get("shop")
-            .and_then(|d| d.get("eu-west/c1"))
-            .is_some_and(|d| d.lag_ms.is_some_and(|l| l > 5000))
-    })
-    .await
-    .unwrap();
+    wait_standby_lag_over_5s(&c, leader).await;
     let plan = op
         .plan_failover(pb::PlanFailoverRequest {
             app: "shop".into(),
@@ -314,13 +331,7 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
 
     // The standby's agent goes away: the plan is blocked, with no override.
     c.stop_agent(1).await;
-    c.wait_state(leader, T, "eu-west's agent down", |s| {
-        s.agents
-            .get("eu-west/c1")
-            .is_some_and(|a| a.state == cutover_shared::domain::AgentState::Down)
-    })
-    .await
-    .unwrap();
+    wait_agent_down(&c, leader, "eu-west/c1").await;
     let plan = op
         .plan_failover(pb::PlanFailoverRequest {
             app: "shop".into(),
@@ -575,25 +586,12 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
     primary
         .psql("shop", "insert into seq select g from generate_series(1, 100) g")
         .unwrap();
-    c.wait_state(leader, T, "the cut-off standby's lag over 5 s", |s| {
-        s.db_status
-            .get("shop")
-            .and_then(|d| d.get("eu-west/c1"))
-            .is_some_and(|d| d.lag_ms.is_some_and(|l| l > 5000))
-    })
-    .await
-    .unwrap();
+    wait_standby_lag_over_5s(&c, leader).await;
     // The agent's config, to bring it back later.
     let mut us_east_cfg = c.agent_config(0);
     us_east_cfg.databases = vec![database(&c.tmp.path().join("primary-url"), DbRole::Primary, None)];
     c.stop_agent(0).await;
-    c.wait_state(leader, T, "us-east's agent down", |s| {
-        s.agents
-            .get("us-east/c1")
-            .is_some_and(|a| a.state == cutover_shared::domain::AgentState::Down)
-    })
-    .await
-    .unwrap();
+    wait_agent_down(&c, leader, "us-east/c1").await;
 
     let failover = |force: bool, accept_data_loss: bool| pb::FailoverRequest {
         app: "shop".into(),
