@@ -68,7 +68,7 @@ impl AppRuntime {
     /// cluster's driver settings alone (a new bake, new probes) keeps the
     /// driver, its processes and its routers; new settings close the old
     /// driver first, so the new one can bind the same addresses.
-    async fn driver(&self, spec: &AppSpec) -> Result<Arc<dyn PlatformDriver>, DriverError> {
+    pub(crate) async fn driver(&self, spec: &AppSpec) -> Result<Arc<dyn PlatformDriver>, DriverError> {
         let settings = serde_json::to_string(&spec.cluster(&self.ctx.cluster)).unwrap_or_default();
         let driver = match self.cached(&spec.name, &settings) {
             Some(d) => d,
@@ -207,34 +207,7 @@ impl AppRuntime {
                 let report = gates::run_gates(&spec, &target).await;
                 outputs.report = Some(serde_json::to_string(&report).unwrap_or_default());
                 outputs.status = Some(before.clone());
-                let mut lines = Vec::new();
-                for p in &report.probes {
-                    lines.push(format!(
-                        "{} {}: {} ({} ms)",
-                        if p.passed { "pass" } else { "FAIL" },
-                        p.name,
-                        p.detail,
-                        p.millis
-                    ));
-                }
-                if let Some(l) = &report.load {
-                    lines.push(format!(
-                        "{} load: {} requests, {} errors, avg {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, {:.0} rps{}",
-                        if l.passed { "pass" } else { "FAIL" },
-                        l.requests,
-                        l.errors,
-                        l.avg_ms,
-                        l.p95_ms,
-                        l.p99_ms,
-                        l.rps,
-                        if l.violations.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({})", l.violations.join("; "))
-                        }
-                    ));
-                }
-                let text = lines.join("\n  ");
+                let text = report.lines();
                 if report.passed {
                     Ok(format!("gates passed\n  {text}"))
                 } else {

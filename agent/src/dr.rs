@@ -14,7 +14,7 @@ use cutover_shared::config::{DatabaseConfig, DbDriver};
 use cutover_shared::domain::{TaskResult, TaskSpec, now_unix_ms};
 use cutover_shared::dr::{DatabaseStatus, DbRole, format_lsn};
 use cutover_shared::task::outputs::FailoverOutputs;
-use cutover_shared::task::{FailoverAction, TaskKind, TaskParams};
+use cutover_shared::task::{self, FailoverAction, TaskKind, TaskParams};
 
 use crate::migrate;
 
@@ -135,7 +135,7 @@ pub async fn watch_lease(
 }
 
 /// Kinds `DrRuntime` executes.
-pub const KINDS: &[TaskKind] = &[TaskKind::DbFailover];
+pub const KINDS: &[TaskKind] = &[TaskKind::DbFailover, TaskKind::DrDrill];
 
 /// How long a standby may take to replay up to the fenced primary's last
 /// write before a promotion gives up (and the failover is undone).
@@ -201,16 +201,23 @@ impl Epochs {
     }
 }
 
-/// Executes `db.failover` tasks against the agent's configured databases.
+/// Executes `db.failover` and `dr.drill` tasks against the agent's
+/// configured databases (and, for drills, its apps).
 pub struct DrRuntime {
+    apps: std::sync::Arc<crate::app_tasks::AppRuntime>,
     databases: BTreeMap<String, DatabaseConfig>,
     data_dir: PathBuf,
     epochs: Epochs,
 }
 
 impl DrRuntime {
-    pub fn new(databases: &[DatabaseConfig], data_dir: &Path) -> DrRuntime {
+    pub fn new(
+        databases: &[DatabaseConfig],
+        data_dir: &Path,
+        apps: std::sync::Arc<crate::app_tasks::AppRuntime>,
+    ) -> DrRuntime {
         DrRuntime {
+            apps,
             databases: databases.iter().map(|d| (d.app.clone(), d.clone())).collect(),
             data_dir: data_dir.to_owned(),
             epochs: Epochs {
@@ -292,6 +299,24 @@ impl DrRuntime {
     }
 
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
+        if task.kind == TaskKind::DrDrill.as_str() {
+            let mut out = cutover_shared::task::outputs::DrillOutputs::default();
+            let app = task::app_of(&task.params).unwrap_or_default();
+            let ran = crate::drill::run(
+                &self.apps,
+                self.databases.get(app),
+                &self.data_dir,
+                task,
+                progress,
+                &mut out,
+            )
+            .await;
+            let (success, message) = match ran {
+                Ok(m) => (true, m),
+                Err(e) => (false, e),
+            };
+            return TaskResult::finished(&task.task_id, success, message, out.to_wire());
+        }
         let (success, message, outputs) = match self.run(task, progress).await {
             Ok((msg, out)) => (true, msg, out),
             Err(e) => (false, e, FailoverOutputs::default()),

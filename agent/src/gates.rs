@@ -33,6 +33,40 @@ pub struct GateReport {
     pub load: Option<LoadResult>,
 }
 
+impl GateReport {
+    /// One line per probe and one for the load probe, for task messages.
+    pub fn lines(&self) -> String {
+        let mut lines = Vec::new();
+        for p in &self.probes {
+            lines.push(format!(
+                "{} {}: {} ({} ms)",
+                if p.passed { "pass" } else { "FAIL" },
+                p.name,
+                p.detail,
+                p.millis
+            ));
+        }
+        if let Some(l) = &self.load {
+            lines.push(format!(
+                "{} load: {} requests, {} errors, avg {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, {:.0} rps{}",
+                if l.passed { "pass" } else { "FAIL" },
+                l.requests,
+                l.errors,
+                l.avg_ms,
+                l.p95_ms,
+                l.p99_ms,
+                l.rps,
+                if l.violations.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", l.violations.join("; "))
+                }
+            ));
+        }
+        lines.join("\n  ")
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ProbeResult {
     pub name: String,

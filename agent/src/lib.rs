@@ -12,6 +12,7 @@ pub mod app_tasks;
 pub mod backup;
 pub mod db_tasks;
 pub mod dr;
+pub mod drill;
 pub mod drivers;
 pub mod gates;
 pub mod migrate;
@@ -109,7 +110,7 @@ impl Agent {
             &cfg.data_dir,
             Some(backups.clone()),
         ));
-        let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir));
+        let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir, apps.clone()));
         Ok(Agent {
             dr,
             renewed: Arc::new(Mutex::new(Instant::now())),

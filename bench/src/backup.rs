@@ -217,6 +217,8 @@ pub async fn run(quick: bool) -> Result<Value> {
             statement_timeout_ms: 3_600_000,
             backup_dir: None,
             pg_bin_dir: None,
+            scratch_url_file: None,
+            scratch_url_env: None,
         }];
         cfg.backup = Some(store(dir).expect("the Garage store config"));
     })

@@ -156,6 +156,8 @@ impl DevSystem {
                 statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
                 backup_dir: None,
                 pg_bin_dir: None,
+                scratch_url_file: None,
+                scratch_url_env: None,
             }],
             coordinators: self.addrs.clone(),
             data_dir: self.dir.join(format!("agent-{region}-{cluster}")),

@@ -1,6 +1,7 @@
 //! `cutover dr …`: an app's disaster-recovery posture (`status`), the
-//! failover runbook computed from the live state (`plan`), and the
-//! failover itself (`failover`).
+//! failover runbook computed from the live state (`plan`), the failover
+//! itself (`failover`), and drills that rehearse it on a scratch copy
+//! (`drill`, `drills list`).
 
 use std::process::ExitCode;
 
@@ -58,6 +59,77 @@ pub enum DrCmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Rehearse a failover without touching production: clone the
+    /// database (the region's standby) into a scratch database there,
+    /// start the serving release as a scratch color that takes no traffic,
+    /// run the gates against it, report RTO and RPO, tear it all down.
+    Drill {
+        #[arg(long)]
+        app: String,
+        /// The region to rehearse in (default: where a failover would go).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Drill reports.
+    Drills {
+        #[command(subcommand)]
+        cmd: DrillsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DrillsCmd {
+    /// An app's drill reports, newest first.
+    List {
+        #[arg(long)]
+        app: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+fn drill_json(d: &pb::DrillReport) -> serde_json::Value {
+    json!({
+        "operation_id": d.operation_id, "app": d.app, "region": d.region, "cluster": d.cluster,
+        "passed": d.passed, "verdict": d.verdict, "message": d.message, "source": d.source,
+        "started_at_unix_ms": d.started_at_unix_ms, "finished_at_unix_ms": d.finished_at_unix_ms,
+        "rto_ms": d.rto_ms, "rpo_ms": d.rpo_ms, "phase_ms": d.phase_ms, "image": d.image,
+        "requested_by": d.requested_by,
+    })
+}
+
+/// `passed: RTO 3.1 s, RPO 0 ms` or `FAILED at gates`.
+fn drill_line(d: &pb::DrillReport) -> String {
+    if d.passed {
+        format!(
+            "passed: RTO {}, RPO {}",
+            d.rto_ms.map_or_else(|| "?".into(), human_ms),
+            d.rpo_ms.map_or_else(|| "?".into(), human_ms)
+        )
+    } else {
+        format!("FAILED at {}", d.verdict)
+    }
+}
+
+/// Waits for operation `id` and prints its outcome (`extra` joins the
+/// JSON form); fails the command when the operation failed.
+async fn wait_and_print(conn: &ConnOpts, id: &str, extra: serde_json::Value) -> Result<ExitCode> {
+    let op = crate::migrate::finished_operation(conn, id).await?;
+    let ok = op.state == pb::TaskState::Succeeded as i32;
+    if conn.output == Output::Json {
+        let mut v = json!({ "operation_id": id, "ok": ok, "summary": op.summary });
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}: {}", if ok { "succeeded" } else { "FAILED" }, op.summary);
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn role_word(r: i32) -> &'static str {
@@ -111,19 +183,67 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
             if conn.output == Output::Text {
                 println!("failover {id} started: epoch {}", started.epoch);
             }
-            let op = crate::migrate::finished_operation(&conn, &id).await?;
-            let ok = op.state == pb::TaskState::Succeeded as i32;
-            if conn.output == Output::Json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "operation_id": id, "epoch": started.epoch, "ok": ok, "summary": op.summary,
-                    }))?
-                );
-            } else {
-                println!("{}: {}", if ok { "succeeded" } else { "FAILED" }, op.summary);
+            wait_and_print(&conn, &id, json!({ "epoch": started.epoch })).await
+        }
+        DrCmd::Drill { app, to, detach } => {
+            let req = pb::DrillRequest {
+                app,
+                to: to.unwrap_or_default(),
+            };
+            let started = call(&conn, |mut c| {
+                let req = req.clone();
+                async move { c.drill(req).await }
+            })
+            .await?;
+            let id = started.operation_id;
+            if detach {
+                if conn.output == Output::Json {
+                    println!("{}", json!({ "operation_id": id }));
+                } else {
+                    println!("{id}");
+                }
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            if conn.output == Output::Text {
+                println!("drill {id} started");
+            }
+            let code = wait_and_print(&conn, &id, json!({})).await?;
+            Ok(code)
+        }
+        DrCmd::Drills {
+            cmd: DrillsCmd::List { app, limit },
+        } => {
+            let drills = call(&conn, |mut c| {
+                let app = app.clone();
+                async move { c.list_drills(pb::ListDrillsRequest { app, limit }).await }
+            })
+            .await?
+            .drills;
+            if conn.output == Output::Json {
+                let all: Vec<serde_json::Value> = drills.iter().map(drill_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<21} {:<24} {:<8} {:<10} {:>10} {:>10}  OPERATION",
+                "FINISHED", "CLUSTER", "SOURCE", "VERDICT", "RTO", "RPO"
+            );
+            for d in &drills {
+                println!(
+                    "{:<21} {:<24} {:<8} {:<10} {:>10} {:>10}  {}",
+                    time(d.finished_at_unix_ms),
+                    format!("{}/{}", d.region, d.cluster),
+                    if d.source.is_empty() { "-" } else { &d.source },
+                    d.verdict,
+                    d.rto_ms.map_or_else(|| "-".into(), human_ms),
+                    d.rpo_ms.map_or_else(|| "-".into(), human_ms),
+                    d.operation_id
+                );
+            }
+            if drills.is_empty() {
+                println!("(no drills yet: cutover dr drill --app {app})");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         DrCmd::Status { app } => {
             let st = call(&conn, |mut c| {
@@ -142,6 +262,7 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                             "lag_bytes": c.lag_bytes,
                             "last_backup": c.last_backup.as_ref().map(backup_json),
                             "last_validated_backup": c.last_validated_backup.as_ref().map(backup_json),
+                            "last_drill": c.last_drill.as_ref().map(drill_json),
                         })
                     })
                     .collect();
@@ -203,7 +324,21 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                     }
                 );
             }
-            println!("last drill: none yet");
+            let drills: Vec<&pb::DrClusterStatus> = st.clusters.iter().filter(|c| c.last_drill.is_some()).collect();
+            if drills.is_empty() {
+                println!("last drill: none yet (cutover dr drill --app {})", st.app);
+            }
+            for c in drills {
+                let d = c.last_drill.as_ref().expect("filtered");
+                println!(
+                    "last drill into {}/{}: {} at {} ({})",
+                    c.region,
+                    c.cluster,
+                    drill_line(d),
+                    time(d.finished_at_unix_ms),
+                    d.operation_id
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         DrCmd::Plan { app, to } => {

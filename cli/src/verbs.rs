@@ -475,6 +475,7 @@ fn kind_name(k: i32) -> &'static str {
         pb::OperationKind::Migrate => "migrate",
         pb::OperationKind::Backup => "backup",
         pb::OperationKind::Failover => "failover",
+        pb::OperationKind::Drill => "drill",
         pb::OperationKind::Unspecified => "operation",
     }
 }

@@ -6,7 +6,7 @@
 
 use cutover_shared::app::AppSpec;
 use cutover_shared::backup::BackupEntry;
-use cutover_shared::domain::AgentState;
+use cutover_shared::domain::{AgentState, ClusterRef};
 use cutover_shared::dr::{self, ClusterView, FailoverPlan, PlanError, PlanInput};
 use cutover_shared::operation::FailoverSpec;
 
@@ -33,6 +33,26 @@ pub fn cluster_views(s: &State, app: &AppSpec) -> Vec<ClusterView> {
 /// The app's backups, any cluster.
 pub fn app_backups<'a>(s: &'a State, app: &str) -> Vec<&'a BackupEntry> {
     s.backups.values().filter(|b| b.app == app).collect()
+}
+
+/// The image serving in `target` (its active color's), else the one
+/// serving in the app's primary cluster, else in any cluster: what a drill
+/// starts as its scratch color.
+pub fn serving_image(s: &State, app: &AppSpec, target: &ClusterRef) -> Option<String> {
+    let statuses = s.app_status.get(&app.name)?;
+    let serving = |c: &ClusterRef| {
+        let st = statuses.get(&c.to_string())?;
+        let active = st.active?;
+        st.colors
+            .iter()
+            .find(|x| x.color == active && !x.image.is_empty())
+            .map(|x| x.image.clone())
+    };
+    let views = cluster_views(s, app);
+    let primary = dr::primaries(&views).first().map(|p| p.cluster.clone());
+    serving(target)
+        .or_else(|| primary.as_ref().and_then(serving))
+        .or_else(|| app.clusters.iter().find_map(|c| serving(&c.cluster_ref())))
 }
 
 /// The unfinished operation on any cluster of `app`, if there is one.

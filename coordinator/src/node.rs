@@ -71,7 +71,8 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "DeleteBackup"
                 | "SetBackupSchedule"
                 | "DeleteBackupSchedule"
-                | "Failover",
+                | "Failover"
+                | "Drill",
             ),
         ) => WRITES,
         (
@@ -93,7 +94,8 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "GetBackup"
                 | "ListBackupSchedules"
                 | "GetDrStatus"
-                | "PlanFailover",
+                | "PlanFailover"
+                | "ListDrills",
             ),
         ) => READS,
         _ => return None,

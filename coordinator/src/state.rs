@@ -13,7 +13,7 @@ use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
     TaskProgress, TaskRecord, TaskResult, TaskState,
 };
-use cutover_shared::dr::{DatabaseStatus, DrEpoch};
+use cutover_shared::dr::{DatabaseStatus, DrEpoch, DrillReport, MAX_DRILLS};
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{self, spec_digest};
 use serde::{Deserialize, Serialize};
@@ -231,6 +231,10 @@ pub struct State {
     /// App → its primary epoch (absent: it never failed over).
     #[serde(default)]
     pub dr_epochs: BTreeMap<String, DrEpoch>,
+    /// App → its drill reports, oldest first (at most [`MAX_DRILLS`]).
+    /// A report is added when its drill task ends, passed or not.
+    #[serde(default)]
+    pub drills: BTreeMap<String, Vec<DrillReport>>,
 }
 
 impl State {
@@ -384,7 +388,15 @@ impl State {
                     .zip(cutover_shared::task::outputs::AppOutputs::from_wire(&result.outputs).status);
                 task.result = Some(result);
                 let cataloged = catalog_change(op, i, at_unix_ms);
+                let drilled = drill_report(op, i);
                 refresh_operation(op, at_unix_ms);
+                if let Some(d) = drilled {
+                    let kept = self.drills.entry(d.app.clone()).or_default();
+                    kept.push(d);
+                    if kept.len() > MAX_DRILLS {
+                        kept.remove(0);
+                    }
+                }
                 if let Some((app, status)) = reported {
                     self.app_status.entry(app).or_default().insert(from.to_string(), status);
                 }
@@ -920,6 +932,37 @@ enum CatalogChange {
 /// The catalog change task `i` of `op` makes by finishing with its result:
 /// a successful upload adds its entry; a validation, passed or not, is
 /// recorded on its backup.
+/// The report a finished `dr.drill` task makes, passed or not.
+fn drill_report(op: &Operation, i: usize) -> Option<DrillReport> {
+    use cutover_shared::task::{TaskParams, outputs::DrillOutputs};
+    let t = &op.tasks[i];
+    let result = t.result.as_ref()?;
+    let Ok(TaskParams::DrDrill { app, image }) = TaskParams::from_wire(&t.spec.kind, &t.spec.params) else {
+        return None;
+    };
+    let out = DrillOutputs::from_wire(&result.outputs);
+    Some(DrillReport {
+        operation_id: op.id.clone(),
+        app: app.app,
+        cluster: t.spec.target.clone(),
+        passed: result.success,
+        verdict: if out.verdict.is_empty() {
+            if result.success { "passed" } else { "error" }.to_owned()
+        } else {
+            out.verdict
+        },
+        message: result.message.clone(),
+        source: out.source,
+        started_at_unix_ms: op.created_at_unix_ms,
+        finished_at_unix_ms: result.finished_at_unix_ms,
+        rto_ms: out.rto_ms.filter(|_| result.success),
+        rpo_ms: out.rpo_ms,
+        phase_ms: out.phase_ms,
+        image,
+        requested_by: op.created_by.clone(),
+    })
+}
+
 fn catalog_change(op: &Operation, i: usize, at: i64) -> Option<CatalogChange> {
     use cutover_shared::task::{TaskParams, outputs::BackupOutputs};
     let t = &op.tasks[i];

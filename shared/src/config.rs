@@ -452,6 +452,17 @@ pub struct DatabaseConfig {
     /// there, or `PATH`.
     #[serde(default)]
     pub pg_bin_dir: Option<PathBuf>,
+    /// A file holding the connection string of a writable server in this
+    /// cluster where `cutover dr drill` puts its scratch copy of the
+    /// database (it creates and drops a database there; the URL's user
+    /// needs CREATEDB). A standby needs it for drills; a primary's drills
+    /// default to its own server. At most one of `scratch_url_file` and
+    /// `scratch_url_env`.
+    #[serde(default)]
+    pub scratch_url_file: Option<PathBuf>,
+    /// An environment variable holding that connection string.
+    #[serde(default)]
+    pub scratch_url_env: Option<String>,
 }
 
 impl DatabaseConfig {
@@ -478,6 +489,9 @@ impl DatabaseConfig {
             (Some(_), Some(_)) => return bad("set one of url_file and url_env, not both"),
             (None, None) => return bad("url_file or url_env is required"),
             _ => {}
+        }
+        if self.scratch_url_file.is_some() && self.scratch_url_env.is_some() {
+            return bad("set one of scratch_url_file and scratch_url_env, not both");
         }
         if let (Some(role), Some(primary)) = (self.role, self.primary)
             && (role == crate::dr::DbRole::Primary) != primary

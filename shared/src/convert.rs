@@ -135,6 +135,7 @@ impl From<domain::Operation> for proto::Operation {
             domain::OperationKind::Migrate => proto::OperationKind::Migrate,
             domain::OperationKind::Backup => proto::OperationKind::Backup,
             domain::OperationKind::Failover => proto::OperationKind::Failover,
+            domain::OperationKind::Drill => proto::OperationKind::Drill,
         };
         proto::Operation {
             id: o.id,
@@ -580,4 +581,26 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
         observed_at_unix_ms: d.observed_at_unix_ms,
         fenced: d.fenced,
     })
+}
+
+impl From<crate::dr::DrillReport> for proto::DrillReport {
+    fn from(d: crate::dr::DrillReport) -> Self {
+        proto::DrillReport {
+            operation_id: d.operation_id,
+            app: d.app,
+            region: d.cluster.region,
+            cluster: d.cluster.cluster,
+            passed: d.passed,
+            verdict: d.verdict,
+            message: d.message,
+            source: d.source,
+            started_at_unix_ms: d.started_at_unix_ms,
+            finished_at_unix_ms: d.finished_at_unix_ms,
+            rto_ms: d.rto_ms,
+            rpo_ms: d.rpo_ms,
+            phase_ms: d.phase_ms.into_iter().collect(),
+            image: d.image,
+            requested_by: d.requested_by,
+        }
+    }
 }

@@ -191,6 +191,9 @@ pub enum OperationKind {
     /// Move an app's primary database (and the app's writes) to another
     /// region.
     Failover,
+    /// Rehearse a failover into a region on a scratch copy, touching
+    /// nothing in production, and measure RTO and RPO.
+    Drill,
 }
 
 impl OperationKind {
@@ -204,6 +207,7 @@ impl OperationKind {
             OperationKind::Migrate => "migrate",
             OperationKind::Backup => "backup",
             OperationKind::Failover => "failover",
+            OperationKind::Drill => "drill",
         }
     }
 }

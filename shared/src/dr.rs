@@ -4,6 +4,8 @@
 //! clock reading, so `cutover dr plan` and the failover itself can never
 //! disagree about what would happen.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::app::AppSpec;
@@ -79,6 +81,39 @@ pub struct DrEpoch {
     /// The failover that committed this epoch.
     pub operation_id: String,
     pub at_unix_ms: i64,
+}
+
+/// Drill reports kept per app, newest last.
+pub const MAX_DRILLS: usize = 100;
+
+/// What one drill measured, kept in the replicated state (bounded by
+/// [`MAX_DRILLS`] per app).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillReport {
+    pub operation_id: String,
+    pub app: String,
+    /// Where the scratch copy ran.
+    pub cluster: ClusterRef,
+    pub passed: bool,
+    /// `passed`, or the phase that failed: `clone`, `checks`, `serve`,
+    /// `gates`, or `error`.
+    pub verdict: String,
+    pub message: String,
+    /// `standby` (a copy of the region's streaming standby).
+    pub source: String,
+    pub started_at_unix_ms: i64,
+    pub finished_at_unix_ms: i64,
+    /// From the drill's start to a serving copy whose gates passed.
+    pub rto_ms: Option<u64>,
+    /// How old the newest data in the copy was when it was taken.
+    pub rpo_ms: Option<u64>,
+    /// Duration of each phase, ms: `clone`, `checks`, `serve`, `gates`,
+    /// `teardown`.
+    #[serde(default)]
+    pub phase_ms: BTreeMap<String, u64>,
+    /// The release the scratch color ran.
+    pub image: String,
+    pub requested_by: String,
 }
 
 /// Parses PostgreSQL's textual LSN (`16/B374D848`).

@@ -69,11 +69,15 @@ pub enum TaskKind {
     /// sessions ended), lift a fence, or promote a standby; each stamped
     /// with the app's primary epoch.
     DbFailover,
+    /// A failover rehearsal in this region: clone the app's database into
+    /// a scratch database, start the release as a scratch color that takes
+    /// no traffic, run the gates against it, measure, tear it all down.
+    DrDrill,
 }
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 10] = [
+    pub const ALL: [TaskKind; 11] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
@@ -84,6 +88,7 @@ impl TaskKind {
         TaskKind::DbMigrate,
         TaskKind::DbBackup,
         TaskKind::DbFailover,
+        TaskKind::DrDrill,
     ];
 
     /// The kind's name on the wire.
@@ -99,6 +104,7 @@ impl TaskKind {
             TaskKind::DbMigrate => "db.migrate",
             TaskKind::DbBackup => "db.backup",
             TaskKind::DbFailover => "db.failover",
+            TaskKind::DrDrill => "dr.drill",
         }
     }
 
@@ -123,6 +129,7 @@ impl TaskKind {
             TaskKind::DbMigrate => "cutover migrate",
             TaskKind::DbBackup | TaskKind::AppMaintenance => "cutover backup",
             TaskKind::DbFailover => "cutover dr failover",
+            TaskKind::DrDrill => "cutover dr drill",
         }
     }
 }
@@ -301,6 +308,11 @@ pub enum TaskParams {
     DbMigrate(MigrateParams),
     DbBackup(BackupParams),
     DbFailover(FailoverParams),
+    DrDrill {
+        app: AppRef,
+        /// The release the scratch color runs.
+        image: String,
+    },
 }
 
 fn get<'a>(p: &'a WireParams, key: &'static str) -> Result<&'a str, TaskError> {
@@ -366,6 +378,7 @@ impl TaskParams {
             TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
             TaskParams::DbBackup(_) => TaskKind::DbBackup,
             TaskParams::DbFailover(_) => TaskKind::DbFailover,
+            TaskParams::DrDrill { .. } => TaskKind::DrDrill,
         }
     }
 
@@ -377,7 +390,8 @@ impl TaskParams {
             | TaskParams::AppGates { app, .. }
             | TaskParams::AppSwitch { app, .. }
             | TaskParams::AppBake { app, .. }
-            | TaskParams::AppMaintenance { app, .. } => Some(app),
+            | TaskParams::AppMaintenance { app, .. }
+            | TaskParams::DrDrill { app, .. } => Some(app),
             TaskParams::DbMigrate(m) => Some(&m.app),
             TaskParams::DbBackup(b) => Some(&b.app),
             TaskParams::DbFailover(f) => Some(&f.app),
@@ -417,7 +431,7 @@ impl TaskParams {
                     put("fail", "true".into());
                 }
             }
-            TaskParams::AppDeploy { image, .. } => put("image", image.clone()),
+            TaskParams::AppDeploy { image, .. } | TaskParams::DrDrill { image, .. } => put("image", image.clone()),
             TaskParams::AppGates { color, .. } => {
                 put("color", color.map_or_else(|| "inactive".into(), |c| c.to_string()));
             }
@@ -561,6 +575,10 @@ impl TaskParams {
                     compensate: flag(p, "compensate"),
                 })
             }
+            TaskKind::DrDrill => TaskParams::DrDrill {
+                app: app_ref(p)?,
+                image: get(p, "image")?.to_owned(),
+            },
         })
     }
 }
@@ -929,6 +947,63 @@ pub mod outputs {
         }
     }
 
+    /// What a `dr.drill` reports: how it went, phase by phase.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct DrillOutputs {
+        /// `passed`, or the phase that failed (`clone`, `checks`, `serve`,
+        /// `gates`, `error`).
+        pub verdict: String,
+        /// `standby`.
+        pub source: String,
+        /// From the task's start to a serving copy whose gates passed.
+        pub rto_ms: Option<u64>,
+        /// How old the newest data in the copy was when it was taken.
+        pub rpo_ms: Option<u64>,
+        /// Phase → ms: `clone`, `checks`, `serve`, `gates`, `teardown`.
+        pub phase_ms: BTreeMap<String, u64>,
+    }
+
+    impl DrillOutputs {
+        pub fn to_wire(&self) -> WireParams {
+            let mut m = WireParams::new();
+            m.insert("verdict".into(), self.verdict.clone());
+            if !self.source.is_empty() {
+                m.insert("source".into(), self.source.clone());
+            }
+            if let Some(v) = self.rto_ms {
+                m.insert("rto_ms".into(), v.to_string());
+            }
+            if let Some(v) = self.rpo_ms {
+                m.insert("rpo_ms".into(), v.to_string());
+            }
+            for (phase, ms) in &self.phase_ms {
+                m.insert(format!("{phase}_ms"), ms.to_string());
+            }
+            m
+        }
+
+        pub fn from_wire(m: &WireParams) -> Self {
+            let mut out = DrillOutputs {
+                verdict: m.get("verdict").cloned().unwrap_or_default(),
+                source: m.get("source").cloned().unwrap_or_default(),
+                rto_ms: m.get("rto_ms").and_then(|v| v.parse().ok()),
+                rpo_ms: m.get("rpo_ms").and_then(|v| v.parse().ok()),
+                phase_ms: BTreeMap::new(),
+            };
+            for (k, v) in m {
+                if let (Some(phase), Ok(ms)) = (k.strip_suffix("_ms"), v.parse())
+                    && DRILL_PHASES.contains(&phase)
+                {
+                    out.phase_ms.insert(phase.to_owned(), ms);
+                }
+            }
+            out
+        }
+    }
+
+    /// A drill's phases, in order.
+    pub const DRILL_PHASES: [&str; 5] = ["clone", "checks", "serve", "gates", "teardown"];
+
     /// The color an `app.deploy` result reports.
     pub fn deployed_color(out: &WireParams) -> Option<Color> {
         AppOutputs::from_wire(out).color
@@ -1009,6 +1084,14 @@ mod tests {
             kept: Some(BTreeMap::from([("b".to_owned(), "locked".to_owned())])),
         };
         assert_eq!(outputs::BackupOutputs::from_wire(&backup.to_wire()), backup);
+        let drill = outputs::DrillOutputs {
+            verdict: "passed".into(),
+            source: "standby".into(),
+            rto_ms: Some(3100),
+            rpo_ms: Some(0),
+            phase_ms: outputs::DRILL_PHASES.iter().map(|p| (p.to_string(), 7)).collect(),
+        };
+        assert_eq!(outputs::DrillOutputs::from_wire(&drill.to_wire()), drill);
     }
 
     fn app() -> AppRef {
@@ -1098,6 +1181,10 @@ mod tests {
                 wait_for_lsn: None,
                 compensate: true,
             }),
+            TaskParams::DrDrill {
+                app: app(),
+                image: "shop:v2".into(),
+            },
         ];
         let mut kinds = std::collections::BTreeSet::new();
         for c in cases {

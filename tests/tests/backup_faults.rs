@@ -62,6 +62,8 @@ async fn fixture(rows: u32) -> Fixture {
             statement_timeout_ms: 60_000,
             backup_dir: None,
             pg_bin_dir: None,
+            scratch_url_file: None,
+            scratch_url_env: None,
         }];
         let b = s3
             .backup_config("backups", "", dir, &key, "not-checked-by-moto")

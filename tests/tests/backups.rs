@@ -159,6 +159,8 @@ async fn fixture_with(bucket: Bucket, engine: Db, tweak: impl FnOnce(&mut Backup
         statement_timeout_ms: 60_000,
         backup_dir: None,
         pg_bin_dir: None,
+        scratch_url_file: None,
+        scratch_url_env: None,
     }];
     cfg.backup = Some(store_cfg.clone());
     c.start_agent_with(0, cfg).unwrap();

@@ -37,6 +37,8 @@ fn database(url_file: &Path, role: DbRole, follows: Option<&str>) -> DatabaseCon
         statement_timeout_ms: 60_000,
         backup_dir: None,
         pg_bin_dir: None,
+        scratch_url_file: None,
+        scratch_url_env: None,
     }
 }
 
@@ -68,6 +70,11 @@ struct Fixture {
 }
 
 async fn fixture(schema: &str) -> Fixture {
+    fixture_with(schema, None).await
+}
+
+/// [`fixture`], with `scratch` as eu-west's scratch server (for drills).
+async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>) -> Fixture {
     let primary = TestPostgres::start().unwrap();
     let url = primary.create_database("shop").unwrap();
     primary.psql("shop", schema).unwrap();
@@ -85,6 +92,11 @@ async fn fixture(schema: &str) -> Fixture {
     c.start_agent_with(0, cfg).unwrap();
     let mut cfg = c.agent_config(1);
     cfg.databases = vec![database(&standby_file, DbRole::Standby, Some("us-east/c1"))];
+    if let Some(s) = scratch {
+        let file = dir.join("scratch-url");
+        std::fs::write(&file, s.url("postgres")).unwrap();
+        cfg.databases[0].scratch_url_file = Some(file);
+    }
     c.start_agent_with(1, cfg).unwrap();
     c.wait_state(leader, T, "both agents up", |s| {
         s.agents
@@ -854,5 +866,185 @@ async fn a_lost_primary_region_fails_over_automatically() {
             .any(|e| e.actor == "cutover/dr-auto" && e.action == "AutomaticFailover")
     });
     assert!(audit, "the automatic failover is audited");
+    c.shutdown().await;
+}
+
+/// The scratch databases drills left on `pg` (none, after each drill).
+fn drill_databases(pg: &TestPostgres) -> String {
+    pg.psql(
+        "postgres",
+        "select coalesce(string_agg(datname, ','), '') from pg_database where datname like 'shop_drill_%'",
+    )
+    .unwrap()
+    .trim()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_production() {
+    let scratch = TestPostgres::start().unwrap();
+    let Fixture {
+        primary,
+        standby,
+        c,
+        leader,
+    } = fixture_with(
+        "create table seq (n bigint primary key); \
+         create table orders (id bigint primary key); insert into orders select generate_series(1, 500);",
+        Some(&scratch),
+    )
+    .await;
+    deploy_v1(&c, leader).await;
+    wait_caught_up(&primary, &c, leader).await;
+    let mut op = c.operator(leader);
+    let spec = c.node(leader).consensus().read(|s| s.apps["shop"].clone());
+    let service = spec.clusters[0].local.as_ref().unwrap().listen.clone();
+
+    // Production under steady load: requests at us-east's front door and
+    // numbered writes on the primary.
+    let load = cutover_tests::load::SteadyLoad::start(&service, 4, Duration::from_millis(20));
+    let writer = SequenceWriter::start(vec![primary.url("shop")]);
+    let timeline = primary
+        .psql("shop", "select timeline_id from pg_control_checkpoint()")
+        .unwrap();
+
+    let (code, out, err) = cli(&c, leader, &["dr", "drill", "--app", "shop", "--to", "eu-west"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("drill into eu-west/c1 passed: RTO"), "{out}");
+
+    // The report: kept in Raft, listed newest first, with RTO and RPO and
+    // each phase measured; the CLI and the status show it.
+    let drills = op
+        .list_drills(pb::ListDrillsRequest {
+            app: "shop".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .drills;
+    assert_eq!(drills.len(), 1, "{drills:?}");
+    let d = &drills[0];
+    assert!(d.passed, "{d:?}");
+    assert_eq!(
+        (d.region.as_str(), d.verdict.as_str(), d.source.as_str()),
+        ("eu-west", "passed", "standby")
+    );
+    assert_eq!(d.image, "sample:v1");
+    let (rto, rpo) = (d.rto_ms.unwrap(), d.rpo_ms.unwrap());
+    assert!(rto > 0 && rto < 60_000, "RTO {rto} ms");
+    assert!(rpo < 5_000, "RPO {rpo} ms from a standby that keeps up");
+    for phase in ["clone", "checks", "serve", "gates", "teardown"] {
+        assert!(d.phase_ms.contains_key(phase), "{phase} not measured: {:?}", d.phase_ms);
+    }
+    eprintln!("drill: RTO {rto} ms, RPO {rpo} ms, phases {:?}", d.phase_ms);
+    let (code, out, err) = cli(&c, leader, &["dr", "drills", "list", "--app", "shop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("eu-west/c1") && out.contains("passed") && out.contains(&d.operation_id),
+        "{out}"
+    );
+    let (code, out, _) = cli(&c, leader, &["dr", "status", "--app", "shop"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("last drill into eu-west/c1: passed: RTO"), "{out}");
+
+    // Production is untouched: no request failed, every write landed on
+    // the same primary on the same timeline, the standby still follows,
+    // no epoch was committed, and the scratch copy and color are gone.
+    let (ok, failed) = load.stop().await;
+    let acked = writer.finish().await;
+    eprintln!(
+        "during the drill: {ok} requests ok, {failed} failed; {} writes acknowledged",
+        acked.len()
+    );
+    assert_eq!(failed, 0, "{failed} requests failed during a drill");
+    assert!(ok > 0 && !acked.is_empty());
+    let stored = primary.psql("shop", "select count(*) from seq").unwrap();
+    assert_eq!(stored.trim(), acked.len().to_string());
+    assert_eq!(
+        primary
+            .psql("shop", "select timeline_id from pg_control_checkpoint()")
+            .unwrap(),
+        timeline
+    );
+    assert_eq!(primary.psql("shop", "select pg_is_in_recovery()").unwrap().trim(), "f");
+    assert_eq!(standby.psql("shop", "select pg_is_in_recovery()").unwrap().trim(), "t");
+    assert!(c.node(leader).consensus().read(|s| s.dr_epochs.is_empty()));
+    assert_eq!(drill_databases(&scratch), "");
+
+    // A drill whose copy fails the app's checks is reported failed at that
+    // phase, and still tears down.
+    let mut strict = spec.clone();
+    strict.migration_checks = vec!["select count(*) > 1000000 from orders".into()];
+    op.apply_app(pb::ApplyAppRequest {
+        app: Some(strict.into()),
+    })
+    .await
+    .unwrap();
+    let (code, out, _) = cli(&c, leader, &["dr", "drill", "--app", "shop", "--to", "eu-west"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("failed at checks"), "{out}");
+    let drills = op
+        .list_drills(pb::ListDrillsRequest {
+            app: "shop".into(),
+            limit: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .drills;
+    assert_eq!(drills.len(), 1);
+    assert!(
+        !drills[0].passed && drills[0].verdict == "checks" && drills[0].rto_ms.is_none(),
+        "{:?}",
+        drills[0]
+    );
+    assert_eq!(drill_databases(&scratch), "");
+
+    // Bad input changes nothing and says why; a viewer reads the reports
+    // but cannot start a drill.
+    let e = op
+        .drill(pb::DrillRequest {
+            app: "nope".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = op
+        .drill(pb::DrillRequest {
+            app: "shop".into(),
+            to: "ap-south".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = op
+        .drill(pb::DrillRequest {
+            app: "shop".into(),
+            to: "../x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let mut viewer = c.client(&c.pki.viewer, leader).unwrap();
+    let e = viewer
+        .drill(pb::DrillRequest {
+            app: "shop".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let listed = viewer
+        .list_drills(pb::ListDrillsRequest {
+            app: "shop".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .drills;
+    assert_eq!(listed.len(), 2);
     c.shutdown().await;
 }

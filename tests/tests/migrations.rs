@@ -47,6 +47,8 @@ fn database(app: &str, driver: DbDriver, url: &str, dir: &Path, primary: bool) -
         statement_timeout_ms: 60_000,
         backup_dir: None,
         pg_bin_dir: None,
+        scratch_url_file: None,
+        scratch_url_env: None,
     }
 }
 

@@ -689,9 +689,9 @@ async fn check_copy(copy: &Copy, checks: &[String], recorded: &BTreeMap<String, 
     }
 }
 
-/// The scratch database of a validate or restore task: `<app>_<what>_<8
+/// The scratch database of a validate, restore or drill task: `<app>_<what>_<8
 /// hex of the task id>`, a valid PostgreSQL name whatever the app is called.
-fn scratch_name(app: &str, what: &str, task_id: &str) -> String {
+pub(crate) fn scratch_name(app: &str, what: &str, task_id: &str) -> String {
     use sha2::Digest;
     let h = cutover_shared::release::hex(&sha2::Sha256::digest(task_id.as_bytes()));
     let what = what.replace('-', "_");

@@ -10,6 +10,10 @@
 //! (same pid and same start time) and rebinds its routers to the recorded
 //! active color.
 //!
+//! A drill's scratch color is a third process on its own loopback port that
+//! no router sends traffic to, recorded in the state like the colors so
+//! that nothing outlives a crash unmanaged.
+//!
 //! Maintenance (for a restore onto the app's database) is a flag in the
 //! state that both routers honour: they answer 503 and forward nothing,
 //! while the processes keep running, so ending it is instant.
@@ -55,7 +59,13 @@ struct State {
     /// Both routers answer 503 (see [`PlatformDriver::maintenance`]).
     #[serde(default)]
     maintenance: bool,
+    /// A drill's scratch color, while it runs.
+    #[serde(default)]
+    scratch: Option<ColorState>,
 }
+
+/// The scratch color's name: its log file and its `CUTOVER_COLOR`.
+const SCRATCH: &str = "drill";
 
 /// One color's process, as last started.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -111,7 +121,8 @@ pub struct LocalDriver {
 #[derive(Default)]
 struct Inner {
     state: State,
-    children: HashMap<Color, Child>,
+    /// By color name (`blue`, `green`, [`SCRATCH`]).
+    children: HashMap<&'static str, Child>,
 }
 
 impl std::fmt::Debug for LocalDriver {
@@ -286,7 +297,7 @@ impl LocalDriver {
     }
 
     /// The command line for `color` running `image` on `listen`.
-    fn command_line(&self, color: Color, image: &str, listen: SocketAddr) -> Vec<String> {
+    fn command_line(&self, color: &str, image: &str, listen: SocketAddr) -> Vec<String> {
         let listen = listen.to_string();
         self.spec
             .command
@@ -294,16 +305,16 @@ impl LocalDriver {
             .map(|a| {
                 a.replace("{image}", image)
                     .replace("{listen}", &listen)
-                    .replace("{color}", color.as_str())
+                    .replace("{color}", color)
             })
             .collect()
     }
 
-    fn log_path(&self, color: Color) -> PathBuf {
+    fn log_path(&self, color: &str) -> PathBuf {
         self.dir.join(format!("{color}.log"))
     }
 
-    fn spawn(&self, color: Color, image: &str, listen: SocketAddr) -> Result<Child, DriverError> {
+    fn spawn(&self, color: &str, image: &str, listen: SocketAddr) -> Result<Child, DriverError> {
         let argv = self.command_line(color, image, listen);
         let path = self.log_path(color);
         let mut log = OpenOptions::new()
@@ -325,7 +336,7 @@ impl LocalDriver {
             .env("CUTOVER_APP", &self.app)
             .env("CUTOVER_REGION", &self.cluster.region)
             .env("CUTOVER_CLUSTER", &self.cluster.cluster)
-            .env("CUTOVER_COLOR", color.as_str())
+            .env("CUTOVER_COLOR", color)
             .env("CUTOVER_LISTEN", listen.to_string())
             .env("CUTOVER_IMAGE", image)
             // Its own process group: outlives the agent, escapes the
@@ -337,15 +348,15 @@ impl LocalDriver {
     }
 
     /// Waits until the process answers HTTP on `addr`, fails early if it exits.
-    async fn wait_ready(&self, color: Color, pid: u32, addr: SocketAddr) -> Result<Duration, DriverError> {
+    async fn wait_ready(&self, color: &'static str, pid: u32, addr: SocketAddr) -> Result<Duration, DriverError> {
         let started = Instant::now();
         let deadline = started + READY_TIMEOUT;
         loop {
             let exited = {
                 let mut inner = self.inner.lock().expect("local driver state");
-                match inner.children.get_mut(&color).map(|c| c.try_wait()) {
+                match inner.children.get_mut(color).map(|c| c.try_wait()) {
                     Some(Ok(Some(status))) => {
-                        inner.children.remove(&color);
+                        inner.children.remove(color);
                         Some(status.to_string())
                     }
                     Some(Ok(None)) => None,
@@ -377,7 +388,7 @@ impl LocalDriver {
     }
 
     /// Adds the tail of `color`'s log to an error.
-    fn with_log(&self, color: Color, mut e: DriverError) -> DriverError {
+    fn with_log(&self, color: &str, mut e: DriverError) -> DriverError {
         let path = self.log_path(color);
         if let Ok(text) = std::fs::read_to_string(&path) {
             let lines: Vec<&str> = text.lines().collect();
@@ -386,6 +397,52 @@ impl LocalDriver {
             e.diagnostics.extend(lines[from..].iter().map(|l| l.to_string()));
         }
         e
+    }
+
+    /// Starts `image` as `color` on a free loopback port: its record (not
+    /// yet saved), pid, start time and address.
+    fn start_process(
+        &self,
+        color: &'static str,
+        image: &str,
+    ) -> Result<(ColorState, u32, Option<u64>, SocketAddr), DriverError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| err(format!("no free loopback port: {e}")))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port.port()));
+        let child = self.spawn(color, image, addr)?;
+        let pid = child
+            .id()
+            .ok_or_else(|| err(format!("{color}: process exited at once")))?;
+        let ticks = process_start_ticks(pid);
+        self.inner
+            .lock()
+            .expect("local driver state")
+            .children
+            .insert(color, child);
+        let record = ColorState {
+            image: image.to_owned(),
+            pid: Some(pid),
+            upstream: addr,
+            started_at_unix_ms: now_unix_ms(),
+            running: true,
+            start_ticks: ticks,
+        };
+        Ok((record, pid, ticks, addr))
+    }
+
+    /// Stops the scratch color's process, if it runs, and forgets it.
+    async fn stop_scratch_process(&self) -> Result<(), DriverError> {
+        let state = self.state();
+        let Some(c) = &state.scratch else { return Ok(()) };
+        if let Some((pid, ticks)) = c.process()
+            && self.alive(c)
+        {
+            self.kill_process(pid, ticks).await?;
+        }
+        let mut next = state.clone();
+        next.scratch = None;
+        self.save(next)
     }
 
     /// Stops both colors and both routers (the app is removed from this
@@ -399,6 +456,7 @@ impl LocalDriver {
         for color in COLORS {
             self.stop_color(color, &routers, &quiet).await?;
         }
+        self.stop_scratch_process().await?;
         let mut next = self.state();
         next.active = None;
         self.save(next)
@@ -471,32 +529,9 @@ impl PlatformDriver for LocalDriver {
         }
         self.stop_color(color, &routers, progress).await?;
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| err(format!("no free loopback port: {e}")))?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port.port()));
-        let child = self.spawn(color, image, addr)?;
-        let pid = child
-            .id()
-            .ok_or_else(|| err(format!("{color}: process exited at once")))?;
-        let ticks = process_start_ticks(pid);
-        self.inner
-            .lock()
-            .expect("local driver state")
-            .children
-            .insert(color, child);
+        let (started, pid, ticks, addr) = self.start_process(color.as_str(), image)?;
         let mut next = self.state();
-        next.colors.insert(
-            color,
-            ColorState {
-                image: image.to_owned(),
-                pid: Some(pid),
-                upstream: addr,
-                started_at_unix_ms: now_unix_ms(),
-                running: true,
-                start_ticks: ticks,
-            },
-        );
+        next.colors.insert(color, started);
         if let Err(e) = self.save(next) {
             // Unrecorded, it would outlive us unmanaged.
             let _ = self.kill_process(pid, ticks).await;
@@ -506,7 +541,7 @@ impl PlatformDriver for LocalDriver {
             "{color}: started image {image} as pid {pid} on {addr}; waiting for HTTP"
         ));
 
-        match self.wait_ready(color, pid, addr).await {
+        match self.wait_ready(color.as_str(), pid, addr).await {
             Ok(took) => progress(format!("{color}: ready after {} ms", took.as_millis())),
             Err(e) => {
                 progress(format!("{color}: {}; stopping it", e.message));
@@ -615,6 +650,37 @@ impl PlatformDriver for LocalDriver {
             progress(format!("out of maintenance: {} serves again", self.listen));
         }
         Ok(())
+    }
+
+    async fn start_scratch(&self, image: &str, progress: Progress<'_>) -> Result<String, DriverError> {
+        // Serialised with deploys and switches, which also start processes.
+        let _routers = self.op.lock().await;
+        self.stop_scratch_process().await?;
+        let (started, pid, ticks, addr) = self.start_process(SCRATCH, image)?;
+        let mut next = self.state();
+        next.scratch = Some(started);
+        if let Err(e) = self.save(next) {
+            let _ = self.kill_process(pid, ticks).await;
+            return Err(e);
+        }
+        progress(format!(
+            "scratch color: started image {image} as pid {pid} on {addr}, taking no traffic; waiting for HTTP"
+        ));
+        match self.wait_ready(SCRATCH, pid, addr).await {
+            Ok(took) => {
+                progress(format!("scratch color: ready after {} ms", took.as_millis()));
+                Ok(addr.to_string())
+            }
+            Err(e) => {
+                let _ = self.stop_scratch_process().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn stop_scratch(&self) -> Result<(), DriverError> {
+        let _routers = self.op.lock().await;
+        self.stop_scratch_process().await
     }
 
     async fn close(&self) {
@@ -732,7 +798,7 @@ pub fn kill_all_under(data_dir: &Path) {
         let Ok(state) = serde_json::from_str::<State>(&text) else {
             continue;
         };
-        for c in state.colors.values() {
+        for c in state.colors.values().chain(state.scratch.as_ref()) {
             if let Some((pid, ticks)) = c.process()
                 && process_alive(pid, ticks)
             {

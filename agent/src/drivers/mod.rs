@@ -54,6 +54,20 @@ pub trait PlatformDriver: Send + Sync {
     async fn preview_address(&self) -> Result<String, DriverError>;
     /// `host:port` of the stable service address (the active color).
     async fn service_address(&self) -> Result<String, DriverError>;
+    /// Starts `image` as a scratch color: one more copy of the app that no
+    /// router or service sends traffic to (a drill's), replacing a scratch
+    /// color left over from before, and waits until it answers. Returns
+    /// the `host:port` that reaches it.
+    async fn start_scratch(&self, image: &str, progress: Progress<'_>) -> Result<String, DriverError> {
+        let _ = (image, progress);
+        Err(DriverError::new(
+            "this driver cannot run a scratch color (drills need the local driver for now)",
+        ))
+    }
+    /// Stops the scratch color, if one runs.
+    async fn stop_scratch(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
     /// Lets go of what the driver holds in this process (the local
     /// driver's listening routers) before a driver with other settings
     /// replaces it. The app's colors keep running.

@@ -1,5 +1,5 @@
-//! Disaster recovery in `ControlService`: `GetDrStatus`, `PlanFailover`
-//! and `Failover`. Reads come from this node's applied state; the plan is
+//! Disaster recovery in `ControlService`: `GetDrStatus`, `PlanFailover`,
+//! `Failover`, `Drill` and `ListDrills`. Reads come from this node's applied state; the plan is
 //! `crate::dr::plan`, the same function a failover (an operator's or an
 //! automatic one) runs, so what `cutover dr plan` shows is what would
 //! happen.
@@ -39,7 +39,14 @@ impl ControlApi {
                             .then(|| primary_lsn.zip(d.lsn).map(|(p, s)| p.saturating_sub(s)))
                             .flatten()
                     });
+                    let last_drill = s
+                        .drills
+                        .get(&spec.name)
+                        .and_then(|d| d.iter().rev().find(|d| d.cluster == v.cluster))
+                        .cloned()
+                        .map(Into::into);
                     pb::DrClusterStatus {
+                        last_drill,
                         region: v.cluster.region.clone(),
                         cluster: v.cluster.cluster.clone(),
                         agent_up: v.agent_up,
@@ -144,6 +151,71 @@ impl ControlApi {
             operation_id: id,
             epoch,
         })
+    }
+}
+
+impl ControlApi {
+    /// Starts a drill into `to` (or where a failover would go now): one
+    /// `Drill` operation, its one task on that cluster's agent, running the
+    /// release that serves there (else the one serving at the primary).
+    pub async fn drill(&self, who: &Identity, r: pb::DrillRequest) -> Result<pb::DrillResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        if !r.to.is_empty() {
+            validate_name("to", &r.to)?;
+        }
+        self.consensus.catch_up().await?;
+        let now = now_unix_ms();
+        let target = if r.to.is_empty() {
+            let plan = self.consensus.read(|s| crate::dr::plan(s, &spec, None, now));
+            plan.map_err(|e| ApiError::invalid_argument(e.to_string()))?
+                .to
+                .ok_or_else(|| {
+                    ApiError::failed_precondition(format!(
+                        "{} has no region to drill into; name one with --to",
+                        spec.name
+                    ))
+                })?
+        } else {
+            spec.clusters
+                .iter()
+                .map(|c| c.cluster_ref())
+                .find(|c| c.region == r.to)
+                .ok_or_else(|| {
+                    ApiError::invalid_argument(format!("app {} does not run in region {}", spec.name, r.to))
+                })?
+        };
+        let image = self.consensus.read(|s| crate::dr::serving_image(s, &spec, &target));
+        let Some(image) = image else {
+            return Err(ApiError::failed_precondition(format!(
+                "nothing of {} is deployed yet, so there is no release to drill with (deploy one first)",
+                spec.name
+            )));
+        };
+        if !self.agent_offers(&target, TaskKind::DrDrill) {
+            return Err(ApiError::failed_precondition(format!(
+                "the agent for {target} cannot run drills (upgrade it first)"
+            )));
+        }
+        let op_spec = OperationSpec {
+            image: Some(image),
+            ..OperationSpec::default()
+        };
+        let id = self
+            .start_app_operation(who, OperationKind::Drill, &spec, vec![target], op_spec)
+            .await?;
+        Ok(pb::DrillResponse { operation_id: id })
+    }
+
+    pub async fn list_drills(&self, r: pb::ListDrillsRequest) -> Result<pb::ListDrillsResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
+        let drills = self.consensus.read(|s| {
+            s.drills
+                .get(&spec.name)
+                .map(|d| d.iter().rev().take(limit).cloned().map(Into::into).collect())
+                .unwrap_or_default()
+        });
+        Ok(pb::ListDrillsResponse { drills })
     }
 }
 

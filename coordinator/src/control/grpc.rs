@@ -236,6 +236,18 @@ impl ControlService for ControlApi {
         Ok(Response::new(ControlApi::failover(self, &who, req.into_inner()).await?))
     }
 
+    async fn drill(&self, req: Request<pb::DrillRequest>) -> Result<Response<pb::DrillResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::drill(self, &who, req.into_inner()).await?))
+    }
+
+    async fn list_drills(
+        &self,
+        req: Request<pb::ListDrillsRequest>,
+    ) -> Result<Response<pb::ListDrillsResponse>, Status> {
+        Ok(Response::new(ControlApi::list_drills(self, req.into_inner()).await?))
+    }
+
     async fn get_dr_status(
         &self,
         req: Request<pb::GetDrStatusRequest>,

@@ -259,6 +259,7 @@ impl ControlApi {
                 _ => "CreateBackup",
             },
             OperationKind::Failover => "Failover",
+            OperationKind::Drill => "Drill",
             OperationKind::Task => "RunTask",
         };
         let audit_params = serde_json::json!({

@@ -71,6 +71,35 @@ pub fn export(s: &State, node: &str, now_ms: i64, last: &mut Exported) {
     }
     last.running = running.into_keys().collect();
     last.gated = gated.into_keys().collect();
+    drills(s, node);
+}
+
+/// Per app and region: when its last drill passed, and the RTO and RPO the
+/// newest passing one measured. Drill reports are kept, so these series
+/// never go stale; an app whose drills stop passing keeps an ageing
+/// timestamp, which is what the drill-age alert watches.
+fn drills(s: &State, node: &str) {
+    for reports in s.drills.values() {
+        let mut newest = std::collections::BTreeMap::new();
+        for d in reports.iter().filter(|d| d.passed) {
+            newest.insert(&d.cluster.region, d);
+        }
+        for (region, d) in newest {
+            let l = [
+                ("node", node.to_owned()),
+                ("app", d.app.clone()),
+                ("region", region.clone()),
+            ];
+            metrics::gauge!("cutover_dr_drill_last_success_timestamp_seconds", &l)
+                .set(d.finished_at_unix_ms as f64 / 1000.0);
+            if let Some(rto) = d.rto_ms {
+                metrics::gauge!("cutover_dr_drill_rto_seconds", &l).set(rto as f64 / 1000.0);
+            }
+            if let Some(rpo) = d.rpo_ms {
+                metrics::gauge!("cutover_dr_drill_rpo_seconds", &l).set(rpo as f64 / 1000.0);
+            }
+        }
+    }
 }
 
 fn running_labels(node: &str, (app, kind): &(String, String)) -> [(&'static str, String); 3] {

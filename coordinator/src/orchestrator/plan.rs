@@ -422,6 +422,21 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                 ));
             }
         }
+        OperationKind::Drill => {
+            // One task per target: the agent clones, serves, checks,
+            // measures and tears down itself, so a drill interrupted
+            // anywhere leaves nothing half-built for another step to undo.
+            let image = op.spec.image.clone().unwrap_or_default();
+            for t in &op.targets {
+                steps.push(Step::new(
+                    t,
+                    TaskParams::DrDrill {
+                        app: app(),
+                        image: image.clone(),
+                    },
+                ));
+            }
+        }
         OperationKind::Task => {}
     }
     steps
