@@ -63,9 +63,13 @@ pub enum DrCmd {
     /// database (the region's standby) into a scratch database there,
     /// start the serving release as a scratch color that takes no traffic,
     /// run the gates against it, report RTO and RPO, tear it all down.
+    /// `drill schedule` and `drill unschedule` manage recurring drills.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Drill {
-        #[arg(long)]
-        app: String,
+        #[command(subcommand)]
+        schedule: Option<DrillScheduleCmd>,
+        #[arg(long, required = true)]
+        app: Option<String>,
         /// The region to rehearse in (default: where a failover would go).
         #[arg(long)]
         to: Option<String>,
@@ -77,6 +81,29 @@ pub enum DrCmd {
     Drills {
         #[command(subcommand)]
         cmd: DrillsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DrillScheduleCmd {
+    /// Drill the app at every slot of a cron schedule, each slot exactly
+    /// once whichever coordinator leads. Replaces its schedule.
+    Schedule {
+        #[arg(long)]
+        app: String,
+        /// Five fields (minute hour day month weekday), or six with
+        /// seconds first; UTC. E.g. "0 4 * * 1" (Mondays 04:00).
+        #[arg(long)]
+        cron: String,
+        /// The region to drill into (default: where a failover would go
+        /// at each slot).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Stop drilling the app on a schedule (its reports stay).
+    Unschedule {
+        #[arg(long)]
+        app: String,
     },
 }
 
@@ -113,6 +140,67 @@ fn drill_line(d: &pb::DrillReport) -> String {
     } else {
         format!("FAILED at {}", d.verdict)
     }
+}
+
+fn drill_schedule_json(s: &pb::DrillSchedule) -> serde_json::Value {
+    json!({
+        "app": s.app, "region": (!s.region.is_empty()).then_some(&s.region), "cron": s.cron,
+        "updated_by": s.updated_by, "updated_at_unix_ms": s.updated_at_unix_ms,
+        "last_slot_unix_ms": s.last_slot_unix_ms, "next_slot_unix_ms": s.next_slot_unix_ms,
+    })
+}
+
+fn drill_schedule_line(s: &pb::DrillSchedule) -> String {
+    format!(
+        "schedule: {:?} into {}, next {} (set by {})",
+        s.cron,
+        if s.region.is_empty() {
+            "the failover target"
+        } else {
+            &s.region
+        },
+        if s.next_slot_unix_ms > 0 {
+            time(s.next_slot_unix_ms)
+        } else {
+            "-".into()
+        },
+        s.updated_by
+    )
+}
+
+async fn schedule_drills(cmd: DrillScheduleCmd, conn: &ConnOpts) -> Result<ExitCode> {
+    match cmd {
+        DrillScheduleCmd::Schedule { app, cron, to } => {
+            let req = pb::SetDrillScheduleRequest {
+                app,
+                region: to.unwrap_or_default(),
+                cron,
+            };
+            let s = call(conn, |mut c| {
+                let req = req.clone();
+                async move { c.set_drill_schedule(req).await }
+            })
+            .await?
+            .schedule
+            .context("the coordinator answered without the schedule")?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&drill_schedule_json(&s))?);
+            } else {
+                println!("{}", drill_schedule_line(&s));
+            }
+        }
+        DrillScheduleCmd::Unschedule { app } => {
+            call(conn, |mut c| {
+                let app = app.clone();
+                async move { c.delete_drill_schedule(pb::DeleteDrillScheduleRequest { app }).await }
+            })
+            .await?;
+            if conn.output == Output::Text {
+                println!("{app}: no drill schedule");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Waits for operation `id` and prints its outcome (`extra` joins the
@@ -185,9 +273,12 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
             }
             wait_and_print(&conn, &id, json!({ "epoch": started.epoch })).await
         }
-        DrCmd::Drill { app, to, detach } => {
+        DrCmd::Drill {
+            schedule: Some(cmd), ..
+        } => schedule_drills(cmd, &conn).await,
+        DrCmd::Drill { app, to, detach, .. } => {
             let req = pb::DrillRequest {
-                app,
+                app: app.unwrap_or_default(),
                 to: to.unwrap_or_default(),
             };
             let started = call(&conn, |mut c| {
@@ -213,16 +304,25 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
         DrCmd::Drills {
             cmd: DrillsCmd::List { app, limit },
         } => {
-            let drills = call(&conn, |mut c| {
+            let listed = call(&conn, |mut c| {
                 let app = app.clone();
                 async move { c.list_drills(pb::ListDrillsRequest { app, limit }).await }
             })
-            .await?
-            .drills;
+            .await?;
+            let (drills, schedule) = (listed.drills, listed.schedule);
             if conn.output == Output::Json {
                 let all: Vec<serde_json::Value> = drills.iter().map(drill_json).collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "drills": all, "schedule": schedule.as_ref().map(drill_schedule_json),
+                    }))?
+                );
                 return Ok(ExitCode::SUCCESS);
+            }
+            match &schedule {
+                Some(s) => println!("{}", drill_schedule_line(s)),
+                None => println!("schedule: none (cutover dr drill schedule --app {app} --cron ...)"),
             }
             println!(
                 "{:<21} {:<24} {:<8} {:<10} {:>10} {:>10}  OPERATION",

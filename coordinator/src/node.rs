@@ -72,7 +72,9 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "SetBackupSchedule"
                 | "DeleteBackupSchedule"
                 | "Failover"
-                | "Drill",
+                | "Drill"
+                | "SetDrillSchedule"
+                | "DeleteDrillSchedule",
             ),
         ) => WRITES,
         (

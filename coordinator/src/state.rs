@@ -13,7 +13,7 @@ use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
     TaskProgress, TaskRecord, TaskResult, TaskState,
 };
-use cutover_shared::dr::{DatabaseStatus, DrEpoch, DrillReport, MAX_DRILLS};
+use cutover_shared::dr::{DatabaseStatus, DrEpoch, DrillReport, DrillSchedule, MAX_DRILLS};
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{self, spec_digest};
 use serde::{Deserialize, Serialize};
@@ -154,6 +154,18 @@ pub enum Command {
         from: ClusterRef,
         databases: Vec<DatabaseStatus>,
     },
+    /// Set (create or replace) an app's drill schedule; a replaced one
+    /// keeps its last slot.
+    PutDrillSchedule { schedule: DrillSchedule, audit: AuditDraft },
+    /// Remove an app's drill schedule (its reports stay).
+    DeleteDrillSchedule { app: String, audit: AuditDraft },
+    /// The leader starts the drill of a schedule's slot; applied only if
+    /// the slot is newer than the schedule's last one.
+    StartScheduledDrill {
+        operation: Operation,
+        slot_unix_ms: i64,
+        audit: AuditDraft,
+    },
 }
 
 /// Databases one report may carry: an agent has one per app, and a report
@@ -235,6 +247,9 @@ pub struct State {
     /// A report is added when its drill task ends, passed or not.
     #[serde(default)]
     pub drills: BTreeMap<String, Vec<DrillReport>>,
+    /// Drill schedules, by app.
+    #[serde(default)]
+    pub drill_schedules: BTreeMap<String, DrillSchedule>,
 }
 
 impl State {
@@ -327,6 +342,42 @@ impl State {
                 let created = self.create_operation(operation, audit, true);
                 if created.error.is_none()
                     && let Some(s) = self.backup_schedules.get_mut(&app)
+                {
+                    s.last_slot_unix_ms = slot_unix_ms;
+                }
+                return created;
+            }
+            Command::PutDrillSchedule { mut schedule, audit } => {
+                if !self.apps.contains_key(&schedule.app) {
+                    return CommandResponse::err(format!("unknown app {:?}", schedule.app));
+                }
+                if let Some(old) = self.drill_schedules.get(&schedule.app) {
+                    schedule.last_slot_unix_ms = schedule.last_slot_unix_ms.max(old.last_slot_unix_ms);
+                }
+                self.drill_schedules.insert(schedule.app.clone(), schedule);
+                self.audit(audit);
+            }
+            Command::DeleteDrillSchedule { app, audit } => {
+                if self.drill_schedules.remove(&app).is_none() {
+                    return CommandResponse::err(format!("app {app:?} has no drill schedule"));
+                }
+                self.audit(audit);
+            }
+            Command::StartScheduledDrill {
+                operation,
+                slot_unix_ms,
+                audit,
+            } => {
+                let app = operation.app.clone().unwrap_or_default();
+                let Some(last) = self.drill_schedules.get(&app).map(|s| s.last_slot_unix_ms) else {
+                    return CommandResponse::err(format!("app {app:?} has no drill schedule"));
+                };
+                if slot_unix_ms <= last {
+                    return CommandResponse::err(format!("drill slot {slot_unix_ms} of {app} already started"));
+                }
+                let created = self.create_operation(operation, audit, true);
+                if created.error.is_none()
+                    && let Some(s) = self.drill_schedules.get_mut(&app)
                 {
                     s.last_slot_unix_ms = slot_unix_ms;
                 }
@@ -1126,6 +1177,13 @@ impl std::fmt::Display for Command {
                 slot_unix_ms,
                 ..
             } => write!(f, "StartScheduledBackup({}, slot {slot_unix_ms})", operation.id),
+            Command::PutDrillSchedule { schedule, .. } => write!(f, "PutDrillSchedule({})", schedule.app),
+            Command::DeleteDrillSchedule { app, .. } => write!(f, "DeleteDrillSchedule({app})"),
+            Command::StartScheduledDrill {
+                operation,
+                slot_unix_ms,
+                ..
+            } => write!(f, "StartScheduledDrill({}, slot {slot_unix_ms})", operation.id),
         }
     }
 }

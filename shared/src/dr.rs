@@ -116,6 +116,25 @@ pub struct DrillReport {
     pub requested_by: String,
 }
 
+/// An app's drill schedule (one per app): a drill at every slot of `cron`,
+/// into `region` or wherever a failover would go at that moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillSchedule {
+    pub app: String,
+    /// The region to drill into; `None`: the failover plan's target at
+    /// each slot.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Five fields (minute hour day month weekday), or six with seconds
+    /// first; UTC.
+    pub cron: String,
+    pub updated_by: String,
+    pub updated_at_unix_ms: i64,
+    /// The newest slot started (Unix ms); a slot at or before it never
+    /// starts again, whichever leader proposes it.
+    pub last_slot_unix_ms: i64,
+}
+
 /// Parses PostgreSQL's textual LSN (`16/B374D848`).
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.trim().split_once('/')?;

@@ -1046,5 +1046,45 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
         .into_inner()
         .drills;
     assert_eq!(listed.len(), 2);
+
+    // On a schedule: the leader starts a drill at the next slot (every
+    // 2 s here), as the schedule's actor, until it is removed.
+    op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+        .await
+        .unwrap();
+    let (code, out, err) = cli(
+        &c,
+        leader,
+        &[
+            "dr",
+            "drill",
+            "schedule",
+            "--app",
+            "shop",
+            "--cron",
+            "*/2 * * * * *",
+            "--to",
+            "eu-west",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("into eu-west"), "{out}");
+    c.wait_state(leader, T, "a scheduled drill to pass", |s| {
+        s.drills["shop"]
+            .iter()
+            .any(|d| d.requested_by == "cutover/drill-schedule" && d.passed)
+    })
+    .await
+    .unwrap();
+    let (code, out, err) = cli(&c, leader, &["dr", "drill", "unschedule", "--app", "shop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = cli(&c, leader, &["dr", "drills", "list", "--app", "shop"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("schedule: none"), "{out}");
+    let e = op
+        .delete_drill_schedule(pb::DeleteDrillScheduleRequest { app: "shop".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
     c.shutdown().await;
 }

@@ -4,9 +4,9 @@
 //! automatic one) runs, so what `cutover dr plan` shows is what would
 //! happen.
 
-use cutover_shared::backup::{BackupEntry, newest_validated};
+use cutover_shared::backup::{self, BackupEntry, newest_validated};
 use cutover_shared::domain::{ClusterRef, OperationKind, now_unix_ms, validate_name};
-use cutover_shared::dr::{self, DataSource, FailoverPlan};
+use cutover_shared::dr::{self, DataSource, DrillSchedule, FailoverPlan};
 use cutover_shared::identity::Identity;
 use cutover_shared::operation::OperationSpec;
 use cutover_shared::proto as pb;
@@ -14,6 +14,8 @@ use cutover_shared::task::TaskKind;
 
 use super::ControlApi;
 use super::error::ApiError;
+use crate::raft::Proposal;
+use crate::state::Command;
 
 impl ControlApi {
     pub async fn get_dr_status(&self, r: pb::GetDrStatusRequest) -> Result<pb::GetDrStatusResponse, ApiError> {
@@ -209,13 +211,96 @@ impl ControlApi {
     pub async fn list_drills(&self, r: pb::ListDrillsRequest) -> Result<pb::ListDrillsResponse, ApiError> {
         let spec = self.app(&r.app)?;
         let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
-        let drills = self.consensus.read(|s| {
-            s.drills
+        let (drills, schedule) = self.consensus.read(|s| {
+            let drills = s
+                .drills
                 .get(&spec.name)
                 .map(|d| d.iter().rev().take(limit).cloned().map(Into::into).collect())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (drills, s.drill_schedules.get(&spec.name).cloned())
         });
-        Ok(pb::ListDrillsResponse { drills })
+        Ok(pb::ListDrillsResponse {
+            drills,
+            schedule: schedule.map(drill_schedule_proto),
+        })
+    }
+
+    pub async fn set_drill_schedule(
+        &self,
+        who: &Identity,
+        r: pb::SetDrillScheduleRequest,
+    ) -> Result<pb::SetDrillScheduleResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        let region = (!r.region.is_empty()).then(|| r.region.clone());
+        if let Some(region) = &region {
+            validate_name("region", region)?;
+            if !spec.clusters.iter().any(|c| &c.region == region) {
+                return Err(ApiError::invalid_argument(format!(
+                    "app {} does not run in region {region}",
+                    spec.name
+                )));
+            }
+        }
+        backup::parse_cron(&r.cron)?;
+        let now = now_unix_ms();
+        let schedule = DrillSchedule {
+            app: spec.name.clone(),
+            region,
+            cron: r.cron.clone(),
+            updated_by: who.to_string(),
+            updated_at_unix_ms: now,
+            // From now on: setting a schedule never starts a past slot.
+            last_slot_unix_ms: now,
+        };
+        let params = serde_json::json!({ "app": spec.name, "region": r.region, "cron": r.cron });
+        self.consensus
+            .propose(Proposal::Command(Command::PutDrillSchedule {
+                schedule,
+                audit: super::audit(who, "SetDrillSchedule", params, "ok"),
+            }))
+            .await?;
+        let stored = self
+            .consensus
+            .read(|s| s.drill_schedules.get(&spec.name).cloned())
+            .ok_or_else(|| ApiError::unavailable("the schedule is not applied on this node yet"))?;
+        Ok(pb::SetDrillScheduleResponse {
+            schedule: Some(drill_schedule_proto(stored)),
+        })
+    }
+
+    pub async fn delete_drill_schedule(
+        &self,
+        who: &Identity,
+        r: pb::DeleteDrillScheduleRequest,
+    ) -> Result<pb::DeleteDrillScheduleResponse, ApiError> {
+        validate_name("app", &r.app)?;
+        self.consensus.catch_up().await?;
+        if !self.consensus.read(|s| s.drill_schedules.contains_key(&r.app)) {
+            return Err(ApiError::not_found(format!("app {:?} has no drill schedule", r.app)));
+        }
+        self.consensus
+            .propose(Proposal::Command(Command::DeleteDrillSchedule {
+                app: r.app.clone(),
+                audit: super::audit(who, "DeleteDrillSchedule", serde_json::json!({ "app": r.app }), "ok"),
+            }))
+            .await?;
+        Ok(pb::DeleteDrillScheduleResponse {})
+    }
+}
+
+fn drill_schedule_proto(s: DrillSchedule) -> pb::DrillSchedule {
+    let next = backup::parse_cron(&s.cron)
+        .ok()
+        .and_then(|c| backup::next_slot(&c, s.last_slot_unix_ms.max(now_unix_ms())))
+        .unwrap_or(0);
+    pb::DrillSchedule {
+        app: s.app,
+        region: s.region.unwrap_or_default(),
+        cron: s.cron,
+        updated_by: s.updated_by,
+        updated_at_unix_ms: s.updated_at_unix_ms,
+        last_slot_unix_ms: s.last_slot_unix_ms,
+        next_slot_unix_ms: next,
     }
 }
 

@@ -248,6 +248,26 @@ impl ControlService for ControlApi {
         Ok(Response::new(ControlApi::list_drills(self, req.into_inner()).await?))
     }
 
+    async fn set_drill_schedule(
+        &self,
+        req: Request<pb::SetDrillScheduleRequest>,
+    ) -> Result<Response<pb::SetDrillScheduleResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::set_drill_schedule(self, &who, req.into_inner()).await?,
+        ))
+    }
+
+    async fn delete_drill_schedule(
+        &self,
+        req: Request<pb::DeleteDrillScheduleRequest>,
+    ) -> Result<Response<pb::DeleteDrillScheduleResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::delete_drill_schedule(self, &who, req.into_inner()).await?,
+        ))
+    }
+
     async fn get_dr_status(
         &self,
         req: Request<pb::GetDrStatusRequest>,

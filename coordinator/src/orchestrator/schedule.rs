@@ -1,4 +1,4 @@
-//! Backup schedules and retention, decided by the leader.
+//! Backup schedules, retention and drill schedules, decided by the leader.
 //!
 //! Both are pure functions of the replicated state and a clock reading
 //! (`now`), so tests drive them with an injected clock, and a new leader
@@ -15,6 +15,10 @@
 //!   one `delete` operation on that cluster's agent (which holds the
 //!   store's credentials); applying its result removes the catalog entries
 //!   and audits each deletion.
+//! - Drill schedules start one `StartScheduledDrill` per slot, the same
+//!   way, into the schedule's region or the failover plan's target then,
+//!   with the release serving there; a slot waits while the target's agent
+//!   is down or busy.
 
 use std::collections::BTreeMap;
 
@@ -26,8 +30,9 @@ use sha2::{Digest, Sha256};
 
 use crate::state::{AuditDraft, Command, State};
 
-/// Who scheduled backups and retention deletions are done by.
+/// Who scheduled backups, retention deletions and drills are done by.
 pub const SCHEDULE_ACTOR: &str = "cutover/backup-schedule";
+pub const DRILL_ACTOR: &str = "cutover/drill-schedule";
 pub const RETENTION_ACTOR: &str = "cutover/backup-retention";
 
 /// How often retention is reconsidered for one app and cluster (a failed
@@ -60,10 +65,10 @@ fn audit(by: &str, action: &str, parameters: serde_json::Value, now: i64) -> Aud
 }
 
 /// What the leader proposes at `now`: the due slot of each schedule whose
-/// app is free, and a retention deletion for each scheduled app and
-/// cluster with expired backups.
+/// app is free, a retention deletion for each scheduled app and cluster
+/// with expired backups, and the due slot of each drill schedule.
 pub fn due(state: &State, now: i64) -> Vec<Command> {
-    let mut out = Vec::new();
+    let mut out = drills_due(state, now);
     for (app, schedule) in &state.backup_schedules {
         let Some(spec) = state.apps.get(app) else { continue };
         let targets: Vec<ClusterRef> = spec
@@ -137,6 +142,49 @@ pub fn due(state: &State, now: i64) -> Vec<Command> {
                 fix_inputs: true,
             });
         }
+    }
+    out
+}
+
+/// The due slot of each drill schedule whose target is up and free.
+fn drills_due(state: &State, now: i64) -> Vec<Command> {
+    let mut out = Vec::new();
+    for (app, schedule) in &state.drill_schedules {
+        let Some(spec) = state.apps.get(app) else { continue };
+        let Some(slot) = backup::parse_cron(&schedule.cron)
+            .ok()
+            .and_then(|cron| backup::due_slot(&cron, schedule.last_slot_unix_ms, now))
+        else {
+            continue;
+        };
+        let target = match &schedule.region {
+            Some(r) => spec.clusters.iter().map(|c| c.cluster_ref()).find(|c| &c.region == r),
+            None => crate::dr::plan(state, spec, None, now).ok().and_then(|p| p.to),
+        };
+        let Some(target) = target else { continue };
+        let ready = state
+            .agents
+            .get(&target.to_string())
+            .is_some_and(|a| a.state == AgentState::Up && a.task_kinds.iter().any(|k| k == TaskKind::DrDrill.as_str()));
+        let image = crate::dr::serving_image(state, spec, &target);
+        let (true, Some(image), None) = (ready, image, state.running_operation(app, &target)) else {
+            continue;
+        };
+        let spec = OperationSpec {
+            image: Some(image),
+            ..OperationSpec::default()
+        };
+        let id = derived_id(&format!("drill-schedule/{app}/{slot}"));
+        out.push(Command::StartScheduledDrill {
+            audit: audit(
+                DRILL_ACTOR,
+                "Drill",
+                serde_json::json!({ "app": app, "to": target.to_string(), "slot_unix_ms": slot, "cron": schedule.cron }),
+                now,
+            ),
+            operation: Operation::new_app(id, OperationKind::Drill, app, vec![target], spec, DRILL_ACTOR, now),
+            slot_unix_ms: slot,
+        });
     }
     out
 }
