@@ -364,6 +364,24 @@ impl DrRuntime {
                 migrate::unfence(&cfg).await.map_err(|e| e.to_string())?;
                 format!("{app}'s database takes writes again")
             }
+            FailoverAction::Rejoin => {
+                let source = f.source.as_ref().ok_or("a rejoin task names no source")?;
+                let (method, lsn) = crate::rejoin::rejoin(db, &cfg, source, progress).await?;
+                self.epochs.update(app, |e| {
+                    e.promoted = false;
+                    e.self_fenced = false;
+                })?;
+                out.lsn = lsn;
+                out.method = Some(method.as_str().to_owned());
+                format!(
+                    "{app}'s database is a standby of {source} again ({}), replaying at {}",
+                    match method {
+                        crate::rejoin::Method::Rewind => "rewound with pg_rewind",
+                        crate::rejoin::Method::BaseBackup => "from a fresh base backup",
+                    },
+                    lsn.map_or_else(|| "?".to_owned(), format_lsn)
+                )
+            }
             FailoverAction::Promote => {
                 if let Some(l) = f.wait_for_lsn {
                     progress(format!("waiting for the standby to replay up to {}", format_lsn(l)));

@@ -16,6 +16,7 @@ pub mod drill;
 pub mod drivers;
 pub mod gates;
 pub mod migrate;
+pub mod rejoin;
 pub mod router;
 pub mod sample_app;
 pub mod store;

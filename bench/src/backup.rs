@@ -219,6 +219,8 @@ pub async fn run(quick: bool) -> Result<Value> {
             pg_bin_dir: None,
             scratch_url_file: None,
             scratch_url_env: None,
+            server: None,
+            replication_sources: Default::default(),
         }];
         cfg.backup = Some(store(dir).expect("the Garage store config"));
     })

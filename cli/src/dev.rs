@@ -158,6 +158,8 @@ impl DevSystem {
                 pg_bin_dir: None,
                 scratch_url_file: None,
                 scratch_url_env: None,
+                server: None,
+                replication_sources: Default::default(),
             }],
             coordinators: self.addrs.clone(),
             data_dir: self.dir.join(format!("agent-{region}-{cluster}")),

@@ -55,6 +55,33 @@ pub enum DrCmd {
         /// max_data_loss.
         #[arg(long)]
         accept_data_loss: bool,
+        /// Then rebuild the old primary as a standby of the new one
+        /// (needs its agent's [databases.server]).
+        #[arg(long)]
+        rejoin: bool,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Rebuild a region's superseded primary (fenced after a failover) as
+    /// a streaming standby of the current primary: its agent stops the
+    /// server, rewinds it with pg_rewind (or takes a fresh base backup)
+    /// and starts it replicating; then its app takes traffic again.
+    Rejoin {
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: String,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// A planned failover back to the region whose agent is configured
+    /// with the primary (`role = "primary"`), rejoining the region it
+    /// leaves as a standby: both regions end as they started.
+    Failback {
+        #[arg(long)]
+        app: String,
         /// Print the operation id and return at once.
         #[arg(long)]
         detach: bool,
@@ -240,12 +267,67 @@ fn database_json(d: &pb::DatabaseStatus) -> serde_json::Value {
 }
 
 pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
+    run_cmd(cmd, conn).await
+}
+
+async fn run_cmd(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
     match cmd {
+        DrCmd::Rejoin { app, region, detach } => {
+            let req = pb::RejoinRequest { app, region };
+            let id = call(&conn, |mut c| {
+                let req = req.clone();
+                async move { c.rejoin(req).await }
+            })
+            .await?
+            .operation_id;
+            if detach || conn.output == Output::Text {
+                println!(
+                    "{}",
+                    if detach {
+                        id.clone()
+                    } else {
+                        format!("rejoin {id} started")
+                    }
+                );
+            }
+            if detach {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_and_print(&conn, &id, json!({})).await
+        }
+        DrCmd::Failback { app, detach } => {
+            // Home: the cluster whose agent's config names the primary
+            // (a failover does not rewrite config files).
+            let st = call(&conn, |mut c| {
+                let app = app.clone();
+                async move { c.get_dr_status(pb::GetDrStatusRequest { app }).await }
+            })
+            .await?;
+            let home = st
+                .clusters
+                .iter()
+                .find(|c| {
+                    c.database
+                        .as_ref()
+                        .is_some_and(|d| d.configured_role == pb::DatabaseRole::Primary as i32)
+                })
+                .with_context(|| format!("no agent of {app} is configured with its primary; use dr failover --to"))?;
+            let run = DrCmd::Failover {
+                app,
+                to: Some(home.region.clone()),
+                force: false,
+                accept_data_loss: false,
+                rejoin: true,
+                detach,
+            };
+            Box::pin(run_cmd(run, conn)).await
+        }
         DrCmd::Failover {
             app,
             to,
             force,
             accept_data_loss,
+            rejoin,
             detach,
         } => {
             let req = pb::FailoverRequest {
@@ -253,6 +335,7 @@ pub async fn run(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                 to: to.unwrap_or_default(),
                 force,
                 accept_data_loss,
+                rejoin,
             };
             let started = call(&conn, |mut c| {
                 let req = req.clone();

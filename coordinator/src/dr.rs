@@ -104,6 +104,8 @@ pub fn failover_spec(
         force,
         accept_data_loss,
         fence_only: false,
+        rejoin: false,
+        rejoin_only: false,
         to,
     })
 }

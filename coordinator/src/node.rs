@@ -73,6 +73,7 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "DeleteBackupSchedule"
                 | "Failover"
                 | "Drill"
+                | "Rejoin"
                 | "SetDrillSchedule"
                 | "DeleteDrillSchedule",
             ),

@@ -568,7 +568,7 @@ impl State {
                     // A failover that succeeded names the epoch's primary.
                     if state == TaskState::Succeeded
                         && let (Some(app), Some(f)) = (&op.app, &op.spec.failover)
-                        && !f.fence_only
+                        && !f.keeps_epoch()
                         && let Some(e) = self.dr_epochs.get_mut(app)
                         && e.epoch == f.epoch
                     {
@@ -623,8 +623,9 @@ impl State {
             // before any step acts. Two failovers decided on the same
             // epoch: the second is refused.
             let current = self.dr_epochs.get(app).map_or(0, |e| e.epoch);
-            if f.fence_only {
-                // Fencing a stray primary acts for the current epoch.
+            if f.keeps_epoch() {
+                // Fencing or rejoining a superseded primary acts for the
+                // current epoch.
                 if f.epoch != current || current == 0 {
                     return CommandResponse::err(format!(
                         "{app} is at primary epoch {current}; a fence for epoch {} is stale",
@@ -638,7 +639,7 @@ impl State {
                 ));
             }
             let primary = self.dr_epochs.get(app).and_then(|e| e.primary.clone());
-            if !f.fence_only {
+            if !f.keeps_epoch() {
                 self.dr_epochs.insert(
                     app.clone(),
                     DrEpoch {

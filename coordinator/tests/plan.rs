@@ -256,6 +256,7 @@ impl World {
                         lsn: Some(if f.action == FailoverAction::Fence { 100 } else { 200 }),
                         epoch: Some(f.epoch),
                         caught_up_ms: None,
+                        method: (f.action == FailoverAction::Rejoin).then(|| "rewind".into()),
                     }
                     .to_wire();
                 }
@@ -670,6 +671,8 @@ fn failover_op(id: &str, epoch: u64) -> Operation {
                 force: false,
                 accept_data_loss: false,
                 fence_only: false,
+                rejoin: false,
+                rejoin_only: false,
             })),
             ..OperationSpec::default()
         },
@@ -793,4 +796,80 @@ fn a_failed_failover_is_undone_only_before_the_promotion() {
         "{}",
         w.op("op-f").summary
     );
+}
+
+/// A failover with `rejoin` (what `dr failback` asks) rebuilds the old
+/// primary as a standby of the new one after the new one is verified, and
+/// lets its app take traffic again; a standalone rejoin acts for the
+/// current epoch, needs it to exist, and commits no new one.
+#[test]
+fn a_failback_rejoins_the_old_primary_after_the_new_one_is_verified() {
+    let mut w = World::new(false);
+    let mut op = failover_op("op-f", 1);
+    op.spec.failover.as_mut().unwrap().rejoin = true;
+    w.apply(Command::CreateOperation {
+        operation: op,
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-f", |_, _| false);
+    let summary = w.op("op-f").summary.clone();
+    assert_eq!(w.op("op-f").state, TaskState::Succeeded, "{summary}");
+    assert_eq!(
+        w.steps("op-f"),
+        [
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover eu-west",
+            "app.gates eu-west",
+            "db.failover us-east",
+            "app.maintenance us-east"
+        ]
+    );
+    let rejoin = w
+        .op("op-f")
+        .tasks
+        .iter()
+        .filter_map(|t| match TaskParams::from_wire(&t.spec.kind, &t.spec.params) {
+            Ok(TaskParams::DbFailover(f)) if f.action == FailoverAction::Rejoin => Some(f),
+            _ => None,
+        })
+        .next()
+        .expect("a rejoin step");
+    assert_eq!((rejoin.epoch, rejoin.source), (1, Some(target("eu-west"))));
+    assert!(
+        summary.contains("us-east/main rejoined as a standby of eu-west/main (pg_rewind)"),
+        "{summary}"
+    );
+    assert_eq!(w.state.dr_epochs["shop"].primary, Some(target("eu-west")));
+
+    // Rejoining on its own: same epoch, primary unchanged.
+    let mut op = failover_op("op-r", 1);
+    {
+        let f = op.spec.failover.as_mut().unwrap();
+        f.rejoin_only = true;
+        f.fence = false;
+    }
+    op.targets = vec![target("us-east")];
+    w.apply(Command::CreateOperation {
+        operation: op,
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-r", |_, _| false);
+    assert_eq!(w.op("op-r").state, TaskState::Succeeded, "{}", w.op("op-r").summary);
+    assert_eq!(w.steps("op-r"), ["db.failover us-east", "app.maintenance us-east"]);
+    assert_eq!(w.state.dr_epochs["shop"].epoch, 1);
+    assert_eq!(w.state.dr_epochs["shop"].primary, Some(target("eu-west")));
+
+    // A rejoin decided on a stale epoch is refused.
+    let mut op = failover_op("op-stale", 0);
+    op.spec.failover.as_mut().unwrap().rejoin_only = true;
+    op.targets = vec![target("us-east")];
+    let refused = w.state.apply(Command::CreateOperation {
+        operation: op,
+        audit: audit(),
+        fix_inputs: true,
+    });
+    assert!(refused.error.is_some_and(|e| e.contains("stale")));
 }

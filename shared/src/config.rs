@@ -463,6 +463,37 @@ pub struct DatabaseConfig {
     /// An environment variable holding that connection string.
     #[serde(default)]
     pub scratch_url_env: Option<String>,
+    /// How this agent controls the PostgreSQL server itself, which `cutover
+    /// dr rejoin` needs to rebuild a superseded primary as a standby. The
+    /// agent must run on the database's host. Absent: rejoin is refused.
+    #[serde(default)]
+    pub server: Option<ServerControl>,
+    /// `region/cluster` → a file holding a connection string to that
+    /// cluster's server for a user with the REPLICATION attribute: what a
+    /// rejoined standby copies (`pg_rewind`, `pg_basebackup`) and streams
+    /// from.
+    #[serde(default)]
+    pub replication_sources: std::collections::BTreeMap<String, PathBuf>,
+}
+
+/// How the agent stops and starts a PostgreSQL server on its own host
+/// (`[databases.server]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerControl {
+    /// The server's data directory.
+    pub data_directory: PathBuf,
+    /// Stops the server (waiting until it is down), e.g. `["systemctl",
+    /// "stop", "postgresql@16-main"]` or `["pg_ctlcluster", "16", "main",
+    /// "stop"]`.
+    pub stop: Vec<String>,
+    /// Starts it (waiting until it accepts connections).
+    pub start: Vec<String>,
+    /// The OS user `pg_rewind` and `pg_basebackup` run as when the agent
+    /// runs as root (they must write the data directory as its owner),
+    /// through `runuser`. Absent: as the agent's own user.
+    #[serde(default)]
+    pub run_as: Option<String>,
 }
 
 impl DatabaseConfig {
@@ -492,6 +523,17 @@ impl DatabaseConfig {
         }
         if self.scratch_url_file.is_some() && self.scratch_url_env.is_some() {
             return bad("set one of scratch_url_file and scratch_url_env, not both");
+        }
+        if let Some(s) = &self.server
+            && (s.stop.is_empty() || s.start.is_empty())
+        {
+            return bad("server.stop and server.start must each name a command");
+        }
+        for k in self.replication_sources.keys() {
+            let ok = k.split_once('/').is_some_and(|(r, c)| ClusterRef::new(r, c).is_ok());
+            if !ok {
+                return bad(&format!("replication_sources key {k:?}: expected region/cluster"));
+            }
         }
         if let (Some(role), Some(primary)) = (self.role, self.primary)
             && (role == crate::dr::DbRole::Primary) != primary

@@ -161,6 +161,22 @@ pub struct FailoverSpec {
     /// no promotion.
     #[serde(default)]
     pub fence_only: bool,
+    /// After the promotion, rebuild `from` as a standby of `to` (a planned
+    /// failover that leaves both regions replicating: `dr failback`).
+    #[serde(default)]
+    pub rejoin: bool,
+    /// Only rebuild `from`, a primary the current epoch superseded, as a
+    /// standby of `to` (the epoch's primary): no new epoch, no promotion.
+    #[serde(default)]
+    pub rejoin_only: bool,
+}
+
+impl FailoverSpec {
+    /// Fencing a stray primary and rejoining one act for the app's
+    /// current epoch; every other failover commits the next one.
+    pub fn keeps_epoch(&self) -> bool {
+        self.fence_only || self.rejoin_only
+    }
 }
 
 impl OperationSpec {
@@ -269,6 +285,12 @@ impl OperationSpec {
             }
             if f.fence_only {
                 put("fence_only", "true".into());
+            }
+            if f.rejoin {
+                put("rejoin", "true".into());
+            }
+            if f.rejoin_only {
+                put("rejoin_only", "true".into());
             }
         }
         if let Some(b) = &self.backup {

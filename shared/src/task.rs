@@ -224,6 +224,10 @@ pub enum FailoverAction {
     /// Promote a standby, once it replayed up to `wait_for_lsn`, and wait
     /// until it accepts writes.
     Promote,
+    /// Rebuild a superseded primary as a standby of `source` (the epoch's
+    /// primary): stop the server, `pg_rewind` it (or take a fresh base
+    /// backup), start it streaming.
+    Rejoin,
 }
 
 impl FailoverAction {
@@ -232,13 +236,19 @@ impl FailoverAction {
             FailoverAction::Fence => "fence",
             FailoverAction::Unfence => "unfence",
             FailoverAction::Promote => "promote",
+            FailoverAction::Rejoin => "rejoin",
         }
     }
 
     pub fn parse(s: &str) -> Option<FailoverAction> {
-        [FailoverAction::Fence, FailoverAction::Unfence, FailoverAction::Promote]
-            .into_iter()
-            .find(|a| a.as_str() == s)
+        [
+            FailoverAction::Fence,
+            FailoverAction::Unfence,
+            FailoverAction::Promote,
+            FailoverAction::Rejoin,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
     }
 }
 
@@ -253,6 +263,8 @@ pub struct FailoverParams {
     /// Promote: the fenced primary's final position, which the standby
     /// must have replayed first (`None`: the old primary was not fenced).
     pub wait_for_lsn: Option<u64>,
+    /// Rejoin: the cluster whose primary to follow.
+    pub source: Option<crate::domain::ClusterRef>,
     /// Undoes an earlier step of the same operation after a failure.
     pub compensate: bool,
 }
@@ -483,6 +495,9 @@ impl TaskParams {
                 if let Some(l) = f.wait_for_lsn {
                     put("wait_for_lsn", l.to_string());
                 }
+                if let Some(s) = &f.source {
+                    put("source", s.to_string());
+                }
                 if f.compensate {
                     put("compensate", "true".into());
                 }
@@ -568,10 +583,21 @@ impl TaskParams {
                     app: app_ref(p)?,
                     action: FailoverAction::parse(action).ok_or_else(|| TaskError::Invalid {
                         key: "action",
-                        why: format!("{action:?} is not fence, unfence or promote"),
+                        why: format!("{action:?} is not fence, unfence, promote or rejoin"),
                     })?,
                     epoch: number(p, "epoch")?.ok_or(TaskError::Missing("epoch"))?,
                     wait_for_lsn: number(p, "wait_for_lsn")?,
+                    source: p
+                        .get("source")
+                        .map(|s| {
+                            s.split_once('/')
+                                .and_then(|(r, c)| crate::domain::ClusterRef::new(r, c).ok())
+                                .ok_or_else(|| TaskError::Invalid {
+                                    key: "source",
+                                    why: format!("{s:?} is not region/cluster"),
+                                })
+                        })
+                        .transpose()?,
                     compensate: flag(p, "compensate"),
                 })
             }
@@ -921,6 +947,8 @@ pub mod outputs {
         pub epoch: Option<u64>,
         /// Promote: how long the standby took to replay up to the fence, ms.
         pub caught_up_ms: Option<u64>,
+        /// Rejoin: `rewind` (pg_rewind) or `base-backup`.
+        pub method: Option<String>,
     }
 
     impl FailoverOutputs {
@@ -935,6 +963,9 @@ pub mod outputs {
             if let Some(c) = self.caught_up_ms {
                 m.insert("caught_up_ms".into(), c.to_string());
             }
+            if let Some(x) = &self.method {
+                m.insert("method".into(), x.clone());
+            }
             m
         }
 
@@ -943,6 +974,7 @@ pub mod outputs {
                 lsn: m.get("lsn").and_then(|l| crate::dr::parse_lsn(l)),
                 epoch: m.get("epoch").and_then(|v| v.parse().ok()),
                 caught_up_ms: m.get("caught_up_ms").and_then(|v| v.parse().ok()),
+                method: m.get("method").cloned(),
             }
         }
     }
@@ -1172,6 +1204,7 @@ mod tests {
                 action: FailoverAction::Promote,
                 epoch: 7,
                 wait_for_lsn: Some(0x16_B374_D848),
+                source: None,
                 compensate: false,
             }),
             TaskParams::DbFailover(FailoverParams {
@@ -1179,7 +1212,16 @@ mod tests {
                 action: FailoverAction::Unfence,
                 epoch: 2,
                 wait_for_lsn: None,
+                source: None,
                 compensate: true,
+            }),
+            TaskParams::DbFailover(FailoverParams {
+                app: app(),
+                action: FailoverAction::Rejoin,
+                epoch: 3,
+                wait_for_lsn: None,
+                source: Some(crate::domain::ClusterRef::new("eu-west", "c1").unwrap()),
+                compensate: false,
             }),
             TaskParams::DrDrill {
                 app: app(),

@@ -188,11 +188,54 @@ impl TestPostgres {
         &self.bin
     }
 
-    fn start_on(&self, port: u16) -> Result<()> {
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50 -c log_connections=on -c log_disconnections=on",
+    /// The server's options: its port and socket directory, and
+    /// `wal_log_hints` and `wal_keep_size` so that `pg_rewind` can rewind a
+    /// superseded primary (it reads the WAL since the last common checkpoint).
+    fn options(&self, port: u16) -> Result<String> {
+        Ok(format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50 -c log_connections=on -c log_disconnections=on -c wal_log_hints=on -c wal_keep_size=128MB",
             path_str(self.dir.path())?
-        );
+        ))
+    }
+
+    /// How an agent on this host stops and starts this server
+    /// (`[databases.server]`): `pg_ctl` with this server's options, through
+    /// `runuser` when the tests run as root, as the harness itself does.
+    pub fn server_control(&self) -> Result<cutover_shared::config::ServerControl> {
+        let argv = |args: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = Vec::new();
+            if self.run_as.is_some() {
+                v.extend(["runuser", "-u", "postgres", "--"].map(String::from));
+            }
+            v.push(self.bin.join("pg_ctl").display().to_string());
+            v.extend(args.iter().map(|a| a.to_string()));
+            v
+        };
+        let data = self.data_dir();
+        let data = path_str(&data)?;
+        let log = self.log_file();
+        let opts = self.options(self.port)?;
+        Ok(cutover_shared::config::ServerControl {
+            data_directory: self.data_dir(),
+            stop: argv(&["-D", data, "-m", "fast", "-w", "-t", "60", "stop"]),
+            start: argv(&[
+                "-D",
+                data,
+                "-l",
+                path_str(&log)?,
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]),
+            run_as: self.run_as.map(|_| "postgres".to_owned()),
+        })
+    }
+
+    fn start_on(&self, port: u16) -> Result<()> {
+        let opts = self.options(port)?;
         self.run(
             "pg_ctl",
             &[

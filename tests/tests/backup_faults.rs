@@ -64,6 +64,8 @@ async fn fixture(rows: u32) -> Fixture {
             pg_bin_dir: None,
             scratch_url_file: None,
             scratch_url_env: None,
+            server: None,
+            replication_sources: Default::default(),
         }];
         let b = s3
             .backup_config("backups", "", dir, &key, "not-checked-by-moto")

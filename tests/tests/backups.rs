@@ -161,6 +161,8 @@ async fn fixture_with(bucket: Bucket, engine: Db, tweak: impl FnOnce(&mut Backup
         pg_bin_dir: None,
         scratch_url_file: None,
         scratch_url_env: None,
+        server: None,
+        replication_sources: Default::default(),
     }];
     cfg.backup = Some(store_cfg.clone());
     c.start_agent_with(0, cfg).unwrap();

@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cutover_shared::config::{DatabaseConfig, DbDriver};
+use cutover_shared::domain::ClusterRef;
 use cutover_shared::dr::{DbRole, parse_lsn};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
@@ -39,6 +40,8 @@ fn database(url_file: &Path, role: DbRole, follows: Option<&str>) -> DatabaseCon
         pg_bin_dir: None,
         scratch_url_file: None,
         scratch_url_env: None,
+        server: None,
+        replication_sources: Default::default(),
     }
 }
 
@@ -70,11 +73,13 @@ struct Fixture {
 }
 
 async fn fixture(schema: &str) -> Fixture {
-    fixture_with(schema, None).await
+    fixture_with(schema, None, false).await
 }
 
-/// [`fixture`], with `scratch` as eu-west's scratch server (for drills).
-async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>) -> Fixture {
+/// [`fixture`], with `scratch` as eu-west's scratch server (for drills),
+/// and with `servers` each agent controlling its own server and knowing
+/// how to replicate from the other's (for rejoins).
+async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>, servers: bool) -> Fixture {
     let primary = TestPostgres::start().unwrap();
     let url = primary.create_database("shop").unwrap();
     primary.psql("shop", schema).unwrap();
@@ -89,6 +94,12 @@ async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>) -> Fixture {
     std::fs::write(&standby_file, &standby_url).unwrap();
     let mut cfg = c.agent_config(0);
     cfg.databases = vec![database(&primary_file, DbRole::Primary, None)];
+    if servers {
+        let file = dir.join("eu-west-replication-url");
+        std::fs::write(&file, standby.url("postgres")).unwrap();
+        cfg.databases[0].server = Some(primary.server_control().unwrap());
+        cfg.databases[0].replication_sources = [("eu-west/c1".to_owned(), file)].into();
+    }
     c.start_agent_with(0, cfg).unwrap();
     let mut cfg = c.agent_config(1);
     cfg.databases = vec![database(&standby_file, DbRole::Standby, Some("us-east/c1"))];
@@ -96,6 +107,12 @@ async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>) -> Fixture {
         let file = dir.join("scratch-url");
         std::fs::write(&file, s.url("postgres")).unwrap();
         cfg.databases[0].scratch_url_file = Some(file);
+    }
+    if servers {
+        let file = dir.join("us-east-replication-url");
+        std::fs::write(&file, primary.url("postgres")).unwrap();
+        cfg.databases[0].server = Some(standby.server_control().unwrap());
+        cfg.databases[0].replication_sources = [("us-east/c1".to_owned(), file)].into();
     }
     c.start_agent_with(1, cfg).unwrap();
     c.wait_state(leader, T, "both agents up", |s| {
@@ -610,6 +627,7 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
         to: "eu-west".into(),
         force,
         accept_data_loss,
+        rejoin: false,
     };
     let ops_before = c.node(leader).consensus().read(|s| s.operations.len());
     let e = op.failover(failover(false, false)).await.unwrap_err();
@@ -892,6 +910,7 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
         "create table seq (n bigint primary key); \
          create table orders (id bigint primary key); insert into orders select generate_series(1, 500);",
         Some(&scratch),
+        false,
     )
     .await;
     deploy_v1(&c, leader).await;
@@ -1086,5 +1105,118 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    c.shutdown().await;
+}
+
+/// Waits until `pg`'s role is `recovery` (`t`: a standby, `f`: a primary).
+async fn wait_recovery(pg: &TestPostgres, want: &str) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let got = pg.psql("postgres", "select pg_is_in_recovery()").unwrap_or_default();
+        if got.trim() == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_is_in_recovery() stayed {got:?}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the writer has `n` more acknowledgements on server `i`.
+async fn wait_acked(writer: &SequenceWriter, i: usize, n: usize) {
+    let want = writer.acked_on(i) + n;
+    let deadline = std::time::Instant::now() + T;
+    while writer.acked_on(i) < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress on server {i}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_with_nothing_lost() {
+    let Fixture {
+        primary,
+        standby,
+        c,
+        leader,
+    } = fixture_with("create table seq (n bigint primary key)", None, true).await;
+    deploy_v1(&c, leader).await;
+    wait_caught_up(&primary, &c, leader).await;
+    let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);
+    wait_acked(&writer, 0, 50).await;
+
+    // Planned failover: eu-west is the primary, us-east fenced.
+    let (code, out, err) = cli(&c, leader, &["dr", "failover", "--app", "shop", "--to", "eu-west"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_acked(&writer, 1, 50).await;
+
+    // Rejoin: us-east's server is rewound onto eu-west's timeline and
+    // streams from it; its app takes traffic again.
+    let (code, out, err) = cli(&c, leader, &["dr", "rejoin", "--app", "shop", "--region", "us-east"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("us-east/c1 rejoined as a standby of eu-west/c1 (pg_rewind)"),
+        "{out}"
+    );
+    wait_recovery(&primary, "t").await;
+    c.wait_state(leader, T, "us-east reported as a standby", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("us-east/c1"))
+            .is_some_and(|d| d.role == Some(DbRole::Standby) && d.lag_ms.is_some_and(|l| l < 5000))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", c.node(leader).consensus().read(|s| s.db_status.clone())));
+    // Rejoining the current primary is refused, changing nothing.
+    let (code, _, err) = cli(&c, leader, &["dr", "rejoin", "--app", "shop", "--region", "eu-west"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("holds shop's primary"), "{err}");
+
+    // Failback: us-east is the primary again and eu-west a standby of it.
+    let (code, out, err) = cli(&c, leader, &["dr", "failback", "--app", "shop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("failed over eu-west/c1 to us-east/c1 at epoch 2"), "{out}");
+    assert!(out.contains("eu-west/c1 rejoined as a standby of us-east/c1"), "{out}");
+    wait_acked(&writer, 0, 50).await;
+    wait_recovery(&standby, "t").await;
+    wait_recovery(&primary, "f").await;
+
+    // Nothing lost: every acknowledged number is on us-east, and reaches
+    // eu-west's standby.
+    let acked = writer.finish().await;
+    let stored: std::collections::BTreeSet<i64> = primary
+        .psql("shop", "select n from seq order by n")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let missing: Vec<&i64> = acked.iter().filter(|n| !stored.contains(n)).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    eprintln!(
+        "failover, rejoin, failback: {} writes acknowledged, none lost",
+        acked.len()
+    );
+    wait_caught_up(&primary, &c, leader).await;
+    assert_eq!(
+        standby.psql("shop", "select count(*) from seq").unwrap(),
+        primary.psql("shop", "select count(*) from seq").unwrap()
+    );
+    assert_eq!(
+        primary
+            .psql("shop", "show default_transaction_read_only")
+            .unwrap()
+            .trim(),
+        "off"
+    );
+    let epoch = c.node(leader).consensus().read(|s| s.dr_epochs["shop"].clone());
+    assert_eq!(
+        (epoch.epoch, epoch.primary),
+        (2, Some(ClusterRef::new("us-east", "c1").unwrap()))
+    );
     c.shutdown().await;
 }

@@ -49,6 +49,8 @@ fn database(app: &str, driver: DbDriver, url: &str, dir: &Path, primary: bool) -
         pg_bin_dir: None,
         scratch_url_file: None,
         scratch_url_env: None,
+        server: None,
+        replication_sources: Default::default(),
     }
 }
 

@@ -174,6 +174,89 @@ pub fn pg_tool(cfg: &DbConfig, major: Option<u32>, tool: &str) -> Result<PathBuf
     )))
 }
 
+/// `tool` (a path) with `url`'s connection in its environment (the
+/// password in a passfile written to `dir`, removed on drop), run as
+/// `run_as` through `runuser` when given: the passfile is handed to that
+/// user. Nothing secret is on the command line.
+pub fn libpq_command_as(
+    tool: &Path,
+    url: &DbUrl,
+    dir: &Path,
+    run_as: Option<&str>,
+) -> Result<(Command, Option<Passfile>), MigrateError> {
+    let env = pg_env(url, &Redactor::new(url))?;
+    let pass = env
+        .password
+        .as_deref()
+        .map(|p| Passfile::write(dir, p))
+        .transpose()
+        .map_err(|e| MigrateError::Backup(format!("cannot write a passfile: {e}")))?;
+    let base = pg_command(tool, &env, &[], pass.as_ref());
+    let Some(user) = run_as else {
+        return Ok((base, pass));
+    };
+    if let Some(p) = &pass {
+        let (uid, gid) = user_ids(user)?;
+        std::os::unix::fs::chown(&p.0, Some(uid), Some(gid))
+            .map_err(|e| MigrateError::Backup(format!("cannot hand the passfile to {user}: {e}")))?;
+    }
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", user, "--"]).arg(tool);
+    for (k, v) in base.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.stdin(Stdio::null());
+    Ok((cmd, pass))
+}
+
+/// The uid and gid of OS user `user`.
+pub fn user_ids(user: &str) -> Result<(u32, u32), MigrateError> {
+    let id = |flag: &str| -> Result<u32, MigrateError> {
+        let out = Command::new("id")
+            .args([flag, user])
+            .output()
+            .map_err(|e| MigrateError::Config(format!("cannot run id: {e}")))?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| MigrateError::Config(format!("no OS user {user:?}")))
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+/// `url` as a libpq keyword/value string, password included: what a
+/// standby's `primary_conninfo` holds.
+pub fn conninfo(url: &DbUrl) -> Result<String, MigrateError> {
+    let env = pg_env(url, &Redactor::new(url))?;
+    let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut parts: Vec<String> = env
+        .vars
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = match *k {
+                "PGHOST" => "host",
+                "PGHOSTADDR" => "hostaddr",
+                "PGPORT" => "port",
+                "PGUSER" => "user",
+                "PGSSLMODE" => "sslmode",
+                "PGSSLROOTCERT" => "sslrootcert",
+                "PGSSLCERT" => "sslcert",
+                "PGSSLKEY" => "sslkey",
+                _ => return None,
+            };
+            Some(format!("{key}={}", quote(v)))
+        })
+        .collect();
+    if let Some(p) = &env.password {
+        parts.push(format!("password={}", quote(p)));
+    }
+    parts.push("application_name='cutover-standby'".into());
+    Ok(parts.join(" "))
+}
+
 /// A libpq tool with the connection in its environment. Inherited `PG*`
 /// variables are removed: the URL says where to connect, nothing else.
 fn pg_command(tool: &Path, env: &PgEnv, extra_options: &[String], passfile: Option<&Passfile>) -> Command {

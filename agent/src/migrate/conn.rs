@@ -263,6 +263,12 @@ impl Conn {
             .ok_or_else(|| MigrateError::Database(format!("unreadable WAL position {lsn:?}")))
     }
 
+    /// Forces a checkpoint: after a promotion, it writes the new timeline
+    /// into the control file, which `pg_rewind` reads from its source.
+    pub async fn checkpoint(&mut self) -> Result<(), MigrateError> {
+        self.pg_exec("cannot checkpoint", "CHECKPOINT").await
+    }
+
     /// Lifts a fence. Idempotent.
     pub async fn unfence(&mut self) -> Result<(), MigrateError> {
         self.set_read_only(false).await

@@ -154,6 +154,14 @@ pub async fn unfence(cfg: &DbConfig) -> Result<(), MigrateError> {
     r
 }
 
+/// Forces a checkpoint on a PostgreSQL server (see [`Conn::checkpoint`]).
+pub async fn checkpoint(cfg: &DbConfig) -> Result<(), MigrateError> {
+    let mut c = pg_conn(cfg).await?;
+    let r = c.checkpoint().await;
+    c.close().await;
+    r
+}
+
 /// Promotes a standby (see [`Conn::promote`]).
 pub async fn promote(
     cfg: &DbConfig,

@@ -39,14 +39,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use backup::{
-    Passfile, create_database, database_name, database_url, drop_database, pg_tool_command, redact, swap_databases,
+    Passfile, conninfo, create_database, database_name, database_url, drop_database, libpq_command_as, pg_tool,
+    pg_tool_command, redact, swap_databases, user_ids,
 };
 pub use config::{
     DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS, DatabaseConfig, DbConfig, DbUrl, Driver, check_config,
     resolve,
 };
 pub use conn::Replication;
-pub use engine::{down, fence, plan, promote, replication, restore, status, unfence, up};
+pub use engine::{checkpoint, down, fence, plan, promote, replication, restore, status, unfence, up};
 pub use redact::REDACTED;
 pub use source::{MigrationSource, VersionedMigration};
 pub use split::split_statements;

@@ -8,7 +8,7 @@ use cutover_shared::backup::{self, BackupEntry, newest_validated};
 use cutover_shared::domain::{ClusterRef, OperationKind, now_unix_ms, validate_name};
 use cutover_shared::dr::{self, DataSource, DrillSchedule, FailoverPlan};
 use cutover_shared::identity::Identity;
-use cutover_shared::operation::OperationSpec;
+use cutover_shared::operation::{FailoverSpec, OperationSpec};
 use cutover_shared::proto as pb;
 use cutover_shared::task::TaskKind;
 
@@ -116,12 +116,20 @@ impl ControlApi {
                 refused.join("; ")
             )));
         }
-        let Some(failover) = spec_now else {
+        let Some(mut failover) = spec_now else {
             return Err(ApiError::failed_precondition(format!(
                 "{} has no cluster to fail over to",
                 spec.name
             )));
         };
+        failover.rejoin = r.rejoin;
+        if r.rejoin && !failover.fence {
+            return Err(ApiError::failed_precondition(format!(
+                "the old primary of {} cannot be reached, so it cannot be rejoined in the same failover; \
+                 fail over, then `cutover dr rejoin` it once its region is back",
+                spec.name
+            )));
+        }
         let to = failover.to.clone();
         if !matches!(plan.source, Some(DataSource::Standby { .. })) {
             return Err(ApiError::failed_precondition(format!(
@@ -153,6 +161,64 @@ impl ControlApi {
             operation_id: id,
             epoch,
         })
+    }
+}
+
+impl ControlApi {
+    /// Starts rebuilding `region`'s superseded primary as a standby of the
+    /// app's current primary: a `Failover` operation with `rejoin_only`,
+    /// acting for the current epoch.
+    pub async fn rejoin(&self, who: &Identity, r: pb::RejoinRequest) -> Result<pb::RejoinResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        validate_name("region", &r.region)?;
+        let cluster = spec
+            .clusters
+            .iter()
+            .map(|c| c.cluster_ref())
+            .find(|c| c.region == r.region)
+            .ok_or_else(|| {
+                ApiError::invalid_argument(format!("app {} does not run in region {}", spec.name, r.region))
+            })?;
+        self.consensus.catch_up().await?;
+        let epoch = self.consensus.read(|s| s.dr_epochs.get(&spec.name).cloned());
+        let Some((epoch, primary)) = epoch.and_then(|e| e.primary.clone().map(|p| (e.epoch, p))) else {
+            return Err(ApiError::failed_precondition(format!(
+                "{} has not failed over, so no primary was superseded; nothing to rejoin",
+                spec.name
+            )));
+        };
+        if primary == cluster {
+            return Err(ApiError::failed_precondition(format!(
+                "{cluster} holds {}'s primary (epoch {epoch}); rejoin the region it replaced",
+                spec.name
+            )));
+        }
+        if !self.agent_offers(&cluster, TaskKind::DbFailover) {
+            return Err(ApiError::failed_precondition(format!(
+                "the agent for {cluster} cannot rejoin databases (upgrade it first)"
+            )));
+        }
+        let op_spec = OperationSpec {
+            failover: Some(Box::new(FailoverSpec {
+                from: Some(cluster.clone()),
+                to: primary,
+                epoch,
+                fence: false,
+                verify_color: None,
+                data_loss_window_ms: None,
+                wal_behind_bytes: None,
+                force: false,
+                accept_data_loss: false,
+                fence_only: false,
+                rejoin: false,
+                rejoin_only: true,
+            })),
+            ..OperationSpec::default()
+        };
+        let id = self
+            .start_app_operation(who, OperationKind::Failover, &spec, vec![cluster], op_spec)
+            .await?;
+        Ok(pb::RejoinResponse { operation_id: id })
     }
 }
 

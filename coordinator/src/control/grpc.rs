@@ -236,6 +236,11 @@ impl ControlService for ControlApi {
         Ok(Response::new(ControlApi::failover(self, &who, req.into_inner()).await?))
     }
 
+    async fn rejoin(&self, req: Request<pb::RejoinRequest>) -> Result<Response<pb::RejoinResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(ControlApi::rejoin(self, &who, req.into_inner()).await?))
+    }
+
     async fn drill(&self, req: Request<pb::DrillRequest>) -> Result<Response<pb::DrillResponse>, Status> {
         let who = caller(&req)?;
         Ok(Response::new(ControlApi::drill(self, &who, req.into_inner()).await?))

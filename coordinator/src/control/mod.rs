@@ -258,6 +258,7 @@ impl ControlApi {
                 Some(BackupAction::Delete) => "DeleteBackup",
                 _ => "CreateBackup",
             },
+            OperationKind::Failover if op_spec.failover.as_ref().is_some_and(|f| f.rejoin_only) => "Rejoin",
             OperationKind::Failover => "Failover",
             OperationKind::Drill => "Drill",
             OperationKind::Task => "RunTask",

@@ -37,7 +37,8 @@ pub(super) fn promotion_attempted(op: &Operation) -> bool {
 /// writable primaries are worse than a failover left for an operator.
 fn failover_step(op: &Operation) -> Option<Step> {
     // A stray primary that could not be fenced is not unfenced either.
-    if promotion_attempted(op) || op.spec.failover.as_ref().is_some_and(|f| f.fence_only) {
+    // A rejoin, once it stopped the server, has nothing to go back to.
+    if promotion_attempted(op) || op.spec.failover.as_ref().is_some_and(|f| f.keeps_epoch()) {
         return None;
     }
     let unfenced = op

@@ -153,6 +153,8 @@ pub fn due(s: &State, now: i64) -> Vec<Command> {
                 force: false,
                 accept_data_loss: false,
                 fence_only: true,
+                rejoin: false,
+                rejoin_only: false,
             };
             let operation = new_operation(id, app, vec![cluster.clone()], fence, FENCE_ACTOR, now);
             out.push(Command::CreateOperation {

@@ -384,10 +384,31 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                         action,
                         epoch: f.epoch,
                         wait_for_lsn,
+                        source: (action == FailoverAction::Rejoin).then(|| f.to.clone()),
                         compensate: false,
                     }),
                 )
             };
+            // Rebuilding the old primary as a standby of the new one, then
+            // letting its app take traffic again (it reads from the
+            // standby, as the new primary's region did before).
+            let rejoin = |steps: &mut Vec<Step>, from: &ClusterRef| {
+                steps.push(failover(from, FailoverAction::Rejoin, None));
+                steps.push(Step::new(
+                    from,
+                    TaskParams::AppMaintenance {
+                        app: app(),
+                        on: false,
+                        compensate: false,
+                    },
+                ));
+            };
+            if f.rejoin_only {
+                if let Some(from) = &f.from {
+                    rejoin(&mut steps, from);
+                }
+                return steps;
+            }
             let mut fenced_at = None;
             if f.fence
                 && let Some(from) = &f.from
@@ -420,6 +441,11 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                         color: Some(color),
                     },
                 ));
+            }
+            if f.rejoin
+                && let Some(from) = &f.from
+            {
+                rejoin(&mut steps, from);
             }
         }
         OperationKind::Drill => {

@@ -1,7 +1,9 @@
 //! What an ended operation says about itself: its summary line.
 
-use cutover_shared::domain::{Operation, TaskRecord, TaskState};
+use cutover_shared::domain::{ClusterRef, Operation, TaskRecord, TaskState};
 use cutover_shared::release::Bundle;
+use cutover_shared::task::TaskKind;
+use cutover_shared::task::outputs::FailoverOutputs;
 
 use super::{Inputs, MIGRATE, compensate, is_compensation};
 
@@ -80,6 +82,28 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
 /// A successful failover's report: RTO (the decision to the new primary
 /// verified) and the data-loss window, with each step.
 fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> String {
+    let rejoined = |from: Option<&ClusterRef>| {
+        let method = op
+            .tasks
+            .iter()
+            .filter(|t| Some(&t.spec.target) == from && t.spec.kind == TaskKind::DbFailover.as_str())
+            .filter_map(|t| t.result.as_ref())
+            .filter_map(|r| FailoverOutputs::from_wire(&r.outputs).method)
+            .next_back();
+        format!(
+            "{} rejoined as a standby of {} ({})",
+            from.map_or_else(|| "?".to_owned(), ToString::to_string),
+            f.to,
+            match method.as_deref() {
+                Some("rewind") => "pg_rewind",
+                Some("base-backup") => "a fresh base backup",
+                _ => "?",
+            }
+        )
+    };
+    if f.rejoin_only {
+        return rejoined(f.from.as_ref());
+    }
     if f.fence_only {
         return format!(
             "fenced {}, a primary left over from before epoch {} (whose primary is {})",
@@ -88,10 +112,12 @@ fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> Stri
             f.to
         );
     }
-    use cutover_shared::task::outputs::FailoverOutputs;
+    // Recovered once the new primary is verified: a rejoin of the old
+    // one afterwards is not part of the outage.
     let ended = op
         .tasks
         .iter()
+        .filter(|t| t.spec.target == f.to)
         .filter_map(|t| t.result.as_ref().map(|r| r.finished_at_unix_ms))
         .max()
         .unwrap_or(op.created_at_unix_ms);
@@ -117,8 +143,13 @@ fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> Stri
             None => format!("unknown{bytes} (the old primary could not be fenced)"),
         }
     };
+    let rejoin = if f.rejoin {
+        format!("; {}", rejoined(f.from.as_ref()))
+    } else {
+        String::new()
+    };
     format!(
-        "failed over {} to {} at epoch {} in {} (RTO); data lost: {loss}; new primary at {}",
+        "failed over {} to {} at epoch {} in {} (RTO); data lost: {loss}; new primary at {}{rejoin}",
         f.from
             .as_ref()
             .map_or_else(|| "(no reported primary)".to_owned(), ToString::to_string),
