@@ -11,6 +11,7 @@ pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod s3;
+pub mod writer;
 
 pub use ports::stable_free_addr;
 pub use process::ProcessCluster;

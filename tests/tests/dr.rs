@@ -20,6 +20,7 @@ use cutover_shared::domain::ClusterRef;
 use cutover_shared::dr::{DbRole, parse_lsn};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
+use cutover_tests::writer::SequenceWriter;
 use cutover_tests::{TestCluster, captured_logs, cutover_bin, sample_app_spec};
 
 const REGIONS: &[(&str, &str)] = &[("us-east", "c1"), ("eu-west", "c1")];
@@ -385,76 +386,6 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(!text.contains(primary.password()), "a password reached the logs");
     c.shutdown().await;
-}
-
-/// Inserts 1, 2, 3, ... one autocommitted row each, into whichever of
-/// `urls` takes writes, and records each number whose commit was
-/// acknowledged. A refused or broken write is retried, same number, on
-/// the next server: the writer follows the primary across a failover.
-struct SequenceWriter {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    acked: std::sync::Arc<std::sync::Mutex<Vec<(i64, usize)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl SequenceWriter {
-    fn start(urls: Vec<String>) -> SequenceWriter {
-        use sqlx::Connection;
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (s, a) = (stop.clone(), acked.clone());
-        let task = tokio::spawn(async move {
-            let mut n: i64 = 1;
-            let mut at = 0usize;
-            let mut conn: Option<sqlx::PgConnection> = None;
-            while !s.load(Ordering::Relaxed) {
-                if conn.is_none() {
-                    conn = sqlx::PgConnection::connect(&urls[at]).await.ok();
-                }
-                let r = match conn.as_mut() {
-                    Some(c) => Some(
-                        sqlx::query("insert into seq values ($1)")
-                            .bind(n)
-                            .execute(&mut *c)
-                            .await,
-                    ),
-                    None => None,
-                };
-                // A number already there committed without its
-                // acknowledgement reaching us (the server died between the
-                // two): it exists, but it was never acknowledged.
-                let exists = matches!(
-                    &r,
-                    Some(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("23505")
-                );
-                if matches!(r, Some(Ok(_))) {
-                    a.lock().unwrap().push((n, at));
-                    n += 1;
-                } else if exists {
-                    n += 1;
-                } else {
-                    // Refused (read-only, a standby) or cut off (fenced):
-                    // the same number on the other server, after a breath.
-                    conn = None;
-                    at = (at + 1) % urls.len();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        });
-        SequenceWriter { stop, acked, task }
-    }
-
-    /// How many commits server `i` acknowledged so far.
-    fn acked_on(&self, i: usize) -> usize {
-        self.acked.lock().unwrap().iter().filter(|(_, at)| *at == i).count()
-    }
-
-    async fn finish(self) -> Vec<i64> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.task.await.unwrap();
-        self.acked.lock().unwrap().iter().map(|(n, _)| *n).collect()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1124,19 +1055,6 @@ async fn wait_recovery(pg: &TestPostgres, want: &str) {
     }
 }
 
-/// Waits until the writer has `n` more acknowledgements on server `i`.
-async fn wait_acked(writer: &SequenceWriter, i: usize, n: usize) {
-    let want = writer.acked_on(i) + n;
-    let deadline = std::time::Instant::now() + T;
-    while writer.acked_on(i) < want {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the writer made no progress on server {i}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_with_nothing_lost() {
     let Fixture {
@@ -1148,12 +1066,12 @@ async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_wi
     deploy_v1(&c, leader).await;
     wait_caught_up(&primary, &c, leader).await;
     let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);
-    wait_acked(&writer, 0, 50).await;
+    writer.wait_acked(0, 50).await;
 
     // Planned failover: eu-west is the primary, us-east fenced.
     let (code, out, err) = cli(&c, leader, &["dr", "failover", "--app", "shop", "--to", "eu-west"]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_acked(&writer, 1, 50).await;
+    writer.wait_acked(1, 50).await;
 
     // Rejoin: us-east's server is rewound onto eu-west's timeline and
     // streams from it; its app takes traffic again.
@@ -1182,7 +1100,7 @@ async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_wi
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("failed over eu-west/c1 to us-east/c1 at epoch 2"), "{out}");
     assert!(out.contains("eu-west/c1 rejoined as a standby of us-east/c1"), "{out}");
-    wait_acked(&writer, 0, 50).await;
+    writer.wait_acked(0, 50).await;
     wait_recovery(&standby, "t").await;
     wait_recovery(&primary, "f").await;
 

@@ -1,0 +1,90 @@
+//! A writer that numbers its writes, for disaster-recovery tests: what it
+//! acknowledged is what a failover must not lose, and which server took
+//! each write shows where the primary was.
+
+use std::time::Duration;
+
+/// Inserts 1, 2, 3, ... one autocommitted row each, into whichever of
+/// `urls` takes writes, and records each number whose commit was
+/// acknowledged. A refused or broken write is retried, same number, on
+/// the next server: the writer follows the primary across a failover.
+pub struct SequenceWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(i64, usize)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SequenceWriter {
+    pub fn start(urls: Vec<String>) -> SequenceWriter {
+        use sqlx::Connection;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let task = tokio::spawn(async move {
+            let mut n: i64 = 1;
+            let mut at = 0usize;
+            let mut conn: Option<sqlx::PgConnection> = None;
+            while !s.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    conn = sqlx::PgConnection::connect(&urls[at]).await.ok();
+                }
+                let r = match conn.as_mut() {
+                    Some(c) => Some(
+                        sqlx::query("insert into seq values ($1)")
+                            .bind(n)
+                            .execute(&mut *c)
+                            .await,
+                    ),
+                    None => None,
+                };
+                // A number already there committed without its
+                // acknowledgement reaching us (the server died between the
+                // two): it exists, but it was never acknowledged.
+                let exists = matches!(
+                    &r,
+                    Some(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("23505")
+                );
+                if matches!(r, Some(Ok(_))) {
+                    a.lock().unwrap().push((n, at));
+                    n += 1;
+                } else if exists {
+                    n += 1;
+                } else {
+                    // Refused (read-only, a standby) or cut off (fenced):
+                    // the same number on the other server, after a breath.
+                    conn = None;
+                    at = (at + 1) % urls.len();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+        SequenceWriter { stop, acked, task }
+    }
+
+    /// How many commits server `i` acknowledged so far.
+    pub fn acked_on(&self, i: usize) -> usize {
+        self.acked.lock().unwrap().iter().filter(|(_, at)| *at == i).count()
+    }
+
+    /// Waits until server `i` acknowledged `n` more commits (panics after
+    /// 30 s: the writer made no progress there).
+    pub async fn wait_acked(&self, i: usize, n: usize) {
+        let want = self.acked_on(i) + n;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.acked_on(i) < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer made no progress on server {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops writing; returns every acknowledged number.
+    pub async fn finish(self) -> Vec<i64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.acked.lock().unwrap().iter().map(|(n, _)| *n).collect()
+    }
+}
