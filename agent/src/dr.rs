@@ -37,6 +37,8 @@ pub async fn observe(db: &DatabaseConfig, data_dir: &Path) -> DatabaseStatus {
         error: None,
         observed_at_unix_ms: now_unix_ms(),
         fenced: false,
+        streaming: None,
+        unreachable_since_unix_ms: None,
     };
     if db.driver == DbDriver::Sqlite {
         // A SQLite file has no replication: it is what the config says.
@@ -58,6 +60,7 @@ pub async fn observe(db: &DatabaseConfig, data_dir: &Path) -> DatabaseStatus {
             status.receive_lsn = r.receive_lsn;
             status.lag_ms = r.lag_ms;
             status.fenced = !r.in_recovery && r.read_only;
+            status.streaming = r.in_recovery.then_some(r.streaming);
         }
         Ok(Ok(None)) => status.role = Some(db.role()),
         Ok(Err(e)) => status.error = Some(e.to_string()),

@@ -262,7 +262,8 @@ fn database_json(d: &pb::DatabaseStatus) -> serde_json::Value {
         "follows": (!d.follows.is_empty()).then_some(&d.follows),
         "lsn": d.lsn.map(format_lsn), "receive_lsn": d.receive_lsn.map(format_lsn),
         "lag_ms": d.lag_ms, "error": (!d.error.is_empty()).then_some(&d.error), "fenced": d.fenced,
-        "observed_at_unix_ms": d.observed_at_unix_ms,
+        "observed_at_unix_ms": d.observed_at_unix_ms, "streaming": d.streaming,
+        "unreachable_since_unix_ms": (d.unreachable_since_unix_ms > 0).then_some(d.unreachable_since_unix_ms),
     })
 }
 

@@ -585,10 +585,21 @@ impl State {
                     ));
                 }
                 let key = from.to_string();
-                for by_cluster in self.db_status.values_mut() {
-                    by_cluster.remove(&key);
+                let mut before = BTreeMap::new();
+                for (app, by_cluster) in self.db_status.iter_mut() {
+                    if let Some(d) = by_cluster.remove(&key) {
+                        before.insert(app.clone(), d);
+                    }
                 }
-                for d in databases {
+                for mut d in databases {
+                    // Unreachable since the first of an unbroken run of
+                    // reports that could not ask the server.
+                    d.unreachable_since_unix_ms = d.error.is_some().then(|| {
+                        before
+                            .get(&d.app)
+                            .and_then(|b| b.unreachable_since_unix_ms)
+                            .unwrap_or(d.observed_at_unix_ms)
+                    });
                     self.db_status.entry(d.app.clone()).or_default().insert(key.clone(), d);
                 }
                 self.db_status.retain(|_, by_cluster| !by_cluster.is_empty());

@@ -1,8 +1,10 @@
 //! The leader's DR watch driven through the state machine with an injected
 //! clock: an automatic failover starts once the primary's agent has been
 //! down for `failover_after_secs` and not before, only one per epoch and
-//! cooldown, never past a standby lagging beyond `max_data_loss_secs`, and
-//! never for an app that did not ask for it.
+//! cooldown, never past a standby lagging beyond `max_data_loss_secs`,
+//! never while the standby still streams from the primary (only its agent
+//! is gone), and never for an app that did not ask for it; a primary whose
+//! agent is up but whose server it cannot reach fails over too, unfenced.
 
 use cutover_coordinator::orchestrator::dr_watch;
 use cutover_coordinator::state::{AuditDraft, Command, State};
@@ -74,6 +76,10 @@ fn db(role: DbRole, lag_ms: Option<u64>) -> DatabaseStatus {
         error: None,
         observed_at_unix_ms: T0,
         fenced: false,
+        // A standby that lost its primary's stream (its region agrees the
+        // primary is gone).
+        streaming: (role == DbRole::Standby).then_some(false),
+        unreachable_since_unix_ms: None,
     }
 }
 
@@ -175,4 +181,74 @@ fn no_automatic_failover_past_a_lagging_standby_or_for_an_app_that_did_not_ask()
     );
     let s = world(false, 0);
     assert!(dr_watch::due(&s, T0 + 60_000).is_empty(), "automatic is off");
+}
+
+/// The primary's agent is down, but the standby still streams from the
+/// primary's server: the primary lives, so nothing fails over.
+#[test]
+fn no_automatic_failover_while_the_standby_still_streams_from_the_primary() {
+    let mut s = world(true, 0);
+    let mut standby = db(DbRole::Standby, Some(0));
+    standby.streaming = Some(true);
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("eu-west"),
+            databases: vec![standby],
+        },
+    );
+    assert!(dr_watch::due(&s, T0 + 60_000).is_empty());
+}
+
+/// The primary's agent is up but reports its server unreachable; once that
+/// lasted `failover_after_secs` and the standby's region cannot reach it
+/// either, the app fails over, superseding (not fencing) the old primary.
+#[test]
+fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
+    let mut s = world(true, 0);
+    apply(
+        &mut s,
+        Command::AgentUp {
+            cluster: cluster("us-east"),
+            agent_version: "test".into(),
+            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
+            at_unix_ms: T0,
+            session: 3,
+        },
+    );
+    for at in [T0, T0 + 5_000, T0 + 9_000] {
+        let mut primary = db(DbRole::Primary, None);
+        primary.role = None;
+        primary.lsn = None;
+        primary.error = Some("connection refused".into());
+        primary.observed_at_unix_ms = at;
+        apply(
+            &mut s,
+            Command::DatabaseStatusReported {
+                from: cluster("us-east"),
+                databases: vec![primary],
+            },
+        );
+    }
+    let d = &s.db_status["shop"]["us-east/main"];
+    assert_eq!(d.unreachable_since_unix_ms, Some(T0), "since the first of the run");
+    assert!(dr_watch::due(&s, T0 + 9_999).is_empty(), "before failover_after_secs");
+    let due = dr_watch::due(&s, T0 + 10_000);
+    assert_eq!(due.len(), 1, "{due:?}");
+    let Command::CreateOperation { operation, .. } = &due[0] else {
+        panic!("{:?}", due[0]);
+    };
+    let f = operation.spec.failover.as_ref().unwrap();
+    assert_eq!((f.to.clone(), f.fence), (cluster("eu-west"), false));
+    assert_eq!(operation.targets, vec![cluster("eu-west")]);
+    // A report that reaches the server again ends the run.
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("us-east"),
+            databases: vec![db(DbRole::Primary, None)],
+        },
+    );
+    assert_eq!(s.db_status["shop"]["us-east/main"].unreachable_since_unix_ms, None);
+    assert!(dr_watch::due(&s, T0 + 20_000).is_empty());
 }

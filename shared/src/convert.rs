@@ -534,6 +534,8 @@ impl From<crate::dr::DatabaseStatus> for proto::DatabaseStatus {
             error: d.error.unwrap_or_default(),
             observed_at_unix_ms: d.observed_at_unix_ms,
             fenced: d.fenced,
+            streaming: d.streaming,
+            unreachable_since_unix_ms: d.unreachable_since_unix_ms.unwrap_or(0),
         }
     }
 }
@@ -580,6 +582,8 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
         error: (!error.is_empty()).then_some(error),
         observed_at_unix_ms: d.observed_at_unix_ms,
         fenced: d.fenced,
+        streaming: d.streaming,
+        unreachable_since_unix_ms: None,
     })
 }
 

@@ -68,6 +68,15 @@ pub struct DatabaseStatus {
     /// A primary that refuses writes: one a failover fenced.
     #[serde(default)]
     pub fenced: bool,
+    /// A standby's WAL receiver streams from its primary (its region
+    /// reaches the primary's server); `None` for a primary.
+    #[serde(default)]
+    pub streaming: Option<bool>,
+    /// Since when the server has been reported unreachable without a
+    /// break. Set by the state machine from consecutive reports (what an
+    /// agent sends is ignored), so every node agrees.
+    #[serde(default)]
+    pub unreachable_since_unix_ms: Option<i64>,
 }
 
 /// An app's primary epoch: bumped (committed) by every failover before it
@@ -577,6 +586,8 @@ mod tests {
             error: None,
             observed_at_unix_ms: 1,
             fenced: false,
+            streaming: None,
+            unreachable_since_unix_ms: None,
         }
     }
 

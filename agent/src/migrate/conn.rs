@@ -53,6 +53,8 @@ pub struct Replication {
     /// New transactions are read-only (`default_transaction_read_only`):
     /// on a primary, a fence.
     pub read_only: bool,
+    /// A standby's WAL receiver streams from its primary.
+    pub streaming: bool,
 }
 
 /// How a connection may touch the database.
@@ -165,9 +167,10 @@ impl Conn {
                         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() \
                              AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming') THEN 0::bigint \
                         ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END, \
-                   current_setting('default_transaction_read_only') = 'on'";
-        type Row = (bool, Option<String>, Option<String>, Option<i64>, bool);
-        let (in_recovery, lsn, receive, lag, read_only): Row = sqlx::query_as(sql)
+                   current_setting('default_transaction_read_only') = 'on', \
+                   EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')";
+        type Row = (bool, Option<String>, Option<String>, Option<i64>, bool, bool);
+        let (in_recovery, lsn, receive, lag, read_only, streaming): Row = sqlx::query_as(sql)
             .fetch_one(&mut *c)
             .await
             .map_err(|e| MigrateError::Database(self.red.clean(&format!("cannot read the replication state: {e}"))))?;
@@ -178,6 +181,7 @@ impl Conn {
             receive_lsn: lsn_of(receive),
             lag_ms: lag.map(|l| u64::try_from(l).unwrap_or(0)),
             read_only,
+            streaming,
         }))
     }
 

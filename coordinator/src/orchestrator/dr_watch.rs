@@ -1,12 +1,17 @@
 //! The leader's watch over primaries: automatic failover, and primaries a
 //! failover superseded.
 //!
-//! Automatic failover (an app's `dr.automatic`): once the agent of the
-//! cluster holding the app's primary has been down for
-//! `dr.failover_after_secs`, no failover of the app ran within
-//! `dr.cooldown_secs`, and the failover plan has no blocker other than the
-//! old region being unreachable (so the standby's lag is within
-//! `max_data_loss`), the leader starts the failover the plan calls for
+//! Automatic failover (an app's `dr.automatic`): once the primary has been
+//! lost for `dr.failover_after_secs` (its cluster's agent down, or its
+//! agent up but reporting its server unreachable), the standby's region
+//! agrees (its WAL receiver does not stream: it cannot reach the primary's
+//! server either; a standby still streaming means only the agent is gone),
+//! no failover of the app ran within `dr.cooldown_secs`, and the failover
+//! plan has no blocker other than the old region being unreachable (so
+//! the standby's lag is within `max_data_loss`), the leader starts the
+//! failover the plan calls for. An unreachable server cannot be fenced, so
+//! it is superseded by the epoch instead (and fenced as a stray primary if
+//! it comes back). The failover is started
 //! (actor `cutover/dr-auto`; its id derived from the app and the epoch, so
 //! two leaders propose one decision). With the agents' lease shorter than
 //! `failover_after_secs`, the lost region's primary fenced itself before.
@@ -41,9 +46,19 @@ fn automatic(s: &State, now: i64) -> Vec<Command> {
         let Some(agent) = s.agents.get(&primary.to_string()) else {
             continue;
         };
-        let down_for = now.saturating_sub(agent.since_unix_ms);
+        let unreachable_since = views
+            .iter()
+            .find(|v| v.cluster == primary)
+            .and_then(|v| v.database.as_ref())
+            .and_then(|d| d.unreachable_since_unix_ms);
+        let lost_since = match (agent.state, unreachable_since) {
+            (AgentState::Down, _) => agent.since_unix_ms,
+            (_, Some(since)) => since,
+            _ => continue,
+        };
+        let down_for = now.saturating_sub(lost_since);
         let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        if agent.state != AgentState::Down || down_for < after_ms {
+        if down_for < after_ms {
             continue;
         }
         let cooldown_ms = i64::try_from(spec.dr.cooldown_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -63,9 +78,25 @@ fn automatic(s: &State, now: i64) -> Vec<Command> {
         {
             continue;
         }
-        let Some(failover) = crate::dr::failover_spec(s, spec, &plan, true, false) else {
+        // The other region's view: a standby whose WAL receiver still
+        // streams reaches the primary's server, so the primary lives.
+        let streaming = plan.to.as_ref().and_then(|to| {
+            views
+                .iter()
+                .find(|v| &v.cluster == to)
+                .and_then(|v| v.database.as_ref())
+                .and_then(|d| d.streaming)
+        });
+        if streaming == Some(true) {
+            continue;
+        }
+        let Some(mut failover) = crate::dr::failover_spec(s, spec, &plan, true, false) else {
             continue;
         };
+        if agent.state != AgentState::Down {
+            // Its agent is up but cannot reach the server: nothing to fence.
+            failover.fence = false;
+        }
         let mut targets = vec![failover.to.clone()];
         if failover.fence
             && let Some(f) = &failover.from
@@ -78,7 +109,8 @@ fn automatic(s: &State, now: i64) -> Vec<Command> {
         }
         let parameters = serde_json::json!({
             "app": spec.name, "from": primary.to_string(), "to": failover.to.to_string(),
-            "epoch": failover.epoch, "agent_down_ms": down_for,
+            "epoch": failover.epoch, "lost_ms": down_for,
+            "agent_up": agent.state != AgentState::Down,
             "data_loss_window_ms": failover.data_loss_window_ms,
         })
         .to_string();
