@@ -735,6 +735,17 @@ async fn an_agent_cut_off_from_the_coordinators_fences_its_primary_until_they_re
 /// that follows the primary carries on there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_primary_region_fails_over_automatically() {
+    lose_the_primary_region(false).await;
+}
+
+/// The same with synchronous replication (`synchronous_standby_names`):
+/// every write the lost primary acknowledged is on the new one (RPO 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_primary_with_synchronous_replication_loses_no_acknowledged_write() {
+    lose_the_primary_region(true).await;
+}
+
+async fn lose_the_primary_region(synchronous: bool) {
     let Fixture {
         primary,
         standby,
@@ -750,6 +761,13 @@ async fn a_lost_primary_region_fails_over_automatically() {
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
         .await
         .unwrap();
+    if synchronous {
+        // A commit is acknowledged once the standby flushed it.
+        primary
+            .psql("postgres", "ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .unwrap();
+        primary.psql("postgres", "SELECT pg_reload_conf()").unwrap();
+    }
     primary.psql("shop", "insert into seq values (0)").unwrap();
     wait_caught_up(&primary, &c, leader).await;
     let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);
@@ -805,10 +823,14 @@ async fn a_lost_primary_region_fails_over_automatically() {
         "the newest acknowledged write is on the new primary"
     );
     eprintln!(
-        "automatic failover: {}; {lost} of {} acknowledged writes lost",
+        "automatic failover ({}): {}; {lost} of {} acknowledged writes lost",
+        if synchronous { "synchronous" } else { "asynchronous" },
         done.summary,
         acked.len()
     );
+    if synchronous {
+        assert_eq!(lost, 0, "synchronous replication lost acknowledged writes");
+    }
     let audit = c.node(leader).consensus().read(|s| {
         s.audit
             .iter()
