@@ -206,21 +206,8 @@ pub async fn run(quick: bool) -> Result<Value> {
     let mut pc = ProcessCluster::start_with(3, REGION, |_, cfg, dir| {
         std::fs::write(dir.join("ledger-db-url"), &pc_url).expect("writing the URL file");
         cfg.databases = vec![DatabaseConfig {
-            app: APP.into(),
-            driver: DbDriver::Postgres,
-            url_file: Some(dir.join("ledger-db-url")),
-            url_env: None,
-            role: None,
-            primary: None,
-            follows: None,
-            lock_timeout_ms: 5000,
             statement_timeout_ms: 3_600_000,
-            backup_dir: None,
-            pg_bin_dir: None,
-            scratch_url_file: None,
-            scratch_url_env: None,
-            server: None,
-            replication_sources: Default::default(),
+            ..DatabaseConfig::with_url_file(APP, DbDriver::Postgres, dir.join("ledger-db-url"))
         }];
         cfg.backup = Some(store(dir).expect("the Garage store config"));
     })

@@ -9,8 +9,7 @@ use cutover_agent::Agent;
 use cutover_coordinator::Node;
 use cutover_shared::certs::{DevPki, init_dev_pki};
 use cutover_shared::config::{
-    AgentConfig, CoordinatorConfig, DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_STATEMENT_TIMEOUT_MS, DatabaseConfig, DbDriver,
-    DriverPolicy, Member, RaftConfig,
+    AgentConfig, CoordinatorConfig, DatabaseConfig, DbDriver, DriverPolicy, Member, RaftConfig,
 };
 use cutover_shared::domain::AgentState;
 use cutover_shared::identity::DEFAULT_TRUST_DOMAIN;
@@ -144,23 +143,7 @@ impl DevSystem {
             tracing::warn!("{e}");
         }
         AgentConfig {
-            databases: vec![DatabaseConfig {
-                app: "sample".into(),
-                driver,
-                url_file: Some(url_file),
-                url_env: None,
-                role: None,
-                primary: None,
-                follows: None,
-                lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
-                statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
-                backup_dir: None,
-                pg_bin_dir: None,
-                scratch_url_file: None,
-                scratch_url_env: None,
-                server: None,
-                replication_sources: Default::default(),
-            }],
+            databases: vec![DatabaseConfig::with_url_file("sample", driver, url_file)],
             coordinators: self.addrs.clone(),
             data_dir: self.dir.join(format!("agent-{region}-{cluster}")),
             server_name: None,

@@ -497,6 +497,28 @@ pub struct ServerControl {
 }
 
 impl DatabaseConfig {
+    /// An entry for `app` whose connection string is in `url_file`, with
+    /// every other setting at its default (a primary).
+    pub fn with_url_file(app: &str, driver: DbDriver, url_file: PathBuf) -> DatabaseConfig {
+        DatabaseConfig {
+            app: app.to_owned(),
+            driver,
+            url_file: Some(url_file),
+            url_env: None,
+            role: None,
+            primary: None,
+            follows: None,
+            lock_timeout_ms: DEFAULT_LOCK_TIMEOUT_MS,
+            statement_timeout_ms: DEFAULT_STATEMENT_TIMEOUT_MS,
+            backup_dir: None,
+            pg_bin_dir: None,
+            scratch_url_file: None,
+            scratch_url_env: None,
+            server: None,
+            replication_sources: Default::default(),
+        }
+    }
+
     /// The configured role: `role`, else `primary`, else primary.
     pub fn role(&self) -> crate::dr::DbRole {
         use crate::dr::DbRole;

@@ -88,3 +88,31 @@ impl SequenceWriter {
         self.acked.lock().unwrap().iter().map(|(n, _)| *n).collect()
     }
 }
+
+/// The numbers stored in `pg`'s `shop.seq`: what a writer's
+/// acknowledgements are checked against.
+pub fn numbers_on(pg: &crate::postgres::TestPostgres) -> std::collections::BTreeSet<i64> {
+    pg.psql("shop", "select n from seq")
+        .expect("reading seq")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// A `[[databases]]` entry for `app` in `url_file` with a DR role.
+pub fn database(
+    app: &str,
+    url_file: &std::path::Path,
+    role: cutover_shared::dr::DbRole,
+    follows: Option<&str>,
+) -> cutover_shared::config::DatabaseConfig {
+    cutover_shared::config::DatabaseConfig {
+        role: Some(role),
+        follows: follows.map(str::to_owned),
+        ..cutover_shared::config::DatabaseConfig::with_url_file(
+            app,
+            cutover_shared::config::DbDriver::Postgres,
+            url_file.to_owned(),
+        )
+    }
+}

@@ -50,23 +50,11 @@ async fn fixture(rows: u32) -> Fixture {
     let store_cfg = std::sync::Mutex::new(None);
     let pc = ProcessCluster::start_with(3, REGION, |_, cfg, dir| {
         std::fs::write(dir.join("shop-db-url"), &url).unwrap();
-        cfg.databases = vec![DatabaseConfig {
-            app: "shop".into(),
-            driver: DbDriver::Postgres,
-            url_file: Some(dir.join("shop-db-url")),
-            url_env: None,
-            role: None,
-            primary: None,
-            follows: None,
-            lock_timeout_ms: 5000,
-            statement_timeout_ms: 60_000,
-            backup_dir: None,
-            pg_bin_dir: None,
-            scratch_url_file: None,
-            scratch_url_env: None,
-            server: None,
-            replication_sources: Default::default(),
-        }];
+        cfg.databases = vec![DatabaseConfig::with_url_file(
+            "shop",
+            DbDriver::Postgres,
+            dir.join("shop-db-url"),
+        )];
         let b = s3
             .backup_config("backups", "", dir, &key, "not-checked-by-moto")
             .unwrap();

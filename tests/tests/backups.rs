@@ -147,23 +147,7 @@ async fn fixture_with(bucket: Bucket, engine: Db, tweak: impl FnOnce(&mut Backup
     let url_file = dir.join("shop-db-url");
     std::fs::write(&url_file, &url).unwrap();
     let mut cfg = c.agent_config(0);
-    cfg.databases = vec![DatabaseConfig {
-        app: "shop".into(),
-        driver,
-        url_file: Some(url_file),
-        url_env: None,
-        role: None,
-        primary: None,
-        follows: None,
-        lock_timeout_ms: 5000,
-        statement_timeout_ms: 60_000,
-        backup_dir: None,
-        pg_bin_dir: None,
-        scratch_url_file: None,
-        scratch_url_env: None,
-        server: None,
-        replication_sources: Default::default(),
-    }];
+    cfg.databases = vec![DatabaseConfig::with_url_file("shop", driver, url_file)];
     cfg.backup = Some(store_cfg.clone());
     c.start_agent_with(0, cfg).unwrap();
     c.wait_state(leader, T, "the agent up, offering db.backup", |s| {

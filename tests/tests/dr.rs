@@ -15,35 +15,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cutover_shared::config::{DatabaseConfig, DbDriver};
+use cutover_shared::config::DatabaseConfig;
 use cutover_shared::domain::ClusterRef;
 use cutover_shared::dr::{DbRole, parse_lsn};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
-use cutover_tests::writer::SequenceWriter;
+use cutover_tests::writer::{SequenceWriter, numbers_on};
 use cutover_tests::{TestCluster, captured_logs, cutover_bin, sample_app_spec};
 
 const REGIONS: &[(&str, &str)] = &[("us-east", "c1"), ("eu-west", "c1")];
 const T: Duration = Duration::from_secs(30);
 
 fn database(url_file: &Path, role: DbRole, follows: Option<&str>) -> DatabaseConfig {
-    DatabaseConfig {
-        app: "shop".into(),
-        driver: DbDriver::Postgres,
-        url_file: Some(url_file.to_owned()),
-        url_env: None,
-        role: Some(role),
-        primary: None,
-        follows: follows.map(str::to_owned),
-        lock_timeout_ms: 5000,
-        statement_timeout_ms: 60_000,
-        backup_dir: None,
-        pg_bin_dir: None,
-        scratch_url_file: None,
-        scratch_url_env: None,
-        server: None,
-        replication_sources: Default::default(),
-    }
+    cutover_tests::writer::database("shop", url_file, role, follows)
 }
 
 /// The `cutover` CLI as the operator, against node `node`.
@@ -473,12 +457,7 @@ async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primar
         .await
         .unwrap();
     let acked = writer.finish().await;
-    let rows: std::collections::BTreeSet<i64> = standby
-        .psql("shop", "select n from seq")
-        .unwrap()
-        .lines()
-        .map(|l| l.trim().parse().unwrap())
-        .collect();
+    let rows = numbers_on(&standby);
     let lost: Vec<&i64> = acked.iter().filter(|n| !rows.contains(n)).collect();
     assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
     assert!(acked.len() >= 100);
@@ -808,12 +787,7 @@ async fn lose_the_primary_region(synchronous: bool) {
         .await
         .unwrap();
     let acked = writer.finish().await;
-    let rows: std::collections::BTreeSet<i64> = standby
-        .psql("shop", "select n from seq")
-        .unwrap()
-        .lines()
-        .map(|l| l.trim().parse().unwrap())
-        .collect();
+    let rows = numbers_on(&standby);
     // Asynchronous replication: what the lost primary acknowledged last may
     // be gone, but never a write the new primary acknowledged.
     let lost = acked.iter().filter(|n| !rows.contains(n)).count();
@@ -838,6 +812,21 @@ async fn lose_the_primary_region(synchronous: bool) {
     });
     assert!(audit, "the automatic failover is audited");
     c.shutdown().await;
+}
+
+/// `shop`'s drill reports, newest first (at most `limit`; 0: all).
+async fn list_drills(
+    c: &mut cutover_shared::proto::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    limit: u32,
+) -> Vec<pb::DrillReport> {
+    c.list_drills(pb::ListDrillsRequest {
+        app: "shop".into(),
+        limit,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .drills
 }
 
 /// The scratch databases drills left on `pg` (none, after each drill).
@@ -886,15 +875,7 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
 
     // The report: kept in Raft, listed newest first, with RTO and RPO and
     // each phase measured; the CLI and the status show it.
-    let drills = op
-        .list_drills(pb::ListDrillsRequest {
-            app: "shop".into(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .drills;
+    let drills = list_drills(&mut op, 0).await;
     assert_eq!(drills.len(), 1, "{drills:?}");
     let d = &drills[0];
     assert!(d.passed, "{d:?}");
@@ -956,15 +937,7 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
     let (code, out, _) = cli(&c, leader, &["dr", "drill", "--app", "shop", "--to", "eu-west"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("failed at checks"), "{out}");
-    let drills = op
-        .list_drills(pb::ListDrillsRequest {
-            app: "shop".into(),
-            limit: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .drills;
+    let drills = list_drills(&mut op, 1).await;
     assert_eq!(drills.len(), 1);
     assert!(
         !drills[0].passed && drills[0].verdict == "checks" && drills[0].rto_ms.is_none(),
@@ -1008,15 +981,7 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
-    let listed = viewer
-        .list_drills(pb::ListDrillsRequest {
-            app: "shop".into(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .drills;
+    let listed = list_drills(&mut viewer, 0).await;
     assert_eq!(listed.len(), 2);
 
     // On a schedule: the leader starts a drill at the next slot (every
@@ -1129,12 +1094,7 @@ async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_wi
     // Nothing lost: every acknowledged number is on us-east, and reaches
     // eu-west's standby.
     let acked = writer.finish().await;
-    let stored: std::collections::BTreeSet<i64> = primary
-        .psql("shop", "select n from seq order by n")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let stored = numbers_on(&primary);
     let missing: Vec<&i64> = acked.iter().filter(|n| !stored.contains(n)).collect();
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
     eprintln!(

@@ -7,36 +7,15 @@
 
 use std::time::{Duration, Instant};
 
-use cutover_shared::config::{DatabaseConfig, DbDriver};
 use cutover_shared::dr::DbRole;
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
 use cutover_tests::process::{ProcessCluster, TaskEventKind};
 use cutover_tests::sample_app_spec;
-use cutover_tests::writer::SequenceWriter;
+use cutover_tests::writer::{SequenceWriter, database, numbers_on};
 
 const T: Duration = Duration::from_secs(120);
 const REGIONS: &[(&str, &str)] = &[("us-east", "c1"), ("eu-west", "c1")];
-
-fn database(url_file: std::path::PathBuf, role: DbRole, follows: Option<&str>) -> DatabaseConfig {
-    DatabaseConfig {
-        app: "shop".into(),
-        driver: DbDriver::Postgres,
-        url_file: Some(url_file),
-        url_env: None,
-        role: Some(role),
-        primary: None,
-        follows: follows.map(str::to_owned),
-        lock_timeout_ms: 5000,
-        statement_timeout_ms: 60_000,
-        backup_dir: None,
-        pg_bin_dir: None,
-        scratch_url_file: None,
-        scratch_url_env: None,
-        server: None,
-        replication_sources: Default::default(),
-    }
-}
 
 /// Waits until agent `agent` logged the start of task `task_id`.
 async fn wait_started(pc: &ProcessCluster, agent: usize, task_id: &str) {
@@ -69,10 +48,10 @@ async fn the_leader_killed_during_each_failover_step_fails_over_exactly_once() {
         let file = dir.join(format!("db-url-{i}"));
         if i == 0 {
             std::fs::write(&file, &url).unwrap();
-            cfg.databases = vec![database(file, DbRole::Primary, None)];
+            cfg.databases = vec![database("shop", &file, DbRole::Primary, None)];
         } else {
             std::fs::write(&file, &standby_url).unwrap();
-            cfg.databases = vec![database(file, DbRole::Standby, Some("us-east/c1"))];
+            cfg.databases = vec![database("shop", &file, DbRole::Standby, Some("us-east/c1"))];
         }
     })
     .await
@@ -189,12 +168,7 @@ async fn the_leader_killed_during_each_failover_step_fails_over_exactly_once() {
     );
 
     // Nothing lost; the old primary refuses writes, the new one takes them.
-    let stored: std::collections::BTreeSet<i64> = standby
-        .psql("shop", "select n from seq")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let stored = numbers_on(&standby);
     let missing: Vec<&i64> = acked.iter().filter(|n| !stored.contains(n)).collect();
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
     assert!(

@@ -36,21 +36,8 @@ fn database(app: &str, driver: DbDriver, url: &str, dir: &Path, primary: bool) -
     ));
     std::fs::write(&url_file, url).unwrap();
     DatabaseConfig {
-        app: app.into(),
-        driver,
-        url_file: Some(url_file),
-        url_env: None,
-        role: None,
         primary: Some(primary),
-        follows: None,
-        lock_timeout_ms: 5000,
-        statement_timeout_ms: 60_000,
-        backup_dir: None,
-        pg_bin_dir: None,
-        scratch_url_file: None,
-        scratch_url_env: None,
-        server: None,
-        replication_sources: Default::default(),
+        ..DatabaseConfig::with_url_file(app, driver, url_file)
     }
 }
 
