@@ -71,6 +71,7 @@ pub fn plan(s: &State, app: &AppSpec, to: Option<&str>, now: i64) -> Result<Fail
         running_operation: running_on(s, app),
         to,
         now_unix_ms: now,
+        drills: s.drills.get(&app.name).map_or(&[], Vec::as_slice),
     })
 }
 

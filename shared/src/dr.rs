@@ -301,6 +301,9 @@ pub struct PlanInput<'a> {
     /// The region asked for, if any.
     pub to: Option<&'a str>,
     pub now_unix_ms: i64,
+    /// The app's drill reports, oldest first: the newest that passed in
+    /// the target gives the steps' expected durations.
+    pub drills: &'a [DrillReport],
 }
 
 /// The current primary: the cluster whose database last said it is one,
@@ -502,12 +505,26 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
         }
         _ => None,
     };
-    let steps = steps(
+    let mut steps = steps(
         app,
         from.as_ref().map(|f| &f.cluster),
         target.map(|t| &t.cluster),
         source.as_ref(),
     );
+    // What the last drill into the target measured: starting the release
+    // and passing its gates there is what `repoint` does, the gates alone
+    // what `verify` does, copying the data what `restore` does.
+    if let Some(d) = target.and_then(|t| input.drills.iter().rev().find(|d| d.passed && d.cluster == t.cluster)) {
+        let phase = |p: &str| d.phase_ms.get(p).copied();
+        for s in &mut steps {
+            s.expected_ms = match s.name {
+                "repoint" => phase("serve").zip(phase("gates")).map(|(a, b)| a + b),
+                "verify" => phase("gates"),
+                "restore" if d.source == "backup" => phase("clone"),
+                _ => None,
+            };
+        }
+    }
     Ok(FailoverPlan {
         app: app.clone(),
         from: from.map(|f| f.cluster),
@@ -624,6 +641,7 @@ mod tests {
             running_operation: None,
             to,
             now_unix_ms: 1_000_000,
+            drills: &[],
         }
     }
 

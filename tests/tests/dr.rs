@@ -891,6 +891,21 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
         assert!(d.phase_ms.contains_key(phase), "{phase} not measured: {:?}", d.phase_ms);
     }
     eprintln!("drill: RTO {rto} ms, RPO {rpo} ms, phases {:?}", d.phase_ms);
+    // The failover runbook now expects what the drill measured.
+    let plan = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    let expected = |name: &str| plan.steps.iter().find(|s| s.name == name).and_then(|s| s.expected_ms);
+    assert_eq!(expected("verify"), Some(d.phase_ms["gates"]));
+    assert_eq!(expected("repoint"), Some(d.phase_ms["serve"] + d.phase_ms["gates"]));
+    assert_eq!(expected("promote"), None);
     let (code, out, err) = cli(&c, leader, &["dr", "drills", "list", "--app", "shop"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
