@@ -91,7 +91,14 @@ pub async fn rejoin(
         .await
         .map_err(|e| format!("cannot checkpoint {source}'s primary before rewinding: {e}"))?;
     progress(format!("stopping {}'s server", db.app));
-    run_control(&server.stop, "server.stop").await?;
+    if let Err(e) = run_control(&server.stop, "server.stop").await {
+        // A server that is already down (its host restarted, a crash) is
+        // what stopping wants; one that still answers is not.
+        if migrate::replication(cfg).await.is_ok() {
+            return Err(e);
+        }
+        tracing::info!(app = %db.app, "{e}; the server does not answer, so it is down already");
+    }
     progress(format!(
         "rewinding the data directory onto {source}'s timeline (pg_rewind)"
     ));
