@@ -529,6 +529,11 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
     // The agent's config, to bring it back later.
     let mut us_east_cfg = c.agent_config(0);
     us_east_cfg.databases = vec![database(&c.tmp.path().join("primary-url"), DbRole::Primary, None)];
+    // ... able to rejoin: it controls its server and reaches eu-west's.
+    let eu_west_url = c.tmp.path().join("eu-west-replication-url");
+    std::fs::write(&eu_west_url, standby.url("postgres")).unwrap();
+    us_east_cfg.databases[0].server = Some(primary.server_control().unwrap());
+    us_east_cfg.databases[0].replication_sources = [("eu-west/c1".to_owned(), eu_west_url)].into();
     c.stop_agent(0).await;
     wait_agent_down(&c, leader, "us-east/c1").await;
 
@@ -633,6 +638,22 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
         "{}",
         fence.summary
     );
+
+    // Rejoined, it gives up the writes the failover gave up (pg_rewind
+    // rewinds them away) and follows eu-west: the same rows on both.
+    let (code, out, err) = cli(&c, leader, &["dr", "rejoin", "--app", "shop", "--region", "us-east"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("us-east/c1 rejoined as a standby of eu-west/c1 (pg_rewind)"),
+        "{out}"
+    );
+    wait_recovery(&primary, "t").await;
+    standby.psql("shop", "insert into seq values (1000001)").unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while numbers_on(&primary) != numbers_on(&standby) {
+        assert!(std::time::Instant::now() < deadline, "us-east never matched eu-west");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     c.shutdown().await;
 }
 
