@@ -90,6 +90,7 @@ pub async fn rejoin(
     migrate::checkpoint(&source_cfg)
         .await
         .map_err(|e| format!("cannot checkpoint {source}'s primary before rewinding: {e}"))?;
+    let start_msg = || progress(format!("starting {}'s server as a standby of {source}", db.app));
     progress(format!("stopping {}'s server", db.app));
     if let Err(e) = run_control(&server.stop, "server.stop").await {
         // A server that is already down (its host restarted, a crash) is
@@ -117,10 +118,7 @@ pub async fn rejoin(
         tracing::warn!(app = %db.app, "pg_rewind could not rewind: {}", red(why));
     }
     if rewound.is_ok() {
-        follow(&server, &source_url).map_err(|e| format!("cannot configure the standby: {e}"))?;
-        progress(format!("starting {}'s server as a standby of {source}", db.app));
-        run_control(&server.start, "server.start").await?;
-        match wait_streaming(cfg, REWOUND_STREAMING_WITHIN).await {
+        match start_following(&server, &source_url, cfg, REWOUND_STREAMING_WITHIN, &start_msg).await? {
             Ok(lsn) => return Ok((Method::Rewind, lsn)),
             Err(why) => {
                 // E.g. WAL the rewound server needs is gone from the source.
@@ -156,11 +154,24 @@ pub async fn rejoin(
     let out = output(cmd).await;
     drop(pass);
     out.map_err(|e| format!("pg_basebackup from {source} failed: {}", red(&e)))?;
-    follow(&server, &source_url).map_err(|e| format!("cannot configure the standby: {e}"))?;
-    progress(format!("starting {}'s server as a standby of {source}", db.app));
-    run_control(&server.start, "server.start").await?;
-    let lsn = wait_streaming(cfg, STREAMING_WITHIN).await?;
+    let lsn = start_following(&server, &source_url, cfg, STREAMING_WITHIN, &start_msg).await??;
     Ok((Method::BaseBackup, lsn))
+}
+
+/// Makes the data directory follow `source`, starts the server, and waits
+/// `within` for it to stream: the outer error is a step that failed, the
+/// inner one a server that started but does not stream.
+async fn start_following(
+    server: &ServerControl,
+    source: &DbUrl,
+    cfg: &DbConfig,
+    within: Duration,
+    starting: &(dyn Fn() + Sync),
+) -> Result<Result<Option<u64>, String>, String> {
+    follow(server, source).map_err(|e| format!("cannot configure the standby: {e}"))?;
+    starting();
+    run_control(&server.start, "server.start").await?;
+    Ok(wait_streaming(cfg, within).await)
 }
 
 /// Runs a configured control command; fails with its output.

@@ -168,6 +168,23 @@ pub enum Command {
     },
 }
 
+/// Which kind of schedule a command acts on: backups and drills share the
+/// slot rule.
+#[derive(Clone, Copy)]
+enum Schedule {
+    Backup,
+    Drill,
+}
+
+impl Schedule {
+    fn as_str(self) -> &'static str {
+        match self {
+            Schedule::Backup => "backup",
+            Schedule::Drill => "drill",
+        }
+    }
+}
+
 /// Databases one report may carry: an agent has one per app, and a report
 /// beyond this is refused rather than stored.
 pub const MAX_REPORTED_DATABASES: usize = 256;
@@ -315,74 +332,34 @@ impl State {
                 if !self.apps.contains_key(&schedule.app) {
                     return CommandResponse::err(format!("unknown app {:?}", schedule.app));
                 }
-                if let Some(old) = self.backup_schedules.get(&schedule.app) {
-                    schedule.last_slot_unix_ms = schedule.last_slot_unix_ms.max(old.last_slot_unix_ms);
+                if let Some(last) = self.last_slot(Schedule::Backup, &schedule.app) {
+                    schedule.last_slot_unix_ms = schedule.last_slot_unix_ms.max(*last);
                 }
                 self.backup_schedules.insert(schedule.app.clone(), schedule);
                 self.audit(audit);
             }
-            Command::DeleteBackupSchedule { app, audit } => {
-                if self.backup_schedules.remove(&app).is_none() {
-                    return CommandResponse::err(format!("app {app:?} has no backup schedule"));
-                }
-                self.audit(audit);
-            }
+            Command::DeleteBackupSchedule { app, audit } => return self.delete_schedule(Schedule::Backup, &app, audit),
             Command::StartScheduledBackup {
                 operation,
                 slot_unix_ms,
                 audit,
-            } => {
-                let app = operation.app.clone().unwrap_or_default();
-                let Some(last) = self.backup_schedules.get(&app).map(|s| s.last_slot_unix_ms) else {
-                    return CommandResponse::err(format!("app {app:?} has no backup schedule"));
-                };
-                if slot_unix_ms <= last {
-                    return CommandResponse::err(format!("slot {slot_unix_ms} of {app} already started"));
-                }
-                let created = self.create_operation(operation, audit, true);
-                if created.error.is_none()
-                    && let Some(s) = self.backup_schedules.get_mut(&app)
-                {
-                    s.last_slot_unix_ms = slot_unix_ms;
-                }
-                return created;
-            }
+            } => return self.start_slot(Schedule::Backup, operation, slot_unix_ms, audit),
             Command::PutDrillSchedule { mut schedule, audit } => {
                 if !self.apps.contains_key(&schedule.app) {
                     return CommandResponse::err(format!("unknown app {:?}", schedule.app));
                 }
-                if let Some(old) = self.drill_schedules.get(&schedule.app) {
-                    schedule.last_slot_unix_ms = schedule.last_slot_unix_ms.max(old.last_slot_unix_ms);
+                if let Some(last) = self.last_slot(Schedule::Drill, &schedule.app) {
+                    schedule.last_slot_unix_ms = schedule.last_slot_unix_ms.max(*last);
                 }
                 self.drill_schedules.insert(schedule.app.clone(), schedule);
                 self.audit(audit);
             }
-            Command::DeleteDrillSchedule { app, audit } => {
-                if self.drill_schedules.remove(&app).is_none() {
-                    return CommandResponse::err(format!("app {app:?} has no drill schedule"));
-                }
-                self.audit(audit);
-            }
+            Command::DeleteDrillSchedule { app, audit } => return self.delete_schedule(Schedule::Drill, &app, audit),
             Command::StartScheduledDrill {
                 operation,
                 slot_unix_ms,
                 audit,
-            } => {
-                let app = operation.app.clone().unwrap_or_default();
-                let Some(last) = self.drill_schedules.get(&app).map(|s| s.last_slot_unix_ms) else {
-                    return CommandResponse::err(format!("app {app:?} has no drill schedule"));
-                };
-                if slot_unix_ms <= last {
-                    return CommandResponse::err(format!("drill slot {slot_unix_ms} of {app} already started"));
-                }
-                let created = self.create_operation(operation, audit, true);
-                if created.error.is_none()
-                    && let Some(s) = self.drill_schedules.get_mut(&app)
-                {
-                    s.last_slot_unix_ms = slot_unix_ms;
-                }
-                return created;
-            }
+            } => return self.start_slot(Schedule::Drill, operation, slot_unix_ms, audit),
             Command::TaskDispatched { task_id } => {
                 if let Some((op, i)) = self.task_mut(&task_id) {
                     op.tasks[i].dispatch_count += 1;
@@ -613,6 +590,46 @@ impl State {
             }
         }
         CommandResponse::default()
+    }
+
+    /// The newest slot started by `app`'s schedule of `kind`, if it has one.
+    fn last_slot(&mut self, kind: Schedule, app: &str) -> Option<&mut i64> {
+        match kind {
+            Schedule::Backup => self.backup_schedules.get_mut(app).map(|s| &mut s.last_slot_unix_ms),
+            Schedule::Drill => self.drill_schedules.get_mut(app).map(|s| &mut s.last_slot_unix_ms),
+        }
+    }
+
+    fn delete_schedule(&mut self, kind: Schedule, app: &str, audit: AuditDraft) -> CommandResponse {
+        let removed = match kind {
+            Schedule::Backup => self.backup_schedules.remove(app).is_some(),
+            Schedule::Drill => self.drill_schedules.remove(app).is_some(),
+        };
+        if !removed {
+            return CommandResponse::err(format!("app {app:?} has no {} schedule", kind.as_str()));
+        }
+        self.audit(audit);
+        CommandResponse::default()
+    }
+
+    /// Starts the operation of a schedule's slot, only if the slot is newer
+    /// than the schedule's last one: each slot runs once however many
+    /// leaders propose it.
+    fn start_slot(&mut self, kind: Schedule, operation: Operation, slot: i64, audit: AuditDraft) -> CommandResponse {
+        let app = operation.app.clone().unwrap_or_default();
+        let Some(last) = self.last_slot(kind, &app).map(|l| *l) else {
+            return CommandResponse::err(format!("app {app:?} has no {} schedule", kind.as_str()));
+        };
+        if slot <= last {
+            return CommandResponse::err(format!("{} slot {slot} of {app} already started", kind.as_str()));
+        }
+        let created = self.create_operation(operation, audit, true);
+        if created.error.is_none()
+            && let Some(l) = self.last_slot(kind, &app)
+        {
+            *l = slot;
+        }
+        created
     }
 
     fn create_operation(&mut self, mut operation: Operation, audit: AuditDraft, fix_inputs: bool) -> CommandResponse {
@@ -999,6 +1016,10 @@ enum CatalogChange {
 fn drill_report(op: &Operation, i: usize) -> Option<DrillReport> {
     use cutover_shared::task::{TaskParams, outputs::DrillOutputs};
     let t = &op.tasks[i];
+    // Every task result passes here: only a drill's is decoded.
+    if t.spec.kind != cutover_shared::task::TaskKind::DrDrill.as_str() {
+        return None;
+    }
     let result = t.result.as_ref()?;
     let Ok(TaskParams::DrDrill { app, image }) = TaskParams::from_wire(&t.spec.kind, &t.spec.params) else {
         return None;

@@ -146,6 +146,21 @@ async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) 
     .unwrap();
 }
 
+/// Waits until operation `id` ended, asserts it succeeded, returns it.
+async fn succeeded(c: &TestCluster, leader: usize, id: &str, what: &str) -> cutover_shared::domain::Operation {
+    c.wait_state(leader, T, what, |s| s.operations[id].state.is_finished())
+        .await
+        .unwrap();
+    let done = c.node(leader).consensus().read(|s| s.operations[id].clone());
+    assert_eq!(
+        done.state,
+        cutover_shared::domain::TaskState::Succeeded,
+        "{}",
+        done.summary
+    );
+    done
+}
+
 /// Waits until eu-west's standby reports a replay lag over 5 s (the
 /// fixture's max_data_loss).
 async fn wait_standby_lag_over_5s(c: &TestCluster, leader: usize) {
@@ -420,21 +435,7 @@ async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primar
         .unwrap()
         .into_inner();
     assert_eq!(started.epoch, 1);
-    c.wait_state(leader, T, "the failover to finish", |s| {
-        s.operations[&started.operation_id].state.is_finished()
-    })
-    .await
-    .unwrap();
-    let done = c
-        .node(leader)
-        .consensus()
-        .read(|s| s.operations[&started.operation_id].clone());
-    assert_eq!(
-        done.state,
-        cutover_shared::domain::TaskState::Succeeded,
-        "{}",
-        done.summary
-    );
+    let done = succeeded(&c, leader, &started.operation_id, "the failover to finish").await;
     assert!(done.summary.contains("data lost: nothing"), "{}", done.summary);
     let steps: Vec<String> = done
         .tasks
@@ -561,21 +562,7 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
     assert_eq!(c.node(leader).consensus().read(|s| s.operations.len()), ops_before);
 
     let started = op.failover(failover(true, true)).await.unwrap().into_inner();
-    c.wait_state(leader, T, "the forced failover to finish", |s| {
-        s.operations[&started.operation_id].state.is_finished()
-    })
-    .await
-    .unwrap();
-    let done = c
-        .node(leader)
-        .consensus()
-        .read(|s| s.operations[&started.operation_id].clone());
-    assert_eq!(
-        done.state,
-        cutover_shared::domain::TaskState::Succeeded,
-        "{}",
-        done.summary
-    );
+    let done = succeeded(&c, leader, &started.operation_id, "the forced failover to finish").await;
     assert!(
         done.summary.contains("could not be fenced")
             && done.summary.contains("bytes of WAL the standby never replayed"),
