@@ -21,6 +21,7 @@ pub mod router;
 pub mod sample_app;
 pub mod store;
 pub mod tasks;
+pub mod traffic;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -73,6 +74,7 @@ pub struct Agent {
     dbs: Arc<db_tasks::DbRuntime>,
     backups: Arc<backup::task::BackupRuntime>,
     dr: Arc<dr::DrRuntime>,
+    traffic: Arc<traffic::TrafficRuntime>,
     /// When a leader last acknowledged a heartbeat (or registered this
     /// agent): the lease, which a coordinator majority renews.
     renewed: Arc<Mutex<Instant>>,
@@ -112,8 +114,10 @@ impl Agent {
             Some(backups.clone()),
         ));
         let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir, apps.clone()));
+        let traffic = Arc::new(traffic::TrafficRuntime::new(cfg.traffic.clone(), &cfg.data_dir));
         Ok(Agent {
             dr,
+            traffic,
             renewed: Arc::new(Mutex::new(Instant::now())),
             cfg,
             cluster,
@@ -139,6 +143,9 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.apps.readopt().await;
+        if let Err(e) = self.traffic.start().await {
+            tracing::error!("traffic driver: {e}");
+        }
         if self.backups.configured() {
             // The store's start-up checks (versioning, uploads a crash left
             // unfinished) run now; a backup task waits for them.
@@ -237,8 +244,10 @@ impl Agent {
                 } else {
                     &[]
                 })
+                .chain(if self.traffic.configured() { traffic::KINDS } else { &[] })
                 .map(|k| k.as_str().to_owned())
                 .collect(),
+            traffic_apps: self.traffic.apps(),
         };
         let _ = tx
             .send(ConnectRequest {
@@ -359,6 +368,7 @@ impl Agent {
         let dbs = self.dbs.clone();
         let backups = self.backups.clone();
         let dr = self.dr.clone();
+        let traffic = self.traffic.clone();
         tokio::spawn(async move {
             let task_id = spec.task_id.clone();
             // redb commits fsync: off the async workers, which carry every
@@ -399,6 +409,8 @@ impl Agent {
                 backups.execute(&spec, &progress).await
             } else if kind.is_some_and(|k| dr::KINDS.contains(&k)) {
                 dr.execute(&spec, &progress).await
+            } else if kind.is_some_and(|k| traffic::KINDS.contains(&k)) {
+                traffic.execute(&spec, &progress).await
             } else {
                 tasks::execute(&spec, progress).await
             };

@@ -26,6 +26,12 @@
 //! upstream: the app takes no traffic, so makes no writes, while a restore
 //! replaces its database. Its processes keep running, so leaving
 //! maintenance is instant.
+//!
+//! On hold ([`Router::hold`]) new requests wait, at most until the hold's
+//! deadline, and then go wherever the router sends traffic by then: the
+//! front door holds an app's requests while a failover moves its primary
+//! and releases them to the new region, so a planned failover fails none
+//! (what Vitess's vtgate does for a planned reparent).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -82,6 +88,21 @@ struct Shared {
     drain_ms: AtomicU64,
     /// Answer 503 instead of forwarding.
     maintenance: AtomicBool,
+    /// While `Some`, new requests wait until it is `None` again or the
+    /// deadline passes.
+    hold: watch::Sender<Option<Instant>>,
+    /// When the current hold's first request began waiting, and how many
+    /// waited.
+    held: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+/// What a hold kept waiting, reported when it is released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldStats {
+    /// Requests that waited.
+    pub held: u64,
+    /// The longest wait, ms (the first request held waited longest).
+    pub longest_ms: u64,
 }
 
 impl Router {
@@ -115,6 +136,8 @@ impl Router {
             inflight: watch::Sender::new(HashMap::new()),
             drain_ms: AtomicU64::new(DEFAULT_DRAIN_TIMEOUT.as_millis() as u64),
             maintenance: AtomicBool::new(false),
+            hold: watch::Sender::new(None),
+            held: std::sync::Mutex::new((None, 0)),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -141,6 +164,42 @@ impl Router {
         if self.shared.maintenance.swap(on, Ordering::SeqCst) != on {
             tracing::info!(listen = %self.local_addr, on, "router maintenance");
         }
+    }
+
+    /// Holds new requests for at most `max`: each waits until
+    /// [`Router::release`], or the deadline, then is forwarded as usual.
+    /// Holding again moves the deadline.
+    pub fn hold(&self, max: Duration) {
+        let was = self.shared.hold.send_replace(Some(Instant::now() + max));
+        if was.is_none() {
+            *self.shared.held.lock().expect("held lock") = (None, 0);
+            tracing::info!(listen = %self.local_addr, max_ms = max.as_millis() as u64, "router holding new requests");
+        }
+    }
+
+    /// Lets held requests go (to the upstream current now) and says how
+    /// many waited and for how long.
+    pub fn release(&self) -> HoldStats {
+        let was = self.shared.hold.send_replace(None);
+        let (first, held) = std::mem::take(&mut *self.shared.held.lock().expect("held lock"));
+        let stats = HoldStats {
+            held,
+            longest_ms: first.map_or(0, |f| f.elapsed().as_millis() as u64),
+        };
+        if was.is_some() {
+            tracing::info!(listen = %self.local_addr, held = stats.held, longest_ms = stats.longest_ms, "router released held requests");
+        }
+        stats
+    }
+
+    /// Requests held since the current hold began (released ones too).
+    pub fn held(&self) -> u64 {
+        self.shared.held.lock().expect("held lock").1
+    }
+
+    /// Whether new requests are being held now.
+    pub fn holding(&self) -> bool {
+        self.shared.hold.borrow().is_some_and(|d| d > Instant::now())
     }
 
     /// The upstream new requests go to.
@@ -183,6 +242,32 @@ impl Router {
 }
 
 impl Shared {
+    /// Waits while the router holds new requests, at most until the hold's
+    /// deadline.
+    async fn wait_while_held(&self) {
+        let mut rx = self.hold.subscribe();
+        let mut counted = false;
+        loop {
+            let Some(deadline) = *rx.borrow_and_update() else {
+                return;
+            };
+            if deadline <= Instant::now() {
+                return;
+            }
+            if !counted {
+                counted = true;
+                let mut h = self.held.lock().expect("held lock");
+                h.0.get_or_insert_with(Instant::now);
+                h.1 += 1;
+            }
+            // A change is a release or a new deadline: look again.
+            match tokio::time::timeout_at(deadline.into(), rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
+    }
+
     fn current(&self) -> SocketAddr {
         let all = self.upstream.read().expect("upstream lock");
         all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()]
@@ -389,6 +474,7 @@ async fn proxy(
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         parts.headers.insert("x-forwarded-for", v);
     }
+    shared.wait_while_held().await;
     if shared.maintenance.load(Ordering::SeqCst) {
         return Ok(in_maintenance());
     }
@@ -494,6 +580,62 @@ mod tests {
         assert_eq!(router.in_flight(a.addr), 0);
         router.set_maintenance(false);
         assert_eq!(get(&c, router.local_addr(), "/").await.unwrap().0, 200);
+        router.shutdown().await;
+    }
+
+    /// Waits until `router` has held `n` requests.
+    async fn until_held(router: &Router, n: u64) {
+        while router.held() < n {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A held request waits for the release and then goes to the upstream
+    /// current at that moment, not the one current when it arrived.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_request_goes_where_traffic_goes_when_released() {
+        let (a, b) = (app("us-east").await, app("eu-west").await);
+        let router = Router::bind(any_local(), a.addr).await.unwrap();
+        let c = client();
+        router.hold(Duration::from_secs(30));
+        assert!(router.holding());
+        let addr = router.local_addr();
+        let pending = tokio::spawn({
+            let c = c.clone();
+            async move { get(&c, addr, "/").await }
+        });
+        until_held(&router, 1).await;
+        assert!(!pending.is_finished(), "a held request was answered before the release");
+        router.set_upstream(b.addr);
+        let stats = router.release();
+        assert_eq!(stats.held, 1);
+        let (status, body) = pending.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("eu-west"), "{body}");
+        assert!(!router.holding());
+        // Released: requests flow without waiting.
+        assert!(get(&c, addr, "/").await.unwrap().1.contains("eu-west"));
+        router.shutdown().await;
+    }
+
+    /// A hold nobody releases ends at its deadline: the request then goes
+    /// where traffic goes, so a failover that stalls holds no one forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_ends_by_itself_at_its_deadline() {
+        let a = app("us-east").await;
+        let router = Router::bind(any_local(), a.addr).await.unwrap();
+        router.hold(Duration::from_millis(300));
+        let started = Instant::now();
+        let (status, body) = get(&client(), router.local_addr(), "/").await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("us-east"), "{body}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(router.held(), 1);
         router.shutdown().await;
     }
 

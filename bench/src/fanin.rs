@@ -87,6 +87,7 @@ async fn session(
                 cluster: None,
                 agent_version: "bench".into(),
                 task_kinds: vec![],
+                traffic_apps: vec![],
             })),
         })
         .await?;

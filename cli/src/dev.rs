@@ -165,6 +165,7 @@ impl DevSystem {
             backup: Some(self.store.config.clone()),
             db_status_interval_ms: 1000,
             lease_secs: 30,
+            traffic: None,
         }
     }
 

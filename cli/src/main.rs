@@ -100,6 +100,10 @@ enum CertsCmd {
         /// `tls.trust_domain` in every config).
         #[arg(long, default_value = cutover_shared::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// Another agent certificate, `region/cluster` (for example
+        /// `global/edge`, the front door's agent); repeatable.
+        #[arg(long = "agent", value_name = "REGION/CLUSTER")]
+        agents: Vec<String>,
     },
 }
 
@@ -169,9 +173,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Certs {
-            cmd: CertsCmd::Init { dir, trust_domain },
+            cmd:
+                CertsCmd::Init {
+                    dir,
+                    trust_domain,
+                    agents,
+                },
         } => {
-            let pki = cutover_shared::certs::init_dev_pki(&dir, &trust_domain, 3, dev::DEV_REGIONS)?;
+            let mut all: Vec<(&str, &str)> = dev::DEV_REGIONS.to_vec();
+            for a in &agents {
+                let c = a
+                    .split_once('/')
+                    .and_then(|(r, c)| cutover_shared::domain::ClusterRef::new(r, c).ok())
+                    .ok_or_else(|| anyhow::anyhow!("--agent {a:?}: expected region/cluster"))?;
+                if !all.iter().any(|(r, k)| *r == c.region && *k == c.cluster) {
+                    let (r, k) = a.split_once('/').expect("checked above");
+                    all.push((r, k));
+                }
+            }
+            let pki = cutover_shared::certs::init_dev_pki(&dir, &trust_domain, 3, &all)?;
             println!("wrote a development CA and certificates to {}", pki.dir.display());
             println!("  CA:           {}", pki.ca.display());
             for (id, f) in &pki.coordinators {

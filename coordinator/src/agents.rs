@@ -286,6 +286,14 @@ impl AgentService for AgentApi {
                 .take(64)
                 .map(|k| k.chars().take(63).collect())
                 .collect(),
+            // Names only: anything else is dropped, as a bad name could
+            // never match an app.
+            traffic_apps: reg
+                .traffic_apps
+                .into_iter()
+                .take(256)
+                .filter(|a| cutover_shared::domain::validate_name("app", a).is_ok())
+                .collect(),
             at_unix_ms: now_unix_ms(),
         };
         hub.consensus

@@ -9,6 +9,7 @@ use cutover_shared::backup::BackupEntry;
 use cutover_shared::domain::{AgentState, ClusterRef};
 use cutover_shared::dr::{self, ClusterView, FailoverPlan, PlanError, PlanInput};
 use cutover_shared::operation::FailoverSpec;
+use cutover_shared::task::TaskKind;
 
 use crate::state::State;
 
@@ -107,8 +108,24 @@ pub fn failover_spec(
         fence_only: false,
         rejoin: false,
         rejoin_only: false,
+        traffic: traffic_agent(s, &app.name, &to),
         to,
     })
+}
+
+/// The agent that moves `app`'s traffic: `to`'s own when it manages the
+/// app's traffic (it survives the region being left), else the first
+/// other one that is up.
+pub fn traffic_agent(s: &State, app: &str, to: &ClusterRef) -> Option<ClusterRef> {
+    let moves = |a: &cutover_shared::domain::AgentRecord| {
+        a.state == AgentState::Up
+            && a.traffic_apps.iter().any(|x| x == app)
+            && a.task_kinds.iter().any(|k| k == TaskKind::TrafficMove.as_str())
+    };
+    if s.agents.get(&to.to_string()).is_some_and(moves) {
+        return Some(to.clone());
+    }
+    s.agents.values().find(|a| moves(a)).map(|a| a.cluster.clone())
 }
 
 /// The blockers of `plan` that `force` and `accept_data_loss` do not

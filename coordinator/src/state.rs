@@ -43,6 +43,9 @@ pub enum Command {
         at_unix_ms: i64,
         #[serde(default)]
         session: u64,
+        /// The apps whose traffic the agent's driver moves.
+        #[serde(default)]
+        traffic_apps: Vec<String>,
     },
     /// The leader stopped hearing from the agent's registration `session`.
     /// Applied only if that is still the agent's current registration: a
@@ -297,6 +300,7 @@ impl State {
                 task_kinds,
                 at_unix_ms,
                 session,
+                traffic_apps,
             } => {
                 self.agents.insert(
                     cluster.to_string(),
@@ -306,6 +310,7 @@ impl State {
                         since_unix_ms: at_unix_ms,
                         agent_version,
                         task_kinds,
+                        traffic_apps,
                         session,
                     },
                 );

@@ -173,6 +173,7 @@ fn a_hundred_days_of_daily_backups_keep_exactly_what_the_policy_says() {
             task_kinds: vec![TaskKind::DbBackup.as_str().into()],
             at_unix_ms: JAN_1,
             session: 1,
+            traffic_apps: vec![],
         },
     );
     let policy = RetentionPolicy::parse("daily=7,weekly=4,monthly=3").unwrap();

@@ -101,6 +101,7 @@ fn world(automatic: bool, lag_ms: u64) -> State {
                 task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
                 at_unix_ms: T0 - 60_000,
                 session: i as u64 + 1,
+                traffic_apps: vec![],
             },
         );
     }
@@ -214,6 +215,7 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
             task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
             at_unix_ms: T0,
             session: 3,
+            traffic_apps: vec![],
         },
     );
     for at in [T0, T0 + 5_000, T0 + 9_000] {

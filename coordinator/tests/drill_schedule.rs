@@ -73,6 +73,7 @@ fn agent(state: &mut State, region: &str, up: bool, at: i64) {
             task_kinds: vec![TaskKind::DrDrill.as_str().into()],
             at_unix_ms: at,
             session: at as u64,
+            traffic_apps: vec![],
         }
     } else {
         Command::AgentDown {

@@ -14,7 +14,7 @@ use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKi
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskState};
 use cutover_shared::operation::{FailoverSpec, MigrateSpec, OperationSpec, Strategy};
 use cutover_shared::release::{Bundle, Release};
-use cutover_shared::task::{self, FailoverAction, MigrateAction, TaskKind, TaskParams};
+use cutover_shared::task::{self, FailoverAction, MigrateAction, TaskKind, TaskParams, TrafficAction};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -162,6 +162,8 @@ impl World {
             w.clusters.insert(target(r).to_string(), c);
             w.report(r);
         }
+        // Where a failover's traffic driver runs: no app there.
+        w.clusters.insert(target("global").to_string(), Cluster::default());
         w
     }
 
@@ -261,7 +263,10 @@ impl World {
                     .to_wire();
                 }
             }
-            TaskParams::AppGates { .. } | TaskParams::AppBake { .. } | TaskParams::AppMaintenance { .. } => {}
+            TaskParams::AppGates { .. }
+            | TaskParams::AppBake { .. }
+            | TaskParams::AppMaintenance { .. }
+            | TaskParams::TrafficMove(_) => {}
             other => panic!("unexpected task {other:?}"),
         }
         if crash {
@@ -673,6 +678,7 @@ fn failover_op(id: &str, epoch: u64) -> Operation {
                 fence_only: false,
                 rejoin: false,
                 rejoin_only: false,
+                traffic: None,
             })),
             ..OperationSpec::default()
         },
@@ -795,6 +801,98 @@ fn a_failed_failover_is_undone_only_before_the_promotion() {
         w.op("op-f").summary.contains("stays fenced at epoch 1"),
         "{}",
         w.op("op-f").summary
+    );
+}
+
+/// With an agent that moves the app's traffic, a failover holds new
+/// requests before the fence and moves traffic right after the promotion.
+/// One that fails before promoting puts the old primary back and releases
+/// the held requests last; one that fails at the promotion releases them
+/// too (they then go where traffic still goes).
+#[test]
+fn a_failover_holds_traffic_first_and_a_failed_one_releases_it_last() {
+    let traffic_actions = |w: &World| -> Vec<(TrafficAction, Option<String>, bool)> {
+        w.op("op-f")
+            .tasks
+            .iter()
+            .filter_map(|t| match TaskParams::from_wire(&t.spec.kind, &t.spec.params) {
+                Ok(TaskParams::TrafficMove(p)) => Some((p.action, p.region, p.compensate)),
+                _ => None,
+            })
+            .collect()
+    };
+    let start = |w: &mut World| {
+        let mut op = failover_op("op-f", 1);
+        op.spec.failover.as_mut().unwrap().traffic = Some(target("global"));
+        w.apply(Command::CreateOperation {
+            operation: op,
+            audit: audit(),
+            fix_inputs: true,
+        });
+    };
+    let fail_on = |action: FailoverAction| {
+        move |w: &mut World, e: Event| {
+            e == Event::Fail
+                && w.op("op-f").tasks.iter().any(|t| {
+                    !t.state.is_finished()
+                        && matches!(
+                            TaskParams::from_wire(&t.spec.kind, &t.spec.params),
+                            Ok(TaskParams::DbFailover(f)) if f.action == action
+                        )
+                })
+        }
+    };
+
+    let mut w = World::new(false);
+    start(&mut w);
+    w.drive("op-f", |_, e| e == Event::Duplicate);
+    assert_eq!(w.op("op-f").state, TaskState::Succeeded, "{}", w.op("op-f").summary);
+    assert_eq!(
+        w.steps("op-f"),
+        [
+            "traffic.move global",
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover eu-west",
+            "traffic.move global",
+            "app.gates eu-west"
+        ]
+    );
+    assert_eq!(
+        traffic_actions(&w),
+        [
+            (TrafficAction::Hold, None, false),
+            (TrafficAction::Move, Some("eu-west".into()), false)
+        ]
+    );
+
+    let mut w = World::new(false);
+    start(&mut w);
+    w.drive("op-f", fail_on(FailoverAction::Fence));
+    assert_eq!(w.op("op-f").state, TaskState::Failed);
+    assert_eq!(
+        w.steps("op-f"),
+        [
+            "traffic.move global",
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover us-east",
+            "app.maintenance us-east",
+            "traffic.move global"
+        ]
+    );
+    assert_eq!(
+        traffic_actions(&w),
+        [(TrafficAction::Hold, None, false), (TrafficAction::Release, None, true)]
+    );
+
+    let mut w = World::new(false);
+    start(&mut w);
+    w.drive("op-f", fail_on(FailoverAction::Promote));
+    assert_eq!(w.op("op-f").state, TaskState::Failed);
+    assert_eq!(
+        traffic_actions(&w),
+        [(TrafficAction::Hold, None, false), (TrafficAction::Release, None, true)]
     );
 }
 

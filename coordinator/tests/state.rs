@@ -18,6 +18,7 @@ fn up(session: u64) -> Command {
         task_kinds: vec!["noop".into()],
         at_unix_ms: 1,
         session,
+        traffic_apps: vec![],
     }
 }
 

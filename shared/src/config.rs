@@ -3,6 +3,7 @@
 //! `CUTOVER_DATA_DIR`). Unknown keys are errors, so a typo never silently
 //! falls back to a default.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -226,6 +227,12 @@ pub struct AgentConfig {
     /// Default 30.
     #[serde(default = "default_lease_secs")]
     pub lease_secs: u64,
+    /// The app traffic this agent moves between regions (`[traffic]`):
+    /// a failover's hold and move-traffic steps run on an agent that has
+    /// it (the target region's first). None by default: traffic is then
+    /// left where each region's platform sends it.
+    #[serde(default)]
+    pub traffic: Option<TrafficConfig>,
 }
 
 fn default_lease_secs() -> u64 {
@@ -234,6 +241,154 @@ fn default_lease_secs() -> u64 {
 
 fn default_db_status_interval_ms() -> u64 {
     5000
+}
+
+/// Which traffic driver an agent runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrafficDriverKind {
+    /// The built-in front door: an HTTP reverse proxy per app, in this
+    /// agent's process, sending each app's requests to one region and able
+    /// to hold new requests while a failover moves the primary.
+    FrontDoor,
+    /// Amazon Route 53 weighted records: one record set per region, the
+    /// serving region weighted 100 and every other 0.
+    Route53,
+}
+
+impl TrafficDriverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficDriverKind::FrontDoor => "front-door",
+            TrafficDriverKind::Route53 => "route53",
+        }
+    }
+}
+
+/// `[traffic]`: how this agent moves apps' traffic between regions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficConfig {
+    pub driver: TrafficDriverKind,
+    /// Front door: the longest a new request is held while a failover
+    /// moves the primary, ms; then it goes wherever traffic goes by then.
+    /// Default 10000.
+    #[serde(default = "default_max_hold_ms")]
+    pub max_hold_ms: u64,
+    /// Route 53: the hosted zone and how to reach the API.
+    #[serde(default)]
+    pub route53: Option<Route53Config>,
+    /// The apps whose traffic this agent moves (`[[traffic.apps]]`).
+    pub apps: Vec<TrafficApp>,
+}
+
+fn default_max_hold_ms() -> u64 {
+    10_000
+}
+
+/// `[traffic.route53]`. Credentials come from the usual AWS chain or from
+/// `credentials_file`, never from this file itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route53Config {
+    pub hosted_zone_id: String,
+    /// The API endpoint; absent: AWS's own.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The AWS region the client signs for. Default `us-east-1` (Route 53
+    /// is global).
+    #[serde(default = "default_route53_region")]
+    pub region: String,
+    /// An AWS credentials file (`[default]` profile) instead of the chain.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+}
+
+fn default_route53_region() -> String {
+    "us-east-1".into()
+}
+
+/// One app under a traffic driver (`[[traffic.apps]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficApp {
+    pub app: String,
+    /// Region → where its traffic goes there: for the front door the
+    /// region's address (`host:port`, the app's router there), for Route 53
+    /// the record's value (a host name for CNAME, an address for A/AAAA).
+    pub regions: BTreeMap<String, String>,
+    /// The region that takes the traffic until a failover moves it.
+    pub primary: String,
+    /// Front door: where the app's requests come in (`host:port`).
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Route 53: the record's name (`shop.example.com.`).
+    #[serde(default)]
+    pub record: Option<String>,
+    /// Route 53: `CNAME`, `A` or `AAAA`. Default `CNAME`.
+    #[serde(default = "default_record_type")]
+    pub record_type: String,
+    /// Route 53: the records' TTL, seconds. Default 60.
+    #[serde(default = "default_record_ttl")]
+    pub ttl: i64,
+}
+
+fn default_record_type() -> String {
+    "CNAME".into()
+}
+
+fn default_record_ttl() -> i64 {
+    60
+}
+
+impl TrafficConfig {
+    /// The entry for `app`.
+    pub fn app(&self, app: &str) -> Option<&TrafficApp> {
+        self.apps.iter().find(|a| a.app == app)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |why: String| Err(Error::Config(format!("traffic: {why}")));
+        if !(100..=600_000).contains(&self.max_hold_ms) {
+            return bad("max_hold_ms: between 100 and 600000".into());
+        }
+        if self.driver == TrafficDriverKind::Route53 && self.route53.is_none() {
+            return bad("driver route53 needs [traffic.route53] hosted_zone_id".into());
+        }
+        for (i, a) in self.apps.iter().enumerate() {
+            crate::domain::validate_name("traffic.apps.app", &a.app).map_err(|e| Error::Config(e.to_string()))?;
+            if self.apps[..i].iter().any(|b| b.app == a.app) {
+                return bad(format!("app {} is listed twice", a.app));
+            }
+            if !a.regions.contains_key(&a.primary) {
+                return bad(format!(
+                    "app {}: primary {:?} is not one of its regions",
+                    a.app, a.primary
+                ));
+            }
+            match self.driver {
+                TrafficDriverKind::FrontDoor => {
+                    if a.listen.is_none() {
+                        return bad(format!("app {}: the front door needs listen", a.app));
+                    }
+                    for (r, addr) in &a.regions {
+                        if addr.parse::<std::net::SocketAddr>().is_err() {
+                            return bad(format!("app {}: region {r}: {addr:?} is not ip:port", a.app));
+                        }
+                    }
+                }
+                TrafficDriverKind::Route53 => {
+                    if a.record.is_none() {
+                        return bad(format!("app {}: Route 53 needs record", a.app));
+                    }
+                    if !["CNAME", "A", "AAAA"].contains(&a.record_type.as_str()) {
+                        return bad(format!("app {}: record_type is CNAME, A or AAAA", a.app));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One S3-protocol bucket (AWS S3, Garage, MinIO, Ceph) for this agent's
@@ -615,6 +770,9 @@ impl AgentConfig {
         if let Some(b) = &self.backup {
             b.validate()?;
         }
+        if let Some(t) = &self.traffic {
+            t.validate()?;
+        }
         Ok(())
     }
 }
@@ -716,6 +874,36 @@ mod tests {
         let coordinator: CoordinatorConfig = toml::from_str(&example("coordinator-1.toml")).unwrap();
         assert_eq!(coordinator.raft, RaftConfig::default());
         assert_eq!(coordinator.retention, RetentionConfig::default());
+    }
+
+    /// The edge example's front door parses with its defaults; what a
+    /// traffic driver cannot work with is refused, naming the field.
+    #[test]
+    fn traffic_configs_validate_naming_the_field() {
+        let agent: AgentConfig = toml::from_str(&example("agent-edge.toml")).unwrap();
+        agent.validate().unwrap();
+        let t = agent.traffic.clone().unwrap();
+        assert_eq!((t.driver, t.max_hold_ms), (TrafficDriverKind::FrontDoor, 10_000));
+        assert_eq!(t.app("sample").unwrap().regions.len(), 2);
+        let refused = |f: &dyn Fn(&mut TrafficConfig)| {
+            let mut a = agent.clone();
+            f(a.traffic.as_mut().unwrap());
+            a.validate().unwrap_err().to_string()
+        };
+        let e = refused(&|t| t.apps[0].primary = "ap-south".into());
+        assert!(e.contains("primary \"ap-south\" is not one of its regions"), "{e}");
+        let e = refused(&|t| {
+            t.apps[0].regions.insert("ap-south".into(), "../etc".into());
+        });
+        assert!(e.contains("region ap-south: \"../etc\" is not ip:port"), "{e}");
+        let e = refused(&|t| t.apps[0].listen = None);
+        assert!(e.contains("the front door needs listen"), "{e}");
+        let e = refused(&|t| t.driver = TrafficDriverKind::Route53);
+        assert!(e.contains("needs [traffic.route53]"), "{e}");
+        let e = refused(&|t| t.apps.push(t.apps[0].clone()));
+        assert!(e.contains("app sample is listed twice"), "{e}");
+        let e = refused(&|t| t.max_hold_ms = 0);
+        assert!(e.contains("max_hold_ms"), "{e}");
     }
 
     #[test]

@@ -336,6 +336,9 @@ pub struct AgentRecord {
     pub since_unix_ms: i64,
     pub agent_version: String,
     pub task_kinds: Vec<String>,
+    /// The apps whose traffic this agent's traffic driver moves.
+    #[serde(default)]
+    pub traffic_apps: Vec<String>,
     /// The registration (stream) this record's `Up` came from; an `AgentDown`
     /// naming an older session is stale and changes nothing. 0 in records
     /// from logs written before sessions were recorded.

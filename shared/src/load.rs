@@ -1,9 +1,10 @@
 //! Steady HTTP load for zero-downtime checks: keep-alive HTTP/1.1
-//! connections, each sending `GET /` at a fixed pace, counting answers.
+//! connections, each sending `GET /` at a fixed pace, counting answers and
+//! keeping each request's start and latency.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::task::JoinHandle;
@@ -13,8 +14,12 @@ pub struct SteadyLoad {
     stop: Arc<AtomicU64>,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    samples: Samples,
     workers: Vec<JoinHandle<()>>,
 }
+
+/// Each request's start and how long its answer took (failures included).
+type Samples = Arc<Mutex<Vec<(Instant, Duration)>>>;
 
 impl SteadyLoad {
     /// `connections` workers against `addr`, one request per `pace` each.
@@ -24,15 +29,34 @@ impl SteadyLoad {
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicU64::new(0)),
         );
+        let samples = Samples::default();
         let workers = (0..connections)
-            .map(|_| tokio::spawn(worker(addr.to_owned(), stop.clone(), ok.clone(), failed.clone(), pace)))
+            .map(|_| {
+                let counters = (stop.clone(), ok.clone(), failed.clone(), samples.clone());
+                tokio::spawn(worker(addr.to_owned(), counters, pace))
+            })
             .collect();
         SteadyLoad {
             stop,
             ok,
             failed,
+            samples,
             workers,
         }
+    }
+
+    /// The latencies of the requests that started in `[from, to]`, sorted.
+    pub fn latencies_started_between(&self, from: Instant, to: Instant) -> Vec<Duration> {
+        let mut v: Vec<Duration> = self
+            .samples
+            .lock()
+            .expect("samples")
+            .iter()
+            .filter(|(at, _)| *at >= from && *at <= to)
+            .map(|(_, d)| *d)
+            .collect();
+        v.sort();
+        v
     }
 
     /// Requests answered 200 and failed so far.
@@ -50,11 +74,16 @@ impl SteadyLoad {
 }
 
 /// Keep-alive HTTP/1.1 client loop: GET / until `stop`, counting answers.
-async fn worker(addr: String, stop: Arc<AtomicU64>, ok: Arc<AtomicU64>, failed: Arc<AtomicU64>, pace: Duration) {
+async fn worker(
+    addr: String,
+    (stop, ok, failed, samples): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>, Samples),
+    pace: Duration,
+) {
     let mut conn: Option<BufReader<tokio::net::TcpStream>> = None;
     let mut ticker = tokio::time::interval(pace);
     while stop.load(Ordering::Relaxed) == 0 {
         ticker.tick().await;
+        let started = Instant::now();
         if conn.is_none() {
             match tokio::net::TcpStream::connect(&addr).await {
                 Ok(s) => conn = Some(BufReader::new(s)),
@@ -90,6 +119,7 @@ async fn worker(addr: String, stop: Arc<AtomicU64>, ok: Arc<AtomicU64>, failed: 
             Ok(code)
         }
         .await;
+        samples.lock().expect("samples").push((started, started.elapsed()));
         match res {
             Ok(200) => {
                 ok.fetch_add(1, Ordering::Relaxed);

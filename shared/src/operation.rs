@@ -169,6 +169,11 @@ pub struct FailoverSpec {
     /// standby of `to` (the epoch's primary): no new epoch, no promotion.
     #[serde(default)]
     pub rejoin_only: bool,
+    /// The agent whose traffic driver holds the app's new requests while
+    /// the primary moves and then sends them to `to` (`None`: no agent
+    /// manages the app's traffic; it stays where each platform sends it).
+    #[serde(default)]
+    pub traffic: Option<ClusterRef>,
 }
 
 impl FailoverSpec {

@@ -73,11 +73,15 @@ pub enum TaskKind {
     /// a scratch database, start the release as a scratch color that takes
     /// no traffic, run the gates against it, measure, tear it all down.
     DrDrill,
+    /// Move an app's traffic between regions with the agent's traffic
+    /// driver (the built-in front door, Route 53), or hold and release its
+    /// new requests around a failover; stamped with the app's primary epoch.
+    TrafficMove,
 }
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 11] = [
+    pub const ALL: [TaskKind; 12] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
@@ -89,6 +93,7 @@ impl TaskKind {
         TaskKind::DbBackup,
         TaskKind::DbFailover,
         TaskKind::DrDrill,
+        TaskKind::TrafficMove,
     ];
 
     /// The kind's name on the wire.
@@ -105,6 +110,7 @@ impl TaskKind {
             TaskKind::DbBackup => "db.backup",
             TaskKind::DbFailover => "db.failover",
             TaskKind::DrDrill => "dr.drill",
+            TaskKind::TrafficMove => "traffic.move",
         }
     }
 
@@ -128,7 +134,7 @@ impl TaskKind {
             TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
             TaskKind::DbMigrate => "cutover migrate",
             TaskKind::DbBackup | TaskKind::AppMaintenance => "cutover backup",
-            TaskKind::DbFailover => "cutover dr failover",
+            TaskKind::DbFailover | TaskKind::TrafficMove => "cutover dr failover",
             TaskKind::DrDrill => "cutover dr drill",
         }
     }
@@ -269,6 +275,50 @@ pub struct FailoverParams {
     pub compensate: bool,
 }
 
+/// What a `traffic.move` task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficAction {
+    /// Hold the app's new requests (the front door keeps them waiting, for
+    /// at most its `max_hold_ms`) while its primary moves.
+    Hold,
+    /// Send the app's traffic to `region`, releasing what was held there.
+    Move,
+    /// Release held requests to wherever traffic goes now (a failover that
+    /// ended before it moved anything).
+    Release,
+}
+
+impl TrafficAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficAction::Hold => "hold",
+            TrafficAction::Move => "move",
+            TrafficAction::Release => "release",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TrafficAction> {
+        [TrafficAction::Hold, TrafficAction::Move, TrafficAction::Release]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
+/// `traffic.move`'s parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficParams {
+    pub app: AppRef,
+    pub action: TrafficAction,
+    /// Move: the region that takes the traffic.
+    pub region: Option<String>,
+    /// The app's primary epoch this move acts for: a driver that has moved
+    /// traffic for a newer epoch refuses it, so a stale leader cannot send
+    /// traffic back to a fenced region.
+    pub epoch: u64,
+    /// Undoes an earlier step of the same operation after a failure.
+    pub compensate: bool,
+}
+
 /// `db.backup`'s parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupParams {
@@ -325,6 +375,7 @@ pub enum TaskParams {
         /// The release the scratch color runs.
         image: String,
     },
+    TrafficMove(TrafficParams),
 }
 
 fn get<'a>(p: &'a WireParams, key: &'static str) -> Result<&'a str, TaskError> {
@@ -391,6 +442,7 @@ impl TaskParams {
             TaskParams::DbBackup(_) => TaskKind::DbBackup,
             TaskParams::DbFailover(_) => TaskKind::DbFailover,
             TaskParams::DrDrill { .. } => TaskKind::DrDrill,
+            TaskParams::TrafficMove(_) => TaskKind::TrafficMove,
         }
     }
 
@@ -407,6 +459,7 @@ impl TaskParams {
             TaskParams::DbMigrate(m) => Some(&m.app),
             TaskParams::DbBackup(b) => Some(&b.app),
             TaskParams::DbFailover(f) => Some(&f.app),
+            TaskParams::TrafficMove(t) => Some(&t.app),
         }
     }
 
@@ -416,6 +469,7 @@ impl TaskParams {
             TaskParams::AppSwitch { compensate, .. } | TaskParams::AppMaintenance { compensate, .. } => *compensate,
             TaskParams::DbMigrate(m) => m.compensate,
             TaskParams::DbFailover(f) => f.compensate,
+            TaskParams::TrafficMove(t) => t.compensate,
             _ => false,
         }
     }
@@ -499,6 +553,16 @@ impl TaskParams {
                     put("source", s.to_string());
                 }
                 if f.compensate {
+                    put("compensate", "true".into());
+                }
+            }
+            TaskParams::TrafficMove(t) => {
+                put("action", t.action.as_str().into());
+                put("epoch", t.epoch.to_string());
+                if let Some(r) = &t.region {
+                    put("region", r.clone());
+                }
+                if t.compensate {
                     put("compensate", "true".into());
                 }
             }
@@ -605,6 +669,24 @@ impl TaskParams {
                 app: app_ref(p)?,
                 image: get(p, "image")?.to_owned(),
             },
+            TaskKind::TrafficMove => {
+                let action = get(p, "action")?;
+                let action = TrafficAction::parse(action).ok_or_else(|| TaskError::Invalid {
+                    key: "action",
+                    why: format!("{action:?} is not hold, move or release"),
+                })?;
+                let region = p.get("region").cloned();
+                if action == TrafficAction::Move && region.is_none() {
+                    return Err(TaskError::Missing("region"));
+                }
+                TaskParams::TrafficMove(TrafficParams {
+                    app: app_ref(p)?,
+                    action,
+                    region,
+                    epoch: number(p, "epoch")?.ok_or(TaskError::Missing("epoch"))?,
+                    compensate: flag(p, "compensate"),
+                })
+            }
         })
     }
 }
@@ -938,6 +1020,47 @@ pub mod outputs {
         }
     }
 
+    /// `traffic.move`'s outputs.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct TrafficOutputs {
+        /// `front-door` or `route53`.
+        pub driver: Option<String>,
+        /// Where the app's traffic goes afterwards.
+        pub region: Option<String>,
+        /// Move and release: the held requests let through.
+        pub released: Option<u64>,
+        /// Move and release: the longest any of them waited, ms.
+        pub held_max_ms: Option<u64>,
+    }
+
+    impl TrafficOutputs {
+        pub fn to_wire(&self) -> WireParams {
+            let mut m = WireParams::new();
+            if let Some(d) = &self.driver {
+                m.insert("driver".into(), d.clone());
+            }
+            if let Some(r) = &self.region {
+                m.insert("region".into(), r.clone());
+            }
+            if let Some(n) = self.released {
+                m.insert("released".into(), n.to_string());
+            }
+            if let Some(n) = self.held_max_ms {
+                m.insert("held_max_ms".into(), n.to_string());
+            }
+            m
+        }
+
+        pub fn from_wire(m: &WireParams) -> Self {
+            TrafficOutputs {
+                driver: m.get("driver").cloned(),
+                region: m.get("region").cloned(),
+                released: m.get("released").and_then(|v| v.parse().ok()),
+                held_max_ms: m.get("held_max_ms").and_then(|v| v.parse().ok()),
+            }
+        }
+    }
+
     /// What `db.failover` reports: the database's WAL position when the
     /// task ended (a fence: the last write it will ever take; a promotion:
     /// the new primary's first), and the epoch it acted for.
@@ -1227,6 +1350,20 @@ mod tests {
                 app: app(),
                 image: "shop:v2".into(),
             },
+            TaskParams::TrafficMove(TrafficParams {
+                app: app(),
+                action: TrafficAction::Move,
+                region: Some("eu-west".into()),
+                epoch: 4,
+                compensate: false,
+            }),
+            TaskParams::TrafficMove(TrafficParams {
+                app: app(),
+                action: TrafficAction::Release,
+                region: None,
+                epoch: 4,
+                compensate: true,
+            }),
         ];
         let mut kinds = std::collections::BTreeSet::new();
         for c in cases {

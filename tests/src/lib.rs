@@ -322,6 +322,7 @@ impl TestCluster {
             // Tight, like the Raft timeouts: DR tests wait for reports.
             db_status_interval_ms: 250,
             lease_secs: 30,
+            traffic: None,
         }
     }
 

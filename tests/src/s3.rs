@@ -103,6 +103,21 @@ impl TestS3 {
         Ok((status, reply))
     }
 
+    /// A Route 53 `GET` (moto routes by the signing scope, and checks no
+    /// signature), answered with the body: the raw XML, which keeps what
+    /// moto wraps in CDATA (record values), unlike the SDK's parser.
+    // The agent's tests include this file and do not call it.
+    #[allow(dead_code)]
+    pub fn route53_get(&self, path: &str) -> Result<String> {
+        let auth = "Authorization: AWS4-HMAC-SHA256 Credential=AKIDTEST/20260101/us-east-1/route53/aws4_request, \
+                    SignedHeaders=host, Signature=0\r\n";
+        let (status, reply) = self.request_with("GET", path, auth, "")?;
+        if status != 200 {
+            bail!("GET {path}: {reply}");
+        }
+        Ok(reply)
+    }
+
     /// An agent's `[backup]` section for `bucket` on this server: the
     /// credentials (any: moto does not check them; `secret` is what tests
     /// search logs for) and the encryption key `key_hex` under id `k1`,

@@ -322,6 +322,7 @@ async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
         cluster: None,
         agent_version: "flood".into(),
         task_kinds: vec!["echo".into()],
+        traffic_apps: vec![],
     }))
     .await;
     let mut client = AgentServiceClient::new(tls.channel(&c.configs[leader].listen, None).unwrap());

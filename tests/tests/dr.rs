@@ -15,7 +15,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cutover_shared::config::DatabaseConfig;
+use cutover_shared::app::AppSpec;
+use cutover_shared::config::{DatabaseConfig, Route53Config, TrafficApp, TrafficConfig, TrafficDriverKind};
 use cutover_shared::domain::ClusterRef;
 use cutover_shared::dr::{DbRole, parse_lsn};
 use cutover_shared::proto as pb;
@@ -24,6 +25,8 @@ use cutover_tests::writer::{SequenceWriter, numbers_on};
 use cutover_tests::{TestCluster, captured_logs, cutover_bin, sample_app_spec};
 
 const REGIONS: &[(&str, &str)] = &[("us-east", "c1"), ("eu-west", "c1")];
+/// Where the front door runs, when a test has one.
+const EDGE: (&str, &str) = ("global", "edge");
 const T: Duration = Duration::from_secs(30);
 
 fn database(url_file: &Path, role: DbRole, follows: Option<&str>) -> DatabaseConfig {
@@ -58,20 +61,34 @@ struct Fixture {
 }
 
 async fn fixture(schema: &str) -> Fixture {
-    fixture_with(schema, None, false).await
+    fixture_with(schema, None, false, None).await
 }
 
 /// [`fixture`], with `scratch` as eu-west's scratch server (for drills),
-/// and with `servers` each agent controlling its own server and knowing
-/// how to replicate from the other's (for rejoins).
-async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>, servers: bool) -> Fixture {
+/// with `servers` each agent controlling its own server and knowing how to
+/// replicate from the other's (for rejoins), and with `traffic` a third
+/// agent, `global/edge`, whose traffic driver (configured by `traffic`
+/// from the app's definition) moves `shop`'s traffic.
+async fn fixture_with(
+    schema: &str,
+    scratch: Option<&TestPostgres>,
+    servers: bool,
+    traffic: Option<&dyn Fn(&AppSpec) -> TrafficConfig>,
+) -> Fixture {
     let primary = TestPostgres::start().unwrap();
     let url = primary.create_database("shop").unwrap();
     primary.psql("shop", schema).unwrap();
     let standby = primary.start_standby().unwrap();
     let standby_url = standby.url("shop");
 
-    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let mut spec = sample_app_spec("shop", REGIONS);
+    spec.dr.max_data_loss_secs = 5;
+    spec.bake_secs = 0;
+    let mut regions = REGIONS.to_vec();
+    if traffic.is_some() {
+        regions.push(EDGE);
+    }
+    let mut c = TestCluster::builder().nodes(3).regions(&regions).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     let dir = c.tmp.path().to_owned();
     let (primary_file, standby_file) = (dir.join("primary-url"), dir.join("standby-url"));
@@ -100,18 +117,20 @@ async fn fixture_with(schema: &str, scratch: Option<&TestPostgres>, servers: boo
         cfg.databases[0].replication_sources = [("us-east/c1".to_owned(), file)].into();
     }
     c.start_agent_with(1, cfg).unwrap();
-    c.wait_state(leader, T, "both agents up", |s| {
+    if let Some(traffic) = traffic {
+        let mut cfg = c.agent_config(2);
+        cfg.traffic = Some(traffic(&spec));
+        c.start_agent_with(2, cfg).unwrap();
+    }
+    c.wait_state(leader, T, "every agent up", |s| {
         s.agents
             .values()
             .filter(|a| a.state == cutover_shared::domain::AgentState::Up)
             .count()
-            == 2
+            == regions.len()
     })
     .await
     .unwrap();
-    let mut spec = sample_app_spec("shop", REGIONS);
-    spec.dr.max_data_loss_secs = 5;
-    spec.bake_secs = 0;
     c.operator(leader)
         .apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
         .await
@@ -498,6 +517,263 @@ async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primar
     c.shutdown().await;
 }
 
+/// `[traffic]` for `shop` in us-east and eu-west, us-east serving: the
+/// front door on `listen` before the regions' routers, or Route 53 records
+/// whose values are the regions' host names.
+fn traffic_config(spec: &AppSpec, driver: TrafficDriverKind, listen: Option<&str>) -> TrafficConfig {
+    let router = |i: usize| spec.clusters[i].local.as_ref().unwrap().listen.clone();
+    let (regions, record) = match driver {
+        TrafficDriverKind::FrontDoor => ([("us-east", router(0)), ("eu-west", router(1))], None),
+        TrafficDriverKind::Route53 => (
+            [
+                ("us-east", "shop.us-east.example.com".to_owned()),
+                ("eu-west", "shop.eu-west.example.com".to_owned()),
+            ],
+            Some("shop.example.com.".to_owned()),
+        ),
+    };
+    TrafficConfig {
+        driver,
+        max_hold_ms: 10_000,
+        route53: None,
+        apps: vec![TrafficApp {
+            app: "shop".into(),
+            regions: regions.into_iter().map(|(r, v)| (r.to_owned(), v)).collect(),
+            primary: "us-east".into(),
+            listen: listen.map(str::to_owned),
+            record,
+            record_type: "CNAME".into(),
+            ttl: 60,
+        }],
+    }
+}
+
+/// A planned failover behind the built-in front door, under steady load
+/// through it: no request fails. The front door (on a third agent) holds
+/// new requests from before the fence until the standby is promoted, then
+/// sends them, and everything after, to eu-west. us-east stays in
+/// maintenance afterwards, so every answer after the failover is eu-west's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planned_failover_through_the_front_door_fails_no_request() {
+    let door = cutover_tests::stable_free_addr();
+    let Fixture {
+        primary,
+        standby: _standby,
+        c,
+        leader,
+    } = fixture_with(
+        "create table seq (n bigint primary key)",
+        None,
+        false,
+        Some(&|spec: &AppSpec| traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door))),
+    )
+    .await;
+    let mut op = c.operator(leader);
+    wait_caught_up(&primary, &c, leader).await;
+    deploy_v1(&c, leader).await;
+
+    // 4 keep-alive connections, a request every 20 ms each.
+    let load = cutover_shared::load::SteadyLoad::start(&door, 4, Duration::from_millis(20));
+    c.wait_state(leader, T, "load through the front door", |_| load.counts().0 >= 100)
+        .await
+        .unwrap();
+    let (ok_before, failed_before) = load.counts();
+    assert_eq!(failed_before, 0, "requests failed before the failover");
+    let started = std::time::Instant::now();
+    let id = op
+        .failover(pb::FailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let done = succeeded(&c, leader, &id, "the failover to finish").await;
+    let finished = std::time::Instant::now();
+    c.wait_state(leader, T, "load on eu-west", |_| load.counts().0 >= ok_before + 200)
+        .await
+        .unwrap();
+    let window = load.latencies_started_between(started, finished);
+    let (ok, failed) = load.stop().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during a planned failover",
+        ok + failed
+    );
+
+    let steps: Vec<String> = done
+        .tasks
+        .iter()
+        .map(|t| format!("{} {}", t.spec.kind, t.spec.target))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "traffic.move global/edge",
+            "app.maintenance us-east/c1",
+            "db.failover us-east/c1",
+            "db.failover eu-west/c1",
+            "traffic.move global/edge",
+            "app.gates eu-west/c1",
+        ]
+    );
+    assert!(
+        done.summary.contains("traffic sent to eu-west (front-door, ")
+            && done.summary.contains("held requests released"),
+        "{}",
+        done.summary
+    );
+    let moved = done.tasks[4].result.as_ref().unwrap();
+    let out = cutover_shared::task::outputs::TrafficOutputs::from_wire(&moved.outputs);
+    assert_eq!(out.region.as_deref(), Some("eu-west"));
+    let released = out.released.unwrap();
+    assert!(released > 0, "the front door held nothing: {}", moved.message);
+    assert!(out.held_max_ms.unwrap() < 10_000, "{}", moved.message);
+    let p99 = window[(window.len() * 99 / 100).min(window.len() - 1)];
+    println!(
+        "planned failover through the front door: {ok} requests, 0 failed; {released} held, longest {} ms; \
+         requests started during the failover: {}, p99 {} ms, max {} ms",
+        out.held_max_ms.unwrap(),
+        window.len(),
+        p99.as_millis(),
+        window.last().unwrap().as_millis()
+    );
+
+    // us-east is fenced and in maintenance: a 200 now comes from eu-west.
+    let after = cutover_shared::load::SteadyLoad::start(&door, 1, Duration::from_millis(10));
+    c.wait_state(leader, T, "answers after the failover", |_| after.counts().0 >= 20)
+        .await
+        .unwrap();
+    assert_eq!(after.stop().await.1, 0);
+    c.shutdown().await;
+}
+
+/// A Route 53 client for moto at `endpoint` (moto checks no signature).
+fn route53(endpoint: &str) -> aws_sdk_route53::Client {
+    use aws_sdk_route53::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_route53::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("AKIDTEST", "test-secret", None, None, "test"))
+        .endpoint_url(endpoint)
+        .build();
+    aws_sdk_route53::Client::from_conf(conf)
+}
+
+/// A failover whose traffic driver is Route 53 (moto's server): the move
+/// step upserts one weighted record set per region, the new primary's
+/// weighted 100 and the old one's 0, and nothing else in the zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_moves_route53_weights_to_the_new_region() {
+    let moto = cutover_tests::s3::TestS3::start().unwrap();
+    let r53 = route53(&moto.endpoint());
+    let zone = r53
+        .create_hosted_zone()
+        .name("example.com.")
+        .caller_reference("cutover-test")
+        .send()
+        .await
+        .unwrap()
+        .hosted_zone
+        .unwrap()
+        .id;
+    let zone = zone.trim_start_matches("/hostedzone/").to_owned();
+    let creds = tempfile::tempdir().unwrap();
+    let creds_file = creds.path().join("credentials");
+    std::fs::write(
+        &creds_file,
+        "[default]\naws_access_key_id = AKIDTEST\naws_secret_access_key = test-secret\n",
+    )
+    .unwrap();
+    let r53_config = Route53Config {
+        hosted_zone_id: zone.clone(),
+        endpoint: Some(moto.endpoint()),
+        region: "us-east-1".into(),
+        credentials_file: Some(creds_file),
+    };
+    let Fixture {
+        primary,
+        standby: _standby,
+        c,
+        leader,
+    } = fixture_with(
+        "create table seq (n bigint primary key)",
+        None,
+        false,
+        Some(&|spec: &AppSpec| TrafficConfig {
+            route53: Some(r53_config.clone()),
+            ..traffic_config(spec, TrafficDriverKind::Route53, None)
+        }),
+    )
+    .await;
+    wait_caught_up(&primary, &c, leader).await;
+    let id = c
+        .operator(leader)
+        .failover(pb::FailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let done = succeeded(&c, leader, &id, "the failover to finish").await;
+    let moves: Vec<&str> = done
+        .tasks
+        .iter()
+        .filter(|t| t.spec.kind == "traffic.move")
+        .map(|t| t.result.as_ref().unwrap().message.as_str())
+        .collect();
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    assert!(moves[0].contains("cannot hold"), "{}", moves[0]);
+    assert!(moves[1].contains("INSYNC"), "{}", moves[1]);
+
+    let sets = r53
+        .list_resource_record_sets()
+        .hosted_zone_id(&zone)
+        .send()
+        .await
+        .unwrap()
+        .resource_record_sets;
+    let mut weights: Vec<(String, String, i64)> = sets
+        .iter()
+        .filter(|s| s.name == "shop.example.com.")
+        .map(|s| {
+            (
+                s.r#type.as_str().to_owned(),
+                s.set_identifier.clone().unwrap_or_default(),
+                s.weight.unwrap_or(-1),
+            )
+        })
+        .collect();
+    weights.sort();
+    assert_eq!(
+        weights,
+        [
+            ("CNAME".into(), "eu-west".into(), 100),
+            ("CNAME".into(), "us-east".into(), 0),
+        ]
+    );
+    // Each set's value, from the raw answer (moto wraps values in CDATA,
+    // which the SDK's XML parser reads as empty).
+    let xml = moto
+        .route53_get(&format!("/2013-04-01/hostedzone/{zone}/rrset"))
+        .unwrap();
+    for (region, weight) in [("eu-west", 100), ("us-east", 0)] {
+        let set = xml
+            .split("<ResourceRecordSet>")
+            .find(|s| s.contains(&format!("<SetIdentifier>{region}</SetIdentifier>")))
+            .unwrap_or_else(|| panic!("no set for {region}: {xml}"));
+        assert!(set.contains(&format!("<Weight>{weight}</Weight>")), "{set}");
+        assert!(set.contains(&format!("shop.{region}.example.com]]>")), "{set}");
+    }
+    c.shutdown().await;
+}
+
 /// The old region is lost (its agent down) while the standby lags: a
 /// failover is refused until `--force` (the old primary cannot be fenced)
 /// and `--accept-data-loss` (the lag is over max_data_loss) are both
@@ -861,6 +1137,7 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
          create table orders (id bigint primary key); insert into orders select generate_series(1, 500);",
         Some(&scratch),
         false,
+        None,
     )
     .await;
     deploy_v1(&c, leader).await;
@@ -1072,7 +1349,7 @@ async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_wi
         standby,
         c,
         leader,
-    } = fixture_with("create table seq (n bigint primary key)", None, true).await;
+    } = fixture_with("create table seq (n bigint primary key)", None, true, None).await;
     deploy_v1(&c, leader).await;
     wait_caught_up(&primary, &c, leader).await;
     let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);

@@ -204,6 +204,7 @@ async fn an_agent_cannot_act_as_another_cluster() {
             }),
             agent_version: "evil".into(),
             task_kinds: vec!["echo".into()],
+            traffic_apps: vec![],
         })),
     };
     let err = client.connect(tokio_stream::iter(vec![register])).await.unwrap_err();

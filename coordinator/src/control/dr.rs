@@ -212,6 +212,7 @@ impl ControlApi {
                 fence_only: false,
                 rejoin: false,
                 rejoin_only: true,
+                traffic: None,
             })),
             ..OperationSpec::default()
         };

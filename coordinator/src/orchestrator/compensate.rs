@@ -10,7 +10,9 @@
 use cutover_shared::app::Color;
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskRecord, TaskState};
 use cutover_shared::release::Bundle;
-use cutover_shared::task::{FailoverAction, FailoverParams, MigrateAction, TaskParams, outputs};
+use cutover_shared::task::{
+    FailoverAction, FailoverParams, MigrateAction, TaskParams, TrafficAction, TrafficParams, outputs,
+};
 
 use super::{Inputs, MAINTENANCE, MIGRATE, SWITCH, Step, is_compensation, params_of};
 
@@ -35,12 +37,49 @@ pub(super) fn promotion_attempted(op: &Operation) -> bool {
 /// back: the fence lifted (a failed fence may have acted), then its app
 /// takes traffic again. Once a promotion was sent nothing is undone: two
 /// writable primaries are worse than a failover left for an operator.
+/// Either way, requests the traffic driver held are released last, to
+/// wherever traffic goes by then.
 fn failover_step(op: &Operation) -> Option<Step> {
     // A stray primary that could not be fenced is not unfenced either.
     // A rejoin, once it stopped the server, has nothing to go back to.
     if promotion_attempted(op) || op.spec.failover.as_ref().is_some_and(|f| f.keeps_epoch()) {
-        return None;
+        return release_held(op);
     }
+    undo_fence(op).or_else(|| release_held(op))
+}
+
+/// Releases the requests a failover's traffic hold keeps waiting, unless
+/// traffic moved (which released them) or they were released already.
+fn release_held(op: &Operation) -> Option<Step> {
+    let traffic = |t: &TaskRecord| match params_of(t) {
+        Some(TaskParams::TrafficMove(p)) => Some(p),
+        _ => None,
+    };
+    let (target, hold) = op.tasks.iter().find_map(|t| {
+        traffic(t)
+            .filter(|p| p.action == TrafficAction::Hold)
+            .map(|p| (t.spec.target.clone(), p))
+    })?;
+    let released = op.tasks.iter().any(|t| {
+        traffic(t).is_some_and(|p| {
+            p.action == TrafficAction::Release || (p.action == TrafficAction::Move && t.state == TaskState::Succeeded)
+        })
+    });
+    (!released).then(|| {
+        Step::new(
+            &target,
+            TaskParams::TrafficMove(TrafficParams {
+                action: TrafficAction::Release,
+                region: None,
+                compensate: true,
+                ..hold
+            }),
+        )
+    })
+}
+
+/// Lifts a fence that acted, then ends the old primary's maintenance.
+fn undo_fence(op: &Operation) -> Option<Step> {
     let unfenced = op
         .tasks
         .iter()

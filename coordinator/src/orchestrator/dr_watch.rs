@@ -187,6 +187,7 @@ pub fn due(s: &State, now: i64) -> Vec<Command> {
                 fence_only: true,
                 rejoin: false,
                 rejoin_only: false,
+                traffic: None,
             };
             let operation = new_operation(id, app, vec![cluster.clone()], fence, FENCE_ACTOR, now);
             out.push(Command::CreateOperation {

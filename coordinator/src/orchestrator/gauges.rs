@@ -132,6 +132,7 @@ mod tests {
             since_unix_ms: 0,
             agent_version: "test".into(),
             task_kinds: vec![],
+            traffic_apps: vec![],
             session: 1,
         }
     }

@@ -35,6 +35,7 @@ pub const BAKE: &str = "app.bake";
 /// Runs an app's migrations against its primary database in a cluster.
 pub const MIGRATE: &str = "db.migrate";
 pub const MAINTENANCE: &str = "app.maintenance";
+pub const TRAFFIC: &str = "traffic.move";
 
 /// The release image whose migrations `op` uses, if any.
 pub fn release_image(op: &Operation) -> Option<&str> {

@@ -11,7 +11,7 @@ use cutover_shared::operation::{MigrateSpec, Strategy};
 use cutover_shared::release::Bundle;
 use cutover_shared::task::{
     self, AppRef, BackupParams, FailoverAction, FailoverParams, MigrateAction, MigrateParams, TaskKind, TaskParams,
-    outputs,
+    TrafficAction, TrafficParams, outputs,
 };
 
 use super::DEPLOY;
@@ -409,6 +409,28 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                 }
                 return steps;
             }
+            // The traffic driver holds new requests from before the fence
+            // until the new primary takes them, so a planned failover
+            // fails none: those in flight finish on the old primary, the
+            // held ones go to the new. Traffic moves right after the
+            // promotion, before the verifying gates: once a standby is
+            // promoted there is nowhere else for it to go, and every held
+            // request would wait for the gates too.
+            let traffic = |action, region: Option<String>| {
+                f.traffic.as_ref().map(|t| {
+                    Step::new(
+                        t,
+                        TaskParams::TrafficMove(TrafficParams {
+                            app: app(),
+                            action,
+                            region,
+                            epoch: f.epoch,
+                            compensate: false,
+                        }),
+                    )
+                })
+            };
+            steps.extend(traffic(TrafficAction::Hold, None));
             let mut fenced_at = None;
             if f.fence
                 && let Some(from) = &f.from
@@ -433,6 +455,7 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     .and_then(|r| outputs::FailoverOutputs::from_wire(&r.outputs).lsn);
             }
             steps.push(failover(&f.to, FailoverAction::Promote, fenced_at));
+            steps.extend(traffic(TrafficAction::Move, Some(f.to.region.clone())));
             if let Some(color) = f.verify_color {
                 steps.push(Step::new(
                     &f.to,

@@ -3,9 +3,9 @@
 use cutover_shared::domain::{ClusterRef, Operation, TaskRecord, TaskState};
 use cutover_shared::release::Bundle;
 use cutover_shared::task::TaskKind;
-use cutover_shared::task::outputs::FailoverOutputs;
+use cutover_shared::task::outputs::{FailoverOutputs, TrafficOutputs};
 
-use super::{Inputs, MIGRATE, compensate, is_compensation};
+use super::{Inputs, MIGRATE, TRAFFIC, compensate, is_compensation};
 
 /// Why a failed or aborted operation ended, and what was put back.
 pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inputs<'_>) -> String {
@@ -41,6 +41,8 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
                     }
                 ),
                 (MIGRATE, false) => format!("{} schema NOT reverted", t.spec.target),
+                (TRAFFIC, true) => format!("held requests released by {}", t.spec.target),
+                (TRAFFIC, false) => format!("held requests NOT released by {}", t.spec.target),
                 (_, true) => format!("{} switched back", t.spec.target),
                 (_, false) => format!("{} NOT switched back", t.spec.target),
             }
@@ -117,7 +119,7 @@ fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> Stri
     let ended = op
         .tasks
         .iter()
-        .filter(|t| t.spec.target == f.to)
+        .filter(|t| t.spec.target == f.to || Some(&t.spec.target) == f.traffic.as_ref())
         .filter_map(|t| t.result.as_ref().map(|r| r.finished_at_unix_ms))
         .max()
         .unwrap_or(op.created_at_unix_ms);
@@ -148,8 +150,26 @@ fn failover(op: &Operation, f: &cutover_shared::operation::FailoverSpec) -> Stri
     } else {
         String::new()
     };
+    let traffic = op
+        .tasks
+        .iter()
+        .filter(|t| t.spec.kind == TRAFFIC && t.state == TaskState::Succeeded)
+        .filter_map(|t| t.result.as_ref())
+        .map(|r| TrafficOutputs::from_wire(&r.outputs))
+        .next_back()
+        .map_or_else(String::new, |o| {
+            let held = match (o.released, o.held_max_ms) {
+                (Some(n), Some(ms)) if n > 0 => format!(", {n} held requests released, longest wait {ms} ms"),
+                _ => String::new(),
+            };
+            format!(
+                "; traffic sent to {} ({}{held})",
+                o.region.as_deref().unwrap_or("?"),
+                o.driver.as_deref().unwrap_or("?")
+            )
+        });
     format!(
-        "failed over {} to {} at epoch {} in {} (RTO); data lost: {loss}; new primary at {}{rejoin}",
+        "failed over {} to {} at epoch {} in {} (RTO); data lost: {loss}; new primary at {}{traffic}{rejoin}",
         f.from
             .as_ref()
             .map_or_else(|| "(no reported primary)".to_owned(), ToString::to_string),

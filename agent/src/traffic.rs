@@ -1,0 +1,502 @@
+//! Traffic drivers: how a failover moves an app's traffic from one region
+//! to another (`traffic.move` tasks), on the agent that has `[traffic]`.
+//!
+//! Two drivers, chosen by `[traffic] driver`:
+//! - `front-door`: the built-in front door. One [`Router`] per app, in this
+//!   agent's process, sends the app's requests to one region's address.
+//!   During a failover it holds new requests (at most `max_hold_ms`) and
+//!   releases them to the new region once the primary moved, so a planned
+//!   failover fails no request.
+//! - `route53`: Amazon Route 53 weighted records. One record set per region
+//!   (set identifier = region), the serving region weighted 100 and every
+//!   other 0; a move waits until Route 53 reports the change `INSYNC`. DNS
+//!   cannot hold requests, so a hold there is a no-op that says so.
+//!
+//! Every task carries the app's primary epoch. The driver records, per app,
+//! the region it last sent traffic to and for which epoch
+//! (`<data_dir>/traffic.json`, replaced atomically): a task for an older
+//! epoch is refused, so a superseded failover cannot send traffic back to
+//! a fenced region. After a restart the front door starts where that record
+//! says, else at the app's configured `primary`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cutover_shared::config::{Route53Config, TrafficApp, TrafficConfig, TrafficDriverKind};
+use cutover_shared::domain::{TaskResult, TaskSpec};
+use cutover_shared::task::outputs::TrafficOutputs;
+use cutover_shared::task::{TaskKind, TaskParams, TrafficAction, TrafficParams};
+use serde::{Deserialize, Serialize};
+
+use crate::router::Router;
+
+/// Kinds [`TrafficRuntime`] executes (only with `[traffic]` configured).
+pub const KINDS: &[TaskKind] = &[TaskKind::TrafficMove];
+
+/// How long a Route 53 change may take to reach `INSYNC`.
+const INSYNC_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Where an app's traffic goes, and under which epoch it was sent there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Route {
+    region: String,
+    epoch: u64,
+}
+
+/// The traffic driver of an agent with `[traffic]`.
+pub struct TrafficRuntime {
+    cfg: Option<TrafficConfig>,
+    path: PathBuf,
+    /// Serialises tasks: each reads, acts on and rewrites the routes.
+    routes: tokio::sync::Mutex<BTreeMap<String, Route>>,
+    /// The front door's routers, by app, once [`TrafficRuntime::start`] ran.
+    doors: Mutex<HashMap<String, Router>>,
+}
+
+fn read_routes(path: &std::path::Path) -> BTreeMap<String, Route> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+impl TrafficRuntime {
+    pub fn new(cfg: Option<TrafficConfig>, data_dir: &std::path::Path) -> TrafficRuntime {
+        let path = data_dir.join("traffic.json");
+        let mut routes = read_routes(&path);
+        for a in cfg.iter().flat_map(|c| &c.apps) {
+            routes.entry(a.app.clone()).or_insert_with(|| Route {
+                region: a.primary.clone(),
+                epoch: 0,
+            });
+        }
+        TrafficRuntime {
+            cfg,
+            path,
+            routes: tokio::sync::Mutex::new(routes),
+            doors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn configured(&self) -> bool {
+        self.cfg.is_some()
+    }
+
+    /// The apps whose traffic this agent moves.
+    pub fn apps(&self) -> Vec<String> {
+        self.cfg.iter().flat_map(|c| &c.apps).map(|a| a.app.clone()).collect()
+    }
+
+    /// Starts the front door's listeners, each sending to the region its
+    /// route names. Other drivers have nothing to start.
+    pub async fn start(&self) -> Result<(), String> {
+        let Some(cfg) = &self.cfg else { return Ok(()) };
+        if cfg.driver != TrafficDriverKind::FrontDoor {
+            return Ok(());
+        }
+        let routes = self.routes.lock().await.clone();
+        for a in &cfg.apps {
+            let listen: SocketAddr = parse_addr(a.listen.as_deref().unwrap_or_default())?;
+            let region = routes.get(&a.app).map_or(a.primary.as_str(), |r| r.region.as_str());
+            let upstream = upstream(a, region)?;
+            let router = Router::bind(listen, upstream)
+                .await
+                .map_err(|e| format!("front door for {}: {e}", a.app))?;
+            tracing::info!(app = %a.app, listen = %router.local_addr(), %region, "front door listening");
+            self.doors.lock().expect("doors").insert(a.app.clone(), router);
+        }
+        Ok(())
+    }
+
+    /// The front door's address for `app`, once started.
+    pub fn front_door(&self, app: &str) -> Option<SocketAddr> {
+        self.doors.lock().expect("doors").get(app).map(Router::local_addr)
+    }
+
+    pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
+        let mut out = TrafficOutputs::default();
+        let ran = match TaskParams::from_wire(&task.kind, &task.params) {
+            Ok(TaskParams::TrafficMove(p)) => self.run(&p, progress, &mut out).await,
+            Ok(other) => Err(format!("{} is not a traffic task", other.kind())),
+            Err(e) => Err(e.to_string()),
+        };
+        let (success, message) = match ran {
+            Ok(m) => (true, m),
+            Err(e) => (false, e),
+        };
+        TaskResult::finished(&task.task_id, success, message, out.to_wire())
+    }
+
+    async fn run(
+        &self,
+        p: &TrafficParams,
+        progress: &(dyn Fn(String) + Send + Sync),
+        out: &mut TrafficOutputs,
+    ) -> Result<String, String> {
+        let app = &p.app.app;
+        let cfg = self.cfg.as_ref().ok_or("this agent has no [traffic] driver")?;
+        let entry = cfg
+            .app(app)
+            .ok_or_else(|| format!("this agent's traffic driver does not manage {app} (no [[traffic.apps]] entry)"))?;
+        out.driver = Some(cfg.driver.as_str().into());
+        let mut routes = self.routes.lock().await;
+        let current = routes.get(app).cloned().unwrap_or_default();
+        if p.epoch < current.epoch {
+            return Err(format!(
+                "stale epoch {} for {app}: traffic was moved to {} for epoch {}; the task comes from a superseded failover",
+                p.epoch, current.region, current.epoch
+            ));
+        }
+        out.region = Some(current.region.clone());
+        match (p.action, cfg.driver) {
+            (TrafficAction::Hold, TrafficDriverKind::FrontDoor) => {
+                let max = Duration::from_millis(cfg.max_hold_ms);
+                self.door(app, |r| r.hold(max))?;
+                Ok(format!(
+                    "front door holding {app}'s new requests (at most {} ms)",
+                    cfg.max_hold_ms
+                ))
+            }
+            (TrafficAction::Hold, TrafficDriverKind::Route53) => {
+                Ok("Route 53 cannot hold requests; traffic keeps its records until moved".into())
+            }
+            (TrafficAction::Release, TrafficDriverKind::FrontDoor) => {
+                let stats = self.door(app, Router::release)?;
+                out.released = Some(stats.held);
+                out.held_max_ms = Some(stats.longest_ms);
+                Ok(format!(
+                    "front door released {} held requests of {app} to {} (longest wait {} ms)",
+                    stats.held, current.region, stats.longest_ms
+                ))
+            }
+            (TrafficAction::Release, TrafficDriverKind::Route53) => Ok("nothing held".into()),
+            (TrafficAction::Move, driver) => {
+                let to = p.region.clone().ok_or("a move names its region")?;
+                let target = upstream_value(entry, &to)?;
+                let message = match driver {
+                    TrafficDriverKind::FrontDoor => {
+                        let addr = parse_addr(target)?;
+                        let stats = self.door(app, |r| {
+                            r.set_upstream(addr);
+                            r.release()
+                        })?;
+                        out.released = Some(stats.held);
+                        out.held_max_ms = Some(stats.longest_ms);
+                        format!(
+                            "front door sends {app} to {to} ({addr}); released {} held requests (longest wait {} ms)",
+                            stats.held, stats.longest_ms
+                        )
+                    }
+                    TrafficDriverKind::Route53 => {
+                        let r53 = cfg.route53.as_ref().ok_or("[traffic.route53] is missing")?;
+                        progress(format!("upserting {app}'s Route 53 weights: {to} 100, others 0"));
+                        route53::set_weights(r53, entry, &to, p.epoch).await?
+                    }
+                };
+                let route = Route {
+                    region: to.clone(),
+                    epoch: p.epoch,
+                };
+                if routes.get(app) != Some(&route) {
+                    routes.insert(app.clone(), route);
+                    self.save(&routes)
+                        .map_err(|e| format!("traffic moved, but recording it failed: {e}"))?;
+                }
+                out.region = Some(to);
+                Ok(message)
+            }
+        }
+    }
+
+    fn door<T>(&self, app: &str, f: impl FnOnce(&Router) -> T) -> Result<T, String> {
+        let doors = self.doors.lock().expect("doors");
+        let r = doors
+            .get(app)
+            .ok_or_else(|| format!("the front door for {app} is not listening (see the agent's log)"))?;
+        Ok(f(r))
+    }
+
+    fn save(&self, routes: &BTreeMap<String, Route>) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(routes).unwrap_or_default())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|e| format!("{s:?} is not ip:port: {e}"))
+}
+
+fn upstream_value<'a>(a: &'a TrafficApp, region: &str) -> Result<&'a str, String> {
+    a.regions.get(region).map(String::as_str).ok_or_else(|| {
+        format!(
+            "{}'s traffic config has no address for region {region} (it has {})",
+            a.app,
+            a.regions.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+fn upstream(a: &TrafficApp, region: &str) -> Result<SocketAddr, String> {
+    parse_addr(upstream_value(a, region)?)
+}
+
+mod route53 {
+    //! The Route 53 driver: weighted record sets, upserted in one change
+    //! batch, then `GetChange` until `INSYNC`.
+
+    use aws_sdk_route53::config::{BehaviorVersion, Region};
+    use aws_sdk_route53::types::{
+        Change, ChangeAction, ChangeBatch, ChangeStatus, ResourceRecord, ResourceRecordSet, RrType,
+    };
+
+    use super::*;
+
+    fn error<E: std::error::Error>(what: &str, e: E) -> String {
+        let mut msg = format!("Route 53 {what}: {e}");
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        msg
+    }
+
+    async fn client(cfg: &Route53Config) -> aws_sdk_route53::Client {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
+        if let Some(file) = &cfg.credentials_file {
+            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
+            let files = EnvConfigFiles::builder()
+                .with_file(EnvConfigFileKind::Credentials, file)
+                .build();
+            loader = loader.credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .profile_files(files)
+                    .build(),
+            );
+        }
+        let shared = loader.load().await;
+        let mut b = aws_sdk_route53::config::Builder::from(&shared);
+        if let Some(e) = &cfg.endpoint {
+            b = b.endpoint_url(e);
+        }
+        aws_sdk_route53::Client::from_conf(b.build())
+    }
+
+    /// Weights `to` 100 and every other region 0, and waits until the
+    /// change is in sync.
+    pub(super) async fn set_weights(
+        cfg: &Route53Config,
+        app: &TrafficApp,
+        to: &str,
+        epoch: u64,
+    ) -> Result<String, String> {
+        let name = app.record.as_deref().ok_or("Route 53 needs the app's record")?;
+        let client = client(cfg).await;
+        let mut changes = Vec::new();
+        for (region, value) in &app.regions {
+            let set = ResourceRecordSet::builder()
+                .name(name)
+                .r#type(RrType::from(app.record_type.as_str()))
+                .set_identifier(region)
+                .weight(if region == to { 100 } else { 0 })
+                .ttl(app.ttl)
+                .resource_records(
+                    ResourceRecord::builder()
+                        .value(value)
+                        .build()
+                        .map_err(|e| error("record", e))?,
+                )
+                .build()
+                .map_err(|e| error("record set", e))?;
+            changes.push(
+                Change::builder()
+                    .action(ChangeAction::Upsert)
+                    .resource_record_set(set)
+                    .build()
+                    .map_err(|e| error("change", e))?,
+            );
+        }
+        let batch = ChangeBatch::builder()
+            .set_changes(Some(changes))
+            .comment(format!("cutover: {} to {to} (epoch {epoch})", app.app))
+            .build()
+            .map_err(|e| error("change batch", e))?;
+        let sent = client
+            .change_resource_record_sets()
+            .hosted_zone_id(&cfg.hosted_zone_id)
+            .change_batch(batch)
+            .send()
+            .await
+            .map_err(|e| error("ChangeResourceRecordSets", e))?;
+        let mut info = sent.change_info.ok_or("Route 53 answered without change info")?;
+        let deadline = tokio::time::Instant::now() + INSYNC_TIMEOUT;
+        while info.status != ChangeStatus::Insync {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "Route 53 change {} not INSYNC after {} s",
+                    info.id,
+                    INSYNC_TIMEOUT.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            info = client
+                .get_change()
+                .id(&info.id)
+                .send()
+                .await
+                .map_err(|e| error("GetChange", e))?
+                .change_info
+                .ok_or("Route 53 answered without change info")?;
+        }
+        Ok(format!(
+            "Route 53 {name} weighted {to} 100, {} others 0; change {} INSYNC",
+            app.regions.len() - 1,
+            info.id
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cutover_shared::domain::TaskSpec;
+    use cutover_shared::task::AppRef;
+
+    struct App {
+        addr: SocketAddr,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    /// A sample app answering with `version` (the region's name here).
+    async fn app(version: &str) -> App {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(crate::sample_app::serve(version.to_string(), l, async move {
+            let _ = rx.await;
+        }));
+        App { addr, _stop: tx }
+    }
+
+    async fn body(addr: SocketAddr) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    fn config(east: SocketAddr, west: SocketAddr) -> TrafficConfig {
+        TrafficConfig {
+            driver: TrafficDriverKind::FrontDoor,
+            max_hold_ms: 10_000,
+            route53: None,
+            apps: vec![TrafficApp {
+                app: "shop".into(),
+                regions: [
+                    ("us-east".into(), east.to_string()),
+                    ("eu-west".into(), west.to_string()),
+                ]
+                .into(),
+                primary: "us-east".into(),
+                listen: Some("127.0.0.1:0".into()),
+                record: None,
+                record_type: "CNAME".into(),
+                ttl: 60,
+            }],
+        }
+    }
+
+    fn task(app: &str, action: TrafficAction, region: Option<&str>, epoch: u64) -> TaskSpec {
+        let (kind, params) = TaskParams::TrafficMove(TrafficParams {
+            app: AppRef {
+                app: app.into(),
+                spec_digest: String::new(),
+            },
+            action,
+            region: region.map(str::to_owned),
+            epoch,
+            compensate: false,
+        })
+        .to_wire();
+        TaskSpec {
+            task_id: format!("t-{epoch}-{}", action.as_str()),
+            kind,
+            params,
+            operation_id: "op".into(),
+            target: cutover_shared::domain::ClusterRef::new("global", "edge").unwrap(),
+        }
+    }
+
+    /// A move sends the front door's traffic to the new region and is
+    /// recorded with its epoch: a move for an older epoch is refused and
+    /// changes nothing, and a restarted front door starts where traffic
+    /// was last sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn moves_are_fenced_by_epoch_and_survive_a_restart() {
+        let (east, west) = (app("us-east").await, app("eu-west").await);
+        let dir = tempfile::tempdir().unwrap();
+        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path());
+        rt.start().await.unwrap();
+        let door = rt.front_door("shop").unwrap();
+        assert!(body(door).await.contains("us-east"));
+        let quiet = |_: String| {};
+
+        let r = rt
+            .execute(&task("shop", TrafficAction::Move, Some("eu-west"), 2), &quiet)
+            .await;
+        assert!(r.success, "{}", r.message);
+        assert_eq!(TrafficOutputs::from_wire(&r.outputs).region.as_deref(), Some("eu-west"));
+        assert!(body(door).await.contains("eu-west"));
+
+        let r = rt
+            .execute(&task("shop", TrafficAction::Move, Some("us-east"), 1), &quiet)
+            .await;
+        assert!(!r.success);
+        assert!(r.message.contains("stale epoch 1"), "{}", r.message);
+        assert!(body(door).await.contains("eu-west"));
+
+        let r = rt.execute(&task("cart", TrafficAction::Hold, None, 3), &quiet).await;
+        assert!(!r.success);
+        assert!(r.message.contains("does not manage cart"), "{}", r.message);
+
+        drop(rt);
+        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path());
+        rt.start().await.unwrap();
+        assert!(body(rt.front_door("shop").unwrap()).await.contains("eu-west"));
+    }
+
+    /// A hold keeps new requests waiting; the move releases them to the new
+    /// region and reports how many waited.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_then_a_move_releases_the_held_requests_to_the_new_region() {
+        let (east, west) = (app("us-east").await, app("eu-west").await);
+        let dir = tempfile::tempdir().unwrap();
+        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path());
+        rt.start().await.unwrap();
+        let door = rt.front_door("shop").unwrap();
+        let quiet = |_: String| {};
+        let r = rt.execute(&task("shop", TrafficAction::Hold, None, 1), &quiet).await;
+        assert!(r.success, "{}", r.message);
+        let pending = tokio::spawn(body(door));
+        while rt.door("shop", Router::held).unwrap() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let r = rt
+            .execute(&task("shop", TrafficAction::Move, Some("eu-west"), 1), &quiet)
+            .await;
+        assert!(r.success, "{}", r.message);
+        assert_eq!(TrafficOutputs::from_wire(&r.outputs).released, Some(1));
+        assert!(pending.await.unwrap().contains("eu-west"));
+    }
+}
