@@ -9,11 +9,7 @@
 //! - A dump that fails mid-stream leaves no object and no unfinished
 //!   multipart upload.
 
-#[path = "../../tests/src/ports.rs"]
-mod ports;
-#[path = "../../tests/src/postgres.rs"]
-#[allow(dead_code)]
-mod postgres;
+use cutover_devkit::postgres;
 #[path = "../../tests/src/s3.rs"]
 mod s3;
 

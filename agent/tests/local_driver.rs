@@ -17,8 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 // The harness's port picker, included rather than depended on (the harness
 // depends on this crate). A port from `bind(0)`, released, was taken by
 // another test's app process before the router bound it.
-#[path = "../../tests/src/ports.rs"]
-mod ports;
+use cutover_devkit::ports;
 
 fn free_port() -> SocketAddr {
     ports::stable_free_addr().parse().unwrap()

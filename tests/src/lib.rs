@@ -7,12 +7,10 @@
 #![forbid(unsafe_code)]
 
 pub mod garage;
-pub mod ports;
-pub mod postgres;
 pub mod process;
 pub mod s3;
-pub mod writer;
 
+pub use cutover_devkit::{ports, postgres, writer};
 pub use ports::stable_free_addr;
 pub use process::ProcessCluster;
 

@@ -11,10 +11,7 @@ use cutover_agent::migrate::{
 };
 // The harness of `cutover-tests`, compiled in here so that the agent's
 // tests do not build the coordinator.
-#[path = "../../../tests/src/ports.rs"]
-mod ports;
-#[path = "../../../tests/src/postgres.rs"]
-pub mod postgres;
+pub use cutover_devkit::postgres;
 pub use postgres::TestPostgres;
 
 /// A place to create databases.

@@ -1,6 +1,4 @@
-//! Free loopback ports for processes a test starts. Its own file so that
-//! crates the harness depends on (the agent's tests) can include it with
-//! `#[path]` instead of copying it.
+//! Free loopback ports for processes a test (or the demo) starts.
 
 /// A free loopback address whose port lies below the kernel's ephemeral
 /// range. A port from `bind(0)`, released, may be taken by a later `bind(0)`

@@ -15,9 +15,8 @@
 //!
 //! A test that cannot start PostgreSQL fails: it never silently skips.
 //!
-//! This file depends on nothing else in `cutover-tests`, so crates whose
-//! tests must not build the coordinator (the agent's) include it with
-//! `#[path]`.
+//! `cutover demo` starts its disaster-recovery chapter's primary, standby
+//! and scratch servers with it too.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -445,7 +444,6 @@ fn path_str(p: &Path) -> Result<&str> {
 }
 
 /// A free loopback port below the ephemeral range (see `stable_free_addr`).
-/// `super::ports`: whoever includes this file includes `ports.rs` beside it.
 fn free_port() -> Result<u16> {
     let addr: std::net::SocketAddr = super::ports::stable_free_addr().parse()?;
     Ok(addr.port())
