@@ -27,6 +27,11 @@
 //! replaces its database. Its processes keep running, so leaving
 //! maintenance is instant.
 //!
+//! With an unreachable wait ([`Router::set_unreachable_wait`]), a request
+//! without a body whose upstream refuses connections waits, bounded, for
+//! traffic to move and goes where it moved: a front door before a region
+//! that was just lost delays requests until the failover, not fails them.
+//!
 //! On hold ([`Router::hold`]) new requests wait, at most until the hold's
 //! deadline, and then go wherever the router sends traffic by then: the
 //! front door holds an app's requests while a failover moves its primary
@@ -94,6 +99,11 @@ struct Shared {
     /// When the current hold's first request began waiting, and how many
     /// waited.
     held: std::sync::Mutex<(Option<Instant>, u64)>,
+    /// How long a request whose upstream cannot be reached waits for
+    /// traffic to move, ms (0: it is answered 502 at once).
+    unreachable_wait_ms: AtomicU64,
+    /// Bumped by every [`Router::set_upstream`] that changes it.
+    moves: watch::Sender<u64>,
 }
 
 /// What a hold kept waiting, reported when it is released.
@@ -138,6 +148,8 @@ impl Router {
             maintenance: AtomicBool::new(false),
             hold: watch::Sender::new(None),
             held: std::sync::Mutex::new((None, 0)),
+            unreachable_wait_ms: AtomicU64::new(0),
+            moves: watch::Sender::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -154,8 +166,20 @@ impl Router {
     pub fn set_upstream(&self, addr: SocketAddr) {
         let old = std::mem::replace(&mut *self.shared.upstream.write().expect("upstream lock"), vec![addr])[0];
         if old != addr {
+            self.shared.moves.send_modify(|n| *n += 1);
             tracing::info!(listen = %self.local_addr, from = %old, to = %addr, "router upstream switched");
         }
+    }
+
+    /// A request without a body whose upstream cannot be reached (its
+    /// region is lost) waits up to `wait` for [`Router::set_upstream`] to
+    /// send traffic elsewhere, then goes there; zero (the default) answers
+    /// 502 at once. The front door sets it, so a failover that ends within
+    /// the wait fails none of the requests that arrived during it.
+    pub fn set_unreachable_wait(&self, wait: Duration) {
+        self.shared
+            .unreachable_wait_ms
+            .store(wait.as_millis().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
     /// In maintenance, new requests are answered 503 and reach no upstream;
@@ -497,6 +521,35 @@ async fn proxy(
         let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
         result = shared.client.request(upstream_request(&parts, addr, empty)).await;
     }
+    // Still unreachable: with a wait configured (the front door's), wait
+    // for traffic to move elsewhere, as a failover of the lost region
+    // will, and send the request there; 502 only once the wait ends.
+    let wait = Duration::from_millis(shared.unreachable_wait_ms.load(Ordering::Relaxed));
+    if !wait.is_zero()
+        && bodiless
+        && result
+            .as_ref()
+            .is_err_and(hyper_util::client::legacy::Error::is_connect)
+    {
+        let mut moved = shared.moves.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        while result
+            .as_ref()
+            .is_err_and(hyper_util::client::legacy::Error::is_connect)
+        {
+            if shared.current() == addr {
+                match tokio::time::timeout_at(deadline, moved.changed()).await {
+                    Ok(Ok(())) => continue,
+                    _ => break,
+                }
+            }
+            addr = shared.current();
+            tracing::debug!(to = %addr, "upstream unreachable; trying where traffic moved");
+            guard = shared.track(addr);
+            let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
+            result = shared.client.request(upstream_request(&parts, addr, empty)).await;
+        }
+    }
     match result {
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
@@ -616,6 +669,37 @@ mod tests {
         assert!(!router.holding());
         // Released: requests flow without waiting.
         assert!(get(&c, addr, "/").await.unwrap().1.contains("eu-west"));
+        router.shutdown().await;
+    }
+
+    /// Before a lost upstream (nothing listens), a request is answered 502
+    /// at once, unless the router waits for traffic to move: then it goes
+    /// where traffic moved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_upstream_waits_for_traffic_to_move() {
+        let lost = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let b = app("eu-west").await;
+        let router = Router::bind(any_local(), lost).await.unwrap();
+        let c = client();
+        assert_eq!(get(&c, router.local_addr(), "/").await.unwrap().0, 502);
+
+        router.set_unreachable_wait(Duration::from_secs(30));
+        let addr = router.local_addr();
+        let pending = tokio::spawn({
+            let c = c.clone();
+            async move { get(&c, addr, "/").await }
+        });
+        while router.in_flight(lost) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!pending.is_finished());
+        router.set_upstream(b.addr);
+        let (status, body) = pending.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("eu-west"), "{body}");
         router.shutdown().await;
     }
 

@@ -105,6 +105,8 @@ impl TrafficRuntime {
             let router = Router::bind(listen, upstream)
                 .await
                 .map_err(|e| format!("front door for {}: {e}", a.app))?;
+            // A lost region's requests wait for the failover as held ones do.
+            router.set_unreachable_wait(Duration::from_millis(cfg.max_hold_ms));
             tracing::info!(app = %a.app, listen = %router.local_addr(), %region, "front door listening");
             self.doors.lock().expect("doors").insert(a.app.clone(), router);
         }

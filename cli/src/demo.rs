@@ -5,7 +5,9 @@
 //! cuts over to v2 in waves, to v3 atomically, attempts a v4 that fails its
 //! gates in the second wave (and is rolled back automatically), backs up a
 //! region's database to the embedded object store, validates it by restore
-//! and catches a corrupted copy, then loses the Raft leader and checks the
+//! and catches a corrupted copy, runs the disaster-recovery chapter
+//! (`demo_dr.rs`: a drill, a region lost under load and failed over
+//! automatically, its rejoin), then loses the Raft leader and checks the
 //! cluster carries on. It prints a report and
 //! exits 0 only if every expectation held, zero failed requests included.
 
@@ -20,7 +22,8 @@ use cutover_shared::proto as pb;
 use serde_json::json;
 
 use crate::client::{ConnOpts, Output, call};
-use crate::dev::{DEMO_REGIONS, DevSystem};
+use crate::demo_dr::{self, DrFigures, DrRig};
+use crate::dev::{AgentExtras, DEMO_REGIONS, DevSystem};
 
 struct Step {
     name: String,
@@ -189,12 +192,29 @@ fn task_times(op: &pb::Operation) -> Vec<TaskTime> {
         .collect()
 }
 
-pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option<String>) -> Result<ExitCode> {
+pub async fn run(
+    output: Output,
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    dr: bool,
+) -> Result<ExitCode> {
     cutover_shared::telemetry::init_tracing(cutover_shared::telemetry::LogFormat::Human);
     let metrics = cutover_shared::telemetry::metrics_handle();
     let started = Instant::now();
     let keep = data_dir.clone();
-    let mut sys = DevSystem::start_with(data_dir, DEMO_REGIONS, database_url).await?;
+    // The DR chapter's servers come first: the agents' configs name them.
+    let t = Instant::now();
+    let (rig, extras, rig_error) = if dr {
+        let keep = keep.clone();
+        match tokio::task::spawn_blocking(move || DrRig::start(keep.as_deref())).await? {
+            Ok((rig, extras)) => (Some(rig), extras, None),
+            Err(e) => (None, AgentExtras::default(), Some(e)),
+        }
+    } else {
+        (None, AgentExtras::default(), None)
+    };
+    let rig_ms = t.elapsed().as_millis();
+    let mut sys = DevSystem::start_with(data_dir, DEMO_REGIONS, database_url, extras).await?;
     let conn = ConnOpts {
         addr: sys.addrs.clone(),
         ca: Some(sys.pki.ca.clone()),
@@ -206,6 +226,16 @@ pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option
         output,
     };
     let mut steps: Vec<Step> = Vec::new();
+    if let Some(e) = rig_error {
+        steps.push(Step {
+            name: "DR: PostgreSQL primary, standby and scratch server".into(),
+            ok: false,
+            millis: rig_ms,
+            detail: format!("{e:#}"),
+            tasks: vec![],
+        });
+    }
+    let mut all_ok = steps.is_empty();
     let mut push = |name: &str, t: Instant, r: Result<(String, Vec<TaskTime>)>| {
         let ok = r.is_ok();
         let (detail, tasks) = r.unwrap_or_else(|e| (format!("{e:#}"), vec![]));
@@ -240,7 +270,7 @@ pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option
             vec![]
         }
     };
-    let mut all_ok = !services.is_empty();
+    all_ok &= !services.is_empty();
     // The front door: one address before every region, spreading requests
     // over them the way a global load balancer would. The steady load goes
     // through it (12 keep-alive connections at 50 req/s each), so every
@@ -372,6 +402,31 @@ pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option
         let r = backup_chapter(&conn, &sys).await;
         all_ok &= push("backup us-east, validate it by restore, catch a corrupted copy", t, r);
     }
+    let mut figures = DrFigures::default();
+    if all_ok && let Some(rig) = &rig {
+        let t = Instant::now();
+        let r = demo_dr::install(&conn, &sys, rig).await.map(|d| (d, vec![]));
+        all_ok &= push("DR: shop in us-east (primary) and eu-west (standby)", t, r);
+        if all_ok {
+            let t = Instant::now();
+            let r = demo_dr::drill(&conn, &sys, &mut figures).await.map(|d| (d, vec![]));
+            all_ok &= push("DR: drill into eu-west on a scratch copy, torn down", t, r);
+        }
+        if all_ok {
+            let t = Instant::now();
+            let r = demo_dr::lose_us_east(&mut sys, rig, &mut figures)
+                .await
+                .map(|d| (d, vec![]));
+            all_ok &= push("DR: us-east lost under load, automatic failover", t, r);
+        }
+        if all_ok {
+            let t = Instant::now();
+            let r = demo_dr::rejoin(&conn, &mut sys, &mut figures)
+                .await
+                .map(|d| (d, vec![]));
+            all_ok &= push("DR: us-east rejoins as a standby of eu-west", t, r);
+        }
+    }
     if all_ok {
         let leader = sys.leader_index().context("no leader")?;
         let t = Instant::now();
@@ -419,6 +474,7 @@ pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option
             "requests_served": served,
             "requests_failed": failed,
             "switch_ms": switch_ms.iter().map(|(r, ms)| json!({"region": r, "ms": ms})).collect::<Vec<_>>(),
+            "dr": rig.as_ref().map(|_| &figures),
             "steps": steps.iter().map(|s| json!({
                 "step": s.name, "ok": s.ok, "ms": s.millis, "detail": s.detail,
                 "tasks": s.tasks.iter().map(|(k, r, ms)| json!({"kind": k, "region": r, "ms": ms})).collect::<Vec<_>>(),
@@ -445,6 +501,20 @@ pub async fn run(output: Output, data_dir: Option<PathBuf>, database_url: Option
         let sw: Vec<String> = switch_ms.iter().map(|(r, ms)| format!("{r} {ms} ms")).collect();
         println!("switch step durations: {}", sw.join(", "));
         println!("requests: {served} served, {failed} failed");
+        if rig.is_some() {
+            let ms = |v: Option<u64>| v.map_or_else(|| "?".to_owned(), |v| format!("{:.1} s", v as f64 / 1000.0));
+            println!(
+                "DR: drill RTO {}, RPO {}; region loss: RTO {}, RPO {} of {} acknowledged writes lost, {} of {} requests failed during the failover; rejoin by {}",
+                ms(figures.drill_rto_ms),
+                ms(figures.drill_rpo_ms),
+                ms(figures.failover_rto_ms),
+                figures.writes_lost,
+                figures.writes_acknowledged,
+                figures.requests_failed,
+                figures.requests_served + figures.requests_failed,
+                figures.rejoin_method.as_deref().unwrap_or("?")
+            );
+        }
         println!(
             "{} in {:.1} s",
             if all_ok { "all expectations held" } else { "DEMO FAILED" },

@@ -41,6 +41,17 @@ pub struct DevAgent {
     task: JoinHandle<()>,
 }
 
+/// What some agents get beyond the sample app's database: the demo's
+/// disaster-recovery chapter gives us-east and eu-west a replicated
+/// PostgreSQL database and a third region the front door.
+#[derive(Default)]
+pub struct AgentExtras {
+    /// Region → more `[[databases]]`.
+    pub databases: std::collections::BTreeMap<String, Vec<DatabaseConfig>>,
+    /// Region → `[traffic]`.
+    pub traffic: std::collections::BTreeMap<String, cutover_shared::config::TrafficConfig>,
+}
+
 pub struct DevSystem {
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -52,11 +63,12 @@ pub struct DevSystem {
     pub database_url: Option<String>,
     /// The embedded object store the agents back up to.
     pub store: crate::devstore::DevStore,
+    pub extras: AgentExtras,
 }
 
 impl DevSystem {
     pub async fn start(data_dir: Option<PathBuf>, regions: &[(&str, &str)]) -> Result<DevSystem> {
-        Self::start_with(data_dir, regions, None).await
+        Self::start_with(data_dir, regions, None, AgentExtras::default()).await
     }
 
     /// Like [`DevSystem::start`], with the sample app's databases at
@@ -65,6 +77,7 @@ impl DevSystem {
         data_dir: Option<PathBuf>,
         regions: &[(&str, &str)],
         database_url: Option<String>,
+        extras: AgentExtras,
     ) -> Result<DevSystem> {
         let (dir, tmp) = match data_dir {
             Some(d) => (d, None),
@@ -119,6 +132,7 @@ impl DevSystem {
             agents: vec![],
             database_url,
             store,
+            extras,
         };
         for i in 0..regions.len() {
             sys.start_agent(i)?;
@@ -142,8 +156,10 @@ impl DevSystem {
         if let Err(e) = cutover_shared::certs::write_file(&url_file, &url, true) {
             tracing::warn!("{e}");
         }
+        let mut databases = vec![DatabaseConfig::with_url_file("sample", driver, url_file)];
+        databases.extend(self.extras.databases.get(region).into_iter().flatten().cloned());
         AgentConfig {
-            databases: vec![DatabaseConfig::with_url_file("sample", driver, url_file)],
+            databases,
             coordinators: self.addrs.clone(),
             data_dir: self.dir.join(format!("agent-{region}-{cluster}")),
             server_name: None,
@@ -165,23 +181,39 @@ impl DevSystem {
             backup: Some(self.store.config.clone()),
             db_status_interval_ms: 1000,
             lease_secs: 30,
-            traffic: None,
+            traffic: self.extras.traffic.get(region).cloned(),
         }
     }
 
-    fn start_agent(&mut self, i: usize) -> Result<()> {
+    /// Starts agent `i` (again, after [`DevSystem::stop_agent`]).
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let agent = Agent::new(self.agent_config(i))?;
         let (stop, rx) = oneshot::channel();
         let region = agent.cluster().region.clone();
         let task = tokio::spawn(agent.run(async move {
             let _ = rx.await;
         }));
-        self.agents.push(DevAgent {
+        let a = DevAgent {
             region,
             stop: Some(stop),
             task,
-        });
+        };
+        if i < self.agents.len() {
+            self.agents[i] = a;
+        } else {
+            self.agents.push(a);
+        }
         Ok(())
+    }
+
+    /// Stops agent `i` as its region's loss would: its stream, its tasks
+    /// and its routers end (the app's processes, like a lost region's,
+    /// are simply no longer reachable through it).
+    pub async fn stop_agent(&mut self, i: usize) {
+        if let Some(s) = self.agents[i].stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.agents[i].task).await;
     }
 
     /// Lines a shell can `eval` to drive this system as the operator.
@@ -347,14 +379,16 @@ impl DevSystem {
     }
 
     pub async fn shutdown(mut self) {
-        for a in &mut self.agents {
-            if let Some(s) = a.stop.take() {
+        // Agents stopped earlier were awaited then; the others now.
+        let mut running = Vec::new();
+        for a in self.agents.drain(..) {
+            if let Some(s) = a.stop {
                 let _ = s.send(());
+                running.push(a.task);
             }
         }
-        for a in self.agents.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), a.task).await;
-            let _ = a.region;
+        for task in running {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
         for n in self.nodes.iter_mut() {
             if let Some(n) = n.take() {

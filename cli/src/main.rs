@@ -7,6 +7,7 @@
 mod backup;
 mod client;
 mod demo;
+mod demo_dr;
 mod dev;
 mod devstore;
 mod dr;
@@ -76,6 +77,11 @@ enum Cmd {
         /// the databases must exist.
         #[arg(long, env = "CUTOVER_DEMO_DATABASE_URL", hide_env_values = true)]
         database_url: Option<String>,
+        /// Leave out the disaster-recovery chapter, which runs real
+        /// PostgreSQL servers (a primary, its standby, a scratch server)
+        /// from the installed binaries (`bash scripts/setup --demo`).
+        #[arg(long)]
+        no_dr: bool,
     },
     /// A small HTTP app for trying cutover: `/` answers its version,
     /// `/health` its health. A version containing "unhealthy", "slow" or
@@ -239,7 +245,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             output,
             data_dir,
             database_url,
-        } => demo::run(output, data_dir, database_url).await,
+            no_dr,
+        } => demo::run(output, data_dir, database_url, !no_dr).await,
         Cmd::SampleApp { version, listen } => {
             cutover_agent::sample_app::run(version, listen, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

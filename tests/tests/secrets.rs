@@ -108,6 +108,17 @@ fn a_whole_demo_leaves_no_secret_in_logs_state_or_metrics() {
                 .expect("a secret access key");
             secrets.push(("the object store's secret key".into(), secret.as_bytes().to_vec()));
             homes.push(f.clone());
+        } else if f.parent().is_some_and(|p| p.ends_with("dr")) && name.ends_with("-url") {
+            // The DR chapter's servers: each URL carries its password.
+            let url = std::fs::read_to_string(f).unwrap();
+            let password = url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('@'))
+                .and_then(|(auth, _)| auth.split_once(':'))
+                .map(|(_, p)| p.to_owned())
+                .unwrap_or_else(|| panic!("{} holds no password: the test proves nothing", f.display()));
+            secrets.push((format!("the password in {}", f.display()), password.into_bytes()));
+            homes.push(f.clone());
         } else if name.starts_with("sample-db-url-") {
             let url = std::fs::read_to_string(f).unwrap();
             assert!(
@@ -120,8 +131,9 @@ fn a_whole_demo_leaves_no_secret_in_logs_state_or_metrics() {
     }
     assert_eq!(
         homes.len(),
-        3 + 3 + 2 + 3 + 2,
-        "keys of 3 coordinators, 3 agents, operator, viewer; 3 URL files; the backup key and store credentials: {homes:?}"
+        3 + 3 + 2 + 3 + 2 + 5,
+        "keys of 3 coordinators, 3 agents, operator, viewer; 3 URL files; the backup key and store credentials; \
+         the DR chapter's 5 URL files: {homes:?}"
     );
 
     // Where they must not be: the log, and every other file, metrics included.
