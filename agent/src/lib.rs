@@ -114,7 +114,10 @@ impl Agent {
             Some(backups.clone()),
         ));
         let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir, apps.clone()));
-        let traffic = Arc::new(traffic::TrafficRuntime::new(cfg.traffic.clone(), &cfg.data_dir));
+        let traffic = Arc::new(
+            traffic::TrafficRuntime::new(cfg.traffic.clone(), &cfg.data_dir)
+                .map_err(|e| AgentError::Config(cutover_shared::Error::Config(format!("traffic: {e}"))))?,
+        );
         Ok(Agent {
             dr,
             traffic,
@@ -143,7 +146,7 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.apps.readopt().await;
-        if let Err(e) = self.traffic.start().await {
+        for e in self.traffic.start().await {
             tracing::error!("traffic driver: {e}");
         }
         if self.backups.configured() {

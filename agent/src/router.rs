@@ -104,6 +104,9 @@ struct Shared {
     unreachable_wait_ms: AtomicU64,
     /// Bumped by every [`Router::set_upstream`] that changes it.
     moves: watch::Sender<u64>,
+    /// Requests waiting for traffic to move away from an unreachable
+    /// upstream.
+    awaiting_move: AtomicU64,
 }
 
 /// What a hold kept waiting, reported when it is released.
@@ -150,6 +153,7 @@ impl Router {
             held: std::sync::Mutex::new((None, 0)),
             unreachable_wait_ms: AtomicU64::new(0),
             moves: watch::Sender::new(0),
+            awaiting_move: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -194,11 +198,14 @@ impl Router {
     /// [`Router::release`], or the deadline, then is forwarded as usual.
     /// Holding again moves the deadline.
     pub fn hold(&self, max: Duration) {
-        let was = self.shared.hold.send_replace(Some(Instant::now() + max));
-        if was.is_none() {
-            *self.shared.held.lock().expect("held lock") = (None, 0);
+        // A hold that ended by its deadline counts as none: its figures
+        // are not this one's.
+        let mut held = self.shared.held.lock().expect("held lock");
+        if !self.holding() {
+            *held = (None, 0);
             tracing::info!(listen = %self.local_addr, max_ms = max.as_millis() as u64, "router holding new requests");
         }
+        self.shared.hold.send_replace(Some(Instant::now() + max));
     }
 
     /// Lets held requests go (to the upstream current now) and says how
@@ -214,6 +221,12 @@ impl Router {
             tracing::info!(listen = %self.local_addr, held = stats.held, longest_ms = stats.longest_ms, "router released held requests");
         }
         stats
+    }
+
+    /// Requests waiting now for traffic to move away from an upstream that
+    /// cannot be reached.
+    pub fn awaiting_move(&self) -> u64 {
+        self.shared.awaiting_move.load(Ordering::Relaxed)
     }
 
     /// Requests held since the current hold began (released ones too).
@@ -533,6 +546,7 @@ async fn proxy(
     {
         let mut moved = shared.moves.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
+        shared.awaiting_move.fetch_add(1, Ordering::Relaxed);
         while result
             .as_ref()
             .is_err_and(hyper_util::client::legacy::Error::is_connect)
@@ -549,6 +563,7 @@ async fn proxy(
             let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
             result = shared.client.request(upstream_request(&parts, addr, empty)).await;
         }
+        shared.awaiting_move.fetch_sub(1, Ordering::Relaxed);
     }
     match result {
         Ok(resp) => {
@@ -692,7 +707,7 @@ mod tests {
             let c = c.clone();
             async move { get(&c, addr, "/").await }
         });
-        while router.in_flight(lost) == 0 {
+        while router.awaiting_move() == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(!pending.is_finished());

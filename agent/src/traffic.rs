@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_shared::config::{Route53Config, TrafficApp, TrafficConfig, TrafficDriverKind};
@@ -52,70 +52,101 @@ pub struct TrafficRuntime {
     path: PathBuf,
     /// Serialises tasks: each reads, acts on and rewrites the routes.
     routes: tokio::sync::Mutex<BTreeMap<String, Route>>,
-    /// The front door's routers, by app, once [`TrafficRuntime::start`] ran.
-    doors: Mutex<HashMap<String, Router>>,
+    /// The front door's routers, by app, once [`TrafficRuntime::start`]
+    /// bound them.
+    doors: Mutex<HashMap<String, Arc<Router>>>,
 }
 
-fn read_routes(path: &std::path::Path) -> BTreeMap<String, Route> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+/// The routes recorded in `path`; none when the file does not exist. A
+/// file that cannot be read or parsed is an error: starting from the
+/// configured primaries would forget the epochs and may send traffic back
+/// to a fenced region.
+fn read_routes(path: &std::path::Path) -> Result<BTreeMap<String, Route>, String> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 impl TrafficRuntime {
-    pub fn new(cfg: Option<TrafficConfig>, data_dir: &std::path::Path) -> TrafficRuntime {
+    /// Reads what traffic moves this agent recorded; refuses a record it
+    /// cannot read.
+    pub fn new(cfg: Option<TrafficConfig>, data_dir: &std::path::Path) -> Result<TrafficRuntime, String> {
         let path = data_dir.join("traffic.json");
-        let mut routes = read_routes(&path);
+        let mut routes = if cfg.is_some() {
+            read_routes(&path)?
+        } else {
+            BTreeMap::new()
+        };
         for a in cfg.iter().flat_map(|c| &c.apps) {
             routes.entry(a.app.clone()).or_insert_with(|| Route {
                 region: a.primary.clone(),
                 epoch: 0,
             });
         }
-        TrafficRuntime {
+        Ok(TrafficRuntime {
             cfg,
             path,
             routes: tokio::sync::Mutex::new(routes),
             doors: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     pub fn configured(&self) -> bool {
         self.cfg.is_some()
     }
 
-    /// The apps whose traffic this agent moves.
+    /// The apps whose traffic this agent moves, as it registers them: for
+    /// the front door only those whose listener is bound, so a failover
+    /// never picks a door that is not there.
     pub fn apps(&self) -> Vec<String> {
-        self.cfg.iter().flat_map(|c| &c.apps).map(|a| a.app.clone()).collect()
+        let Some(cfg) = &self.cfg else { return vec![] };
+        let doors = self.doors.lock().expect("doors");
+        cfg.apps
+            .iter()
+            .filter(|a| cfg.driver != TrafficDriverKind::FrontDoor || doors.contains_key(&a.app))
+            .map(|a| a.app.clone())
+            .collect()
     }
 
     /// Starts the front door's listeners, each sending to the region its
-    /// route names. Other drivers have nothing to start.
-    pub async fn start(&self) -> Result<(), String> {
-        let Some(cfg) = &self.cfg else { return Ok(()) };
+    /// route names; an app whose listener fails is reported and left out
+    /// (the others start). Other drivers have nothing to start.
+    pub async fn start(&self) -> Vec<String> {
+        let Some(cfg) = &self.cfg else { return vec![] };
         if cfg.driver != TrafficDriverKind::FrontDoor {
-            return Ok(());
+            return vec![];
         }
         let routes = self.routes.lock().await.clone();
+        let mut errors = Vec::new();
         for a in &cfg.apps {
-            let listen: SocketAddr = parse_addr(a.listen.as_deref().unwrap_or_default())?;
             let region = routes.get(&a.app).map_or(a.primary.as_str(), |r| r.region.as_str());
-            let upstream = upstream(a, region)?;
-            let router = Router::bind(listen, upstream)
-                .await
-                .map_err(|e| format!("front door for {}: {e}", a.app))?;
-            // A lost region's requests wait for the failover as held ones do.
-            router.set_unreachable_wait(Duration::from_millis(cfg.max_hold_ms));
-            tracing::info!(app = %a.app, listen = %router.local_addr(), %region, "front door listening");
-            self.doors.lock().expect("doors").insert(a.app.clone(), router);
+            let bound = async {
+                let listen: SocketAddr = parse_addr(a.listen.as_deref().unwrap_or_default())?;
+                let upstream = upstream(a, region)?;
+                Router::bind(listen, upstream).await.map_err(|e| e.to_string())
+            };
+            match bound.await {
+                Ok(router) => {
+                    // A lost region's requests wait for the failover as
+                    // held ones do.
+                    router.set_unreachable_wait(Duration::from_millis(cfg.max_hold_ms));
+                    tracing::info!(app = %a.app, listen = %router.local_addr(), %region, "front door listening");
+                    self.doors
+                        .lock()
+                        .expect("doors")
+                        .insert(a.app.clone(), Arc::new(router));
+                }
+                Err(e) => errors.push(format!("front door for {}: {e}", a.app)),
+            }
         }
-        Ok(())
+        errors
     }
 
     /// The front door's address for `app`, once started.
     pub fn front_door(&self, app: &str) -> Option<SocketAddr> {
-        self.doors.lock().expect("doors").get(app).map(Router::local_addr)
+        self.doors.lock().expect("doors").get(app).map(|r| r.local_addr())
     }
 
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
@@ -153,20 +184,30 @@ impl TrafficRuntime {
             ));
         }
         out.region = Some(current.region.clone());
+        // A hold names where the failover will send traffic: a driver that
+        // could not send it there says so now, before anything is fenced.
+        if let Some(to) = &p.region {
+            upstream_value(entry, to)?;
+        }
         match (p.action, cfg.driver) {
             (TrafficAction::Hold, TrafficDriverKind::FrontDoor) => {
                 let max = Duration::from_millis(cfg.max_hold_ms);
-                self.door(app, |r| r.hold(max))?;
+                let door = self.door(app)?;
+                door.hold(max);
+                // Requests that passed the door before the hold finish
+                // before the old region stops taking traffic.
+                let drained = door.drain(door.upstream(), max).await;
                 Ok(format!(
-                    "front door holding {app}'s new requests (at most {} ms)",
-                    cfg.max_hold_ms
+                    "front door holding {app}'s new requests (at most {} ms); requests in flight {}",
+                    cfg.max_hold_ms,
+                    if drained { "finished" } else { "still running" }
                 ))
             }
             (TrafficAction::Hold, TrafficDriverKind::Route53) => {
                 Ok("Route 53 cannot hold requests; traffic keeps its records until moved".into())
             }
             (TrafficAction::Release, TrafficDriverKind::FrontDoor) => {
-                let stats = self.door(app, Router::release)?;
+                let stats = self.door(app)?.release();
                 out.released = Some(stats.held);
                 out.held_max_ms = Some(stats.longest_ms);
                 Ok(format!(
@@ -178,13 +219,30 @@ impl TrafficRuntime {
             (TrafficAction::Move, driver) => {
                 let to = p.region.clone().ok_or("a move names its region")?;
                 let target = upstream_value(entry, &to)?;
+                let route = Route {
+                    region: to.clone(),
+                    epoch: p.epoch,
+                };
+                let record = |routes: &mut BTreeMap<String, Route>| {
+                    if routes.get(app) == Some(&route) {
+                        return Ok(());
+                    }
+                    let mut next = routes.clone();
+                    next.insert(app.clone(), route.clone());
+                    self.save(&next)
+                        .map_err(|e| format!("cannot record {app}'s traffic moving to {to}: {e}"))?;
+                    *routes = next;
+                    Ok::<_, String>(())
+                };
                 let message = match driver {
                     TrafficDriverKind::FrontDoor => {
                         let addr = parse_addr(target)?;
-                        let stats = self.door(app, |r| {
-                            r.set_upstream(addr);
-                            r.release()
-                        })?;
+                        let door = self.door(app)?;
+                        // Durable first: a restarted door starts where
+                        // traffic went, never where it was.
+                        record(&mut routes)?;
+                        door.set_upstream(addr);
+                        let stats = door.release();
                         out.released = Some(stats.held);
                         out.held_max_ms = Some(stats.longest_ms);
                         format!(
@@ -195,30 +253,28 @@ impl TrafficRuntime {
                     TrafficDriverKind::Route53 => {
                         let r53 = cfg.route53.as_ref().ok_or("[traffic.route53] is missing")?;
                         progress(format!("upserting {app}'s Route 53 weights: {to} 100, others 0"));
-                        route53::set_weights(r53, entry, &to, p.epoch).await?
+                        // Route 53 holds the state; a failed record here
+                        // fails the task, and its re-run upserts again.
+                        let m = route53::set_weights(r53, entry, &to, p.epoch).await?;
+                        record(&mut routes)?;
+                        m
                     }
                 };
-                let route = Route {
-                    region: to.clone(),
-                    epoch: p.epoch,
-                };
-                if routes.get(app) != Some(&route) {
-                    routes.insert(app.clone(), route);
-                    self.save(&routes)
-                        .map_err(|e| format!("traffic moved, but recording it failed: {e}"))?;
-                }
                 out.region = Some(to);
                 Ok(message)
             }
         }
     }
 
-    fn door<T>(&self, app: &str, f: impl FnOnce(&Router) -> T) -> Result<T, String> {
-        let doors = self.doors.lock().expect("doors");
-        let r = doors
+    /// The front door of `app` (cloned out: no lock is held while it is
+    /// used).
+    fn door(&self, app: &str) -> Result<Arc<Router>, String> {
+        self.doors
+            .lock()
+            .expect("doors")
             .get(app)
-            .ok_or_else(|| format!("the front door for {app} is not listening (see the agent's log)"))?;
-        Ok(f(r))
+            .cloned()
+            .ok_or_else(|| format!("the front door for {app} is not listening (see the agent's log)"))
     }
 
     fn save(&self, routes: &BTreeMap<String, Route>) -> std::io::Result<()> {
@@ -448,8 +504,9 @@ mod tests {
     async fn moves_are_fenced_by_epoch_and_survive_a_restart() {
         let (east, west) = (app("us-east").await, app("eu-west").await);
         let dir = tempfile::tempdir().unwrap();
-        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path());
-        rt.start().await.unwrap();
+        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path()).unwrap();
+        assert!(rt.start().await.is_empty());
+        assert_eq!(rt.apps(), ["shop"]);
         let door = rt.front_door("shop").unwrap();
         assert!(body(door).await.contains("us-east"));
         let quiet = |_: String| {};
@@ -472,10 +529,40 @@ mod tests {
         assert!(!r.success);
         assert!(r.message.contains("does not manage cart"), "{}", r.message);
 
+        let r = rt
+            .execute(&task("shop", TrafficAction::Hold, Some("ap-south"), 3), &quiet)
+            .await;
+        assert!(!r.success);
+        assert!(r.message.contains("no address for region ap-south"), "{}", r.message);
+
         drop(rt);
-        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path());
-        rt.start().await.unwrap();
+        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path()).unwrap();
+        assert!(rt.start().await.is_empty());
         assert!(body(rt.front_door("shop").unwrap()).await.contains("eu-west"));
+
+        // A record it cannot read stops the driver: it would forget the
+        // epochs and start at the configured primary.
+        drop(rt);
+        std::fs::write(dir.path().join("traffic.json"), "{not json").unwrap();
+        let e = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path())
+            .err()
+            .unwrap();
+        assert!(e.contains("traffic.json"), "{e}");
+    }
+
+    /// A door that cannot listen is reported and not registered: no
+    /// failover is handed to it.
+    #[tokio::test]
+    async fn a_door_that_cannot_listen_is_not_registered() {
+        let (east, west) = (app("us-east").await, app("eu-west").await);
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = config(east.addr, west.addr);
+        cfg.apps[0].listen = Some(taken.local_addr().unwrap().to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let rt = TrafficRuntime::new(Some(cfg), dir.path()).unwrap();
+        let errors = rt.start().await;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(rt.apps().is_empty());
     }
 
     /// A hold keeps new requests waiting; the move releases them to the new
@@ -484,14 +571,16 @@ mod tests {
     async fn a_hold_then_a_move_releases_the_held_requests_to_the_new_region() {
         let (east, west) = (app("us-east").await, app("eu-west").await);
         let dir = tempfile::tempdir().unwrap();
-        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path());
-        rt.start().await.unwrap();
+        let rt = TrafficRuntime::new(Some(config(east.addr, west.addr)), dir.path()).unwrap();
+        assert!(rt.start().await.is_empty());
         let door = rt.front_door("shop").unwrap();
         let quiet = |_: String| {};
-        let r = rt.execute(&task("shop", TrafficAction::Hold, None, 1), &quiet).await;
+        let r = rt
+            .execute(&task("shop", TrafficAction::Hold, Some("eu-west"), 1), &quiet)
+            .await;
         assert!(r.success, "{}", r.message);
         let pending = tokio::spawn(body(door));
-        while rt.door("shop", Router::held).unwrap() < 1 {
+        while rt.door("shop").unwrap().held() < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let r = rt

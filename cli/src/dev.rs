@@ -38,7 +38,8 @@ pub fn region_database_url(template: &str, region: &str) -> String {
 pub struct DevAgent {
     pub region: String,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
+    /// `None` once stopped.
+    task: Option<JoinHandle<()>>,
 }
 
 /// What some agents get beyond the sample app's database: the demo's
@@ -196,7 +197,7 @@ impl DevSystem {
         let a = DevAgent {
             region,
             stop: Some(stop),
-            task,
+            task: Some(task),
         };
         if i < self.agents.len() {
             self.agents[i] = a;
@@ -213,7 +214,13 @@ impl DevSystem {
         if let Some(s) = self.agents[i].stop.take() {
             let _ = s.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.agents[i].task).await;
+        if let Some(mut task) = self.agents[i].task.take()
+            && tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err()
+        {
+            // Never two agents of one cluster: a restart must not race it.
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// Lines a shell can `eval` to drive this system as the operator.
@@ -382,9 +389,9 @@ impl DevSystem {
         // Agents stopped earlier were awaited then; the others now.
         let mut running = Vec::new();
         for a in self.agents.drain(..) {
-            if let Some(s) = a.stop {
+            if let (Some(s), Some(task)) = (a.stop, a.task) {
                 let _ = s.send(());
-                running.push(a.task);
+                running.push(task);
             }
         }
         for task in running {

@@ -108,15 +108,15 @@ pub fn failover_spec(
         fence_only: false,
         rejoin: false,
         rejoin_only: false,
-        traffic: traffic_agent(s, &app.name, &to),
+        traffic: traffic_agent(s, &app.name, &to, plan.from.as_ref()),
         to,
     })
 }
 
 /// The agent that moves `app`'s traffic: `to`'s own when it manages the
 /// app's traffic (it survives the region being left), else the first
-/// other one that is up.
-pub fn traffic_agent(s: &State, app: &str, to: &ClusterRef) -> Option<ClusterRef> {
+/// other one that is up outside `from`'s region, else `from`'s region's.
+pub fn traffic_agent(s: &State, app: &str, to: &ClusterRef, from: Option<&ClusterRef>) -> Option<ClusterRef> {
     let moves = |a: &cutover_shared::domain::AgentRecord| {
         a.state == AgentState::Up
             && a.traffic_apps.iter().any(|x| x == app)
@@ -125,7 +125,12 @@ pub fn traffic_agent(s: &State, app: &str, to: &ClusterRef) -> Option<ClusterRef
     if s.agents.get(&to.to_string()).is_some_and(moves) {
         return Some(to.clone());
     }
-    s.agents.values().find(|a| moves(a)).map(|a| a.cluster.clone())
+    let left = |a: &&cutover_shared::domain::AgentRecord| from.is_some_and(|f| f.region == a.cluster.region);
+    s.agents
+        .values()
+        .filter(|a| moves(a))
+        .min_by_key(|a| left(a))
+        .map(|a| a.cluster.clone())
 }
 
 /// The blockers of `plan` that `force` and `accept_data_loss` do not

@@ -861,7 +861,7 @@ fn a_failover_holds_traffic_first_and_a_failed_one_releases_it_last() {
     assert_eq!(
         traffic_actions(&w),
         [
-            (TrafficAction::Hold, None, false),
+            (TrafficAction::Hold, Some("eu-west".into()), false),
             (TrafficAction::Move, Some("eu-west".into()), false)
         ]
     );
@@ -883,7 +883,10 @@ fn a_failover_holds_traffic_first_and_a_failed_one_releases_it_last() {
     );
     assert_eq!(
         traffic_actions(&w),
-        [(TrafficAction::Hold, None, false), (TrafficAction::Release, None, true)]
+        [
+            (TrafficAction::Hold, Some("eu-west".into()), false),
+            (TrafficAction::Release, None, true)
+        ]
     );
 
     let mut w = World::new(false);
@@ -892,7 +895,10 @@ fn a_failover_holds_traffic_first_and_a_failed_one_releases_it_last() {
     assert_eq!(w.op("op-f").state, TaskState::Failed);
     assert_eq!(
         traffic_actions(&w),
-        [(TrafficAction::Hold, None, false), (TrafficAction::Release, None, true)]
+        [
+            (TrafficAction::Hold, Some("eu-west".into()), false),
+            (TrafficAction::Release, None, true)
+        ]
     );
 }
 

@@ -352,8 +352,14 @@ impl TrafficConfig {
         if !(100..=600_000).contains(&self.max_hold_ms) {
             return bad("max_hold_ms: between 100 and 600000".into());
         }
-        if self.driver == TrafficDriverKind::Route53 && self.route53.is_none() {
-            return bad("driver route53 needs [traffic.route53] hosted_zone_id".into());
+        match (&self.route53, self.driver) {
+            (None, TrafficDriverKind::Route53) => {
+                return bad("driver route53 needs [traffic.route53] hosted_zone_id".into());
+            }
+            (Some(r), _) if r.hosted_zone_id.trim().is_empty() => {
+                return bad("route53.hosted_zone_id is empty".into());
+            }
+            _ => {}
         }
         for (i, a) in self.apps.iter().enumerate() {
             crate::domain::validate_name("traffic.apps.app", &a.app).map_err(|e| Error::Config(e.to_string()))?;
@@ -368,8 +374,14 @@ impl TrafficConfig {
             }
             match self.driver {
                 TrafficDriverKind::FrontDoor => {
-                    if a.listen.is_none() {
+                    let Some(listen) = &a.listen else {
                         return bad(format!("app {}: the front door needs listen", a.app));
+                    };
+                    if listen.parse::<std::net::SocketAddr>().is_err() {
+                        return bad(format!("app {}: listen {listen:?} is not ip:port", a.app));
+                    }
+                    if self.apps[..i].iter().any(|b| b.listen == a.listen) {
+                        return bad(format!("app {}: listen {listen} is another app's", a.app));
                     }
                     for (r, addr) in &a.regions {
                         if addr.parse::<std::net::SocketAddr>().is_err() {
@@ -383,6 +395,23 @@ impl TrafficConfig {
                     }
                     if !["CNAME", "A", "AAAA"].contains(&a.record_type.as_str()) {
                         return bad(format!("app {}: record_type is CNAME, A or AAAA", a.app));
+                    }
+                    if !(0..=2_147_483_647).contains(&a.ttl) {
+                        return bad(format!("app {}: ttl is 0..=2147483647 seconds", a.app));
+                    }
+                    let family = |v: &str| v.parse::<std::net::IpAddr>().ok().map(|ip| ip.is_ipv4());
+                    for (r, v) in &a.regions {
+                        let fits = match a.record_type.as_str() {
+                            "A" => family(v) == Some(true),
+                            "AAAA" => family(v) == Some(false),
+                            _ => family(v).is_none() && !v.is_empty(),
+                        };
+                        if !fits {
+                            return bad(format!(
+                                "app {}: region {r}: {v:?} is not a value for a {} record",
+                                a.app, a.record_type
+                            ));
+                        }
                     }
                 }
             }
@@ -904,6 +933,43 @@ mod tests {
         assert!(e.contains("app sample is listed twice"), "{e}");
         let e = refused(&|t| t.max_hold_ms = 0);
         assert!(e.contains("max_hold_ms"), "{e}");
+        let e = refused(&|t| t.apps[0].listen = Some("localhost:80".into()));
+        assert!(e.contains("listen \"localhost:80\" is not ip:port"), "{e}");
+        let e = refused(&|t| {
+            let mut other = t.apps[0].clone();
+            other.app = "cart".into();
+            t.apps.push(other);
+        });
+        assert!(e.contains("is another app's"), "{e}");
+        let route53 = |t: &mut TrafficConfig| {
+            t.driver = TrafficDriverKind::Route53;
+            t.route53 = Some(Route53Config {
+                hosted_zone_id: "Z1".into(),
+                endpoint: None,
+                region: "us-east-1".into(),
+                credentials_file: None,
+            });
+            t.apps[0].record = Some("sample.example.com.".into());
+            t.apps[0].regions = [
+                ("us-east".into(), "10.0.0.1".into()),
+                ("eu-west".into(), "10.0.1.1".into()),
+            ]
+            .into();
+            t.apps[0].record_type = "A".into();
+        };
+        let mut ok = agent.clone();
+        route53(ok.traffic.as_mut().unwrap());
+        ok.validate().unwrap();
+        let e = refused(&|t| {
+            route53(t);
+            t.apps[0].record_type = "AAAA".into();
+        });
+        assert!(e.contains("is not a value for a AAAA record"), "{e}");
+        let e = refused(&|t| {
+            route53(t);
+            t.route53.as_mut().unwrap().hosted_zone_id = " ".into();
+        });
+        assert!(e.contains("hosted_zone_id is empty"), "{e}");
     }
 
     #[test]

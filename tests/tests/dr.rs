@@ -534,7 +534,9 @@ fn traffic_config(spec: &AppSpec, driver: TrafficDriverKind, listen: Option<&str
     };
     TrafficConfig {
         driver,
-        max_hold_ms: 10_000,
+        // Roomier than the default 10 s: the failover must end within it
+        // on a loaded CI machine too.
+        max_hold_ms: 30_000,
         route53: None,
         apps: vec![TrafficApp {
             app: "shop".into(),
@@ -631,7 +633,8 @@ async fn a_planned_failover_through_the_front_door_fails_no_request() {
     assert_eq!(out.region.as_deref(), Some("eu-west"));
     let released = out.released.unwrap();
     assert!(released > 0, "the front door held nothing: {}", moved.message);
-    assert!(out.held_max_ms.unwrap() < 10_000, "{}", moved.message);
+    assert!(out.held_max_ms.unwrap() < 30_000, "{}", moved.message);
+    assert!(!window.is_empty(), "no request started during the failover");
     let p99 = window[(window.len() * 99 / 100).min(window.len() - 1)];
     println!(
         "planned failover through the front door: {ok} requests, 0 failed; {released} held, longest {} ms; \

@@ -55,9 +55,10 @@ fn release_held(op: &Operation) -> Option<Step> {
         Some(TaskParams::TrafficMove(p)) => Some(p),
         _ => None,
     };
+    // A hold that failed held nothing.
     let (target, hold) = op.tasks.iter().find_map(|t| {
         traffic(t)
-            .filter(|p| p.action == TrafficAction::Hold)
+            .filter(|p| p.action == TrafficAction::Hold && t.state == TaskState::Succeeded)
             .map(|p| (t.spec.target.clone(), p))
     })?;
     let released = op.tasks.iter().any(|t| {

@@ -430,7 +430,7 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     )
                 })
             };
-            steps.extend(traffic(TrafficAction::Hold, None));
+            steps.extend(traffic(TrafficAction::Hold, Some(f.to.region.clone())));
             let mut fenced_at = None;
             if f.fence
                 && let Some(from) = &f.from
