@@ -17,12 +17,17 @@
 //!   agent process, beside `pg_dump | zstd | aws s3 cp -` and back, with the
 //!   agent's peak memory at two sizes.
 //!
+//! - `dr`: the RTO and RPO of an automatic failover after losing the primary
+//!   region, asynchronous and synchronous replication, cutover's fastest
+//!   detection beside Patroni's default timings on the same harness.
+//!
 //! `all` runs every scenario, and exits non-zero if any of them failed.
 
 #![forbid(unsafe_code)]
 
 mod backup;
 mod commit;
+mod dr;
 mod etcd;
 mod failover;
 mod fanin;
@@ -83,6 +88,15 @@ enum Scenario {
     Backup {
         #[arg(long)]
         quick: bool,
+    },
+    /// Automatic failover after losing the primary region: RTO and RPO,
+    /// beside Patroni's default timings.
+    Dr {
+        #[arg(long)]
+        quick: bool,
+        /// Trials per row.
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
     },
     /// Run every scenario.
     All {
@@ -323,6 +337,7 @@ async fn scenario(name: &str, quick: bool) -> Result<()> {
         "fanin" => fanin::run(quick).await?,
         "backup" => backup::run(quick).await?,
         "switch" => switch(quick, 100).await?,
+        "dr" => dr::run(quick, 20).await?,
         other => bail!("unknown scenario {other}"),
     };
     write_results(name, &v)
@@ -382,9 +397,13 @@ fn main() -> Result<()> {
             }
             Scenario::Fanin { quick } => scenario("fanin", quick).await?,
             Scenario::Backup { quick } => scenario("backup", quick).await?,
+            Scenario::Dr { quick, trials } => {
+                let v = dr::run(quick, trials).await?;
+                write_results("dr", &v)?;
+            }
             Scenario::All { quick } => {
                 let mut failed = Vec::new();
-                for name in ["commit", "failover", "fanin", "switch", "backup"] {
+                for name in ["commit", "failover", "fanin", "switch", "backup", "dr"] {
                     let t = Instant::now();
                     println!("== {name}");
                     match scenario(name, quick).await {

@@ -2,7 +2,7 @@
 //! acknowledged is what a failover must not lose, and which server took
 //! each write shows where the primary was.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Inserts 1, 2, 3, ... one autocommitted row each, into whichever of
 /// `urls` takes writes, and records each number whose commit was
@@ -10,22 +10,36 @@ use std::time::Duration;
 /// the next server: the writer follows the primary across a failover.
 pub struct SequenceWriter {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    acked: std::sync::Arc<std::sync::Mutex<Vec<(i64, usize)>>>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(i64, usize, Instant)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl SequenceWriter {
     pub fn start(urls: Vec<String>) -> SequenceWriter {
+        Self::start_paced(urls, None)
+    }
+
+    /// [`SequenceWriter::start`], offering at most `per_sec` writes a
+    /// second (`None`: as fast as the server acknowledges them).
+    pub fn start_paced(urls: Vec<String>, per_sec: Option<u32>) -> SequenceWriter {
         use sqlx::Connection;
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (s, a) = (stop.clone(), acked.clone());
         let task = tokio::spawn(async move {
+            let mut pace = per_sec.map(|r| {
+                let mut i = tokio::time::interval(Duration::from_secs(1) / r.max(1));
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                i
+            });
             let mut n: i64 = 1;
             let mut at = 0usize;
             let mut conn: Option<sqlx::PgConnection> = None;
             while !s.load(Ordering::Relaxed) {
+                if let Some(p) = pace.as_mut() {
+                    p.tick().await;
+                }
                 if conn.is_none() {
                     conn = sqlx::PgConnection::connect(&urls[at]).await.ok();
                 }
@@ -46,7 +60,7 @@ impl SequenceWriter {
                     Some(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("23505")
                 );
                 if matches!(r, Some(Ok(_))) {
-                    a.lock().unwrap().push((n, at));
+                    a.lock().unwrap().push((n, at, Instant::now()));
                     n += 1;
                 } else if exists {
                     n += 1;
@@ -64,7 +78,17 @@ impl SequenceWriter {
 
     /// How many commits server `i` acknowledged so far.
     pub fn acked_on(&self, i: usize) -> usize {
-        self.acked.lock().unwrap().iter().filter(|(_, at)| *at == i).count()
+        self.acked.lock().unwrap().iter().filter(|(_, at, _)| *at == i).count()
+    }
+
+    /// When server `i` first acknowledged a commit.
+    pub fn first_ack_on(&self, i: usize) -> Option<Instant> {
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, at, _)| *at == i)
+            .map(|(_, _, t)| *t)
     }
 
     /// Waits until server `i` acknowledged `n` more commits (panics after
@@ -85,7 +109,7 @@ impl SequenceWriter {
     pub async fn finish(self) -> Vec<i64> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap();
-        self.acked.lock().unwrap().iter().map(|(n, _)| *n).collect()
+        self.acked.lock().unwrap().iter().map(|(n, _, _)| *n).collect()
     }
 }
 
