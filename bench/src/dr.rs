@@ -91,6 +91,10 @@ async fn trial(d: Detection, synchronous: bool) -> Result<Trial> {
     let mut cfg = c.agent_config(1);
     cfg.databases = vec![database("shop", &sf, DbRole::Standby, Some("us-east/c1"))];
     c.start_agent_with(1, cfg)?;
+    c.wait_state(leader, T, "both agents up", |s| {
+        s.agents.values().filter(|a| a.state == AgentState::Up).count() == 2
+    })
+    .await?;
     let mut spec = sample_app_spec("shop", REGIONS);
     spec.dr.automatic = true;
     spec.dr.failover_after_secs = d.failover_after_secs;
@@ -100,12 +104,11 @@ async fn trial(d: Detection, synchronous: bool) -> Result<Trial> {
         .await?;
     primary.psql("shop", "insert into seq values (0)")?;
     let written = parse_lsn(&primary.current_lsn()?).context("the primary's position")?;
-    c.wait_state(leader, T, "both agents up and the standby caught up", |s| {
-        let dbs = s.db_status.get("shop");
-        s.agents.values().filter(|a| a.state == AgentState::Up).count() == 2
-            && dbs
-                .and_then(|d| d.get("eu-west/c1"))
-                .is_some_and(|st| st.role == Some(DbRole::Standby) && st.lsn.is_some_and(|l| l >= written))
+    c.wait_state(leader, T, "the standby to catch up", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("eu-west/c1"))
+            .is_some_and(|st| st.role == Some(DbRole::Standby) && st.lsn.is_some_and(|l| l >= written))
     })
     .await?;
 
