@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app_tasks;
+pub mod aws;
 pub mod backup;
 pub mod db_tasks;
 pub mod dr;

@@ -309,7 +309,6 @@ mod route53 {
     //! The Route 53 driver: weighted record sets, upserted in one change
     //! batch, then `GetChange` until `INSYNC`.
 
-    use aws_sdk_route53::config::{BehaviorVersion, Region};
     use aws_sdk_route53::types::{
         Change, ChangeAction, ChangeBatch, ChangeStatus, ResourceRecord, ResourceRecordSet, RrType,
     };
@@ -317,29 +316,11 @@ mod route53 {
     use super::*;
 
     fn error<E: std::error::Error>(what: &str, e: E) -> String {
-        let mut msg = format!("Route 53 {what}: {e}");
-        let mut src = e.source();
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        msg
+        crate::aws::error_chain(&format!("Route 53 {what}"), &e)
     }
 
     async fn client(cfg: &Route53Config) -> aws_sdk_route53::Client {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
-        if let Some(file) = &cfg.credentials_file {
-            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
-            let files = EnvConfigFiles::builder()
-                .with_file(EnvConfigFileKind::Credentials, file)
-                .build();
-            loader = loader.credentials_provider(
-                aws_config::profile::ProfileFileCredentialsProvider::builder()
-                    .profile_files(files)
-                    .build(),
-            );
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws::sdk_config(&cfg.region, cfg.credentials_file.as_deref()).await;
         let mut b = aws_sdk_route53::config::Builder::from(&shared);
         if let Some(e) = &cfg.endpoint {
             b = b.endpoint_url(e);

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use cutover_devkit::ports::stable_free_addr;
 use cutover_devkit::postgres::TestPostgres;
 use cutover_devkit::writer::{SequenceWriter, database, numbers_on};
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+use cutover_shared::app::AppSpec;
 use cutover_shared::config::{TrafficApp, TrafficConfig, TrafficDriverKind};
 use cutover_shared::domain::{Operation, TaskState};
 use cutover_shared::dr::DbRole;
@@ -162,45 +162,15 @@ impl DrRig {
     /// rig's router addresses, failing over automatically one second after
     /// its primary is lost, accepting at most 5 s of data loss.
     fn spec(&self) -> Result<AppSpec> {
-        let exe = std::env::current_exe()?.display().to_string();
-        let mut spec = AppSpec {
-            dr: Default::default(),
-            name: APP.into(),
-            clusters: [("us-east", "us-east-1"), ("eu-west", "eu-west-1")]
-                .iter()
-                .zip(&self.routers)
-                .map(|((region, cluster), listen)| AppCluster {
-                    region: region.to_string(),
-                    cluster: cluster.to_string(),
-                    driver: DriverKind::Local,
-                    local: Some(LocalSpec {
-                        command: [&exe, "sample-app", "--version", "{image}", "--listen", "{listen}"]
-                            .map(String::from)
-                            .to_vec(),
-                        listen: listen.clone(),
-                        preview_listen: stable_free_addr(),
-                        drain_timeout_ms: 5000,
-                    }),
-                    kubernetes: None,
-                })
-                .collect(),
-            health: vec![Probe::Http {
-                path: "/health".into(),
-                status: 200,
-                body_contains: None,
-            }],
-            load: LoadProbe {
-                requests: 20,
-                rate_per_sec: 100,
-                min_rps: 10.0,
-                ..LoadProbe::default()
-            },
-            scale_down_delay_secs: None,
-            waves: vec![],
-            bake_secs: 0,
-            required_attestations: Default::default(),
-            migration_checks: vec![],
-        };
+        let exe = std::env::current_exe()?;
+        let mut spec =
+            cutover_devkit::sample_app::spec(APP, &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")], &exe);
+        for (c, listen) in spec.clusters.iter_mut().zip(&self.routers) {
+            if let Some(l) = c.local.as_mut() {
+                l.listen = listen.clone();
+            }
+        }
+        spec.bake_secs = 0;
         spec.dr.automatic = true;
         spec.dr.failover_after_secs = 1;
         spec.dr.max_data_loss_secs = 5;

@@ -740,23 +740,25 @@ fn a_failover_fences_then_promotes_at_the_fence_position_under_one_epoch() {
     );
 }
 
+/// Fails the failover's step that runs `action` (operation `op-f`).
+fn fail_on(action: FailoverAction) -> impl Fn(&mut World, Event) -> bool {
+    move |w: &mut World, e: Event| {
+        e == Event::Fail
+            && w.op("op-f").tasks.iter().any(|t| {
+                !t.state.is_finished()
+                    && matches!(
+                        TaskParams::from_wire(&t.spec.kind, &t.spec.params),
+                        Ok(TaskParams::DbFailover(f)) if f.action == action
+                    )
+            })
+    }
+}
+
 /// A failover that failed before it promoted anything lifts the fence and
 /// ends the maintenance; one whose promotion was sent undoes nothing (two
 /// writable primaries are worse), and says so.
 #[test]
 fn a_failed_failover_is_undone_only_before_the_promotion() {
-    let fail_on = |action: FailoverAction| {
-        move |w: &mut World, e: Event| {
-            e == Event::Fail
-                && w.op("op-f").tasks.iter().any(|t| {
-                    !t.state.is_finished()
-                        && matches!(
-                            TaskParams::from_wire(&t.spec.kind, &t.spec.params),
-                            Ok(TaskParams::DbFailover(f)) if f.action == action
-                        )
-                })
-        }
-    };
     let mut w = World::new(false);
     w.apply(Command::CreateOperation {
         operation: failover_op("op-f", 1),
@@ -829,18 +831,6 @@ fn a_failover_holds_traffic_first_and_a_failed_one_releases_it_last() {
             audit: audit(),
             fix_inputs: true,
         });
-    };
-    let fail_on = |action: FailoverAction| {
-        move |w: &mut World, e: Event| {
-            e == Event::Fail
-                && w.op("op-f").tasks.iter().any(|t| {
-                    !t.state.is_finished()
-                        && matches!(
-                            TaskParams::from_wire(&t.spec.kind, &t.spec.params),
-                            Ok(TaskParams::DbFailover(f)) if f.action == action
-                        )
-                })
-        }
     };
 
     let mut w = World::new(false);

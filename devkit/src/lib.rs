@@ -12,4 +12,5 @@
 
 pub mod ports;
 pub mod postgres;
+pub mod sample_app;
 pub mod writer;

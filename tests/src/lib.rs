@@ -392,61 +392,14 @@ impl Drop for TestCluster {
 /// Local-driver settings that run `program sample-app` (the `cutover`
 /// binary, or the bench binary) on fresh loopback addresses.
 pub fn sample_app_local(program: &Path) -> cutover_shared::app::LocalSpec {
-    cutover_shared::app::LocalSpec {
-        command: [
-            program.display().to_string().as_str(),
-            "sample-app",
-            "--version",
-            "{image}",
-            "--listen",
-            "{listen}",
-        ]
-        .map(String::from)
-        .to_vec(),
-        // Below the ephemeral range: a port `bind(0)` released can be
-        // taken by another test's outgoing connection before the app binds
-        // it (CI saw "router cannot listen ...: Address already in use").
-        listen: stable_free_addr(),
-        preview_listen: stable_free_addr(),
-        drain_timeout_ms: 5000,
-    }
+    cutover_devkit::sample_app::local(program)
 }
 
 /// App `name` running the sample app (this build's `cutover sample-app`)
 /// under the local driver in each `(region, cluster)`: an HTTP health
 /// probe, a light load probe, no waves, a 1 s bake. Tests adjust the rest.
 pub fn sample_app_spec(name: &str, regions: &[(&str, &str)]) -> cutover_shared::app::AppSpec {
-    use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
-    AppSpec {
-        dr: Default::default(),
-        name: name.into(),
-        clusters: regions
-            .iter()
-            .map(|(r, c)| AppCluster {
-                region: r.to_string(),
-                cluster: c.to_string(),
-                driver: DriverKind::Local,
-                local: Some(sample_app_local(&cutover_bin())),
-                kubernetes: None,
-            })
-            .collect(),
-        health: vec![Probe::Http {
-            path: "/health".into(),
-            status: 200,
-            body_contains: None,
-        }],
-        load: LoadProbe {
-            requests: 20,
-            rate_per_sec: 100,
-            min_rps: 10.0,
-            ..LoadProbe::default()
-        },
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs: 1,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-    }
+    cutover_devkit::sample_app::spec(name, regions, &cutover_bin())
 }
 
 /// The `cutover` binary built alongside the tests (`cargo build --bin cutover`

@@ -204,6 +204,22 @@ async fn wait_agent_down(c: &TestCluster, leader: usize, cluster: &str) {
     .unwrap();
 }
 
+/// A planned failover of `shop` to eu-west, followed until it succeeded.
+async fn fail_over_to_eu_west(c: &TestCluster, leader: usize) -> cutover_shared::domain::Operation {
+    let id = c
+        .operator(leader)
+        .failover(pb::FailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    succeeded(c, leader, &id, "the failover to finish").await
+}
+
 /// Deploys `sample:v1` of `shop` everywhere and waits until it succeeded.
 async fn deploy_v1(c: &TestCluster, leader: usize) {
     let id = c
@@ -570,7 +586,6 @@ async fn a_planned_failover_through_the_front_door_fails_no_request() {
         Some(&|spec: &AppSpec| traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door))),
     )
     .await;
-    let mut op = c.operator(leader);
     wait_caught_up(&primary, &c, leader).await;
     deploy_v1(&c, leader).await;
 
@@ -582,17 +597,7 @@ async fn a_planned_failover_through_the_front_door_fails_no_request() {
     let (ok_before, failed_before) = load.counts();
     assert_eq!(failed_before, 0, "requests failed before the failover");
     let started = std::time::Instant::now();
-    let id = op
-        .failover(pb::FailoverRequest {
-            app: "shop".into(),
-            to: "eu-west".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    let done = succeeded(&c, leader, &id, "the failover to finish").await;
+    let done = fail_over_to_eu_west(&c, leader).await;
     let finished = std::time::Instant::now();
     c.wait_state(leader, T, "load on eu-west", |_| load.counts().0 >= ok_before + 200)
         .await
@@ -713,18 +718,7 @@ async fn a_failover_moves_route53_weights_to_the_new_region() {
     )
     .await;
     wait_caught_up(&primary, &c, leader).await;
-    let id = c
-        .operator(leader)
-        .failover(pb::FailoverRequest {
-            app: "shop".into(),
-            to: "eu-west".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    let done = succeeded(&c, leader, &id, "the failover to finish").await;
+    let done = fail_over_to_eu_west(&c, leader).await;
     let moves: Vec<&str> = done
         .tasks
         .iter()

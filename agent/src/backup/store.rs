@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     BucketVersioningStatus, ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled,
@@ -78,34 +78,14 @@ pub struct ObjectStore {
 }
 
 fn store_err(what: &str, e: impl std::error::Error) -> BackupError {
-    // The SDK's Display is terse ("service error"); its source chain names
-    // the S3 error code. Neither carries credentials.
-    let mut msg = format!("{what}: {e}");
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    BackupError::Store(msg)
+    BackupError::Store(crate::aws::error_chain(what, &e))
 }
 
 impl ObjectStore {
     /// A client for `cfg`, with credentials from the usual AWS chain.
     pub async fn connect(cfg: &BackupStoreConfig) -> Result<ObjectStore, BackupError> {
         cfg.validate().map_err(|e| BackupError::Config(e.to_string()))?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
-        if let Some(file) = &cfg.credentials_file {
-            use aws_runtime::env_config::file::{EnvConfigFileKind, EnvConfigFiles};
-            let files = EnvConfigFiles::builder()
-                .with_file(EnvConfigFileKind::Credentials, file)
-                .build();
-            loader = loader.credentials_provider(
-                aws_config::profile::ProfileFileCredentialsProvider::builder()
-                    .profile_files(files)
-                    .build(),
-            );
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws::sdk_config(&cfg.region, cfg.credentials_file.as_deref()).await;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
             // We send our own SHA-256 with every part; the SDK must not add
             // a CRC32 of its own, which a SHA-256 upload refuses.
