@@ -151,8 +151,11 @@ impl TrafficRuntime {
 
     pub async fn execute(&self, task: &TaskSpec, progress: &(dyn Fn(String) + Send + Sync)) -> TaskResult {
         let mut out = TrafficOutputs::default();
+        // The app's definition, when the coordinator attached it: a move
+        // through the front door is verified with its health probes.
+        let spec = cutover_shared::task::attached_spec(&task.params).ok();
         let ran = match TaskParams::from_wire(&task.kind, &task.params) {
-            Ok(TaskParams::TrafficMove(p)) => self.run(&p, progress, &mut out).await,
+            Ok(TaskParams::TrafficMove(p)) => self.run(&p, spec.as_ref(), progress, &mut out).await,
             Ok(other) => Err(format!("{} is not a traffic task", other.kind())),
             Err(e) => Err(e.to_string()),
         };
@@ -166,6 +169,7 @@ impl TrafficRuntime {
     async fn run(
         &self,
         p: &TrafficParams,
+        spec: Option<&cutover_shared::app::AppSpec>,
         progress: &(dyn Fn(String) + Send + Sync),
         out: &mut TrafficOutputs,
     ) -> Result<String, String> {
@@ -245,10 +249,30 @@ impl TrafficRuntime {
                         let stats = door.release();
                         out.released = Some(stats.held);
                         out.held_max_ms = Some(stats.longest_ms);
-                        format!(
+                        let moved = format!(
                             "front door sends {app} to {to} ({addr}); released {} held requests (longest wait {} ms)",
                             stats.held, stats.longest_ms
-                        )
+                        );
+                        // Verify: the app's health probes through the door,
+                        // as its users reach it.
+                        match spec {
+                            Some(spec) if !spec.health.is_empty() => {
+                                let through = door.local_addr().to_string();
+                                let failed = crate::gates::failing_probes(spec, &through).await;
+                                if !failed.is_empty() {
+                                    let why: Vec<String> = failed
+                                        .iter()
+                                        .map(|f| format!("FAIL {}: {}", f.name, f.detail))
+                                        .collect();
+                                    return Err(format!("{moved}; through the front door: {}", why.join("; ")));
+                                }
+                                format!(
+                                    "{moved}; verified through the front door: {} probes passed",
+                                    spec.health.len()
+                                )
+                            }
+                            _ => moved,
+                        }
                     }
                     TrafficDriverKind::Route53 => {
                         let r53 = cfg.route53.as_ref().ok_or("[traffic.route53] is missing")?;

@@ -92,15 +92,27 @@ pub fn failover_spec(
         .from
         .as_ref()
         .is_some_and(|f| s.agents.get(&f.to_string()).is_some_and(|a| a.state == AgentState::Up));
+    let statuses = s.app_status.get(&app.name);
+    let verify_color = statuses.and_then(|st| st.get(&to.to_string())).and_then(|st| st.active);
+    // Nothing serves in `to`: deploy what the old primary's region served
+    // (else any region), so traffic has somewhere to go.
+    let serving = |c: &ClusterRef| {
+        let st = statuses?.get(&c.to_string())?;
+        let active = st.active?;
+        st.colors.iter().find(|x| x.color == active).map(|x| x.image.clone())
+    };
+    let deploy_image = verify_color.is_none().then(|| {
+        plan.from
+            .as_ref()
+            .and_then(serving)
+            .or_else(|| app.clusters.iter().find_map(|c| serving(&c.cluster_ref())))
+    });
     Some(FailoverSpec {
         from: plan.from.clone(),
         epoch: s.dr_epochs.get(&app.name).map_or(0, |e| e.epoch) + 1,
         fence,
-        verify_color: s
-            .app_status
-            .get(&app.name)
-            .and_then(|st| st.get(&to.to_string()))
-            .and_then(|st| st.active),
+        verify_color,
+        deploy_image: deploy_image.flatten(),
         data_loss_window_ms: plan.data_loss_window_ms,
         wal_behind_bytes: plan.wal_behind_bytes,
         force,

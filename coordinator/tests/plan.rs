@@ -679,6 +679,7 @@ fn failover_op(id: &str, epoch: u64) -> Operation {
                 rejoin: false,
                 rejoin_only: false,
                 traffic: None,
+                deploy_image: None,
             })),
             ..OperationSpec::default()
         },
@@ -890,6 +891,49 @@ fn a_failover_holds_traffic_first_and_a_failed_one_releases_it_last() {
             (TrafficAction::Release, None, true)
         ]
     );
+}
+
+/// Where nothing served in the new primary's region, the failover deploys
+/// the release the old region served, gates it and switches to it, all
+/// before traffic moves there.
+#[test]
+fn a_failover_into_a_region_serving_nothing_deploys_the_release_there_first() {
+    let mut w = World::new(false);
+    let mut op = failover_op("op-f", 1);
+    {
+        let f = op.spec.failover.as_mut().unwrap();
+        f.verify_color = None;
+        f.deploy_image = Some("shop:v1".into());
+        f.traffic = Some(target("global"));
+    }
+    w.apply(Command::CreateOperation {
+        operation: op,
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-f", |_, e| e == Event::Duplicate);
+    assert_eq!(w.op("op-f").state, TaskState::Succeeded, "{}", w.op("op-f").summary);
+    assert_eq!(
+        w.steps("op-f"),
+        [
+            "traffic.move global",
+            "app.maintenance us-east",
+            "db.failover us-east",
+            "db.failover eu-west",
+            "app.deploy eu-west",
+            "app.gates eu-west",
+            "app.switch eu-west",
+            "traffic.move global"
+        ]
+    );
+    // The gates and the switch name the color the deploy wrote.
+    let deployed = w.op("op-f").tasks[4]
+        .result
+        .as_ref()
+        .map(|r| r.outputs.get("color").cloned());
+    let switched = w.op("op-f").tasks[6].spec.params.get("to").cloned();
+    assert!(switched.is_some());
+    assert_eq!(deployed, Some(switched));
 }
 
 /// A failover with `rejoin` (what `dr failback` asks) rebuilds the old

@@ -174,6 +174,11 @@ pub struct FailoverSpec {
     /// manages the app's traffic; it stays where each platform sends it).
     #[serde(default)]
     pub traffic: Option<ClusterRef>,
+    /// Repoint: the release to deploy in `to`, where nothing served at
+    /// creation (the one the old primary's region served), before traffic
+    /// moves there.
+    #[serde(default)]
+    pub deploy_image: Option<String>,
 }
 
 impl FailoverSpec {

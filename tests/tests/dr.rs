@@ -634,6 +634,13 @@ async fn a_planned_failover_through_the_front_door_fails_no_request() {
         done.summary
     );
     let moved = done.tasks[4].result.as_ref().unwrap();
+    assert!(
+        moved
+            .message
+            .contains("verified through the front door: 1 probes passed"),
+        "{}",
+        moved.message
+    );
     let out = cutover_shared::task::outputs::TrafficOutputs::from_wire(&moved.outputs);
     assert_eq!(out.region.as_deref(), Some("eu-west"));
     let released = out.released.unwrap();
@@ -800,6 +807,17 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
         .psql("shop", "insert into seq select g from generate_series(1, 100) g")
         .unwrap();
     wait_standby_lag_over_5s(&c, leader).await;
+    // The primary's report names the 100 writes too (before its agent is
+    // lost), so the plan knows the WAL the standby lacks.
+    let written = parse_lsn(&primary.current_lsn().unwrap()).unwrap();
+    c.wait_state(leader, T, "the primary's report of the 100 writes", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("us-east/c1"))
+            .is_some_and(|d| d.lsn.is_some_and(|l| l >= written))
+    })
+    .await
+    .unwrap();
     // The agent's config, to bring it back later.
     let mut us_east_cfg = c.agent_config(0);
     us_east_cfg.databases = vec![database(&c.tmp.path().join("primary-url"), DbRole::Primary, None)];

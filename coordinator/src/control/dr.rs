@@ -213,6 +213,7 @@ impl ControlApi {
                 rejoin: false,
                 rejoin_only: true,
                 traffic: None,
+                deploy_image: None,
             })),
             ..OperationSpec::default()
         };

@@ -188,6 +188,7 @@ pub fn due(s: &State, now: i64) -> Vec<Command> {
                 rejoin: false,
                 rejoin_only: false,
                 traffic: None,
+                deploy_image: None,
             };
             let operation = new_operation(id, app, vec![cluster.clone()], fence, FENCE_ACTOR, now);
             out.push(Command::CreateOperation {

@@ -455,6 +455,35 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     .and_then(|r| outputs::FailoverOutputs::from_wire(&r.outputs).lsn);
             }
             steps.push(failover(&f.to, FailoverAction::Promote, fenced_at));
+            // Repoint: nothing served in `to`, so the release goes there
+            // (its inactive color), passes its gates and takes its traffic,
+            // all before traffic moves to the region.
+            if let Some(image) = &f.deploy_image {
+                steps.push(Step::new(
+                    &f.to,
+                    TaskParams::AppDeploy {
+                        app: app(),
+                        image: image.clone(),
+                    },
+                ));
+                if let Some(color) = deployed_color(op, &f.to) {
+                    steps.push(Step::new(
+                        &f.to,
+                        TaskParams::AppGates {
+                            app: app(),
+                            color: Some(color),
+                        },
+                    ));
+                    steps.push(Step::new(
+                        &f.to,
+                        TaskParams::AppSwitch {
+                            app: app(),
+                            to: Some(color),
+                            compensate: false,
+                        },
+                    ));
+                }
+            }
             steps.extend(traffic(TrafficAction::Move, Some(f.to.region.clone())));
             if let Some(color) = f.verify_color {
                 steps.push(Step::new(
