@@ -22,9 +22,16 @@ pub fn cluster_views(s: &State, app: &AppSpec) -> Vec<ClusterView> {
         .map(|c| {
             let cluster = c.cluster_ref();
             let key = cluster.to_string();
+            let agent = s.agents.get(&key);
+            let database = dbs.and_then(|d| d.get(&key)).cloned();
+            let lost_at_unix_ms = match agent {
+                Some(a) if a.state == AgentState::Down => Some(a.since_unix_ms),
+                _ => database.as_ref().and_then(|d| d.unreachable_since_unix_ms),
+            };
             ClusterView {
-                agent_up: s.agents.get(&key).is_some_and(|a| a.state == AgentState::Up),
-                database: dbs.and_then(|d| d.get(&key)).cloned(),
+                agent_up: agent.is_some_and(|a| a.state == AgentState::Up),
+                database,
+                lost_at_unix_ms,
                 cluster,
             }
         })

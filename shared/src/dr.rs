@@ -233,6 +233,9 @@ pub struct ClusterView {
     pub agent_up: bool,
     /// The app's database there, as last reported.
     pub database: Option<DatabaseStatus>,
+    /// Since when the cluster is lost: its agent marked down, or its
+    /// database unreachable by its agent. `None` while it is there.
+    pub lost_at_unix_ms: Option<i64>,
 }
 
 /// Where the new primary's data comes from.
@@ -405,7 +408,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
     let (source, window) = match target {
         Some(t) if standby(t) => {
             let lag_ms = t.database.as_ref().and_then(|d| d.lag_ms);
-            (Some(DataSource::Standby { lag_ms }), lag_ms)
+            (Some(DataSource::Standby { lag_ms }), window_at_loss(t, from.as_ref()))
         }
         Some(t) if t.database.is_some() => match newest_backup {
             Some(b) => (
@@ -538,6 +541,26 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
     })
 }
 
+/// The data a promotion of standby `t` would lose. With the primary there,
+/// the standby's lag now. With the primary lost, its lag when the primary
+/// was lost: once the primary is gone the standby receives nothing, so its
+/// lag (the age of the last transaction it replayed) grows by the clock
+/// alone, and a window that grew that way would block every failover that
+/// waits `failover_after_secs` past `max_data_loss_secs`. The loss is when
+/// it was noticed, a little after it happened, so the window errs large.
+fn window_at_loss(t: &ClusterView, from: Option<&ClusterView>) -> Option<u64> {
+    let db = t.database.as_ref()?;
+    let lag = db.lag_ms?;
+    let Some(lost_at) = from.and_then(|f| f.lost_at_unix_ms) else {
+        return Some(lag);
+    };
+    // When the standby last replayed a transaction.
+    let replayed_at = db
+        .observed_at_unix_ms
+        .saturating_sub(i64::try_from(lag).unwrap_or(i64::MAX));
+    Some(u64::try_from(lost_at.saturating_sub(replayed_at)).unwrap_or(0).min(lag))
+}
+
 fn steps(app: &str, from: Option<&ClusterRef>, to: Option<&ClusterRef>, source: Option<&DataSource>) -> Vec<PlanStep> {
     let from = from.map_or_else(|| "the old primary".to_owned(), ToString::to_string);
     let to = to.map_or_else(|| "the target".to_owned(), ToString::to_string);
@@ -610,6 +633,7 @@ mod tests {
 
     fn view(region: &str, up: bool, database: Option<DatabaseStatus>) -> ClusterView {
         ClusterView {
+            lost_at_unix_ms: None,
             cluster: ClusterRef::new(region, "c1").unwrap(),
             agent_up: up,
             database,
@@ -674,6 +698,37 @@ mod tests {
         assert!(p.blockers.is_empty(), "{:?}", p.blockers);
         let names: Vec<&str> = p.steps.iter().map(|s| s.name).collect();
         assert_eq!(names, ["fence", "promote", "repoint", "move-traffic", "verify"]);
+    }
+
+    /// Once the primary is lost the standby's lag grows by the clock alone;
+    /// the window is its lag when the loss was noticed, so waiting
+    /// `failover_after_secs` does not push it over `max_data_loss_secs`.
+    #[test]
+    fn a_lost_primary_s_window_is_the_standby_s_lag_when_it_was_lost() {
+        let app = app();
+        let lost_at = 1_000_000;
+        // Observed 40 s after the loss: the last transaction it replayed
+        // was 40.3 s old, so 300 ms before the loss.
+        let mut standby = db(Some(DbRole::Standby), DbRole::Standby, Some(40_300));
+        standby.observed_at_unix_ms = lost_at + 40_000;
+        let mut primary = view("us-east", false, Some(db(Some(DbRole::Primary), DbRole::Primary, None)));
+        primary.lost_at_unix_ms = Some(lost_at);
+        let clusters = vec![primary, view("eu-west", true, Some(standby.clone()))];
+        let p = plan(&input(&app, clusters, None)).unwrap();
+        assert_eq!(p.source, Some(DataSource::Standby { lag_ms: Some(40_300) }));
+        assert_eq!(p.data_loss_window_ms, Some(300));
+        assert!(
+            p.blockers.iter().all(|b| !b.reason.contains("data-loss window")),
+            "{:?}",
+            p.blockers
+        );
+        // A primary that is there: the lag now.
+        let clusters = vec![
+            view("us-east", true, Some(db(Some(DbRole::Primary), DbRole::Primary, None))),
+            view("eu-west", true, Some(standby)),
+        ];
+        let p = plan(&input(&app, clusters, None)).unwrap();
+        assert_eq!(p.data_loss_window_ms, Some(40_300));
     }
 
     #[test]
