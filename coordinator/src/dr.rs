@@ -24,8 +24,16 @@ pub fn cluster_views(s: &State, app: &AppSpec) -> Vec<ClusterView> {
             let key = cluster.to_string();
             let agent = s.agents.get(&key);
             let database = dbs.and_then(|d| d.get(&key)).cloned();
+            // A lost agent's region was last seen in its last database
+            // report (it is marked down only heartbeats later); a server
+            // its agent cannot reach, at the first report that said so.
             let lost_at_unix_ms = match agent {
-                Some(a) if a.state == AgentState::Down => Some(a.since_unix_ms),
+                Some(a) if a.state == AgentState::Down => Some(
+                    database
+                        .as_ref()
+                        .map(|d| d.unreachable_since_unix_ms.unwrap_or(d.observed_at_unix_ms))
+                        .map_or(a.since_unix_ms, |seen| seen.min(a.since_unix_ms)),
+                ),
                 _ => database.as_ref().and_then(|d| d.unreachable_since_unix_ms),
             };
             ClusterView {

@@ -184,6 +184,44 @@ fn no_automatic_failover_past_a_lagging_standby_or_for_an_app_that_did_not_ask()
     assert!(dr_watch::due(&s, T0 + 60_000).is_empty(), "automatic is off");
 }
 
+/// Detection took 25 s (a slow heartbeat, as with Patroni's timings): by
+/// then the standby's lag, the age of the last transaction it replayed,
+/// has grown by the clock alone. What counts is its lag when the primary
+/// was last seen, 200 ms, so the failover starts.
+#[test]
+fn a_lag_that_grew_after_the_primary_was_lost_does_not_block_the_failover() {
+    let mut s = world(true, 200);
+    let mut primary = db(DbRole::Primary, None);
+    primary.observed_at_unix_ms = T0 - 25_000;
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("us-east"),
+            databases: vec![primary],
+        },
+    );
+    // Replayed its last transaction 200 ms before the primary's last
+    // report; observed 40 s later.
+    let mut standby = db(DbRole::Standby, Some(40_200));
+    standby.observed_at_unix_ms = T0 + 15_000;
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("eu-west"),
+            databases: vec![standby],
+        },
+    );
+    let due = dr_watch::due(&s, T0 + 15_000);
+    assert_eq!(due.len(), 1, "the grown lag blocked the failover: {due:?}");
+    let Command::CreateOperation { operation, .. } = &due[0] else {
+        panic!("{:?}", due[0]);
+    };
+    assert_eq!(
+        operation.spec.failover.as_deref().unwrap().data_loss_window_ms,
+        Some(200)
+    );
+}
+
 /// The primary's agent is down, but the standby still streams from the
 /// primary's server: the primary lives, so nothing fails over.
 #[test]

@@ -233,8 +233,10 @@ pub struct ClusterView {
     pub agent_up: bool,
     /// The app's database there, as last reported.
     pub database: Option<DatabaseStatus>,
-    /// Since when the cluster is lost: its agent marked down, or its
-    /// database unreachable by its agent. `None` while it is there.
+    /// When the cluster was lost: for an agent marked down, its last
+    /// database report (the last sign of the region); for a database its
+    /// agent cannot reach, the first report that said so. `None` while it
+    /// is there.
     pub lost_at_unix_ms: Option<i64>,
 }
 
@@ -543,11 +545,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<FailoverPlan, PlanError> {
 
 /// The data a promotion of standby `t` would lose. With the primary there,
 /// the standby's lag now. With the primary lost, its lag when the primary
-/// was lost: once the primary is gone the standby receives nothing, so its
-/// lag (the age of the last transaction it replayed) grows by the clock
-/// alone, and a window that grew that way would block every failover that
-/// waits `failover_after_secs` past `max_data_loss_secs`. The loss is when
-/// it was noticed, a little after it happened, so the window errs large.
+/// was last seen: once the primary is gone the standby receives nothing,
+/// so its lag (the age of the last transaction it replayed) grows by the
+/// clock alone, and a window that grew that way would block every failover
+/// that waits `failover_after_secs` past `max_data_loss_secs`. Like
+/// Patroni's `maximum_lag_on_failover` against the leader's last known
+/// position, it cannot see writes after the primary's last report (one
+/// report interval at most).
 fn window_at_loss(t: &ClusterView, from: Option<&ClusterView>) -> Option<u64> {
     let db = t.database.as_ref()?;
     let lag = db.lag_ms?;
