@@ -98,6 +98,13 @@ fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
+/// The ConfigMap kustomize generated from `name` (it appends a hash).
+fn config_map<'a>(objs: &'a [Value], name: &str) -> &'a Value {
+    objs.iter()
+        .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"].as_str().unwrap().starts_with(name))
+        .unwrap_or_else(|| panic!("no ConfigMap {name}"))
+}
+
 fn uris(cert: &Value) -> Vec<String> {
     cert["spec"]["uris"]
         .as_array()
@@ -180,16 +187,7 @@ fn check_overlay(overlay: &str, agent_identity: &str, anti_affinity: &str) {
 
     // Each coordinator's config names its node id, its own certificate,
     // and the certificate's URI SAN names that node.
-    let cm = objs
-        .iter()
-        .find(|o| {
-            o["kind"] == "ConfigMap"
-                && o["metadata"]["name"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("cutover-coordinator-config")
-        })
-        .expect("the coordinators' ConfigMap");
+    let cm = config_map(&objs, "cutover-coordinator-config");
     for i in 0..3 {
         let text = cm["data"][format!("cutover-coordinator-{i}.toml")].as_str().unwrap();
         let cfg: CoordinatorConfig = toml::from_str(text).unwrap();
@@ -203,16 +201,7 @@ fn check_overlay(overlay: &str, agent_identity: &str, anti_affinity: &str) {
         assert_eq!((id.role, id.name), (Role::Coordinator, (i + 1).to_string()));
         assert_eq!(cert["spec"]["issuerRef"]["name"], "cutover-ca");
     }
-    let cm = objs
-        .iter()
-        .find(|o| {
-            o["kind"] == "ConfigMap"
-                && o["metadata"]["name"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("cutover-agent-config")
-        })
-        .expect("the agent's ConfigMap");
+    let cm = config_map(&objs, "cutover-agent-config");
     let cfg: AgentConfig = toml::from_str(cm["data"]["agent.toml"].as_str().unwrap()).unwrap();
     cfg.validate().unwrap();
     let cert = find(&objs, "Certificate", "cutover-agent");
