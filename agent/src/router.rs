@@ -270,6 +270,28 @@ impl Router {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Like [`Router::drain`], but requests waiting for traffic to move
+    /// away from an unreachable `addr` do not count: they reached nothing,
+    /// and the move they wait for may be what the caller does next.
+    pub async fn drain_reached(&self, addr: SocketAddr, timeout: Duration) -> bool {
+        let mut rx = self.shared.inflight.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let inflight = rx.borrow_and_update().get(&addr).copied().unwrap_or(0) as u64;
+            if inflight <= self.awaiting_move() {
+                return true;
+            }
+            // A request that starts waiting for a move changes no count:
+            // look again every 10 ms as well.
+            let tick = tokio::time::sleep(Duration::from_millis(10));
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
     /// Stops accepting, lets requests in flight finish (at most the drain
     /// timeout) and closes every connection.
     pub async fn shutdown(self) {
@@ -711,6 +733,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(!pending.is_finished());
+        // A hold's drain does not wait for it: it reached nothing.
+        assert!(router.drain_reached(lost, Duration::from_millis(500)).await);
+        assert!(!router.drain(lost, Duration::from_millis(50)).await);
         router.set_upstream(b.addr);
         let (status, body) = pending.await.unwrap().unwrap();
         assert_eq!(status, 200);

@@ -200,7 +200,7 @@ impl TrafficRuntime {
                 door.hold(max);
                 // Requests that passed the door before the hold finish
                 // before the old region stops taking traffic.
-                let drained = door.drain(door.upstream(), max).await;
+                let drained = door.drain_reached(door.upstream(), max).await;
                 Ok(format!(
                     "front door holding {app}'s new requests (at most {} ms); requests in flight {}",
                     cfg.max_hold_ms,
