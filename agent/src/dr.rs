@@ -130,6 +130,10 @@ pub async fn watch_lease(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // The lease is read under the fencing lock: a registration that
+        // renews it meanwhile either lifts the fence this check puts up
+        // (it waits for the lock) or is seen here and no fence goes up.
+        let _held = dr.fencing.lock().await;
         let since = renewed.lock().expect("lease").elapsed();
         if since > lease {
             dr.self_fence(since).await;
@@ -211,6 +215,10 @@ pub struct DrRuntime {
     databases: BTreeMap<String, DatabaseConfig>,
     data_dir: PathBuf,
     epochs: Epochs,
+    /// Held while the lease watcher fences or a registration lifts a
+    /// fence, so the two never interleave (a lift between a lease check
+    /// and its fence would leave a primary fenced with the lease renewed).
+    fencing: tokio::sync::Mutex<()>,
 }
 
 impl DrRuntime {
@@ -227,13 +235,15 @@ impl DrRuntime {
                 path: data_dir.join(EPOCHS_FILE),
                 lock: Mutex::new(()),
             },
+            fencing: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Fences every PostgreSQL database of this agent that is a writable
     /// primary, recording that the agent did it itself. One that cannot
-    /// be reached is tried again at the next check.
-    pub async fn self_fence(&self, since: Duration) {
+    /// be reached is tried again at the next check. The caller holds
+    /// `fencing`.
+    async fn self_fence(&self, since: Duration) {
         for (app, db) in &self.databases {
             if db.driver != DbDriver::Postgres {
                 continue;
@@ -269,6 +279,7 @@ impl DrRuntime {
         epochs: &[cutover_shared::proto::AppEpoch],
         me: &cutover_shared::domain::ClusterRef,
     ) {
+        let _held = self.fencing.lock().await;
         for (app, mine) in self.epochs.read() {
             if !mine.self_fenced {
                 continue;

@@ -50,8 +50,13 @@ struct Route {
 pub struct TrafficRuntime {
     cfg: Option<TrafficConfig>,
     path: PathBuf,
-    /// Serialises tasks: each reads, acts on and rewrites the routes.
-    routes: tokio::sync::Mutex<BTreeMap<String, Route>>,
+    /// The recorded routes. Held only to read them, or to write and save
+    /// them, never across a driver's wait.
+    routes: Mutex<BTreeMap<String, Route>>,
+    /// One lock per managed app: an app's tasks run one at a time, while a
+    /// hold that drains one app (or a Route 53 change waiting for
+    /// `INSYNC`) never delays another app's failover.
+    serial: HashMap<String, tokio::sync::Mutex<()>>,
     /// The front door's routers, by app, once [`TrafficRuntime::start`]
     /// bound them.
     doors: Mutex<HashMap<String, Arc<Router>>>,
@@ -85,10 +90,16 @@ impl TrafficRuntime {
                 epoch: 0,
             });
         }
+        let serial = cfg
+            .iter()
+            .flat_map(|c| &c.apps)
+            .map(|a| (a.app.clone(), tokio::sync::Mutex::new(())))
+            .collect();
         Ok(TrafficRuntime {
             cfg,
             path,
-            routes: tokio::sync::Mutex::new(routes),
+            routes: Mutex::new(routes),
+            serial,
             doors: Mutex::new(HashMap::new()),
         })
     }
@@ -118,7 +129,7 @@ impl TrafficRuntime {
         if cfg.driver != TrafficDriverKind::FrontDoor {
             return vec![];
         }
-        let routes = self.routes.lock().await.clone();
+        let routes = self.routes.lock().expect("routes").clone();
         let mut errors = Vec::new();
         for a in &cfg.apps {
             let region = routes.get(&a.app).map_or(a.primary.as_str(), |r| r.region.as_str());
@@ -179,8 +190,14 @@ impl TrafficRuntime {
             .app(app)
             .ok_or_else(|| format!("this agent's traffic driver does not manage {app} (no [[traffic.apps]] entry)"))?;
         out.driver = Some(cfg.driver.as_str().into());
-        let mut routes = self.routes.lock().await;
-        let current = routes.get(app).cloned().unwrap_or_default();
+        let _serial = self.serial.get(app).ok_or("no lock for a managed app")?.lock().await;
+        let current = self
+            .routes
+            .lock()
+            .expect("routes")
+            .get(app)
+            .cloned()
+            .unwrap_or_default();
         if p.epoch < current.epoch {
             return Err(format!(
                 "stale epoch {} for {app}: traffic was moved to {} for epoch {}; the task comes from a superseded failover",
@@ -227,7 +244,8 @@ impl TrafficRuntime {
                     region: to.clone(),
                     epoch: p.epoch,
                 };
-                let record = |routes: &mut BTreeMap<String, Route>| {
+                let record = || {
+                    let mut routes = self.routes.lock().expect("routes");
                     if routes.get(app) == Some(&route) {
                         return Ok(());
                     }
@@ -244,7 +262,7 @@ impl TrafficRuntime {
                         let door = self.door(app)?;
                         // Durable first: a restarted door starts where
                         // traffic went, never where it was.
-                        record(&mut routes)?;
+                        record()?;
                         door.set_upstream(addr);
                         let stats = door.release();
                         out.released = Some(stats.held);
@@ -280,7 +298,7 @@ impl TrafficRuntime {
                         // Route 53 holds the state; a failed record here
                         // fails the task, and its re-run upserts again.
                         let m = route53::set_weights(r53, entry, &to, p.epoch).await?;
-                        record(&mut routes)?;
+                        record()?;
                         m
                     }
                 };
@@ -594,5 +612,56 @@ mod tests {
         assert!(r.success, "{}", r.message);
         assert_eq!(TrafficOutputs::from_wire(&r.outputs).released, Some(1));
         assert!(pending.await.unwrap().contains("eu-west"));
+    }
+
+    /// Each app's tasks are serialised, not every app's: a hold that waits
+    /// for one app's request in flight does not delay another app's move.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_draining_one_app_does_not_delay_another_apps_move() {
+        // shop's us-east accepts a request and never answers it.
+        let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (east, west) = (app("us-east").await, app("eu-west").await);
+        let mut cfg = config(stuck.local_addr().unwrap(), west.addr);
+        cfg.max_hold_ms = 120_000;
+        let mut cart = cfg.apps[0].clone();
+        cart.app = "cart".into();
+        cart.regions.insert("us-east".into(), east.addr.to_string());
+        cfg.apps.push(cart);
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Arc::new(TrafficRuntime::new(Some(cfg), dir.path()).unwrap());
+        assert!(rt.start().await.is_empty());
+        let shop = rt.door("shop").unwrap();
+        let in_flight = tokio::spawn(body(shop.local_addr()));
+        let (upstream_side, _) = stuck.accept().await.unwrap();
+        while shop.in_flight(shop.upstream()) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let hold = tokio::spawn({
+            let rt = rt.clone();
+            async move {
+                rt.execute(&task("shop", TrafficAction::Hold, Some("eu-west"), 1), &|_| {})
+                    .await
+            }
+        });
+        while !shop.holding() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let moved = tokio::time::timeout(
+            Duration::from_secs(30),
+            rt.execute(&task("cart", TrafficAction::Move, Some("eu-west"), 1), &|_| {}),
+        )
+        .await
+        .expect("cart's move waited for shop's hold");
+        assert!(moved.success, "{}", moved.message);
+        assert!(body(rt.front_door("cart").unwrap()).await.contains("eu-west"));
+        assert!(!hold.is_finished(), "shop's hold should still be draining");
+
+        // The request ends: shop's hold finishes draining.
+        drop(upstream_side);
+        let held = hold.await.unwrap();
+        assert!(held.success, "{}", held.message);
+        assert!(held.message.contains("finished"), "{}", held.message);
+        let _ = in_flight.await;
     }
 }
