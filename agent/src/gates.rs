@@ -122,9 +122,14 @@ pub async fn run_gates(spec: &AppSpec, target: &str) -> GateReport {
 /// Runs only `spec`'s health probes against `target` (the bake's checks);
 /// the failures, if any.
 pub async fn failing_probes(spec: &AppSpec, target: &str) -> Vec<ProbeResult> {
+    failing(&spec.health, target).await
+}
+
+/// Runs `probes` against `target`; the failures, if any.
+pub async fn failing(probes: &[Probe], target: &str) -> Vec<ProbeResult> {
     let client = http_client();
     let mut failed = Vec::new();
-    for probe in &spec.health {
+    for probe in probes {
         let r = run_probe(&client, probe, target).await;
         if !r.passed {
             failed.push(r);

@@ -297,6 +297,10 @@ impl Agent {
             Duration::from_millis(self.cfg.db_status_interval_ms),
             tx.clone(),
         )));
+        let _region_health_task = AbortOnDrop(tokio::spawn(traffic::report_region_health(
+            self.traffic.clone(),
+            tx.clone(),
+        )));
         loop {
             tokio::select! {
                 _ = ticker.tick() => {

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use cutover_shared::config::{Route53Config, TrafficApp, TrafficConfig, TrafficDriverKind};
 use cutover_shared::domain::{TaskResult, TaskSpec};
+use cutover_shared::proto::{self, ConnectRequest, connect_request};
 use cutover_shared::task::outputs::TrafficOutputs;
 use cutover_shared::task::{TaskKind, TaskParams, TrafficAction, TrafficParams};
 use serde::{Deserialize, Serialize};
@@ -329,6 +330,96 @@ impl TrafficRuntime {
     }
 }
 
+/// Probes every region of every front-door app each `probe_interval_ms`,
+/// from this agent (outside those regions), and sends an app's regions
+/// once each is known and again whenever one changes state. Ends when the
+/// session's stream closes; a new session reports everything again.
+pub async fn report_region_health(rt: Arc<TrafficRuntime>, tx: tokio::sync::mpsc::Sender<ConnectRequest>) {
+    let Some(cfg) = rt.cfg.clone() else { return };
+    if cfg.driver != TrafficDriverKind::FrontDoor {
+        // Route 53's records name hosts, not addresses to probe; its own
+        // health checks are the place for that.
+        return;
+    }
+    let mut health = RegionHealth::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.probe_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for report in health.round(&cfg).await {
+            let msg = ConnectRequest {
+                message: Some(connect_request::Message::RegionHealth(report)),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Each (app, region)'s failures in a row and the state last reported.
+#[derive(Default)]
+struct RegionHealth {
+    seen: BTreeMap<(String, String), (u32, Option<bool>, String)>,
+}
+
+impl RegionHealth {
+    /// Probes every region once (all at once); the reports of the apps
+    /// whose regions changed state. A region is up at its first pass and
+    /// down after `probe_failures` failures in a row; until either, its
+    /// app is not reported.
+    async fn round(&mut self, cfg: &TrafficConfig) -> Vec<proto::RegionHealthReport> {
+        let probes = cfg.apps.iter().flat_map(|a| {
+            a.regions.iter().map(move |(region, addr)| async move {
+                let failed = crate::gates::failing(&a.health, addr).await;
+                let detail = failed
+                    .iter()
+                    .map(|f| format!("{}: {}", f.name, f.detail))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                ((a.app.clone(), region.clone()), failed.is_empty(), detail)
+            })
+        });
+        let mut changed = std::collections::BTreeSet::new();
+        for (key, passed, detail) in futures::future::join_all(probes).await {
+            let (fails, reported, last) = self.seen.entry(key.clone()).or_default();
+            *fails = if passed { 0 } else { fails.saturating_add(1) };
+            let now = if passed {
+                Some(true)
+            } else if *fails >= cfg.probe_failures {
+                Some(false)
+            } else {
+                *reported
+            };
+            if now.is_some() && now != *reported {
+                *reported = now;
+                changed.insert(key.0.clone());
+            }
+            if !passed {
+                *last = detail;
+            }
+        }
+        changed
+            .into_iter()
+            .map(|app| proto::RegionHealthReport {
+                regions: self
+                    .seen
+                    .iter()
+                    .filter(|((a, _), _)| *a == app)
+                    .filter_map(|((_, region), (_, reported, detail))| {
+                        reported.map(|healthy| proto::RegionHealth {
+                            region: region.clone(),
+                            healthy,
+                            detail: if healthy { String::new() } else { detail.clone() },
+                        })
+                    })
+                    .collect(),
+                app,
+            })
+            .collect()
+    }
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|e| format!("{s:?} is not ip:port: {e}"))
 }
@@ -482,6 +573,8 @@ mod tests {
             driver: TrafficDriverKind::FrontDoor,
             max_hold_ms: 10_000,
             route53: None,
+            probe_interval_ms: 200,
+            probe_failures: 2,
             apps: vec![TrafficApp {
                 app: "shop".into(),
                 regions: [
@@ -494,6 +587,11 @@ mod tests {
                 record: None,
                 record_type: "CNAME".into(),
                 ttl: 60,
+                health: vec![cutover_shared::app::Probe::Http {
+                    path: "/health".into(),
+                    status: 200,
+                    body_contains: None,
+                }],
             }],
         }
     }
@@ -663,5 +761,54 @@ mod tests {
         assert!(held.success, "{}", held.message);
         assert!(held.message.contains("finished"), "{}", held.message);
         let _ = in_flight.await;
+    }
+
+    /// The front door's region probes: a region is reported up at its
+    /// first pass and down only after `probe_failures` failures in a row,
+    /// with what the probe saw; a report goes out only on a change, and it
+    /// names every known region of the app.
+    #[tokio::test]
+    async fn regions_are_reported_down_after_failures_in_a_row_and_up_again() {
+        let (east, west) = (app("us-east").await, app("eu-west").await);
+        let cfg = config(east.addr, west.addr);
+        let mut health = RegionHealth::default();
+        let states = |reports: &[proto::RegionHealthReport]| -> Vec<(String, bool)> {
+            reports
+                .iter()
+                .flat_map(|r| r.regions.iter().map(|h| (h.region.clone(), h.healthy)))
+                .collect()
+        };
+        let first = health.round(&cfg).await;
+        assert_eq!(
+            states(&first),
+            [("eu-west".to_owned(), true), ("us-east".to_owned(), true)]
+        );
+        assert!(health.round(&cfg).await.is_empty(), "nothing changed");
+
+        let admin = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(east.addr).await.unwrap();
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        };
+        admin("/admin/unhealthy").await;
+        assert!(health.round(&cfg).await.is_empty(), "one failure is not down");
+        let down = health.round(&cfg).await;
+        assert_eq!(
+            states(&down),
+            [("eu-west".to_owned(), true), ("us-east".to_owned(), false)]
+        );
+        let detail = &down[0].regions.iter().find(|r| r.region == "us-east").unwrap().detail;
+        assert!(detail.contains("503"), "{detail}");
+
+        admin("/admin/healthy").await;
+        let up = health.round(&cfg).await;
+        assert_eq!(
+            states(&up),
+            [("eu-west".to_owned(), true), ("us-east".to_owned(), true)]
+        );
     }
 }

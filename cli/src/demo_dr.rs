@@ -127,6 +127,8 @@ impl DrRig {
             driver: TrafficDriverKind::FrontDoor,
             max_hold_ms: 10_000,
             route53: None,
+            probe_interval_ms: 200,
+            probe_failures: 2,
             apps: vec![TrafficApp {
                 app: APP.into(),
                 regions: [
@@ -139,6 +141,11 @@ impl DrRig {
                 record: None,
                 record_type: "CNAME".into(),
                 ttl: 60,
+                health: vec![cutover_shared::app::Probe::Http {
+                    path: "/health".into(),
+                    status: 200,
+                    body_contains: None,
+                }],
             }],
         };
         let extras = AgentExtras {

@@ -447,6 +447,10 @@ async fn run_cmd(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                             "last_backup": c.last_backup.as_ref().map(backup_json),
                             "last_validated_backup": c.last_validated_backup.as_ref().map(backup_json),
                             "last_drill": c.last_drill.as_ref().map(drill_json),
+                            "front_door": c.front_door.as_ref().map(|f| json!({
+                                "healthy": f.healthy, "detail": f.detail, "by": f.by,
+                                "since_unix_ms": f.since_unix_ms,
+                            })),
                         })
                     })
                     .collect();
@@ -495,6 +499,15 @@ async fn run_cmd(cmd: DrCmd, conn: ConnOpts) -> Result<ExitCode> {
                 );
                 if let Some(d) = c.database.as_ref().filter(|d| !d.error.is_empty()) {
                     println!("    {}", d.error);
+                }
+                if let Some(f) = c.front_door.as_ref().filter(|f| !f.healthy) {
+                    println!(
+                        "    the front door ({}) has failed to reach {} since {}: {}",
+                        f.by,
+                        c.region,
+                        time(f.since_unix_ms),
+                        f.detail
+                    );
                 }
             }
             if st.epoch > 0 {

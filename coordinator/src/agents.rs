@@ -441,6 +441,20 @@ impl AgentService for AgentApi {
                             databases,
                         });
                     }
+                    Some(connect_request::Message::RegionHealth(r)) => {
+                        match cutover_shared::convert::region_health_from_proto(&r.regions) {
+                            Ok(regions) if validate_name("app", &r.app).is_ok() => {
+                                reports.region_health(Command::RegionHealthReported {
+                                    from: reader_cluster.clone(),
+                                    app: r.app,
+                                    regions,
+                                    at_unix_ms: now_unix_ms(),
+                                });
+                            }
+                            Ok(_) => tracing::warn!(agent = %reader_cluster, "region health refused: invalid app name"),
+                            Err(e) => tracing::warn!(agent = %reader_cluster, "region health refused: {e}"),
+                        }
+                    }
                     Some(connect_request::Message::Register(_)) | None => {
                         tracing::warn!(agent = %reader_cluster, "unexpected message on agent stream");
                     }
@@ -487,6 +501,14 @@ impl Reports {
     fn app_status(&self, cmd: Command) {
         if let Command::AppStatusReported { app, .. } = &cmd {
             let key = format!("app/{app}");
+            self.pending.lock().expect("reports").insert(key, cmd);
+            self.wake.notify_one();
+        }
+    }
+
+    fn region_health(&self, cmd: Command) {
+        if let Command::RegionHealthReported { app, .. } = &cmd {
+            let key = format!("regions/{app}");
             self.pending.lock().expect("reports").insert(key, cmd);
             self.wake.notify_one();
         }

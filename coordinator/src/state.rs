@@ -13,7 +13,10 @@ use cutover_shared::domain::{
     AgentRecord, AgentState, Attestation, AuditEvent, ClusterRef, ControlAction, Operation, OperationKind,
     TaskProgress, TaskRecord, TaskResult, TaskState,
 };
-use cutover_shared::dr::{DatabaseStatus, DrEpoch, DrillReport, DrillSchedule, MAX_DRILLS};
+use cutover_shared::dr::{
+    DatabaseStatus, DrEpoch, DrillReport, DrillSchedule, MAX_DRILLS, MAX_REPORTED_REGIONS, RegionHealth,
+    RegionHealthView,
+};
 use cutover_shared::release::{Bundle, Release};
 use cutover_shared::task::{self, spec_digest};
 use serde::{Deserialize, Serialize};
@@ -169,6 +172,14 @@ pub enum Command {
         slot_unix_ms: i64,
         audit: AuditDraft,
     },
+    /// A traffic agent's probes of an app's regions (only changes are
+    /// sent). A region's `since` moves only when its state changes.
+    RegionHealthReported {
+        from: ClusterRef,
+        app: String,
+        regions: Vec<RegionHealth>,
+        at_unix_ms: i64,
+    },
 }
 
 /// Which kind of schedule a command acts on: backups and drills share the
@@ -270,6 +281,10 @@ pub struct State {
     /// Drill schedules, by app.
     #[serde(default)]
     pub drill_schedules: BTreeMap<String, DrillSchedule>,
+    /// App → region → that region as a traffic agent's probes see it from
+    /// outside (front door only).
+    #[serde(default)]
+    pub region_health: BTreeMap<String, BTreeMap<String, RegionHealthView>>,
 }
 
 impl State {
@@ -592,6 +607,42 @@ impl State {
                     return CommandResponse::err(format!("app {app} does not run in {from}"));
                 }
                 self.app_status.entry(app).or_default().insert(from.to_string(), status);
+            }
+            Command::RegionHealthReported {
+                from,
+                app,
+                regions,
+                at_unix_ms,
+            } => {
+                let by = from.to_string();
+                // Bounded by the agent's registered traffic apps; the app
+                // itself may be applied later (the report is sent once).
+                let moves_it = self.agents.get(&by).is_some_and(|a| a.traffic_apps.contains(&app));
+                if !moves_it {
+                    return CommandResponse::err(format!("{from} does not move app {app}'s traffic"));
+                }
+                if regions.len() > MAX_REPORTED_REGIONS {
+                    return CommandResponse::err(format!(
+                        "{from} reported {} regions of {app}, more than {MAX_REPORTED_REGIONS}",
+                        regions.len()
+                    ));
+                }
+                let known = self.region_health.entry(app).or_default();
+                for r in regions {
+                    let since_unix_ms = match known.get(&r.region) {
+                        Some(v) if v.healthy == r.healthy && v.by == by => v.since_unix_ms,
+                        _ => at_unix_ms,
+                    };
+                    known.insert(
+                        r.region,
+                        RegionHealthView {
+                            healthy: r.healthy,
+                            detail: r.detail,
+                            by: by.clone(),
+                            since_unix_ms,
+                        },
+                    );
+                }
             }
         }
         CommandResponse::default()
@@ -1216,6 +1267,9 @@ impl std::fmt::Display for Command {
                 ..
             } => write!(f, "StartScheduledBackup({}, slot {slot_unix_ms})", operation.id),
             Command::PutDrillSchedule { schedule, .. } => write!(f, "PutDrillSchedule({})", schedule.app),
+            Command::RegionHealthReported { from, app, regions, .. } => {
+                write!(f, "RegionHealthReported({app} by {from}, {} regions)", regions.len())
+            }
             Command::DeleteDrillSchedule { app, .. } => write!(f, "DeleteDrillSchedule({app})"),
             Command::StartScheduledDrill {
                 operation,

@@ -11,7 +11,7 @@ use cutover_coordinator::state::{AuditDraft, Command, State};
 use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LocalSpec};
 use cutover_shared::config::DbDriver;
 use cutover_shared::domain::{ClusterRef, TaskState};
-use cutover_shared::dr::{DatabaseStatus, DbRole};
+use cutover_shared::dr::{DatabaseStatus, DbRole, RegionHealth};
 
 const T0: i64 = 1_767_225_600_000;
 
@@ -291,4 +291,109 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
     );
     assert_eq!(s.db_status["shop"]["us-east/main"].unreachable_since_unix_ms, None);
     assert!(dr_watch::due(&s, T0 + 20_000).is_empty());
+}
+
+/// `world`, with a front-door agent in `global/edge` moving shop's traffic
+/// and reporting us-east `healthy` (down since `T0` when not).
+fn world_behind_a_front_door(healthy: bool) -> State {
+    let mut s = world(true, 200);
+    let edge = ClusterRef::new("global", "edge").unwrap();
+    apply(
+        &mut s,
+        Command::AgentUp {
+            cluster: edge.clone(),
+            agent_version: "test".into(),
+            task_kinds: vec!["traffic.move".into()],
+            at_unix_ms: T0 - 60_000,
+            session: 9,
+            traffic_apps: vec!["shop".into()],
+        },
+    );
+    apply(
+        &mut s,
+        Command::RegionHealthReported {
+            from: edge,
+            app: "shop".into(),
+            regions: vec![
+                RegionHealth {
+                    region: "us-east".into(),
+                    healthy,
+                    detail: (!healthy).then(|| "tcp: connection refused".into()),
+                },
+                RegionHealth {
+                    region: "eu-west".into(),
+                    healthy: true,
+                    detail: None,
+                },
+            ],
+            at_unix_ms: T0,
+        },
+    );
+    s
+}
+
+/// Behind a front door, the front door's probes are the other regions'
+/// view of the app: while they still pass in us-east, its app serves and
+/// only its agent is gone, so nothing fails over; once they fail, the
+/// failover starts and its audit names what the probes saw. A report
+/// from an agent that does not move the app's traffic is refused.
+#[test]
+fn a_region_the_front_door_still_reaches_does_not_fail_over() {
+    let s = world_behind_a_front_door(true);
+    assert!(
+        dr_watch::due(&s, T0 + 60_000).is_empty(),
+        "the front door still reaches us-east"
+    );
+
+    let mut s = world_behind_a_front_door(false);
+    let due = dr_watch::due(&s, T0 + 10_000);
+    assert_eq!(due.len(), 1, "{due:?}");
+    let Command::CreateOperation { audit, .. } = &due[0] else {
+        panic!("{:?}", due[0]);
+    };
+    assert!(audit.parameters.contains("connection refused"), "{}", audit.parameters);
+
+    // The view of a traffic agent that is itself down does not count: the
+    // standby's view alone decides, as without a front door.
+    let mut stale = world_behind_a_front_door(true);
+    apply(
+        &mut stale,
+        Command::AgentDown {
+            cluster: ClusterRef::new("global", "edge").unwrap(),
+            at_unix_ms: T0,
+            session: 9,
+        },
+    );
+    assert_eq!(dr_watch::due(&stale, T0 + 10_000).len(), 1);
+
+    let r = s.apply(Command::RegionHealthReported {
+        from: cluster("eu-west"),
+        app: "shop".into(),
+        regions: vec![],
+        at_unix_ms: T0,
+    });
+    assert!(r.error.is_some_and(|e| e.contains("does not move")));
+}
+
+/// A region's `since` is when its state last changed, not the latest
+/// report.
+#[test]
+fn a_region_stays_down_since_the_report_that_changed_it() {
+    let mut s = world_behind_a_front_door(false);
+    let edge = ClusterRef::new("global", "edge").unwrap();
+    let report = |healthy: bool, at: i64| Command::RegionHealthReported {
+        from: edge.clone(),
+        app: "shop".into(),
+        regions: vec![RegionHealth {
+            region: "us-east".into(),
+            healthy,
+            detail: None,
+        }],
+        at_unix_ms: at,
+    };
+    apply(&mut s, report(false, T0 + 5_000));
+    assert_eq!(s.region_health["shop"]["us-east"].since_unix_ms, T0);
+    apply(&mut s, report(true, T0 + 7_000));
+    let v = &s.region_health["shop"]["us-east"];
+    assert_eq!((v.healthy, v.since_unix_ms), (true, T0 + 7_000));
 }

@@ -278,8 +278,24 @@ pub struct TrafficConfig {
     /// Route 53: the hosted zone and how to reach the API.
     #[serde(default)]
     pub route53: Option<Route53Config>,
+    /// Front door: how often each app's regions are probed, ms; a region
+    /// is reported down after `probe_failures` failures in a row. Default
+    /// 1000.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// Default 2.
+    #[serde(default = "default_probe_failures")]
+    pub probe_failures: u32,
     /// The apps whose traffic this agent moves (`[[traffic.apps]]`).
     pub apps: Vec<TrafficApp>,
+}
+
+fn default_probe_interval_ms() -> u64 {
+    1000
+}
+
+fn default_probe_failures() -> u32 {
+    2
 }
 
 fn default_max_hold_ms() -> u64 {
@@ -331,6 +347,16 @@ pub struct TrafficApp {
     /// Route 53: the records' TTL, seconds. Default 60.
     #[serde(default = "default_record_ttl")]
     pub ttl: i64,
+    /// Front door: the probes each region's address must pass, checked
+    /// every `probe_interval_ms` from this agent (outside the regions).
+    /// Automatic failover counts a region that failed them as down only
+    /// together with its agent. Default: one TCP connect.
+    #[serde(default = "default_region_probes")]
+    pub health: Vec<crate::app::Probe>,
+}
+
+fn default_region_probes() -> Vec<crate::app::Probe> {
+    vec![crate::app::Probe::Tcp]
 }
 
 fn default_record_type() -> String {
@@ -351,6 +377,12 @@ impl TrafficConfig {
         let bad = |why: String| Err(Error::Config(format!("traffic: {why}")));
         if !(100..=600_000).contains(&self.max_hold_ms) {
             return bad("max_hold_ms: between 100 and 600000".into());
+        }
+        if !(100..=600_000).contains(&self.probe_interval_ms) {
+            return bad("probe_interval_ms: between 100 and 600000".into());
+        }
+        if !(1..=100).contains(&self.probe_failures) {
+            return bad("probe_failures: between 1 and 100".into());
         }
         match (&self.route53, self.driver) {
             (None, TrafficDriverKind::Route53) => {

@@ -540,6 +540,37 @@ impl From<crate::dr::DatabaseStatus> for proto::DatabaseStatus {
     }
 }
 
+/// A region-health report's regions, refused as a whole when one names no
+/// valid region or there are too many; details are bounded.
+pub fn region_health_from_proto(r: &[proto::RegionHealth]) -> Result<Vec<crate::dr::RegionHealth>, Error> {
+    if r.len() > crate::dr::MAX_REPORTED_REGIONS {
+        return Err(Error::InvalidArgument(format!(
+            "{} regions, more than {}",
+            r.len(),
+            crate::dr::MAX_REPORTED_REGIONS
+        )));
+    }
+    r.iter()
+        .map(|h| {
+            domain::validate_name("region", &h.region)?;
+            Ok(crate::dr::RegionHealth {
+                region: h.region.clone(),
+                healthy: h.healthy,
+                detail: (!h.healthy && !h.detail.is_empty()).then(|| bounded(&h.detail, 512)),
+            })
+        })
+        .collect()
+}
+
+/// `s`, cut to at most `max` bytes on a character boundary.
+fn bounded(s: &str, max: usize) -> String {
+    let mut cut = s.len().min(max);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s[..cut].to_owned()
+}
+
 /// A database status from an agent's report; refused (naming the field)
 /// when it names no valid app, driver or role, so nothing malformed reaches
 /// the log.
@@ -562,14 +593,7 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
         }
     }
     // An error message is the agent's own text; bound it like any report.
-    let mut error = d.error;
-    if error.len() > 1024 {
-        let mut cut = 1024;
-        while !error.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        error.truncate(cut);
-    }
+    let error = bounded(&d.error, 1024);
     Ok(crate::dr::DatabaseStatus {
         app: d.app,
         driver,

@@ -39,6 +39,31 @@ impl std::fmt::Display for DbRole {
     }
 }
 
+/// Most regions one region-health report may name.
+pub const MAX_REPORTED_REGIONS: usize = 32;
+
+/// One region of an app as a traffic agent probes it from outside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionHealth {
+    pub region: String,
+    pub healthy: bool,
+    /// What the failing probe saw; `None` when healthy.
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// A region's health as the state keeps it: who probed it and since when
+/// (the leader's clock at the report that changed it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionHealthView {
+    pub healthy: bool,
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// The reporting agent's cluster (`region/cluster`).
+    pub by: String,
+    pub since_unix_ms: i64,
+}
+
 /// One app's database in one cluster, as its agent observed it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatabaseStatus {

@@ -554,6 +554,8 @@ fn traffic_config(spec: &AppSpec, driver: TrafficDriverKind, listen: Option<&str
         // on a loaded CI machine too.
         max_hold_ms: 30_000,
         route53: None,
+        probe_interval_ms: 200,
+        probe_failures: 2,
         apps: vec![TrafficApp {
             app: "shop".into(),
             regions: regions.into_iter().map(|(r, v)| (r.to_owned(), v)).collect(),
@@ -562,6 +564,11 @@ fn traffic_config(spec: &AppSpec, driver: TrafficDriverKind, listen: Option<&str
             record,
             record_type: "CNAME".into(),
             ttl: 60,
+            health: vec![cutover_shared::app::Probe::Http {
+                path: "/health".into(),
+                status: 200,
+                body_contains: None,
+            }],
         }],
     }
 }
@@ -810,12 +817,23 @@ async fn a_forced_failover_past_a_lost_region_reports_its_loss_and_the_region_co
     // The primary's report names the 100 writes too (before its agent is
     // lost), so the plan knows the WAL the standby lacks.
     let written = parse_lsn(&primary.current_lsn().unwrap()).unwrap();
-    c.wait_state(leader, T, "the primary's report of the 100 writes", |s| {
-        s.db_status
-            .get("shop")
-            .and_then(|d| d.get("us-east/c1"))
-            .is_some_and(|d| d.lsn.is_some_and(|l| l >= written))
-    })
+    // ... made over 5 s after the standby replayed its last transaction:
+    // the data-loss window of a lost primary ends at its last report.
+    c.wait_state(
+        leader,
+        T,
+        "the primary's report of the 100 writes, 5 s past the standby",
+        |s| {
+            let Some(dbs) = s.db_status.get("shop") else {
+                return false;
+            };
+            let (Some(p), Some(st)) = (dbs.get("us-east/c1"), dbs.get("eu-west/c1")) else {
+                return false;
+            };
+            let replayed_at = st.lag_ms.map(|l| st.observed_at_unix_ms - l as i64);
+            p.lsn.is_some_and(|l| l >= written) && replayed_at.is_some_and(|r| p.observed_at_unix_ms - r > 5_500)
+        },
+    )
     .await
     .unwrap();
     // The agent's config, to bring it back later.
@@ -1433,5 +1451,146 @@ async fn a_failed_over_primary_rejoins_and_fails_back_ending_where_it_started_wi
         (epoch.epoch, epoch.primary),
         (2, Some(ClusterRef::new("us-east", "c1").unwrap()))
     );
+    c.shutdown().await;
+}
+
+/// Behind the front door, the front door's probes are the other regions'
+/// view of the app. us-east's agent and database are lost, but the address
+/// the front door sends us-east's traffic to still passes its probes: the
+/// app serves there, so nothing fails over, however long the agent stays
+/// down. Once that address fails its probes too, the automatic failover
+/// starts, and its audit records what the front door saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_automatic_failover_waits_for_the_front_door_to_lose_the_region() {
+    // What the front door reaches in us-east: a server outside the agent,
+    // so it outlives it.
+    let east = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let east_addr = east.local_addr().unwrap().to_string();
+    let (stop_east, stopped) = tokio::sync::oneshot::channel::<()>();
+    let east_app = tokio::spawn(cutover_agent::sample_app::serve("us-east".into(), east, async move {
+        let _ = stopped.await;
+    }));
+    let door = cutover_tests::stable_free_addr();
+    let Fixture {
+        primary,
+        standby,
+        mut c,
+        leader,
+    } = fixture_with(
+        "create table seq (n bigint primary key)",
+        None,
+        false,
+        Some(&|spec: &AppSpec| {
+            let mut t = traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door));
+            t.apps[0].regions.insert("us-east".into(), east_addr.clone());
+            t
+        }),
+    )
+    .await;
+    // The spec the front door was configured from (its routers' ports).
+    let mut spec = c.node(leader).consensus().read(|s| s.apps["shop"].clone());
+    spec.dr.automatic = true;
+    spec.dr.failover_after_secs = 1;
+    spec.dr.max_data_loss_secs = 5;
+    c.operator(leader)
+        .apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+        .await
+        .unwrap();
+    wait_caught_up(&primary, &c, leader).await;
+    deploy_v1(&c, leader).await;
+    c.wait_state(leader, T, "the front door to report both regions healthy", |s| {
+        s.region_health
+            .get("shop")
+            .is_some_and(|m| m.len() == 2 && m.values().all(|h| h.healthy && h.by == "global/edge"))
+    })
+    .await
+    .unwrap();
+
+    // A writer keeps the standby's lag known (and in max_data_loss).
+    let writer = SequenceWriter::start(vec![primary.url("shop"), standby.url("shop")]);
+    c.wait_state(leader, T, "the writer to get going", |_| writer.acked_on(0) >= 50)
+        .await
+        .unwrap();
+    c.stop_agent(0).await;
+    primary.stop_immediately().unwrap();
+    // The watch decides every tick: with us-east's agent down for three
+    // times failover_after and the standby no longer streaming, only the
+    // front door's view holds the failover back.
+    c.wait_state(
+        leader,
+        T,
+        "us-east's agent down for 3 s, its standby cut off (or a failover)",
+        |s| {
+            let down_for = s
+                .agents
+                .get("us-east/c1")
+                .filter(|a| a.state == cutover_shared::domain::AgentState::Down)
+                .map(|a| cutover_shared::domain::now_unix_ms() - a.since_unix_ms);
+            let cut_off = s
+                .db_status
+                .get("shop")
+                .and_then(|d| d.get("eu-west/c1"))
+                .is_some_and(|d| d.streaming == Some(false));
+            let failed_over = s.operations.values().any(|o| o.created_by == "cutover/dr-auto");
+            (down_for.is_some_and(|ms| ms >= 3_000) && cut_off) || failed_over
+        },
+    )
+    .await
+    .unwrap();
+    let started = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.operations.values().any(|o| o.created_by == "cutover/dr-auto"));
+    assert!(!started, "failed over while the front door still reached us-east");
+
+    // What the watch would do but for the front door: the plan it
+    // follows is blocked only by the lost agent, which automatic failover
+    // overrides.
+    let plan = c
+        .operator(leader)
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    let blockers: Vec<&str> = plan.blockers.iter().map(|b| b.overridden_by.as_str()).collect();
+    assert_eq!(blockers, ["--force"], "{:?}", plan.blockers);
+    let region_lost = cutover_shared::domain::now_unix_ms();
+    let _ = stop_east.send(());
+    east_app.await.unwrap().unwrap();
+    c.wait_state(leader, T, "the automatic failover to finish", |s| {
+        s.operations
+            .values()
+            .any(|o| o.created_by == "cutover/dr-auto" && o.state.is_finished())
+    })
+    .await
+    .unwrap();
+    let (op, audit) = c.node(leader).consensus().read(|s| {
+        let op = s
+            .operations
+            .values()
+            .find(|o| o.created_by == "cutover/dr-auto")
+            .cloned()
+            .unwrap();
+        let audit = s
+            .audit
+            .iter()
+            .find(|e| e.action == "AutomaticFailover")
+            .map(|e| e.parameters.clone())
+            .unwrap();
+        (op, audit)
+    });
+    assert_eq!(op.state, cutover_shared::domain::TaskState::Succeeded, "{}", op.summary);
+    assert!(
+        op.created_at_unix_ms >= region_lost,
+        "started before the front door lost us-east"
+    );
+    let params: serde_json::Value = serde_json::from_str(&audit).unwrap();
+    assert_eq!(params["region_probes"]["healthy"], false, "{audit}");
+    assert_eq!(params["region_probes"]["by"], "global/edge", "{audit}");
     c.shutdown().await;
 }

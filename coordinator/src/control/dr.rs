@@ -47,7 +47,18 @@ impl ControlApi {
                         .and_then(|d| d.iter().rev().find(|d| d.cluster == v.cluster))
                         .cloned()
                         .map(Into::into);
+                    let front_door = s
+                        .region_health
+                        .get(&spec.name)
+                        .and_then(|m| m.get(&v.cluster.region))
+                        .map(|h| pb::RegionProbe {
+                            healthy: h.healthy,
+                            detail: h.detail.clone().unwrap_or_default(),
+                            by: h.by.clone(),
+                            since_unix_ms: h.since_unix_ms,
+                        });
                     pb::DrClusterStatus {
+                        front_door,
                         last_drill,
                         region: v.cluster.region.clone(),
                         cluster: v.cluster.cluster.clone(),

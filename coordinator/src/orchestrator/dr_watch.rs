@@ -6,6 +6,9 @@
 //! agent up but reporting its server unreachable), the standby's region
 //! agrees (its WAL receiver does not stream: it cannot reach the primary's
 //! server either; a standby still streaming means only the agent is gone),
+//! the front door agrees when the app has one (its traffic agent is up and
+//! the region fails the probes of its `[[traffic.apps]]` entry: a region
+//! still answering them is serving, only its agent is gone),
 //! no failover of the app ran within `dr.cooldown_secs`, and the failover
 //! plan has no blocker other than the old region being unreachable (so
 //! the standby's lag is within `max_data_loss`), the leader starts the
@@ -56,6 +59,17 @@ fn automatic(s: &State, now: i64) -> Vec<Command> {
             (_, Some(since)) => since,
             _ => continue,
         };
+        // The other regions' view of the app: a traffic agent that is up
+        // and whose probes still reach the region sees it serving; only
+        // its agent is gone.
+        let probed = s
+            .region_health
+            .get(&spec.name)
+            .and_then(|m| m.get(&primary.region))
+            .filter(|v| s.agents.get(&v.by).is_some_and(|a| a.state == AgentState::Up));
+        if agent.state == AgentState::Down && probed.is_some_and(|v| v.healthy) {
+            continue;
+        }
         let down_for = now.saturating_sub(lost_since);
         let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         if down_for < after_ms {
@@ -112,6 +126,9 @@ fn automatic(s: &State, now: i64) -> Vec<Command> {
             "epoch": failover.epoch, "lost_ms": down_for,
             "agent_up": agent.state != AgentState::Down,
             "data_loss_window_ms": failover.data_loss_window_ms,
+            "region_probes": probed.map(|v| serde_json::json!({
+                "by": v.by, "healthy": v.healthy, "detail": v.detail, "since_unix_ms": v.since_unix_ms,
+            })),
         })
         .to_string();
         out.push(Command::CreateOperation {
