@@ -212,6 +212,8 @@ impl Epochs {
 /// configured databases (and, for drills, its apps).
 pub struct DrRuntime {
     apps: std::sync::Arc<crate::app_tasks::AppRuntime>,
+    /// Drills into a cold standby restore a backup through it.
+    backups: std::sync::Arc<crate::backup::task::BackupRuntime>,
     databases: BTreeMap<String, DatabaseConfig>,
     data_dir: PathBuf,
     epochs: Epochs,
@@ -226,9 +228,11 @@ impl DrRuntime {
         databases: &[DatabaseConfig],
         data_dir: &Path,
         apps: std::sync::Arc<crate::app_tasks::AppRuntime>,
+        backups: std::sync::Arc<crate::backup::task::BackupRuntime>,
     ) -> DrRuntime {
         DrRuntime {
             apps,
+            backups,
             databases: databases.iter().map(|d| (d.app.clone(), d.clone())).collect(),
             data_dir: data_dir.to_owned(),
             epochs: Epochs {
@@ -266,6 +270,46 @@ impl DrRuntime {
                     format_lsn(lsn)
                 ),
                 Err(e) => tracing::error!(app = %app, "lease lost, and {app}'s primary could not be fenced: {e}"),
+            }
+        }
+    }
+
+    /// Fences `app`'s database if it is a cold standby: configured as a
+    /// standby, its server not in recovery (a server a failover restores
+    /// a backup onto, not a streaming replica), writable, and not promoted
+    /// by this agent. Taking writes, it would be a second primary; fenced,
+    /// it waits for a failover to claim it (the promotion lifts the
+    /// fence). True when it fenced.
+    pub async fn fence_if_cold(&self, app: &str) -> bool {
+        let _held = self.fencing.lock().await;
+        let Some(db) = self.databases.get(app) else {
+            return false;
+        };
+        if db.driver != DbDriver::Postgres
+            || db.role() != DbRole::Standby
+            || self.epochs.read().get(app).is_some_and(|e| e.promoted)
+        {
+            return false;
+        }
+        let Ok(cfg) = migrate::resolve(db, &self.data_dir) else {
+            return false;
+        };
+        match tokio::time::timeout(OBSERVE_TIMEOUT, migrate::replication(&cfg)).await {
+            Ok(Ok(Some(r))) if !r.in_recovery && !r.read_only => {}
+            _ => return false,
+        }
+        match migrate::fence(&cfg).await {
+            Ok(_) => {
+                tracing::warn!(
+                    app = %app,
+                    "{app}'s database is configured as a standby but is not one (not in recovery, not promoted here): \
+                     fenced it (read-only) as a cold standby until a failover claims it"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(app = %app, "{app}'s cold standby takes writes and could not be fenced: {e}");
+                false
             }
         }
     }
@@ -318,6 +362,7 @@ impl DrRuntime {
             let app = task::app_of(&task.params).unwrap_or_default();
             let ran = crate::drill::run(
                 &self.apps,
+                &self.backups,
                 self.databases.get(app),
                 &self.data_dir,
                 task,
@@ -397,6 +442,9 @@ impl DrRuntime {
                 )
             }
             FailoverAction::Promote => {
+                // Not while a cold-standby check runs: it would fence
+                // what this promotes before the promotion is recorded.
+                let _held = self.fencing.lock().await;
                 if let Some(l) = f.wait_for_lsn {
                     progress(format!("waiting for the standby to replay up to {}", format_lsn(l)));
                 }

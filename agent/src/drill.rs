@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use cutover_shared::app::validate_image_ref;
 use cutover_shared::config::{DatabaseConfig, DbDriver};
-use cutover_shared::domain::TaskSpec;
+use cutover_shared::domain::{TaskSpec, now_unix_ms};
 use cutover_shared::dr::{DbRole, human_ms};
 use cutover_shared::task::outputs::DrillOutputs;
 use cutover_shared::task::{self, TaskParams};
@@ -55,6 +55,7 @@ fn ms(d: Duration) -> u64 {
 /// Runs one drill; the outputs are filled whatever happens.
 pub async fn run(
     apps: &Arc<AppRuntime>,
+    backups: &crate::backup::task::BackupRuntime,
     db: Option<&DatabaseConfig>,
     data_dir: &std::path::Path,
     task: &TaskSpec,
@@ -62,8 +63,8 @@ pub async fn run(
     out: &mut DrillOutputs,
 ) -> Result<String, String> {
     let started = Instant::now();
-    let (app, image) = match TaskParams::from_wire(&task.kind, &task.params) {
-        Ok(TaskParams::DrDrill { app, image }) => (app.app, image),
+    let (app, image, restore) = match TaskParams::from_wire(&task.kind, &task.params) {
+        Ok(TaskParams::DrDrill { app, image, restore }) => (app.app, image, restore),
         Ok(other) => return Err(format!("{} is not a drill task", other.kind())),
         Err(e) => return Err(e.to_string()),
     };
@@ -94,24 +95,41 @@ pub async fn run(
         phase_started = Instant::now();
     };
     let result = async {
-        // clone
-        let observed = crate::dr::observe(db, data_dir).await;
-        let role = observed.role.unwrap_or(db.role());
-        out.source = role.as_str().to_owned();
-        out.rpo_ms = Some(if role == DbRole::Standby {
-            observed.lag_ms.unwrap_or(0)
+        // clone: the newest validated backup when the coordinator named
+        // one (this cluster has a cold standby, not a copy of the app's
+        // data), else this cluster's own database.
+        if let Some(r) = &restore {
+            out.source = "backup".into();
+            out.rpo_ms = Some(u64::try_from(now_unix_ms().saturating_sub(r.taken_at_unix_ms)).unwrap_or(0));
+            progress(format!(
+                "restoring backup {} into scratch database {name} (its data {} old)",
+                r.backup_id,
+                human_ms(out.rpo_ms.unwrap_or(0))
+            ));
+            let _ = migrate::drop_database(&scratch_server, &name).await;
+            backups
+                .restore_into(&scratch_server, &r.object, &name)
+                .await
+                .map_err(|e| failed("clone", e.to_string()))?;
         } else {
-            0
-        });
-        progress(format!(
-            "cloning {app}'s {role} into scratch database {name} (its data {} behind the primary)",
-            human_ms(out.rpo_ms.unwrap_or(0))
-        ));
-        // A copy left by a crashed drill of the same task goes first.
-        let _ = migrate::drop_database(&scratch_server, &name).await;
-        clone(&source, &scratch_server, &name)
-            .await
-            .map_err(|e| failed("clone", e))?;
+            let observed = crate::dr::observe(db, data_dir).await;
+            let role = observed.role.unwrap_or(db.role());
+            out.source = role.as_str().to_owned();
+            out.rpo_ms = Some(if role == DbRole::Standby {
+                observed.lag_ms.unwrap_or(0)
+            } else {
+                0
+            });
+            progress(format!(
+                "cloning {app}'s {role} into scratch database {name} (its data {} behind the primary)",
+                human_ms(out.rpo_ms.unwrap_or(0))
+            ));
+            // A copy left by a crashed drill of the same task goes first.
+            let _ = migrate::drop_database(&scratch_server, &name).await;
+            clone(&source, &scratch_server, &name)
+                .await
+                .map_err(|e| failed("clone", e))?;
+        }
         phase(out, "clone");
         // checks
         let copy = DbConfig {

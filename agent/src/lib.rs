@@ -114,7 +114,12 @@ impl Agent {
             &cfg.data_dir,
             Some(backups.clone()),
         ));
-        let dr = Arc::new(dr::DrRuntime::new(&cfg.databases, &cfg.data_dir, apps.clone()));
+        let dr = Arc::new(dr::DrRuntime::new(
+            &cfg.databases,
+            &cfg.data_dir,
+            apps.clone(),
+            backups.clone(),
+        ));
         let traffic = Arc::new(
             traffic::TrafficRuntime::new(cfg.traffic.clone(), &cfg.data_dir)
                 .map_err(|e| AgentError::Config(cutover_shared::Error::Config(format!("traffic: {e}"))))?,
@@ -292,6 +297,7 @@ impl Agent {
         // load) must never delay this loop's heartbeats.
         let _status_task = AbortOnDrop(tokio::spawn(report_app_statuses(self.apps.clone(), tx.clone())));
         let _db_status_task = AbortOnDrop(tokio::spawn(report_database_statuses(
+            self.dr.clone(),
             self.cfg.databases.clone(),
             self.cfg.data_dir.clone(),
             Duration::from_millis(self.cfg.db_status_interval_ms),
@@ -467,6 +473,7 @@ async fn report_app_statuses(apps: Arc<app_tasks::AppRuntime>, tx: mpsc::Sender<
 /// own task for the same reason as app statuses: a database that is slow to
 /// answer must not delay heartbeats. Ends when the session's stream closes.
 async fn report_database_statuses(
+    dr: Arc<dr::DrRuntime>,
     databases: Vec<cutover_shared::config::DatabaseConfig>,
     data_dir: std::path::PathBuf,
     interval: Duration,
@@ -479,7 +486,17 @@ async fn report_database_statuses(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let statuses = dr::observe_all(&databases, &data_dir).await;
+        let mut statuses = dr::observe_all(&databases, &data_dir).await;
+        // A standby configured as one but taking writes is fenced first,
+        // and reported as it is then.
+        for (st, db) in statuses.iter_mut().zip(&databases) {
+            let cold = st.configured_role == cutover_shared::dr::DbRole::Standby
+                && st.role == Some(cutover_shared::dr::DbRole::Primary)
+                && !st.fenced;
+            if cold && dr.fence_if_cold(&db.app).await {
+                *st = dr::observe(db, &data_dir).await;
+            }
+        }
         let msg = ConnectRequest {
             message: Some(connect_request::Message::DatabaseStatus(proto::DatabaseStatusReport {
                 databases: statuses.into_iter().map(Into::into).collect(),

@@ -7,8 +7,8 @@
 use cutover_shared::app::AppSpec;
 use cutover_shared::backup::BackupEntry;
 use cutover_shared::domain::{AgentState, ClusterRef};
-use cutover_shared::dr::{self, ClusterView, FailoverPlan, PlanError, PlanInput};
-use cutover_shared::operation::FailoverSpec;
+use cutover_shared::dr::{self, ClusterView, DataSource, FailoverPlan, PlanError, PlanInput};
+use cutover_shared::operation::{FailoverSpec, RestoreSource};
 use cutover_shared::task::TaskKind;
 
 use crate::state::State;
@@ -128,6 +128,10 @@ pub fn failover_spec(
         fence,
         verify_color,
         deploy_image: deploy_image.flatten(),
+        restore: match &plan.source {
+            Some(DataSource::Backup { id, .. }) => s.backups.get(id).map(restore_source),
+            _ => None,
+        },
         data_loss_window_ms: plan.data_loss_window_ms,
         wal_behind_bytes: plan.wal_behind_bytes,
         force,
@@ -175,4 +179,38 @@ pub fn standing_blockers(plan: &FailoverPlan, force: bool, accept_data_loss: boo
             None => b.reason.clone(),
         })
         .collect()
+}
+
+/// A catalog entry as what a failover or a drill restores.
+fn restore_source(b: &BackupEntry) -> RestoreSource {
+    RestoreSource {
+        backup_id: b.id.clone(),
+        object: b.object.clone(),
+        table_rows: b.table_rows.clone(),
+        taken_at_unix_ms: b.started_at_unix_ms,
+    }
+}
+
+/// What a drill into `target` copies into its scratch database: `None`
+/// for the target's own database (a standby, or the primary); the newest
+/// validated backup for a cold standby (configured as a standby, its
+/// server not replicating and fenced until a failover claims it), whose
+/// own data is not the app's. Refused for a cold standby when there is no
+/// validated backup.
+pub fn drill_restore(s: &State, app: &AppSpec, target: &ClusterRef) -> Result<Option<RestoreSource>, String> {
+    let cold = s
+        .db_status
+        .get(&app.name)
+        .and_then(|d| d.get(&target.to_string()))
+        .is_some_and(|d| d.configured_role == dr::DbRole::Standby && d.role == Some(dr::DbRole::Primary) && d.fenced);
+    if !cold {
+        return Ok(None);
+    }
+    let newest = cutover_shared::backup::newest_validated(app_backups(s, &app.name));
+    newest.map(|b| Some(restore_source(b))).ok_or_else(|| {
+        format!(
+            "{target} has no standby of {} (its database is a cold standby) and {} has no validated backup to drill with",
+            app.name, app.name
+        )
+    })
 }

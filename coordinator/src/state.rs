@@ -1077,7 +1077,7 @@ fn drill_report(op: &Operation, i: usize) -> Option<DrillReport> {
         return None;
     }
     let result = t.result.as_ref()?;
-    let Ok(TaskParams::DrDrill { app, image }) = TaskParams::from_wire(&t.spec.kind, &t.spec.params) else {
+    let Ok(TaskParams::DrDrill { app, image, .. }) = TaskParams::from_wire(&t.spec.kind, &t.spec.params) else {
         return None;
     };
     let out = DrillOutputs::from_wire(&result.outputs);

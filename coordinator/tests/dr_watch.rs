@@ -397,3 +397,53 @@ fn a_region_stays_down_since_the_report_that_changed_it() {
     let v = &s.region_health["shop"]["us-east"];
     assert_eq!((v.healthy, v.since_unix_ms), (true, T0 + 7_000));
 }
+
+/// After a forced failover, us-east's agent comes back. The report it made
+/// before its region was lost (a writable primary) fences nothing; the
+/// first one it makes after coming back, if it still says so, does.
+#[test]
+fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
+    let mut s = world(true, 200);
+    let due = dr_watch::due(&s, T0 + 10_000);
+    let Command::CreateOperation { operation, .. } = due[0].clone() else {
+        panic!("{due:?}");
+    };
+    apply(&mut s, due[0].clone());
+    apply(
+        &mut s,
+        Command::FinishOperation {
+            operation_id: operation.id,
+            state: TaskState::Succeeded,
+            summary: "ok".into(),
+            at_unix_ms: T0 + 12_000,
+        },
+    );
+    apply(
+        &mut s,
+        Command::AgentUp {
+            cluster: cluster("us-east"),
+            agent_version: "test".into(),
+            task_kinds: vec!["db.failover".into(), "app.maintenance".into()],
+            at_unix_ms: T0 + 20_000,
+            session: 7,
+            traffic_apps: vec![],
+        },
+    );
+    let fences = |s: &State, now: i64| {
+        dr_watch::due(s, now)
+            .into_iter()
+            .filter(|c| matches!(c, Command::CreateOperation { operation, .. } if operation.created_by == dr_watch::FENCE_ACTOR))
+            .count()
+    };
+    assert_eq!(fences(&s, T0 + 20_500), 0, "fenced on a report from before the loss");
+    let mut back = db(DbRole::Primary, None);
+    back.observed_at_unix_ms = T0 + 21_000;
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("us-east"),
+            databases: vec![back],
+        },
+    );
+    assert_eq!(fences(&s, T0 + 21_500), 1);
+}

@@ -680,6 +680,7 @@ fn failover_op(id: &str, epoch: u64) -> Operation {
                 rejoin_only: false,
                 traffic: None,
                 deploy_image: None,
+                restore: None,
             })),
             ..OperationSpec::default()
         },

@@ -132,6 +132,10 @@ pub struct OperationSpec {
     /// Failover: from where to where, under which epoch.
     #[serde(default)]
     pub failover: Option<Box<FailoverSpec>>,
+    /// Drill: the target has no standby, so the validated backup restored
+    /// into the scratch database instead of a copy of the target's own.
+    #[serde(default)]
+    pub restore: Option<Box<RestoreSource>>,
 }
 
 /// What a failover was decided to do, fixed at creation: the plan reads
@@ -179,6 +183,23 @@ pub struct FailoverSpec {
     /// moves there.
     #[serde(default)]
     pub deploy_image: Option<String>,
+    /// `to` has no standby: the validated backup restored onto its
+    /// database (fenced until the failover claims it) in place of a
+    /// promotion.
+    #[serde(default)]
+    pub restore: Option<RestoreSource>,
+}
+
+/// The backup a failover without a standby restores, as the catalog had
+/// it when the failover was decided.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSource {
+    pub backup_id: String,
+    pub object: BackupObject,
+    /// Rows per table when it was taken: the restored copy must match.
+    #[serde(default)]
+    pub table_rows: BTreeMap<String, i64>,
+    pub taken_at_unix_ms: i64,
 }
 
 impl FailoverSpec {
@@ -229,6 +250,7 @@ impl OperationSpec {
             }),
             backup: None,
             failover: None,
+            restore: None,
         }
     }
 

@@ -374,6 +374,9 @@ pub enum TaskParams {
         app: AppRef,
         /// The release the scratch color runs.
         image: String,
+        /// The target has no standby: the validated backup restored into
+        /// the scratch database (`None`: a copy of the target's own).
+        restore: Option<crate::operation::RestoreSource>,
     },
     TrafficMove(TrafficParams),
 }
@@ -497,7 +500,13 @@ impl TaskParams {
                     put("fail", "true".into());
                 }
             }
-            TaskParams::AppDeploy { image, .. } | TaskParams::DrDrill { image, .. } => put("image", image.clone()),
+            TaskParams::AppDeploy { image, .. } => put("image", image.clone()),
+            TaskParams::DrDrill { image, restore, .. } => {
+                put("image", image.clone());
+                if let Some(r) = restore {
+                    put("restore", serde_json::to_string(r).unwrap_or_default());
+                }
+            }
             TaskParams::AppGates { color, .. } => {
                 put("color", color.map_or_else(|| "inactive".into(), |c| c.to_string()));
             }
@@ -668,6 +677,14 @@ impl TaskParams {
             TaskKind::DrDrill => TaskParams::DrDrill {
                 app: app_ref(p)?,
                 image: get(p, "image")?.to_owned(),
+                restore: p
+                    .get("restore")
+                    .map(|r| serde_json::from_str(r))
+                    .transpose()
+                    .map_err(|e| TaskError::Invalid {
+                        key: "restore",
+                        why: e.to_string(),
+                    })?,
             },
             TaskKind::TrafficMove => {
                 let action = get(p, "action")?;
@@ -1349,6 +1366,21 @@ mod tests {
             TaskParams::DrDrill {
                 app: app(),
                 image: "shop:v2".into(),
+                restore: None,
+            },
+            TaskParams::DrDrill {
+                app: app(),
+                image: "shop:v2".into(),
+                restore: Some(crate::operation::RestoreSource {
+                    backup_id: "shop-1".into(),
+                    object: crate::backup::BackupObject {
+                        key: "cutover/us-east/c1/shop/shop-1.cbk".into(),
+                        size: 42,
+                        ..Default::default()
+                    },
+                    table_rows: [("public.seq".to_owned(), 1000)].into(),
+                    taken_at_unix_ms: 1_767_225_600_000,
+                }),
             },
             TaskParams::TrafficMove(TrafficParams {
                 app: app(),

@@ -1,6 +1,8 @@
 //! The alert rules in deploy/prometheus: valid, unit-tested with promtool
 //! (each rule fires once and stays quiet once, in
-//! `cutover-alerts.test.yml`), and naming only metrics cutover exports.
+//! `cutover-alerts.test.yml`), and naming only metrics cutover exports;
+//! the Grafana dashboard in deploy/grafana: every query valid PromQL (as
+//! promtool parses it) over metrics cutover exports.
 //! promtool comes from Debian's `prometheus` package (scripts/setup); a
 //! missing promtool fails the test.
 
@@ -76,19 +78,23 @@ fn rust_sources(dir: &Path, out: &mut String) {
     }
 }
 
-#[test]
-fn alerts_name_only_metrics_cutover_exports() {
+/// The metric names cutover's sources register (as string literals).
+fn exported() -> BTreeSet<String> {
     let mut code = String::new();
     for krate in ["coordinator/src", "agent/src", "shared/src", "cli/src"] {
         rust_sources(&root().join(krate), &mut code);
     }
-    let exported: BTreeSet<String> = metric_names(&code)
+    metric_names(&code)
         .into_iter()
         .filter(|m| code.contains(&format!("\"{m}\"")))
-        .collect();
-    let rules = std::fs::read_to_string(root().join("deploy/prometheus/cutover-alerts.yml")).unwrap();
-    let used = metric_names(&rules);
-    assert!(used.len() >= 8, "{used:?}");
+        .collect()
+}
+
+/// Every metric `text` names is one cutover exports (a histogram's series
+/// by its base name).
+fn assert_only_exported(text: &str, what: &str) -> usize {
+    let exported = exported();
+    let used = metric_names(text);
     for m in &used {
         let base = m
             .strip_suffix("_bucket")
@@ -97,7 +103,52 @@ fn alerts_name_only_metrics_cutover_exports() {
             .unwrap_or(m);
         assert!(
             exported.contains(base),
-            "the rules use {m}, which cutover does not export"
+            "{what} uses {m}, which cutover does not export"
         );
     }
+    used.len()
+}
+
+#[test]
+fn alerts_name_only_metrics_cutover_exports() {
+    let rules = std::fs::read_to_string(root().join("deploy/prometheus/cutover-alerts.yml")).unwrap();
+    let used = assert_only_exported(&rules, "the rules");
+    assert!(used >= 8, "{used}");
+}
+
+/// Each query of the dashboard, with Grafana's variables replaced by what
+/// they stand for, is checked by promtool as a recording rule's
+/// expression; panel ids are unique.
+#[test]
+fn the_dashboard_queries_are_valid_promql_over_exported_metrics() {
+    let text = std::fs::read_to_string(root().join("deploy/grafana/cutover.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut ids = BTreeSet::new();
+    let mut exprs = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        let id = p["id"].as_u64().unwrap();
+        assert!(ids.insert(id), "panel id {id} is used twice");
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let e = t["expr"].as_str().unwrap();
+            exprs.push(e.replace("$__rate_interval", "5m").replace("$app", ".+"));
+        }
+    }
+    assert!(exprs.len() >= 20, "{} queries", exprs.len());
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        // A JSON string is a YAML double-quoted scalar.
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(e).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&path, rules).unwrap();
+    let checked = promtool(&["check", "rules", path.to_str().unwrap()]);
+    assert!(
+        checked.contains(&format!("SUCCESS: {} rules found", exprs.len())),
+        "{checked}"
+    );
+    assert_only_exported(&exprs.join("\n"), "the dashboard");
 }

@@ -1594,3 +1594,177 @@ async fn an_automatic_failover_waits_for_the_front_door_to_lose_the_region() {
     assert_eq!(params["region_probes"]["by"], "global/edge", "{audit}");
     c.shutdown().await;
 }
+
+/// No standby in eu-west: a cold server (its `[[databases]]` entry says
+/// standby; it does not replicate) and a validated backup of us-east. The
+/// cold server's agent fences it (never a second primary) until a failover
+/// claims it. The plan restores the newest validated backup, its age the
+/// data-loss window. With us-east lost, a forced failover claims eu-west's
+/// server, restores the backup onto it (checked against the rows recorded
+/// when it was taken), and eu-west takes writes with every row the backup
+/// held; what us-east took after the backup is the loss the plan named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_without_a_standby_fails_over_by_restoring_the_newest_validated_backup() {
+    let s3 = cutover_tests::s3::TestS3::start().unwrap();
+    s3.create_bucket("backups", true).unwrap();
+    let primary = TestPostgres::start().unwrap();
+    let url = primary.create_database("shop").unwrap();
+    primary
+        .psql(
+            "shop",
+            "create table seq (n bigint primary key); insert into seq select g from generate_series(1, 1000) g",
+        )
+        .unwrap();
+    let cold = TestPostgres::start().unwrap();
+    let cold_url = cold.create_database("shop").unwrap();
+    // Where drills into eu-west put their scratch copy.
+    let scratch = TestPostgres::start().unwrap();
+
+    let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let dir = c.tmp.path().to_owned();
+    let key = cutover_agent::backup::seal::BackupKey::generate("k1").unwrap().to_hex();
+    let store = s3.backup_config("backups", "cutover/", &dir, &key, "s3cret").unwrap();
+    let (primary_file, cold_file) = (dir.join("primary-url"), dir.join("cold-url"));
+    std::fs::write(&primary_file, &url).unwrap();
+    std::fs::write(&cold_file, &cold_url).unwrap();
+    let mut cfg = c.agent_config(0);
+    cfg.databases = vec![database(&primary_file, DbRole::Primary, None)];
+    cfg.backup = Some(store.clone());
+    c.start_agent_with(0, cfg).unwrap();
+    let mut cfg = c.agent_config(1);
+    cfg.databases = vec![database(&cold_file, DbRole::Standby, None)];
+    let scratch_file = dir.join("scratch-url");
+    std::fs::write(&scratch_file, scratch.url("postgres")).unwrap();
+    cfg.databases[0].scratch_url_file = Some(scratch_file);
+    cfg.backup = Some(store);
+    c.start_agent_with(1, cfg).unwrap();
+    c.wait_state(leader, T, "eu-west's cold server fenced", |s| {
+        s.db_status
+            .get("shop")
+            .and_then(|d| d.get("eu-west/c1"))
+            .is_some_and(|d| d.role == Some(DbRole::Primary) && d.fenced)
+    })
+    .await
+    .unwrap();
+    assert_eq!(cold.psql("shop", "show default_transaction_read_only").unwrap(), "on");
+
+    let mut spec = sample_app_spec("shop", REGIONS);
+    spec.bake_secs = 0;
+    spec.dr.max_data_loss_secs = 3600;
+    let mut op = c.operator(leader);
+    op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) })
+        .await
+        .unwrap();
+    deploy_v1(&c, leader).await;
+    // A drill into the cold standby has nothing to copy until a backup is
+    // validated.
+    let e = op
+        .drill(pb::DrillRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("no validated backup to drill with"),
+        "{}",
+        e.message()
+    );
+    let created = op
+        .create_backup(pb::CreateBackupRequest {
+            app: "shop".into(),
+            region: "us-east".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    succeeded(&c, leader, &created, "the backup").await;
+    let backup_id = c.node(leader).consensus().read(|s| {
+        s.backups
+            .values()
+            .find(|b| b.operation_id == created)
+            .map(|b| b.id.clone())
+            .unwrap()
+    });
+    let validated = op
+        .validate_backup(pb::ValidateBackupRequest { id: backup_id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    succeeded(&c, leader, &validated, "the validation").await;
+    // Drilled from the backup: restored into a scratch database, served,
+    // checked, torn down; the cold server untouched.
+    let drill = op
+        .drill(pb::DrillRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    succeeded(&c, leader, &drill, "the drill from the backup").await;
+    let report = list_drills(&mut op, 1).await.remove(0);
+    assert_eq!((report.source.as_str(), report.passed), ("backup", true), "{report:?}");
+    assert!(report.rpo_ms.is_some_and(|ms| ms > 0), "{report:?}");
+    assert_eq!(drill_databases(&scratch), "", "the scratch copy is gone");
+    assert_eq!(
+        cold.psql("shop", "select count(*) from pg_tables where tablename = 'seq'")
+            .unwrap(),
+        "0"
+    );
+    // Taken after the backup: lost with us-east.
+    primary
+        .psql("shop", "insert into seq select g from generate_series(1001, 1100) g")
+        .unwrap();
+
+    let plan = op
+        .plan_failover(pb::PlanFailoverRequest {
+            app: "shop".into(),
+            to: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan
+        .unwrap();
+    assert_eq!(
+        (plan.source.as_str(), plan.backup_id.as_str(), plan.to_region.as_str()),
+        ("backup", backup_id.as_str(), "eu-west")
+    );
+    assert!(plan.steps.iter().any(|s| s.name == "restore"), "{:?}", plan.steps);
+    assert!(plan.blockers.is_empty(), "{:?}", plan.blockers);
+
+    c.stop_agent(0).await;
+    primary.stop_immediately().unwrap();
+    wait_agent_down(&c, leader, "us-east/c1").await;
+    let id = op
+        .failover(pb::FailoverRequest {
+            app: "shop".into(),
+            to: "eu-west".into(),
+            force: true,
+            accept_data_loss: false,
+            rejoin: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let done = succeeded(&c, leader, &id, "the failover").await;
+    let restored = done
+        .tasks
+        .iter()
+        .find(|t| t.spec.kind == "db.backup")
+        .and_then(|t| t.result.as_ref())
+        .map(|r| r.message.clone())
+        .unwrap();
+    assert!(restored.contains(&backup_id), "{restored}");
+    assert_eq!(cold.psql("shop", "select count(*) from seq").unwrap(), "1000");
+    cold.psql("shop", "insert into seq values (5000)").unwrap();
+    let primary_now = c.node(leader).consensus().read(|s| s.dr_epochs["shop"].primary.clone());
+    assert_eq!(primary_now, Some(ClusterRef::new("eu-west", "c1").unwrap()));
+    c.shutdown().await;
+}

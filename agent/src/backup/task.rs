@@ -106,6 +106,16 @@ impl BackupRuntime {
         self.ready().await.map(|_| ())
     }
 
+    /// Restores the backup `object` into a new database `name` on
+    /// `server`'s PostgreSQL (a drill's scratch copy), checked as every
+    /// restore is (checksum, seal), owners dropped.
+    pub async fn restore_into(&self, server: &DbConfig, object: &BackupObject, name: &str) -> Result<(), BackupError> {
+        let ready = self.ready().await?;
+        super::restore_database(server, &ready.store, &record_of(object), &ready.keys, name, false)
+            .await
+            .map(|_| ())
+    }
+
     async fn ready(&self) -> Result<&Ready, BackupError> {
         let cfg = self
             .cfg
@@ -389,17 +399,7 @@ impl BackupRuntime {
             .object
             .clone()
             .ok_or_else(|| failed(("error".into(), "the task names no backup object".into())))?;
-        let record = BackupRecord {
-            object: super::store::Uploaded {
-                key: object.key.clone(),
-                version_id: object.version_id.clone(),
-                size: object.size,
-                sha256: object.sha256.clone(),
-                parts: object.parts,
-            },
-            key_id: object.key_id.clone(),
-            dump_bytes: object.dump_bytes,
-        };
+        let record = record_of(&object);
         let onto_primary = p.action == BackupAction::RestorePrimary;
         let scratch = scratch_name(&p.app.app, p.action.as_str(), task_id);
         progress(format!(
@@ -736,6 +736,21 @@ fn migrate_db_name(db: &DbConfig) -> String {
         .map(|u| u.path().trim_start_matches('/').to_owned())
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| db.app.clone())
+}
+
+/// What the store needs to fetch and check a cataloged object.
+fn record_of(object: &BackupObject) -> BackupRecord {
+    BackupRecord {
+        object: super::store::Uploaded {
+            key: object.key.clone(),
+            version_id: object.version_id.clone(),
+            size: object.size,
+            sha256: object.sha256.clone(),
+            parts: object.parts,
+        },
+        key_id: object.key_id.clone(),
+        dump_bytes: object.dump_bytes,
+    }
 }
 
 #[cfg(test)]

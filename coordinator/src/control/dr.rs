@@ -142,10 +142,10 @@ impl ControlApi {
             )));
         }
         let to = failover.to.clone();
-        if !matches!(plan.source, Some(DataSource::Standby { .. })) {
+        if failover.restore.is_some() && !self.agent_offers(&to, TaskKind::DbBackup) {
             return Err(ApiError::failed_precondition(format!(
-                "{to} has no standby of {}; a failover that restores a backup is not available yet \
-                 (restore it with `cutover backup restore --to primary`)",
+                "{to} has no standby of {} and its agent has no backup store to restore one from \
+                 (configure [backup] there)",
                 spec.name
             )));
         }
@@ -225,6 +225,7 @@ impl ControlApi {
                 rejoin_only: true,
                 traffic: None,
                 deploy_image: None,
+                restore: None,
             })),
             ..OperationSpec::default()
         };
@@ -277,8 +278,20 @@ impl ControlApi {
                 "the agent for {target} cannot run drills (upgrade it first)"
             )));
         }
+        let restore = self
+            .consensus
+            .read(|s| crate::dr::drill_restore(s, &spec, &target))
+            .map_err(ApiError::failed_precondition)?;
+        if restore.is_some() && !self.agent_offers(&target, TaskKind::DbBackup) {
+            return Err(ApiError::failed_precondition(format!(
+                "{target} has no standby of {} and its agent has no backup store to restore one from \
+                 (configure [backup] there)",
+                spec.name
+            )));
+        }
         let op_spec = OperationSpec {
             image: Some(image),
+            restore: restore.map(Box::new),
             ..OperationSpec::default()
         };
         let id = self

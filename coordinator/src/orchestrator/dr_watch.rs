@@ -178,6 +178,13 @@ pub fn due(s: &State, now: i64) -> Vec<Command> {
             if agent.state != AgentState::Up || !agent.task_kinds.iter().any(|k| k == "db.failover") {
                 continue;
             }
+            // Only what the agent observed since it came back: the report
+            // it made before its region was lost still says "primary",
+            // and a fence started on that would run against a server that
+            // may not even be up (and hold the app against a rejoin).
+            if d.observed_at_unix_ms < agent.since_unix_ms {
+                continue;
+            }
             let Some(cluster) = key
                 .split_once('/')
                 .and_then(|(r, c)| cutover_shared::domain::ClusterRef::new(r, c).ok())
@@ -206,6 +213,7 @@ pub fn due(s: &State, now: i64) -> Vec<Command> {
                 rejoin_only: false,
                 traffic: None,
                 deploy_image: None,
+                restore: None,
             };
             let operation = new_operation(id, app, vec![cluster.clone()], fence, FENCE_ACTOR, now);
             out.push(Command::CreateOperation {

@@ -455,6 +455,23 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     .and_then(|r| outputs::FailoverOutputs::from_wire(&r.outputs).lsn);
             }
             steps.push(failover(&f.to, FailoverAction::Promote, fenced_at));
+            // No standby in `to`: the promotion claimed its (fenced, cold)
+            // database for the new epoch; the newest validated backup is
+            // restored onto it, checked against the rows recorded when it
+            // was taken, before anything serves from it.
+            if let Some(r) = &f.restore {
+                steps.push(Step::new(
+                    &f.to,
+                    TaskParams::DbBackup(BackupParams {
+                        app: app(),
+                        action: BackupAction::RestorePrimary,
+                        backup_id: r.backup_id.clone(),
+                        object: Some(r.object.clone()),
+                        table_rows: r.table_rows.clone(),
+                        delete: BTreeMap::new(),
+                    }),
+                ));
+            }
             // Repoint: nothing served in `to`, so the release goes there
             // (its inactive color), passes its gates and takes its traffic,
             // all before traffic moves to the region.
@@ -511,6 +528,7 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     TaskParams::DrDrill {
                         app: app(),
                         image: image.clone(),
+                        restore: op.spec.restore.as_deref().cloned(),
                     },
                 ));
             }

@@ -170,8 +170,14 @@ fn drills_due(state: &State, now: i64) -> Vec<Command> {
         let (true, Some(image), None) = (ready, image, state.running_operation(app, &target)) else {
             continue;
         };
+        // A cold standby with no validated backup: nothing to drill with
+        // yet; the slot stays due until there is one.
+        let Ok(restore) = crate::dr::drill_restore(state, spec, &target) else {
+            continue;
+        };
         let spec = OperationSpec {
             image: Some(image),
+            restore: restore.map(Box::new),
             ..OperationSpec::default()
         };
         let id = derived_id(&format!("drill-schedule/{app}/{slot}"));
