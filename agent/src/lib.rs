@@ -415,6 +415,7 @@ impl Agent {
                 send(&progress_outbox, connect_request::Message::Progress(p.into()));
             };
             let kind = TaskKind::parse(&spec.kind);
+            let ran = Instant::now();
             let result = if kind.is_some_and(|k| app_tasks::KINDS.contains(&k)) {
                 apps.execute(&spec, &progress).await
             } else if kind.is_some_and(|k| db_tasks::KINDS.contains(&k)) {
@@ -428,6 +429,14 @@ impl Agent {
             } else {
                 tasks::execute(&spec, progress).await
             };
+            // By kind and outcome: switch durations and gate verdicts for
+            // the dashboards, as each agent (region) sees them.
+            metrics::histogram!(
+                "cutover_agent_task_duration_seconds",
+                "kind" => spec.kind.clone(),
+                "outcome" => if result.success { "succeeded" } else { "failed" },
+            )
+            .record(ran.elapsed().as_secs_f64());
             // Durable before reported: a crash after this line replays.
             let saved = {
                 let (store, result) = (store.clone(), result.clone());

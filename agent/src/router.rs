@@ -614,19 +614,9 @@ mod tests {
     use crate::sample_app;
     use std::sync::atomic::AtomicUsize;
 
-    struct App {
-        addr: SocketAddr,
-        _stop: tokio::sync::oneshot::Sender<()>,
-    }
-
-    async fn app(version: &str) -> App {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(sample_app::serve(version.to_string(), l, async move {
-            let _ = rx.await;
-        }));
-        App { addr, _stop: tx }
+    /// A sample app answering with `version` (a region's name here).
+    async fn app(version: &str) -> sample_app::TestApp {
+        sample_app::TestApp::start(version).await
     }
 
     fn client() -> Client<HttpConnector, Empty<Bytes>> {

@@ -119,6 +119,27 @@ async fn make_healthy(State(app): State<Arc<App>>) -> &'static str {
     "healthy\n"
 }
 
+/// A sample app answering with `version` on a loopback port, for tests:
+/// it serves until the value is dropped.
+#[cfg(test)]
+pub(crate) struct TestApp {
+    pub addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+#[cfg(test)]
+impl TestApp {
+    pub async fn start(version: &str) -> TestApp {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(version.to_string(), l, async move {
+            let _ = rx.await;
+        }));
+        TestApp { addr, _stop: tx }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

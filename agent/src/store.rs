@@ -26,12 +26,28 @@ pub struct Store {
     db: Database,
 }
 
+/// Opens the store's redb file. A previous agent in this process (a
+/// restart) may still be letting go of it: the last task it ran holds the
+/// store until its result is sent. "Already open" is retried for a short
+/// while before it is an error.
+fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens `<dir>/agent.redb`, creating it if needed, and drops results past
     /// retention.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("creating {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("agent.redb")).map_err(err)?;
+        let db = open_database(&dir.join("agent.redb")).map_err(err)?;
         let tx = db.begin_write().map_err(err)?;
         {
             let mut results = tx.open_table(RESULTS).map_err(err)?;

@@ -541,20 +541,9 @@ mod tests {
     use cutover_shared::domain::TaskSpec;
     use cutover_shared::task::AppRef;
 
-    struct App {
-        addr: SocketAddr,
-        _stop: tokio::sync::oneshot::Sender<()>,
-    }
-
-    /// A sample app answering with `version` (the region's name here).
-    async fn app(version: &str) -> App {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(crate::sample_app::serve(version.to_string(), l, async move {
-            let _ = rx.await;
-        }));
-        App { addr, _stop: tx }
+    /// A sample app answering with `version` (a region's name here).
+    async fn app(version: &str) -> crate::sample_app::TestApp {
+        crate::sample_app::TestApp::start(version).await
     }
 
     async fn body(addr: SocketAddr) -> String {
@@ -587,11 +576,7 @@ mod tests {
                 record: None,
                 record_type: "CNAME".into(),
                 ttl: 60,
-                health: vec![cutover_shared::app::Probe::Http {
-                    path: "/health".into(),
-                    status: 200,
-                    body_contains: None,
-                }],
+                health: vec![cutover_shared::app::Probe::http("/health")],
             }],
         }
     }

@@ -198,7 +198,10 @@ pub async fn run(
     database_url: Option<String>,
     dr: bool,
 ) -> Result<ExitCode> {
-    cutover_shared::telemetry::init_tracing(cutover_shared::telemetry::LogFormat::Human);
+    // The terminal gets progress and the report; the logs go to a file.
+    let log = crate::dev::log_path(data_dir.as_deref(), "demo");
+    cutover_shared::telemetry::init_tracing_file(&log).with_context(|| format!("opening {}", log.display()))?;
+    eprintln!("cutover demo: logs in {}", log.display());
     let metrics = cutover_shared::telemetry::metrics_handle();
     let started = Instant::now();
     let keep = data_dir.clone();
@@ -238,6 +241,12 @@ pub async fn run(
     let mut all_ok = steps.is_empty();
     let mut push = |name: &str, t: Instant, r: Result<(String, Vec<TaskTime>)>| {
         let ok = r.is_ok();
+        // Progress, as each step ends (the report follows on stdout).
+        eprintln!(
+            "  {} {name} ({:.1} s)",
+            if ok { "done" } else { "FAILED" },
+            t.elapsed().as_secs_f64()
+        );
         let (detail, tasks) = r.unwrap_or_else(|e| (format!("{e:#}"), vec![]));
         steps.push(Step {
             name: name.into(),
@@ -520,6 +529,15 @@ pub async fn run(
             if all_ok { "all expectations held" } else { "DEMO FAILED" },
             total.as_secs_f64()
         );
+    }
+    if !all_ok {
+        // What went wrong is in the logs: their end, where a run is read.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("the last lines of {}:", log.display());
+        for l in &lines[lines.len().saturating_sub(60)..] {
+            eprintln!("  {l}");
+        }
     }
     Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -141,11 +141,7 @@ impl DrRig {
                 record: None,
                 record_type: "CNAME".into(),
                 ttl: 60,
-                health: vec![cutover_shared::app::Probe::Http {
-                    path: "/health".into(),
-                    status: 200,
-                    body_contains: None,
-                }],
+                health: vec![cutover_shared::app::Probe::http("/health")],
             }],
         };
         let extras = AgentExtras {

@@ -67,6 +67,17 @@ pub struct DevSystem {
     pub extras: AgentExtras,
 }
 
+/// Where `cutover dev` and `cutover demo` write their logs:
+/// `<data_dir>/cutover.log`, or, with no data directory (a temporary one,
+/// removed at exit), `cutover-<what>-<pid>.log` in the temporary directory,
+/// which outlives the run.
+pub fn log_path(data_dir: Option<&std::path::Path>, what: &str) -> PathBuf {
+    match data_dir {
+        Some(d) => d.join("cutover.log"),
+        None => std::env::temp_dir().join(format!("cutover-{what}-{}.log", std::process::id())),
+    }
+}
+
 impl DevSystem {
     pub async fn start(data_dir: Option<PathBuf>, regions: &[(&str, &str)]) -> Result<DevSystem> {
         Self::start_with(data_dir, regions, None, AgentExtras::default()).await

@@ -17,10 +17,10 @@ mod verbs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cutover_shared::config::{AgentConfig, CoordinatorConfig};
-use cutover_shared::telemetry::{self, LogFormat};
+use cutover_shared::telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -212,7 +212,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Dev { data_dir } => {
-            telemetry::init_tracing(LogFormat::Human);
+            let log = dev::log_path(data_dir.as_deref(), "dev");
+            telemetry::init_tracing_file(&log).with_context(|| format!("opening {}", log.display()))?;
+            println!("# logs: {}", log.display());
             let mut sys = dev::DevSystem::start(data_dir, dev::DEV_REGIONS).await?;
             sys.wait_ready(std::time::Duration::from_secs(30)).await?;
             let services = sys.install_sample_app("sample:v1").await?;

@@ -339,15 +339,15 @@ pub fn operation_json(o: &pb::Operation) -> serde_json::Value {
 }
 
 fn print_operation(o: &pb::Operation) {
-    print_operation_new(o, &mut std::collections::HashSet::new());
+    print_operation_new(o, &mut std::collections::HashSet::new(), &Progress { bars: None });
 }
 
 /// Prints the lines of `o` not printed before (tracked in `seen`), so a
 /// watched operation reads as a log of what happened.
-fn print_operation_new(o: &pb::Operation, seen: &mut std::collections::HashSet<String>) {
+fn print_operation_new(o: &pb::Operation, seen: &mut std::collections::HashSet<String>, progress: &Progress) {
     let mut line = |key: String, text: String| {
         if seen.insert(key) {
-            println!("{text}");
+            progress.println(&text);
         }
     };
     line(
@@ -484,10 +484,80 @@ fn finished(o: &pb::Operation) -> bool {
     o.state == pb::TaskState::Succeeded as i32 || o.state == pb::TaskState::Failed as i32
 }
 
+/// Live progress while an operation runs: on a terminal, a spinner per
+/// cluster (its current task and latest progress, updated in place) below
+/// the operation's lines; piped, only the lines.
+struct Progress {
+    bars: Option<(
+        indicatif::MultiProgress,
+        std::collections::BTreeMap<String, indicatif::ProgressBar>,
+    )>,
+}
+
+impl Progress {
+    fn new(text: bool) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            bars: (text && std::io::stdout().is_terminal()).then(|| {
+                (
+                    indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stdout()),
+                    Default::default(),
+                )
+            }),
+        }
+    }
+
+    /// A line above the bars (or plain on a pipe).
+    fn println(&self, text: &str) {
+        match &self.bars {
+            Some((multi, _)) => {
+                let _ = multi.println(text);
+            }
+            None => println!("{text}"),
+        }
+    }
+
+    /// Each cluster's bar shows its newest task: running (with its last
+    /// progress message), or how it ended.
+    fn update(&mut self, o: &pb::Operation) {
+        let Some((multi, bars)) = &mut self.bars else { return };
+        let done = finished(o);
+        for t in &o.tasks {
+            let spec = t.task.clone().unwrap_or_default();
+            let target = spec.target.clone().unwrap_or_default();
+            let at = format!("{}/{}", target.region, target.cluster);
+            let bar = bars.entry(at.clone()).or_insert_with(|| {
+                let b = multi.add(indicatif::ProgressBar::new_spinner());
+                b.set_style(
+                    indicatif::ProgressStyle::with_template("{spinner} {prefix:<24} {elapsed:>4} {wide_msg}")
+                        .expect("a valid template"),
+                );
+                b.set_prefix(at.clone());
+                b.enable_steady_tick(std::time::Duration::from_millis(120));
+                b
+            });
+            let msg = match &t.result {
+                Some(r) => format!("{} {}", spec.kind, if r.success { "ok" } else { "FAILED" }),
+                None => match t.progress.last() {
+                    Some(p) => format!("{}: {}", spec.kind, p.message),
+                    None => format!("{} running", spec.kind),
+                },
+            };
+            bar.set_message(msg);
+        }
+        if done {
+            for b in bars.values() {
+                b.finish();
+            }
+        }
+    }
+}
+
 /// Follows an operation to its end; true if it succeeded.
 async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
     let mut last: Option<pb::Operation> = None;
     let mut seen = std::collections::HashSet::new();
+    let mut progress = Progress::new(conn.output == Output::Text);
     for (addr, mut client) in conn.clients()? {
         let stream = client
             .watch_operation(pb::WatchOperationRequest {
@@ -504,7 +574,8 @@ async fn watch(conn: &ConnOpts, id: &str) -> Result<bool> {
                 Ok(Some(update)) => {
                     let Some(op) = update.operation else { continue };
                     if conn.output == Output::Text {
-                        print_operation_new(&op, &mut seen);
+                        print_operation_new(&op, &mut seen, &progress);
+                        progress.update(&op);
                     }
                     let done = finished(&op);
                     last = Some(op);

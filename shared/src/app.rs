@@ -145,6 +145,17 @@ fn default_status() -> u16 {
     200
 }
 
+impl Probe {
+    /// `GET path` expecting 200, any body.
+    pub fn http(path: &str) -> Probe {
+        Probe::Http {
+            path: path.to_owned(),
+            status: default_status(),
+            body_contains: None,
+        }
+    }
+}
+
 /// The bounded load probe and its thresholds (defaults: the seed's
 /// performance thresholds).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

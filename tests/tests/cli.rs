@@ -49,9 +49,10 @@ fn cutover(env: &HashMap<String, String>, args: &[&str]) -> (bool, String, Strin
 }
 
 /// Starts `cutover dev` with its data in `dir/data` and returns it, the
-/// environment its exports print, and its log file.
-fn start_dev(dir: &Path) -> (Proc, HashMap<String, String>, PathBuf) {
-    let log = dir.join("dev.log");
+/// environment its exports print, what it printed (stdout and stderr) and
+/// its own log file (`dir/data/cutover.log`).
+fn start_dev(dir: &Path) -> (Proc, HashMap<String, String>, PathBuf, PathBuf) {
+    let log = dir.join("dev.out");
     let dev = Proc::spawn(&["dev", "--data-dir", dir.join("data").to_str().unwrap()], &log).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
     let env: HashMap<String, String> = loop {
@@ -71,7 +72,7 @@ fn start_dev(dir: &Path) -> (Proc, HashMap<String, String>, PathBuf) {
     for k in ["CUTOVER_ADDR", "CUTOVER_CA", "CUTOVER_CERT", "CUTOVER_KEY"] {
         assert!(env.contains_key(k), "{k} missing from {env:?}");
     }
-    (dev, env, log)
+    (dev, env, log, dir.join("data/cutover.log"))
 }
 
 /// Stops `cutover dev` the way a user does, with Ctrl-C, and checks it
@@ -93,10 +94,14 @@ fn stop_dev(dev: &mut Proc) {
 #[test]
 fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut dev, env, log) = start_dev(dir.path());
+    let (mut dev, env, out, log) = start_dev(dir.path());
     assert_eq!(env["CUTOVER_ADDR"].split(',').count(), 3);
     // The sample app serves in every region.
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    // The terminal gets the exports; the logs go to their file.
+    assert!(text.contains(&format!("# logs: {}", log.display())), "{text}");
+    assert!(!text.contains(" INFO "), "log lines on the terminal:\n{text}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("coordinator started"));
     let services: Vec<String> = text
         .lines()
         .filter(|l| l.starts_with("# app \"sample\""))
@@ -168,7 +173,30 @@ fn dev_prints_exports_that_drive_it_and_stops_on_ctrl_c() {
             &["deploy", "--app", "sample", "--image", image, "--region", "us-east"],
         );
         assert!(ok, "deploy {image}: {out}\n{err}");
+        // Piped: plain lines, no terminal codes.
+        assert!(
+            out.contains("app.switch on us-east/") && !out.contains('\u{1b}'),
+            "{out}"
+        );
     }
+    // On a terminal (a pty from util-linux's `script`), a deploy shows a
+    // spinner per cluster, redrawn in place under the operation's lines.
+    let run = format!(
+        "{} deploy --app sample --image sample:v13 --region us-east",
+        cutover_bin().display()
+    );
+    let tty = Command::new("script")
+        .args(["-qfec", &run, "/dev/null"])
+        .envs(&env)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&tty.stdout);
+    assert!(tty.status.success(), "deploy on a terminal:\n{shown}");
+    assert!(shown.contains("app.switch on us-east/"), "{shown}");
+    assert!(
+        shown.contains("\u{1b}[") && shown.contains("us-east/us-east-1") && shown.contains("app.bake ok"),
+        "no live progress on a terminal:\n{shown}"
+    );
     let (ok, out, err) = cutover(&env, &["agents", "list", "--output", "json"]);
     assert!(ok, "{err}");
     let agents: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -241,7 +269,7 @@ fn dev_keeps_working_while_every_certificate_rotates_to_a_new_ca() {
     use cutover_shared::certs::{CertAuthority, write_issued};
     use cutover_shared::identity::{Identity, Role};
     let dir = tempfile::tempdir().unwrap();
-    let (mut dev, env, log) = start_dev(dir.path());
+    let (mut dev, env, _, log) = start_dev(dir.path());
     let certs = dir.path().join("data/certs");
     let addrs: Vec<String> = env["CUTOVER_ADDR"].split(',').map(str::to_owned).collect();
     let within = cutover_shared::material::RELOAD_INTERVAL * 4;

@@ -165,6 +165,19 @@ async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) 
     .unwrap();
 }
 
+/// Waits until the leader's automatic failover ended and returns it.
+async fn automatic_failover(c: &TestCluster, leader: usize) -> cutover_shared::domain::Operation {
+    let auto = |o: &&cutover_shared::domain::Operation| o.created_by == "cutover/dr-auto";
+    c.wait_state(leader, T, "the automatic failover to finish", |s| {
+        s.operations.values().filter(auto).any(|o| o.state.is_finished())
+    })
+    .await
+    .unwrap();
+    c.node(leader)
+        .consensus()
+        .read(|s| s.operations.values().find(auto).cloned().unwrap())
+}
+
 /// Waits until operation `id` ended, asserts it succeeded, returns it.
 async fn succeeded(c: &TestCluster, leader: usize, id: &str, what: &str) -> cutover_shared::domain::Operation {
     c.wait_state(leader, T, what, |s| s.operations[id].state.is_finished())
@@ -233,11 +246,7 @@ async fn deploy_v1(c: &TestCluster, leader: usize) {
         .unwrap()
         .into_inner()
         .operation_id;
-    c.wait_state(leader, T, "the deploy to succeed", |s| {
-        s.operations[&id].state == cutover_shared::domain::TaskState::Succeeded
-    })
-    .await
-    .unwrap();
+    succeeded(c, leader, &id, "the deploy").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,11 +573,7 @@ fn traffic_config(spec: &AppSpec, driver: TrafficDriverKind, listen: Option<&str
             record,
             record_type: "CNAME".into(),
             ttl: 60,
-            health: vec![cutover_shared::app::Probe::Http {
-                path: "/health".into(),
-                status: 200,
-                body_contains: None,
-            }],
+            health: vec![cutover_shared::app::Probe::http("/health")],
         }],
     }
 }
@@ -1073,21 +1078,11 @@ async fn lose_the_primary_region(synchronous: bool) {
 
     c.stop_agent(0).await;
     primary.stop_immediately().unwrap();
-    c.wait_state(leader, T, "the automatic failover to finish", |s| {
-        s.operations
-            .values()
-            .any(|o| o.created_by == "cutover/dr-auto" && o.state.is_finished())
-    })
-    .await
-    .unwrap();
-    let (done, down_at) = c.node(leader).consensus().read(|s| {
-        let op = s
-            .operations
-            .values()
-            .find(|o| o.created_by == "cutover/dr-auto")
-            .cloned();
-        (op.unwrap(), s.agents["us-east/c1"].since_unix_ms)
-    });
+    let done = automatic_failover(&c, leader).await;
+    let down_at = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.agents["us-east/c1"].since_unix_ms);
     assert_eq!(
         done.state,
         cutover_shared::domain::TaskState::Succeeded,
@@ -1562,27 +1557,13 @@ async fn an_automatic_failover_waits_for_the_front_door_to_lose_the_region() {
     let region_lost = cutover_shared::domain::now_unix_ms();
     let _ = stop_east.send(());
     east_app.await.unwrap().unwrap();
-    c.wait_state(leader, T, "the automatic failover to finish", |s| {
-        s.operations
-            .values()
-            .any(|o| o.created_by == "cutover/dr-auto" && o.state.is_finished())
-    })
-    .await
-    .unwrap();
-    let (op, audit) = c.node(leader).consensus().read(|s| {
-        let op = s
-            .operations
-            .values()
-            .find(|o| o.created_by == "cutover/dr-auto")
-            .cloned()
-            .unwrap();
-        let audit = s
-            .audit
+    let op = automatic_failover(&c, leader).await;
+    let audit = c.node(leader).consensus().read(|s| {
+        s.audit
             .iter()
             .find(|e| e.action == "AutomaticFailover")
             .map(|e| e.parameters.clone())
-            .unwrap();
-        (op, audit)
+            .unwrap()
     });
     assert_eq!(op.state, cutover_shared::domain::TaskState::Succeeded, "{}", op.summary);
     assert!(

@@ -1,8 +1,11 @@
 //! deploy/kubernetes and the Dockerfile: every overlay renders with
 //! `kubectl kustomize`, validates offline against Kubernetes' own schemas
-//! (`kubernetes-validate --strict`, which rejects unknown fields; its
-//! bundled schemas lack cert-manager's and the Prometheus Operator's kinds,
-//! which are checked field by field below), and holds what the manifests
+//! (`kubernetes-validate --strict`, which rejects unknown fields) and its
+//! cert-manager and Prometheus Operator objects against those projects'
+//! CRD schemas (`tests/k8s-crds.mjs`, with the schemas compiled into the
+//! @kubernetes-models npm packages: types, required fields and enums; the
+//! CRDs allow unknown fields, so the fields cutover relies on are also
+//! checked one by one below), and holds what the manifests
 //! promise: three coordinators, one vote lost at a time, non-root pods with
 //! read-only root filesystems and no capabilities, probes on the ops
 //! endpoints, an agent that writes only Deployments and Services, and
@@ -10,8 +13,8 @@
 //! Dockerfile passes hadolint.
 //!
 //! kubectl, kubernetes-validate and hadolint come from scripts/setup (the
-//! latter two from PyPI into ~/.cache/cutover-pytools); a missing tool
-//! fails the test.
+//! latter two from PyPI into ~/.cache/cutover-pytools), the models from npm
+//! into ~/.cache/cutover-k8s-models; a missing tool fails the test.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -92,6 +95,19 @@ fn objects(yaml: &str) -> Vec<Value> {
     serde_json::from_str(&json).unwrap()
 }
 
+/// `tests/k8s-crds.mjs` on `objs`: (passed, report).
+fn validate_custom_resources(objs: &[Value]) -> (bool, String) {
+    let models = std::env::var_os("CUTOVER_K8S_MODELS").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/cutover-k8s-models"),
+        PathBuf::from,
+    );
+    run(
+        Path::new("node"),
+        &["tests/k8s-crds.mjs", models.to_str().unwrap()],
+        Some(&serde_json::to_string(objs).unwrap()),
+    )
+}
+
 fn find<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objs.iter()
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
@@ -134,6 +150,18 @@ fn check_overlay(overlay: &str, agent_identity: &str, anti_affinity: &str) {
     let (ok, report) = validate(&yaml);
     assert!(ok, "{overlay} does not validate:\n{report}");
     let objs = objects(&yaml);
+    let (ok, report) = validate_custom_resources(&objs);
+    assert!(ok, "{overlay}'s custom resources do not validate:\n{report}");
+    for kind in [
+        "Issuer cutover-ca",
+        "Certificate cutover-agent",
+        "ServiceMonitor cutover-coordinator",
+    ] {
+        assert!(
+            report.contains(&format!(" {kind}\n")),
+            "{kind} was not checked:\n{report}"
+        );
+    }
 
     let sts = find(&objs, "StatefulSet", "cutover-coordinator");
     assert_eq!(sts["spec"]["replicas"], 3);
@@ -231,6 +259,29 @@ fn the_schema_check_refuses_an_unknown_field() {
     let (ok, report) = validate(&yaml);
     assert!(!ok, "a misspelled field passed:\n{report}");
     assert!(report.contains("readOnlyRootFileSystem"), "{report}");
+}
+
+/// Nor is the custom-resource check: a Certificate whose URI SANs are a
+/// string rather than a list, and a ServiceMonitor endpoint with a scheme
+/// Prometheus does not know, fail it, each named.
+#[test]
+fn the_custom_resource_check_refuses_wrong_types_and_values() {
+    let mut objs = objects(&render("production"));
+    for o in &mut objs {
+        if o["kind"] == "Certificate" && o["metadata"]["name"] == "cutover-agent" {
+            o["spec"]["uris"] = Value::String("spiffe://cutover/agent/us-east/us-east-1".into());
+        }
+        if o["kind"] == "ServiceMonitor" {
+            o["spec"]["endpoints"][0]["scheme"] = Value::String("gopher".into());
+        }
+    }
+    let (ok, report) = validate_custom_resources(&objs);
+    assert!(!ok, "wrong types passed:\n{report}");
+    assert!(
+        report.contains("FAIL Certificate cutover-agent") && report.contains("uris"),
+        "{report}"
+    );
+    assert!(report.contains("FAIL ServiceMonitor cutover-coordinator"), "{report}");
 }
 
 #[test]

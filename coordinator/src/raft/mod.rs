@@ -339,7 +339,11 @@ impl Consensus {
         };
         match proposal {
             Proposal::Command(cmd) => {
+                // Propose to applied on the leader: append, replicate to a
+                // majority, fsync, apply.
+                let started = Instant::now();
                 let resp = self.raft.client_write(cmd).await.map_err(map_err)?.data;
+                metrics::histogram!("cutover_raft_commit_seconds").record(started.elapsed().as_secs_f64());
                 match resp.error {
                     Some(e) => Err(ProposeError::Rejected(e)),
                     None => Ok(resp),
