@@ -274,8 +274,8 @@ impl DrRuntime {
         }
     }
 
-    /// Fences `app`'s database if it is a cold standby: configured as a
-    /// standby, its server not in recovery (a server a failover restores
+    /// Fences `app`'s database if it is a cold standby: configured with
+    /// `role = "standby"` and no `follows`, its server not in recovery (a server a failover restores
     /// a backup onto, not a streaming replica), writable, and not promoted
     /// by this agent. Taking writes, it would be a second primary; fenced,
     /// it waits for a failover to claim it (the promotion lifts the
@@ -285,8 +285,11 @@ impl DrRuntime {
         let Some(db) = self.databases.get(app) else {
             return false;
         };
+        // Only `role = "standby"` with no `follows` is a cold standby: the
+        // older `primary = false` names a read replica, which is left alone.
         if db.driver != DbDriver::Postgres
-            || db.role() != DbRole::Standby
+            || db.role != Some(DbRole::Standby)
+            || db.follows.is_some()
             || self.epochs.read().get(app).is_some_and(|e| e.promoted)
         {
             return false;

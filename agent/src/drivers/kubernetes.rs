@@ -7,7 +7,9 @@
 //! - Deployments `<app>-blue` and `<app>-green`, pods labelled
 //!   `app=<app>,color=<color>`;
 //! - Service `<app>` selecting `app=<app>,color=<active>` (takes traffic);
-//! - Service `<app>-preview` selecting the inactive color (probes).
+//! - Service `<app>-preview` selecting the inactive color (probes);
+//! - for drills, Deployment and Service `<app>-drill` (replicas 0, pods
+//!   labelled `app=<app>,color=drill`): the scratch color.
 //!
 //! The driver never creates these objects; it changes the image of a
 //! Deployment's container (server-side apply, field manager `cutover`), its
@@ -112,6 +114,11 @@ impl KubeDriver {
 
     fn deployment_name(&self, color: Color) -> String {
         format!("{}-{}", self.app, color)
+    }
+
+    /// The scratch color's Deployment and Service (drills).
+    fn scratch_name(&self) -> String {
+        format!("{}-drill", self.app)
     }
 
     fn preview_service_name(&self) -> String {
@@ -706,6 +713,80 @@ impl PlatformDriver for KubeDriver {
 
     async fn service_address(&self) -> Result<String, DriverError> {
         self.cluster_address(&self.app).await
+    }
+
+    /// The scratch color is Deployment `<app>-drill` behind Service
+    /// `<app>-drill`, both applied beside the colors' (replicas 0, pods
+    /// labelled `app=<app>,color=drill`): no Service that takes traffic
+    /// selects them. The driver scales it to one pod with the image and
+    /// waits for the rollout; as with the colors, it creates nothing.
+    async fn start_scratch(&self, image: &str, progress: Progress<'_>) -> Result<String, DriverError> {
+        let name = self.scratch_name();
+        let api = self.deployments();
+        let current = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| kube_error(&format!("get deployment {}", self.qualified(&name)), e))?
+            .ok_or_else(|| {
+                DriverError::new(format!(
+                    "deployment {} does not exist; drills need it and service {name} beside the colors \
+                     (replicas 0, pods labelled app={},color=drill, selected by no other service)",
+                    self.qualified(&name),
+                    self.app
+                ))
+            })?;
+        let container = self.target_container(&current)?;
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        if desired_replicas(&current) != 1 {
+            api.patch(&name, &pp, &Patch::Merge(&json!({"spec": {"replicas": 1}})))
+                .await
+                .map_err(|e| kube_error(&format!("scale up deployment {}", self.qualified(&name)), e))?;
+        }
+        let body = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}},
+        });
+        progress(format!(
+            "scratch color: applying image {image} to {}",
+            self.qualified(&name)
+        ));
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+            .await
+            .map_err(|e| kube_error(&format!("apply image to deployment {}", self.qualified(&name)), e))?;
+        if let Err(e) = self.wait_for_rollout(&name, image, progress).await {
+            let _ = self.stop_scratch().await;
+            return Err(e);
+        }
+        self.cluster_address(&name).await
+    }
+
+    /// Scales `<app>-drill` back to zero (absent: nothing runs).
+    async fn stop_scratch(&self) -> Result<(), DriverError> {
+        let name = self.scratch_name();
+        let api = self.deployments();
+        let Some(d) = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| kube_error(&format!("get deployment {}", self.qualified(&name)), e))?
+        else {
+            return Ok(());
+        };
+        if desired_replicas(&d) == 0 {
+            return Ok(());
+        }
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        api.patch(&name, &pp, &Patch::Merge(&json!({"spec": {"replicas": 0}})))
+            .await
+            .map_err(|e| kube_error(&format!("scale down deployment {}", self.qualified(&name)), e))?;
+        Ok(())
     }
 }
 
@@ -1849,6 +1930,108 @@ mod tests {
             );
             assert_eq!(addr, "oatie-backend-preview.shop.svc:8080");
             assert_eq!(service_addr, "oatie-backend.shop.svc:80");
+        })
+        .await
+    }
+
+    // ---- scratch color (drills) ----
+
+    const DRILL: &str = "/apis/apps/v1/namespaces/shop/deployments/oatie-backend-drill";
+    const DRILL_APPLY: &str =
+        "/apis/apps/v1/namespaces/shop/deployments/oatie-backend-drill?&force=true&fieldManager=cutover";
+    const DRILL_MERGE: &str = "/apis/apps/v1/namespaces/shop/deployments/oatie-backend-drill?&fieldManager=cutover";
+    const DRILL_SVC: &str = "/api/v1/namespaces/shop/services/oatie-backend-drill";
+
+    /// A drill's scratch color: the operator's `<app>-drill` Deployment,
+    /// stopped, is scaled to one pod with the image, rolled out, and reached
+    /// through Service `<app>-drill`; stopping it scales it back to zero.
+    #[tokio::test]
+    async fn a_scratch_color_scales_the_drill_deployment_up_and_back_down() {
+        within(async {
+            let stopped = deployment("drill", V1, 3, 0, rollout_status(3, 0, 0, 0, 0, vec![]));
+            let (driver, server) = start(
+                spec(),
+                script(vec![
+                    ("GET", DRILL, stopped),
+                    (
+                        "PATCH",
+                        DRILL_MERGE,
+                        deployment("drill", V1, 4, 1, rollout_status(3, 0, 0, 0, 0, vec![])),
+                    ),
+                    (
+                        "PATCH",
+                        DRILL_APPLY,
+                        deployment("drill", V2, 5, 1, rollout_status(3, 0, 0, 0, 0, vec![])),
+                    ),
+                    ("GET", DRILL, deployment("drill", V2, 5, 1, complete_status(5, 1))),
+                    ("GET", DRILL_SVC, service("oatie-backend-drill", "drill", 80, json!({}))),
+                    ("GET", DRILL, deployment("drill", V2, 5, 1, complete_status(5, 1))),
+                    (
+                        "PATCH",
+                        DRILL_MERGE,
+                        deployment("drill", V2, 6, 0, complete_status(5, 1)),
+                    ),
+                ]),
+            );
+            let (seen, progress) = progress_log();
+            let addr = driver.start_scratch(V2, &progress).await;
+            let stopped = driver.stop_scratch().await;
+            let log = finish(driver, server).await;
+            assert_eq!(addr.expect("start_scratch"), "oatie-backend-drill.shop.svc:80");
+            stopped.expect("stop_scratch");
+            assert_eq!(
+                calls(&log),
+                [
+                    ("GET", DRILL),
+                    ("PATCH", DRILL_MERGE),
+                    ("PATCH", DRILL_APPLY),
+                    ("GET", DRILL),
+                    ("GET", DRILL_SVC),
+                    ("GET", DRILL),
+                    ("PATCH", DRILL_MERGE)
+                ]
+            );
+            assert_eq!(
+                (log[1].content_type.as_deref(), log[1].body.clone()),
+                (Some(MERGE), Some(json!({"spec": {"replicas": 1}})))
+            );
+            assert_eq!(log[2].content_type.as_deref(), Some(APPLY));
+            assert_eq!(
+                log[2].body,
+                Some(json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": "oatie-backend-drill"},
+                    "spec": {"template": {"spec": {"containers": [{"name": "oatie-backend", "image": V2}]}}}
+                }))
+            );
+            assert_eq!(log[6].body, Some(json!({"spec": {"replicas": 0}})));
+            assert_eq!(
+                seen.lock().unwrap().first().map(String::as_str),
+                Some(format!("scratch color: applying image {V2} to shop/oatie-backend-drill").as_str())
+            );
+        })
+        .await
+    }
+
+    /// Without the drill Deployment a drill is refused, saying what to
+    /// apply; stopping a scratch color that never ran changes nothing.
+    #[tokio::test]
+    async fn a_scratch_color_without_the_drill_deployment_is_refused_naming_it() {
+        within(async {
+            let objects = Arc::new(Mutex::new(BTreeMap::new()));
+            let (driver, server) = start(spec(), fake(objects));
+            let e = driver.start_scratch(V2, &|_| {}).await.unwrap_err();
+            let stopped = driver.stop_scratch().await;
+            let log = finish(driver, server).await;
+            assert!(
+                e.message.contains("deployment shop/oatie-backend-drill does not exist")
+                    && e.message.contains("app=oatie-backend,color=drill"),
+                "{}",
+                e.message
+            );
+            stopped.expect("stop_scratch of nothing");
+            assert_eq!(calls(&log), [("GET", DRILL), ("GET", DRILL)]);
         })
         .await
     }

@@ -61,7 +61,7 @@ pub trait PlatformDriver: Send + Sync {
     async fn start_scratch(&self, image: &str, progress: Progress<'_>) -> Result<String, DriverError> {
         let _ = (image, progress);
         Err(DriverError::new(
-            "this driver cannot run a scratch color (drills need the local driver for now)",
+            "this driver cannot run a scratch color, so drills cannot run here",
         ))
     }
     /// Stops the scratch color, if one runs.
