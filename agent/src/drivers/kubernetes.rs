@@ -116,6 +116,23 @@ impl KubeDriver {
         format!("{}-{}", self.app, color)
     }
 
+    /// Server-side apply of the image alone: cutover owns only
+    /// `containers[name=<container>].image`; `force` takes that field over
+    /// from whoever applied the manifest (kubectl, Helm, Argo CD).
+    async fn apply_image(&self, name: &str, container: &str, image: &str) -> Result<(), DriverError> {
+        let body = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}},
+        });
+        self.deployments()
+            .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+            .await
+            .map_err(|e| kube_error(&format!("apply image to deployment {}", self.qualified(name)), e))?;
+        Ok(())
+    }
+
     /// The scratch color's Deployment and Service (drills).
     fn scratch_name(&self) -> String {
         format!("{}-drill", self.app)
@@ -613,19 +630,8 @@ impl PlatformDriver for KubeDriver {
             .map_err(|e| kube_error(&format!("scale up deployment {}", self.qualified(&name)), e))?;
         }
 
-        // Server-side apply of the image alone: cutover owns only
-        // `containers[name=<container>].image`; `force` takes that field over
-        // from whoever applied the manifest (kubectl, Helm, Argo CD).
-        let body = json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}},
-        });
         progress(format!("applying image {image} to {}", self.qualified(&name)));
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-            .await
-            .map_err(|e| kube_error(&format!("apply image to deployment {}", self.qualified(&name)), e))?;
+        self.apply_image(&name, &container, image).await?;
         self.wait_for_rollout(&name, image, progress).await
     }
 
@@ -745,19 +751,11 @@ impl PlatformDriver for KubeDriver {
                 .await
                 .map_err(|e| kube_error(&format!("scale up deployment {}", self.qualified(&name)), e))?;
         }
-        let body = json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}},
-        });
         progress(format!(
             "scratch color: applying image {image} to {}",
             self.qualified(&name)
         ));
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-            .await
-            .map_err(|e| kube_error(&format!("apply image to deployment {}", self.qualified(&name)), e))?;
+        self.apply_image(&name, &container, image).await?;
         if let Err(e) = self.wait_for_rollout(&name, image, progress).await {
             let _ = self.stop_scratch().await;
             return Err(e);
