@@ -296,16 +296,7 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
     assert_eq!(p.lag_bytes, None);
 
     // The plan: promote eu-west's standby, nothing lost, nothing blocking.
-    let plan = op
-        .plan_failover(pb::PlanFailoverRequest {
-            app: "shop".into(),
-            to: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
+    let plan = shop_plan(&mut op, "").await;
     assert_eq!(
         (plan.from_region.as_str(), plan.to_region.as_str()),
         ("us-east", "eu-west")
@@ -372,16 +363,7 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
         )
         .unwrap();
     wait_standby_lag_over_5s(&c, leader).await;
-    let plan = op
-        .plan_failover(pb::PlanFailoverRequest {
-            app: "shop".into(),
-            to: "eu-west".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
+    let plan = shop_plan(&mut op, "eu-west").await;
     assert!(
         plan.blockers
             .iter()
@@ -405,16 +387,7 @@ async fn a_primary_and_its_standby_are_reported_and_the_plan_promotes_the_standb
     // The standby's agent goes away: the plan is blocked, with no override.
     c.stop_agent(1).await;
     wait_agent_down(&c, leader, "eu-west/c1").await;
-    let plan = op
-        .plan_failover(pb::PlanFailoverRequest {
-            app: "shop".into(),
-            to: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
+    let plan = shop_plan(&mut op, "").await;
     assert!(
         plan.blockers
             .iter()
@@ -1126,6 +1099,22 @@ async fn lose_the_primary_region(synchronous: bool) {
     c.shutdown().await;
 }
 
+/// `shop`'s failover plan into `to` (empty: the region the plan picks).
+async fn shop_plan(
+    c: &mut cutover_shared::proto::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    to: &str,
+) -> pb::FailoverPlan {
+    c.plan_failover(pb::PlanFailoverRequest {
+        app: "shop".into(),
+        to: to.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .plan
+    .unwrap()
+}
+
 /// `shop`'s drill reports, newest first (at most `limit`; 0: all).
 async fn list_drills(
     c: &mut cutover_shared::proto::control_service_client::ControlServiceClient<tonic::transport::Channel>,
@@ -1205,16 +1194,7 @@ async fn a_drill_under_load_measures_rto_and_rpo_and_changes_nothing_in_producti
     }
     eprintln!("drill: RTO {rto} ms, RPO {rpo} ms, phases {:?}", d.phase_ms);
     // The failover runbook now expects what the drill measured.
-    let plan = op
-        .plan_failover(pb::PlanFailoverRequest {
-            app: "shop".into(),
-            to: "eu-west".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
+    let plan = shop_plan(&mut op, "eu-west").await;
     let expected = |name: &str| plan.steps.iter().find(|s| s.name == name).and_then(|s| s.expected_ms);
     assert_eq!(expected("verify"), Some(d.phase_ms["gates"]));
     assert_eq!(expected("repoint"), Some(d.phase_ms["serve"] + d.phase_ms["gates"]));
@@ -1541,17 +1521,7 @@ async fn an_automatic_failover_waits_for_the_front_door_to_lose_the_region() {
     // What the watch would do but for the front door: the plan it
     // follows is blocked only by the lost agent, which automatic failover
     // overrides.
-    let plan = c
-        .operator(leader)
-        .plan_failover(pb::PlanFailoverRequest {
-            app: "shop".into(),
-            to: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
+    let plan = shop_plan(&mut c.operator(leader), "").await;
     let blockers: Vec<&str> = plan.blockers.iter().map(|b| b.overridden_by.as_str()).collect();
     assert_eq!(blockers, ["--force"], "{:?}", plan.blockers);
     let region_lost = cutover_shared::domain::now_unix_ms();
@@ -1702,16 +1672,7 @@ async fn a_region_without_a_standby_fails_over_by_restoring_the_newest_validated
         .psql("shop", "insert into seq select g from generate_series(1001, 1100) g")
         .unwrap();
 
-    let plan = op
-        .plan_failover(pb::PlanFailoverRequest {
-            app: "shop".into(),
-            to: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan
-        .unwrap();
+    let plan = shop_plan(&mut op, "").await;
     assert_eq!(
         (plan.source.as_str(), plan.backup_id.as_str(), plan.to_region.as_str()),
         ("backup", backup_id.as_str(), "eu-west")
