@@ -48,7 +48,7 @@ pub struct ConnOpts {
 }
 
 impl ConnOpts {
-    fn tls(&self) -> Result<TlsFiles> {
+    pub fn tls(&self) -> Result<TlsFiles> {
         let need = |v: &Option<PathBuf>, flag: &str, env: &str| {
             v.clone()
                 .with_context(|| format!("no {flag} given (flag --{flag} or {env})"))
@@ -84,21 +84,42 @@ fn unreachable(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown && s.message().contains("transport")
 }
 
+/// Why [`call_each`] got no answer.
+pub enum Failure {
+    /// A coordinator answered with an error.
+    Status(tonic::Status),
+    /// None answered: the last transport error, with its address.
+    Unreachable(String),
+}
+
+/// Runs `f` against each of `clients` in turn until one answers.
+pub async fn call_each<T, F, Fut>(clients: &[(String, ControlServiceClient<Channel>)], f: F) -> Result<T, Failure>
+where
+    F: Fn(ControlServiceClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut last = None;
+    for (addr, client) in clients {
+        match f(client.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if unreachable(&s) => last = Some(format!("{addr}: {}", s.message())),
+            Err(s) => return Err(Failure::Status(s)),
+        }
+    }
+    Err(Failure::Unreachable(last.unwrap_or_default()))
+}
+
 /// Runs `f` against the first coordinator that answers.
 pub async fn call<T, F, Fut>(opts: &ConnOpts, f: F) -> Result<T>
 where
     F: Fn(ControlServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut last = None;
-    for (addr, client) in opts.clients()? {
-        match f(client).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s) if unreachable(&s) => last = Some(format!("{addr}: {}", s.message())),
-            Err(s) => bail!("{}: {}", code_name(s.code()), s.message()),
-        }
+    match call_each(&opts.clients()?, f).await {
+        Ok(t) => Ok(t),
+        Err(Failure::Status(s)) => bail!("{}: {}", code_name(s.code()), s.message()),
+        Err(Failure::Unreachable(last)) => bail!("no coordinator reachable ({last})"),
     }
-    bail!("no coordinator reachable ({})", last.unwrap_or_default())
 }
 
 pub fn code_name(c: tonic::Code) -> String {

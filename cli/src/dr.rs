@@ -146,7 +146,7 @@ pub enum DrillsCmd {
     },
 }
 
-fn drill_json(d: &pb::DrillReport) -> serde_json::Value {
+pub(crate) fn drill_json(d: &pb::DrillReport) -> serde_json::Value {
     json!({
         "operation_id": d.operation_id, "app": d.app, "region": d.region, "cluster": d.cluster,
         "passed": d.passed, "verdict": d.verdict, "message": d.message, "source": d.source,

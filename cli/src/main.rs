@@ -12,6 +12,7 @@ mod dev;
 mod devstore;
 mod dr;
 mod migrate;
+mod ui;
 mod verbs;
 
 use std::path::PathBuf;
@@ -225,6 +226,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "# cutover dev: 3 coordinators, agents for {}; Ctrl-C stops it",
                 dev::DEV_REGIONS.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
             );
+            println!("# the web console: `cutover ui` with these exports, then open the URL it prints");
             print!("{}", sys.exports());
             use std::io::Write;
             let _ = std::io::stdout().flush();

@@ -109,7 +109,7 @@ fn read_migrations(dir: &Path) -> Result<Vec<pb::MigrationFile>> {
     Ok(files)
 }
 
-fn release_json(r: &pb::Release) -> serde_json::Value {
+pub(crate) fn release_json(r: &pb::Release) -> serde_json::Value {
     json!({
         "app": r.app, "image": r.image, "digest": r.digest,
         "newest_version": (r.newest_version > 0).then_some(r.newest_version),

@@ -18,6 +18,16 @@ pub enum Verb {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// The web console: serves it on loopback, acting with your
+    /// certificate (an operator's may promote, pause, resume, abort and roll
+    /// back; a viewer's is read-only), and prints its URL.
+    Ui {
+        /// Where to serve it (a loopback address; port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:8480")]
+        listen: String,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Agents and their liveness.
     Agents {
         #[command(subcommand)]
@@ -299,6 +309,52 @@ fn members_json(m: &[pb::ClusterMember]) -> serde_json::Value {
     )
 }
 
+/// `cluster status -o json`, and the console's view of the coordinators.
+pub(crate) fn cluster_status_json(s: &pb::GetClusterStatusResponse) -> serde_json::Value {
+    json!({
+        "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "server_state": s.server_state,
+        "last_log_index": s.last_log_index, "commit_index": s.commit_index, "applied_index": s.applied_index,
+        "snapshot_index": s.snapshot_index, "purged_index": s.purged_index, "members": members_json(&s.members),
+    })
+}
+
+pub(crate) fn agent_json(a: &pb::Agent) -> serde_json::Value {
+    let c = a.cluster.clone().unwrap_or_default();
+    json!({"region": c.region, "cluster": c.cluster, "state": agent_state(a.state), "since_unix_ms": a.since_unix_ms, "version": a.agent_version, "task_kinds": a.task_kinds})
+}
+
+/// `status -o json`: each cluster's agent and, for one app, its colors.
+pub(crate) fn status_json(r: &pb::GetStatusResponse) -> serde_json::Value {
+    let v: Vec<_> = r
+        .clusters
+        .iter()
+        .map(|s| {
+            let c = s.cluster.clone().unwrap_or_default();
+            let mut v = json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)});
+            if let Some(a) = &s.app {
+                v["active"] = json!(color_name(a.active));
+                v["last_switch_unix_ms"] = json!(a.last_switch_unix_ms);
+                v["maintenance"] = json!(a.maintenance);
+                v["colors"] = json!(
+                    a.colors
+                        .iter()
+                        .map(|k| json!({
+                            "color": color_name(k.color), "image": k.image, "replicas_ready": k.replicas_ready,
+                            "replicas_desired": k.replicas_desired, "healthy": k.healthy,
+                        }))
+                        .collect::<Vec<_>>()
+                );
+            }
+            v
+        })
+        .collect();
+    json!({"leader_id": r.leader_id, "clusters": v})
+}
+
+pub(crate) fn audit_json(e: &pb::AuditEvent) -> serde_json::Value {
+    json!({"sequence": e.sequence, "at_unix_ms": e.at_unix_ms, "actor": e.actor, "action": e.action, "parameters": e.parameters, "outcome": e.outcome})
+}
+
 fn print_members(m: &[pb::ClusterMember]) {
     println!("{:<6} {:<24} {:<8} LEADER", "NODE", "ADDRESS", "ROLE");
     for m in m {
@@ -331,6 +387,8 @@ pub fn operation_json(o: &pb::Operation) -> serde_json::Value {
             json!({
                 "task_id": spec.task_id, "kind": spec.kind, "target": format!("{}/{}", target.region, target.cluster),
                 "state": state_name(t.state), "dispatch_count": t.dispatch_count,
+                "created_at_unix_ms": t.created_at_unix_ms,
+                "finished_at_unix_ms": t.result.as_ref().map(|r| r.finished_at_unix_ms).filter(|&ms| ms > 0),
                 "progress": t.progress.iter().map(|p| json!({"at_unix_ms": p.at_unix_ms, "message": p.message})).collect::<Vec<_>>(),
                 "result": t.result.as_ref().map(|r| json!({"success": r.success, "message": r.message, "outputs": r.outputs, "replayed": r.replayed})),
             })
@@ -611,7 +669,7 @@ fn color_name(c: i32) -> &'static str {
     }
 }
 
-fn app_json(a: pb::App) -> Result<serde_json::Value> {
+pub(crate) fn app_json(a: pb::App) -> Result<serde_json::Value> {
     let spec = cutover_shared::convert::app_from_proto(a)?;
     Ok(serde_json::to_value(spec)?)
 }
@@ -646,6 +704,7 @@ type ControlClient = cutover_shared::proto::control_service_client::ControlServi
 
 pub async fn run(v: Verb) -> Result<ExitCode> {
     match v {
+        Verb::Ui { listen, conn } => crate::ui::run(&listen, conn).await?,
         Verb::Cluster { cmd, conn } => match cmd {
             ClusterCmd::Status => {
                 let s = call(&conn, |mut c| async move {
@@ -653,14 +712,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 })
                 .await?;
                 if conn.output == Output::Json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&json!({
-                            "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "server_state": s.server_state,
-                            "last_log_index": s.last_log_index, "commit_index": s.commit_index, "applied_index": s.applied_index,
-                            "snapshot_index": s.snapshot_index, "purged_index": s.purged_index, "members": members_json(&s.members),
-                        }))?
-                    );
+                    println!("{}", serde_json::to_string_pretty(&cluster_status_json(&s))?);
                 } else {
                     println!(
                         "answered by node {} ({}), leader {}, term {}",
@@ -719,10 +771,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
             )
             .await?;
             if conn.output == Output::Json {
-                let v: Vec<_> = r.agents.iter().map(|a| {
-                    let c = a.cluster.clone().unwrap_or_default();
-                    json!({"region": c.region, "cluster": c.cluster, "state": agent_state(a.state), "since_unix_ms": a.since_unix_ms, "version": a.agent_version, "task_kinds": a.task_kinds})
-                }).collect();
+                let v: Vec<_> = r.agents.iter().map(agent_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{:<12} {:<16} {:<6} VERSION", "REGION", "CLUSTER", "STATE");
@@ -752,29 +801,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 })
             };
             if conn.output == Output::Json {
-                let v: Vec<_> = r
-                    .clusters
-                    .iter()
-                    .map(|s| {
-                        let c = s.cluster.clone().unwrap_or_default();
-                        let mut v =
-                            json!({"region": c.region, "cluster": c.cluster, "agent": agent_state(s.agent_state)});
-                        if let Some(a) = &s.app {
-                            v["active"] = json!(color_name(a.active));
-                            v["last_switch_unix_ms"] = json!(a.last_switch_unix_ms);
-                            v["maintenance"] = json!(a.maintenance);
-                            v["colors"] = json!(a.colors.iter().map(|k| json!({
-                                "color": color_name(k.color), "image": k.image, "replicas_ready": k.replicas_ready,
-                                "replicas_desired": k.replicas_desired, "healthy": k.healthy,
-                            })).collect::<Vec<_>>());
-                        }
-                        v
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"leader_id": r.leader_id, "clusters": v}))?
-                );
+                println!("{}", serde_json::to_string_pretty(&status_json(&r))?);
             } else if app.is_empty() {
                 println!("{:<12} {:<16} AGENT", "REGION", "CLUSTER");
                 for s in &r.clusters {
@@ -1057,7 +1084,7 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
             })
             .await?;
             if conn.output == Output::Json {
-                let v: Vec<_> = r.events.iter().map(|e| json!({"sequence": e.sequence, "at_unix_ms": e.at_unix_ms, "actor": e.actor, "action": e.action, "parameters": e.parameters, "outcome": e.outcome})).collect();
+                let v: Vec<_> = r.events.iter().map(audit_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in &r.events {

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dev;
 pub mod garage;
 pub mod process;
 pub mod s3;
