@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cutover_shared::analysis::{AnalysisReport, AnalysisStage, MetricCheck, MetricProvider, QueryContext};
 use cutover_shared::app::{AppClusterStatus, AppSpec, Color, validate_image_ref};
 use cutover_shared::domain::{TaskResult, TaskSpec};
 use cutover_shared::task::outputs::AppOutputs;
@@ -14,7 +15,7 @@ use cutover_shared::task::{self, TaskKind, TaskParams};
 use tokio::sync::Mutex;
 
 use crate::drivers::{DriverContext, DriverError, PlatformDriver, driver_for};
-use crate::gates;
+use crate::{analysis, gates};
 
 /// Task kinds handled here.
 pub const KINDS: &[TaskKind] = &[
@@ -45,6 +46,8 @@ pub struct AppRuntime {
     drivers: std::sync::Mutex<HashMap<String, Entry>>,
     /// Serializes building drivers (and closing the ones they replace).
     build: Mutex<()>,
+    /// The region's Prometheus, for the apps' `prometheus` checks.
+    prometheus: Option<String>,
 }
 
 impl AppRuntime {
@@ -53,6 +56,40 @@ impl AppRuntime {
             ctx,
             drivers: Default::default(),
             build: Mutex::new(()),
+            prometheus: None,
+        }
+    }
+
+    /// Queries `url` (the agent's `prometheus_url`) for `prometheus` checks.
+    pub fn with_prometheus(mut self, url: Option<String>) -> Self {
+        self.prometheus = url;
+        self
+    }
+
+    /// Where the checks of `color` look, with `address` its way in.
+    fn analysis_target(
+        &self,
+        spec: &AppSpec,
+        status: &AppClusterStatus,
+        color: Color,
+        address: String,
+    ) -> analysis::Target {
+        analysis::Target {
+            address,
+            ctx: QueryContext {
+                app: spec.name.clone(),
+                region: self.ctx.cluster.region.clone(),
+                cluster: self.ctx.cluster.cluster.clone(),
+                color: color.to_string(),
+                image: status
+                    .colors
+                    .iter()
+                    .find(|c| c.color == color)
+                    .map(|c| c.image.clone())
+                    .unwrap_or_default(),
+                interval_secs: 0,
+            },
+            prometheus: self.prometheus.clone(),
         }
     }
 
@@ -174,6 +211,23 @@ impl AppRuntime {
         let spec = task::attached_spec(&task.params)
             .map_err(|e| DriverError::new(format!("task has no valid app spec: {e}")))?;
         spec.validate().map_err(|e| DriverError::new(e.to_string()))?;
+        // Like the driver's commands, an analysis job is refused before
+        // anything of the app starts (its deploy is the first task).
+        for (i, c) in spec.analysis.iter().enumerate() {
+            let program = c.command.first().map(String::as_str).unwrap_or_default();
+            if c.provider == MetricProvider::Job && !self.ctx.policy.allows_job(program) {
+                let allowed = &self.ctx.policy.job_commands;
+                return Err(DriverError::new(format!(
+                    "app {}: this agent may not run {program:?} (analysis[{i}].command); its [drivers] job_commands allow {}",
+                    spec.name,
+                    if allowed.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        allowed.join(", ")
+                    }
+                )));
+            }
+        }
         let driver = self.driver(&spec).await?;
         let before = driver.status().await?;
         match params {
@@ -207,8 +261,22 @@ impl AppRuntime {
                 let report = gates::run_gates(&spec, &target).await;
                 outputs.report = Some(serde_json::to_string(&report).unwrap_or_default());
                 outputs.status = Some(before.clone());
-                let text = report.lines();
-                if report.passed {
+                let mut text = report.lines();
+                let checks = stage_checks(&spec, AnalysisStage::Gates);
+                // Telemetry is judged only once the probes passed: a color
+                // that does not answer has nothing to measure.
+                let analysis = if report.passed && !checks.is_empty() {
+                    let t = self.analysis_target(&spec, &before, color, target.clone());
+                    progress(format!("analysis: {} checks against {target} under load", checks.len()));
+                    let load = gates::drive_load(&spec.load, &target);
+                    let r = analysis::run(&checks, &t, progress).await;
+                    load.abort();
+                    record(outputs, &r, &mut text);
+                    Some(r)
+                } else {
+                    None
+                };
+                if report.passed && analysis.as_ref().is_none_or(|a| a.passed) {
                     Ok(format!("gates passed\n  {text}"))
                 } else {
                     Err(DriverError::new(format!("gates failed\n  {text}")))
@@ -252,34 +320,71 @@ impl AppRuntime {
             }
             TaskParams::AppBake { seconds: secs, .. } => {
                 // Watch the serving color for a while after a switch: its
-                // health probes must keep passing and it must stay up.
+                // health probes must keep passing, it must stay up, and the
+                // bake's metric checks must pass under its real traffic.
+                // The bake lasts until both the time and the checks are done.
                 let target = driver.service_address().await?;
                 progress(format!("baking for {secs} s: probing {target}"));
-                let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+                let started = std::time::Instant::now();
+                let until = started + std::time::Duration::from_secs(secs);
+                let checks = stage_checks(&spec, AnalysisStage::Bake);
+                let serving = before.active;
+                let analysis_run = async {
+                    match serving {
+                        Some(color) if !checks.is_empty() => {
+                            let t = self.analysis_target(&spec, &before, color, target.clone());
+                            Some(analysis::run(&checks, &t, progress).await)
+                        }
+                        _ => None,
+                    }
+                };
+                let mut analysis_run = std::pin::pin!(analysis_run);
+                let mut analysis: Option<Option<AnalysisReport>> = None;
                 let mut rounds = 0u32;
-                loop {
+                let failure = loop {
                     rounds += 1;
                     let failed = gates::failing_probes(&spec, &target).await;
                     if let Some(f) = failed.first() {
-                        return Err(DriverError::new(format!(
+                        break Some(format!(
                             "bake failed after {} s: {} {}",
-                            secs.saturating_sub(until.saturating_duration_since(std::time::Instant::now()).as_secs()),
+                            started.elapsed().as_secs(),
                             f.name,
                             f.detail
-                        )));
+                        ));
                     }
                     let st = driver.status().await?;
                     let serving = st.active.and_then(|a| st.colors.iter().find(|c| c.color == a));
                     if !serving.is_some_and(|c| c.healthy) {
-                        return Err(DriverError::new("bake failed: the serving color went unhealthy"));
+                        break Some("bake failed: the serving color went unhealthy".to_owned());
                     }
-                    if std::time::Instant::now() >= until {
-                        break;
+                    if let Some(Some(r)) = &analysis
+                        && !r.passed
+                    {
+                        break Some(format!(
+                            "bake failed after {} s: analysis failed",
+                            started.elapsed().as_secs()
+                        ));
                     }
-                    tokio::time::sleep(BAKE_PROBE_INTERVAL).await;
+                    if std::time::Instant::now() >= until && analysis.is_some() {
+                        break None;
+                    }
+                    tokio::select! {
+                        r = &mut analysis_run, if analysis.is_none() => analysis = Some(r),
+                        _ = tokio::time::sleep(BAKE_PROBE_INTERVAL) => {}
+                    }
+                };
+                let mut text = String::new();
+                if let Some(Some(r)) = &analysis {
+                    record(outputs, r, &mut text);
+                }
+                if let Some(why) = failure {
+                    return Err(DriverError::new(format!("{why}{text}")));
                 }
                 outputs.status = Some(driver.status().await?);
-                Ok(format!("baked {secs} s, {rounds} probe rounds passed"))
+                Ok(format!(
+                    "baked {} s, {rounds} probe rounds passed{text}",
+                    started.elapsed().as_secs()
+                ))
             }
             TaskParams::AppMaintenance { on, .. } => {
                 driver.maintenance(on, progress).await?;
@@ -292,5 +397,20 @@ impl AppRuntime {
             }
             other => Err(DriverError::new(format!("{} is not an app task", other.kind()))),
         }
+    }
+}
+
+/// The app's checks of one stage.
+fn stage_checks(spec: &AppSpec, stage: AnalysisStage) -> Vec<MetricCheck> {
+    spec.analysis.iter().filter(|c| c.stage == stage).cloned().collect()
+}
+
+/// Keeps an analysis run in the task's outputs and adds its lines to the
+/// task message (`text`, one indented line per check).
+fn record(outputs: &mut AppOutputs, report: &AnalysisReport, text: &mut String) {
+    outputs.analysis = Some(serde_json::to_string(report).unwrap_or_default());
+    for line in report.lines() {
+        text.push_str("\n  ");
+        text.push_str(&line);
     }
 }

@@ -119,6 +119,38 @@ pub async fn run_gates(spec: &AppSpec, target: &str) -> GateReport {
     GateReport { passed, probes, load }
 }
 
+/// Sends requests to `target` at the load probe's rate and path until the
+/// returned task is aborted: traffic for the gate-stage metric checks to
+/// judge before the color serves anyone (what Flagger's load tester does).
+pub fn drive_load(load: &LoadProbe, target: &str) -> tokio::task::JoinHandle<()> {
+    let client = http_client();
+    let uri: Option<Uri> = format!("http://{target}{}", load.path).parse().ok();
+    let period = Duration::from_secs_f64(1.0 / f64::from(load.rate_per_sec.max(1)));
+    tokio::spawn(async move {
+        let Some(uri) = uri else { return };
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut inflight = tokio::task::JoinSet::new();
+        loop {
+            tick.tick().await;
+            // Bounded: a color that stops answering must not pile up tasks.
+            while inflight.try_join_next().is_some() {}
+            if inflight.len() >= 256 {
+                continue;
+            }
+            let (client, uri) = (client.clone(), uri.clone());
+            inflight.spawn(async move {
+                let _ = tokio::time::timeout(LOAD_REQUEST_TIMEOUT, async {
+                    if let Ok(resp) = client.get(uri).await {
+                        let _ = resp.into_body().collect().await;
+                    }
+                })
+                .await;
+            });
+        }
+    })
+}
+
 /// Runs only `spec`'s health probes against `target` (the bake's checks);
 /// the failures, if any.
 pub async fn failing_probes(spec: &AppSpec, target: &str) -> Vec<ProbeResult> {
@@ -419,6 +451,7 @@ mod tests {
             bake_secs: 0,
             required_attestations: Default::default(),
             migration_checks: vec![],
+            analysis: vec![],
         }
     }
 

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod app_tasks;
 pub mod aws;
 pub mod backup;
@@ -98,11 +99,14 @@ impl Agent {
         cutover_shared::tls::install_crypto_provider();
         let cluster = cluster_from_cert(&cfg.tls.cert, &cfg.tls.trust_domain)?;
         let store = Arc::new(Store::open(&cfg.data_dir)?);
-        let apps = Arc::new(app_tasks::AppRuntime::new(drivers::DriverContext {
-            data_dir: cfg.data_dir.clone(),
-            cluster: cluster.clone(),
-            policy: cfg.drivers.clone(),
-        }));
+        let apps = Arc::new(
+            app_tasks::AppRuntime::new(drivers::DriverContext {
+                data_dir: cfg.data_dir.clone(),
+                cluster: cluster.clone(),
+                policy: cfg.drivers.clone(),
+            })
+            .with_prometheus(cfg.prometheus_url.clone()),
+        );
         let backups = Arc::new(backup::task::BackupRuntime::new(
             &cfg.databases,
             &cfg.data_dir,

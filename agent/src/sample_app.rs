@@ -7,7 +7,13 @@
 //!   `unhealthy` or after `POST /admin/unhealthy` (`POST /admin/healthy`
 //!   undoes it);
 //! - a version containing `slow` delays every answer to `/` by 2500 ms;
-//! - a version containing `errors` answers 1 in 10 requests to `/` with 500.
+//! - a version containing `errors` answers 1 in 10 requests to `/` with 500,
+//!   `errors-N` N in 100 (spread evenly);
+//! - `GET /metrics` exports, in Prometheus' text format, the requests to `/`
+//!   by color (from `CUTOVER_COLOR`, which the local driver sets) and status
+//!   code: `http_requests_total` and the latency histogram
+//!   `http_request_duration_seconds`, the names the built-in analysis
+//!   checks read.
 //!
 //! Shutdown is graceful: the listener closes, idle connections are closed and
 //! requests in flight complete.
@@ -23,15 +29,43 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 
+/// The latency histogram's bucket bounds, seconds (Prometheus' defaults).
+const BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Requests with one status code: count, latency sum and buckets.
+#[derive(Default)]
+struct Series {
+    count: u64,
+    sum_secs: f64,
+    /// Non-cumulative: `buckets[i]` counts latencies in (BUCKETS[i-1], BUCKETS[i]].
+    buckets: [u64; BUCKETS.len()],
+}
+
 /// How long a `slow` version delays each answer to `/`.
 pub const SLOW_DELAY: Duration = Duration::from_millis(2500);
 
 struct App {
     version: String,
     slow: bool,
-    errors: bool,
+    /// Requests in 100 answered with 500.
+    error_percent: u64,
     unhealthy: AtomicBool,
     requests: AtomicU64,
+    app: String,
+    color: String,
+    /// Status code → its series.
+    metrics: std::sync::Mutex<std::collections::BTreeMap<u16, Series>>,
+}
+
+/// `errors-N` → N, `errors` → 10, otherwise 0.
+fn error_percent(version: &str) -> u64 {
+    match version.split_once("errors") {
+        None => 0,
+        Some((_, rest)) => rest
+            .strip_prefix('-')
+            .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .map_or(10, |n: u64| n.min(100)),
+    }
 }
 
 /// A version containing `unhealthy` is unhealthy; `unhealthy-in-<region>`
@@ -59,17 +93,21 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Arc::new(App {
         slow: version.contains("slow"),
-        errors: version.contains("errors"),
+        error_percent: error_percent(&version),
         unhealthy: AtomicBool::new(unhealthy_here(
             &version,
             std::env::var("CUTOVER_REGION").ok().as_deref(),
         )),
         requests: AtomicU64::new(0),
+        app: std::env::var("CUTOVER_APP").unwrap_or_default(),
+        color: std::env::var("CUTOVER_COLOR").unwrap_or_else(|_| "unknown".into()),
+        metrics: Default::default(),
         version,
     });
     let routes = Router::new()
         .route("/", get(root))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/admin/unhealthy", post(make_unhealthy))
         .route("/admin/healthy", post(make_healthy))
         .with_state(app);
@@ -88,17 +126,70 @@ pub async fn serve(
 }
 
 async fn root(State(app): State<Arc<App>>) -> (StatusCode, String) {
+    let started = std::time::Instant::now();
     let n = app.requests.fetch_add(1, Ordering::Relaxed);
     if app.slow {
         tokio::time::sleep(SLOW_DELAY).await;
     }
-    if app.errors && n % 10 == 9 {
-        return (
+    // Request n fails when the running count of failures N·n/100 steps up:
+    // N in every 100, evenly spread.
+    let p = app.error_percent;
+    let answer = if (n + 1) * p / 100 > n * p / 100 {
+        (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("version {} failed on purpose\n", app.version),
-        );
+        )
+    } else {
+        (StatusCode::OK, format!("version {}\n", app.version))
+    };
+    app.observe(answer.0.as_u16(), started.elapsed().as_secs_f64());
+    answer
+}
+
+impl App {
+    fn observe(&self, code: u16, secs: f64) {
+        let mut m = self.metrics.lock().expect("metrics");
+        let s = m.entry(code).or_default();
+        s.count += 1;
+        s.sum_secs += secs;
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            s.buckets[i] += 1;
+        }
     }
-    (StatusCode::OK, format!("version {}\n", app.version))
+}
+
+/// The request metrics in Prometheus' text exposition format.
+async fn metrics(State(app): State<Arc<App>>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    use std::fmt::Write;
+    let m = app.metrics.lock().expect("metrics");
+    let labels = |code: u16| format!("app=\"{}\",color=\"{}\",code=\"{code}\"", app.app, app.color);
+    let mut out = String::new();
+    out.push_str("# HELP http_requests_total Requests answered, by color and status code.\n");
+    out.push_str("# TYPE http_requests_total counter\n");
+    for (code, s) in m.iter() {
+        let _ = writeln!(out, "http_requests_total{{{}}} {}", labels(*code), s.count);
+    }
+    out.push_str("# HELP http_request_duration_seconds Request latency, by color and status code.\n");
+    out.push_str("# TYPE http_request_duration_seconds histogram\n");
+    for (code, s) in m.iter() {
+        let l = labels(*code);
+        let mut cumulative = 0;
+        for (bound, n) in BUCKETS.iter().zip(s.buckets) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+            s.count
+        );
+        let _ = writeln!(out, "http_request_duration_seconds_sum{{{l}}} {}", s.sum_secs);
+        let _ = writeln!(out, "http_request_duration_seconds_count{{{l}}} {}", s.count);
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 async fn health(State(app): State<Arc<App>>) -> (StatusCode, &'static str) {
@@ -207,6 +298,21 @@ mod tests {
             }
         }
         assert_eq!(failed, 2);
+        // errors-3: 3 in every 100, and /metrics counts them by code.
+        let (addr, _stop3, _h3) = start("v5-errors-3").await;
+        let mut failed = 0;
+        for _ in 0..200 {
+            if request(addr, "GET", "/").await.0 == 500 {
+                failed += 1;
+            }
+        }
+        assert_eq!(failed, 6);
+        let (status, text) = request(addr, "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(text.contains("code=\"200\"} 194\n"), "{text}");
+        assert!(text.contains("code=\"500\"} 6\n"), "{text}");
+        assert!(text.contains("code=\"200\",le=\"+Inf\"} 194\n"), "{text}");
+        assert!(text.contains("http_request_duration_seconds_count{"), "{text}");
     }
 
     #[tokio::test]

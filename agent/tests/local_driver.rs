@@ -55,6 +55,7 @@ fn ctx(dir: &Path) -> DriverContext {
         policy: DriverPolicy {
             local_commands: vec![env!("CARGO_BIN_EXE_cutover-sample-app").into()],
             kubeconfig: None,
+            job_commands: vec![],
         },
     }
 }

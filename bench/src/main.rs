@@ -246,6 +246,7 @@ async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json
         bake_secs: 0,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     };
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) }).await?;

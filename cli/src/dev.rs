@@ -189,11 +189,13 @@ impl DevSystem {
                     .chain(["cutover".to_owned()])
                     .collect(),
                 kubeconfig: None,
+                job_commands: vec![],
             },
             backup: Some(self.store.config.clone()),
             db_status_interval_ms: 1000,
             lease_secs: 30,
             traffic: self.extras.traffic.get(region).cloned(),
+            prometheus_url: None,
         }
     }
 
@@ -333,6 +335,9 @@ impl DevSystem {
             bake_secs: 2,
             required_attestations: Default::default(),
             migration_checks: vec![],
+            // The built-in checks, which need no Prometheus, judge each
+            // release under the gates' load before it takes traffic.
+            analysis: builtin_analysis(),
         };
         let mut client =
             pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);
@@ -418,4 +423,26 @@ impl DevSystem {
             cutover_agent::drivers::local::kill_all_under(&self.agent_config(i).data_dir);
         }
     }
+}
+
+/// The demo's and `cutover dev`'s metric checks: Flagger's two built-ins,
+/// at the gates, two one-second measurements each.
+fn builtin_analysis() -> Vec<cutover_shared::analysis::MetricCheck> {
+    use cutover_shared::analysis::{AnalysisStage, MetricCheck, MetricProvider};
+    let gates = |c: MetricCheck| MetricCheck {
+        stage: AnalysisStage::Gates,
+        interval_secs: 1,
+        count: 2,
+        ..c
+    };
+    vec![
+        gates(MetricCheck::success_rate("success-rate", 99.0)),
+        gates(MetricCheck {
+            name: "latency-p95".into(),
+            provider: MetricProvider::RequestDuration,
+            percentile: Some(95.0),
+            condition: Some("result < 500".parse().expect("a valid condition")),
+            ..MetricCheck::success_rate("latency-p95", 0.0)
+        }),
+    ]
 }

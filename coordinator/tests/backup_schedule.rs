@@ -55,6 +55,7 @@ fn app() -> AppSpec {
         bake_secs: 0,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     }
 }
 

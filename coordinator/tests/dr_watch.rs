@@ -55,6 +55,7 @@ fn app(automatic: bool) -> AppSpec {
         bake_secs: 0,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     };
     spec.dr.automatic = automatic;
     spec.dr.failover_after_secs = 10;

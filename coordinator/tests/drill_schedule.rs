@@ -58,6 +58,7 @@ fn app() -> AppSpec {
         bake_secs: 0,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     }
 }
 

@@ -60,6 +60,7 @@ fn spec(bake_secs: u64) -> AppSpec {
         bake_secs,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     }
 }
 

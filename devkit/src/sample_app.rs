@@ -61,5 +61,6 @@ pub fn spec(name: &str, regions: &[(&str, &str)], program: &Path) -> cutover_sha
         bake_secs: 1,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     }
 }

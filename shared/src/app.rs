@@ -212,7 +212,8 @@ pub struct AppSpec {
     #[serde(default)]
     pub waves: Vec<Vec<String>>,
     /// Seconds each wave is watched after its switch (health probes against
-    /// the serving color) before the next wave starts. Default 10.
+    /// the serving color) before the next wave starts. Default 10. A bake
+    /// with `[[analysis]]` checks of stage bake lasts until they finish.
     #[serde(default = "default_bake_secs")]
     pub bake_secs: u64,
     /// Attestations a release image must carry before a cutover may start,
@@ -230,6 +231,11 @@ pub struct AppSpec {
     /// they existed keep their digests.
     #[serde(default, skip_serializing_if = "crate::dr::DrSettings::is_default")]
     pub dr: crate::dr::DrSettings,
+    /// Metric checks judged from the service's telemetry (`[[analysis]]`),
+    /// with the gates or during the bake. Left out of the serialized form
+    /// while empty, like `dr`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<crate::analysis::MetricCheck>,
 }
 
 fn default_bake_secs() -> u64 {
@@ -329,6 +335,16 @@ impl AppSpec {
             }
         }
         self.dr.validate()?;
+        let mut names = std::collections::HashSet::new();
+        for (i, check) in self.analysis.iter().enumerate() {
+            check.validate(&format!("analysis[{i}]"))?;
+            if !names.insert(check.name.as_str()) {
+                return Err(bad(
+                    &format!("analysis[{i}].name"),
+                    format!("{:?} used twice", check.name),
+                ));
+            }
+        }
         for (i, check) in self.migration_checks.iter().enumerate() {
             if check.trim().is_empty() || check.len() > 4096 {
                 return Err(bad(

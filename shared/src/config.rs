@@ -1,7 +1,7 @@
 //! One doc-commented configuration struct per process, read from TOML, with
 //! explicit defaults and a few environment overrides (`CUTOVER_LOG_FORMAT`,
-//! `CUTOVER_DATA_DIR`). Unknown keys are errors, so a typo never silently
-//! falls back to a default.
+//! `CUTOVER_DATA_DIR`, the agent's `CUTOVER_PROMETHEUS_URL`). Unknown keys
+//! are errors, so a typo never silently falls back to a default.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -233,6 +233,12 @@ pub struct AgentConfig {
     /// left where each region's platform sends it.
     #[serde(default)]
     pub traffic: Option<TrafficConfig>,
+    /// The region's Prometheus (`http://host:port`), which the apps'
+    /// `prometheus` analysis checks query, so their data stays in-region.
+    /// None by default: such a check then fails, saying so. Env
+    /// `CUTOVER_PROMETHEUS_URL`.
+    #[serde(default)]
+    pub prometheus_url: Option<String>,
 }
 
 fn default_lease_secs() -> u64 {
@@ -555,22 +561,36 @@ pub struct DriverPolicy {
     /// name this file or none. Absent (the default): only the in-cluster
     /// service account, and a definition naming any kubeconfig is refused.
     pub kubeconfig: Option<PathBuf>,
+    /// Programs an app's `job` analysis checks may run (a k6 or ZAP scan
+    /// against the preview), matched like `local_commands`. Default: none.
+    pub job_commands: Vec<String>,
 }
 
 impl DriverPolicy {
     /// May the local driver start `program` (a command's first word)?
     pub fn allows_program(&self, program: &str) -> bool {
-        if program.is_empty() || program.split('/').any(|segment| segment == "..") {
-            return false;
-        }
-        self.local_commands.iter().any(|allowed| {
-            if allowed.ends_with('/') {
-                program.starts_with(allowed.as_str())
-            } else {
-                program == allowed
-            }
-        })
+        allowed_by(&self.local_commands, program)
     }
+
+    /// May a `job` analysis check run `program`?
+    pub fn allows_job(&self, program: &str) -> bool {
+        allowed_by(&self.job_commands, program)
+    }
+}
+
+/// `program` is an exact entry of `list`, or lies under one of its
+/// directory entries (ending in `/`); never with a `..` segment.
+fn allowed_by(list: &[String], program: &str) -> bool {
+    if program.is_empty() || program.split('/').any(|segment| segment == "..") {
+        return false;
+    }
+    list.iter().any(|allowed| {
+        if allowed.ends_with('/') {
+            program.starts_with(allowed.as_str())
+        } else {
+            program == allowed
+        }
+    })
 }
 
 /// A database engine the agent migrates.
@@ -814,6 +834,13 @@ impl AgentConfig {
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(Error::Config("need 0 < reconnect_min_ms <= reconnect_max_ms".into()));
         }
+        if let Some(u) = &self.prometheus_url
+            && !(u.starts_with("http://") && u.len() > "http://".len())
+        {
+            return Err(Error::Config(format!(
+                "prometheus_url: {u:?} must be an http://host:port address"
+            )));
+        }
         if !(100..=600_000).contains(&self.db_status_interval_ms) {
             return Err(Error::Config("db_status_interval_ms: between 100 and 600000".into()));
         }
@@ -878,6 +905,9 @@ impl EnvOverride for AgentConfig {
         }
         if let Ok(d) = std::env::var("CUTOVER_DATA_DIR") {
             self.data_dir = d.into();
+        }
+        if let Ok(u) = std::env::var("CUTOVER_PROMETHEUS_URL") {
+            self.prometheus_url = (!u.is_empty()).then_some(u);
         }
     }
 }

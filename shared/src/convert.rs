@@ -1,6 +1,7 @@
 //! The one place where protobuf types and domain types meet.
 
 use crate::Error;
+use crate::analysis;
 use crate::app;
 use crate::domain::{self, AgentState, TaskState};
 use crate::proto;
@@ -299,8 +300,82 @@ impl From<app::AppSpec> for proto::App {
                 failover_after_secs: Some(a.dr.failover_after_secs),
                 cooldown_secs: Some(a.dr.cooldown_secs),
             }),
+            analysis: a.analysis.into_iter().map(metric_check_to_proto).collect(),
         }
     }
+}
+
+fn metric_check_to_proto(c: analysis::MetricCheck) -> proto::MetricCheck {
+    proto::MetricCheck {
+        name: c.name,
+        provider: match c.provider {
+            analysis::MetricProvider::Prometheus => proto::MetricProvider::Prometheus,
+            analysis::MetricProvider::RequestSuccessRate => proto::MetricProvider::RequestSuccessRate,
+            analysis::MetricProvider::RequestDuration => proto::MetricProvider::RequestDuration,
+            analysis::MetricProvider::Webhook => proto::MetricProvider::Webhook,
+            analysis::MetricProvider::Job => proto::MetricProvider::Job,
+        } as i32,
+        query: c.query.unwrap_or_default(),
+        percentile: c.percentile,
+        metrics_path: c.metrics_path.unwrap_or_default(),
+        condition: c.condition.map(|c| c.to_string()).unwrap_or_default(),
+        stage: match c.stage {
+            analysis::AnalysisStage::Bake => proto::AnalysisStage::Bake,
+            analysis::AnalysisStage::Gates => proto::AnalysisStage::Gates,
+        } as i32,
+        interval_secs: Some(c.interval_secs),
+        count: Some(c.count),
+        failure_limit: c.failure_limit,
+        inconclusive_limit: c.inconclusive_limit,
+        url: c.url.unwrap_or_default(),
+        command: c.command,
+        timeout_secs: c.timeout_secs,
+        retries: c.retries,
+    }
+}
+
+/// A metric check from the API; `field` names it in errors.
+fn metric_check_from_proto(c: proto::MetricCheck, field: &str) -> Result<analysis::MetricCheck, Error> {
+    let bad = |k: &str, why: String| Error::InvalidArgument(format!("{field}.{k}: {why}"));
+    let provider = match proto::MetricProvider::try_from(c.provider) {
+        Ok(proto::MetricProvider::Prometheus) => analysis::MetricProvider::Prometheus,
+        Ok(proto::MetricProvider::RequestSuccessRate) => analysis::MetricProvider::RequestSuccessRate,
+        Ok(proto::MetricProvider::RequestDuration) => analysis::MetricProvider::RequestDuration,
+        Ok(proto::MetricProvider::Webhook) => analysis::MetricProvider::Webhook,
+        Ok(proto::MetricProvider::Job) => analysis::MetricProvider::Job,
+        _ => {
+            return Err(bad(
+                "provider",
+                "unknown provider (expected prometheus, request-success-rate, request-duration, webhook or job)".into(),
+            ));
+        }
+    };
+    let stage = match proto::AnalysisStage::try_from(c.stage) {
+        Ok(proto::AnalysisStage::Unspecified | proto::AnalysisStage::Bake) => analysis::AnalysisStage::Bake,
+        Ok(proto::AnalysisStage::Gates) => analysis::AnalysisStage::Gates,
+        Err(_) => return Err(bad("stage", "unknown stage (expected gates or bake)".into())),
+    };
+    Ok(analysis::MetricCheck {
+        name: c.name,
+        provider,
+        query: (!c.query.is_empty()).then_some(c.query),
+        percentile: c.percentile,
+        metrics_path: (!c.metrics_path.is_empty()).then_some(c.metrics_path),
+        condition: if c.condition.is_empty() {
+            None
+        } else {
+            Some(c.condition.parse().map_err(|e: String| bad("condition", e))?)
+        },
+        url: (!c.url.is_empty()).then_some(c.url),
+        command: c.command,
+        timeout_secs: c.timeout_secs,
+        retries: c.retries,
+        stage,
+        interval_secs: c.interval_secs.unwrap_or(10),
+        count: c.count.unwrap_or(3),
+        failure_limit: c.failure_limit,
+        inconclusive_limit: c.inconclusive_limit,
+    })
 }
 
 /// Converts and validates an app from the API. Unset numbers take their
@@ -408,6 +483,12 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
                 cooldown_secs: d.cooldown_secs.unwrap_or(def.cooldown_secs),
             }
         }),
+        analysis: a
+            .analysis
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| metric_check_from_proto(c, &format!("analysis[{i}]")))
+            .collect::<Result<_, _>>()?,
     };
     spec.validate()?;
     Ok(spec)

@@ -805,6 +805,9 @@ pub mod outputs {
         pub status: Option<AppClusterStatus>,
         /// `app.gates`: the gate report (JSON, for people and tools).
         pub report: Option<String>,
+        /// `app.gates`, `app.bake`: the analysis run, every measurement
+        /// with its time and value (JSON of `analysis::AnalysisReport`).
+        pub analysis: Option<String>,
         /// A failed driver call's diagnostics (Kubernetes Events, logs).
         pub diagnostics: Vec<String>,
     }
@@ -821,6 +824,9 @@ pub mod outputs {
             if let Some(r) = &self.report {
                 m.insert("report".into(), r.clone());
             }
+            if let Some(a) = &self.analysis {
+                m.insert("analysis".into(), a.clone());
+            }
             if !self.diagnostics.is_empty() {
                 m.insert("diagnostics".into(), self.diagnostics.join("\n"));
             }
@@ -832,6 +838,7 @@ pub mod outputs {
                 color: m.get("color").and_then(|c| Color::parse(c)),
                 status: m.get("status").and_then(|s| serde_json::from_str(s).ok()),
                 report: m.get("report").cloned(),
+                analysis: m.get("analysis").cloned(),
                 diagnostics: m
                     .get("diagnostics")
                     .map(|d| d.lines().map(str::to_owned).collect())
@@ -1198,6 +1205,7 @@ mod tests {
                 maintenance: true,
             }),
             report: Some("{}".into()),
+            analysis: Some("{\"passed\":true,\"checks\":[]}".into()),
             diagnostics: vec!["event one".into(), "event two".into()],
         };
         assert_eq!(AppOutputs::from_wire(&app.to_wire()), app);

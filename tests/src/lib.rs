@@ -9,6 +9,7 @@
 pub mod dev;
 pub mod garage;
 pub mod process;
+pub mod prometheus;
 pub mod s3;
 
 pub use cutover_devkit::{ports, postgres, writer};
@@ -316,12 +317,14 @@ impl TestCluster {
             drivers: DriverPolicy {
                 local_commands: vec!["/".into(), "sh".into()],
                 kubeconfig: None,
+                job_commands: vec![],
             },
             backup: None,
             // Tight, like the Raft timeouts: DR tests wait for reports.
             db_status_interval_ms: 250,
             lease_secs: 30,
             traffic: None,
+            prometheus_url: None,
         }
     }
 

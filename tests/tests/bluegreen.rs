@@ -43,6 +43,7 @@ fn app(name: &str) -> AppSpec {
         bake_secs: 0,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     }
 }
 

@@ -71,6 +71,7 @@ fn app() -> AppSpec {
         bake_secs: BAKE_SECS,
         required_attestations: Default::default(),
         migration_checks: vec![],
+        analysis: vec![],
     }
 }
 

@@ -949,7 +949,17 @@ impl ControlApi {
             image: Some(r.image),
             strategy,
             waves,
-            bake_secs: spec.bake_secs,
+            // Bake-stage metric checks need a bake step to run in, even
+            // when the app asks for no timed bake.
+            bake_secs: if spec
+                .analysis
+                .iter()
+                .any(|c| c.stage == cutover_shared::analysis::AnalysisStage::Bake)
+            {
+                spec.bake_secs.max(1)
+            } else {
+                spec.bake_secs
+            },
             no_switch: r.no_switch,
             promotion: if r.manual_promotion {
                 Promotion::Manual
