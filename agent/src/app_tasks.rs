@@ -23,6 +23,7 @@ pub const KINDS: &[TaskKind] = &[
     TaskKind::AppGates,
     TaskKind::AppSwitch,
     TaskKind::AppBake,
+    TaskKind::AppAnalysis,
     TaskKind::AppMaintenance,
 ];
 
@@ -385,6 +386,28 @@ impl AppRuntime {
                     "baked {} s, {rounds} probe rounds passed{text}",
                     started.elapsed().as_secs()
                 ))
+            }
+            TaskParams::AppAnalysis { .. } => {
+                // Every check, whatever its stage, against the color that
+                // serves, under its real traffic: nothing is sent to it.
+                let Some(color) = before.active else {
+                    return Err(DriverError::new("nothing serves yet; nothing to analyse"));
+                };
+                let target = driver.service_address().await?;
+                progress(format!(
+                    "analysis: {} checks against {color} at {target}",
+                    spec.analysis.len()
+                ));
+                let t = self.analysis_target(&spec, &before, color, target);
+                let report = analysis::run(&spec.analysis, &t, progress).await;
+                let mut text = String::new();
+                record(outputs, &report, &mut text);
+                outputs.status = Some(before.clone());
+                if report.passed {
+                    Ok(format!("analysis of {color} passed{text}"))
+                } else {
+                    Err(DriverError::new(format!("analysis of {color} failed{text}")))
+                }
             }
             TaskParams::AppMaintenance { on, .. } => {
                 driver.maintenance(on, progress).await?;

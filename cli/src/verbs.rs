@@ -79,6 +79,13 @@ pub enum Verb {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// An app's metric checks (`[[analysis]]`): run them now.
+    Analysis {
+        #[command(subcommand)]
+        cmd: AnalysisCmd,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Disaster recovery: each region's database role and lag, and the
     /// failover runbook.
     Dr {
@@ -229,6 +236,19 @@ pub enum AppsCmd {
     List,
     Get {
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AnalysisCmd {
+    /// Run every metric check of the app now against the serving color of
+    /// each region (or of one) and print each check's values.
+    Run {
+        #[arg(long)]
+        app: String,
+        /// One region; default every region the app runs in.
+        #[arg(long)]
+        region: Option<String>,
     },
 }
 
@@ -530,6 +550,7 @@ fn kind_name(k: i32) -> &'static str {
         pb::OperationKind::Switch => "switch",
         pb::OperationKind::Rollback => "rollback",
         pb::OperationKind::HealthCheck => "health-check",
+        pb::OperationKind::Analysis => "analysis",
         pb::OperationKind::Migrate => "migrate",
         pb::OperationKind::Backup => "backup",
         pb::OperationKind::Failover => "failover",
@@ -1065,6 +1086,20 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     region: region.clone(),
                 };
                 async move { c.health_check(req).await.map(|r| r.into_inner().operation_id) }
+            })
+            .await;
+        }
+        Verb::Analysis {
+            cmd: AnalysisCmd::Run { app, region },
+            conn,
+        } => {
+            let region = region.unwrap_or_default();
+            return start_and_follow(&conn, false, |mut c| {
+                let req = pb::RunAnalysisRequest {
+                    app: app.clone(),
+                    region: region.clone(),
+                };
+                async move { c.run_analysis(req).await.map(|r| r.into_inner().operation_id) }
             })
             .await;
         }

@@ -59,6 +59,7 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
                 | "Switch"
                 | "Rollback"
                 | "HealthCheck"
+                | "RunAnalysis"
                 | "PromoteOperation"
                 | "PauseOperation"
                 | "ResumeOperation"

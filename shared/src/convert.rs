@@ -133,6 +133,7 @@ impl From<domain::Operation> for proto::Operation {
             domain::OperationKind::Switch => proto::OperationKind::Switch,
             domain::OperationKind::Rollback => proto::OperationKind::Rollback,
             domain::OperationKind::HealthCheck => proto::OperationKind::HealthCheck,
+            domain::OperationKind::Analysis => proto::OperationKind::Analysis,
             domain::OperationKind::Migrate => proto::OperationKind::Migrate,
             domain::OperationKind::Backup => proto::OperationKind::Backup,
             domain::OperationKind::Failover => proto::OperationKind::Failover,

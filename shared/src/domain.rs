@@ -184,6 +184,8 @@ pub enum OperationKind {
     Rollback,
     /// Run the health gates against the inactive color now.
     HealthCheck,
+    /// Run an app's metric checks against the serving color now.
+    Analysis,
     /// Show, plan, apply or revert an app's database migrations.
     Migrate,
     /// Back up an app's databases, or validate or restore a backup.
@@ -204,6 +206,7 @@ impl OperationKind {
             OperationKind::Switch => "switch",
             OperationKind::Rollback => "rollback",
             OperationKind::HealthCheck => "health-check",
+            OperationKind::Analysis => "analysis",
             OperationKind::Migrate => "migrate",
             OperationKind::Backup => "backup",
             OperationKind::Failover => "failover",

@@ -57,6 +57,9 @@ pub enum TaskKind {
     AppSwitch,
     /// Watch the serving color for a while after a switch.
     AppBake,
+    /// Run an app's metric checks now against the serving color
+    /// (`cutover analysis run`).
+    AppAnalysis,
     /// Put an app in or out of maintenance: while on, it takes no traffic
     /// (so makes no writes), in either color.
     AppMaintenance,
@@ -81,13 +84,14 @@ pub enum TaskKind {
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 12] = [
+    pub const ALL: [TaskKind; 13] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
         TaskKind::AppGates,
         TaskKind::AppSwitch,
         TaskKind::AppBake,
+        TaskKind::AppAnalysis,
         TaskKind::AppMaintenance,
         TaskKind::DbMigrate,
         TaskKind::DbBackup,
@@ -105,6 +109,7 @@ impl TaskKind {
             TaskKind::AppGates => "app.gates",
             TaskKind::AppSwitch => "app.switch",
             TaskKind::AppBake => "app.bake",
+            TaskKind::AppAnalysis => "app.analysis",
             TaskKind::AppMaintenance => "app.maintenance",
             TaskKind::DbMigrate => "db.migrate",
             TaskKind::DbBackup => "db.backup",
@@ -132,6 +137,7 @@ impl TaskKind {
             TaskKind::Noop | TaskKind::Echo => "cutover task run",
             TaskKind::AppDeploy | TaskKind::AppGates | TaskKind::AppBake => "cutover deploy",
             TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
+            TaskKind::AppAnalysis => "cutover analysis run",
             TaskKind::DbMigrate => "cutover migrate",
             TaskKind::DbBackup | TaskKind::AppMaintenance => "cutover backup",
             TaskKind::DbFailover | TaskKind::TrafficMove => "cutover dr failover",
@@ -360,6 +366,9 @@ pub enum TaskParams {
         app: AppRef,
         seconds: u64,
     },
+    AppAnalysis {
+        app: AppRef,
+    },
     AppMaintenance {
         app: AppRef,
         /// On: stop taking traffic; off: take it again.
@@ -440,6 +449,7 @@ impl TaskParams {
             TaskParams::AppGates { .. } => TaskKind::AppGates,
             TaskParams::AppSwitch { .. } => TaskKind::AppSwitch,
             TaskParams::AppBake { .. } => TaskKind::AppBake,
+            TaskParams::AppAnalysis { .. } => TaskKind::AppAnalysis,
             TaskParams::AppMaintenance { .. } => TaskKind::AppMaintenance,
             TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
             TaskParams::DbBackup(_) => TaskKind::DbBackup,
@@ -457,6 +467,7 @@ impl TaskParams {
             | TaskParams::AppGates { app, .. }
             | TaskParams::AppSwitch { app, .. }
             | TaskParams::AppBake { app, .. }
+            | TaskParams::AppAnalysis { app }
             | TaskParams::AppMaintenance { app, .. }
             | TaskParams::DrDrill { app, .. } => Some(app),
             TaskParams::DbMigrate(m) => Some(&m.app),
@@ -517,6 +528,7 @@ impl TaskParams {
                 }
             }
             TaskParams::AppBake { seconds, .. } => put("seconds", seconds.to_string()),
+            TaskParams::AppAnalysis { .. } => {}
             TaskParams::AppMaintenance { on, compensate, .. } => {
                 put("on", on.to_string());
                 if *compensate {
@@ -607,6 +619,7 @@ impl TaskParams {
                 app: app_ref(p)?,
                 seconds: number(p, "seconds")?.unwrap_or(0),
             },
+            TaskKind::AppAnalysis => TaskParams::AppAnalysis { app: app_ref(p)? },
             TaskKind::AppMaintenance => TaskParams::AppMaintenance {
                 app: app_ref(p)?,
                 on: match get(p, "on")? {
@@ -1311,6 +1324,7 @@ mod tests {
                 app: app(),
                 seconds: 10,
             },
+            TaskParams::AppAnalysis { app: app() },
             TaskParams::AppMaintenance {
                 app: app(),
                 on: true,

@@ -1,8 +1,10 @@
 //! Analysis from real telemetry: a real Prometheus per region scrapes the
 //! sample app's colors, and the agents' `prometheus` checks query it during
 //! the bake. A release with 3% errors passes the health probes but fails
-//! the error-rate check, and every region it was switched to rolls back; a
-//! query with no data follows its own inconclusive limit.
+//! the error-rate check, and every region it was switched to rolls back;
+//! `analysis run` judges what serves now; a query with no data follows its
+//! own inconclusive limit; a job the agent does not allow is refused before
+//! anything starts.
 
 use std::time::Duration;
 
@@ -231,6 +233,40 @@ async fn three_percent_errors_fail_the_prometheus_error_rate_and_every_switched_
         .expect("a failed bake");
     let msg = &bake.result.as_ref().unwrap().message;
     assert!(msg.contains("FAIL error-rate [prometheus] (result < 0.01): "), "{msg}");
+    // `cutover analysis run`: the same check now, against what serves
+    // (v2 again), in one region, its values in the step's result.
+    let id =
+        w.c.operator(w.leader)
+            .run_analysis(pb::RunAnalysisRequest {
+                app: "shop".into(),
+                region: "eu-west".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .operation_id;
+    w.c.wait_state(w.leader, T, "the analysis run to finish", |s| {
+        s.operations[&id].state.is_finished()
+    })
+    .await
+    .unwrap();
+    let op = w.c.node(w.leader).consensus().read(|s| s.operations[&id].clone());
+    assert_eq!(op.state, TaskState::Succeeded, "{:#?}", steps(&op));
+    assert_eq!(op.tasks.len(), 1, "{:#?}", steps(&op));
+    assert_eq!(
+        (op.tasks[0].spec.kind.as_str(), op.tasks[0].spec.target.region.as_str()),
+        ("app.analysis", "eu-west")
+    );
+    let r = op.tasks[0].result.as_ref().unwrap();
+    assert!(
+        r.message.contains("pass error-rate [prometheus] (result < 0.01): "),
+        "{}",
+        r.message
+    );
+    let report: AnalysisReport = serde_json::from_str(&AppOutputs::from_wire(&r.outputs).analysis.unwrap()).unwrap();
+    assert!(report.checks[0].count(Outcome::Passed) >= 2, "{report:#?}");
+    // The failed cutover's message, as `operations get` prints it.
+    eprintln!("failed bake: {msg}\nanalysis run: {}", r.message);
     for l in loads {
         l.stop().await;
     }
@@ -267,9 +303,49 @@ async fn a_query_without_data_is_inconclusive_within_its_own_limit() {
     assert_eq!(op.state, TaskState::Failed, "{:#?}", steps(&op));
     let (_, a) = &bake_analyses(&op)[0];
     assert_eq!(a.checks[0].reason, "2 inconclusive > inconclusive_limit 1", "{a:#?}");
-    assert_eq!(
-        serving(&w.spec.clusters[0].local.as_ref().unwrap().listen).await,
-        "version sample:v2"
+    let service = w.spec.clusters[0].local.as_ref().unwrap().listen.clone();
+    assert_eq!(serving(&service).await, "version sample:v2");
+
+    // `analysis run` on an app without checks is refused.
+    w.spec.analysis = vec![];
+    apply(&w.c, w.leader, &w.spec).await;
+    let e =
+        w.c.operator(w.leader)
+            .run_analysis(pb::RunAnalysisRequest {
+                app: "shop".into(),
+                region: String::new(),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("declares no [[analysis]] checks"), "{e}");
+
+    // A job the agent's job_commands do not allow is refused before
+    // anything of the release starts: its deploy step fails.
+    w.spec.analysis = vec![MetricCheck {
+        name: "zap".into(),
+        provider: MetricProvider::Job,
+        query: None,
+        command: vec!["/usr/bin/zap-baseline.py".into(), "-t".into(), "$PREVIEW_URL".into()],
+        condition: None,
+        stage: AnalysisStage::Gates,
+        count: 1,
+        ..error_rate()
+    }];
+    apply(&w.c, w.leader, &w.spec).await;
+    let op = deploy(&w.c, w.leader, "sample:v4").await;
+    assert_eq!(op.state, TaskState::Failed, "{:#?}", steps(&op));
+    assert_eq!(op.tasks.len(), 1, "nothing after the refused deploy: {:#?}", steps(&op));
+    let msg = &op.tasks[0].result.as_ref().unwrap().message;
+    assert!(
+        msg.contains("this agent may not run \"/usr/bin/zap-baseline.py\" (analysis[0].command)"),
+        "{msg}"
     );
+    let status = w.c.node(w.leader).consensus().read(|s| s.app_status.clone());
+    assert!(
+        !format!("{status:?}").contains("sample:v4"),
+        "no color runs the refused release: {status:?}"
+    );
+    assert_eq!(serving(&service).await, "version sample:v2");
     w.c.shutdown().await;
 }

@@ -145,6 +145,16 @@ impl ControlService for ControlApi {
         ))
     }
 
+    async fn run_analysis(
+        &self,
+        req: Request<pb::RunAnalysisRequest>,
+    ) -> Result<Response<pb::RunAnalysisResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::run_analysis(self, &who, req.into_inner()).await?,
+        ))
+    }
+
     async fn promote_operation(
         &self,
         req: Request<pb::PromoteOperationRequest>,

@@ -250,6 +250,7 @@ impl ControlApi {
             OperationKind::Switch => "Switch",
             OperationKind::Rollback => "Rollback",
             OperationKind::HealthCheck => "HealthCheck",
+            OperationKind::Analysis => "RunAnalysis",
             OperationKind::Migrate => "Migrate",
             OperationKind::Backup => match op_spec.backup.as_ref().map(|b| b.action) {
                 Some(BackupAction::Validate) => "ValidateBackup",
@@ -1017,6 +1018,25 @@ impl ControlApi {
             )
             .await?;
         Ok(pb::HealthCheckResponse { operation_id: id })
+    }
+
+    pub async fn run_analysis(
+        &self,
+        who: &Identity,
+        r: pb::RunAnalysisRequest,
+    ) -> Result<pb::RunAnalysisResponse, ApiError> {
+        let spec = self.app(&r.app)?;
+        if spec.analysis.is_empty() {
+            return Err(ApiError::failed_precondition(format!(
+                "app {} declares no [[analysis]] checks",
+                spec.name
+            )));
+        }
+        let targets = Self::targets(&spec, &r.region, true)?;
+        let id = self
+            .start_app_operation(who, OperationKind::Analysis, &spec, targets, OperationSpec::default())
+            .await?;
+        Ok(pb::RunAnalysisResponse { operation_id: id })
     }
 
     pub async fn promote_operation(

@@ -117,13 +117,14 @@ pub fn next_command(op: &Operation, inputs: &Inputs<'_>, now: i64) -> Option<Com
         at_unix_ms: now,
     };
     let all_done = op.tasks.iter().all(|t| t.state.is_finished());
-    // A health check reports on every cluster; other operations stop at the
-    // first failure and switch back every cluster they already switched.
+    // A health check or an analysis run reports on every cluster; other
+    // operations stop at the first failure and switch back every cluster
+    // they already switched.
     let failure = op
         .tasks
         .iter()
         .find(|t| t.state == TaskState::Failed && !is_compensation(t))
-        .filter(|_| op.kind != OperationKind::HealthCheck);
+        .filter(|_| !matches!(op.kind, OperationKind::HealthCheck | OperationKind::Analysis));
     // An abort is a failure the operator chose: the same rollback follows.
     if failure.is_some() || op.control.aborted_by.is_some() {
         if !all_done {

@@ -368,6 +368,11 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                 ));
             }
         }
+        OperationKind::Analysis => {
+            for t in &op.targets {
+                steps.push(Step::new(t, TaskParams::AppAnalysis { app: app() }));
+            }
+        }
         OperationKind::Failover => {
             // The old primary is fenced (its app stops taking traffic, its
             // database stops taking writes) before the standby is promoted,
