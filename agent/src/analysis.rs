@@ -17,12 +17,14 @@ use cutover_shared::analysis::{
 };
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::Uri;
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+
+use crate::gates::{HttpClient, http_client as client};
 
 /// Time limit of one query or scrape.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,18 +44,8 @@ pub struct Target {
     pub prometheus: Option<String>,
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-fn client() -> HttpClient {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(FETCH_TIMEOUT));
-    Client::builder(TokioExecutor::new()).build(c)
-}
-
 fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(cutover_shared::domain::now_unix_ms()).unwrap_or(0)
 }
 
 /// Runs `checks` against `target` and reports every measurement. An empty
@@ -503,20 +495,15 @@ fn increase(before: f64, after: f64) -> f64 {
     if after >= before { after - before } else { after }
 }
 
-fn series_key(s: &Sample) -> BTreeMap<String, String> {
-    s.labels.clone()
-}
-
 /// Increase of each series of `name` between the scrapes.
 fn increases(before: &[Sample], after: &[Sample], name: &str, color: &str) -> Vec<(BTreeMap<String, String>, f64)> {
     let earlier: BTreeMap<_, f64> = of_color(before, name, color)
-        .map(|s| (series_key(s), s.value))
+        .map(|s| (s.labels.clone(), s.value))
         .collect();
     of_color(after, name, color)
         .map(|s| {
-            let key = series_key(s);
-            let d = increase(earlier.get(&key).copied().unwrap_or(0.0), s.value);
-            (key, d)
+            let d = increase(earlier.get(&s.labels).copied().unwrap_or(0.0), s.value);
+            (s.labels.clone(), d)
         })
         .collect()
 }
@@ -600,7 +587,7 @@ fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
 mod tests {
     use super::*;
     use crate::sample_app::TestApp;
-    use cutover_shared::analysis::{AnalysisStage, CompareOp, Condition};
+    use cutover_shared::analysis::{CompareOp, Condition};
 
     fn target(address: String, prometheus: Option<String>) -> Target {
         Target {
@@ -630,19 +617,10 @@ mod tests {
         MetricCheck {
             name: "c".into(),
             provider,
-            query: None,
-            percentile: None,
-            metrics_path: None,
-            url: None,
-            command: vec![],
-            timeout_secs: None,
-            retries: None,
             condition: Some(condition.parse().unwrap()),
-            stage: AnalysisStage::Bake,
             interval_secs: 1,
             count: 2,
-            failure_limit: 0,
-            inconclusive_limit: 0,
+            ..MetricCheck::success_rate("c", 0.0)
         }
     }
 

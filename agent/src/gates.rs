@@ -89,9 +89,9 @@ pub struct LoadResult {
     pub violations: Vec<String>,
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
-fn http_client() -> HttpClient {
+pub(crate) fn http_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(PROBE_TIMEOUT));
