@@ -14,6 +14,7 @@ use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesResponse, SnapshotResponse, VoteResponse};
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
+use sha2::Digest;
 use tonic::transport::Channel;
 
 use super::{NodeId, TypeConfig};
@@ -96,6 +97,15 @@ fn status_to_rpc(s: tonic::Status) -> RPCError<TypeConfig> {
     }
 }
 
+/// How long a snapshot of `bytes` may take to send and install. openraft
+/// hands every snapshot the same `install_snapshot_timeout` (200 ms by
+/// default), sized for one small message; a snapshot of tens of MiB on a
+/// loaded machine needs longer, and one that always times out never
+/// catches its follower up. Ten seconds, and one more per 8 MiB.
+fn snapshot_deadline(ttl: Duration, bytes: u64) -> Duration {
+    ttl.max(Duration::from_secs(10) + Duration::from_secs(bytes / (8 << 20)))
+}
+
 fn request<T>(msg: T, ttl: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(ttl);
@@ -170,9 +180,17 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         };
         let vote = encode(&vote).map_err(to_stream)?;
         let meta = encode(&snapshot.meta).map_err(to_stream)?;
-        let data = snapshot.snapshot;
-        // The first chunk carries the vote and metadata; each carries at
-        // most SNAPSHOT_CHUNK bytes of data, copied as it is sent.
+        // The digest of a snapshot of tens of MiB: off the runtime's threads.
+        let (data, sha256) = tokio::task::spawn_blocking(move || {
+            let digest = sha2::Sha256::digest(&snapshot.snapshot).to_vec();
+            (snapshot.snapshot, digest)
+        })
+        .await
+        .map_err(|e| StreamingError::Network(NetworkError::new(&Msg(e.to_string()))))?;
+        let total_bytes = data.len() as u64;
+        // The first chunk carries the vote, metadata, length and digest;
+        // each carries at most SNAPSHOT_CHUNK bytes of data, copied as it is
+        // sent.
         let chunks = data.len().div_ceil(SNAPSHOT_CHUNK).max(1);
         let stream = futures::stream::iter((0..chunks).map(move |i| {
             let piece = data[i * SNAPSHOT_CHUNK..((i + 1) * SNAPSHOT_CHUNK).min(data.len())].to_vec();
@@ -181,17 +199,18 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                     vote: vote.clone(),
                     meta: meta.clone(),
                     data: piece,
+                    total_bytes,
+                    sha256: sha256.clone(),
                 }
             } else {
                 InstallSnapshotRequest {
-                    vote: vec![],
-                    meta: vec![],
                     data: piece,
+                    ..Default::default()
                 }
             }
         }));
         let mut client = self.client().map_err(to_stream)?;
-        let call = client.install_snapshot(request(stream, option.hard_ttl()));
+        let call = client.install_snapshot(request(stream, snapshot_deadline(option.hard_ttl(), total_bytes)));
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             r = call => r.map_err(|s| to_stream(status_to_rpc(s)))?.into_inner(),

@@ -17,7 +17,9 @@ use cutover_shared::proto::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, ProposeRequest,
     ProposeResponse, ReadIndexRequest, ReadIndexResponse, VoteRequest, VoteResponse,
 };
+use futures::StreamExt;
 use openraft::vote::RaftLeaderId;
+use sha2::Digest;
 use tonic::{Request, Response, Status};
 
 use super::{Consensus, NodeId, ProposeError};
@@ -62,6 +64,62 @@ fn speaks_for(sender: NodeId, claimed: NodeId, what: &str) -> Result<(), Status>
     }
 }
 
+/// Collects a snapshot's data: `first` is the stream's first chunk, `rest`
+/// the chunks after it. Why the length and digest checks: a truncated
+/// snapshot handed to openraft fails to decode in the state machine, and a
+/// storage error stops the node's Raft for good. A sender that gives up
+/// mid-stream (its timeout, or replication closed) resets the HTTP/2 stream
+/// with CANCEL, which hyper reports to the server as a clean end of the
+/// body; only the declared length and digest tell that from the whole.
+async fn receive_snapshot(
+    first: InstallSnapshotRequest,
+    mut rest: impl futures::Stream<Item = Result<InstallSnapshotRequest, Status>> + Unpin,
+) -> Result<Vec<u8>, Status> {
+    use super::network::{MAX_SNAPSHOT, SNAPSHOT_CHUNK};
+    let total = first.total_bytes;
+    if total > MAX_SNAPSHOT as u64 {
+        return Err(Status::resource_exhausted(format!(
+            "a snapshot of {total} bytes; at most {MAX_SNAPSHOT} are accepted"
+        )));
+    }
+    // Grows as chunks arrive past 64 MiB: a declared length is not yet
+    // bytes received.
+    let mut data = Vec::with_capacity(total.min(64 << 20) as usize);
+    let mut digest = sha2::Sha256::new();
+    let mut chunk = first.data;
+    loop {
+        if chunk.len() > SNAPSHOT_CHUNK {
+            return Err(Status::invalid_argument(format!(
+                "snapshot chunk of {} bytes; at most {SNAPSHOT_CHUNK} are sent",
+                chunk.len(),
+            )));
+        }
+        if (data.len() + chunk.len()) as u64 > total {
+            return Err(Status::invalid_argument(format!(
+                "snapshot stream carries more than the {total} bytes it declared"
+            )));
+        }
+        digest.update(&chunk);
+        data.extend_from_slice(&chunk);
+        match rest.next().await.transpose()? {
+            Some(next) => chunk = next.data,
+            None => break,
+        }
+    }
+    if data.len() as u64 != total {
+        return Err(Status::aborted(format!(
+            "snapshot stream ended after {} of {total} bytes",
+            data.len()
+        )));
+    }
+    if digest.finalize().as_slice() != first.sha256.as_slice() {
+        return Err(Status::data_loss(format!(
+            "snapshot of {total} bytes does not match its SHA-256"
+        )));
+    }
+    Ok(data)
+}
+
 #[tonic::async_trait]
 impl RaftService for RaftGrpc {
     async fn append_entries(
@@ -97,23 +155,7 @@ impl RaftService for RaftGrpc {
         let vote: openraft::type_config::alias::VoteOf<super::TypeConfig> = decode(&first.vote, "vote")?;
         speaks_for(sender, *vote.leader_id().node_id(), "snapshot")?;
         let meta = decode(&first.meta, "snapshot meta")?;
-        let mut data = first.data;
-        while let Some(chunk) = chunks.message().await? {
-            if chunk.data.len() > super::network::SNAPSHOT_CHUNK {
-                return Err(Status::invalid_argument(format!(
-                    "snapshot chunk of {} bytes; at most {} are sent",
-                    chunk.data.len(),
-                    super::network::SNAPSHOT_CHUNK
-                )));
-            }
-            if data.len() + chunk.data.len() > super::network::MAX_SNAPSHOT {
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot larger than {} bytes",
-                    super::network::MAX_SNAPSHOT
-                )));
-            }
-            data.extend_from_slice(&chunk.data);
-        }
+        let data = receive_snapshot(first, chunks).await?;
         let snapshot = openraft::Snapshot { meta, snapshot: data };
         let r = self
             .consensus
@@ -146,5 +188,78 @@ impl RaftService for RaftGrpc {
             Ok(index) => Ok(Response::new(ReadIndexResponse { index })),
             Err(e) => Err(Status::unavailable(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(data: &[u8]) -> InstallSnapshotRequest {
+        InstallSnapshotRequest {
+            data: data.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn first(data: &[u8], whole: &[u8]) -> InstallSnapshotRequest {
+        InstallSnapshotRequest {
+            total_bytes: whole.len() as u64,
+            sha256: sha2::Sha256::digest(whole).to_vec(),
+            ..chunk(data)
+        }
+    }
+
+    async fn receive(first: InstallSnapshotRequest, rest: Vec<InstallSnapshotRequest>) -> Result<Vec<u8>, Status> {
+        receive_snapshot(first, futures::stream::iter(rest.into_iter().map(Ok))).await
+    }
+
+    #[tokio::test]
+    async fn a_whole_snapshot_is_received_in_order() {
+        let whole = b"abcdefgh";
+        let got = receive(first(b"abc", whole), vec![chunk(b"def"), chunk(b"gh")])
+            .await
+            .unwrap();
+        assert_eq!(got, whole);
+        let empty = receive(first(b"", b""), vec![]).await.unwrap();
+        assert!(empty.is_empty());
+    }
+
+    /// What a cancelled sender looks like to the server: the stream ends
+    /// early, cleanly. It must not reach the state machine.
+    #[tokio::test]
+    async fn a_stream_that_ends_early_is_refused() {
+        let whole = b"abcdefgh";
+        let err = receive(first(b"abc", whole), vec![chunk(b"def")]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted, "{err}");
+        assert!(err.message().contains("ended after 6 of 8 bytes"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn a_stream_longer_or_other_than_declared_is_refused() {
+        let whole = b"abcdefgh";
+        let err = receive(first(b"abc", whole), vec![chunk(b"defgh"), chunk(b"i")])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let err = receive(first(b"abc", whole), vec![chunk(b"dXfgh")]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+        // A sender of an earlier release declares nothing: refused, not
+        // installed half-read.
+        let legacy = InstallSnapshotRequest {
+            total_bytes: 0,
+            sha256: vec![],
+            ..chunk(b"abc")
+        };
+        assert!(receive(legacy, vec![]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_mid_stream_is_passed_on() {
+        let whole = b"abcdef";
+        let rest = futures::stream::iter(vec![Ok(chunk(b"def")), Err(Status::unavailable("reset"))]);
+        // The error ends the receive even though the bytes are all there.
+        let err = receive_snapshot(first(b"abc", whole), rest).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
     }
 }
