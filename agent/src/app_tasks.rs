@@ -1,5 +1,5 @@
 //! App tasks (`app.deploy`, `app.gates`, `app.switch`, `app.bake`,
-//! `app.maintenance`): what the
+//! `app.canary`, `app.analysis`, `app.maintenance`): what the
 //! coordinator's orchestrator asks of this agent for one app. Drivers are
 //! built once per app definition and kept, because the local driver owns
 //! processes and routers.
@@ -23,6 +23,7 @@ pub const KINDS: &[TaskKind] = &[
     TaskKind::AppGates,
     TaskKind::AppSwitch,
     TaskKind::AppBake,
+    TaskKind::AppCanary,
     TaskKind::AppAnalysis,
     TaskKind::AppMaintenance,
 ];
@@ -323,68 +324,79 @@ impl AppRuntime {
                 // Watch the serving color for a while after a switch: its
                 // health probes must keep passing, it must stay up, and the
                 // bake's metric checks must pass under its real traffic.
-                // The bake lasts until both the time and the checks are done.
                 let target = driver.service_address().await?;
+                let Some(serving) = before.active else {
+                    return Err(DriverError::new("nothing serves yet; nothing to bake"));
+                };
                 progress(format!("baking for {secs} s: probing {target}"));
-                let started = std::time::Instant::now();
-                let until = started + std::time::Duration::from_secs(secs);
-                let checks = stage_checks(&spec, AnalysisStage::Bake);
-                let serving = before.active;
-                let analysis_run = async {
-                    match serving {
-                        Some(color) if !checks.is_empty() => {
-                            let t = self.analysis_target(&spec, &before, color, target.clone());
-                            Some(analysis::run(&checks, &t, progress).await)
-                        }
-                        _ => None,
-                    }
-                };
-                let mut analysis_run = std::pin::pin!(analysis_run);
-                let mut analysis: Option<Option<AnalysisReport>> = None;
-                let mut rounds = 0u32;
-                let failure = loop {
-                    rounds += 1;
-                    let failed = gates::failing_probes(&spec, &target).await;
-                    if let Some(f) = failed.first() {
-                        break Some(format!(
-                            "bake failed after {} s: {} {}",
-                            started.elapsed().as_secs(),
-                            f.name,
-                            f.detail
-                        ));
-                    }
-                    let st = driver.status().await?;
-                    let serving = st.active.and_then(|a| st.colors.iter().find(|c| c.color == a));
-                    if !serving.is_some_and(|c| c.healthy) {
-                        break Some("bake failed: the serving color went unhealthy".to_owned());
-                    }
-                    if let Some(Some(r)) = &analysis
-                        && !r.passed
-                    {
-                        break Some(format!(
-                            "bake failed after {} s: analysis failed",
-                            started.elapsed().as_secs()
-                        ));
-                    }
-                    if std::time::Instant::now() >= until && analysis.is_some() {
-                        break None;
-                    }
-                    tokio::select! {
-                        r = &mut analysis_run, if analysis.is_none() => analysis = Some(r),
-                        _ = tokio::time::sleep(BAKE_PROBE_INTERVAL) => {}
-                    }
-                };
+                let w = self
+                    .watch(driver.as_ref(), &spec, &before, serving, &target, secs, progress)
+                    .await?;
                 let mut text = String::new();
-                if let Some(Some(r)) = &analysis {
+                if let Some(r) = &w.analysis {
                     record(outputs, r, &mut text);
                 }
-                if let Some(why) = failure {
-                    return Err(DriverError::new(format!("{why}{text}")));
+                if let Some(why) = w.failure {
+                    return Err(DriverError::new(format!("bake failed after {} s: {why}{text}", w.secs)));
+                }
+                outputs.status = Some(driver.status().await?);
+                Ok(format!("baked {} s, {} probe rounds passed{text}", w.secs, w.rounds))
+            }
+            TaskParams::AppCanary {
+                color,
+                weight,
+                pause_secs,
+                compensate,
+                ..
+            } => {
+                let color = match color {
+                    Some(c) => c,
+                    None => before
+                        .active
+                        .map(Color::other)
+                        .ok_or_else(|| DriverError::new("nothing is deployed yet; no canary to run"))?,
+                };
+                if before.active == Some(color) && weight > 0 {
+                    // A first deploy serves at once: there is nothing to
+                    // split (as a switch to the active color converges).
+                    outputs.status = Some(before.clone());
+                    return Ok(format!("{color} already takes all traffic; no canary step"));
+                }
+                driver.set_canary(color, weight).await?;
+                if weight == 0 || compensate {
+                    outputs.status = Some(driver.status().await?);
+                    return Ok(format!("canary: {color} takes no traffic"));
+                }
+                // Judged where only the canary answers: its probes and its
+                // own metrics, under its share of the real traffic.
+                let target = driver.preview_address().await?;
+                progress(format!(
+                    "canary: {weight}% of traffic to {color}; judging it at {target} for at least {pause_secs} s"
+                ));
+                let w = self
+                    .watch(driver.as_ref(), &spec, &before, color, &target, pause_secs, progress)
+                    .await?;
+                let mut text = String::new();
+                if let Some(r) = &w.analysis {
+                    record(outputs, r, &mut text);
+                }
+                if let Some(why) = w.failure {
+                    // The failing step takes no more traffic, at once; the
+                    // coordinator's compensation sets 0 again to be sure.
+                    let back = match driver.set_canary(color, 0).await {
+                        Ok(()) => format!("{color} set back to 0%"),
+                        Err(e) => format!("setting {color} back to 0% failed: {e}"),
+                    };
+                    outputs.status = driver.status().await.ok();
+                    return Err(DriverError::new(format!(
+                        "canary at {weight}% failed after {} s: {why}; {back}{text}",
+                        w.secs
+                    )));
                 }
                 outputs.status = Some(driver.status().await?);
                 Ok(format!(
-                    "baked {} s, {rounds} probe rounds passed{text}",
-                    started.elapsed().as_secs()
+                    "canary at {weight}%: {color} held {} s, {} probe rounds passed{text}",
+                    w.secs, w.rounds
                 ))
             }
             TaskParams::AppAnalysis { .. } => {
@@ -420,6 +432,76 @@ impl AppRuntime {
             }
             other => Err(DriverError::new(format!("{} is not an app task", other.kind()))),
         }
+    }
+}
+
+/// What watching a color found ([`AppRuntime::watch`]).
+struct Watched {
+    /// Why it failed, if it did.
+    failure: Option<String>,
+    analysis: Option<AnalysisReport>,
+    rounds: u32,
+    secs: u64,
+}
+
+impl AppRuntime {
+    /// Watches `color`, reached at `target`, for `secs` and until the
+    /// bake's metric checks finish: its probes must keep passing, it must
+    /// stay up, and the checks must pass. A bake watches the serving color
+    /// after a switch; a canary step the new color under its share.
+    #[allow(clippy::too_many_arguments)]
+    async fn watch(
+        &self,
+        driver: &dyn PlatformDriver,
+        spec: &AppSpec,
+        before: &AppClusterStatus,
+        color: Color,
+        target: &str,
+        secs: u64,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<Watched, DriverError> {
+        let started = std::time::Instant::now();
+        let until = started + std::time::Duration::from_secs(secs);
+        let checks = stage_checks(spec, AnalysisStage::Bake);
+        let analysis_run = async {
+            if checks.is_empty() {
+                return None;
+            }
+            let t = self.analysis_target(spec, before, color, target.to_owned());
+            Some(analysis::run(&checks, &t, progress).await)
+        };
+        let mut analysis_run = std::pin::pin!(analysis_run);
+        let mut analysis: Option<Option<AnalysisReport>> = None;
+        let mut rounds = 0u32;
+        let failure = loop {
+            rounds += 1;
+            let failed = gates::failing_probes(spec, target).await;
+            if let Some(f) = failed.first() {
+                break Some(format!("{} {}", f.name, f.detail));
+            }
+            let st = driver.status().await?;
+            if !st.colors.iter().any(|c| c.color == color && c.healthy) {
+                break Some(format!("{color} went unhealthy"));
+            }
+            if let Some(Some(r)) = &analysis
+                && !r.passed
+            {
+                break Some("analysis failed".to_owned());
+            }
+            if std::time::Instant::now() >= until && analysis.is_some() {
+                break None;
+            }
+            tokio::select! {
+                r = &mut analysis_run, if analysis.is_none() => analysis = Some(r),
+                _ = tokio::time::sleep(BAKE_PROBE_INTERVAL) => {}
+            }
+        };
+        Ok(Watched {
+            failure,
+            analysis: analysis.flatten(),
+            rounds,
+            secs: started.elapsed().as_secs(),
+        })
     }
 }
 

@@ -452,6 +452,8 @@ mod tests {
             required_attestations: Default::default(),
             migration_checks: vec![],
             analysis: vec![],
+            strategy: Default::default(),
+            canary: None,
         }
     }
 

@@ -107,6 +107,10 @@ struct Shared {
     /// Requests waiting for traffic to move away from an unreachable
     /// upstream.
     awaiting_move: AtomicU64,
+    /// A canary: this upstream takes this percent of new requests.
+    split: RwLock<Option<(SocketAddr, u32)>>,
+    /// Requests routed while a split is set, for the exact share.
+    split_seq: AtomicU64,
 }
 
 /// What a hold kept waiting, reported when it is released.
@@ -154,6 +158,8 @@ impl Router {
             unreachable_wait_ms: AtomicU64::new(0),
             moves: watch::Sender::new(0),
             awaiting_move: AtomicU64::new(0),
+            split: RwLock::new(None),
+            split_seq: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
@@ -172,6 +178,22 @@ impl Router {
         if old != addr {
             self.shared.moves.send_modify(|n| *n += 1);
             tracing::info!(listen = %self.local_addr, from = %old, to = %addr, "router upstream switched");
+        }
+    }
+
+    /// Sends `weight` percent of new requests to `canary` (a canary step),
+    /// the rest to the upstream; `None` or 0 sends it none. The share is
+    /// exact over every hundred requests, not random: request n goes to
+    /// the canary when `n * weight / 100` steps up, so 25% is every fourth.
+    pub fn set_split(&self, split: Option<(SocketAddr, u32)>) {
+        let split = split.filter(|(_, w)| *w > 0).map(|(a, w)| (a, w.min(100)));
+        let old = std::mem::replace(&mut *self.shared.split.write().expect("split lock"), split);
+        if old != split {
+            self.shared.split_seq.store(0, Ordering::Relaxed);
+            match split {
+                Some((to, weight)) => tracing::info!(listen = %self.local_addr, %to, weight, "router canary split"),
+                None => tracing::info!(listen = %self.local_addr, "router canary split ended"),
+            }
         }
     }
 
@@ -328,6 +350,13 @@ impl Shared {
     }
 
     fn current(&self) -> SocketAddr {
+        if let Some((canary, weight)) = *self.split.read().expect("split lock") {
+            let n = self.split_seq.fetch_add(1, Ordering::Relaxed);
+            let w = u64::from(weight);
+            if (n + 1) * w / 100 > n * w / 100 {
+                return canary;
+            }
+        }
         let all = self.upstream.read().expect("upstream lock");
         all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()]
     }
@@ -660,6 +689,36 @@ mod tests {
         assert_eq!(router.in_flight(a.addr), 0);
         router.set_maintenance(false);
         assert_eq!(get(&c, router.local_addr(), "/").await.unwrap().0, 200);
+        router.shutdown().await;
+    }
+
+    /// A split sends exactly its percent of requests to the canary (every
+    /// fourth for 25), the rest to the upstream; 0 or `None` ends it, and
+    /// moving the split starts the count again.
+    #[tokio::test]
+    async fn a_split_sends_its_exact_share_to_the_canary() {
+        let (stable, canary) = (app("v1").await, app("v2").await);
+        let router = Router::bind(any_local(), stable.addr).await.unwrap();
+        let c = client();
+        let count = async |n: usize| {
+            let mut to_canary = 0;
+            for _ in 0..n {
+                let (status, body) = get(&c, router.local_addr(), "/").await.unwrap();
+                assert_eq!(status, 200);
+                to_canary += usize::from(body.contains("v2"));
+            }
+            to_canary
+        };
+        for weight in [5, 25, 50] {
+            router.set_split(Some((canary.addr, weight)));
+            assert_eq!(count(200).await, 2 * weight as usize, "{weight}% of 200 requests");
+        }
+        router.set_split(Some((canary.addr, 0)));
+        assert_eq!(count(20).await, 0);
+        router.set_split(Some((canary.addr, 25)));
+        assert_eq!(count(8).await, 2);
+        router.set_split(None);
+        assert_eq!(count(20).await, 0);
         router.shutdown().await;
     }
 

@@ -247,6 +247,8 @@ async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     };
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) }).await?;

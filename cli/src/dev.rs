@@ -338,6 +338,8 @@ impl DevSystem {
             // The built-in checks, which need no Prometheus, judge each
             // release under the gates' load before it takes traffic.
             analysis: builtin_analysis(),
+            strategy: Default::default(),
+            canary: None,
         };
         let mut client =
             pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);

@@ -56,6 +56,8 @@ fn app(automatic: bool) -> AppSpec {
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     };
     spec.dr.automatic = automatic;
     spec.dr.failover_after_secs = 10;

@@ -59,6 +59,8 @@ fn app() -> AppSpec {
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     }
 }
 
@@ -159,6 +161,7 @@ fn each_daily_slot_drills_once_with_the_serving_release_and_a_down_target_runs_l
     for region in ["us-east", "eu-west"] {
         agent(&mut state, region, true, JAN_1);
         let status = AppClusterStatus {
+            canary_weight: 0,
             active: Some(Color::Blue),
             colors: vec![ColorStatus {
                 color: Color::Blue,

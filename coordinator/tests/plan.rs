@@ -61,6 +61,8 @@ fn spec(bake_secs: u64) -> AppSpec {
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     }
 }
 
@@ -176,6 +178,7 @@ impl World {
     fn report(&mut self, region: &str) {
         let c = &self.clusters[&target(region).to_string()];
         let status = AppClusterStatus {
+            canary_weight: 0,
             active: c.active,
             colors: vec![],
             last_switch_unix_ms: None,
@@ -266,6 +269,7 @@ impl World {
             }
             TaskParams::AppGates { .. }
             | TaskParams::AppBake { .. }
+            | TaskParams::AppCanary { .. }
             | TaskParams::AppMaintenance { .. }
             | TaskParams::TrafficMove(_) => {}
             other => panic!("unexpected task {other:?}"),
@@ -657,6 +661,163 @@ fn plans_by_kind_and_strategy() {
         plan_of(&migrate, Some(&b)),
         ["db.migrate us-east", "db.migrate eu-west +", "db.migrate ap-south +"]
     );
+}
+
+fn canary_spec() -> AppSpec {
+    AppSpec {
+        strategy: cutover_shared::app::TrafficStrategy::Canary,
+        canary: Some(cutover_shared::app::CanarySteps {
+            weights: vec![5, 25, 100],
+            pause_secs: 30,
+        }),
+        ..spec(10)
+    }
+}
+
+/// Canary is the in-region step: with waves, each region's weights move
+/// (gate 1 in front of the first) before its switch and bake; atomic moves
+/// every region's weight together, step by step, then flips them all. A
+/// step names the deployed color, its weight and its pause.
+#[test]
+fn a_canary_moves_weights_before_each_switch_in_waves_and_atomically() {
+    let s = canary_spec();
+    let row = |p: &orchestrator::Step| {
+        let what = match &p.params {
+            TaskParams::AppCanary { weight, .. } => format!("canary {weight}"),
+            other => other.kind().to_string(),
+        };
+        format!(
+            "{what} {}{}{}",
+            p.target.region,
+            if p.with_previous { " +" } else { "" },
+            if p.gate > 0 {
+                format!(" gate{}", p.gate)
+            } else {
+                String::new()
+            }
+        )
+    };
+    let plan_of = |op: &Operation| -> Vec<String> {
+        orchestrator::plan(op, &Inputs::new(op, &s, None))
+            .iter()
+            .map(row)
+            .collect()
+    };
+    let waves = deploy_op("op-w", "shop:v2", "waves");
+    let first: Vec<String> = plan_of(&waves).into_iter().take(7).collect();
+    assert_eq!(
+        first,
+        [
+            "app.deploy us-east",
+            "app.gates us-east",
+            "canary 5 us-east gate1",
+            "canary 25 us-east",
+            "app.switch us-east",
+            "app.bake us-east",
+            "app.deploy eu-west",
+        ]
+    );
+    let atomic = plan_of(&deploy_op("op-a", "shop:v2", "atomic"));
+    assert_eq!(
+        atomic[6..12],
+        [
+            "canary 5 us-east gate1",
+            "canary 5 eu-west +",
+            "canary 5 ap-south +",
+            "canary 25 us-east",
+            "canary 25 eu-west +",
+            "canary 25 ap-south +",
+        ]
+    );
+    assert_eq!(atomic[12], "app.switch us-east");
+    // Driven to its end, each step names the color the deploy reported.
+    let mut w = World::new(false);
+    w.apply(Command::PutApp {
+        spec: canary_spec(),
+        audit: audit(),
+    });
+    w.apply(Command::CreateOperation {
+        operation: deploy_op("op-c", "shop:v2", "waves"),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-c", |_, _| false);
+    let op = w.op("op-c");
+    assert_eq!(op.state, TaskState::Succeeded, "{}", op.summary);
+    for t in op.tasks.iter().filter(|t| t.spec.kind == "app.canary") {
+        let p = TaskParams::from_wire(&t.spec.kind, &t.spec.params).unwrap();
+        assert!(
+            matches!(
+                p,
+                TaskParams::AppCanary {
+                    color: Some(Color::Green),
+                    pause_secs: 30,
+                    compensate: false,
+                    ..
+                }
+            ),
+            "{p:?}"
+        );
+    }
+}
+
+/// A canary step that fails in the second wave: the first wave's switch
+/// is undone, and the failing cluster's weight goes back to 0 (the agent
+/// does so itself; the compensation makes sure), once, and nothing
+/// later in that region runs.
+#[test]
+fn a_failed_canary_step_sets_its_weight_back_to_0_and_undoes_earlier_waves() {
+    let mut w = World::new(false);
+    w.apply(Command::PutApp {
+        spec: canary_spec(),
+        audit: audit(),
+    });
+    w.apply(Command::CreateOperation {
+        operation: deploy_op("op-f", "shop:v2", "waves"),
+        audit: audit(),
+        fix_inputs: true,
+    });
+    w.drive("op-f", |w, e| {
+        e == Event::Fail
+            && w.op("op-f").tasks.last().is_some_and(|t| {
+                t.spec.target.region == "eu-west"
+                    && t.spec.kind == "app.canary"
+                    && t.spec.params.get("weight").map(String::as_str) == Some("25")
+            })
+    });
+    let op = w.op("op-f");
+    assert_eq!(op.state, TaskState::Failed, "{}", op.summary);
+    let tail: Vec<String> = op
+        .tasks
+        .iter()
+        .skip_while(|t| t.state != TaskState::Failed)
+        .map(|t| {
+            let p = TaskParams::from_wire(&t.spec.kind, &t.spec.params).unwrap();
+            match p {
+                TaskParams::AppCanary { weight, compensate, .. } => {
+                    format!(
+                        "canary {weight} {}{}",
+                        t.spec.target.region,
+                        if compensate { " undo" } else { "" }
+                    )
+                }
+                TaskParams::AppSwitch { to, compensate, .. } => format!(
+                    "switch {:?} {}{}",
+                    to.unwrap(),
+                    t.spec.target.region,
+                    if compensate { " undo" } else { "" }
+                ),
+                other => format!("{} {}", other.kind(), t.spec.target.region),
+            }
+        })
+        .collect();
+    assert_eq!(
+        tail,
+        ["canary 25 eu-west", "switch Blue us-east undo", "canary 0 eu-west undo"],
+        "{}",
+        op.summary
+    );
+    assert_eq!(w.clusters[&target("us-east").to_string()].active, Some(Color::Blue));
 }
 
 /// A failover from us-east to eu-west under `epoch`, as `Failover` creates

@@ -62,5 +62,7 @@ pub fn spec(name: &str, regions: &[(&str, &str)], program: &Path) -> cutover_sha
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     }
 }

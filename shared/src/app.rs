@@ -91,6 +91,12 @@ pub struct KubeSpec {
     /// The container whose image a deploy sets. Default: the app name.
     #[serde(default)]
     pub container: Option<String>,
+    /// A Gateway API `HTTPRoute` in the namespace whose backendRefs to the
+    /// Services `<app>` and `<app>-preview` carry a canary's weights.
+    /// Required by `strategy = "canary"`. Left out of the serialized form
+    /// while unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_route: Option<String>,
 }
 
 fn default_progress_deadline() -> u64 {
@@ -236,6 +242,50 @@ pub struct AppSpec {
     /// while empty, like `dr`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub analysis: Vec<crate::analysis::MetricCheck>,
+    /// How a deploy moves traffic inside each cluster: `blue-green` (the
+    /// default: all at once, after the gates) or `canary` (in the steps of
+    /// `[canary]`). Across regions, the deploy's waves or atomic decision
+    /// apply either way. Left out of the serialized form while the default.
+    #[serde(default, skip_serializing_if = "TrafficStrategy::is_blue_green")]
+    pub strategy: TrafficStrategy,
+    /// A canary's steps (`[canary]`), with `strategy = "canary"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySteps>,
+}
+
+/// How a deploy moves an app's traffic inside a cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrafficStrategy {
+    /// All at once, after the gates: one switch.
+    #[default]
+    BlueGreen,
+    /// In steps of weight: at each, the new color takes that percent of
+    /// the cluster's traffic, and the bake's probes and analysis judge it
+    /// under that traffic before the next; the switch is the last step.
+    Canary,
+}
+
+impl TrafficStrategy {
+    fn is_blue_green(&self) -> bool {
+        *self == TrafficStrategy::BlueGreen
+    }
+}
+
+/// A canary's steps (`[canary]`), Flagger's `stepWeights` and Argo
+/// Rollouts' `setWeight` steps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySteps {
+    /// Percent of a cluster's traffic the new color takes at each step,
+    /// strictly ascending, each 1 to 100. The switch (100) ends every
+    /// canary, listed or not.
+    pub weights: Vec<u32>,
+    /// Seconds each step holds its weight at least; a step whose analysis
+    /// takes longer lasts until it finishes. Default 0: as long as the
+    /// analysis.
+    #[serde(default)]
+    pub pause_secs: u64,
 }
 
 fn default_bake_secs() -> u64 {
@@ -267,6 +317,58 @@ impl AppSpec {
     }
 
     /// Checks everything that does not need the cluster's state.
+    /// The weights a canary sets before its switch (empty for blue-green).
+    pub fn canary_weights(&self) -> Vec<u32> {
+        match (&self.strategy, &self.canary) {
+            (TrafficStrategy::Canary, Some(c)) => c.weights.iter().copied().filter(|w| *w < 100).collect(),
+            _ => vec![],
+        }
+    }
+
+    fn check_canary(&self) -> Result<(), Error> {
+        let steps = match (self.strategy, &self.canary) {
+            (TrafficStrategy::BlueGreen, None) => return Ok(()),
+            (TrafficStrategy::BlueGreen, Some(_)) => {
+                return Err(bad(
+                    "canary",
+                    "set, but strategy is blue-green (set strategy = \"canary\")",
+                ));
+            }
+            (TrafficStrategy::Canary, None) => {
+                return Err(bad("canary.weights", "required by strategy \"canary\""));
+            }
+            (TrafficStrategy::Canary, Some(c)) => c,
+        };
+        if steps.weights.is_empty() || steps.weights.len() > 20 {
+            return Err(bad("canary.weights", "list 1 to 20 steps, e.g. [5, 25, 50, 100]"));
+        }
+        let mut last = 0;
+        for w in &steps.weights {
+            if !(1..=100).contains(w) || *w <= last {
+                return Err(bad(
+                    "canary.weights",
+                    format!(
+                        "{:?}: each step is a percent from 1 to 100, above the one before",
+                        steps.weights
+                    ),
+                ));
+            }
+            last = *w;
+        }
+        if steps.pause_secs > 24 * 3600 {
+            return Err(bad("canary.pause_secs", "at most a day (86400)"));
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.driver == DriverKind::Kubernetes && c.kubernetes.as_ref().is_some_and(|k| k.http_route.is_none()) {
+                return Err(bad(
+                    &format!("clusters[{i}].kubernetes.http_route"),
+                    "required by strategy \"canary\": the HTTPRoute whose backend weights split the traffic",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         validate_name("name", &self.name)?;
         if self.clusters.is_empty() {
@@ -303,6 +405,9 @@ impl AppSpec {
                         .as_ref()
                         .ok_or_else(|| bad(&f("kubernetes"), "required by driver \"kubernetes\""))?;
                     validate_name(&f("kubernetes.namespace"), &k.namespace)?;
+                    if let Some(r) = &k.http_route {
+                        validate_name(&f("kubernetes.http_route"), r)?;
+                    }
                     if k.progress_deadline_secs == 0 {
                         return Err(bad(&f("kubernetes.progress_deadline_secs"), "must be positive"));
                     }
@@ -335,6 +440,7 @@ impl AppSpec {
             }
         }
         self.dr.validate()?;
+        self.check_canary()?;
         let mut names = std::collections::HashSet::new();
         for (i, check) in self.analysis.iter().enumerate() {
             check.validate(&format!("analysis[{i}]"))?;
@@ -479,6 +585,14 @@ pub struct AppClusterStatus {
     /// replaces its database).
     #[serde(default)]
     pub maintenance: bool,
+    /// Percent of new requests a canary sends to the inactive color; 0:
+    /// none (left out of the serialized form then).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub canary_weight: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Validates an image reference (`[registry/]name[:tag][@digest]` for
@@ -601,5 +715,66 @@ mod tests {
         spec.scale_down_delay_secs = Some(30);
         let back: AppSpec = toml::from_str(&spec.to_toml().unwrap()).unwrap();
         assert_eq!(back, spec);
+    }
+
+    /// The example's commented canary section applies as written, round
+    /// trips, and keeps blue-green definitions' digests (left out while
+    /// unset); bad steps are refused naming the field.
+    #[test]
+    fn canary_steps_validate_and_round_trip() {
+        let text = include_str!("../../deploy/examples/app-sample.toml");
+        let blue_green: AppSpec = toml::from_str(text).unwrap();
+        assert!(!blue_green.to_toml().unwrap().contains("canary"));
+        assert!(blue_green.canary_weights().is_empty());
+        let uncommented = text
+            .replace("# strategy = \"canary\"", "strategy = \"canary\"")
+            .replace("# [canary]", "[canary]")
+            .replace("# weights = [5, 25, 50, 100]", "weights = [5, 25, 50, 100]")
+            .replace("# pause_secs = 30", "pause_secs = 30");
+        let canary: AppSpec = toml::from_str(&uncommented).unwrap();
+        canary.validate().unwrap();
+        assert_eq!(canary.strategy, TrafficStrategy::Canary);
+        assert_eq!(canary.canary_weights(), [5, 25, 50]);
+        let back: AppSpec = toml::from_str(&canary.to_toml().unwrap()).unwrap();
+        assert_eq!(back, canary);
+        let refused = |weights: Vec<u32>, strategy: TrafficStrategy| {
+            let spec = AppSpec {
+                strategy,
+                canary: Some(CanarySteps { weights, pause_secs: 0 }),
+                ..canary.clone()
+            };
+            spec.validate().unwrap_err().to_string()
+        };
+        for bad in [vec![], vec![25, 5], vec![5, 5], vec![0, 50], vec![50, 101]] {
+            let e = refused(bad.clone(), TrafficStrategy::Canary);
+            assert!(e.contains("canary.weights"), "{bad:?}: {e}");
+        }
+        assert!(refused(vec![5], TrafficStrategy::BlueGreen).contains("strategy is blue-green"));
+        let missing = AppSpec {
+            canary: None,
+            ..canary.clone()
+        };
+        assert!(
+            missing
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("required by strategy")
+        );
+        // On Kubernetes the split needs an HTTPRoute.
+        let mut kube = canary.clone();
+        kube.clusters[0].driver = DriverKind::Kubernetes;
+        kube.clusters[0].local = None;
+        kube.clusters[0].kubernetes = Some(KubeSpec {
+            namespace: "shop".into(),
+            kubeconfig: None,
+            progress_deadline_secs: 600,
+            container: None,
+            http_route: None,
+        });
+        let e = kube.validate().unwrap_err().to_string();
+        assert!(e.contains("clusters[0].kubernetes.http_route"), "{e}");
+        kube.clusters[0].kubernetes.as_mut().unwrap().http_route = Some("shop".into());
+        kube.validate().unwrap();
     }
 }

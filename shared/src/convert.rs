@@ -223,6 +223,7 @@ impl From<app::AppClusterStatus> for proto::AppClusterStatus {
                 .collect(),
             last_switch_unix_ms: s.last_switch_unix_ms.unwrap_or(0),
             maintenance: s.maintenance,
+            canary_weight: s.canary_weight,
         }
     }
 }
@@ -253,6 +254,7 @@ impl From<app::AppSpec> for proto::App {
                         kubeconfig: k.kubeconfig.map(|p| p.display().to_string()).unwrap_or_default(),
                         progress_deadline_secs: k.progress_deadline_secs,
                         container: k.container.unwrap_or_default(),
+                        http_route: k.http_route.unwrap_or_default(),
                     }),
                 })
                 .collect(),
@@ -302,6 +304,14 @@ impl From<app::AppSpec> for proto::App {
                 cooldown_secs: Some(a.dr.cooldown_secs),
             }),
             analysis: a.analysis.into_iter().map(metric_check_to_proto).collect(),
+            strategy: match a.strategy {
+                app::TrafficStrategy::BlueGreen => proto::TrafficStrategy::BlueGreen,
+                app::TrafficStrategy::Canary => proto::TrafficStrategy::Canary,
+            } as i32,
+            canary: a.canary.map(|c| proto::CanarySteps {
+                weights: c.weights,
+                pause_secs: c.pause_secs,
+            }),
         }
     }
 }
@@ -418,6 +428,7 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
                     k.progress_deadline_secs
                 },
                 container: (!k.container.is_empty()).then_some(k.container),
+                http_route: (!k.http_route.is_empty()).then_some(k.http_route),
             }),
         });
     }
@@ -490,6 +501,22 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
             .enumerate()
             .map(|(i, c)| metric_check_from_proto(c, &format!("analysis[{i}]")))
             .collect::<Result<_, _>>()?,
+        strategy: match proto::TrafficStrategy::try_from(a.strategy) {
+            Ok(proto::TrafficStrategy::Unspecified | proto::TrafficStrategy::BlueGreen) => {
+                app::TrafficStrategy::BlueGreen
+            }
+            Ok(proto::TrafficStrategy::Canary) => app::TrafficStrategy::Canary,
+            Err(_) => {
+                return Err(bad(
+                    "strategy".into(),
+                    "unknown strategy (expected blue-green or canary)",
+                ));
+            }
+        },
+        canary: a.canary.map(|c| app::CanarySteps {
+            weights: c.weights,
+            pause_secs: c.pause_secs,
+        }),
     };
     spec.validate()?;
     Ok(spec)
@@ -519,6 +546,7 @@ impl From<proto::AppClusterStatus> for app::AppClusterStatus {
                 .collect(),
             last_switch_unix_ms: (s.last_switch_unix_ms != 0).then_some(s.last_switch_unix_ms),
             maintenance: s.maintenance,
+            canary_weight: s.canary_weight,
         }
     }
 }

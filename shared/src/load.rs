@@ -1,6 +1,6 @@
 //! Steady HTTP load for zero-downtime checks: keep-alive HTTP/1.1
 //! connections, each sending `GET /` at a fixed pace, counting answers and
-//! keeping each request's start and latency.
+//! keeping each request's start and latency, and what answered it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,8 +15,21 @@ pub struct SteadyLoad {
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     samples: Samples,
+    answers: Answers,
     workers: Vec<JoinHandle<()>>,
 }
+
+/// One answer: when its request started (ms since the epoch, comparable
+/// with an operation's recorded times), its status (0: no answer) and its
+/// body's first line (the sample app names its version there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub started_unix_ms: i64,
+    pub status: u16,
+    pub body: String,
+}
+
+type Answers = Arc<Mutex<Vec<Answer>>>;
 
 /// Each request's start and how long its answer took (failures included).
 type Samples = Arc<Mutex<Vec<(Instant, Duration)>>>;
@@ -30,10 +43,11 @@ impl SteadyLoad {
             Arc::new(AtomicU64::new(0)),
         );
         let samples = Samples::default();
+        let answers = Answers::default();
         let workers = (0..connections)
             .map(|_| {
                 let counters = (stop.clone(), ok.clone(), failed.clone(), samples.clone());
-                tokio::spawn(worker(addr.to_owned(), counters, pace))
+                tokio::spawn(worker(addr.to_owned(), counters, answers.clone(), pace))
             })
             .collect();
         SteadyLoad {
@@ -41,8 +55,21 @@ impl SteadyLoad {
             ok,
             failed,
             samples,
+            answers,
             workers,
         }
+    }
+
+    /// The answers to the requests that started in `[from_ms, to_ms]`
+    /// (ms since the epoch), in no particular order.
+    pub fn answers_between(&self, from_ms: i64, to_ms: i64) -> Vec<Answer> {
+        self.answers
+            .lock()
+            .expect("answers")
+            .iter()
+            .filter(|a| (from_ms..=to_ms).contains(&a.started_unix_ms))
+            .cloned()
+            .collect()
     }
 
     /// The latencies of the requests that started in `[from, to]`, sorted.
@@ -77,6 +104,7 @@ impl SteadyLoad {
 async fn worker(
     addr: String,
     (stop, ok, failed, samples): (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>, Samples),
+    answers: Answers,
     pace: Duration,
 ) {
     let mut conn: Option<BufReader<tokio::net::TcpStream>> = None;
@@ -84,6 +112,7 @@ async fn worker(
     while stop.load(Ordering::Relaxed) == 0 {
         ticker.tick().await;
         let started = Instant::now();
+        let started_unix_ms = crate::domain::now_unix_ms();
         if conn.is_none() {
             match tokio::net::TcpStream::connect(&addr).await {
                 Ok(s) => conn = Some(BufReader::new(s)),
@@ -94,7 +123,7 @@ async fn worker(
             }
         }
         let c = conn.as_mut().unwrap();
-        let res: std::io::Result<u16> = async {
+        let res: std::io::Result<(u16, String)> = async {
             c.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
             let mut status = String::new();
             c.read_line(&mut status).await?;
@@ -116,11 +145,22 @@ async fn worker(
             }
             let mut body = vec![0u8; len];
             c.read_exact(&mut body).await?;
-            Ok(code)
+            let first = String::from_utf8_lossy(&body)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            Ok((code, first))
         }
         .await;
         samples.lock().expect("samples").push((started, started.elapsed()));
-        match res {
+        let (status, body) = res.as_ref().map_or((0, String::new()), |(s, b)| (*s, b.clone()));
+        answers.lock().expect("answers").push(Answer {
+            started_unix_ms,
+            status,
+            body,
+        });
+        match res.map(|(s, _)| s) {
             Ok(200) => {
                 ok.fetch_add(1, Ordering::Relaxed);
             }

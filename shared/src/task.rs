@@ -57,6 +57,10 @@ pub enum TaskKind {
     AppSwitch,
     /// Watch the serving color for a while after a switch.
     AppBake,
+    /// One canary step: send a percent of the cluster's traffic to the new
+    /// (still inactive) color and judge it under that traffic, or take the
+    /// percent back to 0.
+    AppCanary,
     /// Run an app's metric checks now against the serving color
     /// (`cutover analysis run`).
     AppAnalysis,
@@ -84,13 +88,14 @@ pub enum TaskKind {
 
 impl TaskKind {
     /// Every kind, for listings and exhaustive tests.
-    pub const ALL: [TaskKind; 13] = [
+    pub const ALL: [TaskKind; 14] = [
         TaskKind::Noop,
         TaskKind::Echo,
         TaskKind::AppDeploy,
         TaskKind::AppGates,
         TaskKind::AppSwitch,
         TaskKind::AppBake,
+        TaskKind::AppCanary,
         TaskKind::AppAnalysis,
         TaskKind::AppMaintenance,
         TaskKind::DbMigrate,
@@ -109,6 +114,7 @@ impl TaskKind {
             TaskKind::AppGates => "app.gates",
             TaskKind::AppSwitch => "app.switch",
             TaskKind::AppBake => "app.bake",
+            TaskKind::AppCanary => "app.canary",
             TaskKind::AppAnalysis => "app.analysis",
             TaskKind::AppMaintenance => "app.maintenance",
             TaskKind::DbMigrate => "db.migrate",
@@ -135,7 +141,7 @@ impl TaskKind {
     pub fn verb(self) -> &'static str {
         match self {
             TaskKind::Noop | TaskKind::Echo => "cutover task run",
-            TaskKind::AppDeploy | TaskKind::AppGates | TaskKind::AppBake => "cutover deploy",
+            TaskKind::AppDeploy | TaskKind::AppGates | TaskKind::AppBake | TaskKind::AppCanary => "cutover deploy",
             TaskKind::AppSwitch => "cutover switch (or cutover rollback)",
             TaskKind::AppAnalysis => "cutover analysis run",
             TaskKind::DbMigrate => "cutover migrate",
@@ -366,6 +372,18 @@ pub enum TaskParams {
         app: AppRef,
         seconds: u64,
     },
+    AppCanary {
+        app: AppRef,
+        /// The new color, taking `weight` percent; named by the
+        /// coordinator once the deploy step reported it.
+        color: Option<Color>,
+        /// Percent of new requests to `color`, 0 to 99 (100 is a switch).
+        weight: u32,
+        /// Seconds the step holds its weight at least.
+        pause_secs: u64,
+        /// Takes the weight back to 0 after a failure (no judging).
+        compensate: bool,
+    },
     AppAnalysis {
         app: AppRef,
     },
@@ -449,6 +467,7 @@ impl TaskParams {
             TaskParams::AppGates { .. } => TaskKind::AppGates,
             TaskParams::AppSwitch { .. } => TaskKind::AppSwitch,
             TaskParams::AppBake { .. } => TaskKind::AppBake,
+            TaskParams::AppCanary { .. } => TaskKind::AppCanary,
             TaskParams::AppAnalysis { .. } => TaskKind::AppAnalysis,
             TaskParams::AppMaintenance { .. } => TaskKind::AppMaintenance,
             TaskParams::DbMigrate(_) => TaskKind::DbMigrate,
@@ -467,6 +486,7 @@ impl TaskParams {
             | TaskParams::AppGates { app, .. }
             | TaskParams::AppSwitch { app, .. }
             | TaskParams::AppBake { app, .. }
+            | TaskParams::AppCanary { app, .. }
             | TaskParams::AppAnalysis { app }
             | TaskParams::AppMaintenance { app, .. }
             | TaskParams::DrDrill { app, .. } => Some(app),
@@ -480,7 +500,9 @@ impl TaskParams {
     /// True for a step that undoes an earlier one after a failure.
     pub fn is_compensation(&self) -> bool {
         match self {
-            TaskParams::AppSwitch { compensate, .. } | TaskParams::AppMaintenance { compensate, .. } => *compensate,
+            TaskParams::AppSwitch { compensate, .. }
+            | TaskParams::AppMaintenance { compensate, .. }
+            | TaskParams::AppCanary { compensate, .. } => *compensate,
             TaskParams::DbMigrate(m) => m.compensate,
             TaskParams::DbFailover(f) => f.compensate,
             TaskParams::TrafficMove(t) => t.compensate,
@@ -528,6 +550,24 @@ impl TaskParams {
                 }
             }
             TaskParams::AppBake { seconds, .. } => put("seconds", seconds.to_string()),
+            TaskParams::AppCanary {
+                color,
+                weight,
+                pause_secs,
+                compensate,
+                ..
+            } => {
+                if let Some(c) = color {
+                    put("color", c.to_string());
+                }
+                put("weight", weight.to_string());
+                if *pause_secs > 0 {
+                    put("pause_secs", pause_secs.to_string());
+                }
+                if *compensate {
+                    put("compensate", "true".into());
+                }
+            }
             TaskParams::AppAnalysis { .. } => {}
             TaskParams::AppMaintenance { on, compensate, .. } => {
                 put("on", on.to_string());
@@ -618,6 +658,21 @@ impl TaskParams {
             TaskKind::AppBake => TaskParams::AppBake {
                 app: app_ref(p)?,
                 seconds: number(p, "seconds")?.unwrap_or(0),
+            },
+            TaskKind::AppCanary => TaskParams::AppCanary {
+                app: app_ref(p)?,
+                color: color(p, "color")?,
+                weight: match number::<u32>(p, "weight")? {
+                    Some(w) if w < 100 => w,
+                    other => {
+                        return Err(TaskError::Invalid {
+                            key: "weight",
+                            why: format!("{other:?}: a canary step's weight is 0 to 99"),
+                        });
+                    }
+                },
+                pause_secs: number(p, "pause_secs")?.unwrap_or(0),
+                compensate: flag(p, "compensate"),
             },
             TaskKind::AppAnalysis => TaskParams::AppAnalysis { app: app_ref(p)? },
             TaskKind::AppMaintenance => TaskParams::AppMaintenance {
@@ -1212,6 +1267,7 @@ mod tests {
         let app = AppOutputs {
             color: Some(crate::app::Color::Green),
             status: Some(crate::app::AppClusterStatus {
+                canary_weight: 0,
                 active: Some(crate::app::Color::Blue),
                 colors: vec![],
                 last_switch_unix_ms: Some(7),
@@ -1325,6 +1381,20 @@ mod tests {
                 seconds: 10,
             },
             TaskParams::AppAnalysis { app: app() },
+            TaskParams::AppCanary {
+                app: app(),
+                color: Some(Color::Green),
+                weight: 25,
+                pause_secs: 30,
+                compensate: false,
+            },
+            TaskParams::AppCanary {
+                app: app(),
+                color: Some(Color::Blue),
+                weight: 0,
+                pause_secs: 0,
+                compensate: true,
+            },
             TaskParams::AppMaintenance {
                 app: app(),
                 on: true,

@@ -44,6 +44,8 @@ fn app(name: &str) -> AppSpec {
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     }
 }
 

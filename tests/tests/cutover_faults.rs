@@ -72,6 +72,8 @@ fn app() -> AppSpec {
         required_attestations: Default::default(),
         migration_checks: vec![],
         analysis: vec![],
+        strategy: Default::default(),
+        canary: None,
     }
 }
 

@@ -11,11 +11,19 @@
 //! - for drills, Deployment and Service `<app>-drill` (replicas 0, pods
 //!   labelled `app=<app>,color=drill`): the scratch color.
 //!
+//! - with `strategy = "canary"`, a Gateway API `HTTPRoute`
+//!   (`spec.http_route`) with a rule whose backendRefs name Services
+//!   `<app>` (stable) and `<app>-preview` (canary): the split of the
+//!   canary's steps is those two backends' weights, the way Argo Rollouts'
+//!   Gateway API plugin and Flagger's Gateway API provider do it.
+//!
 //! The driver never creates these objects; it changes the image of a
 //! Deployment's container (server-side apply, field manager `cutover`), its
-//! replica count (merge patch), and the Services' `color` selector (merge
-//! patch). Everything else in the manifests stays owned by whoever applied
-//! them.
+//! replica count (merge patch), the Services' `color` selector (merge
+//! patch) and the two backends' weights (a JSON Patch whose `test`
+//! operations check, in the same write, that each index still names the
+//! backend it read). Everything else in the manifests stays owned by
+//! whoever applied them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -148,6 +156,50 @@ impl KubeDriver {
 
     fn services(&self) -> Api<Service> {
         Api::namespaced(self.client.clone(), &self.spec.namespace)
+    }
+
+    /// The HTTPRoute's API path (Gateway API v1).
+    fn route_path(&self, route: &str) -> String {
+        format!(
+            "/apis/gateway.networking.k8s.io/v1/namespaces/{}/httproutes/{route}",
+            self.spec.namespace
+        )
+    }
+
+    /// Reads HTTPRoute `route` as JSON (no typed HTTPRoute in
+    /// k8s-openapi; only the backendRefs are read).
+    async fn get_route(&self, route: &str) -> Result<serde_json::Value, DriverError> {
+        let req = http::Request::get(self.route_path(route))
+            .body(vec![])
+            .map_err(|e| DriverError::new(e.to_string()))?;
+        self.client
+            .request::<serde_json::Value>(req)
+            .await
+            .map_err(|e| kube_error(&format!("get httproute {}", self.qualified(route)), e))
+    }
+
+    /// Sets the canary backend (`<app>-preview`) of every rule of the
+    /// HTTPRoute that names both Services to `weight` and the stable one
+    /// (`<app>`) to `100 - weight`.
+    async fn set_route_weights(&self, route: &str, weight: u32) -> Result<(), DriverError> {
+        let what = format!("httproute {}", self.qualified(route));
+        let r = self.get_route(route).await?;
+        let ops = weight_patch(&r, &self.app, &self.preview_service_name(), weight).ok_or_else(|| {
+            DriverError::new(format!(
+                "{what} has no rule with backendRefs to both services {} and {}",
+                self.app,
+                self.preview_service_name()
+            ))
+        })?;
+        let req = http::Request::patch(format!("{}?&fieldManager={FIELD_MANAGER}", self.route_path(route)))
+            .header(http::header::CONTENT_TYPE, "application/json-patch+json")
+            .body(serde_json::to_vec(&ops).map_err(|e| DriverError::new(e.to_string()))?)
+            .map_err(|e| DriverError::new(e.to_string()))?;
+        self.client
+            .request::<serde_json::Value>(req)
+            .await
+            .map_err(|e| kube_error(&format!("set canary weight {weight}% on {what}"), e))?;
+        Ok(())
     }
 
     /// `namespace/name`, for messages.
@@ -494,7 +546,12 @@ impl PlatformDriver for KubeDriver {
             .and_then(|s| s.metadata.annotations.as_ref())
             .and_then(|a| a.get(LAST_SWITCH_ANNOTATION))
             .and_then(|v| v.trim().parse::<i64>().ok());
+        let canary_weight = match &self.spec.http_route {
+            Some(route) => route_canary_weight(&self.get_route(route).await?, &self.app, &self.preview_service_name()),
+            None => 0,
+        };
         Ok(AppClusterStatus {
+            canary_weight,
             active,
             colors,
             last_switch_unix_ms,
@@ -656,6 +713,12 @@ impl PlatformDriver for KubeDriver {
         api.patch(&self.app, &pp, &Patch::Merge(&active))
             .await
             .map_err(|e| kube_error(&format!("switch service {} to {to}", self.qualified(&self.app)), e))?;
+        // Both Services select `to` now. A canary's weight returns to the
+        // stable backend before the preview selects the old color, so at
+        // no moment does traffic go back to it.
+        if let Some(route) = &self.spec.http_route {
+            self.set_route_weights(route, 0).await?;
+        }
         let preview_name = self.preview_service_name();
         let preview = json!({"spec": {"selector": {"color": to.other().as_str()}}});
         api.patch(&preview_name, &pp, &Patch::Merge(&preview))
@@ -671,6 +734,35 @@ impl PlatformDriver for KubeDriver {
                 )
             })?;
         Ok(())
+    }
+
+    async fn set_canary(&self, color: Color, weight: u32) -> Result<(), DriverError> {
+        let route = self.spec.http_route.as_ref().ok_or_else(|| {
+            DriverError::new(format!(
+                "a canary needs kubernetes.http_route: the HTTPRoute whose backends {} and {} carry the weights",
+                self.app,
+                self.preview_service_name()
+            ))
+        })?;
+        if weight > 0 {
+            // The canary backend is Service <app>-preview: it must select
+            // the color the weight is for.
+            let name = self.preview_service_name();
+            let preview = self
+                .services()
+                .get(&name)
+                .await
+                .map_err(|e| kube_error(&format!("get service {}", self.qualified(&name)), e))?;
+            let selects = service_color(&preview);
+            if selects != Some(color) {
+                return Err(DriverError::new(format!(
+                    "service {} selects {}, not {color}; refusing to send {weight}% to it",
+                    self.qualified(&name),
+                    selects.map_or_else(|| "no color".to_owned(), |c| c.to_string())
+                )));
+            }
+        }
+        self.set_route_weights(route, weight).await
     }
 
     async fn scale_down(&self, color: Color) -> Result<(), DriverError> {
@@ -904,6 +996,52 @@ fn containers(d: &Deployment) -> &[k8s_openapi::api::core::v1::Container] {
         .unwrap_or(&[])
 }
 
+/// A JSON Patch (RFC 6902) setting, in every rule of HTTPRoute `route`
+/// that names both, backend `canary`'s weight to `weight` and `stable`'s
+/// to `100 - weight`; each index is first tested to still name its
+/// backend. `None` if no rule names both.
+fn weight_patch(route: &serde_json::Value, stable: &str, canary: &str, weight: u32) -> Option<serde_json::Value> {
+    let mut ops = vec![];
+    let rules = route["spec"]["rules"].as_array()?;
+    for (i, rule) in rules.iter().enumerate() {
+        let refs = rule["backendRefs"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let index = |name: &str| {
+            refs.iter()
+                .position(|b| b["name"] == name && b["kind"].as_str().is_none_or(|k| k == "Service"))
+        };
+        if let (Some(s), Some(c)) = (index(stable), index(canary)) {
+            for (j, name, w) in [(s, stable, 100 - weight), (c, canary, weight)] {
+                let at = format!("/spec/rules/{i}/backendRefs/{j}");
+                ops.push(json!({"op": "test", "path": format!("{at}/name"), "value": name}));
+                // `add` sets a member whether or not it exists (an
+                // unweighted backend has none: weight 1).
+                ops.push(json!({"op": "add", "path": format!("{at}/weight"), "value": w}));
+            }
+        }
+    }
+    (!ops.is_empty()).then_some(serde_json::Value::Array(ops))
+}
+
+/// The canary's percent in HTTPRoute `route`: the first rule naming both
+/// backends, `canary`'s weight over the two.
+fn route_canary_weight(route: &serde_json::Value, stable: &str, canary: &str) -> u32 {
+    let weight = |refs: &[serde_json::Value], name: &str| {
+        refs.iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["weight"].as_u64().unwrap_or(1))
+    };
+    route["spec"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|rule| {
+            let refs = rule["backendRefs"].as_array()?;
+            let (s, c) = (weight(refs, stable)?, weight(refs, canary)?);
+            Some((c * 100).checked_div(s + c).unwrap_or(0) as u32)
+        })
+        .unwrap_or(0)
+}
+
 /// The color a Service selects, if any.
 fn service_color(s: &Service) -> Option<Color> {
     s.spec
@@ -975,6 +1113,10 @@ mod tests {
         "/apis/apps/v1/namespaces/shop/replicasets?&labelSelector=app%3Doatie-backend%2Ccolor%3Dgreen";
     const NEW_RS_EVENTS: &str = "/api/v1/namespaces/shop/events?&fieldSelector=involvedObject.name%3Doatie-backend-green-7d9f8c6b5d%2CinvolvedObject.kind%3DReplicaSet";
     const NEW_RS_PODS: &str = "/api/v1/namespaces/shop/pods?&labelSelector=app%3Doatie-backend%2Ccolor%3Dgreen%2Cpod-template-hash%3D7d9f8c6b5d";
+    const ROUTE: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/oatie-backend";
+    const ROUTE_PATCH: &str =
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/oatie-backend?&fieldManager=cutover";
+    const JSON_PATCH: &str = "application/json-patch+json";
     const APPLY: &str = "application/apply-patch+yaml";
     const MERGE: &str = "application/merge-patch+json";
     const V1: &str = "registry.example/shop/oatie-backend:v1";
@@ -997,6 +1139,7 @@ mod tests {
             kubeconfig: None,
             progress_deadline_secs: 600,
             container: None,
+            http_route: None,
         }
     }
 
@@ -1710,7 +1853,6 @@ mod tests {
                     ),
                 },
                 "PATCH" => {
-                    assert_eq!(req.content_type.as_deref(), Some(MERGE));
                     let path = req
                         .path
                         .strip_suffix("?&fieldManager=cutover")
@@ -1718,7 +1860,16 @@ mod tests {
                     let o = objects
                         .get_mut(path)
                         .unwrap_or_else(|| panic!("PATCH of missing {path}"));
-                    merge(o, req.body.as_ref().expect("patch body"));
+                    let body = req.body.as_ref().expect("patch body");
+                    match req.content_type.as_deref() {
+                        Some(MERGE) => merge(o, body),
+                        Some(JSON_PATCH) => {
+                            if let Err(status) = json_patch(o, body) {
+                                return (StatusCode::UNPROCESSABLE_ENTITY, status);
+                            }
+                        }
+                        other => panic!("unexpected patch type {other:?}"),
+                    }
                     (StatusCode::OK, o.clone())
                 }
                 m => panic!("unexpected {m} {}", req.path),
@@ -1746,6 +1897,184 @@ mod tests {
             (BLUE.to_string(), deployment("blue", V1, 3, 3, blue_status)),
             (GREEN.to_string(), deployment("green", V2, 5, 3, complete_status(5, 3))),
         ])))
+    }
+
+    /// The `test` and `add` operations of RFC 6902, as the API server
+    /// applies them: all or nothing.
+    fn json_patch(o: &mut Value, ops: &Value) -> Result<(), Value> {
+        let mut next = o.clone();
+        for op in ops.as_array().expect("a JSON Patch is an array") {
+            let path = op["path"].as_str().unwrap();
+            match op["op"].as_str().unwrap() {
+                "test" if next.pointer(path) == Some(&op["value"]) => {}
+                "test" => {
+                    return Err(
+                        json!({"kind": "Status", "status": "Failure", "code": 422, "reason": "Invalid",
+                                      "message": format!("the server rejected our request due to an error in our request: testing value {path} failed")}),
+                    );
+                }
+                "add" => {
+                    let (parent, key) = path.rsplit_once('/').unwrap();
+                    next.pointer_mut(parent).unwrap()[key] = op["value"].clone();
+                }
+                other => panic!("unexpected JSON Patch op {other}"),
+            }
+        }
+        *o = next;
+        Ok(())
+    }
+
+    /// HTTPRoute `oatie-backend` as `kubectl get -o json` shows it: the
+    /// app's rule splits between its two Services with `weights` (stable,
+    /// canary); a second rule sends /admin elsewhere.
+    fn http_route(weights: (u32, u32)) -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": APP, "namespace": NS, "generation": 3, "resourceVersion": "81422",
+                         "uid": "c1a7e0f2-2222-4d3b-9e2f-000000000002"},
+            "spec": {
+                "parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                "name": "public", "namespace": "gateway"}],
+                "hostnames": ["shop.example.com"],
+                "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+                     "backendRefs": [{"group": "", "kind": "Service", "name": "admin", "port": 80, "weight": 1}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                     "backendRefs": [
+                        {"group": "", "kind": "Service", "name": APP, "port": 80, "weight": weights.0},
+                        {"group": "", "kind": "Service", "name": "oatie-backend-preview", "port": 8080, "weight": weights.1}
+                     ]}
+                ]
+            },
+            "status": {"parents": [{"parentRef": {"name": "public", "namespace": "gateway"},
+                                    "controllerName": "example.net/gateway-controller",
+                                    "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                                    "message": "", "lastTransitionTime": "2025-03-01T09:00:00Z",
+                                                    "observedGeneration": 3}]}]}
+        })
+    }
+
+    fn route_spec() -> KubeSpec {
+        KubeSpec {
+            http_route: Some(APP.into()),
+            ..spec()
+        }
+    }
+
+    /// The (stable, canary) weights of the app's rule.
+    fn route_weights(objects: &Mutex<BTreeMap<String, Value>>) -> (Value, Value) {
+        let refs = objects.lock().unwrap()[ROUTE]["spec"]["rules"][1]["backendRefs"].clone();
+        (refs[0]["weight"].clone(), refs[1]["weight"].clone())
+    }
+
+    /// The exact JSON Patch of a canary step at `weight`.
+    fn weight_ops(weight: u32) -> Value {
+        json!([
+            {"op": "test", "path": "/spec/rules/1/backendRefs/0/name", "value": APP},
+            {"op": "add", "path": "/spec/rules/1/backendRefs/0/weight", "value": 100 - weight},
+            {"op": "test", "path": "/spec/rules/1/backendRefs/1/name", "value": "oatie-backend-preview"},
+            {"op": "add", "path": "/spec/rules/1/backendRefs/1/weight", "value": weight},
+        ])
+    }
+
+    /// A canary step sets the two backends' weights in one JSON Patch that
+    /// tests each index first, after checking that the preview Service
+    /// selects the canary's color; the status reads the split back; the
+    /// /admin rule is left alone.
+    #[tokio::test]
+    async fn canary_steps_set_the_httproute_backend_weights() {
+        within(async {
+            let objects = cluster("blue");
+            objects.lock().unwrap().insert(ROUTE.into(), http_route((100, 0)));
+            let (driver, server) = start(route_spec(), fake(objects.clone()));
+            driver.set_canary(Color::Green, 25).await.expect("5 -> 25");
+            let status = driver.status().await.expect("status");
+            driver.set_canary(Color::Green, 0).await.expect("back to 0");
+            let log = finish(driver, server).await;
+            assert_eq!(status.canary_weight, 25);
+            assert_eq!(
+                calls(&log),
+                [
+                    ("GET", PREVIEW),
+                    ("GET", ROUTE),
+                    ("PATCH", ROUTE_PATCH),
+                    ("GET", BLUE),
+                    ("GET", GREEN),
+                    ("GET", SVC),
+                    ("GET", ROUTE),
+                    ("GET", ROUTE),
+                    ("PATCH", ROUTE_PATCH),
+                ]
+            );
+            assert_eq!(log[2].content_type.as_deref(), Some(JSON_PATCH));
+            assert_eq!(log[2].body, Some(weight_ops(25)));
+            assert_eq!(log[8].body, Some(weight_ops(0)));
+            assert_eq!(route_weights(&objects), (json!(100), json!(0)));
+            let admin = objects.lock().unwrap()[ROUTE]["spec"]["rules"][0].clone();
+            assert_eq!(admin, http_route((100, 0))["spec"]["rules"][0]);
+        })
+        .await;
+    }
+
+    /// A weight for a color the preview Service does not select, or a
+    /// route without both backends, is refused and patches nothing.
+    #[tokio::test]
+    async fn a_canary_that_cannot_be_routed_is_refused_before_any_write() {
+        within(async {
+            let objects = cluster("blue");
+            let mut other = http_route((100, 0));
+            other["spec"]["rules"][1]["backendRefs"][1]["name"] = json!("someone-else");
+            objects.lock().unwrap().insert(ROUTE.into(), other);
+            let (driver, server) = start(route_spec(), fake(objects.clone()));
+            let wrong = driver.set_canary(Color::Blue, 25).await.unwrap_err();
+            let unrouted = driver.set_canary(Color::Green, 25).await.unwrap_err();
+            let log = finish(driver, server).await;
+            assert!(wrong.message.contains("selects green, not blue"), "{}", wrong.message);
+            assert!(
+                unrouted
+                    .message
+                    .contains("no rule with backendRefs to both services oatie-backend and oatie-backend-preview"),
+                "{}",
+                unrouted.message
+            );
+            assert!(log.iter().all(|r| r.method == "GET"), "{:?}", calls(&log));
+            // Without a route, the driver says what it needs.
+            let (driver, server) = start(spec(), fake(cluster("blue")));
+            let e = driver.set_canary(Color::Green, 5).await.unwrap_err();
+            assert!(finish(driver, server).await.is_empty());
+            assert!(e.message.contains("kubernetes.http_route"), "{}", e.message);
+        })
+        .await;
+    }
+
+    /// The switch that ends a canary: Service <app> moves first (both
+    /// Services then select green), the weight returns to the stable
+    /// backend, and only then does the preview select blue: no request
+    /// goes back to blue on the way.
+    #[tokio::test]
+    async fn a_switch_ends_the_canary_before_the_preview_moves() {
+        within(async {
+            let objects = cluster("blue");
+            objects.lock().unwrap().insert(ROUTE.into(), http_route((50, 50)));
+            let (driver, server) = start(route_spec(), fake(objects.clone()));
+            driver.switch(Color::Green).await.expect("switch");
+            let log = finish(driver, server).await;
+            assert_eq!(
+                calls(&log),
+                [
+                    ("PATCH", SVC_MERGE),
+                    ("GET", ROUTE),
+                    ("PATCH", ROUTE_PATCH),
+                    ("PATCH", PREVIEW_MERGE)
+                ]
+            );
+            assert_eq!(log[2].body, Some(weight_ops(0)));
+            assert_eq!(route_weights(&objects), (json!(100), json!(0)));
+            assert_eq!(selector_color(&objects, SVC), json!({"app": APP, "color": "green"}));
+            assert_eq!(selector_color(&objects, PREVIEW), json!({"app": APP, "color": "blue"}));
+        })
+        .await;
     }
 
     fn selector_color(objects: &Mutex<BTreeMap<String, Value>>, path: &str) -> Value {
@@ -1847,6 +2176,7 @@ mod tests {
             assert_eq!(
                 st,
                 AppClusterStatus {
+                    canary_weight: 0,
                     active: Some(Color::Blue),
                     colors: vec![
                         ColorStatus {

@@ -62,6 +62,17 @@ struct State {
     /// A drill's scratch color, while it runs.
     #[serde(default)]
     scratch: Option<ColorState>,
+    /// A canary: this percent of the service router's new requests go to
+    /// the inactive color.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    canary: Option<Canary>,
+}
+
+/// A canary's split, kept across agent restarts like the active color.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct Canary {
+    color: Color,
+    weight: u32,
 }
 
 /// The scratch color's name: its log file and its `CUTOVER_COLOR`.
@@ -223,6 +234,21 @@ impl LocalDriver {
         let Some(active) = state.active else { return Ok(()) };
         if let Some(c) = state.colors.get(&active) {
             set_route(&mut routers.service, self.listen, c.upstream, self.drain).await?;
+        }
+        // The canary's share goes to its color only while that color is
+        // the inactive one and meant to run.
+        let split = state
+            .canary
+            .filter(|c| c.color != active && c.weight > 0)
+            .and_then(|c| {
+                state
+                    .colors
+                    .get(&c.color)
+                    .filter(|s| s.running)
+                    .map(|s| (s.upstream, c.weight))
+            });
+        if let Some(r) = &routers.service {
+            r.set_split(split);
         }
         match state.colors.get(&active.other()).filter(|c| c.running) {
             Some(c) => set_route(&mut routers.preview, self.preview_listen, c.upstream, self.drain).await?,
@@ -514,6 +540,10 @@ impl PlatformDriver for LocalDriver {
             colors,
             last_switch_unix_ms: state.last_switch_unix_ms,
             maintenance: state.maintenance,
+            canary_weight: state
+                .canary
+                .filter(|c| Some(c.color) != state.active)
+                .map_or(0, |c| c.weight),
         })
     }
 
@@ -526,6 +556,13 @@ impl PlatformDriver for LocalDriver {
                 self.app,
                 color.other()
             )));
+        }
+        if state.canary.is_some() {
+            // A canary's share leaves the color before it is replaced.
+            let mut next = state.clone();
+            next.canary = None;
+            self.save(next)?;
+            self.route(&mut routers).await?;
         }
         self.stop_color(color, &routers, progress).await?;
 
@@ -582,10 +619,40 @@ impl PlatformDriver for LocalDriver {
         })?;
         tracing::info!(app = %self.app, %to, upstream = %target.upstream, "switching");
         let mut next = state.clone();
-        if state.active != Some(to) {
-            next.active = Some(to);
-            next.last_switch_unix_ms = Some(now_unix_ms());
+        if state.active != Some(to) || state.canary.is_some() {
+            if state.active != Some(to) {
+                next.active = Some(to);
+                next.last_switch_unix_ms = Some(now_unix_ms());
+            }
+            // A switch ends any canary: all traffic goes to `to`.
+            next.canary = None;
             // Durable first: after a crash the routers follow the file.
+            self.save(next)?;
+        }
+        self.route(&mut routers).await
+    }
+
+    async fn set_canary(&self, color: Color, weight: u32) -> Result<(), DriverError> {
+        let mut routers = self.op.lock().await;
+        let state = self.state();
+        if weight > 0 {
+            if state.active == Some(color) || state.active.is_none() {
+                return Err(err(format!(
+                    "{color} is not the inactive color of {}; a canary sends traffic to the inactive one",
+                    self.app
+                )));
+            }
+            if !state.colors.get(&color).is_some_and(|c| self.alive(c)) {
+                return Err(err(format!(
+                    "cannot send {weight}% of {} to {color}: no {color} process is running",
+                    self.app
+                )));
+            }
+        }
+        let canary = (weight > 0).then_some(Canary { color, weight });
+        if state.canary.map(|c| (c.color, c.weight)) != canary.map(|c| (c.color, c.weight)) {
+            let mut next = state;
+            next.canary = canary;
             self.save(next)?;
         }
         self.route(&mut routers).await

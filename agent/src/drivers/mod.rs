@@ -44,6 +44,15 @@ pub trait PlatformDriver: Send + Sync {
     /// Sends new traffic to `color`; requests in flight on the other color
     /// complete.
     async fn switch(&self, to: Color) -> Result<(), DriverError>;
+    /// Sends `weight` percent of new requests to `color`, the inactive
+    /// color, and the rest to the active one (a canary step); 0 sends it
+    /// none. A switch ends the split. Idempotent.
+    async fn set_canary(&self, color: Color, weight: u32) -> Result<(), DriverError> {
+        let _ = (color, weight);
+        Err(DriverError::new(
+            "this driver cannot split traffic, so canaries cannot run here",
+        ))
+    }
     /// Stops `color` (the previous color, after the scale-down delay).
     async fn scale_down(&self, color: Color) -> Result<(), DriverError>;
     /// Puts the app in maintenance (`on`: neither color takes traffic, so

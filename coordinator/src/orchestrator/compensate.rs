@@ -14,7 +14,7 @@ use cutover_shared::task::{
     FailoverAction, FailoverParams, MigrateAction, TaskParams, TrafficAction, TrafficParams, outputs,
 };
 
-use super::{Inputs, MAINTENANCE, MIGRATE, SWITCH, Step, is_compensation, params_of};
+use super::{CANARY, Inputs, MAINTENANCE, MIGRATE, SWITCH, Step, is_compensation, params_of};
 
 /// The clusters where a compensation of `kind` already ran.
 fn compensated<'a>(op: &'a Operation, kind: &str) -> Vec<&'a ClusterRef> {
@@ -168,6 +168,40 @@ pub(super) fn next_step(op: &Operation, inputs: &Inputs<'_>) -> Option<Step> {
             },
         );
         return Some(step);
+    }
+    // A canary step that may have sent traffic to the new color (one
+    // that failed sets its weight back itself, but may have failed to)
+    // goes back to 0. A cluster whose switch ran needs none: the switch
+    // ended its split, and the switch back left none.
+    let unweighted = compensated(op, CANARY);
+    let switched: Vec<&ClusterRef> = switched.iter().map(|t| &t.spec.target).collect();
+    let weighted = op
+        .tasks
+        .iter()
+        .filter(|t| t.state.is_finished())
+        .find_map(|t| match params_of(t) {
+            Some(TaskParams::AppCanary {
+                app,
+                color,
+                weight,
+                compensate: false,
+                ..
+            }) if weight > 0 && !unweighted.contains(&&t.spec.target) && !switched.contains(&&t.spec.target) => {
+                Some((t, app, color))
+            }
+            _ => None,
+        });
+    if let Some((t, app, color)) = weighted {
+        return Some(Step::new(
+            &t.spec.target,
+            TaskParams::AppCanary {
+                app,
+                color,
+                weight: 0,
+                pause_secs: 0,
+                compensate: true,
+            },
+        ));
     }
     // Traffic is back on the old code: undo the schema changes this
     // operation made, when its migrations can be undone.

@@ -32,6 +32,7 @@ pub const DEPLOY: &str = "app.deploy";
 pub const GATES: &str = "app.gates";
 pub const SWITCH: &str = "app.switch";
 pub const BAKE: &str = "app.bake";
+pub const CANARY: &str = "app.canary";
 /// Runs an app's migrations against its primary database in a cluster.
 pub const MIGRATE: &str = "db.migrate";
 pub const MAINTENANCE: &str = "app.maintenance";

@@ -46,6 +46,10 @@ pub struct Inputs<'a> {
     pub app: AppRef,
     pub bundle: Option<&'a Bundle>,
     pub bundle_digest: String,
+    /// The canary's weights before the switch (empty: blue-green) and how
+    /// long each step holds at least, from the same definition.
+    pub canary: Vec<u32>,
+    pub canary_pause_secs: u64,
 }
 
 impl<'a> Inputs<'a> {
@@ -64,6 +68,8 @@ impl<'a> Inputs<'a> {
                 .clone()
                 .or_else(|| bundle.map(Bundle::digest))
                 .unwrap_or_default(),
+            canary: spec.canary_weights(),
+            canary_pause_secs: spec.canary.as_ref().map_or(0, |c| c.pause_secs),
         }
     }
 }
@@ -145,6 +151,30 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                 )
             };
             let flip = |steps: &mut Vec<Step>, group: &[ClusterRef], gate: u32| {
+                // A canary moves the group's traffic in steps first, the
+                // clusters of a step together (one decision), each step
+                // judged before the next; the promotion gate, if any, is
+                // in front of the first traffic that moves.
+                let mut gate = gate;
+                for weight in &inputs.canary {
+                    for (i, t) in group.iter().enumerate() {
+                        let mut s = Step::new(
+                            t,
+                            TaskParams::AppCanary {
+                                app: app(),
+                                color: deployed_color(op, t),
+                                weight: *weight,
+                                pause_secs: inputs.canary_pause_secs,
+                                compensate: false,
+                            },
+                        );
+                        s.with_previous = i > 0;
+                        if i == 0 {
+                            s.gate = std::mem::take(&mut gate);
+                        }
+                        steps.push(s);
+                    }
+                }
                 for (i, t) in group.iter().enumerate() {
                     // The color the deploy step reported; a switch step is
                     // only committed once that step finished, so by then it

@@ -5,7 +5,7 @@ use cutover_shared::release::Bundle;
 use cutover_shared::task::TaskKind;
 use cutover_shared::task::outputs::{FailoverOutputs, TrafficOutputs};
 
-use super::{Inputs, MIGRATE, TRAFFIC, compensate, is_compensation};
+use super::{CANARY, Inputs, MIGRATE, TRAFFIC, compensate, is_compensation};
 
 /// Why a failed or aborted operation ended, and what was put back.
 pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inputs<'_>) -> String {
@@ -41,6 +41,8 @@ pub(super) fn failure(op: &Operation, failure: Option<&TaskRecord>, inputs: &Inp
                     }
                 ),
                 (MIGRATE, false) => format!("{} schema NOT reverted", t.spec.target),
+                (CANARY, true) => format!("{} canary weight back to 0", t.spec.target),
+                (CANARY, false) => format!("{} canary weight NOT back to 0", t.spec.target),
                 (TRAFFIC, true) => format!("held requests released by {}", t.spec.target),
                 (TRAFFIC, false) => format!("held requests NOT released by {}", t.spec.target),
                 (_, true) => format!("{} switched back", t.spec.target),
