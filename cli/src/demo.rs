@@ -3,7 +3,9 @@
 //! them (a round-robin proxy over every region's service address), keeps a
 //! steady load on it, and through the public gRPC API (mutual TLS):
 //! cuts over to v2 in waves, to v3 atomically, attempts a v4 that fails its
-//! gates in the second wave (and is rolled back automatically), backs up a
+//! gates in the second wave (and is rolled back automatically), runs a
+//! canary of a release with 3% errors that its analysis catches at 25% in
+//! the first region (`demo_canary.rs`), backs up a
 //! region's database to the embedded object store, validates it by restore
 //! and catches a corrupted copy, runs the disaster-recovery chapter
 //! (`demo_dr.rs`: a drill, a region lost under load and failed over
@@ -35,9 +37,9 @@ struct Step {
 }
 
 /// (task kind, region, milliseconds).
-type TaskTime = (String, String, i64);
+pub(crate) type TaskTime = (String, String, i64);
 
-async fn operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> {
+pub(crate) async fn operation(conn: &ConnOpts, id: &str) -> Result<pb::Operation> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let r = call(conn, |mut c| {
@@ -129,7 +131,7 @@ async fn backup_chapter(conn: &ConnOpts, sys: &DevSystem) -> Result<(String, Vec
     ))
 }
 
-async fn cutover(conn: &ConnOpts, image: &str, strategy: pb::Strategy) -> Result<pb::Operation> {
+pub(crate) async fn cutover(conn: &ConnOpts, image: &str, strategy: pb::Strategy) -> Result<pb::Operation> {
     let req = pb::DeployRequest {
         app: "sample".into(),
         image: image.into(),
@@ -157,7 +159,7 @@ const V2_MIGRATIONS: &[(&str, &str)] = &[
     ("1_orders.down.sql", "drop table orders;"),
 ];
 
-async fn serving(addr: &str) -> Result<String> {
+pub(crate) async fn serving(addr: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
@@ -167,7 +169,7 @@ async fn serving(addr: &str) -> Result<String> {
     Ok(buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned())
 }
 
-async fn all_serve(services: &[(String, String)], version: &str) -> Result<()> {
+pub(crate) async fn all_serve(services: &[(String, String)], version: &str) -> Result<()> {
     for (region, addr) in services {
         let got = serving(addr).await?;
         if got != format!("version {version}") {
@@ -177,7 +179,7 @@ async fn all_serve(services: &[(String, String)], version: &str) -> Result<()> {
     Ok(())
 }
 
-fn task_times(op: &pb::Operation) -> Vec<TaskTime> {
+pub(crate) fn task_times(op: &pb::Operation) -> Vec<TaskTime> {
     op.tasks
         .iter()
         .map(|t| {
@@ -405,6 +407,15 @@ pub async fn run(
             Err(anyhow::anyhow!("{failed} of {} requests failed", served + failed))
         };
         all_ok &= push("zero failed requests at the front door", t, r);
+    }
+    if all_ok {
+        let t = Instant::now();
+        let r = crate::demo_canary::run(&conn, &services).await;
+        all_ok &= push(
+            "canary 5 -> 25 -> 50: a 3% error rate is caught at 25% in us-east",
+            t,
+            r,
+        );
     }
     if all_ok {
         let t = Instant::now();

@@ -7,6 +7,7 @@
 mod backup;
 mod client;
 mod demo;
+mod demo_canary;
 mod demo_dr;
 mod dev;
 mod devstore;

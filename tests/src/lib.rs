@@ -289,6 +289,23 @@ impl TestCluster {
         }
     }
 
+    /// Starts a deploy through node `i` as the operator and waits, up to
+    /// `timeout`, until it finished; returns its record.
+    pub async fn deploy_and_wait(
+        &self,
+        i: usize,
+        req: cutover_shared::proto::DeployRequest,
+        timeout: Duration,
+    ) -> Result<cutover_shared::domain::Operation> {
+        let image = req.image.clone();
+        let id = self.operator(i).deploy(req).await?.into_inner().operation_id;
+        self.wait_state(i, timeout, &format!("the deploy of {image} to finish"), |s| {
+            s.operations[&id].state.is_finished()
+        })
+        .await?;
+        Ok(self.node(i).consensus().read(|s| s.operations[&id].clone()))
+    }
+
     /// A control client speaking as `who` (operator, viewer, or any files).
     pub fn client(&self, who: &TlsFiles, node: usize) -> Result<ControlServiceClient<Channel>> {
         Ok(ControlServiceClient::new(

@@ -101,24 +101,13 @@ async fn apply(c: &TestCluster, leader: usize, spec: &AppSpec) {
 
 /// An atomic cutover of `image` in every region, run to its end.
 async fn deploy(c: &TestCluster, leader: usize, image: &str) -> Operation {
-    let id = c
-        .operator(leader)
-        .deploy(pb::DeployRequest {
-            app: "shop".into(),
-            image: image.into(),
-            strategy: pb::Strategy::Atomic as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    c.wait_state(leader, T, &format!("{image} to finish"), |s| {
-        s.operations[&id].state.is_finished()
-    })
-    .await
-    .unwrap();
-    c.node(leader).consensus().read(|s| s.operations[&id].clone())
+    let req = pb::DeployRequest {
+        app: "shop".into(),
+        image: image.into(),
+        strategy: pb::Strategy::Atomic as i32,
+        ..Default::default()
+    };
+    c.deploy_and_wait(leader, req, T).await.unwrap()
 }
 
 async fn serving(addr: &str) -> String {

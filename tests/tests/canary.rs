@@ -83,23 +83,12 @@ async fn world() -> World {
 
 /// A cutover of `image` in the app's waves, run to its end.
 async fn deploy(c: &TestCluster, leader: usize, image: &str) -> Operation {
-    let id = c
-        .operator(leader)
-        .deploy(pb::DeployRequest {
-            app: "shop".into(),
-            image: image.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    c.wait_state(leader, T, &format!("{image} to finish"), |s| {
-        s.operations[&id].state.is_finished()
-    })
-    .await
-    .unwrap();
-    c.node(leader).consensus().read(|s| s.operations[&id].clone())
+    let req = pb::DeployRequest {
+        app: "shop".into(),
+        image: image.into(),
+        ..Default::default()
+    };
+    c.deploy_and_wait(leader, req, T).await.unwrap()
 }
 
 impl World {

@@ -82,27 +82,13 @@ async fn deploy(
     image: &str,
     strategy: pb::Strategy,
 ) -> cutover_shared::domain::Operation {
-    let id = c
-        .operator(leader)
-        .deploy(pb::DeployRequest {
-            app: "shop".into(),
-            image: image.into(),
-            region: String::new(),
-            no_switch: false,
-            waves: vec![],
-            strategy: strategy as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation_id;
-    c.wait_state(leader, T, &format!("{image} to finish"), |s| {
-        s.operations[&id].state.is_finished()
-    })
-    .await
-    .unwrap();
-    c.node(leader).consensus().read(|s| s.operations[&id].clone())
+    let req = pb::DeployRequest {
+        app: "shop".into(),
+        image: image.into(),
+        strategy: strategy as i32,
+        ..Default::default()
+    };
+    c.deploy_and_wait(leader, req, T).await.unwrap()
 }
 
 fn steps(op: &cutover_shared::domain::Operation) -> Vec<String> {
