@@ -5,6 +5,10 @@
 //! again from its data directory; every start writes a new log file, so a
 //! test can tell what each incarnation did.
 //!
+//! [`ProcessCluster::start_in_namespaces`] runs each coordinator and each
+//! agent in its own network namespace ([`crate::netns::Net`]), so a test
+//! can partition them.
+//!
 //! Agents log as JSON (`log_format = "json"`), which is what
 //! [`ProcessCluster::agent_task_events`] reads to tell how often each task
 //! was started (executed, not replayed) and finished.
@@ -56,7 +60,14 @@ pub struct ProcessCluster {
     agents: Vec<Option<Proc>>,
     coordinator_logs: Vec<Vec<PathBuf>>,
     agent_logs: Vec<Vec<PathBuf>>,
+    /// The namespaces, when the processes run in them: coordinator `i` in
+    /// `coordinator-<i+1>`, each agent in its region's. Dropped after the
+    /// processes (a struct's fields drop after its `Drop`).
+    pub net: Option<crate::netns::Net>,
 }
+
+/// The port every coordinator listens on in its namespace.
+const NETNS_PORT: u16 = 7000;
 
 impl ProcessCluster {
     /// Writes configs for `nodes` coordinators (the harness's tight Raft
@@ -72,17 +83,58 @@ impl ProcessCluster {
         regions: &[(&str, &str)],
         agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
     ) -> Result<ProcessCluster> {
+        Self::start_inner(nodes, regions, agent, None).await
+    }
+
+    /// [`Self::start`] with every coordinator and agent in its own network
+    /// namespace on one bridge. Coordinators listen on their namespace's
+    /// address and reach each other, and agents reach them, as
+    /// `coordinator-<n>`, the name their certificates carry.
+    pub async fn start_in_namespaces(nodes: u64, regions: &[(&str, &str)]) -> Result<ProcessCluster> {
+        let names: Vec<String> = (1..=nodes)
+            .map(|i| format!("coordinator-{i}"))
+            .chain(regions.iter().map(|(r, _)| r.to_string()))
+            .collect();
+        let net = crate::netns::Net::new(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        Self::start_inner(nodes, regions, |_, _, _| {}, Some(net)).await
+    }
+
+    async fn start_inner(
+        nodes: u64,
+        regions: &[(&str, &str)],
+        agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
+        net: Option<crate::netns::Net>,
+    ) -> Result<ProcessCluster> {
         let mut harness = TestCluster::builder().nodes(nodes).regions(regions).prepare().await?;
         let dir = harness.tmp.path().to_owned();
         std::fs::create_dir_all(dir.join("logs"))?;
         // The harness bound ports to learn them; processes bind their own,
-        // taken below the ephemeral range (see `stable_free_addr`).
+        // taken below the ephemeral range (see `stable_free_addr`), or one
+        // port on their namespace's own address.
         harness.release_listeners();
-        let addrs: Vec<String> = harness.configs.iter().map(|_| stable_free_addr()).collect();
+        let (listen, member): (Vec<String>, Vec<String>) = match &net {
+            None => harness
+                .configs
+                .iter()
+                .map(|_| {
+                    let a = stable_free_addr();
+                    (a.clone(), a)
+                })
+                .unzip(),
+            Some(net) => (1..=nodes)
+                .map(|i| {
+                    let name = format!("coordinator-{i}");
+                    (
+                        format!("{}:{NETNS_PORT}", net.addr(&name)),
+                        format!("{name}:{NETNS_PORT}"),
+                    )
+                })
+                .unzip(),
+        };
         for cfg in harness.configs.iter_mut() {
-            cfg.listen = addrs[cfg.node_id as usize - 1].clone();
+            cfg.listen = listen[cfg.node_id as usize - 1].clone();
             for m in cfg.initial_members.iter_mut() {
-                m.address = addrs[m.id as usize - 1].clone();
+                m.address = member[m.id as usize - 1].clone();
             }
         }
         let mut coordinator_configs = Vec::new();
@@ -95,6 +147,9 @@ impl ProcessCluster {
         for (i, (region, _)) in regions.iter().enumerate() {
             let mut cfg = harness.agent_config(i);
             cfg.log_format = LogFormat::Json;
+            if net.is_some() {
+                cfg.coordinators = member.clone();
+            }
             agent(i, &mut cfg, &dir);
             let path = dir.join(format!("agent-{region}.toml"));
             std::fs::write(&path, to_toml(&cfg)?)?;
@@ -110,6 +165,7 @@ impl ProcessCluster {
             agents: (0..a).map(|_| None).collect(),
             coordinator_logs: vec![vec![]; n],
             agent_logs: vec![vec![]; a],
+            net,
         };
         for i in 0..n {
             pc.start_coordinator(i)?;
@@ -124,9 +180,14 @@ impl ProcessCluster {
         self.harness.tmp.path()
     }
 
-    fn spawn(&self, args: &[&str], log: &Path, format: &str) -> Result<Proc> {
+    /// Starts `cutover args`, in namespace `space` when there are any.
+    fn spawn(&self, space: &str, args: &[&str], log: &Path, format: &str) -> Result<Proc> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(cutover_bin())
+        let mut command = match &self.net {
+            Some(net) => net.command(space, &cutover_bin()),
+            None => Command::new(cutover_bin()),
+        };
+        let child = command
             .args(args)
             .env("RUST_LOG", LOG_FILTER)
             .env("NO_COLOR", "1")
@@ -148,7 +209,8 @@ impl ProcessCluster {
             .join("logs")
             .join(format!("coordinator-{}.{}.log", i + 1, self.coordinator_logs[i].len()));
         let config = self.coordinator_configs[i].display().to_string();
-        self.coordinators[i] = Some(self.spawn(&["coordinator", "--config", &config], &log, "human")?);
+        let space = format!("coordinator-{}", i + 1);
+        self.coordinators[i] = Some(self.spawn(&space, &["coordinator", "--config", &config], &log, "human")?);
         self.coordinator_logs[i].push(log);
         Ok(())
     }
@@ -169,7 +231,8 @@ impl ProcessCluster {
             .join("logs")
             .join(format!("agent-{region}.{}.log", self.agent_logs[i].len()));
         let config = self.agent_configs[i].display().to_string();
-        self.agents[i] = Some(self.spawn(&["agent", "--config", &config], &log, "json")?);
+        let space = region.clone();
+        self.agents[i] = Some(self.spawn(&space, &["agent", "--config", &config], &log, "json")?);
         self.agent_logs[i].push(log);
         Ok(())
     }
@@ -197,9 +260,18 @@ impl ProcessCluster {
         &self.harness.configs[i].listen
     }
 
-    /// An operator client for coordinator `i` (connects lazily).
+    /// An operator client for coordinator `i` (connects lazily). In
+    /// namespaces it dials the node's address and expects the name its
+    /// certificate carries.
     pub fn operator(&self, i: usize) -> ControlServiceClient<Channel> {
-        self.harness.operator(i)
+        match &self.net {
+            None => self.harness.operator(i),
+            Some(_) => {
+                let name = format!("coordinator-{}", i + 1);
+                let channel = self.harness.pki.operator.channel(self.addr(i), Some(&name));
+                ControlServiceClient::new(channel.expect("operator channel"))
+            }
+        }
     }
 
     /// Coordinator `i`'s view of the cluster, if it answers within 2 s.
@@ -355,6 +427,14 @@ impl ProcessCluster {
             }
         }
         out
+    }
+
+    /// Everything coordinator `i` logged, over all its runs.
+    pub fn coordinator_log(&self, i: usize) -> String {
+        self.coordinator_logs[i]
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     /// The last `lines` lines of every log, for failure messages.

@@ -102,6 +102,25 @@ pub struct Consensus {
     node_id: NodeId,
     shared: Arc<Shared>,
     peers: PeerChannels,
+    /// How long a quorum's acknowledgement keeps this node leading (the
+    /// election timeout's minimum): see [`leads`].
+    lease: Duration,
+}
+
+/// Whether `m` shows this node leading under a fresh lease: a quorum
+/// acknowledged its heartbeats within `lease`, the shortest election
+/// timeout, so no other node can have been elected since (a follower
+/// grants no vote within its own timeout of hearing from this leader).
+/// openraft keeps a leader that lost its quorum in the Leader state until
+/// it hears of a higher term; past its lease, cutover's leader duties
+/// (dispatching tasks, orchestrating, holding agent streams) stop. A lone
+/// voter is its own quorum.
+fn leads(m: &openraft::RaftMetrics<TypeConfig>, lease: Duration) -> bool {
+    m.state == ServerState::Leader
+        && (m.membership_config.membership().voter_ids().count() <= 1
+            || m.last_quorum_acked
+                .as_ref()
+                .is_some_and(|t| openraft::async_runtime::Instant::elapsed(&**t) < lease))
 }
 
 /// How long a write waits for a leader before giving up.
@@ -165,6 +184,7 @@ impl Consensus {
             node_id,
             shared,
             peers,
+            lease: Duration::from_millis(timings.election_timeout_min_ms),
         };
         this.spawn_metrics();
         Ok(this)
@@ -232,9 +252,9 @@ impl Consensus {
         nodes.peek().is_none() || nodes.any(|n| n == id)
     }
 
+    /// Leading under a fresh lease (see [`leads`]).
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow_watched().clone();
-        m.state == ServerState::Leader
+        leads(&self.raft.metrics().borrow_watched(), self.lease)
     }
 
     /// The current leader's id and address, if known.
@@ -311,15 +331,25 @@ impl Consensus {
             .and_then(|m| m.current_leader)
     }
 
-    /// Watches for leadership changes of this node (true while it leads).
+    /// Watches for leadership changes of this node (true while it leads
+    /// under a fresh lease, see [`leads`]). A lease runs out without any
+    /// change of the metrics, so they are also looked at every quarter
+    /// lease.
     pub fn leadership(&self) -> watch::Receiver<bool> {
         let mut metrics = self.raft.metrics();
+        let lease = self.lease;
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             loop {
-                let leading = metrics.borrow_and_update().state == ServerState::Leader;
-                tx.send_if_modified(|v| std::mem::replace(v, leading) != leading);
-                if metrics.changed().await.is_err() || tx.is_closed() {
+                let leading = leads(&metrics.borrow_and_update(), lease);
+                if tx.send_if_modified(|v| std::mem::replace(v, leading) != leading) && !leading {
+                    tracing::info!("not leading under a fresh lease: leader duties stop");
+                }
+                tokio::select! {
+                    r = metrics.changed() => if r.is_err() { break },
+                    _ = tokio::time::sleep(lease / 4) => {}
+                }
+                if tx.is_closed() {
                     break;
                 }
             }
