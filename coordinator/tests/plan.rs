@@ -675,9 +675,10 @@ fn canary_spec() -> AppSpec {
 }
 
 /// Canary is the in-region step: with waves, each region's weights move
-/// (gate 1 in front of the first) before its switch and bake; atomic moves
-/// every region's weight together, step by step, then flips them all. A
-/// step names the deployed color, its weight and its pause.
+/// before its switch and bake; atomic moves every region's weight
+/// together, step by step, then flips them all. With manual promotion a
+/// gate is in front of every step and the switch, numbered in plan order.
+/// A step names the deployed color, its weight and its pause.
 #[test]
 fn a_canary_moves_weights_before_each_switch_in_waves_and_atomically() {
     let s = canary_spec();
@@ -711,12 +712,13 @@ fn a_canary_moves_weights_before_each_switch_in_waves_and_atomically() {
             "app.deploy us-east",
             "app.gates us-east",
             "canary 5 us-east gate1",
-            "canary 25 us-east",
-            "app.switch us-east",
+            "canary 25 us-east gate2",
+            "app.switch us-east gate3",
             "app.bake us-east",
             "app.deploy eu-west",
         ]
     );
+    assert!(plan_of(&waves).contains(&"canary 5 eu-west gate4".to_owned()));
     let atomic = plan_of(&deploy_op("op-a", "shop:v2", "atomic"));
     assert_eq!(
         atomic[6..12],
@@ -724,12 +726,12 @@ fn a_canary_moves_weights_before_each_switch_in_waves_and_atomically() {
             "canary 5 us-east gate1",
             "canary 5 eu-west +",
             "canary 5 ap-south +",
-            "canary 25 us-east",
+            "canary 25 us-east gate2",
             "canary 25 eu-west +",
             "canary 25 ap-south +",
         ]
     );
-    assert_eq!(atomic[12], "app.switch us-east");
+    assert_eq!(atomic[12], "app.switch us-east gate3");
     // Driven to its end, each step names the color the deploy reported.
     let mut w = World::new(false);
     w.apply(Command::PutApp {

@@ -295,3 +295,117 @@ async fn a_failing_step_sets_the_weight_back_to_0_and_stops_the_canary() {
     }
     w.c.shutdown().await;
 }
+
+/// The operation as the leader has it (API form).
+async fn api_op(w: &World, id: &str) -> pb::Operation {
+    w.c.operator(w.leader)
+        .get_operation(pb::GetOperationRequest {
+            operation_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation
+        .unwrap()
+}
+
+async fn wait_gate(w: &World, id: &str, gate: u32) -> pb::Operation {
+    let deadline = tokio::time::Instant::now() + T;
+    let mut applied = w.c.node(w.leader).consensus().applied();
+    loop {
+        let op = api_op(w, id).await;
+        if op.awaiting_gate == gate {
+            return op;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gate {gate} never reached: {op:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
+    }
+}
+
+/// With `--manual-promotion`, every canary step and the switch wait for
+/// `cutover promote` (gates numbered in plan order: 1 before 5%, 2 before
+/// 25%, ...): traffic moves only when promoted. Aborted while at 5%, the
+/// weight goes back to 0 and every request goes to v1 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manual_promotion_gates_every_step_and_abort_takes_the_weight_back() {
+    let w = world().await;
+    let loads = w.load();
+    let mut o = w.c.operator(w.leader);
+    let id = o
+        .deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: "sample:v2".into(),
+            manual_promotion: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .operation_id;
+    let kinds = |op: &pb::Operation| -> Vec<String> {
+        op.tasks.iter().map(|t| t.task.as_ref().unwrap().kind.clone()).collect()
+    };
+    let op = wait_gate(&w, &id, 1).await;
+    assert!(!kinds(&op).contains(&"app.canary".to_owned()), "{:?}", kinds(&op));
+    o.promote_operation(pb::PromoteOperationRequest {
+        operation_id: id.clone(),
+        gate: 0,
+    })
+    .await
+    .unwrap();
+    // Gate 2 is in front of 25%: the 5% step ran and holds its weight.
+    let op = wait_gate(&w, &id, 2).await;
+    let canaries: Vec<&pb::TaskStatus> = op
+        .tasks
+        .iter()
+        .filter(|t| t.task.as_ref().unwrap().kind == "app.canary")
+        .collect();
+    assert_eq!(canaries.len(), 1, "{:?}", kinds(&op));
+    let five = canaries[0];
+    assert_eq!(five.task.as_ref().unwrap().params["weight"], "5");
+    let done = five.result.as_ref().unwrap();
+    let status = AppOutputs::from_wire(&done.outputs.clone().into_iter().collect())
+        .status
+        .unwrap();
+    assert_eq!(status.canary_weight, 5);
+    let from = done.finished_at_unix_ms;
+    while loads[0].answers_between(from, i64::MAX).len() < 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (pct, n) = share(&loads[0], from, i64::MAX, "v2");
+    assert!(
+        (pct - 5.0).abs() <= 3.0,
+        "waiting at gate 2: {pct:.1}% of {n} requests reached v2"
+    );
+
+    o.abort_operation(pb::AbortOperationRequest {
+        operation_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    w.c.wait_state(w.leader, T, "the abort", |s| s.operations[&id].state.is_finished())
+        .await
+        .unwrap();
+    let op = api_op(&w, &id).await;
+    assert_eq!(op.state, pb::TaskState::Failed as i32);
+    assert!(
+        op.summary.contains("us-east/us-east-1 canary weight back to 0"),
+        "{}",
+        op.summary
+    );
+    let back = op.tasks.last().unwrap().result.as_ref().unwrap().finished_at_unix_ms;
+    while loads[0].answers_between(back, i64::MAX).len() < 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (pct, n) = share(&loads[0], back, i64::MAX, "v2");
+    assert_eq!(pct, 0.0, "{pct}% of {n} requests reached v2 after the abort");
+    let mut failed = 0;
+    for l in loads {
+        failed += l.stop().await.1;
+    }
+    assert_eq!(failed, 0);
+    w.c.shutdown().await;
+}

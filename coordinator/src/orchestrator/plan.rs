@@ -150,12 +150,14 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     },
                 )
             };
-            let flip = |steps: &mut Vec<Step>, group: &[ClusterRef], gate: u32| {
+            // Returns the next gate number: gates are numbered in plan
+            // order, one in front of each traffic move of a group.
+            let flip = |steps: &mut Vec<Step>, group: &[ClusterRef], first_gate: u32| -> u32 {
                 // A canary moves the group's traffic in steps first, the
                 // clusters of a step together (one decision), each step
-                // judged before the next; the promotion gate, if any, is
-                // in front of the first traffic that moves.
-                let mut gate = gate;
+                // judged before the next; with manual promotion, each step
+                // and the switch wait for `cutover promote`.
+                let mut gate = first_gate;
                 for weight in &inputs.canary {
                     for (i, t) in group.iter().enumerate() {
                         let mut s = Step::new(
@@ -170,10 +172,11 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                         );
                         s.with_previous = i > 0;
                         if i == 0 {
-                            s.gate = std::mem::take(&mut gate);
+                            s.gate = gate;
                         }
                         steps.push(s);
                     }
+                    gate += 1;
                 }
                 for (i, t) in group.iter().enumerate() {
                     // The color the deploy step reported; a switch step is
@@ -206,6 +209,7 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                         steps.push(b);
                     }
                 }
+                gate + 1
             };
             let waves = deploy_waves(op);
             // Expand first: with migrations, every region deploys the new
@@ -241,10 +245,11 @@ pub fn plan(op: &Operation, inputs: &Inputs<'_>) -> Vec<Step> {
                     flip(&mut steps, &all, 1);
                 }
             } else {
-                for (i, w) in waves.iter().enumerate() {
+                let mut gate = 1;
+                for w in &waves {
                     prepare(&mut steps, w);
                     if switch {
-                        flip(&mut steps, w, i as u32 + 1);
+                        gate = flip(&mut steps, w, gate);
                     }
                 }
             }

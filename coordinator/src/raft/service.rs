@@ -77,6 +77,14 @@ async fn receive_snapshot(
 ) -> Result<Vec<u8>, Status> {
     use super::network::{MAX_SNAPSHOT, SNAPSHOT_CHUNK};
     let total = first.total_bytes;
+    if total == 0 && first.sha256.is_empty() && !first.data.is_empty() {
+        // A leader of an earlier release declares neither: a cut-short
+        // stream from it could not be told from a whole one.
+        return Err(Status::failed_precondition(
+            "snapshot stream without a declared length and SHA-256 (a leader of an earlier release): \
+             refused; upgrade the leader, or let a node of this release lead",
+        ));
+    }
     if total > MAX_SNAPSHOT as u64 {
         return Err(Status::resource_exhausted(format!(
             "a snapshot of {total} bytes; at most {MAX_SNAPSHOT} are accepted"
@@ -251,7 +259,9 @@ mod tests {
             sha256: vec![],
             ..chunk(b"abc")
         };
-        assert!(receive(legacy, vec![]).await.is_err());
+        let err = receive(legacy, vec![]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("earlier release"), "{}", err.message());
     }
 
     #[tokio::test]
