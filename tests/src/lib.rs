@@ -307,6 +307,40 @@ impl TestCluster {
         Ok(self.node(i).consensus().read(|s| s.operations[&id].clone()))
     }
 
+    /// Operation `id` as node `i`'s API shows it (with the gate it waits at).
+    pub async fn api_operation(&self, i: usize, id: &str) -> Result<cutover_shared::proto::Operation> {
+        self.operator(i)
+            .get_operation(cutover_shared::proto::GetOperationRequest {
+                operation_id: id.into(),
+            })
+            .await?
+            .into_inner()
+            .operation
+            .context("GetOperation answered no operation")
+    }
+
+    /// Waits until operation `id` waits at manual promotion gate `gate`.
+    pub async fn wait_gate(
+        &self,
+        i: usize,
+        id: &str,
+        gate: u32,
+        timeout: Duration,
+    ) -> Result<cutover_shared::proto::Operation> {
+        let deadline = Instant::now() + timeout;
+        let mut applied = self.node(i).consensus().applied();
+        loop {
+            let op = self.api_operation(i, id).await?;
+            if op.awaiting_gate == gate {
+                return Ok(op);
+            }
+            if Instant::now() > deadline {
+                bail!("gate {gate} never reached: {op:?}");
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
+        }
+    }
+
     /// A control client speaking as `who` (operator, viewer, or any files).
     pub fn client(&self, who: &TlsFiles, node: usize) -> Result<ControlServiceClient<Channel>> {
         Ok(ControlServiceClient::new(

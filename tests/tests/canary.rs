@@ -296,33 +296,12 @@ async fn a_failing_step_sets_the_weight_back_to_0_and_stops_the_canary() {
     w.c.shutdown().await;
 }
 
-/// The operation as the leader has it (API form).
 async fn api_op(w: &World, id: &str) -> pb::Operation {
-    w.c.operator(w.leader)
-        .get_operation(pb::GetOperationRequest {
-            operation_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation
-        .unwrap()
+    w.c.api_operation(w.leader, id).await.unwrap()
 }
 
 async fn wait_gate(w: &World, id: &str, gate: u32) -> pb::Operation {
-    let deadline = tokio::time::Instant::now() + T;
-    let mut applied = w.c.node(w.leader).consensus().applied();
-    loop {
-        let op = api_op(w, id).await;
-        if op.awaiting_gate == gate {
-            return op;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gate {gate} never reached: {op:?}"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
-    }
+    w.c.wait_gate(w.leader, id, gate, T).await.unwrap()
 }
 
 /// With `--manual-promotion`, every canary step and the switch wait for

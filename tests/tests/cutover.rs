@@ -226,31 +226,11 @@ async fn bad_cutovers_are_refused_before_anything_starts() {
 
 /// The operation as the API shows it (with the gate it waits at).
 async fn get_op(c: &TestCluster, leader: usize, id: &str) -> pb::Operation {
-    c.operator(leader)
-        .get_operation(pb::GetOperationRequest {
-            operation_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .operation
-        .unwrap()
+    c.api_operation(leader, id).await.unwrap()
 }
 
 async fn wait_gate(c: &TestCluster, leader: usize, id: &str, gate: u32) -> pb::Operation {
-    let deadline = tokio::time::Instant::now() + T;
-    let mut applied = c.node(leader).consensus().applied();
-    loop {
-        let op = get_op(c, leader, id).await;
-        if op.awaiting_gate == gate {
-            return op;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gate {gate} never reached: {op:?}"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
-    }
+    c.wait_gate(leader, id, gate, T).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
