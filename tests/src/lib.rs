@@ -341,6 +341,17 @@ impl TestCluster {
         }
     }
 
+    /// Starts every region's agent and waits, on node `leader`, until all
+    /// are registered.
+    pub async fn start_agents(&mut self, leader: usize, timeout: Duration) -> Result<()> {
+        let n = self.pki.agents.len();
+        for i in 0..n {
+            self.start_agent(i)?;
+        }
+        self.wait_state(leader, timeout, "agents up", |s| s.agents.len() == n)
+            .await
+    }
+
     /// A control client speaking as `who` (operator, viewer, or any files).
     pub fn client(&self, who: &TlsFiles, node: usize) -> Result<ControlServiceClient<Channel>> {
         Ok(ControlServiceClient::new(
@@ -536,4 +547,32 @@ impl std::io::Write for LogWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The body of `GET /` at `addr` (the sample app names its version there).
+pub async fn serving(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()
+}
+
+/// One line per task of `op`: kind, region, state and message.
+pub fn step_lines(op: &cutover_shared::domain::Operation) -> Vec<String> {
+    op.tasks
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {} {:?}: {}",
+                t.spec.kind,
+                t.spec.target.region,
+                t.state,
+                t.result.as_ref().map_or("", |r| r.message.as_str())
+            )
+        })
+        .collect()
 }

@@ -15,8 +15,7 @@ use cutover_shared::proto as pb;
 use cutover_shared::task::outputs::AppOutputs;
 use cutover_tests::load::SteadyLoad;
 use cutover_tests::prometheus::Prometheus;
-use cutover_tests::{TestCluster, sample_app_spec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cutover_tests::{TestCluster, sample_app_spec, serving};
 
 const T: Duration = Duration::from_secs(90);
 const REGIONS: &[(&str, &str)] = &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
@@ -110,29 +109,8 @@ async fn deploy(c: &TestCluster, leader: usize, image: &str) -> Operation {
     c.deploy_and_wait(leader, req, T).await.unwrap()
 }
 
-async fn serving(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()
-}
-
 fn steps(op: &Operation) -> Vec<String> {
-    op.tasks
-        .iter()
-        .map(|t| {
-            format!(
-                "{} {} {:?}: {}",
-                t.spec.kind,
-                t.spec.target.region,
-                t.state,
-                t.result.as_ref().map_or("", |r| r.message.as_str())
-            )
-        })
-        .collect()
+    cutover_tests::step_lines(op)
 }
 
 /// The analysis runs recorded in `op`'s bake results.

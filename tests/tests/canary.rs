@@ -55,12 +55,7 @@ struct World {
 async fn world() -> World {
     let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
-    for i in 0..REGIONS.len() {
-        c.start_agent(i).unwrap();
-    }
-    c.wait_state(leader, T, "agents up", |s| s.agents.len() == REGIONS.len())
-        .await
-        .unwrap();
+    c.start_agents(leader, T).await.unwrap();
     let spec = canary_app();
     let apply = async |spec: &AppSpec| {
         c.operator(leader)
@@ -135,17 +130,9 @@ fn share(load: &SteadyLoad, from: i64, to: i64, version: &str) -> (f64, usize) {
 }
 
 fn steps(op: &Operation) -> String {
-    op.tasks
+    cutover_tests::step_lines(op)
         .iter()
-        .map(|t| {
-            format!(
-                "\n  {} {} {:?}: {}",
-                t.spec.kind,
-                t.spec.target.region,
-                t.state,
-                t.result.as_ref().map_or("", |r| r.message.as_str())
-            )
-        })
+        .map(|l| format!("\n  {l}"))
         .collect()
 }
 

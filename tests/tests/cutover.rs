@@ -8,8 +8,7 @@ use std::time::Duration;
 use cutover_shared::app::{AppSpec, LoadProbe};
 use cutover_shared::domain::TaskState;
 use cutover_shared::proto as pb;
-use cutover_tests::{TestCluster, sample_app_spec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cutover_tests::{TestCluster, sample_app_spec, serving};
 
 const T: Duration = Duration::from_secs(90);
 const REGIONS: &[(&str, &str)] = &[
@@ -33,25 +32,10 @@ fn app() -> AppSpec {
     }
 }
 
-async fn serving(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()
-}
-
 async fn setup() -> (TestCluster, usize, AppSpec) {
     let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
-    for i in 0..REGIONS.len() {
-        c.start_agent(i).unwrap();
-    }
-    c.wait_state(leader, T, "agents up", |s| s.agents.len() == REGIONS.len())
-        .await
-        .unwrap();
+    c.start_agents(leader, T).await.unwrap();
     let spec = app();
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest {

@@ -11,8 +11,7 @@ use cutover_shared::app::AppSpec;
 use cutover_shared::config::{AgentConfig, DatabaseConfig, DbDriver};
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
-use cutover_tests::{TestCluster, captured_logs, sample_app_spec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cutover_tests::{TestCluster, captured_logs, sample_app_spec, serving};
 
 const T: Duration = Duration::from_secs(90);
 const REGIONS: &[(&str, &str)] = &[("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
@@ -123,16 +122,6 @@ fn out(op: &pb::Operation, region: &str, key: &str) -> String {
         .unwrap_or_else(|| panic!("no task in {region}: {op:?}"));
     let r = t.result.as_ref().unwrap();
     r.outputs.get(key).cloned().unwrap_or_default()
-}
-
-async fn serving(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -21,6 +21,23 @@ async fn up() -> ProcessCluster {
     pc
 }
 
+/// An echo task on the us-east agent answering `message` after `delay_ms`.
+fn echo(message: &str, delay_ms: u64) -> pb::RunTaskRequest {
+    let params: BTreeMap<String, String> = [
+        ("message".to_string(), message.to_string()),
+        ("delay_ms".to_string(), delay_ms.to_string()),
+    ]
+    .into();
+    pb::RunTaskRequest {
+        target: Some(pb::ClusterRef {
+            region: "us-east".into(),
+            cluster: "us-east-1".into(),
+        }),
+        kind: "echo".into(),
+        params: params.into_iter().collect(),
+    }
+}
+
 /// Coordinator `i`'s view, if it answers within 2 s.
 async fn view(pc: &ProcessCluster, i: usize) -> Option<pb::GetClusterStatusResponse> {
     pc.cluster_status(i).await
@@ -59,21 +76,9 @@ async fn a_partitioned_leader_is_replaced_and_its_operation_finishes_once() {
     let before = view(&pc, old).await.unwrap();
 
     // A task that runs 3 s on the agent, dispatched by the current leader.
-    let params: BTreeMap<String, String> = [
-        ("message".into(), "across a partition".into()),
-        ("delay_ms".into(), "3000".into()),
-    ]
-    .into();
     let r = pc
         .operator(old)
-        .run_task(pb::RunTaskRequest {
-            target: Some(pb::ClusterRef {
-                region: "us-east".into(),
-                cluster: "us-east-1".into(),
-            }),
-            kind: "echo".into(),
-            params: params.into_iter().collect(),
-        })
+        .run_task(echo("across a partition", 3000))
         .await
         .unwrap()
         .into_inner();
@@ -197,25 +202,9 @@ async fn a_flapping_network_executes_each_task_once_and_strands_no_operation() {
     let net = pc.net.as_ref().unwrap();
     let mut ops = vec![];
     for n in 1..=10u64 {
-        let params: BTreeMap<String, String> = [
-            ("message".to_string(), format!("task {n}")),
-            ("delay_ms".to_string(), (n * 1000).to_string()),
-        ]
-        .into();
         let r = pc
-            .any("RunTask", |mut c| {
-                let params = params.clone();
-                async move {
-                    c.run_task(pb::RunTaskRequest {
-                        target: Some(pb::ClusterRef {
-                            region: "us-east".into(),
-                            cluster: "us-east-1".into(),
-                        }),
-                        kind: "echo".into(),
-                        params: params.into_iter().collect(),
-                    })
-                    .await
-                }
+            .any("RunTask", |mut c| async move {
+                c.run_task(echo(&format!("task {n}"), n * 1000)).await
             })
             .await
             .unwrap();

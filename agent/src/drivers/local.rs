@@ -69,7 +69,7 @@ struct State {
 }
 
 /// A canary's split, kept across agent restarts like the active color.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Canary {
     color: Color,
     weight: u32,
@@ -650,7 +650,7 @@ impl PlatformDriver for LocalDriver {
             }
         }
         let canary = (weight > 0).then_some(Canary { color, weight });
-        if state.canary.map(|c| (c.color, c.weight)) != canary.map(|c| (c.color, c.weight)) {
+        if state.canary != canary {
             let mut next = state;
             next.canary = canary;
             self.save(next)?;

@@ -333,21 +333,31 @@ impl Consensus {
 
     /// Watches for leadership changes of this node (true while it leads
     /// under a fresh lease, see [`leads`]). A lease runs out without any
-    /// change of the metrics, so they are also looked at every quarter
-    /// lease.
+    /// change of the metrics, so a node in the Leader state also looks at
+    /// them every quarter lease; others wait for a change.
     pub fn leadership(&self) -> watch::Receiver<bool> {
         let mut metrics = self.raft.metrics();
         let lease = self.lease;
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             loop {
-                let leading = leads(&metrics.borrow_and_update(), lease);
+                let (leading, leader_state) = {
+                    let m = metrics.borrow_and_update();
+                    (leads(&m, lease), m.state == ServerState::Leader)
+                };
                 if tx.send_if_modified(|v| std::mem::replace(v, leading) != leading) && !leading {
                     tracing::info!("not leading under a fresh lease: leader duties stop");
                 }
+                let recheck = async {
+                    if leader_state {
+                        tokio::time::sleep(lease / 4).await
+                    } else {
+                        std::future::pending().await
+                    }
+                };
                 tokio::select! {
                     r = metrics.changed() => if r.is_err() { break },
-                    _ = tokio::time::sleep(lease / 4) => {}
+                    () = recheck => {}
                 }
                 if tx.is_closed() {
                     break;
