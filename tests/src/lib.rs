@@ -8,6 +8,7 @@
 
 pub mod dev;
 pub mod garage;
+pub mod linearizability;
 pub mod netns;
 pub mod process;
 pub mod prometheus;

@@ -3,6 +3,9 @@
 //! same name, which Rust picks before the trait's), and maps its
 //! [`ApiError`](super::ApiError) to a status in one place
 //! (`From<ApiError> for Status`).
+//!
+//! Reads are linearizable (see [`ControlApi::linearizable`]), except
+//! `GetClusterStatus`, which is this node's own view by design.
 
 use cutover_shared::grpc::caller;
 use cutover_shared::proto::control_service_server::ControlService;
@@ -43,10 +46,12 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::list_agents(self, req.into_inner()).await?))
     }
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::get_status(self, req.into_inner()).await?))
     }
 
@@ -59,6 +64,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListOperationsRequest>,
     ) -> Result<Response<pb::ListOperationsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(
             ControlApi::list_operations(self, req.into_inner()).await?,
         ))
@@ -68,10 +74,12 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::GetOperationRequest>,
     ) -> Result<Response<pb::GetOperationResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::get_operation(self, req.into_inner()).await?))
     }
 
     async fn watch_operation(&self, req: Request<pb::WatchOperationRequest>) -> Result<Response<WatchStream>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(
             ControlApi::watch_operation(self, req.into_inner()).await?,
         ))
@@ -91,6 +99,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListAttestationsRequest>,
     ) -> Result<Response<pb::ListAttestationsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(
             ControlApi::list_attestations(self, req.into_inner()).await?,
         ))
@@ -100,6 +109,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(
             ControlApi::list_audit_events(self, req.into_inner()).await?,
         ))
@@ -113,10 +123,12 @@ impl ControlService for ControlApi {
     }
 
     async fn list_apps(&self, req: Request<pb::ListAppsRequest>) -> Result<Response<pb::ListAppsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::list_apps(self, req.into_inner()).await?))
     }
 
     async fn get_app(&self, req: Request<pb::GetAppRequest>) -> Result<Response<pb::GetAppResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::get_app(self, req.into_inner()).await?))
     }
 
@@ -209,6 +221,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::list_releases(self, req.into_inner()).await?))
     }
 
@@ -216,6 +229,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::GetReleaseRequest>,
     ) -> Result<Response<pb::GetReleaseResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::get_release(self, req.into_inner()).await?))
     }
 
@@ -238,6 +252,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::list_backups(self, req.into_inner()).await?))
     }
 
@@ -260,6 +275,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListDrillsRequest>,
     ) -> Result<Response<pb::ListDrillsResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::list_drills(self, req.into_inner()).await?))
     }
 
@@ -287,6 +303,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::GetDrStatusRequest>,
     ) -> Result<Response<pb::GetDrStatusResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::get_dr_status(self, req.into_inner()).await?))
     }
 
@@ -294,10 +311,12 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::PlanFailoverRequest>,
     ) -> Result<Response<pb::PlanFailoverResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::plan_failover(self, req.into_inner()).await?))
     }
 
     async fn get_backup(&self, req: Request<pb::GetBackupRequest>) -> Result<Response<pb::GetBackupResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(ControlApi::get_backup(self, req.into_inner()).await?))
     }
 
@@ -345,6 +364,7 @@ impl ControlService for ControlApi {
         &self,
         req: Request<pb::ListBackupSchedulesRequest>,
     ) -> Result<Response<pb::ListBackupSchedulesResponse>, Status> {
+        self.linearizable().await?;
         Ok(Response::new(
             ControlApi::list_backup_schedules(self, req.into_inner()).await?,
         ))

@@ -180,6 +180,15 @@ fn validate_id(field: &str, id: &str) -> Result<(), ApiError> {
 }
 
 impl ControlApi {
+    /// Called before every read of the control API: the answer reflects
+    /// every write acknowledged before the call, on whichever node it is
+    /// asked ([`crate::raft::Consensus::read_barrier`]). A node that cannot
+    /// reach a leader answers UNAVAILABLE instead of its own, possibly
+    /// stale, state.
+    pub(crate) async fn linearizable(&self) -> Result<(), ApiError> {
+        Ok(self.consensus.read_barrier().await?)
+    }
+
     fn app(&self, name: &str) -> Result<AppSpec, ApiError> {
         validate_name("app", name)?;
         self.consensus

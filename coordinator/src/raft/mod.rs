@@ -294,6 +294,44 @@ impl Consensus {
             .map_err(|e| ProposeError::Raft(e.to_string()))
     }
 
+    /// Makes the next local read linearizable: once this returns, this
+    /// node has applied every write acknowledged anywhere before the call.
+    /// The leader confirms its leadership with a quorum (ReadIndex); a
+    /// follower asks the leader for that index and applies up to it.
+    ///
+    /// Unlike [`Self::catch_up`], it never settles for what this node
+    /// knows: a node cut off from the majority (an old leader, a follower)
+    /// cannot tell what it missed, so it waits (bounded) for a leader that
+    /// answers and then fails, rather than serve a read from a state that
+    /// may be stale. The control API's reads go through here, as etcd's
+    /// default reads do.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let deadline = Instant::now() + PROPOSE_DEADLINE;
+        loop {
+            let index = match self.leader() {
+                Some((id, _)) if id == self.node_id => self.read_index().await.ok(),
+                Some((_, addr)) => self.remote_read_index(&addr).await,
+                None => None,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Some(index) = index {
+                return self
+                    .raft
+                    .wait(Some(left))
+                    .applied_index_at_least(Some(index), "apply up to the read index")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| ProposeError::Raft(e.to_string()));
+            }
+            if left.is_zero() {
+                return Err(ProposeError::NoLeader(PROPOSE_DEADLINE));
+            }
+            // Wait for the metrics to change (a new leader) rather than spin.
+            let mut m = self.raft.metrics();
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), m.changed()).await;
+        }
+    }
+
     /// On the leader: a ReadIndex round (leadership confirmed by a quorum);
     /// returns the index to apply up to for a linearizable read, once this
     /// node has applied it.
