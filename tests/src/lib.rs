@@ -13,6 +13,7 @@ pub mod netns;
 pub mod process;
 pub mod prometheus;
 pub mod s3;
+pub mod wan;
 
 pub use cutover_devkit::{ports, postgres, writer};
 pub use ports::stable_free_addr;
@@ -57,6 +58,10 @@ impl TestClusterBuilder {
     pub fn nodes(mut self, n: u64) -> Self {
         self.nodes = n;
         self
+    }
+    /// How many coordinators the cluster will have.
+    pub fn node_count(&self) -> u64 {
+        self.nodes
     }
     /// Agents to issue certificates for (and start, with `start_agents`).
     pub fn regions(mut self, r: &[(&str, &str)]) -> Self {

@@ -34,6 +34,8 @@ pub struct Net {
     /// most 15 bytes.
     tag: String,
     bridge: String,
+    /// The bridge's own address, in the root namespace.
+    gateway: Ipv4Addr,
     /// Name → (namespace, address).
     spaces: BTreeMap<String, (String, Ipv4Addr)>,
 }
@@ -67,11 +69,12 @@ impl Net {
         let subnet = (200 + (pid % 50) as u8, ((pid / 50 + n * 7) % 256) as u8);
         let mut net = Net {
             bridge: format!("cvb{tag}"),
+            gateway: Ipv4Addr::new(10, subnet.0, subnet.1, 1),
             tag,
             spaces: BTreeMap::new(),
         };
         run("ip", &["link", "add", &net.bridge, "type", "bridge"])?;
-        let gateway = format!("10.{}.{}.1/24", subnet.0, subnet.1);
+        let gateway = format!("{}/24", net.gateway);
         run("ip", &["addr", "add", &gateway, "dev", &net.bridge])?;
         run("ip", &["link", "set", &net.bridge, "up"])?;
         for (i, name) in names.iter().enumerate() {
@@ -106,6 +109,37 @@ impl Net {
         self.spaces[name].1
     }
 
+    /// The bridge's address: the root namespace (the test process) as the
+    /// namespaces see it.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    /// The names of the namespaces.
+    pub fn names(&self) -> Vec<String> {
+        self.spaces.keys().cloned().collect()
+    }
+
+    /// Loads nftables `rules` in namespace `name` (through a file named
+    /// after `label`).
+    pub fn nft(&self, name: &str, label: &str, rules: &str) -> Result<()> {
+        let path = std::env::temp_dir().join(format!("cutover-nft-{}-{label}.nft", self.tag));
+        std::fs::write(&path, rules)?;
+        let r = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.spaces[name].0,
+                "nft",
+                "-f",
+                &path.display().to_string(),
+            ],
+        );
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
     /// A command that runs `program` inside namespace `name`.
     pub fn command(&self, name: &str, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");
@@ -128,7 +162,6 @@ impl Net {
     /// namespace: what it sends there is lost, and what comes from there
     /// is not accepted.
     pub fn drop_between(&self, from: &str, to: &[&str]) -> Result<()> {
-        let ns = &self.spaces[from].0;
         let addrs: Vec<String> = to.iter().map(|t| self.addr(t).to_string()).collect();
         let set = addrs.join(", ");
         let rules = format!(
@@ -137,9 +170,7 @@ impl Net {
              chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {set} }} drop; }}\n\
              }}\n"
         );
-        let path = std::env::temp_dir().join(format!("cutover-nft-{}-{from}.nft", self.tag));
-        std::fs::write(&path, rules)?;
-        run("ip", &["netns", "exec", ns, "nft", "-f", &path.display().to_string()])
+        self.nft(from, from, &rules)
     }
 
     /// Removes every fault.

@@ -60,6 +60,8 @@ pub struct ProcessCluster {
     agents: Vec<Option<Proc>>,
     coordinator_logs: Vec<Vec<PathBuf>>,
     agent_logs: Vec<Vec<PathBuf>>,
+    /// The WAN proxies between regions ([`Self::start_across_wan`]).
+    pub wan: Option<crate::wan::Wan>,
     /// The namespaces, when the processes run in them: coordinator `i` in
     /// `coordinator-<i+1>`, each agent in its region's. Dropped after the
     /// processes (a struct's fields drop after its `Drop`).
@@ -83,7 +85,8 @@ impl ProcessCluster {
         regions: &[(&str, &str)],
         agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
     ) -> Result<ProcessCluster> {
-        Self::start_inner(nodes, regions, agent, None).await
+        let builder = TestCluster::builder().nodes(nodes).regions(regions);
+        Self::start_inner(builder, regions, agent, None, None).await
     }
 
     /// [`Self::start`] with every coordinator and agent in its own network
@@ -96,16 +99,58 @@ impl ProcessCluster {
             .chain(regions.iter().map(|(r, _)| r.to_string()))
             .collect();
         let net = crate::netns::Net::new(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
-        Self::start_inner(nodes, regions, |_, _, _| {}, Some(net)).await
+        let builder = TestCluster::builder().nodes(nodes).regions(regions);
+        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), None).await
+    }
+
+    /// One coordinator per region, each process in its own namespace as
+    /// in [`Self::start_in_namespaces`], with coordinator `i` sited in
+    /// region `i`: connections between namespaces of different regions go
+    /// through the WAN proxy ([`crate::wan`]) with `link(region, region)`.
+    /// Raft and agent heartbeats get WAN timings (etcd's advice: heartbeat
+    /// about one round trip, election about ten): heartbeat 100 ms,
+    /// election 1–2 s, agent heartbeat 1 s.
+    pub async fn start_across_wan(
+        regions: &[(&str, &str)],
+        link: impl Fn(&str, &str) -> Option<crate::wan::Link>,
+    ) -> Result<ProcessCluster> {
+        let nodes = regions.len() as u64;
+        let names: Vec<String> = (1..=nodes)
+            .map(|i| format!("coordinator-{i}"))
+            .chain(regions.iter().map(|(r, _)| r.to_string()))
+            .collect();
+        let net = crate::netns::Net::new(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let site = |space: &str| -> String {
+            match space.strip_prefix("coordinator-").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => regions[n - 1].0.to_string(),
+                None => space.to_string(),
+            }
+        };
+        let listeners: Vec<(String, u16)> = (1..=nodes).map(|i| (format!("coordinator-{i}"), NETNS_PORT)).collect();
+        let listeners: Vec<(&str, u16)> = listeners.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        let wan = crate::wan::Wan::start(&net, &listeners, |from, to| {
+            let (a, b) = (site(from), site(to));
+            if a == b { None } else { link(&a, &b) }
+        })
+        .await?;
+        let builder = TestCluster::builder().nodes(nodes).regions(regions).configure(|cfg| {
+            cfg.raft.heartbeat_interval_ms = 100;
+            cfg.raft.election_timeout_min_ms = 1000;
+            cfg.raft.election_timeout_max_ms = 2000;
+            cfg.agent_heartbeat_interval_ms = 1000;
+        });
+        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), Some(wan)).await
     }
 
     async fn start_inner(
-        nodes: u64,
+        builder: crate::TestClusterBuilder,
         regions: &[(&str, &str)],
         agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
         net: Option<crate::netns::Net>,
+        wan: Option<crate::wan::Wan>,
     ) -> Result<ProcessCluster> {
-        let mut harness = TestCluster::builder().nodes(nodes).regions(regions).prepare().await?;
+        let nodes = builder.node_count();
+        let mut harness = builder.prepare().await?;
         let dir = harness.tmp.path().to_owned();
         std::fs::create_dir_all(dir.join("logs"))?;
         // The harness bound ports to learn them; processes bind their own,
@@ -165,6 +210,7 @@ impl ProcessCluster {
             agents: (0..a).map(|_| None).collect(),
             coordinator_logs: vec![vec![]; n],
             agent_logs: vec![vec![]; a],
+            wan,
             net,
         };
         for i in 0..n {
