@@ -454,6 +454,7 @@ mod tests {
             analysis: vec![],
             strategy: Default::default(),
             canary: None,
+            unreachable: None,
         }
     }
 

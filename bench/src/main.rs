@@ -249,6 +249,7 @@ async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     };
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) }).await?;

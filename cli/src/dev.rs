@@ -340,6 +340,7 @@ impl DevSystem {
             analysis: builtin_analysis(),
             strategy: Default::default(),
             canary: None,
+            unreachable: None,
         };
         let mut client =
             pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);

@@ -58,6 +58,7 @@ fn app() -> AppSpec {
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     }
 }
 

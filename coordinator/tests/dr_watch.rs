@@ -58,6 +58,7 @@ fn app(automatic: bool) -> AppSpec {
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     };
     spec.dr.automatic = automatic;
     spec.dr.failover_after_secs = 10;

@@ -61,6 +61,7 @@ fn app() -> AppSpec {
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     }
 }
 

@@ -63,6 +63,7 @@ fn spec(bake_secs: u64) -> AppSpec {
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     }
 }
 

@@ -64,5 +64,6 @@ pub fn spec(name: &str, regions: &[(&str, &str)], program: &Path) -> cutover_sha
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     }
 }

@@ -251,6 +251,49 @@ pub struct AppSpec {
     /// A canary's steps (`[canary]`), with `strategy = "canary"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanarySteps>,
+    /// What an operation does while a target's agent is unreachable
+    /// (`[unreachable]`); unset: it waits for the agent, however long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable: Option<UnreachablePolicy>,
+}
+
+/// What an operation does while the agent of a cluster it acts on is
+/// unreachable (its stream to the leader lost, so the leader marked it
+/// down): Argo Rollouts' `progressDeadlineAbort`, for a region cut off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnreachablePolicy {
+    /// `wait` (the default): the step waits for the agent and goes on when
+    /// it is back. `rollback`: a step whose agent has been down for
+    /// `after_secs` fails, and the operation rolls back as after any
+    /// failed step (what the cut-off region must undo waits for it).
+    #[serde(default)]
+    pub action: UnreachableAction,
+    /// Seconds the agent must have been down before `rollback` acts, 1 to
+    /// 86400. Default 60.
+    #[serde(default = "default_unreachable_after_secs")]
+    pub after_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnreachableAction {
+    #[default]
+    Wait,
+    Rollback,
+}
+
+fn default_unreachable_after_secs() -> u64 {
+    60
+}
+
+impl Default for UnreachablePolicy {
+    fn default() -> Self {
+        UnreachablePolicy {
+            action: UnreachableAction::Wait,
+            after_secs: default_unreachable_after_secs(),
+        }
+    }
 }
 
 /// How a deploy moves an app's traffic inside a cluster.
@@ -371,6 +414,11 @@ impl AppSpec {
 
     pub fn validate(&self) -> Result<(), Error> {
         validate_name("name", &self.name)?;
+        if let Some(u) = &self.unreachable
+            && !(1..=86_400).contains(&u.after_secs)
+        {
+            return Err(bad("unreachable.after_secs", "must be 1 to 86400"));
+        }
         if self.clusters.is_empty() {
             return Err(bad("clusters", "at least one cluster is required"));
         }
@@ -721,6 +769,45 @@ mod tests {
     /// trips, and keeps blue-green definitions' digests (left out while
     /// unset); bad steps are refused naming the field.
     #[test]
+    fn unreachable_policy_parses_validates_and_round_trips() {
+        let text = include_str!("../../deploy/examples/app-sample.toml");
+        let default: AppSpec = toml::from_str(text).unwrap();
+        assert_eq!(default.unreachable, None);
+        assert!(!default.to_toml().unwrap().contains("unreachable"));
+        let uncommented = text
+            .replace("# [unreachable]", "[unreachable]")
+            .replace("# action = \"rollback\"", "action = \"rollback\"")
+            .replace("# after_secs = 120", "after_secs = 120");
+        let rollback: AppSpec = toml::from_str(&uncommented).unwrap();
+        rollback.validate().unwrap();
+        let policy = UnreachablePolicy {
+            action: UnreachableAction::Rollback,
+            after_secs: 120,
+        };
+        assert_eq!(rollback.unreachable, Some(policy));
+        let back: AppSpec = toml::from_str(&rollback.to_toml().unwrap()).unwrap();
+        assert_eq!(back, rollback);
+        let proto: crate::proto::App = rollback.clone().into();
+        assert_eq!(crate::convert::app_from_proto(proto).unwrap(), rollback);
+        // after_secs defaults to 60; 0 and more than a day are refused.
+        let only_action: AppSpec = toml::from_str(&uncommented.replace("after_secs = 120", "")).unwrap();
+        assert_eq!(only_action.unreachable.unwrap().after_secs, 60);
+        for bad in [0, 86_401] {
+            let spec = AppSpec {
+                unreachable: Some(UnreachablePolicy {
+                    after_secs: bad,
+                    ..policy
+                }),
+                ..rollback.clone()
+            };
+            let e = spec.validate().unwrap_err().to_string();
+            assert!(e.contains("unreachable.after_secs"), "{bad}: {e}");
+        }
+        let unknown = uncommented.replace("action = \"rollback\"", "action = \"retry\"");
+        assert!(toml::from_str::<AppSpec>(&unknown).is_err());
+    }
+
+    #[test]
     fn canary_steps_validate_and_round_trip() {
         let text = include_str!("../../deploy/examples/app-sample.toml");
         let blue_green: AppSpec = toml::from_str(text).unwrap();
@@ -752,6 +839,7 @@ mod tests {
         assert!(refused(vec![5], TrafficStrategy::BlueGreen).contains("strategy is blue-green"));
         let missing = AppSpec {
             canary: None,
+            unreachable: None,
             ..canary.clone()
         };
         assert!(

@@ -312,6 +312,13 @@ impl From<app::AppSpec> for proto::App {
                 weights: c.weights,
                 pause_secs: c.pause_secs,
             }),
+            unreachable: a.unreachable.map(|u| proto::UnreachablePolicy {
+                action: match u.action {
+                    app::UnreachableAction::Wait => proto::UnreachableAction::Wait,
+                    app::UnreachableAction::Rollback => proto::UnreachableAction::Rollback,
+                } as i32,
+                after_secs: u.after_secs,
+            }),
         }
     }
 }
@@ -517,6 +524,30 @@ pub fn app_from_proto(a: proto::App) -> Result<app::AppSpec, Error> {
             weights: c.weights,
             pause_secs: c.pause_secs,
         }),
+        unreachable: a
+            .unreachable
+            .map(|u| -> Result<app::UnreachablePolicy, Error> {
+                Ok(app::UnreachablePolicy {
+                    action: match proto::UnreachableAction::try_from(u.action) {
+                        Ok(proto::UnreachableAction::Unspecified | proto::UnreachableAction::Wait) => {
+                            app::UnreachableAction::Wait
+                        }
+                        Ok(proto::UnreachableAction::Rollback) => app::UnreachableAction::Rollback,
+                        Err(_) => {
+                            return Err(bad(
+                                "unreachable.action".into(),
+                                "unknown action (expected wait or rollback)",
+                            ));
+                        }
+                    },
+                    after_secs: if u.after_secs == 0 {
+                        app::UnreachablePolicy::default().after_secs
+                    } else {
+                        u.after_secs
+                    },
+                })
+            })
+            .transpose()?,
     };
     spec.validate()?;
     Ok(spec)

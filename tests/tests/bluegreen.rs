@@ -46,6 +46,7 @@ fn app(name: &str) -> AppSpec {
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     }
 }
 

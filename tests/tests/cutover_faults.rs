@@ -74,6 +74,7 @@ fn app() -> AppSpec {
         analysis: vec![],
         strategy: Default::default(),
         canary: None,
+        unreachable: None,
     }
 }
 

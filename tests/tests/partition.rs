@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cutover_shared::app::{AppSpec, UnreachableAction, UnreachablePolicy};
 use cutover_shared::proto as pb;
 use cutover_tests::linearizability as lin;
 use cutover_tests::load::SteadyLoad;
@@ -385,23 +386,55 @@ async fn the_control_api_history_stays_linearizable_under_partitions() {
     assert!(reads > 200 && all.len() - reads > 200, "too few operations to tell");
 }
 
+/// App `shop` in `regions`, in waves (the first region, then the rest),
+/// each region's front door on its namespace's address, which the test
+/// process (outside every region) reaches over the bridge.
+fn shop(net: &cutover_tests::netns::Net, regions: &[(&str, &str)]) -> AppSpec {
+    let mut spec = cutover_tests::sample_app_spec("shop", regions);
+    for c in spec.clusters.iter_mut() {
+        let local = c.local.as_mut().unwrap();
+        local.listen = format!("{}:8080", net.addr(&c.region));
+        local.preview_listen = format!("{}:8081", net.addr(&c.region));
+    }
+    spec.waves = vec![
+        vec![regions[0].0.into()],
+        regions[1..].iter().map(|(r, _)| r.to_string()).collect(),
+    ];
+    spec
+}
+
+async fn apply(pc: &ProcessCluster, spec: &AppSpec) {
+    let app: pb::App = spec.clone().into();
+    pc.any("ApplyApp", |mut c| {
+        let app = app.clone();
+        async move { c.apply_app(pb::ApplyAppRequest { app: Some(app) }).await }
+    })
+    .await
+    .unwrap();
+}
+
+/// Starts a deploy of `image` in waves through any coordinator.
+async fn start_deploy(pc: &ProcessCluster, image: &str) -> String {
+    pc.any("Deploy", |mut c| async move {
+        c.deploy(pb::DeployRequest {
+            app: "shop".into(),
+            image: image.into(),
+            strategy: pb::Strategy::Waves as i32,
+            ..Default::default()
+        })
+        .await
+    })
+    .await
+    .unwrap()
+    .operation_id
+}
+
 /// Runs a deploy of `image` in waves through any coordinator and waits
 /// for it to succeed.
 async fn deploy_waves(pc: &ProcessCluster, image: &str) -> pb::Operation {
-    let r = pc
-        .any("Deploy", |mut c| async move {
-            c.deploy(pb::DeployRequest {
-                app: "shop".into(),
-                image: image.into(),
-                strategy: pb::Strategy::Waves as i32,
-                ..Default::default()
-            })
-            .await
-        })
-        .await
-        .unwrap();
+    let id = start_deploy(pc, image).await;
     let op = pc
-        .wait_finished(&r.operation_id, Duration::from_secs(120))
+        .wait_finished(&id, Duration::from_secs(120))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
     assert_eq!(op.state, pb::TaskState::Succeeded as i32, "{}", describe(Some(&op)));
@@ -440,22 +473,8 @@ async fn a_cutover_in_waves_across_a_lossy_wan_fails_no_request() {
         .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
     let net = pc.net.as_ref().unwrap();
 
-    // Each region's front door on its namespace's address, which the test
-    // process (outside every region) reaches over the bridge.
-    let mut spec = cutover_tests::sample_app_spec("shop", &regions);
-    for c in spec.clusters.iter_mut() {
-        let local = c.local.as_mut().unwrap();
-        local.listen = format!("{}:8080", net.addr(&c.region));
-        local.preview_listen = format!("{}:8081", net.addr(&c.region));
-    }
-    spec.waves = vec![vec!["us-east".into()], vec!["eu-west".into(), "ap-south".into()]];
-    let app: pb::App = spec.clone().into();
-    pc.any("ApplyApp", |mut c| {
-        let app = app.clone();
-        async move { c.apply_app(pb::ApplyAppRequest { app: Some(app) }).await }
-    })
-    .await
-    .unwrap();
+    let spec = shop(net, &regions);
+    apply(&pc, &spec).await;
     deploy_waves(&pc, "sample:v1").await;
 
     let doors: Vec<String> = spec
@@ -502,5 +521,163 @@ async fn a_cutover_in_waves_across_a_lossy_wan_fails_no_request() {
         stats.connections.load(Ordering::Relaxed),
         stats.chunks.load(Ordering::Relaxed),
         stats.retransmits.load(Ordering::Relaxed),
+    );
+}
+
+/// Whether the leader lists `region`'s agent in `state`.
+async fn agent_is(pc: &ProcessCluster, region: &str, state: pb::AgentState) -> bool {
+    let agents = pc
+        .any("ListAgents", |mut c| async move {
+            c.list_agents(pb::ListAgentsRequest {}).await
+        })
+        .await
+        .map(|r| r.agents)
+        .unwrap_or_default();
+    agents
+        .iter()
+        .any(|a| a.cluster.as_ref().is_some_and(|c| c.region == region) && a.state == state as i32)
+}
+
+async fn wait_agent(pc: &ProcessCluster, region: &str, state: pb::AgentState) {
+    let deadline = Instant::now() + T;
+    while !agent_is(pc, region, state).await {
+        assert!(Instant::now() < deadline, "{region}'s agent never {state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The tasks of `op` on `region`.
+fn tasks_in<'a>(op: &'a pb::Operation, region: &str) -> Vec<&'a pb::TaskStatus> {
+    op.tasks
+        .iter()
+        .filter(|t| {
+            t.task
+                .as_ref()
+                .and_then(|t| t.target.as_ref())
+                .is_some_and(|c| c.region == region)
+        })
+        .collect()
+}
+
+/// A region's agent cut off from every coordinator in the middle of a
+/// cutover in waves (us-east, then eu-west and ap-south), under each
+/// `[unreachable]` policy:
+/// - `wait` (the default): the operation holds at ap-south's step for as
+///   long as the partition lasts (checked over 5 s, twice the other
+///   policy's limit) and completes once healed, each of ap-south's tasks
+///   run once;
+/// - `rollback` after 2 s: ap-south's step fails without the agent, the
+///   regions already switched switch back, and the operation ends failed
+///   while the partition lasts. Healed, the agent is never sent the step
+///   that was given up (a marker task sent after the agent is back runs,
+///   and the given-up one never started), and every region serves what
+///   it served before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_regions_agent_makes_the_operation_wait_or_roll_back_as_its_policy_says() {
+    let regions = [
+        ("us-east", "us-east-1"),
+        ("eu-west", "eu-west-1"),
+        ("ap-south", "ap-south-1"),
+    ];
+    let pc = ProcessCluster::start_in_namespaces(3, &regions).await.unwrap();
+    pc.wait_leader(T).await.unwrap();
+    pc.wait_agents_up(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    let net = pc.net.as_ref().unwrap();
+    let coordinators = ["coordinator-1", "coordinator-2", "coordinator-3"];
+    let mut spec = shop(net, &regions);
+    apply(&pc, &spec).await;
+    deploy_waves(&pc, "sample:v1").await;
+    let doors: Vec<String> = spec
+        .clusters
+        .iter()
+        .map(|c| c.local.as_ref().unwrap().listen.clone())
+        .collect();
+    let ap_south = pc.agent_index("ap-south");
+
+    // wait: the operation holds while ap-south is cut off, then completes.
+    let id = start_deploy(&pc, "sample:v2").await;
+    net.partition(&["ap-south"], &coordinators).unwrap();
+    wait_agent(&pc, "ap-south", pb::AgentState::Down).await;
+    let deadline = Instant::now() + T;
+    while pc
+        .operation(&id)
+        .await
+        .map_or(true, |op| tasks_in(&op, "ap-south").is_empty())
+    {
+        assert!(Instant::now() < deadline, "the deploy never reached ap-south");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = Instant::now();
+    while held.elapsed() < Duration::from_secs(5) {
+        let op = pc.operation(&id).await.unwrap();
+        assert_eq!(op.state, pb::TaskState::Running as i32, "{}", describe(Some(&op)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    net.heal().unwrap();
+    let op = pc.wait_finished(&id, T).await.unwrap();
+    assert_eq!(op.state, pb::TaskState::Succeeded as i32, "{}", describe(Some(&op)));
+    let events = pc.agent_task_events(ap_south);
+    for t in tasks_in(&op, "ap-south") {
+        let task = &t.task.as_ref().unwrap().task_id;
+        let runs = events
+            .iter()
+            .filter(|e| &e.task_id == task && matches!(e.kind, TaskEventKind::Started { .. }))
+            .count();
+        assert_eq!(runs, 1, "ap-south ran {task} {runs} times");
+    }
+    for door in &doors {
+        assert_eq!(cutover_tests::serving(door).await, "version sample:v2");
+    }
+
+    // rollback after 2 s: the operation gives ap-south up and rolls back.
+    spec.unreachable = Some(UnreachablePolicy {
+        action: UnreachableAction::Rollback,
+        after_secs: 2,
+    });
+    apply(&pc, &spec).await;
+    let id = start_deploy(&pc, "sample:v3").await;
+    net.partition(&["ap-south"], &coordinators).unwrap();
+    let op = pc.wait_finished(&id, T).await.unwrap();
+    assert_eq!(op.state, pb::TaskState::Failed as i32, "{}", describe(Some(&op)));
+    let given_up: Vec<&pb::TaskStatus> = tasks_in(&op, "ap-south");
+    assert_eq!(given_up.len(), 1, "{}", describe(Some(&op)));
+    let message = &given_up[0].result.as_ref().unwrap().message;
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(
+        agent_is(&pc, "ap-south", pb::AgentState::Down).await,
+        "the operation ended while ap-south was still cut off"
+    );
+    for door in &doors[..2] {
+        assert_eq!(cutover_tests::serving(door).await, "version sample:v2");
+    }
+
+    net.heal().unwrap();
+    wait_agent(&pc, "ap-south", pb::AgentState::Up).await;
+    let marker = pc
+        .any("RunTask", |mut c| async move {
+            let mut t = echo("after the partition", 0);
+            t.target = Some(pb::ClusterRef {
+                region: "ap-south".into(),
+                cluster: "ap-south-1".into(),
+            });
+            c.run_task(t).await
+        })
+        .await
+        .unwrap();
+    let done = pc.wait_finished(&marker.operation_id, T).await.unwrap();
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{}", describe(Some(&done)));
+    let given_up = &given_up[0].task.as_ref().unwrap().task_id;
+    let started = pc
+        .agent_task_events(ap_south)
+        .iter()
+        .filter(|e| &e.task_id == given_up && matches!(e.kind, TaskEventKind::Started { .. }))
+        .count();
+    assert_eq!(started, 0, "ap-south ran the step the operation gave up");
+    assert_eq!(cutover_tests::serving(&doors[2]).await, "version sample:v2");
+    println!(
+        "wait: held 5 s, then succeeded; rollback: {message}; then {}",
+        op.summary
     );
 }

@@ -18,7 +18,12 @@ pub mod schedule;
 mod summary;
 
 use cutover_shared::config::RetentionConfig;
-use cutover_shared::domain::{Operation, OperationKind, TaskRecord, TaskSpec, TaskState, now_unix_ms};
+use std::collections::BTreeMap;
+
+use cutover_shared::app::{UnreachableAction, UnreachablePolicy};
+use cutover_shared::domain::{
+    AgentRecord, AgentState, Operation, OperationKind, TaskRecord, TaskResult, TaskSpec, TaskState, now_unix_ms,
+};
 use cutover_shared::operation::Promotion;
 use cutover_shared::task::TaskParams;
 
@@ -170,7 +175,58 @@ pub fn next_command(op: &Operation, inputs: &Inputs<'_>, now: i64) -> Option<Com
     }
 }
 
-/// Proposes the next step of every unfinished app operation.
+/// With an `[unreachable]` policy of `rollback`: the first unfinished step
+/// of `op` whose agent has been down for the policy's `after_secs` (counted
+/// from when the agent went down or the step was created, whichever is
+/// later) fails. The failure is recorded as that cluster's result, so the
+/// agent's own report, should it have run the task while cut off, comes
+/// second and is ignored, and nothing re-sends the task once the agent is
+/// back. The rollback then follows as after any failed step; compensating
+/// steps never give up: what the cut-off region must undo can only be
+/// undone there, so they wait for it.
+pub fn give_up_unreachable(
+    op: &Operation,
+    policy: Option<&UnreachablePolicy>,
+    agents: &BTreeMap<String, AgentRecord>,
+    now: i64,
+) -> Option<Command> {
+    let policy = policy.filter(|p| p.action == UnreachableAction::Rollback)?;
+    let failing = op
+        .tasks
+        .iter()
+        .any(|t| t.state == TaskState::Failed && !is_compensation(t));
+    if op.kind == OperationKind::Task || op.state.is_finished() || failing || op.control.aborted_by.is_some() {
+        return None;
+    }
+    let limit = now - policy.after_secs as i64 * 1000;
+    op.tasks
+        .iter()
+        .filter(|t| !t.state.is_finished() && !is_compensation(t))
+        .find_map(|t| {
+            let agent = agents.get(&t.spec.target.to_string())?;
+            let waiting_since = agent.since_unix_ms.max(t.created_at_unix_ms);
+            (agent.state == AgentState::Down && waiting_since <= limit).then(|| Command::TaskFinished {
+                from: t.spec.target.clone(),
+                result: TaskResult {
+                    task_id: t.spec.task_id.clone(),
+                    success: false,
+                    message: format!(
+                        "agent {} unreachable for {} s (the app's [unreachable] policy: rollback after {} s)",
+                        t.spec.target,
+                        (now - waiting_since) / 1000,
+                        policy.after_secs
+                    ),
+                    outputs: BTreeMap::new(),
+                    replayed: false,
+                    finished_at_unix_ms: now,
+                },
+                at_unix_ms: now,
+            })
+        })
+}
+
+/// Proposes the next step of every unfinished app operation, or the
+/// failure of a step whose agent is unreachable past its app's policy.
 pub async fn advance(consensus: &Consensus) {
     let now = now_unix_ms();
     let commands: Vec<Command> = consensus.read(|s| {
@@ -179,7 +235,8 @@ pub async fn advance(consensus: &Consensus) {
             .filter(|o| o.kind != OperationKind::Task && !o.state.is_finished())
             .filter_map(|o| {
                 let (spec, bundle) = s.operation_inputs(o)?;
-                next_command(o, &Inputs::new(o, spec, bundle), now)
+                give_up_unreachable(o, spec.unreachable.as_ref(), &s.agents, now)
+                    .or_else(|| next_command(o, &Inputs::new(o, spec, bundle), now))
             })
             .collect()
     });
