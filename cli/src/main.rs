@@ -155,11 +155,32 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let cfg: CoordinatorConfig = cutover_shared::config::load(&config)?;
             telemetry::init_tracing(cfg.log_format);
             telemetry::metrics_handle();
+            let data_dir = cfg.data_dir.clone();
             let node = cutover_coordinator::Node::bind_and_start(cfg).await?;
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            node.shutdown().await;
-            Ok(ExitCode::SUCCESS)
+            let failed = tokio::select! {
+                () = shutdown_signal() => None,
+                reason = node.raft_failed() => Some(reason),
+            };
+            match failed {
+                None => {
+                    tracing::info!("shutting down");
+                    node.shutdown().await;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(reason) => {
+                    // Exit rather than linger without Raft: a supervisor
+                    // (systemd, Kubernetes) restarts the node, which then
+                    // rejoins from its data directory and catches up.
+                    tracing::error!(
+                        "Raft stopped: {reason}. This node serves nothing until it restarts; nothing \
+                         acknowledged is lost (the log is fsynced before acknowledging). Check the \
+                         disk of {} (space, errors), then restart it.",
+                        data_dir.display()
+                    );
+                    node.shutdown().await;
+                    Ok(ExitCode::from(3))
+                }
+            }
         }
         Cmd::Agent { config } => {
             let cfg: AgentConfig = cutover_shared::config::load(&config)?;

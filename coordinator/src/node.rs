@@ -253,6 +253,15 @@ impl Node {
         self.hub.connected()
     }
 
+    /// Resolves when Raft has stopped on a fatal error (see
+    /// [`crate::raft::Consensus::fatal`]): this node then serves no
+    /// writes and no linearizable reads, and should be restarted once the
+    /// cause (a full disk, say) is fixed. The binary exits on it, so a
+    /// supervisor restarts it.
+    pub async fn raft_failed(&self) -> String {
+        self.consensus.fatal().await
+    }
+
     /// `WatchOperation` streams this node is serving.
     pub fn open_watches(&self) -> usize {
         self.watches.load(std::sync::atomic::Ordering::Relaxed)

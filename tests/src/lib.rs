@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dev;
+pub mod disk;
 pub mod garage;
 pub mod linearizability;
 pub mod netns;

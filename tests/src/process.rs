@@ -261,6 +261,19 @@ impl ProcessCluster {
         Ok(())
     }
 
+    /// Coordinator `i`'s exit status, once its process has exited on its
+    /// own (`None` while it runs, or when it was killed or never started).
+    pub fn coordinator_exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.coordinators[i].as_mut()?.child.try_wait().ok()??;
+        self.coordinators[i] = None;
+        Some(status)
+    }
+
+    /// Coordinator `i`'s data directory.
+    pub fn coordinator_data_dir(&self, i: usize) -> PathBuf {
+        self.harness.configs[i].data_dir.clone()
+    }
+
     /// kill -9 of coordinator `i`.
     pub fn kill9_coordinator(&mut self, i: usize) {
         if let Some(mut p) = self.coordinators[i].take() {

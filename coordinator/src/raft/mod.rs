@@ -294,6 +294,25 @@ impl Consensus {
             .map_err(|e| ProposeError::Raft(e.to_string()))
     }
 
+    /// Resolves once Raft has stopped on a fatal error, with the reason: a
+    /// write to the log or the state machine that failed (a full or failing
+    /// disk), or a panic inside openraft. Raft does not resume after one, so
+    /// the node must restart from its data directory; until this resolves
+    /// it never does (a clean shutdown is not fatal).
+    pub async fn fatal(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(f) = &metrics.borrow_watched().running_state
+                && !matches!(f, openraft::errors::Fatal::Stopped)
+            {
+                return f.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Makes the next local read linearizable: once this returns, this
     /// node has applied every write acknowledged anywhere before the call.
     /// The leader confirms its leadership with a quorum (ReadIndex); a
