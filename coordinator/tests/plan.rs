@@ -1177,3 +1177,77 @@ fn a_failback_rejoins_the_old_primary_after_the_new_one_is_verified() {
     });
     assert!(refused.error.is_some_and(|e| e.contains("stale")));
 }
+
+/// The `[unreachable]` policy, as the leader applies it before each
+/// decision: only `rollback` gives a step up, only once its agent has been
+/// down `after_secs` (counted from the later of its going down and the
+/// step's start), and the failure is that cluster's result for that task.
+#[test]
+fn an_unreachable_agent_fails_its_step_only_under_rollback_and_in_its_time() {
+    use cutover_shared::app::{UnreachableAction, UnreachablePolicy};
+    use cutover_shared::domain::{AgentRecord, AgentState, TaskRecord, TaskSpec};
+
+    let mut op = deploy_op("op-u", "shop:v2", "waves");
+    op.state = TaskState::Running;
+    op.tasks.push(TaskRecord {
+        spec: TaskSpec {
+            task_id: "op-u-0".into(),
+            operation_id: "op-u".into(),
+            kind: "app.deploy".into(),
+            params: BTreeMap::new(),
+            target: target("eu-west"),
+        },
+        created_at_unix_ms: 50_000,
+        state: TaskState::Running,
+        progress: vec![],
+        result: None,
+        dispatch_count: 1,
+    });
+    let agent = |state, since| {
+        let record = AgentRecord {
+            cluster: target("eu-west"),
+            state,
+            since_unix_ms: since,
+            agent_version: "test".into(),
+            task_kinds: vec![],
+            traffic_apps: vec![],
+            session: 1,
+        };
+        BTreeMap::from([(target("eu-west").to_string(), record)])
+    };
+    let rollback = UnreachablePolicy {
+        action: UnreachableAction::Rollback,
+        after_secs: 30,
+    };
+    let wait = UnreachablePolicy {
+        action: UnreachableAction::Wait,
+        after_secs: 30,
+    };
+    let down_early = agent(AgentState::Down, 10_000);
+    let give_up = orchestrator::give_up_unreachable;
+    // Waiting counts from the step's start (50 s) here, the later of the two.
+    assert!(give_up(&op, Some(&rollback), &down_early, 79_999).is_none());
+    let Some(Command::TaskFinished { from, result, .. }) = give_up(&op, Some(&rollback), &down_early, 80_000) else {
+        panic!("the step was not given up");
+    };
+    assert_eq!(from, target("eu-west"));
+    assert_eq!(result.task_id, "op-u-0");
+    assert!(!result.success);
+    assert!(result.message.contains("unreachable for 30 s"), "{}", result.message);
+    // From the agent's going down, when that came later.
+    let down_late = agent(AgentState::Down, 70_000);
+    assert!(give_up(&op, Some(&rollback), &down_late, 99_999).is_none());
+    assert!(give_up(&op, Some(&rollback), &down_late, 100_000).is_some());
+    // Up, waiting, or no policy: nothing.
+    assert!(give_up(&op, Some(&rollback), &agent(AgentState::Up, 10_000), 1_000_000).is_none());
+    assert!(give_up(&op, Some(&wait), &down_early, 1_000_000).is_none());
+    assert!(give_up(&op, None, &down_early, 1_000_000).is_none());
+    // An operation already failing is rolling back: nothing more to give up.
+    let mut failing = op.clone();
+    failing.tasks[0].state = TaskState::Failed;
+    failing.tasks.push(TaskRecord {
+        state: TaskState::Running,
+        ..op.tasks[0].clone()
+    });
+    assert!(give_up(&failing, Some(&rollback), &down_early, 1_000_000).is_none());
+}
