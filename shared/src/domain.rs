@@ -145,12 +145,10 @@ impl TaskResult {
     }
 }
 
-/// Milliseconds since the Unix epoch, from the wall clock.
+/// Milliseconds since the Unix epoch, from the wall clock with its jumps
+/// taken out ([`crate::clock`]).
 pub fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::clock::now_unix_ms()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod analysis;
 pub mod app;
 pub mod backup;
 pub mod certs;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod domain;

@@ -476,6 +476,24 @@ pub fn sample_app_spec(name: &str, regions: &[(&str, &str)]) -> cutover_shared::
     cutover_devkit::sample_app::spec(name, regions, &cutover_bin())
 }
 
+/// An `echo` task for the agent of `region`'s cluster `cluster`,
+/// answering `message` after `delay_ms`.
+pub fn echo_task(region: &str, cluster: &str, message: &str, delay_ms: u64) -> pb::RunTaskRequest {
+    pb::RunTaskRequest {
+        target: Some(pb::ClusterRef {
+            region: region.into(),
+            cluster: cluster.into(),
+        }),
+        kind: "echo".into(),
+        params: [
+            ("message".to_string(), message.to_string()),
+            ("delay_ms".to_string(), delay_ms.to_string()),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
 /// The `cutover` binary built alongside the tests (`cargo build --bin cutover`
 /// runs first in `scripts/test`).
 pub fn cutover_bin() -> PathBuf {

@@ -60,6 +60,9 @@ pub struct ProcessCluster {
     agents: Vec<Option<Proc>>,
     coordinator_logs: Vec<Vec<PathBuf>>,
     agent_logs: Vec<Vec<PathBuf>>,
+    /// libfaketime, when the coordinators run under it
+    /// ([`Self::start_with_clocks`]).
+    libfaketime: Option<PathBuf>,
     /// The WAN proxies between regions ([`Self::start_across_wan`]).
     pub wan: Option<crate::wan::Wan>,
     /// The namespaces, when the processes run in them: coordinator `i` in
@@ -86,7 +89,28 @@ impl ProcessCluster {
         agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
     ) -> Result<ProcessCluster> {
         let builder = TestCluster::builder().nodes(nodes).regions(regions);
-        Self::start_inner(builder, regions, agent, None, None).await
+        Self::start_inner(builder, regions, agent, None, None, false).await
+    }
+
+    /// [`Self::start`], each coordinator under libfaketime with its own
+    /// wall clock offset (`+0` to begin with), which [`Self::set_clock`]
+    /// jumps. Only the wall clock: monotonic time stays true, as it does
+    /// when NTP steps a clock or a VM resumes.
+    pub async fn start_with_clocks(nodes: u64, regions: &[(&str, &str)]) -> Result<ProcessCluster> {
+        let builder = TestCluster::builder().nodes(nodes).regions(regions);
+        Self::start_inner(builder, regions, |_, _, _| {}, None, None, true).await
+    }
+
+    /// Sets coordinator `i`'s wall clock to the true time plus `offset`
+    /// (libfaketime's syntax: `+0`, `+1h`, `-30m`); seen within a second.
+    /// Needs [`Self::start_with_clocks`].
+    pub fn set_clock(&self, i: usize, offset: &str) -> Result<()> {
+        std::fs::write(self.clock_file(i), offset)?;
+        Ok(())
+    }
+
+    fn clock_file(&self, i: usize) -> PathBuf {
+        self.dir().join(format!("clock-{}", i + 1))
     }
 
     /// [`Self::start`] with every coordinator and agent in its own network
@@ -100,7 +124,7 @@ impl ProcessCluster {
             .collect();
         let net = crate::netns::Net::new(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let builder = TestCluster::builder().nodes(nodes).regions(regions);
-        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), None).await
+        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), None, false).await
     }
 
     /// One coordinator per region, each process in its own namespace as
@@ -139,7 +163,7 @@ impl ProcessCluster {
             cfg.raft.election_timeout_max_ms = 2000;
             cfg.agent_heartbeat_interval_ms = 1000;
         });
-        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), Some(wan)).await
+        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), Some(wan), false).await
     }
 
     async fn start_inner(
@@ -148,6 +172,7 @@ impl ProcessCluster {
         agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
         net: Option<crate::netns::Net>,
         wan: Option<crate::wan::Wan>,
+        clocks: bool,
     ) -> Result<ProcessCluster> {
         let nodes = builder.node_count();
         let mut harness = builder.prepare().await?;
@@ -212,7 +237,13 @@ impl ProcessCluster {
             agent_logs: vec![vec![]; a],
             wan,
             net,
+            libfaketime: if clocks { Some(libfaketime()?) } else { None },
         };
+        if clocks {
+            for i in 0..n {
+                pc.set_clock(i, "+0")?;
+            }
+        }
         for i in 0..n {
             pc.start_coordinator(i)?;
         }
@@ -227,12 +258,13 @@ impl ProcessCluster {
     }
 
     /// Starts `cutover args`, in namespace `space` when there are any.
-    fn spawn(&self, space: &str, args: &[&str], log: &Path, format: &str) -> Result<Proc> {
+    fn spawn(&self, space: &str, args: &[&str], log: &Path, format: &str, env: &[(&str, String)]) -> Result<Proc> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = match &self.net {
             Some(net) => net.command(space, &cutover_bin()),
             None => Command::new(cutover_bin()),
         };
+        command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let child = command
             .args(args)
             .env("RUST_LOG", LOG_FILTER)
@@ -256,7 +288,17 @@ impl ProcessCluster {
             .join(format!("coordinator-{}.{}.log", i + 1, self.coordinator_logs[i].len()));
         let config = self.coordinator_configs[i].display().to_string();
         let space = format!("coordinator-{}", i + 1);
-        self.coordinators[i] = Some(self.spawn(&space, &["coordinator", "--config", &config], &log, "human")?);
+        let env: Vec<(&str, String)> = match &self.libfaketime {
+            None => vec![],
+            Some(lib) => vec![
+                ("LD_PRELOAD", lib.display().to_string()),
+                ("FAKETIME_TIMESTAMP_FILE", self.clock_file(i).display().to_string()),
+                ("FAKETIME_CACHE_DURATION", "1".into()),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+                ("DONT_FAKE_MONOTONIC", "1".into()),
+            ],
+        };
+        self.coordinators[i] = Some(self.spawn(&space, &["coordinator", "--config", &config], &log, "human", &env)?);
         self.coordinator_logs[i].push(log);
         Ok(())
     }
@@ -291,7 +333,7 @@ impl ProcessCluster {
             .join(format!("agent-{region}.{}.log", self.agent_logs[i].len()));
         let config = self.agent_configs[i].display().to_string();
         let space = region.clone();
-        self.agents[i] = Some(self.spawn(&space, &["agent", "--config", &config], &log, "json")?);
+        self.agents[i] = Some(self.spawn(&space, &["agent", "--config", &config], &log, "json", &[])?);
         self.agent_logs[i].push(log);
         Ok(())
     }
@@ -401,6 +443,34 @@ impl ProcessCluster {
             })
             .await?;
         r.operation.context("GetOperation answered no operation")
+    }
+
+    /// Applies `spec` through any coordinator.
+    pub async fn apply_app(&self, spec: &cutover_shared::app::AppSpec) -> Result<()> {
+        let app: pb::App = spec.clone().into();
+        self.any("ApplyApp", |mut c| {
+            let app = app.clone();
+            async move { c.apply_app(pb::ApplyAppRequest { app: Some(app) }).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a deploy of `app` to `image` in waves through any
+    /// coordinator; returns the operation's id.
+    pub async fn start_deploy_waves(&self, app: &str, image: &str) -> Result<String> {
+        let r = self
+            .any("Deploy", |mut c| async move {
+                c.deploy(pb::DeployRequest {
+                    app: app.into(),
+                    image: image.into(),
+                    strategy: pb::Strategy::Waves as i32,
+                    ..Default::default()
+                })
+                .await
+            })
+            .await?;
+        Ok(r.operation_id)
     }
 
     /// Polls until the operation is finished (succeeded or failed).
@@ -548,4 +618,19 @@ impl Drop for ProcessCluster {
         }
         // The harness's own drop then kills the app processes.
     }
+}
+
+/// libfaketime's multithreaded library: `CUTOVER_LIBFAKETIME`, or where
+/// Debian's `libfaketime` puts it (`scripts/setup` installs it).
+fn libfaketime() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CUTOVER_LIBFAKETIME") {
+        return Ok(PathBuf::from(p));
+    }
+    for dir in std::fs::read_dir("/usr/lib")?.flatten() {
+        let lib = dir.path().join("faketime/libfaketimeMT.so.1");
+        if lib.is_file() {
+            return Ok(lib);
+        }
+    }
+    bail!("libfaketime is missing: run scripts/setup (it installs Debian's libfaketime), or set CUTOVER_LIBFAKETIME")
 }

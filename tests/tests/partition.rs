@@ -3,7 +3,6 @@
 //! (see `cutover_tests::netns`), and a link proxy gives them WAN delay,
 //! jitter and loss (`cutover_tests::wan`). Run as root (CI does).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,19 +29,7 @@ async fn up() -> ProcessCluster {
 
 /// An echo task on the us-east agent answering `message` after `delay_ms`.
 fn echo(message: &str, delay_ms: u64) -> pb::RunTaskRequest {
-    let params: BTreeMap<String, String> = [
-        ("message".to_string(), message.to_string()),
-        ("delay_ms".to_string(), delay_ms.to_string()),
-    ]
-    .into();
-    pb::RunTaskRequest {
-        target: Some(pb::ClusterRef {
-            region: "us-east".into(),
-            cluster: "us-east-1".into(),
-        }),
-        kind: "echo".into(),
-        params: params.into_iter().collect(),
-    }
+    cutover_tests::echo_task("us-east", "us-east-1", message, delay_ms)
 }
 
 /// Coordinator `i`'s view, if it answers within 2 s.
@@ -404,29 +391,11 @@ fn shop(net: &cutover_tests::netns::Net, regions: &[(&str, &str)]) -> AppSpec {
 }
 
 async fn apply(pc: &ProcessCluster, spec: &AppSpec) {
-    let app: pb::App = spec.clone().into();
-    pc.any("ApplyApp", |mut c| {
-        let app = app.clone();
-        async move { c.apply_app(pb::ApplyAppRequest { app: Some(app) }).await }
-    })
-    .await
-    .unwrap();
+    pc.apply_app(spec).await.unwrap();
 }
 
-/// Starts a deploy of `image` in waves through any coordinator.
 async fn start_deploy(pc: &ProcessCluster, image: &str) -> String {
-    pc.any("Deploy", |mut c| async move {
-        c.deploy(pb::DeployRequest {
-            app: "shop".into(),
-            image: image.into(),
-            strategy: pb::Strategy::Waves as i32,
-            ..Default::default()
-        })
-        .await
-    })
-    .await
-    .unwrap()
-    .operation_id
+    pc.start_deploy_waves("shop", image).await.unwrap()
 }
 
 /// Runs a deploy of `image` in waves through any coordinator and waits

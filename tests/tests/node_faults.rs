@@ -1,10 +1,11 @@
-//! Disk faults on a coordinator's data directory, with real processes: its
-//! directory on a small tmpfs that a filler file then fills. Run as root
-//! (CI does): the test mounts the tmpfs.
+//! Faults of one coordinator's machine, with real processes: its data
+//! directory on a small tmpfs that a filler file then fills (run as root,
+//! as CI does: the test mounts the tmpfs), and its wall clock jumping
+//! forward and back under libfaketime.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use cutover_shared::app::{UnreachableAction, UnreachablePolicy};
 use cutover_shared::proto as pb;
 use cutover_tests::disk::SmallDisk;
 use cutover_tests::process::{ProcessCluster, describe};
@@ -14,15 +15,7 @@ const T: Duration = Duration::from_secs(60);
 /// An echo task on the us-east agent whose message takes `pad` bytes more:
 /// each write grows every node's Raft log by at least that.
 fn echo(n: usize, pad: usize) -> pb::RunTaskRequest {
-    let params: BTreeMap<String, String> = [("message".to_string(), format!("write {n} {}", "x".repeat(pad)))].into();
-    pb::RunTaskRequest {
-        target: Some(pb::ClusterRef {
-            region: "us-east".into(),
-            cluster: "us-east-1".into(),
-        }),
-        kind: "echo".into(),
-        params: params.into_iter().collect(),
-    }
+    cutover_tests::echo_task("us-east", "us-east-1", &format!("write {n} {}", "x".repeat(pad)), 0)
 }
 
 /// Write `n` through `node`: the operation's id once acknowledged.
@@ -155,5 +148,106 @@ async fn a_coordinator_whose_disk_fills_stops_says_why_and_rejoins_when_space_re
         filled / 1024,
         victim + 1,
         acked.len()
+    );
+}
+
+/// The leader's wall clock jumps an hour forward, then back to the true
+/// time, while a step waits for an agent that is down under an
+/// `[unreachable] rollback after 8 s` policy. Neither jump changes the
+/// decision: the step is given up after the 8 s have passed, measured in
+/// elapsed time (not at the forward jump, as "down for an hour", nor an
+/// hour late after the jump back), and the operation finished before the
+/// jumps reads back unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wall_clock_jump_on_the_leader_changes_no_decision() {
+    let regions = [("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
+    let mut pc = ProcessCluster::start_with_clocks(3, &regions).await.unwrap();
+    pc.wait_leader(T).await.unwrap();
+    pc.wait_agents_up(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    let mut spec = cutover_tests::sample_app_spec("shop", &regions);
+    spec.waves = vec![vec!["us-east".into()], vec!["eu-west".into()]];
+    spec.unreachable = Some(UnreachablePolicy {
+        action: UnreachableAction::Rollback,
+        after_secs: 8,
+    });
+    pc.apply_app(&spec).await.unwrap();
+    let deploy = async |image: &str| pc.start_deploy_waves("shop", image).await.unwrap();
+    let first = deploy("sample:v1").await;
+    let before = pc.wait_finished(&first, T).await.unwrap();
+    assert_eq!(
+        before.state,
+        pb::TaskState::Succeeded as i32,
+        "{}",
+        describe(Some(&before))
+    );
+
+    // eu-west's agent dies while the second deploy is in its first wave.
+    let second = deploy("sample:v2").await;
+    let eu_west = pc.agent_index("eu-west");
+    pc.kill9_agent(eu_west);
+    let deadline = Instant::now() + T;
+    let waiting_since = loop {
+        let op = pc.operation(&second).await.unwrap();
+        let waits = op.tasks.iter().any(|t| {
+            t.task
+                .as_ref()
+                .and_then(|t| t.target.as_ref())
+                .is_some_and(|c| c.region == "eu-west")
+                && t.state != pb::TaskState::Succeeded as i32
+                && t.state != pb::TaskState::Failed as i32
+        });
+        let agents = pc
+            .any("ListAgents", |mut c| async move {
+                c.list_agents(pb::ListAgentsRequest {}).await
+            })
+            .await
+            .unwrap()
+            .agents;
+        let down = agents.iter().any(|a| {
+            a.cluster.as_ref().is_some_and(|c| c.region == "eu-west") && a.state == pb::AgentState::Down as i32
+        });
+        if waits && down {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no step waits for eu-west: {}",
+            describe(Some(&op))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // An hour forward on the leader: 4 s later nothing was given up.
+    let leader = pc.wait_leader(T).await.unwrap();
+    pc.set_clock(leader, "+1h").unwrap();
+    while waiting_since.elapsed() < Duration::from_secs(5) {
+        let op = pc.operation(&second).await.unwrap();
+        assert_eq!(op.state, pb::TaskState::Running as i32, "{}", describe(Some(&op)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back to the true time, an hour back: the step is given up once its
+    // 8 s have passed, not an hour later.
+    pc.set_clock(leader, "+0").unwrap();
+    let op = pc.wait_finished(&second, T).await.unwrap();
+    let waited = waiting_since.elapsed();
+    assert_eq!(op.state, pb::TaskState::Failed as i32, "{}", describe(Some(&op)));
+    assert!(op.summary.contains("unreachable"), "{}", op.summary);
+    assert!(waited >= Duration::from_secs(7), "given up after {waited:?}");
+    assert_eq!(
+        pc.wait_leader(T).await.unwrap(),
+        leader,
+        "the leader changed: the test proves nothing"
+    );
+
+    // The operation decided before the jumps reads back as it was.
+    let after = pc.operation(&first).await.unwrap();
+    assert_eq!(after, before);
+    println!(
+        "leader's wall clock +1h then back: the step was given up {} ms after its agent was seen down \
+         (policy: 8 s); {}",
+        waited.as_millis(),
+        op.summary
     );
 }
