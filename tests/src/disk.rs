@@ -4,30 +4,15 @@
 //! [`SmallDisk::free`] deletes it. Dropping it unmounts the tmpfs (lazily,
 //! so a process still holding files there does not keep it mounted).
 
+use anyhow::Result;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use crate::netns::run;
 
 pub struct SmallDisk {
     dir: PathBuf,
     filler: PathBuf,
-}
-
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (run as root)"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 impl SmallDisk {

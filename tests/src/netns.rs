@@ -40,12 +40,13 @@ pub struct Net {
     spaces: BTreeMap<String, (String, Ipv4Addr)>,
 }
 
-/// Runs `ip`/`nft` and fails with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<()> {
+/// Runs a system tool (`ip`, `nft`, `mount`, ...) and fails with its
+/// stderr.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(program)
         .args(args)
         .output()
-        .with_context(|| format!("running {program} (install iproute2 and nftables; run as root)"))?;
+        .with_context(|| format!("running {program} (run scripts/setup, which installs it; run as root)"))?;
     if !out.status.success() {
         bail!(
             "{program} {}: {}",

@@ -390,6 +390,14 @@ fn shop(net: &cutover_tests::netns::Net, regions: &[(&str, &str)]) -> AppSpec {
     spec
 }
 
+/// Each cluster's front door (its service address), in the spec's order.
+fn front_doors(spec: &AppSpec) -> Vec<String> {
+    spec.clusters
+        .iter()
+        .map(|c| c.local.as_ref().unwrap().listen.clone())
+        .collect()
+}
+
 async fn apply(pc: &ProcessCluster, spec: &AppSpec) {
     pc.apply_app(spec).await.unwrap();
 }
@@ -446,11 +454,7 @@ async fn a_cutover_in_waves_across_a_lossy_wan_fails_no_request() {
     apply(&pc, &spec).await;
     deploy_waves(&pc, "sample:v1").await;
 
-    let doors: Vec<String> = spec
-        .clusters
-        .iter()
-        .map(|c| c.local.as_ref().unwrap().listen.clone())
-        .collect();
+    let doors = front_doors(&spec);
     let loads: Vec<SteadyLoad> = doors
         .iter()
         .map(|d| SteadyLoad::start(d, 4, Duration::from_millis(20)))
@@ -558,11 +562,7 @@ async fn a_cut_off_regions_agent_makes_the_operation_wait_or_roll_back_as_its_po
     let mut spec = shop(net, &regions);
     apply(&pc, &spec).await;
     deploy_waves(&pc, "sample:v1").await;
-    let doors: Vec<String> = spec
-        .clusters
-        .iter()
-        .map(|c| c.local.as_ref().unwrap().listen.clone())
-        .collect();
+    let doors = front_doors(&spec);
     let ap_south = pc.agent_index("ap-south");
 
     // wait: the operation holds while ap-south is cut off, then completes.
