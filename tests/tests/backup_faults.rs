@@ -186,18 +186,29 @@ async fn the_leader_killed_at_a_slot_runs_it_exactly_once() {
     // Each succeeded slot made exactly one backup: one create task, whose
     // backup is in the catalog or was deleted by retention (which keeps
     // the newest of each day: these are all on one day), audited.
-    let catalog: Vec<String> = f.backups().await.unwrap().into_iter().map(|b| b.id).collect();
-    let audit =
-        f.pc.any("ListAuditEvents", |mut c| async move {
-            c.list_audit_events(pb::ListAuditEventsRequest {
-                limit: 1000,
-                since_unix_ms: 0,
+    // A retention deletion already under way when the schedule went can
+    // still land between two reads (it removes the entry and audits it in
+    // one command): read the audit between two equal catalog listings.
+    let ids = |b: Vec<pb::Backup>| b.into_iter().map(|b| b.id).collect::<Vec<String>>();
+    let deadline = Instant::now() + T;
+    let (catalog, audit) = loop {
+        let before = ids(f.backups().await.unwrap());
+        let audit =
+            f.pc.any("ListAuditEvents", |mut c| async move {
+                c.list_audit_events(pb::ListAuditEventsRequest {
+                    limit: 1000,
+                    since_unix_ms: 0,
+                })
+                .await
             })
             .await
-        })
-        .await
-        .unwrap()
-        .events;
+            .unwrap()
+            .events;
+        if ids(f.backups().await.unwrap()) == before {
+            break (before, audit);
+        }
+        assert!(Instant::now() < deadline, "the catalog kept changing");
+    };
     let deleted: Vec<&pb::AuditEvent> = audit
         .iter()
         .filter(|e| e.action == "DeleteBackup" && e.outcome == "deleted")
