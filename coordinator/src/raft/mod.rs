@@ -8,6 +8,7 @@ mod log_store;
 mod network;
 pub mod service;
 mod state_machine;
+pub mod trace;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -439,8 +440,12 @@ impl Consensus {
                 // Propose to applied on the leader: append, replicate to a
                 // majority, fsync, apply.
                 let started = Instant::now();
+                let start_us = trace::enabled().then(trace::now_us);
                 let resp = self.raft.client_write(cmd).await.map_err(map_err)?.data;
                 metrics::histogram!("cutover_raft_commit_seconds").record(started.elapsed().as_secs_f64());
+                if let Some(start_us) = start_us {
+                    trace::stage("propose", resp.log_index, resp.log_index, start_us, trace::now_us());
+                }
                 match resp.error {
                     Some(e) => Err(ProposeError::Rejected(e)),
                     None => Ok(resp),
@@ -639,5 +644,49 @@ impl Consensus {
                 }
             }
         });
+    }
+}
+
+/// openraft's own conformance suite for storage (`openraft::testing::log`),
+/// run against the log store and state machine as the node opens them: the
+/// log store acknowledges appends before they are on disk (readable at
+/// once, flushed later), which the suite's reads, truncations, purges and
+/// snapshot installs must not tell apart from a plain store.
+#[cfg(test)]
+mod storage_suite {
+    use std::sync::Arc;
+
+    use openraft::StorageError;
+    use openraft::errors::ErrorSource;
+    use openraft::testing::log::{StoreBuilder, Suite};
+
+    use super::TypeConfig;
+    use super::log_store::LogStore;
+    use super::state_machine::StateMachineStore;
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
+            let io = |e: &dyn std::fmt::Display| {
+                StorageError::read(
+                    <openraft::type_config::alias::ErrorSourceOf<TypeConfig> as ErrorSource>::from_string(e),
+                )
+            };
+            let dir = tempfile::tempdir().map_err(|e| io(&e))?;
+            let db = Arc::new(
+                super::open_database(&dir.path().join("raft.redb"))
+                    .await
+                    .map_err(|e| io(&e))?,
+            );
+            let log = LogStore::new(db.clone()).map_err(|e| io(&e))?;
+            let sm = StateMachineStore::open(db, dir.path()).map_err(|e| io(&e))?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stores_pass_openrafts_storage_suite() {
+        Suite::test_all(Builder).await.expect("openraft's storage suite");
     }
 }

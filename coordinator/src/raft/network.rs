@@ -139,6 +139,15 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let traced = super::trace::enabled()
+            .then(|| {
+                Some((
+                    rpc.entries.first()?.log_id.index,
+                    rpc.entries.last()?.log_id.index,
+                    super::trace::now_us(),
+                ))
+            })
+            .flatten();
         let payload = encode(&rpc)?;
         let reply = self
             .client()?
@@ -147,6 +156,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .map_err(status_to_rpc)?
             .into_inner();
         let r: Result<AppendEntriesResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
+        if let Some((first, last, start_us)) = traced {
+            super::trace::rpc("send", self.target, first, last, start_us, super::trace::now_us());
+        }
         r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
     }
 

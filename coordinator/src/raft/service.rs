@@ -134,11 +134,20 @@ impl RaftService for RaftGrpc {
         &self,
         req: Request<AppendEntriesRequest>,
     ) -> Result<Response<AppendEntriesResponse>, Status> {
+        let start_us = super::trace::enabled().then(super::trace::now_us);
         let sender = self.peer(&req)?;
         let rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig> =
             decode(&req.into_inner().payload, "append-entries")?;
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "append-entries")?;
+        let span = rpc
+            .entries
+            .first()
+            .zip(rpc.entries.last())
+            .map(|(f, l)| (f.log_id.index, l.log_id.index));
         let r = self.consensus.raft.append_entries(rpc).await.map_err(|e| e.to_string());
+        if let (Some(start_us), Some((first, last))) = (start_us, span) {
+            super::trace::rpc("receive", sender, first, last, start_us, super::trace::now_us());
+        }
         Ok(Response::new(AppendEntriesResponse { payload: encode(&r)? }))
     }
 

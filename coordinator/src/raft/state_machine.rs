@@ -177,9 +177,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     where
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
+        let start_us = super::trace::enabled().then(super::trace::now_us);
+        let mut first = None;
         let mut last = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
+            first.get_or_insert(entry.log_id.index);
             let mut pruned = Vec::new();
             let mut response = {
                 let mut d = self.shared.data.write().map_err(io_err)?;
@@ -211,6 +214,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         if let Some(index) = last {
             self.shared.applied.send_replace(index);
+            if let (Some(start_us), Some(first)) = (start_us, first) {
+                super::trace::stage("apply", first, index, start_us, super::trace::now_us());
+            }
         }
         Ok(())
     }
