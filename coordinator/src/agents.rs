@@ -39,6 +39,9 @@ struct Session {
     last_seen: Instant,
     /// Tasks already sent on this session.
     sent: HashSet<String>,
+    /// A task did not fit in the session's queue: the reaper's next tick
+    /// sends it (not only the next new task anywhere, which may never come).
+    backlogged: bool,
 }
 
 /// Agent sessions on this node (empty unless it leads).
@@ -114,6 +117,7 @@ impl AgentHub {
                 _ = ticker.tick() => {
                     if *leadership.borrow() {
                         self.reap().await;
+                        self.dispatch_backlog();
                     }
                 }
             }
@@ -175,39 +179,86 @@ impl AgentHub {
     }
 
     fn dispatch_all(self: &Arc<Self>) {
-        let clusters: Vec<ClusterRef> = self.sessions.lock().expect("sessions").keys().cloned().collect();
-        for c in clusters {
-            self.dispatch(&c);
+        let pending = self.consensus.read(|s| s.unfinished_tasks_by_cluster(None));
+        self.send(pending);
+    }
+
+    /// Retries the sessions whose queue was full at the last dispatch.
+    fn dispatch_backlog(self: &Arc<Self>) {
+        let backlogged: Vec<ClusterRef> = {
+            let mut sessions = self.sessions.lock().expect("sessions");
+            sessions
+                .iter_mut()
+                .filter(|(_, s)| s.backlogged)
+                .map(|(c, s)| {
+                    s.backlogged = false;
+                    c.clone()
+                })
+                .collect()
+        };
+        for cluster in backlogged {
+            self.dispatch(&cluster);
         }
     }
 
     /// Sends every unfinished task of `cluster` that this session has not
     /// seen yet. Re-sending after a reconnect is safe: agents dedupe by id.
     fn dispatch(self: &Arc<Self>, cluster: &ClusterRef) {
-        let tasks = self.consensus.read(|s| s.unfinished_tasks_for(cluster));
+        let pending = self.consensus.read(|s| s.unfinished_tasks_by_cluster(Some(cluster)));
+        self.send(pending);
+    }
+
+    /// Sends each session the tasks of `pending` it has not had, in order.
+    /// One pass over the state serves every session, and only what goes
+    /// out gets its content (the app definition, a bundle) attached: with
+    /// many agents and many running operations, hydrating every unfinished
+    /// task for every session on every new step was the hub's main cost.
+    fn send(self: &Arc<Self>, mut pending: HashMap<ClusterRef, Vec<cutover_shared::domain::TaskSpec>>) {
+        {
+            let sessions = self.sessions.lock().expect("sessions");
+            pending.retain(|cluster, tasks| {
+                let Some(session) = sessions.get(cluster) else {
+                    return false;
+                };
+                tasks.retain(|t| !session.sent.contains(&t.task_id));
+                !tasks.is_empty()
+            });
+        }
+        if pending.is_empty() {
+            return;
+        }
+        self.consensus.read(|s| {
+            for t in pending.values_mut().flatten() {
+                s.hydrate(&mut t.params);
+            }
+        });
         let mut sent_now = Vec::new();
         {
             let mut sessions = self.sessions.lock().expect("sessions");
-            let Some(session) = sessions.get_mut(cluster) else {
-                return;
-            };
-            for t in tasks {
-                if session.sent.contains(&t.task_id) {
+            for (cluster, tasks) in pending {
+                let Some(session) = sessions.get_mut(&cluster) else {
                     continue;
-                }
-                let id = t.task_id.clone();
-                let msg = ConnectResponse {
-                    message: Some(connect_response::Message::Task(t.into())),
                 };
-                if session.tx.try_send(Ok(msg)).is_err() {
-                    // Full or closed: the next trigger or reconnect retries.
-                    break;
+                for t in tasks {
+                    if session.sent.contains(&t.task_id) {
+                        continue;
+                    }
+                    let id = t.task_id.clone();
+                    let msg = ConnectResponse {
+                        message: Some(connect_response::Message::Task(t.into())),
+                    };
+                    if session.tx.try_send(Ok(msg)).is_err() {
+                        // Full (the reaper's tick retries) or closed (the
+                        // agent's reconnect does).
+                        session.backlogged = true;
+                        break;
+                    }
+                    session.sent.insert(id.clone());
+                    sent_now.push((cluster.clone(), id));
                 }
-                session.sent.insert(id.clone());
-                sent_now.push(id);
             }
         }
-        for task_id in sent_now {
+        for (cluster, task_id) in sent_now {
             tracing::info!(agent = %cluster, task = %task_id, "task dispatched");
             let hub = self.clone();
             tokio::spawn(async move {
@@ -338,6 +389,7 @@ impl AgentService for AgentApi {
                     tx: tx.clone(),
                     last_seen: Instant::now(),
                     sent: HashSet::new(),
+                    backlogged: false,
                 },
             );
         }
@@ -476,6 +528,8 @@ impl AgentService for AgentApi {
 
 /// Results that may wait for their commit, per session.
 const MAX_QUEUED_RESULTS: usize = 1024;
+/// Results (with the progress before them) one session proposes at once.
+const RESULTS_PER_BATCH: usize = 64;
 /// How long the writer gathers progress before committing the latest of
 /// each task: at most one progress entry per task per window.
 const PROGRESS_WINDOW: Duration = Duration::from_millis(250);
@@ -540,11 +594,19 @@ async fn write_reports(hub: Arc<AgentHub>, reports: Arc<Reports>, mut results: m
         tokio::select! {
             r = results.recv() => match r {
                 Some(cmd) => {
-                    // Progress before the result it precedes.
-                    for c in reports.take() {
-                        propose(c).await;
+                    // Progress before the result it precedes, then every
+                    // result already waiting, proposed together: handed to
+                    // Raft in this order and committed as one batch. One
+                    // commit after another capped a busy agent's results at
+                    // one per commit latency, until its queue overflowed and
+                    // the session was ended (`bench fleet` saw it).
+                    let mut batch = reports.take();
+                    batch.push(cmd);
+                    while batch.len() < RESULTS_PER_BATCH {
+                        let Ok(more) = results.try_recv() else { break };
+                        batch.push(more);
                     }
-                    propose(cmd).await;
+                    futures::future::join_all(batch.into_iter().map(propose)).await;
                 }
                 None => {
                     for c in reports.take() {

@@ -1015,19 +1015,38 @@ impl State {
             .map(|o| o.id.as_str())
     }
 
-    /// Unfinished tasks addressed to `cluster`, oldest operation first.
-    pub fn unfinished_tasks_for(&self, cluster: &ClusterRef) -> Vec<cutover_shared::domain::TaskSpec> {
+    /// The unfinished tasks of running operations by target cluster (only
+    /// `only`'s, if given), oldest operation first as in
+    /// [`State::unfinished_tasks_for`], without their content attached:
+    /// one pass for every agent, where the hub attaches content only to
+    /// what it has not sent yet.
+    pub fn unfinished_tasks_by_cluster(
+        &self,
+        only: Option<&ClusterRef>,
+    ) -> std::collections::HashMap<ClusterRef, Vec<cutover_shared::domain::TaskSpec>> {
         let mut ops: Vec<&Operation> = self.operations.values().filter(|o| !o.state.is_finished()).collect();
         ops.sort_by_key(|o| o.created_at_unix_ms);
-        ops.iter()
-            .flat_map(|o| o.tasks.iter())
-            .filter(|t| !t.state.is_finished() && &t.spec.target == cluster)
-            .map(|t| {
-                let mut spec = t.spec.clone();
-                self.hydrate(&mut spec.params);
-                spec
-            })
-            .collect()
+        let mut out: std::collections::HashMap<ClusterRef, Vec<cutover_shared::domain::TaskSpec>> =
+            std::collections::HashMap::new();
+        for t in ops.iter().flat_map(|o| o.tasks.iter()) {
+            if !t.state.is_finished() && only.is_none_or(|c| c == &t.spec.target) {
+                out.entry(t.spec.target.clone()).or_default().push(t.spec.clone());
+            }
+        }
+        out
+    }
+
+    /// Unfinished tasks addressed to `cluster`, oldest operation first,
+    /// with their content attached.
+    pub fn unfinished_tasks_for(&self, cluster: &ClusterRef) -> Vec<cutover_shared::domain::TaskSpec> {
+        let mut tasks = self
+            .unfinished_tasks_by_cluster(Some(cluster))
+            .remove(cluster)
+            .unwrap_or_default();
+        for t in &mut tasks {
+            self.hydrate(&mut t.params);
+        }
+        tasks
     }
 
     /// The app definition with digest `digest`: one an operation was
