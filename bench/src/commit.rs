@@ -3,7 +3,9 @@
 //! mTLS client, one 256-byte check value) and etcd's `KV.Put` (256-byte
 //! value), against 3 nodes on loopback with durable (fsynced) commits, for a
 //! fixed time per row with 1, 64 and 256 closed-loop clients. Every client
-//! has its own connection to the leader.
+//! has its own connection to the leader. etcd runs twice: with mutual TLS on
+//! its client and peer ports (certificates from one CA, as cutover's), the
+//! like-for-like comparison, and plaintext, as a second table.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +17,7 @@ use tokio::task::JoinSet;
 
 use cutover_shared::config::RaftConfig;
 
-use crate::etcd::{self, EtcdCluster};
+use crate::etcd::{self, EtcdCluster, EtcdOpts};
 use crate::util::{self, CutoverProcs, ms_since};
 
 pub type OpFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -239,8 +241,9 @@ async fn cutover_rows(p: &Params, value: &str, raft: RaftConfig) -> Result<Vec<R
     Ok(rows)
 }
 
-async fn etcd_rows(p: &Params, value: &str) -> Result<Vec<Row>> {
-    let e = EtcdCluster::start()?;
+async fn etcd_rows(p: &Params, value: &str, opts: EtcdOpts) -> Result<Vec<Row>> {
+    let label = if opts.tls { "etcd-tls" } else { "etcd" };
+    let e = EtcdCluster::start_with(opts)?;
     let leader = e.wait_leader(Duration::from_secs(30)).await?;
     let pid = e.pid(leader).expect("leader runs");
     e.kv(leader)
@@ -262,7 +265,7 @@ async fn etcd_rows(p: &Params, value: &str) -> Result<Vec<Row>> {
             }));
         }
         let perf = maybe_perf(
-            &format!("commit-etcd-{n}"),
+            &format!("commit-{label}-{n}"),
             &pid,
             p.warmup.as_secs_f64() + p.dur.as_secs_f64(),
         );
@@ -296,7 +299,12 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
     let fsync_dir = std::env::temp_dir();
     drop(probe);
     let cut = cutover_rows(&p, &value, raft.clone()).await?;
-    let etc = etcd_rows(&p, &value).await?;
+    let tls = EtcdOpts {
+        tls: true,
+        ..EtcdOpts::default()
+    };
+    let etc_tls = etcd_rows(&p, &value, tls).await?;
+    let etc = etcd_rows(&p, &value, EtcdOpts::default()).await?;
     let version = etcd::etcd_version();
     println!(
         "commit: closed-loop writes to the leader, 3 nodes on loopback, fsync on, 256-byte values, {:.1} s per row (after {:.1} s warm-up)",
@@ -304,7 +312,7 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
         p.warmup.as_secs_f64()
     );
     println!(
-        "cutover: ControlService.CreateAttestation over mTLS, snapshot every {} entries{}; etcd: KV.Put, plaintext ({version})",
+        "cutover: ControlService.CreateAttestation over mTLS, snapshot every {} entries{}; etcd: KV.Put ({version})",
         raft.snapshot_every,
         if snapshot_every.is_some() {
             " (not the default)"
@@ -322,6 +330,31 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
     );
     println!("load average before the run: {load}");
     println!(
+        "etcd with mutual TLS on client and peer ports (--client-cert-auth, --peer-client-cert-auth, certificates from cutover's CA):"
+    );
+    let rows_tls = table(&cut, &etc_tls);
+    println!("etcd plaintext:");
+    let rows = table(&cut, &etc);
+    Ok(json!({
+        "scenario": "commit",
+        "seconds_per_row": p.dur.as_secs_f64(),
+        "cutover_snapshot_every": raft.snapshot_every,
+        "value_bytes": 256,
+        "etcd_version": version,
+        "fsync_ms": {
+            "dir": fsync_dir.display().to_string(),
+            "append": {"p50": fsync.0, "p99": fsync.1},
+            "preallocated": {"p50": fsync_pre.0, "p99": fsync_pre.1},
+        },
+        "loadavg_before": load,
+        "rows_etcd_tls": rows_tls,
+        "rows": rows,
+    }))
+}
+
+/// Prints cutover's rows beside etcd's and returns them as JSON.
+fn table(cut: &[Row], etc: &[Row]) -> Vec<serde_json::Value> {
+    println!(
         "{:>7} | {:>9} {:>8} {:>8} {:>6} {:>5} | {:>9} {:>8} {:>8} {:>6} {:>5} | {:>11} {:>9}",
         "clients",
         "cut op/s",
@@ -338,7 +371,7 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
         "p99 ratio"
     );
     let mut rows = Vec::new();
-    for (a, b) in cut.iter().zip(&etc) {
+    for (a, b) in cut.iter().zip(etc) {
         let tput = a.ops_per_s / b.ops_per_s.max(f64::MIN_POSITIVE);
         let p99 = a.p99_ms / b.p99_ms.max(f64::MIN_POSITIVE);
         println!(
@@ -368,22 +401,9 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
     println!("(cpu% = the leader process, % of one core; both cores' busy share per row, cutover/etcd:");
     let busy: Vec<String> = cut
         .iter()
-        .zip(&etc)
+        .zip(etc)
         .map(|(a, b)| format!("{} clients {:.0}%/{:.0}%", a.clients, a.machine_busy, b.machine_busy))
         .collect();
     println!(" {})", busy.join(", "));
-    Ok(json!({
-        "scenario": "commit",
-        "seconds_per_row": p.dur.as_secs_f64(),
-        "cutover_snapshot_every": raft.snapshot_every,
-        "value_bytes": 256,
-        "etcd_version": version,
-        "fsync_ms": {
-            "dir": fsync_dir.display().to_string(),
-            "append": {"p50": fsync.0, "p99": fsync.1},
-            "preallocated": {"p50": fsync_pre.0, "p99": fsync_pre.1},
-        },
-        "loadavg_before": load,
-        "rows": rows,
-    }))
+    rows
 }

@@ -1,7 +1,10 @@
 //! A 3-member etcd cluster on loopback, started from the system's `etcd`
-//! binary (Debian's `etcd-server`), each member with its own data directory,
-//! plaintext, with etcd's default timings (heartbeat 100 ms, election
-//! 1000 ms). Dropping it kills every member.
+//! binary (Debian's `etcd-server`), each member with its own data directory.
+//! By default plaintext with etcd's default timings (heartbeat 100 ms,
+//! election 1000 ms); `EtcdOpts` asks for mutual TLS on both the client and
+//! the peer port (certificates from one CA, the same kind cutover's nodes
+//! use) or other timings, so that the two systems can be compared like for
+//! like. Dropping it kills every member.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -9,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tonic::transport::{Channel, Endpoint};
+
+use cutover_shared::certs::{DevPki, init_dev_pki};
+use cutover_shared::identity::DEFAULT_TRUST_DOMAIN;
 
 use crate::util::tail;
 
@@ -18,6 +24,47 @@ pub mod pb {
 }
 
 pub type KvClient = pb::kv_client::KvClient<Channel>;
+
+/// How the members run.
+#[derive(Clone, Debug)]
+pub struct EtcdOpts {
+    /// Mutual TLS: `--client-cert-auth` and `--peer-client-cert-auth`, each
+    /// member serving a certificate from one development CA and the bench
+    /// presenting a client certificate from it.
+    pub tls: bool,
+    /// `--heartbeat-interval`, ms.
+    pub heartbeat_ms: u64,
+    /// `--election-timeout`, ms (etcd randomizes each timeout in
+    /// [this, 2 × this)).
+    pub election_ms: u64,
+}
+
+impl Default for EtcdOpts {
+    /// etcd's own defaults, plaintext.
+    fn default() -> Self {
+        EtcdOpts {
+            tls: false,
+            heartbeat_ms: 100,
+            election_ms: 1000,
+        }
+    }
+}
+
+impl EtcdOpts {
+    /// How a table names this setup.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}, heartbeat {} ms, election timeout {} ms",
+            if self.tls {
+                "mutual TLS on client and peer ports"
+            } else {
+                "plaintext"
+            },
+            self.heartbeat_ms,
+            self.election_ms
+        )
+    }
+}
 
 struct Member {
     name: String,
@@ -33,6 +80,9 @@ pub struct EtcdCluster {
     /// Holds every member's data directory and log.
     _tmp: tempfile::TempDir,
     bin: PathBuf,
+    opts: EtcdOpts,
+    /// With TLS: the certificates, written under the temporary directory.
+    pki: Option<DevPki>,
     initial_cluster: String,
     members: Vec<Member>,
 }
@@ -60,20 +110,23 @@ pub fn etcd_version() -> String {
 }
 
 impl EtcdCluster {
-    pub fn start() -> Result<EtcdCluster> {
+    pub fn start_with(opts: EtcdOpts) -> Result<EtcdCluster> {
         let bin = etcd_bin()?;
         let tmp = tempfile::Builder::new().prefix("cutover-bench-etcd-").tempdir()?;
+        let pki = opts
+            .tls
+            .then(|| init_dev_pki(&tmp.path().join("pki"), DEFAULT_TRUST_DOMAIN, 3, &[]))
+            .transpose()?;
+        let scheme = if opts.tls { "https" } else { "http" };
         let mut members = Vec::new();
         for i in 0..3 {
-            let client_url = format!("http://{}", cutover_tests::stable_free_addr());
-            let channel = Endpoint::from_shared(client_url.clone())?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect_lazy();
+            let addr = cutover_tests::stable_free_addr();
+            let client_url = format!("{scheme}://{addr}");
+            let channel = channel(pki.as_ref(), &addr)?;
             members.push(Member {
                 name: format!("e{}", i + 1),
                 client_url,
-                peer_url: format!("http://{}", cutover_tests::stable_free_addr()),
+                peer_url: format!("{scheme}://{}", cutover_tests::stable_free_addr()),
                 data_dir: tmp.path().join(format!("e{}.etcd", i + 1)),
                 log: tmp.path().join(format!("e{}.log", i + 1)),
                 child: None,
@@ -88,6 +141,8 @@ impl EtcdCluster {
         let mut c = EtcdCluster {
             _tmp: tmp,
             bin,
+            opts,
+            pki,
             initial_cluster,
             members,
         };
@@ -101,7 +156,25 @@ impl EtcdCluster {
     pub fn spawn(&mut self, i: usize) -> Result<()> {
         let m = &self.members[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log)?;
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(pki) = &self.pki {
+            // Each member serves (and, to its peers, presents) a
+            // coordinator's certificate: IP SAN 127.0.0.1, server and client
+            // use, one CA; both ports require a client certificate from it.
+            let files = &pki.coordinators[i].1;
+            for (flag, path) in [
+                ("--cert-file", &files.cert),
+                ("--key-file", &files.key),
+                ("--trusted-ca-file", &pki.ca),
+                ("--peer-cert-file", &files.cert),
+                ("--peer-key-file", &files.key),
+                ("--peer-trusted-ca-file", &pki.ca),
+            ] {
+                cmd.arg(flag).arg(path);
+            }
+            cmd.args(["--client-cert-auth", "--peer-client-cert-auth"]);
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -112,8 +185,8 @@ impl EtcdCluster {
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", "cutover-bench"])
             .args(["--initial-cluster-state", "new"])
-            // etcd's defaults, spelled out.
-            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--heartbeat-interval", &self.opts.heartbeat_ms.to_string()])
+            .args(["--election-timeout", &self.opts.election_ms.to_string()])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -147,11 +220,15 @@ impl EtcdCluster {
 
     /// A client with its own connection to member `i`.
     pub fn kv_own_connection(&self, i: usize) -> Result<KvClient> {
-        let ch = Endpoint::from_shared(self.members[i].client_url.clone())?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        Ok(pb::kv_client::KvClient::new(ch))
+        let addr = self.members[i].client_url.split_once("://").map_or("", |(_, a)| a);
+        Ok(pb::kv_client::KvClient::new(channel(self.pki.as_ref(), addr)?))
+    }
+
+    /// Member `i`'s Raft term and whether it leads, if it answers.
+    pub async fn view(&self, i: usize) -> Option<(u64, bool)> {
+        let s = self.status(i).await?;
+        let me = s.header.as_ref()?.member_id;
+        Some((s.raft_term, me != 0 && s.leader == me))
     }
 
     pub async fn status(&self, i: usize) -> Option<pb::StatusResponse> {
@@ -221,6 +298,19 @@ impl Drop for EtcdCluster {
             self.kill9(i);
         }
     }
+}
+
+/// A lazily connecting channel to a client URL's `addr`: plaintext, or with
+/// `pki` mutual TLS as the operator (the same TLS client cutover's own
+/// clients use, so both systems pay the same handshake and record costs).
+fn channel(pki: Option<&DevPki>, addr: &str) -> Result<Channel> {
+    Ok(match pki {
+        Some(pki) => pki.operator.channel(addr, None)?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    })
 }
 
 /// One 256-byte put.

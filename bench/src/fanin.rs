@@ -15,17 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use cutover_shared::proto::agent_service_client::AgentServiceClient;
 use cutover_shared::proto::{self as pb, ConnectRequest, connect_request, connect_response};
 use cutover_shared::tls::TlsFiles;
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::Semaphore;
 
 use crate::util::{self, CutoverProcs};
 
 const REGION: &str = "bench";
-const LEADER_METADATA: &str = "cutover-leader";
 
 fn cluster_name(i: usize) -> String {
     format!("a{i:05}")
@@ -77,43 +74,9 @@ async fn session(
     ctl: &Ctl,
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<()> {
-    let mut attempts = 0;
-    let (tx, mut inbound, interval) = loop {
-        attempts += 1;
-        let mut client = AgentServiceClient::new(tls.channel(addr, None)?);
-        let (tx, rx) = mpsc::channel::<ConnectRequest>(16);
-        tx.send(ConnectRequest {
-            message: Some(connect_request::Message::Register(pb::Register {
-                cluster: None,
-                agent_version: "bench".into(),
-                task_kinds: vec![],
-                traffic_apps: vec![],
-            })),
-        })
-        .await?;
-        match client.connect(ReceiverStream::new(rx)).await {
-            Ok(r) => {
-                let mut inbound = r.into_inner();
-                match inbound.message().await? {
-                    Some(pb::ConnectResponse {
-                        message: Some(connect_response::Message::Registered(r)),
-                    }) => {
-                        let interval = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(10)));
-                        break (tx, inbound, interval);
-                    }
-                    other => bail!("unexpected first message {other:?}"),
-                }
-            }
-            Err(status) => {
-                if let Some(leader) = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
-                    *addr = leader.to_owned();
-                } else if attempts >= 20 {
-                    bail!("agent {i}: {status}");
-                }
-                tokio::time::sleep(Duration::from_millis(100 * attempts.min(10))).await;
-            }
-        }
-    };
+    let (tx, mut inbound, interval) = util::register_agent(tls, addr, &[])
+        .await
+        .with_context(|| format!("agent {i}"))?;
     shared.registered.fetch_add(1, Ordering::SeqCst);
     drop(permit.take());
     // Spread the fleet's heartbeats over the interval.

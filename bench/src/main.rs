@@ -5,9 +5,11 @@
 //! Scenarios:
 //! - `commit`: replicated write throughput and latency with 1, 64 and 256
 //!   clients, cutover (`CreateAttestation`) beside etcd (`KV.Put`), 3 nodes
-//!   each, fsync on, with the disk's fsync latency.
+//!   each, fsync on, with the disk's fsync latency; etcd with mutual TLS
+//!   (like for like) and plaintext.
 //! - `failover`: kill -9 of the leader to the first acknowledged write,
-//!   cutover beside etcd.
+//!   cutover beside etcd at cutover's timings and at its own, broken down
+//!   into detection, election and the client finding the new leader.
 //! - `fanin`: thousands of simulated agents on the real agent stream: leader
 //!   CPU and memory, heartbeat round trip, time to mark a silent agent down.
 //! - `switch`: operator call to the new color serving, over many switches,
@@ -21,6 +23,13 @@
 //!   region, asynchronous and synchronous replication, cutover's fastest
 //!   detection beside Patroni's default timings on the same harness.
 //!
+//! - `fleet`: hundreds of apps in three regions on simulated agents, a
+//!   hundred deploys in waves running at once: the overhead cutover adds
+//!   per step, operations per minute, and the orchestrator's cost with 1k
+//!   and 10k finished operations kept.
+//! - `trace`: where the time of one write goes, step by step, from the
+//!   nodes' write timelines (`coordinator/src/raft/trace.rs`).
+//!
 //! `all` runs every scenario, and exits non-zero if any of them failed.
 
 #![forbid(unsafe_code)]
@@ -31,6 +40,8 @@ mod dr;
 mod etcd;
 mod failover;
 mod fanin;
+mod fleet;
+mod trace;
 mod util;
 
 use std::time::{Duration, Instant};
@@ -74,9 +85,22 @@ enum Scenario {
         #[arg(long)]
         quick: bool,
         /// Other cutover Raft timings, `HEARTBEAT,ELECTION_MIN,ELECTION_MAX`
-        /// in ms (cutover only; results go to failover-tuned.json).
+        /// in ms (cutover, and etcd at the same timings; results go to
+        /// failover-tuned.json).
         #[arg(long, value_name = "MS,MS,MS")]
         raft_timings: Option<String>,
+    },
+    /// A fleet of apps under many cutovers at once: step overhead,
+    /// operations per minute, orchestrator cost.
+    Fleet {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Where one write's time goes: client, leader, fsync, replication,
+    /// commit, apply, reply.
+    Trace {
+        #[arg(long)]
+        quick: bool,
     },
     /// Simulated agents on the agent stream: leader CPU, memory, heartbeats.
     Fanin {
@@ -339,6 +363,8 @@ async fn scenario(name: &str, quick: bool) -> Result<()> {
         "commit" => commit::run(quick, None).await?,
         "failover" => failover::run(quick, None).await?,
         "fanin" => fanin::run(quick).await?,
+        "trace" => trace::run(quick).await?,
+        "fleet" => fleet::run(quick).await?,
         "backup" => backup::run(quick).await?,
         "switch" => switch(quick, 100).await?,
         "dr" => dr::run(quick, 20).await?,
@@ -400,6 +426,8 @@ fn main() -> Result<()> {
                 write_results("failover-tuned", &v)?;
             }
             Scenario::Fanin { quick } => scenario("fanin", quick).await?,
+            Scenario::Trace { quick } => scenario("trace", quick).await?,
+            Scenario::Fleet { quick } => scenario("fleet", quick).await?,
             Scenario::Backup { quick } => scenario("backup", quick).await?,
             Scenario::Dr { quick, trials } => {
                 let v = dr::run(quick, trials).await?;
@@ -407,7 +435,9 @@ fn main() -> Result<()> {
             }
             Scenario::All { quick } => {
                 let mut failed = Vec::new();
-                for name in ["commit", "failover", "fanin", "switch", "backup", "dr"] {
+                for name in [
+                    "commit", "trace", "failover", "fanin", "fleet", "switch", "backup", "dr",
+                ] {
                     let t = Instant::now();
                     println!("== {name}");
                     match scenario(name, quick).await {

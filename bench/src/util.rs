@@ -8,10 +8,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use cutover_shared::config::{DEFAULT_AGENT_HEARTBEAT_MS, RaftConfig, to_toml};
+use cutover_shared::config::{CoordinatorConfig, DEFAULT_AGENT_HEARTBEAT_MS, RaftConfig, to_toml};
 use cutover_shared::proto as pb;
+use cutover_shared::proto::agent_service_client::AgentServiceClient;
 use cutover_shared::proto::control_service_client::ControlServiceClient;
+use cutover_shared::proto::{ConnectRequest, connect_request, connect_response};
+use cutover_shared::tls::TlsFiles;
 use cutover_tests::TestCluster;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// Nearest-rank percentile of an ascending slice.
@@ -154,6 +159,8 @@ pub struct CutoverProcs {
     config_paths: Vec<PathBuf>,
     procs: Vec<Option<Child>>,
     channels: Vec<Channel>,
+    /// Extra environment of every process (e.g. `RUST_LOG`).
+    env: Vec<(String, String)>,
 }
 
 impl CutoverProcs {
@@ -164,14 +171,36 @@ impl CutoverProcs {
 
     /// Like `start`, with other Raft timings.
     pub async fn start_with(agents: &[(String, String)], raft: RaftConfig) -> Result<CutoverProcs> {
+        Self::start_env(agents, raft, &[]).await
+    }
+
+    /// Like `start_with`, each process with `env` added to its environment.
+    pub async fn start_env(
+        agents: &[(String, String)],
+        raft: RaftConfig,
+        env: &[(&str, &str)],
+    ) -> Result<CutoverProcs> {
+        Self::start_configured(agents, env, move |cfg| cfg.raft = raft.clone()).await
+    }
+
+    /// The most general start: `configure` adjusts each node's config
+    /// after the harness's, with Raft timings and the agent heartbeat at
+    /// the product's defaults.
+    pub async fn start_configured(
+        agents: &[(String, String)],
+        env: &[(&str, &str)],
+        configure: impl Fn(&mut CoordinatorConfig) + Send + Sync + 'static,
+    ) -> Result<CutoverProcs> {
         let bin = cutover_bin()?;
         let refs: Vec<(&str, &str)> = agents.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         let mut tc = TestCluster::builder()
             .nodes(3)
             .regions(&refs)
             .configure(move |cfg| {
-                cfg.raft = raft.clone();
+                // The product's defaults, not the harness's test timings.
+                cfg.raft = RaftConfig::default();
                 cfg.agent_heartbeat_interval_ms = DEFAULT_AGENT_HEARTBEAT_MS;
+                configure(cfg);
             })
             .prepare()
             .await?;
@@ -193,6 +222,7 @@ impl CutoverProcs {
             config_paths,
             procs: vec![None, None, None],
             channels,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         for i in 0..3 {
             c.spawn(i)?;
@@ -218,6 +248,7 @@ impl CutoverProcs {
             .arg("coordinator")
             .arg("--config")
             .arg(&self.config_paths[i])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
@@ -329,4 +360,58 @@ pub fn attestation(image: String, value: &str) -> pb::CreateAttestationRequest {
 /// A printable 256-byte value.
 pub fn value_256() -> String {
     (0..256).map(|i| (b'a' + (i % 26) as u8) as char).collect()
+}
+
+/// The metadata key a follower names the leader's address in.
+const LEADER_METADATA: &str = "cutover-leader";
+
+/// Registers on the agent stream (following a leader redirect) offering
+/// `kinds`; returns the sender, the inbound stream and the heartbeat
+/// interval.
+pub async fn register_agent(
+    tls: &TlsFiles,
+    addr: &mut String,
+    kinds: &[&str],
+) -> Result<(
+    mpsc::Sender<ConnectRequest>,
+    tonic::Streaming<pb::ConnectResponse>,
+    Duration,
+)> {
+    let mut attempts = 0u64;
+    loop {
+        attempts += 1;
+        let mut client = AgentServiceClient::new(tls.channel(addr, None)?);
+        let (tx, rx) = mpsc::channel::<ConnectRequest>(64);
+        tx.send(ConnectRequest {
+            message: Some(connect_request::Message::Register(pb::Register {
+                cluster: None,
+                agent_version: "bench".into(),
+                task_kinds: kinds.iter().map(|k| k.to_string()).collect(),
+                traffic_apps: vec![],
+            })),
+        })
+        .await?;
+        match client.connect(ReceiverStream::new(rx)).await {
+            Ok(r) => {
+                let mut inbound = r.into_inner();
+                match inbound.message().await? {
+                    Some(pb::ConnectResponse {
+                        message: Some(connect_response::Message::Registered(r)),
+                    }) => {
+                        let interval = Duration::from_millis(u64::from(r.heartbeat_interval_ms.max(10)));
+                        return Ok((tx, inbound, interval));
+                    }
+                    other => bail!("unexpected first message {other:?}"),
+                }
+            }
+            Err(status) => {
+                if let Some(leader) = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+                    *addr = leader.to_owned();
+                } else if attempts >= 20 {
+                    bail!("{status}");
+                }
+                tokio::time::sleep(Duration::from_millis(100 * attempts.min(10))).await;
+            }
+        }
+    }
 }
