@@ -22,7 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cutover_shared::proto::{self as pb, ConnectRequest, connect_request, connect_response};
@@ -127,12 +127,6 @@ impl Shared {
     }
 }
 
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 /// One simulated agent: a session at a time, reconnecting a second after
 /// one is lost (counted), like the real agent.
 async fn agent(tls: TlsFiles, mut addr: String, delay: Duration, shared: Arc<Shared>) -> Result<()> {
@@ -178,7 +172,7 @@ async fn session(tls: &TlsFiles, addr: &mut String, delay: Duration, shared: &Ar
                             message: "simulated".into(),
                             outputs: Default::default(),
                             replayed: false,
-                            finished_at_unix_ms: now_unix_ms(),
+                            finished_at_unix_ms: cutover_shared::domain::now_unix_ms(),
                         };
                         if noop {
                             shared.noops_done.fetch_add(1, Ordering::Relaxed);
@@ -289,7 +283,7 @@ async fn cutovers(
     shared: Arc<Shared>,
 ) -> Result<(usize, usize, u64)> {
     let end = Instant::now() + p.window;
-    let version = Arc::new(AtomicU64::new(now_unix_ms() as u64));
+    let version = Arc::new(AtomicU64::new(cutover_shared::domain::now_unix_ms() as u64));
     let refused = Arc::new(AtomicU64::new(0));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..p.running {

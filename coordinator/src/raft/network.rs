@@ -139,15 +139,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let traced = super::trace::enabled()
-            .then(|| {
-                Some((
-                    rpc.entries.first()?.log_id.index,
-                    rpc.entries.last()?.log_id.index,
-                    super::trace::now_us(),
-                ))
-            })
-            .flatten();
+        let traced = super::trace::span(&rpc.entries).map(|(first, last)| (first, last, super::trace::now_us()));
         let payload = encode(&rpc)?;
         let reply = self
             .client()?

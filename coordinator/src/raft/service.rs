@@ -139,11 +139,7 @@ impl RaftService for RaftGrpc {
         let rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig> =
             decode(&req.into_inner().payload, "append-entries")?;
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "append-entries")?;
-        let span = rpc
-            .entries
-            .first()
-            .zip(rpc.entries.last())
-            .map(|(f, l)| (f.log_id.index, l.log_id.index));
+        let span = start_us.and_then(|_| super::trace::span(&rpc.entries));
         let r = self.consensus.raft.append_entries(rpc).await.map_err(|e| e.to_string());
         if let (Some(start_us), Some((first, last))) = (start_us, span) {
             super::trace::rpc("receive", sender, first, last, start_us, super::trace::now_us());

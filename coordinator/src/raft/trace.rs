@@ -23,6 +23,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use openraft::type_config::alias::EntryOf;
+
+use super::TypeConfig;
+
 /// Microseconds since the Unix epoch, by the wall clock.
 pub fn now_us() -> i64 {
     SystemTime::now()
@@ -33,6 +37,15 @@ pub fn now_us() -> i64 {
 /// Whether the timeline is being logged (spares the caller the clock read).
 pub fn enabled() -> bool {
     tracing::enabled!(target: "cutover::write_trace", tracing::Level::TRACE)
+}
+
+/// The first and last log index of `entries`, if the timeline is on and
+/// there are any (heartbeats carry none).
+pub fn span(entries: &[EntryOf<TypeConfig>]) -> Option<(u64, u64)> {
+    if !enabled() {
+        return None;
+    }
+    Some((entries.first()?.log_id.index, entries.last()?.log_id.index))
 }
 
 /// Logs one stage covering log indexes `first..=last`.
