@@ -285,7 +285,15 @@ impl Consensus {
         let committed = self.raft.metrics().borrow_watched().local_committed.map(|l| l.index);
         let leaders = match self.leader() {
             Some((id, addr)) if id != self.node_id => self.remote_read_index(&addr).await,
-            _ => None,
+            // Elected, not yet under a fresh lease: entries of the previous
+            // term it holds count as committed only once its own first entry
+            // commits, and its committed index is stale until then (CI saw a
+            // RunTask right after a failover miss the agent's AgentUp).
+            Some(_) => tokio::time::timeout(Duration::from_secs(2), self.read_index())
+                .await
+                .ok()
+                .and_then(Result::ok),
+            None => None,
         };
         self.raft
             .wait(Some(PROPOSE_DEADLINE))
