@@ -222,6 +222,28 @@ impl CommandResponse {
     }
 }
 
+/// The ids of the operations that may still be running: every unfinished
+/// operation is in it; a finished one leaves it when it finishes or is
+/// compacted away. Derived from `State::operations`, so neither replicated
+/// nor snapshotted, and equal whatever it holds (two states are equal by
+/// their data). A state decoded from a snapshot has it unbuilt: readers
+/// then scan every operation, and the first command applied builds it.
+///
+/// Without it, the orchestrator's scan after every apply and the hub's per
+/// new step were linear in all operations kept (`bench fleet`: 858 µs at
+/// 1,000 finished operations, 1,820 µs at 10,000), not in running ones.
+#[derive(Clone, Debug, Default)]
+pub struct RunningIndex {
+    built: bool,
+    ids: std::collections::BTreeSet<String>,
+}
+
+impl PartialEq for RunningIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// The replicated state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -257,6 +279,10 @@ pub struct State {
     /// its audit file. Not replicated, not snapshotted.
     #[serde(skip)]
     pub pruned_audit: Vec<AuditEvent>,
+    /// Which operations may still be running, so the orchestrator and the
+    /// agent hub look at those instead of every operation kept.
+    #[serde(skip)]
+    pub running: RunningIndex,
     /// The last audit sequence number given out.
     #[serde(default)]
     pub audit_sequence: u64,
@@ -308,6 +334,9 @@ impl State {
 
     /// Applies one command.
     pub fn apply(&mut self, cmd: Command) -> CommandResponse {
+        if !self.running.built {
+            self.reindex();
+        }
         match cmd {
             Command::AgentUp {
                 cluster,
@@ -438,6 +467,10 @@ impl State {
                 let cataloged = catalog_change(op, i, at_unix_ms);
                 let drilled = drill_report(op, i);
                 refresh_operation(op, at_unix_ms);
+                if op.state.is_finished() {
+                    let id = op.id.clone();
+                    self.running.ids.remove(&id);
+                }
                 if let Some(d) = drilled {
                     let kept = self.drills.entry(d.app.clone()).or_default();
                     kept.push(d);
@@ -559,6 +592,9 @@ impl State {
                 if let Some(op) = self.operations.get_mut(&operation_id)
                     && !op.state.is_finished()
                 {
+                    if state.is_finished() {
+                        self.running.ids.remove(&operation_id);
+                    }
                     op.state = state;
                     op.summary = summary;
                     op.updated_at_unix_ms = at_unix_ms;
@@ -753,6 +789,9 @@ impl State {
         for t in &operation.tasks {
             self.task_index.insert(t.spec.task_id.clone(), operation.id.clone());
         }
+        if !operation.state.is_finished() {
+            self.running.ids.insert(operation.id.clone());
+        }
         self.operations.insert(operation.id.clone(), operation);
         self.task_generation += 1;
         self.audit(audit);
@@ -908,6 +947,7 @@ impl State {
                 for t in &op.tasks {
                     self.task_index.remove(&t.spec.task_id);
                 }
+                self.running.ids.remove(&id);
             }
         }
         // App definitions no remaining operation was created with.
@@ -1007,11 +1047,40 @@ impl State {
             .is_some_and(|t| &t.spec.target == cluster && !t.state.is_finished())
     }
 
+    /// Rebuilds [`RunningIndex`] from the operations (after decoding a
+    /// snapshot; `apply` does it itself for a state that lacks it).
+    pub fn reindex(&mut self) {
+        self.running = RunningIndex {
+            built: true,
+            ids: self
+                .operations
+                .values()
+                .filter(|o| !o.state.is_finished())
+                .map(|o| o.id.clone())
+                .collect(),
+        };
+    }
+
+    /// The unfinished operations, in id order: through the index, or by
+    /// scanning them all while it is unbuilt.
+    pub fn running_operations(&self) -> Box<dyn Iterator<Item = &Operation> + '_> {
+        if self.running.built {
+            Box::new(
+                self.running
+                    .ids
+                    .iter()
+                    .filter_map(|id| self.operations.get(id))
+                    .filter(|o| !o.state.is_finished()),
+            )
+        } else {
+            Box::new(self.operations.values().filter(|o| !o.state.is_finished()))
+        }
+    }
+
     /// The unfinished operation acting on `app` in `cluster`, if any.
     pub fn running_operation(&self, app: &str, cluster: &ClusterRef) -> Option<&str> {
-        self.operations
-            .values()
-            .find(|o| !o.state.is_finished() && o.app.as_deref() == Some(app) && o.targets.contains(cluster))
+        self.running_operations()
+            .find(|o| o.app.as_deref() == Some(app) && o.targets.contains(cluster))
             .map(|o| o.id.as_str())
     }
 
@@ -1024,7 +1093,7 @@ impl State {
         &self,
         only: Option<&ClusterRef>,
     ) -> std::collections::HashMap<ClusterRef, Vec<cutover_shared::domain::TaskSpec>> {
-        let mut ops: Vec<&Operation> = self.operations.values().filter(|o| !o.state.is_finished()).collect();
+        let mut ops: Vec<&Operation> = self.running_operations().collect();
         ops.sort_by_key(|o| o.created_at_unix_ms);
         let mut out: std::collections::HashMap<ClusterRef, Vec<cutover_shared::domain::TaskSpec>> =
             std::collections::HashMap::new();

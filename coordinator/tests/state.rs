@@ -225,3 +225,93 @@ fn compaction_keeps_the_newest_releases_and_those_in_use() {
     assert_eq!(attested, ["shop:v1", "shop:v5", "shop:v6"]);
     assert!(!s.needs_compaction(&policy, now), "nothing left to compact");
 }
+
+fn with_state(cmd: Command, state: TaskState, tasks: Vec<cutover_shared::domain::TaskRecord>) -> Command {
+    let Command::CreateOperation {
+        mut operation,
+        audit,
+        fix_inputs,
+    } = cmd
+    else {
+        unreachable!("finished() builds a CreateOperation")
+    };
+    operation.state = state;
+    operation.tasks = tasks;
+    Command::CreateOperation {
+        operation,
+        audit,
+        fix_inputs,
+    }
+}
+
+fn running_ids(s: &State) -> Vec<String> {
+    s.running_operations().map(|o| o.id.clone()).collect()
+}
+
+/// The orchestrator and the hub look only at running operations, through
+/// an index the state keeps beside them: it must hold every unfinished
+/// operation whichever way operations finish (the orchestrator's
+/// `FinishOperation`, an ad-hoc task's last result, compaction), and a
+/// state decoded from a snapshot, which has no index, must still list them.
+#[test]
+fn running_operations_follow_every_way_an_operation_finishes() {
+    let mut s = State::default();
+    let task = cutover_shared::domain::TaskRecord {
+        spec: cutover_shared::domain::TaskSpec {
+            task_id: "t-1".into(),
+            operation_id: "op-task".into(),
+            kind: "noop".into(),
+            params: Default::default(),
+            target: cluster(),
+        },
+        created_at_unix_ms: 1,
+        state: TaskState::Pending,
+        progress: vec![],
+        result: None,
+        dispatch_count: 0,
+    };
+    s.apply(with_state(
+        finished("op-deploy", OperationKind::Deploy, None, 1),
+        TaskState::Running,
+        vec![],
+    ));
+    s.apply(with_state(
+        finished("op-task", OperationKind::Task, None, 2),
+        TaskState::Pending,
+        vec![task],
+    ));
+    s.apply(finished("op-done", OperationKind::Task, None, 3));
+    assert_eq!(running_ids(&s), ["op-deploy", "op-task"]);
+
+    // A snapshot's state has no index: the scan stands in, and the first
+    // command applied builds it.
+    let mut decoded: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(decoded, s, "the index is derived, not part of the state's data");
+    assert_eq!(running_ids(&decoded), ["op-deploy", "op-task"]);
+    decoded.apply(with_state(
+        finished("op-later", OperationKind::Deploy, None, 4),
+        TaskState::Running,
+        vec![],
+    ));
+    assert_eq!(running_ids(&decoded), ["op-deploy", "op-later", "op-task"]);
+
+    s.apply(Command::FinishOperation {
+        operation_id: "op-deploy".into(),
+        state: TaskState::Succeeded,
+        summary: "done".into(),
+        at_unix_ms: 5,
+    });
+    assert_eq!(running_ids(&s), ["op-task"]);
+    assert_eq!(
+        s.apply(Command::TaskFinished {
+            from: cluster(),
+            result: cutover_shared::domain::TaskResult::finished("t-1", true, "ok".into(), Default::default()),
+            at_unix_ms: 6,
+        })
+        .error,
+        None
+    );
+    assert_eq!(s.operations["op-task"].state, TaskState::Succeeded);
+    assert!(running_ids(&s).is_empty(), "an ad-hoc task's last result ends it");
+    assert_eq!(s.running_operation("shop", &cluster()), None);
+}

@@ -231,9 +231,8 @@ pub async fn advance(consensus: &Consensus) {
     let now = now_unix_ms();
     let scan = std::time::Instant::now();
     let commands: Vec<Command> = consensus.read(|s| {
-        s.operations
-            .values()
-            .filter(|o| o.kind != OperationKind::Task && !o.state.is_finished())
+        s.running_operations()
+            .filter(|o| o.kind != OperationKind::Task)
             .filter_map(|o| {
                 let (spec, bundle) = s.operation_inputs(o)?;
                 give_up_unreachable(o, spec.unreachable.as_ref(), &s.agents, now)

@@ -68,6 +68,7 @@ impl StateMachineStore {
         let mut data = SmData::default();
         if let Some(s) = read_snapshot(&db)? {
             data = codec::decode(&s.data).map_err(io_err)?;
+            data.state.reindex();
         }
         let applied = data.last_applied.as_ref().map_or(0, |l| l.index);
         let (tx, _) = watch::channel(applied);
@@ -230,7 +231,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: Vec<u8>,
     ) -> Result<(), io::Error> {
-        let data: SmData = codec::decode(&snapshot).map_err(io_err)?;
+        let mut data: SmData = codec::decode(&snapshot).map_err(io_err)?;
+        data.state.reindex();
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: snapshot,
