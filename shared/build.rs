@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The generated `connect(dst)` constructor would clash with the
         // `AgentService.Connect` RPC; clients are built from a `Channel`.
         .build_transport(false)
+        // Smaller initial buffers per stream: see `proto::codec`.
+        .codec_path("crate::proto::codec::LeanCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -44,11 +44,15 @@ struct Ctl {
 }
 
 /// One simulated agent: connect (following a redirect), register, then
-/// heartbeat until the task is aborted. A lost session reconnects after 1 s,
-/// like the real agent's backoff, unless the agent was silenced.
+/// heartbeat until the task is aborted. A lost session reconnects after a
+/// jittered 0.5-1.5 s (the real agent backs off exponentially with jitter,
+/// so a fleet that lost its leader does not return in lockstep), unless the
+/// agent was silenced.
 async fn agent(i: usize, tls: TlsFiles, mut addr: String, shared: Arc<Shared>, ctl: Arc<Ctl>, ramp: Arc<Semaphore>) {
     let mut first = true;
+    let mut attempt = 0usize;
     loop {
+        attempt += 1;
         let permit = if first {
             ramp.clone().acquire_owned().await.ok()
         } else {
@@ -62,7 +66,8 @@ async fn agent(i: usize, tls: TlsFiles, mut addr: String, shared: Arc<Shared>, c
             std::future::pending::<()>().await;
         }
         shared.sessions_lost.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let jitter = (i * 7919 + attempt * 104_729) % 1000;
+        tokio::time::sleep(Duration::from_millis(500 + jitter as u64)).await;
     }
 }
 
@@ -134,10 +139,29 @@ struct RowOut {
     machine_busy: f64,
     down_after: f64,
     sessions_lost: u64,
+    /// Raft term changes from the row's start to its end: a leader
+    /// election under the registration load shows here.
+    elections: u64,
 }
 
 pub async fn run(quick: bool) -> Result<serde_json::Value> {
-    let counts: Vec<usize> = if quick { vec![50, 200] } else { vec![1000, 5000, 10000] };
+    // `BENCH_FANIN_AGENTS=5000,15000` picks other rows (ascending), to find
+    // the largest fleet one leader holds.
+    let counts: Vec<usize> = match std::env::var("BENCH_FANIN_AGENTS") {
+        Ok(v) => {
+            let c: Vec<usize> = v
+                .split(',')
+                .map(|n| n.trim().parse())
+                .collect::<Result<_, _>>()
+                .context("BENCH_FANIN_AGENTS: comma-separated agent counts")?;
+            if c.is_empty() || c.windows(2).any(|w| w[0] >= w[1]) || c[0] == 0 {
+                bail!("BENCH_FANIN_AGENTS: counts must be positive and ascending, got {v:?}");
+            }
+            c
+        }
+        Err(_) if quick => vec![50, 200],
+        Err(_) => vec![1000, 5000, 10000],
+    };
     let settle = Duration::from_secs(if quick { 2 } else { 3 });
     let window = Duration::from_secs(if quick { 3 } else { 10 });
     let max = *counts.last().expect("rows");
@@ -170,6 +194,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
     // Row k starts with the k agents silenced by the rows before it.
     for (silenced, &n) in counts.iter().enumerate() {
         let t0 = Instant::now();
+        let term0 = c.status(leader).await.map(|s| s.term);
         while ctls.len() < n {
             let i = ctls.len();
             let ctl = Arc::new(Ctl::default());
@@ -260,7 +285,17 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             machine_busy: (1.0 - (idle1 - idle0) as f64 / (total1 - total0).max(1) as f64) * 100.0,
             down_after: (down_at - last).as_secs_f64(),
             sessions_lost: shared.sessions_lost.load(Ordering::SeqCst) - lost0,
+            elections: match (term0, c.status(leader).await.map(|s| s.term)) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                // The first leader no longer answers: it lost at least once.
+                _ => 1,
+            },
         });
+        if let Some(r) = rows.last()
+            && r.elections > 0
+        {
+            eprintln!("fanin: {} Raft term change(s) during the {n}-agent row", r.elections);
+        }
     }
     tasks.abort_all();
     drop(c);
@@ -270,7 +305,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
     );
     println!("load average before the run: {load}");
     println!(
-        "{:>7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7}",
+        "{:>7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6}",
         "agents",
         "connect s",
         "hb p50",
@@ -282,12 +317,13 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         "gen cpu%",
         "busy%",
         "down s",
-        "lost"
+        "lost",
+        "terms"
     );
     let mut out = Vec::new();
     for r in &rows {
         println!(
-            "{:>7} {:>10.1} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>8.0} {:>8.0} {:>5.0} MiB {:>8.0} {:>8.0} {:>8.2} {:>7}",
+            "{:>7} {:>10.1} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>8.0} {:>8.0} {:>5.0} MiB {:>8.0} {:>8.0} {:>8.2} {:>7} {:>6}",
             r.agents,
             r.connect_secs,
             r.hb_p50,
@@ -299,7 +335,8 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             r.bench_cpu,
             r.machine_busy,
             r.down_after,
-            r.sessions_lost
+            r.sessions_lost,
+            r.elections
         );
         out.push(json!({
             "agents": r.agents,
@@ -313,10 +350,11 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             "machine_busy_pct": r.machine_busy,
             "silenced_down_after_last_heartbeat_s": r.down_after,
             "sessions_lost": r.sessions_lost,
+            "raft_term_changes": r.elections,
         }));
     }
     println!(
-        "(hb = heartbeat sent to its ack received, in this process; ldr = the leader process; gen = this load generator, % of one core; busy = both cores; down s = last heartbeat of a silenced agent to ListAgents showing it down)"
+        "(hb = heartbeat sent to its ack received, in this process; ldr = the leader process; gen = this load generator, % of one core; busy = both cores; down s = last heartbeat of a silenced agent to ListAgents showing it down; lost = sessions lost in the window; terms = Raft term changes over the row)"
     );
     Ok(json!({
         "scenario": "fanin",

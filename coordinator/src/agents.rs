@@ -33,9 +33,53 @@ pub const DEAD_AFTER_INTERVALS: f64 = 2.5;
 /// Metadata key carrying the leader's address on a refused agent stream.
 pub const LEADER_METADATA: &str = "cutover-leader";
 
+/// Registrations one leader has in flight at once (each waits for its
+/// `AgentUp` to commit). Past it, a registration is refused at once with
+/// `RESOURCE_EXHAUSTED`, and the agent retries after its jittered backoff:
+/// after a leader change the whole fleet reconnects together, and a leader
+/// that queued every registration would time them all out together.
+pub const MAX_REGISTERING: usize = 512;
+
+/// Admission control for registrations, as Consul and Nomad servers limit
+/// concurrent RPCs per client: a bounded number in flight, the rest refused
+/// without queueing.
+pub struct Admission {
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Admission {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+        }
+    }
+
+    /// A slot held until the permit drops, or a `RESOURCE_EXHAUSTED`
+    /// status that tells the agent to back off (with the standard gRPC
+    /// retry-pushback hint).
+    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("cutover_agent_registrations_refused_total").increment(1);
+            let mut status = Status::resource_exhausted(
+                "too many agents registering with this coordinator at once; retry after a backoff",
+            );
+            status.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                tonic::metadata::MetadataValue::from_static("1000"),
+            );
+            status
+        })
+    }
+}
+
+/// What a session's stream sends, boxed: a channel allocates its slots in
+/// blocks of 32 up front, and an unboxed `ConnectResponse` made that block
+/// kilobytes per agent for messages that are mostly heartbeat acks.
+type Outbound = Box<ConnectResponse>;
+
 struct Session {
     id: u64,
-    tx: mpsc::Sender<Result<ConnectResponse, Status>>,
+    tx: mpsc::Sender<Outbound>,
     last_seen: Instant,
     /// Tasks already sent on this session.
     sent: HashSet<String>,
@@ -52,6 +96,7 @@ pub struct AgentHub {
     leader_since: Mutex<Instant>,
     /// Set when the node shuts down: no new sessions after that.
     closed: std::sync::atomic::AtomicBool,
+    registering: Admission,
 }
 
 fn propose_status(e: ProposeError) -> Status {
@@ -69,6 +114,7 @@ impl AgentHub {
             sessions: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(Instant::now()),
             closed: false.into(),
+            registering: Admission::new(MAX_REGISTERING),
         })
     }
 
@@ -92,17 +138,30 @@ impl AgentHub {
         let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_generation = u64::MAX;
+        // When this node's lease lapsed while it stayed in Raft's Leader
+        // state: its sessions are kept for up to one agent heartbeat
+        // interval. Under load (a starved follower answering late) the lease
+        // lapses for a few hundred milliseconds and returns; closing every
+        // stream then made the whole fleet reconnect (`bench fleet` lost
+        // 200 sessions a minute that way, each a second's stall). Duties
+        // (dispatch, reaping, new registrations) stop at once either way.
+        let mut lapsed_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 r = leadership.changed() => {
                     if r.is_err() { return; }
                     let leading = *leadership.borrow_and_update();
                     if leading {
+                        if let Some(t) = lapsed_since.take() {
+                            tracing::info!(lapse_ms = t.elapsed().as_millis() as u64, "leading again: agent sessions kept");
+                        }
                         *self.leader_since.lock().expect("leader_since") = Instant::now();
                         seen_generation = u64::MAX;
+                    } else if self.consensus.in_leader_state() {
+                        lapsed_since.get_or_insert_with(Instant::now);
                     } else {
-                        // Agents must follow the leader: close every stream.
-                        self.sessions.lock().expect("sessions").clear();
+                        self.close_sessions();
+                        lapsed_since = None;
                     }
                     metrics::gauge!("cutover_agents_connected", "node" => self.consensus.node_id().to_string()).set(self.connected() as f64);
                 }
@@ -118,9 +177,25 @@ impl AgentHub {
                     if *leadership.borrow() {
                         self.reap().await;
                         self.dispatch_backlog();
+                    } else if lapsed_since.is_some_and(|t| t.elapsed() >= self.heartbeat)
+                        || (lapsed_since.is_some() && !self.consensus.in_leader_state())
+                    {
+                        // Deposed, or cut off from a quorum for longer than
+                        // a blip: agents must find the leader.
+                        self.close_sessions();
+                        lapsed_since = None;
+                        metrics::gauge!("cutover_agents_connected", "node" => self.consensus.node_id().to_string()).set(self.connected() as f64);
                     }
                 }
             }
+        }
+    }
+
+    /// Ends every agent stream: agents must follow the leader.
+    fn close_sessions(&self) {
+        let closed = std::mem::take(&mut *self.sessions.lock().expect("sessions")).len();
+        if closed > 0 {
+            tracing::info!(sessions = closed, "no longer leading: agent streams closed");
         }
     }
 
@@ -247,7 +322,7 @@ impl AgentHub {
                     let msg = ConnectResponse {
                         message: Some(connect_response::Message::Task(t.into())),
                     };
-                    if session.tx.try_send(Ok(msg)).is_err() {
+                    if session.tx.try_send(Box::new(msg)).is_err() {
                         // Full (the reaper's tick retries) or closed (the
                         // agent's reconnect does).
                         session.backlogged = true;
@@ -310,6 +385,10 @@ impl AgentService for AgentApi {
         let Some(connect_request::Message::Register(reg)) = first.message else {
             return Err(Status::invalid_argument("the first message must be register"));
         };
+        // Taken once the agent has sent its registration (a client that
+        // never does holds no slot), held until it is committed and the
+        // session listed.
+        let _admitted = hub.registering.admit()?;
         if let Some(claimed) = reg.cluster.as_ref()
             && (!claimed.region.is_empty() || !claimed.cluster.is_empty())
             && (claimed.region != cluster.region || claimed.cluster != cluster.cluster)
@@ -352,9 +431,9 @@ impl AgentService for AgentApi {
             .await
             .map_err(propose_status)?;
 
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel::<Outbound>(256);
         let leader = hub.consensus.node_id();
-        tx.try_send(Ok(ConnectResponse {
+        tx.try_send(Box::new(ConnectResponse {
             message: Some(connect_response::Message::Registered(proto::Registered {
                 session_id: session_id.to_string(),
                 leader_node_id: leader,
@@ -403,7 +482,9 @@ impl AgentService for AgentApi {
         // per app, and results queue in a bounded channel (an agent that
         // overfills it loses its session and replays them on reconnect).
         let reports = Arc::new(Reports::default());
-        let (result_tx, result_rx) = mpsc::channel::<Command>(MAX_QUEUED_RESULTS);
+        // Boxed for the same reason as `Outbound`: a `Command` is hundreds
+        // of bytes, and every session allocates its channel's first block.
+        let (result_tx, result_rx) = mpsc::channel::<Box<Command>>(MAX_QUEUED_RESULTS);
         tokio::spawn(write_reports(hub.clone(), reports.clone(), result_rx));
         let reader_hub = hub.clone();
         let reader_cluster = cluster.clone();
@@ -420,7 +501,7 @@ impl AgentService for AgentApi {
                                 let ack = connect_response::Message::HeartbeatAck(proto::HeartbeatAck {
                                     sequence: hb.sequence,
                                 });
-                                let _ = s.tx.try_send(Ok(ConnectResponse { message: Some(ack) }));
+                                let _ = s.tx.try_send(Box::new(ConnectResponse { message: Some(ack) }));
                             }
                             // Replaced by a newer session or dropped on a
                             // leadership change: stop reading this one.
@@ -457,7 +538,7 @@ impl AgentService for AgentApi {
                             result,
                             at_unix_ms: now_unix_ms(),
                         };
-                        if result_tx.try_send(cmd).is_err() {
+                        if result_tx.try_send(Box::new(cmd)).is_err() {
                             tracing::warn!(agent = %reader_cluster, "too many results waiting to commit: ending the session (the agent replays them)");
                             break;
                         }
@@ -522,7 +603,7 @@ impl AgentService for AgentApi {
             }
             tracing::info!(agent = %reader_cluster, session = session_id, "agent stream closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|m| Ok(*m)))))
     }
 }
 
@@ -581,14 +662,16 @@ impl Reports {
 /// Commits a session's reports: results in order as they come, progress and
 /// statuses coalesced per `PROGRESS_WINDOW`. Ends when the session's reader
 /// does (it holds the result sender).
-async fn write_reports(hub: Arc<AgentHub>, reports: Arc<Reports>, mut results: mpsc::Receiver<Command>) {
-    let propose = |cmd: Command| {
+async fn write_reports(hub: Arc<AgentHub>, reports: Arc<Reports>, mut results: mpsc::Receiver<Box<Command>>) {
+    // Boxed: the proposal's future is kilobytes, and inline it would make
+    // this task (one per agent, idle nearly always) that size too.
+    let propose = |cmd: Command| -> futures::future::BoxFuture<'static, ()> {
         let hub = hub.clone();
-        async move {
+        Box::pin(async move {
             if let Err(e) = hub.consensus.propose(Proposal::Command(cmd)).await {
                 tracing::warn!("could not commit agent report: {e}");
             }
-        }
+        })
     };
     loop {
         tokio::select! {
@@ -601,10 +684,10 @@ async fn write_reports(hub: Arc<AgentHub>, reports: Arc<Reports>, mut results: m
                     // one per commit latency, until its queue overflowed and
                     // the session was ended (`bench fleet` saw it).
                     let mut batch = reports.take();
-                    batch.push(cmd);
+                    batch.push(*cmd);
                     while batch.len() < RESULTS_PER_BATCH {
                         let Ok(more) = results.try_recv() else { break };
-                        batch.push(more);
+                        batch.push(*more);
                     }
                     futures::future::join_all(batch.into_iter().map(propose)).await;
                 }
@@ -631,5 +714,28 @@ impl AgentHub {
         let mut sessions = self.sessions.lock().expect("sessions");
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         sessions.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_past_its_limit_until_a_slot_frees() {
+        let a = Admission::new(2);
+        let first = a.admit().expect("first slot");
+        let _second = a.admit().expect("second slot");
+        let refused = a.admit().expect_err("a third registration at once is refused");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            refused
+                .metadata()
+                .get("grpc-retry-pushback-ms")
+                .and_then(|v| v.to_str().ok()),
+            Some("1000")
+        );
+        drop(first);
+        let _third = a.admit().expect("a freed slot admits the next registration");
     }
 }

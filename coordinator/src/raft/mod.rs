@@ -253,6 +253,12 @@ impl Consensus {
         nodes.peek().is_none() || nodes.any(|n| n == id)
     }
 
+    /// In openraft's Leader state, fresh lease or not: false once the node
+    /// has seen a higher term or stepped down.
+    pub fn in_leader_state(&self) -> bool {
+        self.raft.metrics().borrow_watched().state == ServerState::Leader
+    }
+
     /// Leading under a fresh lease (see [`leads`]).
     pub fn is_leader(&self) -> bool {
         leads(&self.raft.metrics().borrow_watched(), self.lease)

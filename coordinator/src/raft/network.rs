@@ -106,6 +106,18 @@ fn snapshot_deadline(ttl: Duration, bytes: u64) -> Duration {
     ttl.max(Duration::from_secs(10) + Duration::from_secs(bytes / (8 << 20)))
 }
 
+/// The least time an append carrying entries may take. openraft gives
+/// every append the heartbeat interval (50 ms by default) as its deadline;
+/// on a loaded machine a follower that fsyncs and answers in 80 ms is slow,
+/// not gone, and timing its appends out made replication restart and the
+/// leader's lease lapse (`bench fleet`). Heartbeats (no entries) keep the
+/// short deadline: openraft bounds them itself.
+const APPEND_DEADLINE: Duration = Duration::from_secs(1);
+
+fn append_deadline(ttl: Duration, entries: usize) -> Duration {
+    if entries == 0 { ttl } else { ttl.max(APPEND_DEADLINE) }
+}
+
 fn request<T>(msg: T, ttl: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(ttl);
@@ -140,10 +152,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let traced = super::trace::span(&rpc.entries).map(|(first, last)| (first, last, super::trace::now_us()));
+        let deadline = append_deadline(option.hard_ttl(), rpc.entries.len());
         let payload = encode(&rpc)?;
         let reply = self
             .client()?
-            .append_entries(request(AppendEntriesRequest { payload }, option.hard_ttl()))
+            .append_entries(request(AppendEntriesRequest { payload }, deadline))
             .await
             .map_err(status_to_rpc)?
             .into_inner();
@@ -221,5 +234,26 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         };
         let r: Result<SnapshotResponse<TypeConfig>, String> = self.decode(&reply.payload).map_err(to_stream)?;
         r.map_err(|e| StreamingError::Network(NetworkError::new(&Msg(e))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_with_entries_get_a_second_and_heartbeats_keep_openrafts_deadline() {
+        let ttl = Duration::from_millis(50);
+        assert_eq!(append_deadline(ttl, 0), ttl, "a heartbeat");
+        assert_eq!(append_deadline(ttl, 3), APPEND_DEADLINE);
+        // A longer deadline from openraft is kept.
+        assert_eq!(append_deadline(Duration::from_secs(5), 3), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_snapshot_gets_ten_seconds_and_one_more_per_8_mib() {
+        let ttl = Duration::from_millis(200);
+        assert_eq!(snapshot_deadline(ttl, 0), Duration::from_secs(10));
+        assert_eq!(snapshot_deadline(ttl, 80 << 20), Duration::from_secs(20));
     }
 }
