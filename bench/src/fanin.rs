@@ -249,9 +249,18 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         let name = cluster_name(victim);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut op = c.operator(leader);
+        // The one page holding the victim: listing all 10,000 agents each
+        // poll measured the listing more than the detection.
+        let page_token = victim
+            .checked_sub(1)
+            .map(|v| format!("{REGION}/{}", cluster_name(v)))
+            .unwrap_or_default();
         let down_at = loop {
             let list = op
-                .list_agents(pb::ListAgentsRequest {})
+                .list_agents(pb::ListAgentsRequest {
+                    page_size: 1,
+                    page_token: page_token.clone(),
+                })
                 .await
                 .context("ListAgents")?
                 .into_inner();

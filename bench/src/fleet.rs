@@ -384,7 +384,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
     loop {
         let up = c
             .operator(leader)
-            .list_agents(pb::ListAgentsRequest {})
+            .list_agents(pb::ListAgentsRequest::default())
             .await?
             .into_inner()
             .agents

@@ -109,17 +109,47 @@ where
     Err(Failure::Unreachable(last.unwrap_or_default()))
 }
 
+/// Every agent, following `ListAgents`' pages (one holds some 15,000).
+pub async fn list_all_agents(
+    clients: &[(String, ControlServiceClient<Channel>)],
+) -> Result<Vec<cutover_shared::proto::Agent>, Failure> {
+    let mut agents = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = call_each(clients, |mut c| {
+            let page_token = token.clone();
+            async move {
+                c.list_agents(cutover_shared::proto::ListAgentsRequest {
+                    page_size: 0,
+                    page_token,
+                })
+                .await
+            }
+        })
+        .await?;
+        agents.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            return Ok(agents);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Fails with what [`call_each`] got, in the CLI's words.
+pub fn failure_error(f: Failure) -> anyhow::Error {
+    match f {
+        Failure::Status(s) => anyhow::anyhow!("{}: {}", code_name(s.code()), s.message()),
+        Failure::Unreachable(last) => anyhow::anyhow!("no coordinator reachable ({last})"),
+    }
+}
+
 /// Runs `f` against the first coordinator that answers.
 pub async fn call<T, F, Fut>(opts: &ConnOpts, f: F) -> Result<T>
 where
     F: Fn(ControlServiceClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    match call_each(&opts.clients()?, f).await {
-        Ok(t) => Ok(t),
-        Err(Failure::Status(s)) => bail!("{}: {}", code_name(s.code()), s.message()),
-        Err(Failure::Unreachable(last)) => bail!("no coordinator reachable ({last})"),
-    }
+    call_each(&opts.clients()?, f).await.map_err(failure_error)
 }
 
 pub fn code_name(c: tonic::Code) -> String {

@@ -259,12 +259,12 @@ async fn overview(State(c): State<Arc<Console>>) -> ApiResult {
     let cluster = c
         .rpc(|mut c| async move { c.get_cluster_status(pb::GetClusterStatusRequest {}).await })
         .await?;
-    let agents = c
-        .rpc(|mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await })
-        .await?;
+    let agents = client::list_all_agents(&c.clients)
+        .await
+        .map_err(|f| ApiError(Box::new(failure(f))))?;
     ok(json!({
         "cluster": verbs::cluster_status_json(&cluster),
-        "agents": agents.agents.iter().map(verbs::agent_json).collect::<Vec<_>>(),
+        "agents": agents.iter().map(verbs::agent_json).collect::<Vec<_>>(),
     }))
 }
 

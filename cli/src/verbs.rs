@@ -786,17 +786,15 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
             cmd: AgentsCmd::List,
             conn,
         } => {
-            let r = call(
-                &conn,
-                |mut c| async move { c.list_agents(pb::ListAgentsRequest {}).await },
-            )
-            .await?;
+            let agents = crate::client::list_all_agents(&conn.clients()?)
+                .await
+                .map_err(crate::client::failure_error)?;
             if conn.output == Output::Json {
-                let v: Vec<_> = r.agents.iter().map(agent_json).collect();
+                let v: Vec<_> = agents.iter().map(agent_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("{:<12} {:<16} {:<6} VERSION", "REGION", "CLUSTER", "STATE");
-                for a in &r.agents {
+                for a in &agents {
                     let c = a.cluster.clone().unwrap_or_default();
                     println!(
                         "{:<12} {:<16} {:<6} {}",

@@ -500,7 +500,7 @@ impl ProcessCluster {
         loop {
             let up = self
                 .any("ListAgents", |mut c| async move {
-                    c.list_agents(pb::ListAgentsRequest {}).await
+                    c.list_agents(pb::ListAgentsRequest::default()).await
                 })
                 .await
                 .map(|r| r.agents.iter().filter(|a| a.state == pb::AgentState::Up as i32).count())

@@ -45,7 +45,7 @@ async fn agent_up_down_within_three_intervals_and_up_again() {
     .unwrap();
     let listed = c
         .operator(leader)
-        .list_agents(pb::ListAgentsRequest {})
+        .list_agents(pb::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -56,6 +56,44 @@ async fn agent_up_down_within_three_intervals_and_up_again() {
             .iter()
             .all(|a| a.state == pb::AgentState::Up as i32 && a.task_kinds.contains(&"echo".to_string()))
     );
+    assert!(listed.next_page_token.is_empty(), "one page holds them all");
+    // Paged: one agent a page, by region/cluster, the token leading on.
+    let mut op = c.operator(leader);
+    let first = op
+        .list_agents(pb::ListAgentsRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cluster_of = |a: &pb::Agent| a.cluster.clone().map(|c| format!("{}/{}", c.region, c.cluster));
+    assert_eq!(
+        first.agents.iter().map(cluster_of).collect::<Vec<_>>(),
+        [Some("eu-west/eu-west-1".into())]
+    );
+    assert!(!first.next_page_token.is_empty());
+    let second = op
+        .list_agents(pb::ListAgentsRequest {
+            page_size: 1,
+            page_token: first.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second.agents.iter().map(cluster_of).collect::<Vec<_>>(),
+        [Some("us-east/us-east-1".into())]
+    );
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+    let bad = op
+        .list_agents(pb::ListAgentsRequest {
+            page_size: 1,
+            page_token: "../etc".into(),
+        })
+        .await
+        .expect_err("a token the service never gave out is refused");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 
     let died = Instant::now();
     c.stop_agent(0).await;

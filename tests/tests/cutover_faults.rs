@@ -477,7 +477,7 @@ async fn agent_kill9_mid_deploy() {
     loop {
         let agents = pc
             .any("ListAgents", |mut c| async move {
-                c.list_agents(pb::ListAgentsRequest {}).await
+                c.list_agents(pb::ListAgentsRequest::default()).await
             })
             .await
             .unwrap();

@@ -205,7 +205,7 @@ async fn a_wall_clock_jump_on_the_leader_changes_no_decision() {
         });
         let agents = pc
             .any("ListAgents", |mut c| async move {
-                c.list_agents(pb::ListAgentsRequest {}).await
+                c.list_agents(pb::ListAgentsRequest::default()).await
             })
             .await
             .unwrap()

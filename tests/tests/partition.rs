@@ -501,7 +501,7 @@ async fn a_cutover_in_waves_across_a_lossy_wan_fails_no_request() {
 async fn agent_is(pc: &ProcessCluster, region: &str, state: pb::AgentState) -> bool {
     let agents = pc
         .any("ListAgents", |mut c| async move {
-            c.list_agents(pb::ListAgentsRequest {}).await
+            c.list_agents(pb::ListAgentsRequest::default()).await
         })
         .await
         .map(|r| r.agents)

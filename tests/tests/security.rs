@@ -140,7 +140,7 @@ async fn wrong_roles_are_refused_and_change_nothing() {
     // A viewer reads but cannot write.
     let mut viewer = c.client(&c.pki.viewer, leader).unwrap();
     viewer.get_cluster_status(pb::GetClusterStatusRequest {}).await.unwrap();
-    viewer.list_agents(pb::ListAgentsRequest {}).await.unwrap();
+    viewer.list_agents(pb::ListAgentsRequest::default()).await.unwrap();
     let err = viewer.create_attestation(attest_req()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(
