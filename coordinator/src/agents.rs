@@ -163,7 +163,7 @@ impl AgentHub {
                         self.close_sessions();
                         lapsed_since = None;
                     }
-                    metrics::gauge!("cutover_agents_connected", "node" => self.consensus.node_id().to_string()).set(self.connected() as f64);
+                    self.publish_connected();
                 }
                 r = applied.changed() => {
                     if r.is_err() { return; }
@@ -177,14 +177,13 @@ impl AgentHub {
                     if *leadership.borrow() {
                         self.reap().await;
                         self.dispatch_backlog();
-                    } else if lapsed_since.is_some_and(|t| t.elapsed() >= self.heartbeat)
-                        || (lapsed_since.is_some() && !self.consensus.in_leader_state())
+                    } else if let Some(t) = lapsed_since
+                        && (t.elapsed() >= self.heartbeat || !self.consensus.in_leader_state())
                     {
                         // Deposed, or cut off from a quorum for longer than
                         // a blip: agents must find the leader.
                         self.close_sessions();
                         lapsed_since = None;
-                        metrics::gauge!("cutover_agents_connected", "node" => self.consensus.node_id().to_string()).set(self.connected() as f64);
                     }
                 }
             }
@@ -197,6 +196,12 @@ impl AgentHub {
         if closed > 0 {
             tracing::info!(sessions = closed, "no longer leading: agent streams closed");
         }
+        self.publish_connected();
+    }
+
+    fn publish_connected(&self) {
+        metrics::gauge!("cutover_agents_connected", "node" => self.consensus.node_id().to_string())
+            .set(self.connected() as f64);
     }
 
     /// Commits `AgentDown` for every agent recorded up that has been silent
@@ -472,7 +477,7 @@ impl AgentService for AgentApi {
                 },
             );
         }
-        metrics::gauge!("cutover_agents_connected", "node" => leader.to_string()).set(hub.connected() as f64);
+        hub.publish_connected();
         tracing::info!(agent = %cluster, session = session_id, "agent registered");
         hub.dispatch(&cluster);
 
