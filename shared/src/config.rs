@@ -43,6 +43,12 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// Entries kept in the log behind a snapshot, for slow followers. Default 500.
     pub keep_after_snapshot: u64,
+    /// Raft's Pre-Vote: before raising its term to stand for election, a
+    /// node asks whether a quorum would vote for it. A node that was cut
+    /// off (a partition, a long pause) then rejoins without deposing a
+    /// leader the others still follow, instead of forcing an election.
+    /// Default true; false gives the classic election.
+    pub pre_vote: bool,
 }
 
 impl Default for RaftConfig {
@@ -53,6 +59,7 @@ impl Default for RaftConfig {
             election_timeout_max_ms: 300,
             snapshot_every: 2000,
             keep_after_snapshot: 500,
+            pre_vote: true,
         }
     }
 }

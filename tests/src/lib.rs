@@ -135,6 +135,7 @@ impl TestClusterBuilder {
                     election_timeout_max_ms: 400,
                     snapshot_every: 2000,
                     keep_after_snapshot: 100,
+                    pre_vote: true,
                 },
                 retention: Default::default(),
             };
@@ -509,6 +510,21 @@ pub fn cutover_bin() -> PathBuf {
                 .map_or_else(String::new, |d| d.join("cutover").display().to_string())
         )
     })
+}
+
+/// The previous release's `cutover` binary, for upgrade tests:
+/// `CUTOVER_PREVIOUS_BIN`, which `scripts/test` sets to what
+/// `scripts/previous-release` built. Missing, the test fails: an upgrade
+/// that is not tested is not promised.
+pub fn previous_release() -> PathBuf {
+    let bin = std::env::var_os("CUTOVER_PREVIOUS_BIN").map(PathBuf::from);
+    match bin {
+        Some(b) if b.is_file() => b,
+        other => panic!(
+            "the previous release's binary is missing (CUTOVER_PREVIOUS_BIN={other:?}): \
+             run the tests with `bash scripts/test`, or set it to what `bash scripts/previous-release` prints"
+        ),
+    }
 }
 
 /// A `cutover` subprocess, killed with SIGKILL when dropped.

@@ -65,10 +65,32 @@ pub struct ProcessCluster {
     libfaketime: Option<PathBuf>,
     /// The WAN proxies between regions ([`Self::start_across_wan`]).
     pub wan: Option<crate::wan::Wan>,
+    /// The binary each coordinator and each agent runs on its next start.
+    coordinator_bins: Vec<PathBuf>,
+    agent_bins: Vec<PathBuf>,
     /// The namespaces, when the processes run in them: coordinator `i` in
     /// `coordinator-<i+1>`, each agent in its region's. Dropped after the
     /// processes (a struct's fields drop after its `Drop`).
     pub net: Option<crate::netns::Net>,
+}
+
+/// Config keys this release added since the previous one (the release
+/// `scripts/previous-release` builds), whose config parser refuses keys
+/// it does not know. An upgrade keeps the operator's config file as it
+/// was, so the files are written without them, and this release reads
+/// them with their defaults.
+const KEYS_SINCE_PREVIOUS: &[&str] = &["pre_vote"];
+
+/// `text`, a coordinator config, as the previous release reads it.
+fn previous_release_config(text: &str) -> String {
+    text.lines()
+        .filter(|l| {
+            !KEYS_SINCE_PREVIOUS
+                .iter()
+                .any(|k| l.trim_start().starts_with(&format!("{k} =")))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// The port every coordinator listens on in its namespace.
@@ -89,7 +111,7 @@ impl ProcessCluster {
         agent: impl Fn(usize, &mut cutover_shared::config::AgentConfig, &Path),
     ) -> Result<ProcessCluster> {
         let builder = TestCluster::builder().nodes(nodes).regions(regions);
-        Self::start_inner(builder, regions, agent, None, None, false).await
+        Self::start_inner(builder, regions, agent, None, None, false, None).await
     }
 
     /// [`Self::start`], each coordinator under libfaketime with its own
@@ -98,7 +120,17 @@ impl ProcessCluster {
     /// when NTP steps a clock or a VM resumes.
     pub async fn start_with_clocks(nodes: u64, regions: &[(&str, &str)]) -> Result<ProcessCluster> {
         let builder = TestCluster::builder().nodes(nodes).regions(regions);
-        Self::start_inner(builder, regions, |_, _, _| {}, None, None, true).await
+        Self::start_inner(builder, regions, |_, _, _| {}, None, None, true, None).await
+    }
+
+    /// [`Self::start`] on the previous release's binary (`previous`, see
+    /// [`crate::previous_release`]): every coordinator and agent runs it,
+    /// with config files as that release reads them, until
+    /// [`Self::set_coordinator_binary`] and [`Self::set_agent_binary`]
+    /// move them to another.
+    pub async fn start_on_previous(nodes: u64, regions: &[(&str, &str)], previous: &Path) -> Result<ProcessCluster> {
+        let builder = TestCluster::builder().nodes(nodes).regions(regions);
+        Self::start_inner(builder, regions, |_, _, _| {}, None, None, false, Some(previous)).await
     }
 
     /// Sets coordinator `i`'s wall clock to the true time plus `offset`
@@ -118,13 +150,26 @@ impl ProcessCluster {
     /// address and reach each other, and agents reach them, as
     /// `coordinator-<n>`, the name their certificates carry.
     pub async fn start_in_namespaces(nodes: u64, regions: &[(&str, &str)]) -> Result<ProcessCluster> {
+        Self::start_in_namespaces_with(nodes, regions, |_| {}).await
+    }
+
+    /// [`Self::start_in_namespaces`], with `coordinator` adjusting every
+    /// coordinator's config before it is written.
+    pub async fn start_in_namespaces_with(
+        nodes: u64,
+        regions: &[(&str, &str)],
+        coordinator: impl Fn(&mut cutover_shared::config::CoordinatorConfig) + Send + Sync + 'static,
+    ) -> Result<ProcessCluster> {
         let names: Vec<String> = (1..=nodes)
             .map(|i| format!("coordinator-{i}"))
             .chain(regions.iter().map(|(r, _)| r.to_string()))
             .collect();
         let net = crate::netns::Net::new(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let builder = TestCluster::builder().nodes(nodes).regions(regions);
-        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), None, false).await
+        let builder = TestCluster::builder()
+            .nodes(nodes)
+            .regions(regions)
+            .configure(coordinator);
+        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), None, false, None).await
     }
 
     /// One coordinator per region, each process in its own namespace as
@@ -163,7 +208,7 @@ impl ProcessCluster {
             cfg.raft.election_timeout_max_ms = 2000;
             cfg.agent_heartbeat_interval_ms = 1000;
         });
-        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), Some(wan), false).await
+        Self::start_inner(builder, regions, |_, _, _| {}, Some(net), Some(wan), false, None).await
     }
 
     async fn start_inner(
@@ -173,6 +218,7 @@ impl ProcessCluster {
         net: Option<crate::netns::Net>,
         wan: Option<crate::wan::Wan>,
         clocks: bool,
+        previous: Option<&Path>,
     ) -> Result<ProcessCluster> {
         let nodes = builder.node_count();
         let mut harness = builder.prepare().await?;
@@ -210,7 +256,11 @@ impl ProcessCluster {
         let mut coordinator_configs = Vec::new();
         for (i, cfg) in harness.configs.iter().enumerate() {
             let path = dir.join(format!("coordinator-{}.toml", i + 1));
-            std::fs::write(&path, to_toml(cfg)?)?;
+            let mut text = to_toml(cfg)?;
+            if previous.is_some() {
+                text = previous_release_config(&text);
+            }
+            std::fs::write(&path, text)?;
             coordinator_configs.push(path);
         }
         let mut agent_configs = Vec::new();
@@ -238,6 +288,8 @@ impl ProcessCluster {
             wan,
             net,
             libfaketime: if clocks { Some(libfaketime()?) } else { None },
+            coordinator_bins: vec![previous.map_or_else(cutover_bin, Path::to_owned); n],
+            agent_bins: vec![previous.map_or_else(cutover_bin, Path::to_owned); a],
         };
         if clocks {
             for i in 0..n {
@@ -258,11 +310,19 @@ impl ProcessCluster {
     }
 
     /// Starts `cutover args`, in namespace `space` when there are any.
-    fn spawn(&self, space: &str, args: &[&str], log: &Path, format: &str, env: &[(&str, String)]) -> Result<Proc> {
+    fn spawn(
+        &self,
+        bin: &Path,
+        space: &str,
+        args: &[&str],
+        log: &Path,
+        format: &str,
+        env: &[(&str, String)],
+    ) -> Result<Proc> {
         let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = match &self.net {
-            Some(net) => net.command(space, &cutover_bin()),
-            None => Command::new(cutover_bin()),
+            Some(net) => net.command(space, bin),
+            None => Command::new(bin),
         };
         command.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let child = command
@@ -298,9 +358,41 @@ impl ProcessCluster {
                 ("DONT_FAKE_MONOTONIC", "1".into()),
             ],
         };
-        self.coordinators[i] = Some(self.spawn(&space, &["coordinator", "--config", &config], &log, "human", &env)?);
+        let bin = &self.coordinator_bins[i];
+        self.coordinators[i] =
+            Some(self.spawn(bin, &space, &["coordinator", "--config", &config], &log, "human", &env)?);
         self.coordinator_logs[i].push(log);
         Ok(())
+    }
+
+    /// Stops coordinator `i` as a supervisor does (SIGTERM), and waits for
+    /// it to exit: what a rolling upgrade does to each node in turn.
+    pub async fn stop_coordinator(&mut self, i: usize, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let mut p = self.coordinators[i].take().context("coordinator not running")?;
+        let pid = p.child.id().to_string();
+        let term = Command::new("kill").args(["-TERM", &pid]).status()?;
+        anyhow::ensure!(term.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = p.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("coordinator {} did not exit within {timeout:?} of SIGTERM", i + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The binary coordinator `i` runs from its next start on: how a test
+    /// upgrades a node (stop it, set this, start it on its data directory).
+    pub fn set_coordinator_binary(&mut self, i: usize, bin: &Path) {
+        self.coordinator_bins[i] = bin.to_owned();
+    }
+
+    /// The binary agent `i` runs from its next start on.
+    pub fn set_agent_binary(&mut self, i: usize, bin: &Path) {
+        self.agent_bins[i] = bin.to_owned();
     }
 
     /// Coordinator `i`'s exit status, once its process has exited on its
@@ -333,7 +425,8 @@ impl ProcessCluster {
             .join(format!("agent-{region}.{}.log", self.agent_logs[i].len()));
         let config = self.agent_configs[i].display().to_string();
         let space = region.clone();
-        self.agents[i] = Some(self.spawn(&space, &["agent", "--config", &config], &log, "json", &[])?);
+        let bin = &self.agent_bins[i];
+        self.agents[i] = Some(self.spawn(bin, &space, &["agent", "--config", &config], &log, "json", &[])?);
         self.agent_logs[i].push(log);
         Ok(())
     }

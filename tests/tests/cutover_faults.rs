@@ -150,14 +150,17 @@ struct Fixture {
 /// Three coordinators and three agents as processes, the app declared and
 /// v1 deployed everywhere (the local driver makes a first deploy active).
 async fn setup() -> Fixture {
-    let pc = ProcessCluster::start(3, REGIONS).await.unwrap();
+    setup_on(ProcessCluster::start(3, REGIONS).await.unwrap(), app()).await
+}
+
+/// [`setup`] on the processes `pc` runs, with `spec` as the app.
+async fn setup_on(pc: ProcessCluster, spec: AppSpec) -> Fixture {
     pc.wait_leader(T)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
     pc.wait_agents_up(T)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
-    let spec = app();
     let proto_app: pb::App = spec.clone().into();
     pc.any("ApplyApp", |mut c| {
         let app = proto_app.clone();
@@ -575,4 +578,120 @@ async fn atomic_cutover_survives_a_leader_kill9_at_its_switch() {
         describe(Some(&op))
     );
     assert_executed_once(&pc, &[&v1, &op], None);
+}
+
+/// A rolling upgrade from the previous release (`scripts/previous-release`)
+/// in the middle of a cutover. The cluster and its agents start on the
+/// previous release's binary, with their config files as it reads them,
+/// and deploy v1; then, while a cutover to v2 runs, each coordinator in
+/// turn is stopped (SIGTERM), started on this release's binary on its own
+/// data directory, and caught up before the next: one follower, then the
+/// leader, then the other follower, so the cluster elects and commits with
+/// mixed versions at every step, and the previous release's agents carry
+/// out the cutover for coordinators of both. The cutover completes, is not
+/// half switched, and no task ran twice. Then each agent is restarted on
+/// this release, on its own task store, and a cutover back to v1 runs on
+/// the upgraded fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_upgrade_from_the_previous_release_in_the_middle_of_a_cutover() {
+    let previous = cutover_tests::previous_release();
+    let this = cutover_bin();
+    // Bake long enough that the cutover spans the three restarts.
+    let spec = AppSpec { bake_secs: 6, ..app() };
+    let pc = ProcessCluster::start_on_previous(3, REGIONS, &previous).await.unwrap();
+    let Fixture { mut pc, spec, v1 } = setup_on(pc, spec).await;
+    let leader = pc.wait_leader(T).await.unwrap();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let id = deploy(&pc, followers[0], V2, false).await;
+    for i in [followers[0], leader, followers[1]] {
+        let op = pc.operation(&id).await.unwrap();
+        assert!(
+            !finished(&op),
+            "the cutover finished before node {} was upgraded: {}",
+            i + 1,
+            describe(Some(&op))
+        );
+        let status = pc
+            .stop_coordinator(i, T)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+        assert!(status.success(), "node {} exited with {status} on SIGTERM", i + 1);
+        if i == leader {
+            // The other two (one upgraded, one not) elect a leader before
+            // the old one returns, as when a restart takes its time.
+            let next = pc
+                .wait_leader(T)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+            eprintln!("node {} (stopped leader) replaced by node {}", i + 1, next + 1);
+        }
+        let upgraded_at = Instant::now();
+        pc.set_coordinator_binary(i, &this);
+        pc.start_coordinator(i).unwrap();
+        let leading = pc
+            .wait_leader(T)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+        let applied = pc.cluster_status(leading).await.map_or(0, |s| s.applied_index);
+        let deadline = Instant::now() + T;
+        while !pc
+            .cluster_status(i)
+            .await
+            .is_some_and(|s| s.applied_index >= applied && s.leader_id > 0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "upgraded node {} did not catch up\n{}",
+                i + 1,
+                pc.log_tails(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "node {} upgraded and caught up in {:?}; node {} leads; the cutover has {} task(s)",
+            i + 1,
+            upgraded_at.elapsed(),
+            leading + 1,
+            op.tasks.len()
+        );
+    }
+    let op = pc
+        .wait_finished(&id, FINISH)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(40)));
+    assert!(state_is(&op, pb::TaskState::Succeeded), "{}", describe(Some(&op)));
+    assert_eq!(assert_not_half_switched(&pc, &spec, &op).await, V2);
+    assert_executed_once(&pc, &[&v1, &op], None);
+    // A node of the previous release that did not know Pre-Vote was
+    // counted as granting it, when an upgraded node stood meanwhile.
+    let mixed_elections = (0..3)
+        .filter(|&i| pc.coordinator_log(i).contains("predates Pre-Vote"))
+        .count();
+    eprintln!("upgraded nodes that stood against a node of the previous release: {mixed_elections}");
+
+    // The agents, one at a time, each on its own task store.
+    for a in 0..REGIONS.len() {
+        pc.kill9_agent(a);
+        pc.set_agent_binary(a, &this);
+        pc.start_agent(a).unwrap();
+    }
+    pc.wait_agents_up(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    let leader = pc.wait_leader(T).await.unwrap();
+    let back = deploy(&pc, leader, V1, false).await;
+    let back = pc
+        .wait_finished(&back, FINISH)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(40)));
+    assert!(state_is(&back, pb::TaskState::Succeeded), "{}", describe(Some(&back)));
+    for c in &spec.clusters {
+        assert_eq!(
+            serving(&c.local.as_ref().unwrap().listen).await,
+            format!("version {V1}"),
+            "{} after the cutover on the upgraded fleet",
+            c.region
+        );
+    }
+    assert_executed_once(&pc, &[&v1, &op, &back], None);
 }

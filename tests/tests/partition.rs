@@ -185,6 +185,103 @@ async fn a_partitioned_leader_is_replaced_and_its_operation_finishes_once() {
     }
 }
 
+/// Whether coordinator `i` has applied operation `id` as succeeded.
+async fn succeeded_on(pc: &ProcessCluster, i: usize, id: &str) -> bool {
+    pc.operator(i)
+        .get_operation(pb::GetOperationRequest {
+            operation_id: id.to_owned(),
+        })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().operation)
+        .is_some_and(|o| o.state == pb::TaskState::Succeeded as i32)
+}
+
+/// Pre-Vote (Raft thesis 9.6): a follower cut off from everyone for ten
+/// election timeouts keeps its term, because no quorum answers its
+/// Pre-Vote; healed, it follows the leader it had, at the term it had,
+/// and catches up on what was committed without it. Without Pre-Vote it
+/// raises its term on every timeout and, on its return, its higher term
+/// makes the healthy leader step down: an election, and the leader's
+/// duties (dispatch, agent streams) interrupted for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_follower_rejoins_without_deposing_the_leader() {
+    let pc = ProcessCluster::start_in_namespaces_with(3, &[("us-east", "us-east-1")], |c| {
+        c.raft.pre_vote = true;
+    })
+    .await
+    .unwrap();
+    let net = pc.net.as_ref().unwrap();
+    let leader = pc.wait_leader(T).await.unwrap();
+    pc.wait_agents_up(T).await.unwrap();
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let term = view(&pc, follower).await.unwrap().term;
+
+    let name = format!("coordinator-{}", follower + 1);
+    let mut rest: Vec<String> = (0..3)
+        .filter(|&i| i != follower)
+        .map(|i| format!("coordinator-{}", i + 1))
+        .collect();
+    rest.push("us-east".into());
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    net.partition(&[&name], &rest).unwrap();
+
+    // Committed while the follower is away: it must catch up on it.
+    let r = pc
+        .operator(leader)
+        .run_task(echo("while a follower is away", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + T;
+    while !succeeded_on(&pc, leader, &r.operation_id).await {
+        assert!(Instant::now() < deadline, "not finished: {}", pc.log_tails(30));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The fault lasts ten election timeouts (the harness's are 200-400 ms):
+    // long enough for a node without Pre-Vote to stand several times.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let away = view(&pc, follower).await.unwrap();
+    let before_heal = view(&pc, leader).await.unwrap();
+    println!(
+        "cut-off node {}: {} at term {} (the term it had: {term}); node {} {} at term {}",
+        follower + 1,
+        away.server_state,
+        away.term,
+        leader + 1,
+        before_heal.server_state,
+        before_heal.term
+    );
+    assert_eq!(away.term, term, "the cut-off node raised its term");
+    assert_eq!(before_heal.server_state, "leader");
+
+    net.heal().unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let v = view(&pc, follower).await;
+        if let Some(v) = &v
+            && v.server_state == "follower"
+            && v.leader_id == leader as u64 + 1
+            && succeeded_on(&pc, follower, &r.operation_id).await
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not rejoin: {v:?}\n{}",
+            follower + 1,
+            pc.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = view(&pc, leader).await.unwrap();
+    assert_eq!(
+        (after.server_state.as_str(), after.term),
+        ("leader", before_heal.term),
+        "the rejoining node deposed the leader"
+    );
+}
+
 /// A flapping network: every 2 s one coordinator in turn is cut off from
 /// everyone (the agent included) for 1 s, for 12 s, while ten tasks of
 /// 1 to 10 s run on the agent. Once the flapping stops, every operation

@@ -167,6 +167,7 @@ impl Consensus {
             election_timeout_max: timings.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_every),
             max_in_snapshot_log_to_keep: timings.keep_after_snapshot,
+            enable_pre_vote: Some(timings.pre_vote),
             ..Default::default()
         }
         .validate()

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_shared::proto::raft_service_client::RaftServiceClient;
-use cutover_shared::proto::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use cutover_shared::proto::{AppendEntriesRequest, InstallSnapshotRequest, PreVoteRequest, VoteRequest};
 use cutover_shared::tls::TlsFiles;
 use openraft::BasicNode;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -179,6 +179,33 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .await
             .map_err(status_to_rpc)?
             .into_inner();
+        let r: Result<VoteResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: openraft::raft::VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let payload = encode(&rpc)?;
+        let reply = match self
+            .client()?
+            .pre_vote(request(PreVoteRequest { payload }, option.hard_ttl()))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            // A peer of a release before Pre-Vote: count it as granting,
+            // which is what it would have done before (the real vote
+            // still decides), so a cluster mid-upgrade keeps electing.
+            // A peer that cannot be reached is not a grant: an isolated
+            // node must not talk itself into a term.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::info!(peer = self.target, "peer predates Pre-Vote; counting its grant");
+                return Ok(VoteResponse::new(rpc.vote, None, true));
+            }
+            Err(s) => return Err(status_to_rpc(s)),
+        };
         let r: Result<VoteResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
         r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
     }

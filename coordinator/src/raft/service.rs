@@ -14,8 +14,8 @@
 use cutover_shared::grpc::caller;
 use cutover_shared::proto::raft_service_server::RaftService;
 use cutover_shared::proto::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, ProposeRequest,
-    ProposeResponse, ReadIndexRequest, ReadIndexResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, PreVoteRequest,
+    PreVoteResponse, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse, VoteRequest, VoteResponse,
 };
 use futures::StreamExt;
 use openraft::vote::RaftLeaderId;
@@ -153,6 +153,14 @@ impl RaftService for RaftGrpc {
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "vote request")?;
         let r = self.consensus.raft.vote(rpc).await.map_err(|e| e.to_string());
         Ok(Response::new(VoteResponse { payload: encode(&r)? }))
+    }
+
+    async fn pre_vote(&self, req: Request<PreVoteRequest>) -> Result<Response<PreVoteResponse>, Status> {
+        let sender = self.peer(&req)?;
+        let rpc: openraft::raft::VoteRequest<super::TypeConfig> = decode(&req.into_inner().payload, "pre-vote")?;
+        speaks_for(sender, *rpc.vote.leader_id().node_id(), "pre-vote request")?;
+        let r = self.consensus.raft.pre_vote(rpc).await.map_err(|e| e.to_string());
+        Ok(Response::new(PreVoteResponse { payload: encode(&r)? }))
     }
 
     async fn install_snapshot(
