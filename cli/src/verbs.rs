@@ -224,6 +224,13 @@ pub enum ClusterCmd {
         #[arg(long)]
         id: u64,
     },
+    /// Hand the leadership to another voter (before stopping the leader
+    /// for maintenance or an upgrade); returns once it leads.
+    TransferLeader {
+        /// The node to lead.
+        #[arg(long)]
+        to: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -779,6 +786,21 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                 } else {
                     println!("node {id} removed");
                     print_members(&r.members);
+                }
+            }
+            ClusterCmd::TransferLeader { to } => {
+                let r = call(&conn, |mut c| async move {
+                    c.transfer_leadership(pb::TransferLeadershipRequest { node_id: to })
+                        .await
+                })
+                .await?;
+                if conn.output == Output::Json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&json!({"leader_id": r.leader_id, "term": r.term}))?
+                    );
+                } else {
+                    println!("node {} leads (term {})", r.leader_id, r.term);
                 }
             }
         },

@@ -52,6 +52,7 @@ pub fn access_policy(path: &str) -> Option<&'static [Role]> {
             Some(
                 "AddNode"
                 | "RemoveNode"
+                | "TransferLeadership"
                 | "RunTask"
                 | "CreateAttestation"
                 | "ApplyApp"

@@ -81,3 +81,89 @@ impl Drop for SmallDisk {
         let _ = run("umount", &["-l", &self.dir.display().to_string()]);
     }
 }
+
+/// A disk whose fsyncs are slow: an `LD_PRELOAD` library, built here with
+/// the C compiler `scripts/setup` installs, that delays every `fsync` and
+/// `fdatasync` of the process by the milliseconds written in a control
+/// file (read at each call, so a test slows the disk and heals it while
+/// the process runs). The kernel here has no device mapper (`dmsetup
+/// targets`: "/dev/mapper/control: open failed"), so dm-delay is out; the
+/// delay sits before the real call, as a slow device's latency would.
+pub struct SlowFsync {
+    lib: PathBuf,
+    control: PathBuf,
+}
+
+const SLOW_FSYNC_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+static void delay(void) {
+    const char *path = getenv("CUTOVER_SLOW_FSYNC_FILE");
+    if (!path) return;
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    long ms = 0;
+    if (fscanf(f, "%ld", &ms) != 1) ms = 0;
+    fclose(f);
+    if (ms <= 0) return;
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0) {}
+}
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    delay();
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    delay();
+    return real(fd);
+}
+"#;
+
+impl SlowFsync {
+    /// Builds the library into `dir`, with no delay to begin with.
+    pub fn build(dir: &Path) -> Result<SlowFsync> {
+        let src = dir.join("slow-fsync.c");
+        let lib = dir.join("libslowfsync.so");
+        std::fs::write(&src, SLOW_FSYNC_C)?;
+        run(
+            "cc",
+            &[
+                "-shared",
+                "-fPIC",
+                "-O2",
+                "-o",
+                &lib.display().to_string(),
+                &src.display().to_string(),
+                "-ldl",
+            ],
+        )?;
+        let control = dir.join("fsync-delay-ms");
+        let this = SlowFsync { lib, control };
+        this.set_delay_ms(0)?;
+        Ok(this)
+    }
+
+    /// Every fsync from now on waits `ms` first (0: none).
+    pub fn set_delay_ms(&self, ms: u64) -> Result<()> {
+        std::fs::write(&self.control, ms.to_string())?;
+        Ok(())
+    }
+
+    /// The environment that puts a process on this disk.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), self.lib.display().to_string()),
+            ("CUTOVER_SLOW_FSYNC_FILE".into(), self.control.display().to_string()),
+        ]
+    }
+}

@@ -67,6 +67,8 @@ pub struct ProcessCluster {
     pub wan: Option<crate::wan::Wan>,
     /// The binary each coordinator and each agent runs on its next start.
     coordinator_bins: Vec<PathBuf>,
+    /// Extra environment for each coordinator's next start.
+    coordinator_env: Vec<Vec<(String, String)>>,
     agent_bins: Vec<PathBuf>,
     /// The namespaces, when the processes run in them: coordinator `i` in
     /// `coordinator-<i+1>`, each agent in its region's. Dropped after the
@@ -289,6 +291,7 @@ impl ProcessCluster {
             net,
             libfaketime: if clocks { Some(libfaketime()?) } else { None },
             coordinator_bins: vec![previous.map_or_else(cutover_bin, Path::to_owned); n],
+            coordinator_env: vec![vec![]; n],
             agent_bins: vec![previous.map_or_else(cutover_bin, Path::to_owned); a],
         };
         if clocks {
@@ -348,7 +351,7 @@ impl ProcessCluster {
             .join(format!("coordinator-{}.{}.log", i + 1, self.coordinator_logs[i].len()));
         let config = self.coordinator_configs[i].display().to_string();
         let space = format!("coordinator-{}", i + 1);
-        let env: Vec<(&str, String)> = match &self.libfaketime {
+        let mut env: Vec<(&str, String)> = match &self.libfaketime {
             None => vec![],
             Some(lib) => vec![
                 ("LD_PRELOAD", lib.display().to_string()),
@@ -358,6 +361,7 @@ impl ProcessCluster {
                 ("DONT_FAKE_MONOTONIC", "1".into()),
             ],
         };
+        env.extend(self.coordinator_env[i].iter().map(|(k, v)| (k.as_str(), v.clone())));
         let bin = &self.coordinator_bins[i];
         self.coordinators[i] =
             Some(self.spawn(bin, &space, &["coordinator", "--config", &config], &log, "human", &env)?);
@@ -382,6 +386,12 @@ impl ProcessCluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Extra environment for coordinator `i` from its next start on (an
+    /// `LD_PRELOAD` fault library, say).
+    pub fn set_coordinator_env(&mut self, i: usize, env: Vec<(String, String)>) {
+        self.coordinator_env[i] = env;
     }
 
     /// The binary coordinator `i` runs from its next start on: how a test

@@ -133,6 +133,67 @@ async fn membership_three_to_four_to_three_while_writing() {
     c.shutdown().await;
 }
 
+/// An operator hands the leadership to a follower, asking the other
+/// follower (which forwards to the leader): the call answers once that node
+/// leads, at a higher term, every node agrees, and writes go on through
+/// it. Bad requests change nothing: an unknown node, node 0, a viewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_moves_to_the_node_an_operator_names() {
+    let c = TestCluster::builder().nodes(3).start().await.unwrap();
+    let old = c.wait_leader(T).await.unwrap();
+    c.write(old, "img:before").await.unwrap();
+    let before = c.node(old).consensus().status().term;
+    let target = (old + 1) % 3;
+    let asked = (old + 2) % 3;
+    let r = c
+        .operator(asked)
+        .transfer_leadership(pb::TransferLeadershipRequest {
+            node_id: target as u64 + 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.leader_id, target as u64 + 1);
+    assert!(r.term > before, "term {} not above {before}", r.term);
+    assert_eq!(c.wait_leader(T).await.unwrap(), target);
+    c.write(asked, "img:after").await.unwrap();
+    c.wait_state(old, T, "the old leader to apply the write after", |s| {
+        s.attestations.contains_key("img:after")
+    })
+    .await
+    .unwrap();
+
+    let term = c.node(target).consensus().status().term;
+    for (req, code) in [(42, tonic::Code::NotFound), (0, tonic::Code::InvalidArgument)] {
+        let err = c
+            .operator(asked)
+            .transfer_leadership(pb::TransferLeadershipRequest { node_id: req })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "node {req}: {err}");
+    }
+    let err = c
+        .client(&c.pki.viewer, asked)
+        .unwrap()
+        .transfer_leadership(pb::TransferLeadershipRequest { node_id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert_eq!(c.wait_leader(T).await.unwrap(), target);
+    assert_eq!(
+        c.node(target).consensus().status().term,
+        term,
+        "a refused call moved something"
+    );
+    let audit = c.node(target).consensus().read(|s| s.audit.clone());
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "TransferLeadership" && e.actor == "operator/admin" && e.outcome == "ok")
+    );
+    c.shutdown().await;
+}
+
 /// Snapshots and purging keep the log bounded; a restarted node recovers
 /// from its snapshot plus the log after it, and a node added after the
 /// purge catches up by snapshot installation.

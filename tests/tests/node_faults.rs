@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cutover_shared::app::{UnreachableAction, UnreachablePolicy};
 use cutover_shared::proto as pb;
-use cutover_tests::disk::SmallDisk;
+use cutover_tests::disk::{SlowFsync, SmallDisk};
 use cutover_tests::process::{ProcessCluster, describe};
 
 const T: Duration = Duration::from_secs(60);
@@ -24,8 +24,7 @@ async fn write(pc: &ProcessCluster, node: usize, n: usize) -> Option<String> {
     Some(r.into_inner().operation_id)
 }
 
-/// A coordinator's disk (a follower's, unless the restart that moved it
-/// onto the small disk made it leader) fills up while writes go on. It fails safe: its Raft
+/// A follower's disk fills up while writes go on. It fails safe: its Raft
 /// log write fails, and the process stops serving and exits (code 3),
 /// naming the cause and the directory in its log, for a supervisor to
 /// restart it, rather than linger half alive. The other two keep
@@ -34,22 +33,45 @@ async fn write(pc: &ProcessCluster, node: usize, n: usize) -> Option<String> {
 /// fault reads back through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_coordinator_whose_disk_fills_stops_says_why_and_rejoins_when_space_returns() {
+    disk_fills(false).await;
+}
+
+/// The same with the leader's disk: it stops the same way, the other two
+/// elect a leader among themselves and acknowledge writes, and nothing
+/// the full leader acknowledged before is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_disk_fills_stops_and_the_others_carry_on() {
+    disk_fills(true).await;
+}
+
+/// Fills the disk of a coordinator that leads (`leader`) or follows.
+async fn disk_fills(leader: bool) {
     let mut pc = ProcessCluster::start(3, &[("us-east", "us-east-1")]).await.unwrap();
-    let leader = pc.wait_leader(T).await.unwrap();
+    let first = pc.wait_leader(T).await.unwrap();
     pc.wait_agents_up(T)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
-    let victim = (leader + 1) % 3;
+    let victim = (first + 1) % 3;
 
-    // The follower's data directory moves onto a 16 MiB tmpfs.
+    // The victim's data directory moves onto a 16 MiB tmpfs.
     pc.kill9_coordinator(victim);
     let disk = SmallDisk::mount_over(&pc.coordinator_data_dir(victim), 16).unwrap();
     pc.start_coordinator(victim).unwrap();
-    // Writes go through another node, whichever leads: the restart may
-    // have started an election, which the victim can win (its disk is not
-    // full yet), and then the full disk is the leader's.
+    // Writes go through another node. The leadership goes where the test
+    // wants it, by the operator's transfer (the restart may have made the
+    // victim leader, its disk not full yet).
     let via = (victim + 1) % 3;
-    pc.wait_leader(T).await.unwrap();
+    let now = pc.wait_leader(T).await.unwrap();
+    let lead = if leader { victim } else { via };
+    if now != lead {
+        pc.operator(via)
+            .transfer_leadership(pb::TransferLeadershipRequest {
+                node_id: lead as u64 + 1,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("transfer to node {}: {e}\n{}", lead + 1, pc.log_tails(30)));
+    }
+    assert_eq!(pc.wait_leader(T).await.unwrap(), lead);
 
     let mut acked = vec![];
     for n in 0..10 {
@@ -147,12 +169,113 @@ async fn a_coordinator_whose_disk_fills_stops_says_why_and_rejoins_when_space_re
     assert_eq!(status.server_state, "follower");
     let said = log.lines().find(|l| l.contains("Raft stopped")).unwrap_or_default();
     println!(
-        "filler took {} KiB; node {} exited (code 3) after {during} writes on the full disk, \
+        "{}: filler took {} KiB; node {} exited (code 3) after {during} writes on the full disk, \
          saying: {said}\nrestarted on the full disk it exited again ({again}); \
          {} acknowledged writes read back through it after the restart with space back",
+        if leader { "leader" } else { "follower" },
         filled / 1024,
         victim + 1,
         acked.len()
+    );
+}
+
+/// Waits until every operation of `acked` reads back through node `i`.
+async fn read_back(pc: &ProcessCluster, i: usize, acked: &[String]) {
+    for id in acked {
+        let deadline = Instant::now() + T;
+        loop {
+            let op = pc
+                .operator(i)
+                .get_operation(pb::GetOperationRequest {
+                    operation_id: id.clone(),
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().operation);
+            if op.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "acknowledged {id} lost on node {}\n{}",
+                i + 1,
+                pc.log_tails(20)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The leader's disk turns slow: every fsync waits 800 ms. Writes go on,
+/// slower (openraft applies, and so answers, only what the leader itself
+/// has flushed), the leader says why in its log, and a kill -9 of it with
+/// fsyncs queued loses nothing it acknowledged: the new leader has every
+/// write, and the old one, restarted on a healed disk, reads them all
+/// back. The way out for an operator is `transfer-leader` to a node with
+/// a healthy disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_with_a_slow_disk_says_so_and_a_crash_loses_nothing_acknowledged() {
+    let mut pc = ProcessCluster::start(3, &[("us-east", "us-east-1")]).await.unwrap();
+    let first = pc.wait_leader(T).await.unwrap();
+    pc.wait_agents_up(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    // The victim restarts on the slow-fsync library (no delay yet) and is
+    // handed the leadership.
+    let victim = (first + 1) % 3;
+    let via = (victim + 1) % 3;
+    let disk = SlowFsync::build(pc.dir()).unwrap();
+    pc.set_coordinator_env(victim, disk.env());
+    pc.kill9_coordinator(victim);
+    pc.start_coordinator(victim).unwrap();
+    pc.wait_leader(T).await.unwrap();
+    let r = pc
+        .operator(via)
+        .transfer_leadership(pb::TransferLeadershipRequest {
+            node_id: victim as u64 + 1,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("transfer: {e}\n{}", pc.log_tails(30)));
+    assert_eq!(r.into_inner().leader_id, victim as u64 + 1);
+
+    disk.set_delay_ms(800).unwrap();
+    let mut acked = vec![];
+    let mut took = vec![];
+    for n in 0..12 {
+        let started = Instant::now();
+        let id = pc
+            .operator(victim)
+            .run_task(echo(n, 100))
+            .await
+            .unwrap_or_else(|e| panic!("write {n} on the slow leader: {e}\n{}", pc.log_tails(20)))
+            .into_inner()
+            .operation_id;
+        took.push(started.elapsed());
+        acked.push(id);
+    }
+    // Its fsyncs lag behind what it acknowledged: a crash now.
+    pc.kill9_coordinator(victim);
+    let log = pc.coordinator_log(victim);
+    let warned = log
+        .lines()
+        .find(|l| l.contains("the Raft log's disk is slow"))
+        .unwrap_or_else(|| panic!("the slow leader did not say its disk is slow\n{}", pc.log_tails(20)))
+        .to_owned();
+
+    let leader = pc.wait_leader(T).await.unwrap();
+    assert_ne!(leader, victim);
+    read_back(&pc, leader, &acked).await;
+
+    disk.set_delay_ms(0).unwrap();
+    pc.start_coordinator(victim).unwrap();
+    read_back(&pc, victim, &acked).await;
+    took.sort();
+    println!(
+        "slow leader (800 ms per fsync): 12 writes acknowledged, p50 {:?}, max {:?}; it logged: {warned}\n\
+         after its kill -9, all 12 read back through the new leader (node {}) and through it, restarted",
+        took[6],
+        took[11],
+        leader + 1
     );
 }
 

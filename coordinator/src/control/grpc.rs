@@ -42,6 +42,16 @@ impl ControlService for ControlApi {
         ))
     }
 
+    async fn transfer_leadership(
+        &self,
+        req: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        let who = caller(&req)?;
+        Ok(Response::new(
+            ControlApi::transfer_leadership(self, &who, req.into_inner()).await?,
+        ))
+    }
+
     async fn list_agents(
         &self,
         req: Request<pb::ListAgentsRequest>,

@@ -565,6 +565,31 @@ impl ControlApi {
         Ok(pb::RemoveNodeResponse { members })
     }
 
+    /// Hands the leadership to voter `node_id`, through the leader
+    /// wherever it is; answers once that node leads.
+    pub async fn transfer_leadership(
+        &self,
+        who: &Identity,
+        r: pb::TransferLeadershipRequest,
+    ) -> Result<pb::TransferLeadershipResponse, ApiError> {
+        if r.node_id == 0 {
+            return Err(ApiError::invalid_argument("node_id must be non-zero"));
+        }
+        let params = serde_json::json!({ "node_id": r.node_id });
+        self.membership_change(
+            who,
+            Proposal::TransferLeader { to: r.node_id },
+            "TransferLeadership",
+            params,
+        )
+        .await?;
+        let s = self.consensus.status();
+        Ok(pb::TransferLeadershipResponse {
+            leader_id: s.leader.unwrap_or(0),
+            term: s.term,
+        })
+    }
+
     /// One page of agents, by `region/cluster`: `page_size` of them, or
     /// with none asked as many as fit in [`AGENT_PAGE_BYTES`]. The token is
     /// the last key of the page before (clients treat it as opaque).

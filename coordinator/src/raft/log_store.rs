@@ -149,10 +149,13 @@ impl LogStore {
 /// them in order in one write transaction, commits it (fsync), then reports
 /// each job's outcome.
 fn write_loop(db: &Database, unflushed: &Mutex<BTreeMap<u64, EntryOf<TypeConfig>>>, jobs: &Receiver<Job>) {
+    let mut slow = SlowDisk::default();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
+        let started = std::time::Instant::now();
         let result = commit_batch(db, &batch);
+        slow.record(started.elapsed());
         let end_us = super::trace::enabled().then(super::trace::now_us);
         for job in batch {
             let outcome = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
@@ -186,6 +189,49 @@ fn write_loop(db: &Database, unflushed: &Mutex<BTreeMap<u64, EntryOf<TypeConfig>
                     let _ = done.send(outcome);
                 }
             }
+        }
+    }
+}
+
+/// A log commit (write and fsync) slower than this is a disk problem: on
+/// a healthy SSD it takes well under 10 ms. etcd warns from 1 s; half that
+/// here, since a follower's slow fsync delays every commit it is needed for.
+const SLOW_COMMIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Tells operators the disk is slow: every commit's duration goes to the
+/// `cutover_raft_log_fsync_seconds` histogram (the `CutoverRaftDiskSlow`
+/// alert reads it), and a slow one is logged, at most every 10 s, with the
+/// slowest and how many were slow since the last warning.
+#[derive(Default)]
+struct SlowDisk {
+    warned: Option<std::time::Instant>,
+    slow: u64,
+    worst: std::time::Duration,
+}
+
+impl SlowDisk {
+    fn record(&mut self, took: std::time::Duration) {
+        metrics::histogram!("cutover_raft_log_fsync_seconds").record(took.as_secs_f64());
+        if took < SLOW_COMMIT {
+            return;
+        }
+        self.slow += 1;
+        self.worst = self.worst.max(took);
+        if self
+            .warned
+            .is_none_or(|w| w.elapsed() >= std::time::Duration::from_secs(10))
+        {
+            tracing::warn!(
+                slowest_ms = self.worst.as_millis() as u64,
+                slow_commits = self.slow,
+                "the Raft log's disk is slow: a write and fsync took {} ms (healthy: under 10 ms). Every \
+                 write waits for the leader's fsync and a majority's: if this node leads, transfer the \
+                 leadership away; check its disk (latency, errors, noisy neighbours)",
+                self.worst.as_millis()
+            );
+            self.warned = Some(std::time::Instant::now());
+            self.slow = 0;
+            self.worst = std::time::Duration::ZERO;
         }
     }
 }

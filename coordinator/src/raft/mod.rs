@@ -48,9 +48,22 @@ type Raft = openraft::Raft<TypeConfig, StateMachineStore>;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Proposal {
     Command(Command),
-    AddNode { id: NodeId, address: String },
-    RemoveNode { id: NodeId },
+    AddNode {
+        id: NodeId,
+        address: String,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+    /// Hand the leadership to voter `to`; done once it leads.
+    TransferLeader {
+        to: NodeId,
+    },
 }
+
+/// How long a leadership transfer may take before the caller is told it
+/// did not happen: the target must catch up on the log and win an election.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why a proposal did not take effect.
 #[derive(Debug, thiserror::Error)]
@@ -503,6 +516,41 @@ impl Consensus {
                     ChangeMembers::RemoveNodes(BTreeSet::from([id]))
                 };
                 self.raft.change_membership(change, false).await.map_err(map_err)?;
+                Ok(CommandResponse::default())
+            }
+            Proposal::TransferLeader { to } => {
+                let m = self.raft.metrics().borrow_watched().clone();
+                let membership = m.membership_config.membership();
+                if membership.get_node(&to).is_none() {
+                    return Err(ProposeError::UnknownNode(to));
+                }
+                if !membership.voter_ids().any(|v| v == to) {
+                    return Err(ProposeError::Rejected(format!(
+                        "node {to} is a learner: only a voter can lead"
+                    )));
+                }
+                if m.state != ServerState::Leader {
+                    let l = m.current_leader;
+                    let n = l.and_then(|l| membership.get_node(&l).cloned());
+                    return Err(not_leader(l, n));
+                }
+                if to != self.node_id {
+                    self.raft
+                        .trigger()
+                        .transfer_leader(to)
+                        .await
+                        .map_err(|e| ProposeError::Raft(e.to_string()))?;
+                    self.raft
+                        .wait(Some(TRANSFER_DEADLINE))
+                        .current_leader(to, "leadership transfer")
+                        .await
+                        .map_err(|_| {
+                            ProposeError::Rejected(format!(
+                                "node {to} did not take the leadership within {TRANSFER_DEADLINE:?} (is it \
+                                 reachable and caught up?)"
+                            ))
+                        })?;
+                }
                 Ok(CommandResponse::default())
             }
         }

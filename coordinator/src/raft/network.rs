@@ -7,12 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cutover_shared::proto::raft_service_client::RaftServiceClient;
-use cutover_shared::proto::{AppendEntriesRequest, InstallSnapshotRequest, PreVoteRequest, VoteRequest};
+use cutover_shared::proto::{
+    AppendEntriesRequest, InstallSnapshotRequest, PreVoteRequest, TransferLeaderRequest, VoteRequest,
+};
 use cutover_shared::tls::TlsFiles;
 use openraft::BasicNode;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
-use openraft::raft::{AppendEntriesResponse, SnapshotResponse, VoteResponse};
+use openraft::raft::{AppendEntriesResponse, SnapshotResponse, TransferLeaderResponse, VoteResponse};
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
 use sha2::Digest;
 use tonic::transport::Channel;
@@ -207,6 +209,22 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             Err(s) => return Err(status_to_rpc(s)),
         };
         let r: Result<VoteResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: openraft::raft::TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let payload = encode(&req)?;
+        let reply = self
+            .client()?
+            .transfer_leader(request(TransferLeaderRequest { payload }, option.hard_ttl()))
+            .await
+            .map_err(status_to_rpc)?
+            .into_inner();
+        let r: Result<TransferLeaderResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
         r.map_err(|e| RPCError::Network(NetworkError::new(&Msg(e))))
     }
 

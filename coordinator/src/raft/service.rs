@@ -15,7 +15,8 @@ use cutover_shared::grpc::caller;
 use cutover_shared::proto::raft_service_server::RaftService;
 use cutover_shared::proto::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, PreVoteRequest,
-    PreVoteResponse, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse, VoteRequest, VoteResponse,
+    PreVoteResponse, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use futures::StreamExt;
 use openraft::vote::RaftLeaderId;
@@ -161,6 +162,27 @@ impl RaftService for RaftGrpc {
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "pre-vote request")?;
         let r = self.consensus.raft.pre_vote(rpc).await.map_err(|e| e.to_string());
         Ok(Response::new(PreVoteResponse { payload: encode(&r)? }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let sender = self.peer(&req)?;
+        let rpc: openraft::raft::TransferLeaderRequest<super::TypeConfig> =
+            decode(&req.into_inner().payload, "transfer-leader")?;
+        speaks_for(
+            sender,
+            *rpc.from_leader().leader_id().node_id(),
+            "transfer-leader request",
+        )?;
+        let r = self
+            .consensus
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(|e| e.to_string());
+        Ok(Response::new(TransferLeaderResponse { payload: encode(&r)? }))
     }
 
     async fn install_snapshot(
