@@ -342,16 +342,29 @@ const REGISTERS: [&str; 8] = ["lin-0", "lin-1", "lin-2", "lin-3", "lin-4", "lin-
 
 type RegisterOp = lin::Op<lin::RegisterInput, Option<u64>>;
 
-/// One client bound to one coordinator: until `stop`, writes a unique
-/// value to a random register or reads one, every 20 ms, and records what
-/// it saw (register index, operation). A write that errs or times out is
-/// indeterminate; a read that errs observed nothing and is left out.
+/// Attestations that are registers too: image `lin-img-<k>`, check `c`,
+/// whose value each write replaces.
+const ATTESTED: usize = 8;
+
+/// Operations the clients created (the id, once acknowledged), which any
+/// client then reads back.
+type Created = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// One client bound to one coordinator: until `stop`, every 20 ms, writes
+/// a unique value to a random register (an app's `bake_secs`, or an
+/// attestation's value) or reads one, creates an operation (`RunTask`)
+/// or reads back one that some client created, and records what it saw
+/// (register name, operation). An operation is a register too, absent
+/// until created: a read that starts after its creation was acknowledged
+/// must find it. A write that errs or times out is indeterminate; a read
+/// that errs observed nothing and is left out.
 async fn lin_client(
     id: u64,
     mut api: cutover_shared::proto::control_service_client::ControlServiceClient<tonic::transport::Channel>,
     start: Instant,
     stop: Arc<AtomicBool>,
-) -> Vec<(usize, RegisterOp)> {
+    created: Created,
+) -> Vec<(String, RegisterOp)> {
     let now = || start.elapsed().as_nanos() as u64;
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (id + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     let mut next = move || {
@@ -363,51 +376,104 @@ async fn lin_client(
     let regions = [("us-east", "us-east-1")];
     let mut seq = 0;
     let mut history = vec![];
+    let limit = Duration::from_secs(3);
+    let write = |call: u64, ret: Option<u64>, value: u64| lin::Op {
+        call,
+        ret,
+        input: lin::RegisterInput::Write(value),
+        output: ret.map(|_| None),
+    };
+    let read = |call: u64, ret: u64, seen: Option<u64>| lin::Op {
+        call,
+        ret: Some(ret),
+        input: lin::RegisterInput::Read,
+        output: Some(seen),
+    };
     while !stop.load(Ordering::Relaxed) {
-        let key = (next() % REGISTERS.len() as u64) as usize;
         let call = now();
-        if next() % 2 == 0 {
-            seq += 1;
-            let value = id * 1_000_000 + seq;
-            let mut spec = cutover_tests::sample_app_spec(REGISTERS[key], &regions);
-            spec.bake_secs = value;
-            let req = pb::ApplyAppRequest { app: Some(spec.into()) };
-            let answered = tokio::time::timeout(Duration::from_secs(3), api.apply_app(req)).await;
-            let ret = match answered {
-                Ok(Ok(_)) => Some(now()),
-                Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
-                    panic!("a well-formed app was refused: {}", s.message())
+        seq += 1;
+        let value = id * 1_000_000 + seq;
+        match next() % 10 {
+            0..=2 => {
+                let key = (next() % REGISTERS.len() as u64) as usize;
+                let mut spec = cutover_tests::sample_app_spec(REGISTERS[key], &regions);
+                spec.bake_secs = value;
+                let req = pb::ApplyAppRequest { app: Some(spec.into()) };
+                let ret = match tokio::time::timeout(limit, api.apply_app(req)).await {
+                    Ok(Ok(_)) => Some(now()),
+                    Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
+                        panic!("a well-formed app was refused: {}", s.message())
+                    }
+                    _ => None,
+                };
+                history.push((REGISTERS[key].to_string(), write(call, ret, value)));
+            }
+            3..=5 => {
+                let key = (next() % REGISTERS.len() as u64) as usize;
+                let req = pb::GetAppRequest {
+                    name: REGISTERS[key].into(),
+                };
+                let seen = match tokio::time::timeout(limit, api.get_app(req)).await {
+                    Ok(Ok(r)) => Some(r.into_inner().app.and_then(|a| a.bake_secs)),
+                    Ok(Err(s)) if s.code() == tonic::Code::NotFound => Some(None),
+                    _ => None,
+                };
+                if let Some(seen) = seen {
+                    history.push((REGISTERS[key].to_string(), read(call, now(), seen)));
                 }
-                _ => None,
-            };
-            history.push((
-                key,
-                lin::Op {
-                    call,
-                    ret,
-                    input: lin::RegisterInput::Write(value),
-                    output: ret.map(|_| None),
-                },
-            ));
-        } else {
-            let req = pb::GetAppRequest {
-                name: REGISTERS[key].into(),
-            };
-            let seen = match tokio::time::timeout(Duration::from_secs(3), api.get_app(req)).await {
-                Ok(Ok(r)) => Some(r.into_inner().app.and_then(|a| a.bake_secs)),
-                Ok(Err(s)) if s.code() == tonic::Code::NotFound => Some(None),
-                _ => None,
-            };
-            if let Some(seen) = seen {
-                history.push((
-                    key,
-                    lin::Op {
-                        call,
-                        ret: Some(now()),
-                        input: lin::RegisterInput::Read,
-                        output: Some(seen),
-                    },
-                ));
+            }
+            6 => {
+                let image = format!("lin-img-{}", next() % ATTESTED as u64);
+                let req = pb::CreateAttestationRequest {
+                    image: image.clone(),
+                    checks: [("c".to_string(), value.to_string())].into(),
+                };
+                let ret = match tokio::time::timeout(limit, api.create_attestation(req)).await {
+                    Ok(Ok(_)) => Some(now()),
+                    _ => None,
+                };
+                history.push((image, write(call, ret, value)));
+            }
+            7 => {
+                let image = format!("lin-img-{}", next() % ATTESTED as u64);
+                let req = pb::ListAttestationsRequest { image: image.clone() };
+                if let Ok(Ok(r)) = tokio::time::timeout(limit, api.list_attestations(req)).await {
+                    let seen = r
+                        .into_inner()
+                        .attestations
+                        .iter()
+                        .find(|a| a.check == "c")
+                        .map(|a| a.value.parse::<u64>().expect("a value a client wrote"));
+                    history.push((image, read(call, now(), seen)));
+                }
+            }
+            8 => {
+                let req = echo(&format!("lin {value}"), 0);
+                // An operation whose creation is indeterminate has no id to
+                // read back: it is left out.
+                if let Ok(Ok(r)) = tokio::time::timeout(limit, api.run_task(req)).await {
+                    let op = r.into_inner().operation_id;
+                    history.push((op.clone(), write(call, Some(now()), 1)));
+                    created.lock().unwrap().push(op);
+                }
+            }
+            _ => {
+                let op = {
+                    let c = created.lock().unwrap();
+                    (!c.is_empty()).then(|| c[(next() % c.len() as u64) as usize].clone())
+                };
+                let Some(op) = op else { continue };
+                let req = pb::GetOperationRequest {
+                    operation_id: op.clone(),
+                };
+                let seen = match tokio::time::timeout(limit, api.get_operation(req)).await {
+                    Ok(Ok(r)) => Some(r.into_inner().operation.map(|_| 1)),
+                    Ok(Err(s)) if s.code() == tonic::Code::NotFound => Some(None),
+                    _ => None,
+                };
+                if let Some(seen) = seen {
+                    history.push((op, read(call, now(), seen)));
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -416,10 +482,12 @@ async fn lin_client(
 }
 
 /// Jepsen-style: six clients, two on each coordinator, write and read
-/// eight apps while a nemesis cuts off the leader, then a follower, then
-/// the leader again, 3 s each. Every app's recorded history is
-/// linearizable: no read, on any node, returns a value older than one
-/// already acknowledged, and none returns a value that was never written.
+/// eight apps and eight attestations, and create and read back operations,
+/// while a nemesis cuts off the leader, then a follower, then the leader
+/// again, 3 s each. Every register's recorded history is linearizable: no
+/// read, on any node, returns a value older than one already acknowledged,
+/// none returns a value that was never written, and no operation
+/// acknowledged as created is missing from a read that started after.
 /// (Before reads were linearizable, a cut-off node answered from its own
 /// stale state and this found anomalies within the first partition.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -428,8 +496,17 @@ async fn the_control_api_history_stays_linearizable_under_partitions() {
     let net = pc.net.as_ref().unwrap();
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let created = Created::default();
     let clients: Vec<_> = (0..6u64)
-        .map(|id| tokio::spawn(lin_client(id, pc.operator(id as usize % 3), start, stop.clone())))
+        .map(|id| {
+            tokio::spawn(lin_client(
+                id,
+                pc.operator(id as usize % 3),
+                start,
+                stop.clone(),
+                created.clone(),
+            ))
+        })
         .collect();
     let everyone = ["coordinator-1", "coordinator-2", "coordinator-3", "us-east"];
     for round in 0..3 {
@@ -444,30 +521,39 @@ async fn the_control_api_history_stays_linearizable_under_partitions() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut per_key: Vec<Vec<RegisterOp>> = vec![vec![]; REGISTERS.len()];
+    let mut per_key: std::collections::BTreeMap<String, Vec<RegisterOp>> = Default::default();
     for c in clients {
         for (key, op) in c.await.unwrap() {
-            per_key[key].push(op);
+            per_key.entry(key).or_default().push(op);
         }
     }
-    let all: Vec<&RegisterOp> = per_key.iter().flatten().collect();
+    let all: Vec<&RegisterOp> = per_key.values().flatten().collect();
     let reads = all.iter().filter(|o| o.input == lin::RegisterInput::Read).count();
     let indeterminate = all.iter().filter(|o| o.ret.is_none()).count();
+    let kinds = |prefix: &str| per_key.keys().filter(|k| k.starts_with(prefix)).count();
+    let (apps, attested) = (kinds("lin-"), kinds("lin-img-"));
+    let operations = per_key.len() - apps;
     let mut anomalies = vec![];
-    for (key, history) in per_key.iter().enumerate() {
+    for (key, history) in &per_key {
         if let lin::Verdict::Anomaly { stuck_at } = lin::check(&lin::Register, history) {
-            anomalies.push(format!("{}: {:?}", REGISTERS[key], history[stuck_at]));
+            anomalies.push(format!("{key}: {:?}", history[stuck_at]));
         }
     }
     println!(
-        "histories checked: {}; operations: {} ({reads} reads, {} writes of which {indeterminate} indeterminate); anomalies: {}",
+        "histories checked: {} ({} apps, {attested} attestations, {operations} operations); operations: {} \
+         ({reads} reads, {} writes of which {indeterminate} indeterminate); anomalies: {}",
         per_key.len(),
+        apps - attested,
         all.len(),
         all.len() - reads,
         anomalies.len()
     );
     assert!(anomalies.is_empty(), "not linearizable: {anomalies:#?}");
     assert!(reads > 200 && all.len() - reads > 200, "too few operations to tell");
+    assert!(
+        attested > 0 && operations > 10,
+        "attestations and operations went unchecked"
+    );
 }
 
 /// App `shop` in `regions`, in waves (the first region, then the rest),
