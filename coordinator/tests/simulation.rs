@@ -13,6 +13,11 @@
 //!   store, as the real agent's task store does);
 //! - no traffic on a color that did not pass its gates: an agent switches
 //!   to a color only after that operation's gates passed for it there;
+//! - never two writable primaries of the app's database: failovers of
+//!   `shop` between us-east and eu-west are requested on the view the
+//!   operator had (so some carry a stale epoch and must be refused), and a
+//!   model database per cluster is fenced, unfenced and promoted by the
+//!   tasks, refusing any task for an epoch older than one it has seen;
 //! - once the faults stop, every operation ends.
 //!
 //! What it does not simulate: openraft itself (its own storage and
@@ -38,8 +43,8 @@ use cutover_coordinator::orchestrator::{self, Inputs};
 use cutover_coordinator::state::{AuditDraft, Command, State};
 use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKind, LocalSpec};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskSpec, TaskState};
-use cutover_shared::operation::{OperationSpec, Strategy};
-use cutover_shared::task::{self, TaskParams};
+use cutover_shared::operation::{FailoverSpec, OperationSpec, Strategy};
+use cutover_shared::task::{self, FailoverAction, TaskParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -126,6 +131,45 @@ fn deploy(id: &str, app: &str, regions: &[&str], image: &str, atomic: bool, now:
     }
 }
 
+/// A failover of `shop`'s database from `from` to `to` under `epoch`, as
+/// `ControlService.Failover` creates it with both agents up.
+fn failover(id: &str, from: &str, to: &str, epoch: u64, now: i64) -> Operation {
+    let mut op = deploy(id, "shop", &[to, from], "unused", false, now);
+    op.kind = OperationKind::Failover;
+    op.spec = OperationSpec {
+        failover: Some(Box::new(FailoverSpec {
+            from: Some(cluster(from)),
+            to: cluster(to),
+            epoch,
+            fence: true,
+            verify_color: Some(Color::Blue),
+            data_loss_window_ms: Some(0),
+            wal_behind_bytes: None,
+            force: false,
+            accept_data_loss: false,
+            fence_only: false,
+            rejoin: true,
+            rejoin_only: false,
+            traffic: None,
+            deploy_image: None,
+            restore: None,
+        })),
+        ..OperationSpec::default()
+    };
+    op
+}
+
+/// `shop`'s database in one cluster, as the model agent's server is.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq)]
+enum Db {
+    #[default]
+    Standby,
+    /// Accepts writes.
+    Primary,
+    /// A primary made read-only.
+    Fenced,
+}
+
 /// One app in one cluster, as the model agent runs it.
 #[derive(Clone, Debug, Default, Hash)]
 struct Served {
@@ -145,6 +189,9 @@ struct Agent {
     done: BTreeMap<String, TaskResult>,
     /// Results not yet known committed: re-sent on every reconnect.
     unacked: BTreeSet<String>,
+    /// `shop`'s database here, and the newest primary epoch it has seen.
+    db: Db,
+    db_epoch: u64,
 }
 
 /// Counters over a run.
@@ -161,6 +208,9 @@ struct Stats {
     failed: usize,
     executions: usize,
     replays: usize,
+    failovers: usize,
+    failovers_succeeded: usize,
+    stale_refused: usize,
 }
 
 struct Sim {
@@ -220,6 +270,9 @@ impl Sim {
                 };
                 let agent = s.agents.entry(r.to_string()).or_default();
                 agent.up = true;
+                if *r == "us-east" {
+                    agent.db = Db::Primary;
+                }
                 agent.apps.insert(app.to_string(), served);
                 s.commit(Command::AppStatusReported {
                     from: cluster(r),
@@ -254,7 +307,12 @@ impl Sim {
         let r = self.state.apply(cmd);
         match r.error {
             None => self.note(format!("commit {label}")),
-            Some(e) => self.note(format!("commit {label}: refused: {e}")),
+            Some(e) => {
+                if e.contains("stale view") {
+                    self.stats.stale_refused += 1;
+                }
+                self.note(format!("commit {label}: refused: {e}"))
+            }
         }
     }
 
@@ -269,7 +327,8 @@ impl Sim {
             65..=79 => self.deliver_result(),
             80..=83 => self.advance_clock(),
             _ if !self.faults => self.advance_clock(),
-            84..=85 => self.start_deploy(),
+            84 => self.start_deploy(),
+            85 => self.start_failover(),
             86..=88 => self.crash_leader(),
             89..=92 => self.drop_message(),
             93..=95 => self.duplicate_message(),
@@ -369,7 +428,31 @@ impl Sim {
         *self.executions.entry(spec.task_id.clone()).or_default() += 1;
         self.stats.executions += 1;
         let params = TaskParams::from_wire(&spec.kind, &spec.params).expect("typed params");
-        let fail = !params.is_compensation() && self.rng.random_bool(0.08);
+        let mut fail = !params.is_compensation() && self.rng.random_bool(0.08);
+        if let TaskParams::DbFailover(f) = &params {
+            let agent = self.agents.get_mut(c).expect("agent");
+            // The real agent refuses a task for an epoch older than one it
+            // has seen; the database acts only on the rest.
+            if f.epoch < agent.db_epoch {
+                fail = true;
+            } else if !fail {
+                agent.db_epoch = f.epoch;
+                agent.db = match f.action {
+                    FailoverAction::Fence => Db::Fenced,
+                    FailoverAction::Unfence | FailoverAction::Promote => Db::Primary,
+                    FailoverAction::Rejoin => Db::Standby,
+                };
+            }
+            let primaries: Vec<&String> = self
+                .agents
+                .iter()
+                .filter(|(_, a)| a.db == Db::Primary)
+                .map(|(c, _)| c)
+                .collect();
+            if primaries.len() > 1 {
+                self.violation = Some(format!("two writable primaries: {primaries:?} after {}", spec.task_id));
+            }
+        }
         let app = params.app().map(|a| a.app.clone()).unwrap_or_default();
         let op = spec.operation_id.clone();
         let served = self
@@ -407,7 +490,18 @@ impl Sim {
                     served.active = Some(to);
                 }
             }
-            TaskParams::AppBake { .. } => {}
+            TaskParams::DbFailover(f) => {
+                if !fail {
+                    outputs = task::outputs::FailoverOutputs {
+                        lsn: Some(100 + f.epoch),
+                        epoch: Some(f.epoch),
+                        caught_up_ms: None,
+                        method: None,
+                    }
+                    .to_wire();
+                }
+            }
+            TaskParams::AppBake { .. } | TaskParams::AppMaintenance { .. } => {}
             other => panic!("the simulation plans no {other:?}"),
         }
         self.note(format!(
@@ -450,6 +544,48 @@ impl Sim {
         let by = self.rng.random_range(10_000..3_600_000);
         self.note(format!("clock jumps {by} ms"));
         self.now += by;
+    }
+
+    /// An operator fails `shop`'s database over from its primary to the
+    /// other region's standby, rebuilding the old primary as a standby
+    /// (`dr failback`), as `ControlService.Failover` plans it: refused at
+    /// once while an operation runs on the app, or while no primary is
+    /// known. Now and then on a view one failover behind (a console open
+    /// for a while): a proposal whose epoch another failover has taken
+    /// must be refused when it commits.
+    fn start_failover(&mut self) {
+        let busy = ["us-east", "eu-west"]
+            .iter()
+            .any(|r| self.state.running_operation("shop", &cluster(r)).is_some());
+        let e = self.state.dr_epochs.get("shop");
+        let current = e.map_or(0, |e| e.epoch);
+        let primary = match e.and_then(|e| e.primary.as_ref()) {
+            Some(c) => c.region.clone(),
+            None if current == 0 => "us-east".to_string(),
+            None => return,
+        };
+        if busy {
+            return;
+        }
+        let stale = self.rng.random_bool(0.3);
+        let epoch = current.saturating_sub(u64::from(stale));
+        let (from, to) = if primary == "us-east" {
+            ("us-east", "eu-west")
+        } else {
+            ("eu-west", "us-east")
+        };
+        self.next_op += 1;
+        let id = format!("op-{}", self.next_op);
+        self.note(format!(
+            "operator fails over {from} -> {to} at epoch {} as {id}",
+            epoch + 1
+        ));
+        self.stats.failovers += 1;
+        self.pending.push(Command::CreateOperation {
+            operation: failover(&id, from, to, epoch + 1, self.now),
+            audit: audit(self.now),
+            fix_inputs: true,
+        });
     }
 
     fn start_deploy(&mut self) {
@@ -596,6 +732,9 @@ impl Sim {
             return Err(format!("operations still running once faults stopped: {stuck:?}"));
         }
         for op in self.state.operations.values() {
+            if op.kind == OperationKind::Failover && op.state == TaskState::Succeeded {
+                self.stats.failovers_succeeded += 1;
+            }
             match op.state {
                 TaskState::Succeeded => self.stats.succeeded += 1,
                 TaskState::Failed => self.stats.failed += 1,
@@ -610,6 +749,7 @@ impl Sim {
         self.trace.hash(&mut h);
         for a in self.agents.values() {
             a.apps.hash(&mut h);
+            (a.db, a.db_epoch).hash(&mut h);
         }
         h.finish()
     }
@@ -664,12 +804,15 @@ fn main() {
         total.failed += stats.failed;
         total.executions += stats.executions;
         total.replays += stats.replays;
+        total.failovers += stats.failovers;
+        total.failovers_succeeded += stats.failovers_succeeded;
+        total.stale_refused += stats.stale_refused;
     }
     println!(
         "simulation: {} seeds checked ({}..{}), {} steps; faults: {} leader crashes, {} messages dropped, {} \
-         duplicated, {} agent crashes, {} clock jumps; {} deploys requested, {} succeeded, {} failed (the rest \
-         refused while another ran); {} task executions, {} re-sent tasks answered from the agents' stores; \
-         every invariant held after every step",
+         duplicated, {} agent crashes, {} clock jumps; {} deploys and {} failovers requested, {} operations \
+         succeeded ({} failovers), {} failed, the rest refused ({} failovers decided on a stale epoch); {} task \
+         executions, {} re-sent tasks answered from the agents' stores; every invariant held after every step",
         seeds.len(),
         seeds.first().unwrap_or(&0),
         seeds.last().map_or(0, |s| s + 1),
@@ -680,8 +823,11 @@ fn main() {
         total.agent_crashes,
         total.clock_jumps,
         total.operations,
+        total.failovers,
         total.succeeded,
+        total.failovers_succeeded,
         total.failed,
+        total.stale_refused,
         total.executions,
         total.replays
     );
