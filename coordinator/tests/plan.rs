@@ -1224,7 +1224,9 @@ fn an_unreachable_agent_fails_its_step_only_under_rollback_and_in_its_time() {
         after_secs: 30,
     };
     let down_early = agent(AgentState::Down, 10_000);
-    let give_up = orchestrator::give_up_unreachable;
+    let give_up = |op: &Operation, p: Option<&UnreachablePolicy>, a: &BTreeMap<String, AgentRecord>, now: i64| {
+        orchestrator::give_up_unreachable(op, p, a, now, 0)
+    };
     // Waiting counts from the step's start (50 s) here, the later of the two.
     assert!(give_up(&op, Some(&rollback), &down_early, 79_999).is_none());
     let Some(Command::TaskFinished { from, result, .. }) = give_up(&op, Some(&rollback), &down_early, 80_000) else {
@@ -1238,6 +1240,12 @@ fn an_unreachable_agent_fails_its_step_only_under_rollback_and_in_its_time() {
     let down_late = agent(AgentState::Down, 70_000);
     assert!(give_up(&op, Some(&rollback), &down_late, 99_999).is_none());
     assert!(give_up(&op, Some(&rollback), &down_late, 100_000).is_some());
+    // A leader that took over at 90 s (its clock) waits its 30 s from then,
+    // whatever the state's timestamps say: its clock may be ahead of
+    // theirs.
+    let late_leader = |now| orchestrator::give_up_unreachable(&op, Some(&rollback), &down_early, now, 90_000);
+    assert!(late_leader(119_999).is_none());
+    assert!(late_leader(120_000).is_some());
     // Up, waiting, or no policy: nothing.
     assert!(give_up(&op, Some(&rollback), &agent(AgentState::Up, 10_000), 1_000_000).is_none());
     assert!(give_up(&op, Some(&wait), &down_early, 1_000_000).is_none());

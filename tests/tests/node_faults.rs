@@ -379,3 +379,109 @@ async fn a_wall_clock_jump_on_the_leader_changes_no_decision() {
         op.summary
     );
 }
+
+/// A coordinator whose wall clock was an hour ahead from its start takes
+/// over the leadership while a step waits for an agent that is down under
+/// an `[unreachable] rollback after 8 s` policy. The state's timestamps
+/// (the agent down since, the step started at) were read off the other
+/// nodes' clocks; the new leader does not take them for an hour-long
+/// outage: it waits the policy's 8 s from when it took over, and gives the
+/// step up then. (Before, it gave the step up at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_clock_was_wrong_from_its_start_waits_out_the_policy() {
+    let regions = [("us-east", "us-east-1"), ("eu-west", "eu-west-1")];
+    let mut pc = ProcessCluster::start_with_clocks(3, &regions).await.unwrap();
+    let leader = pc.wait_leader(T).await.unwrap();
+    pc.wait_agents_up(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    // Another node restarts with its wall clock an hour ahead.
+    let skewed = (leader + 1) % 3;
+    pc.kill9_coordinator(skewed);
+    pc.set_clock(skewed, "+1h").unwrap();
+    pc.start_coordinator(skewed).unwrap();
+    let mut spec = cutover_tests::sample_app_spec("shop", &regions);
+    spec.waves = vec![vec!["us-east".into()], vec!["eu-west".into()]];
+    spec.unreachable = Some(UnreachablePolicy {
+        action: UnreachableAction::Rollback,
+        after_secs: 8,
+    });
+    pc.apply_app(&spec).await.unwrap();
+    let first = pc.start_deploy_waves("shop", "sample:v1").await.unwrap();
+    let done = pc.wait_finished(&first, T).await.unwrap();
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{}", describe(Some(&done)));
+
+    // eu-west's agent dies while the second deploy is in its first wave.
+    let second = pc.start_deploy_waves("shop", "sample:v2").await.unwrap();
+    pc.kill9_agent(pc.agent_index("eu-west"));
+    let deadline = Instant::now() + T;
+    loop {
+        // A step for eu-west exists (created by the current leader, on its
+        // clock) and its agent is recorded down.
+        let op = pc.operation(&second).await.unwrap();
+        let waits = op.tasks.iter().any(|t| {
+            t.task
+                .as_ref()
+                .and_then(|t| t.target.as_ref())
+                .is_some_and(|c| c.region == "eu-west")
+                && t.state != pb::TaskState::Succeeded as i32
+                && t.state != pb::TaskState::Failed as i32
+        });
+        let agents = pc
+            .any("ListAgents", |mut c| async move {
+                c.list_agents(pb::ListAgentsRequest::default()).await
+            })
+            .await
+            .unwrap()
+            .agents;
+        if waits
+            && agents.iter().any(|a| {
+                a.cluster.as_ref().is_some_and(|c| c.region == "eu-west") && a.state == pb::AgentState::Down as i32
+            })
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no step waits for eu-west's agent down: {}",
+            describe(Some(&op))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The skewed node takes over.
+    let now_leading = pc.wait_leader(T).await.unwrap();
+    pc.operator(now_leading)
+        .transfer_leadership(pb::TransferLeadershipRequest {
+            node_id: skewed as u64 + 1,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("transfer: {e}\n{}", pc.log_tails(30)));
+    let took_over = Instant::now();
+    // Within the policy's 8 s of taking over, nothing is given up.
+    while took_over.elapsed() < Duration::from_secs(6) {
+        let op = pc.operation(&second).await.unwrap();
+        assert_eq!(
+            op.state,
+            pb::TaskState::Running as i32,
+            "given up {:?} after a leader with a clock an hour ahead took over: {}",
+            took_over.elapsed(),
+            describe(Some(&op))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let op = pc.wait_finished(&second, T).await.unwrap();
+    let waited = took_over.elapsed();
+    assert_eq!(op.state, pb::TaskState::Failed as i32, "{}", describe(Some(&op)));
+    assert!(op.summary.contains("unreachable"), "{}", op.summary);
+    assert_eq!(
+        pc.wait_leader(T).await.unwrap(),
+        skewed,
+        "the leader changed: the test proves nothing"
+    );
+    println!(
+        "a leader with its clock an hour ahead from its start took over; the step was given up {} ms after it \
+         took over (policy: 8 s); {}",
+        waited.as_millis(),
+        op.summary
+    );
+}

@@ -184,11 +184,19 @@ pub fn next_command(op: &Operation, inputs: &Inputs<'_>, now: i64) -> Option<Com
 /// back. The rollback then follows as after any failed step; compensating
 /// steps never give up: what the cut-off region must undo can only be
 /// undone there, so they wait for it.
+///
+/// Waiting also counts from no earlier than `watching_since`, when this
+/// leader took over by its own clock: the timestamps in the state were
+/// read off other nodes' clocks, and a leader whose clock is ahead of
+/// theirs (one that started with a wrong wall clock) would otherwise see
+/// an outage of seconds as one of hours and give up at once. A new leader
+/// may so wait up to one policy longer; it never gives up early.
 pub fn give_up_unreachable(
     op: &Operation,
     policy: Option<&UnreachablePolicy>,
     agents: &BTreeMap<String, AgentRecord>,
     now: i64,
+    watching_since: i64,
 ) -> Option<Command> {
     let policy = policy.filter(|p| p.action == UnreachableAction::Rollback)?;
     let failing = op
@@ -204,7 +212,7 @@ pub fn give_up_unreachable(
         .filter(|t| !t.state.is_finished() && !is_compensation(t))
         .find_map(|t| {
             let agent = agents.get(&t.spec.target.to_string())?;
-            let waiting_since = agent.since_unix_ms.max(t.created_at_unix_ms);
+            let waiting_since = agent.since_unix_ms.max(t.created_at_unix_ms).max(watching_since);
             (agent.state == AgentState::Down && waiting_since <= limit).then(|| Command::TaskFinished {
                 from: t.spec.target.clone(),
                 result: TaskResult {
@@ -227,7 +235,8 @@ pub fn give_up_unreachable(
 
 /// Proposes the next step of every unfinished app operation, or the
 /// failure of a step whose agent is unreachable past its app's policy.
-pub async fn advance(consensus: &Consensus) {
+/// `leading_since`: when this node became leader, by its clock.
+pub async fn advance(consensus: &Consensus, leading_since: i64) {
     let now = now_unix_ms();
     let scan = std::time::Instant::now();
     let commands: Vec<Command> = consensus.read(|s| {
@@ -235,7 +244,7 @@ pub async fn advance(consensus: &Consensus) {
             .filter(|o| o.kind != OperationKind::Task)
             .filter_map(|o| {
                 let (spec, bundle) = s.operation_inputs(o)?;
-                give_up_unreachable(o, spec.unreachable.as_ref(), &s.agents, now)
+                give_up_unreachable(o, spec.unreachable.as_ref(), &s.agents, now, leading_since)
                     .or_else(|| next_command(o, &Inputs::new(o, spec, bundle), now))
             })
             .collect()
@@ -314,6 +323,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut last_gauges: Option<std::time::Instant> = None;
     let mut exported = gauges::Exported::default();
     let node = consensus.node_id().to_string();
+    let mut leading_since: Option<i64> = None;
     loop {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
         // Every node, from its own applied state, at most once a second.
@@ -321,8 +331,11 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
             last_gauges = Some(std::time::Instant::now());
             consensus.read(|s| gauges::export(s, &node, now_unix_ms(), &mut exported));
         }
-        if consensus.is_leader() {
-            advance(&consensus).await;
+        if !consensus.is_leader() {
+            leading_since = None;
+        } else {
+            let since = *leading_since.get_or_insert_with(now_unix_ms);
+            advance(&consensus, since).await;
             // Slots are minutes apart and retention scans every backup, so
             // at most once a second, however busy the log is.
             if last_schedules.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
