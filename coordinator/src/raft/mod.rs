@@ -63,7 +63,9 @@ pub enum Proposal {
 
 /// How long a leadership transfer may take before the caller is told it
 /// did not happen: the target must catch up on the log and win an election.
-const TRANSFER_DEADLINE: Duration = Duration::from_secs(10);
+/// Shorter than [`PROPOSE_DEADLINE`], the deadline of the hop that forwards
+/// the request to the leader, so a slow transfer is reported as such.
+const TRANSFER_DEADLINE: Duration = Duration::from_secs(8);
 
 /// Why a proposal did not take effect.
 #[derive(Debug, thiserror::Error)]
