@@ -141,30 +141,7 @@ async fn disk_fills(leader: bool) {
     // Space back, restarted: it rejoins and reads back every write.
     disk.free().unwrap();
     pc.start_coordinator(victim).unwrap();
-    for id in &acked {
-        let deadline = Instant::now() + T;
-        loop {
-            let op = pc
-                .operator(victim)
-                .get_operation(pb::GetOperationRequest {
-                    operation_id: id.clone(),
-                })
-                .await
-                .ok()
-                .and_then(|r| r.into_inner().operation);
-            if op.is_some() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{id} never read back through node {}: {}\n{}",
-                victim + 1,
-                describe(op.as_ref()),
-                pc.log_tails(20)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    read_back(&pc, victim, &acked).await;
     let status = pc.cluster_status(victim).await.unwrap();
     assert_eq!(status.server_state, "follower");
     let said = log.lines().find(|l| l.contains("Raft stopped")).unwrap_or_default();
