@@ -144,8 +144,8 @@ fn world(automatic: bool, lag_ms: u64) -> State {
 #[test]
 fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
     let mut s = world(true, 200);
-    assert!(dr_watch::due(&s, T0 + 9_999).is_empty(), "before failover_after_secs");
-    let due = dr_watch::due(&s, T0 + 10_000);
+    assert!(dr_watch::due(&s, T0 + 9_999, T0).is_empty(), "before failover_after_secs");
+    let due = dr_watch::due(&s, T0 + 10_000, T0);
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { operation, audit, .. } = due[0].clone() else {
         panic!("{:?}", due[0]);
@@ -163,7 +163,7 @@ fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
     apply(&mut s, due[0].clone());
     assert!(s.apply(due[0].clone()).error.is_some());
     // While it runs, and after it ended, within the cooldown: nothing more.
-    assert!(dr_watch::due(&s, T0 + 11_000).is_empty());
+    assert!(dr_watch::due(&s, T0 + 11_000, T0).is_empty());
     apply(
         &mut s,
         Command::FinishOperation {
@@ -174,18 +174,35 @@ fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
         },
     );
     assert_eq!(s.dr_epochs["shop"].primary, Some(cluster("eu-west")));
-    assert!(dr_watch::due(&s, T0 + 60_000).is_empty());
+    assert!(dr_watch::due(&s, T0 + 60_000, T0).is_empty());
+}
+
+/// The loss was stamped by the leader of the time, by its clock. A leader
+/// that took over since, with a clock 8 s ahead of that one's, reads the
+/// loss as 8 s older than it is: counted from the stamp alone, it would
+/// fail over 2 s after it took over, not after the app's 10 s. It counts
+/// from its takeover instead.
+#[test]
+fn a_new_leader_counts_failover_after_from_its_takeover() {
+    let s = world(true, 200);
+    let took_over = T0 + 8_000;
+    assert!(
+        dr_watch::due(&s, T0 + 10_000, took_over).is_empty(),
+        "failed over 2 s after taking over"
+    );
+    assert!(dr_watch::due(&s, took_over + 9_999, took_over).is_empty());
+    assert_eq!(dr_watch::due(&s, took_over + 10_000, took_over).len(), 1);
 }
 
 #[test]
 fn no_automatic_failover_past_a_lagging_standby_or_for_an_app_that_did_not_ask() {
     let s = world(true, 6_000);
     assert!(
-        dr_watch::due(&s, T0 + 60_000).is_empty(),
+        dr_watch::due(&s, T0 + 60_000, T0).is_empty(),
         "the lag is over max_data_loss"
     );
     let s = world(false, 0);
-    assert!(dr_watch::due(&s, T0 + 60_000).is_empty(), "automatic is off");
+    assert!(dr_watch::due(&s, T0 + 60_000, T0).is_empty(), "automatic is off");
 }
 
 /// Detection took 25 s (a slow heartbeat, as with Patroni's timings): by
@@ -215,7 +232,7 @@ fn a_lag_that_grew_after_the_primary_was_lost_does_not_block_the_failover() {
             databases: vec![standby],
         },
     );
-    let due = dr_watch::due(&s, T0 + 15_000);
+    let due = dr_watch::due(&s, T0 + 15_000, T0);
     assert_eq!(due.len(), 1, "the grown lag blocked the failover: {due:?}");
     let Command::CreateOperation { operation, .. } = &due[0] else {
         panic!("{:?}", due[0]);
@@ -240,7 +257,7 @@ fn no_automatic_failover_while_the_standby_still_streams_from_the_primary() {
             databases: vec![standby],
         },
     );
-    assert!(dr_watch::due(&s, T0 + 60_000).is_empty());
+    assert!(dr_watch::due(&s, T0 + 60_000, T0).is_empty());
 }
 
 /// The primary's agent is up but reports its server unreachable; once that
@@ -276,8 +293,8 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
     }
     let d = &s.db_status["shop"]["us-east/main"];
     assert_eq!(d.unreachable_since_unix_ms, Some(T0), "since the first of the run");
-    assert!(dr_watch::due(&s, T0 + 9_999).is_empty(), "before failover_after_secs");
-    let due = dr_watch::due(&s, T0 + 10_000);
+    assert!(dr_watch::due(&s, T0 + 9_999, T0).is_empty(), "before failover_after_secs");
+    let due = dr_watch::due(&s, T0 + 10_000, T0);
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { operation, .. } = &due[0] else {
         panic!("{:?}", due[0]);
@@ -294,7 +311,7 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
         },
     );
     assert_eq!(s.db_status["shop"]["us-east/main"].unreachable_since_unix_ms, None);
-    assert!(dr_watch::due(&s, T0 + 20_000).is_empty());
+    assert!(dr_watch::due(&s, T0 + 20_000, T0).is_empty());
 }
 
 /// `world`, with a front-door agent in `global/edge` moving shop's traffic
@@ -345,12 +362,12 @@ fn world_behind_a_front_door(healthy: bool) -> State {
 fn a_region_the_front_door_still_reaches_does_not_fail_over() {
     let s = world_behind_a_front_door(true);
     assert!(
-        dr_watch::due(&s, T0 + 60_000).is_empty(),
+        dr_watch::due(&s, T0 + 60_000, T0).is_empty(),
         "the front door still reaches us-east"
     );
 
     let mut s = world_behind_a_front_door(false);
-    let due = dr_watch::due(&s, T0 + 10_000);
+    let due = dr_watch::due(&s, T0 + 10_000, T0);
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { audit, .. } = &due[0] else {
         panic!("{:?}", due[0]);
@@ -368,7 +385,7 @@ fn a_region_the_front_door_still_reaches_does_not_fail_over() {
             session: 9,
         },
     );
-    assert_eq!(dr_watch::due(&stale, T0 + 10_000).len(), 1);
+    assert_eq!(dr_watch::due(&stale, T0 + 10_000, T0).len(), 1);
 
     let r = s.apply(Command::RegionHealthReported {
         from: cluster("eu-west"),
@@ -408,7 +425,7 @@ fn a_region_stays_down_since_the_report_that_changed_it() {
 #[test]
 fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     let mut s = world(true, 200);
-    let due = dr_watch::due(&s, T0 + 10_000);
+    let due = dr_watch::due(&s, T0 + 10_000, T0);
     let Command::CreateOperation { operation, .. } = due[0].clone() else {
         panic!("{due:?}");
     };
@@ -434,7 +451,7 @@ fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
         },
     );
     let fences = |s: &State, now: i64| {
-        dr_watch::due(s, now)
+        dr_watch::due(s, now, T0)
             .into_iter()
             .filter(|c| matches!(c, Command::CreateOperation { operation, .. } if operation.created_by == dr_watch::FENCE_ACTOR))
             .count()

@@ -38,8 +38,14 @@ pub const FENCE_ACTOR: &str = "cutover/dr-fence";
 /// Who automatic failovers are started by.
 pub const AUTO_ACTOR: &str = "cutover/dr-auto";
 
-/// The automatic failovers the state calls for now.
-fn automatic(s: &State, now: i64) -> Vec<Command> {
+/// The automatic failovers the state calls for now. The loss counts from
+/// no earlier than `watching_since`, when this leader took over by its own
+/// clock: `lost_since` was read off the clock of the node that recorded
+/// it, and a leader whose clock runs ahead of that one's would otherwise
+/// fail over at once, an outage of seconds seen as one of hours. A new
+/// leader may so wait up to one `failover_after_secs` longer; it never
+/// fails over early.
+fn automatic(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
     let mut out = Vec::new();
     for spec in s.apps.values().filter(|a| a.dr.automatic) {
         let views = crate::dr::cluster_views(s, spec);
@@ -70,7 +76,7 @@ fn automatic(s: &State, now: i64) -> Vec<Command> {
         if agent.state == AgentState::Down && probed.is_some_and(|v| v.healthy) {
             continue;
         }
-        let down_for = now.saturating_sub(lost_since);
+        let down_for = now.saturating_sub(lost_since.max(watching_since));
         let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         if down_for < after_ms {
             continue;
@@ -164,9 +170,10 @@ fn new_operation(
 /// A fence that failed is tried again after this.
 const RETRY_MS: i64 = 60_000;
 
-/// The automatic failovers and fence operations the state calls for now.
-pub fn due(s: &State, now: i64) -> Vec<Command> {
-    let mut out = automatic(s, now);
+/// The automatic failovers and fence operations the state calls for now,
+/// on a leader that took over at `watching_since` (by its clock).
+pub fn due(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
+    let mut out = automatic(s, now, watching_since);
     for (app, epoch) in &s.dr_epochs {
         let Some(primary) = &epoch.primary else { continue };
         let Some(dbs) = s.db_status.get(app) else { continue };

@@ -267,11 +267,12 @@ pub async fn advance(consensus: &Consensus, leading_since: i64) {
 
 /// Proposes what the backup schedules and their retention, and the
 /// primaries a failover superseded, call for now.
-pub async fn run_schedules(consensus: &Consensus) {
+/// `leading_since`: when this node became leader, by its clock.
+pub async fn run_schedules(consensus: &Consensus, leading_since: i64) {
     let now = now_unix_ms();
     let commands = consensus.read(|s| {
         let mut c = schedule::due(s, now);
-        c.extend(dr_watch::due(s, now));
+        c.extend(dr_watch::due(s, now, leading_since));
         c
     });
     for cmd in commands {
@@ -340,7 +341,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
             // at most once a second, however busy the log is.
             if last_schedules.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
                 last_schedules = Some(std::time::Instant::now());
-                run_schedules(&consensus).await;
+                run_schedules(&consensus, since).await;
             }
             if last_compaction.elapsed() >= COMPACT_EVERY {
                 last_compaction = std::time::Instant::now();
