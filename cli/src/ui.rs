@@ -282,7 +282,13 @@ async fn apps(State(c): State<Arc<Console>>) -> ApiResult {
         let status = c
             .rpc(|mut c| {
                 let app = name.clone();
-                async move { c.get_status(pb::GetStatusRequest { app }).await }
+                async move {
+                    c.get_status(pb::GetStatusRequest {
+                        app,
+                        ..Default::default()
+                    })
+                    .await
+                }
             })
             .await?;
         let spec = verbs::app_json(app).unwrap_or(Value::Null);

@@ -830,11 +830,34 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         }
         Verb::Status { app, conn } => {
             let app = app.unwrap_or_default();
-            let r = call(&conn, |mut c| {
+            let mut r = call(&conn, |mut c| {
                 let app = app.clone();
-                async move { c.get_status(pb::GetStatusRequest { app }).await }
+                async move {
+                    c.get_status(pb::GetStatusRequest {
+                        app,
+                        ..Default::default()
+                    })
+                    .await
+                }
             })
             .await?;
+            // A fleet larger than one message: the pages after the first.
+            while !r.next_page_token.is_empty() {
+                let token = std::mem::take(&mut r.next_page_token);
+                let next = call(&conn, |mut c| {
+                    let page_token = token.clone();
+                    async move {
+                        c.get_status(pb::GetStatusRequest {
+                            page_token,
+                            ..Default::default()
+                        })
+                        .await
+                    }
+                })
+                .await?;
+                r.clusters.extend(next.clusters);
+                r.next_page_token = next.next_page_token;
+            }
             let image_of = |s: &pb::AppClusterStatus, color: i32| {
                 s.colors.iter().find(|c| c.color == color).map(|c| {
                     let ready = format!("{}/{}", c.replicas_ready, c.replicas_desired);

@@ -144,7 +144,10 @@ fn world(automatic: bool, lag_ms: u64) -> State {
 #[test]
 fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
     let mut s = world(true, 200);
-    assert!(dr_watch::due(&s, T0 + 9_999, T0).is_empty(), "before failover_after_secs");
+    assert!(
+        dr_watch::due(&s, T0 + 9_999, T0).is_empty(),
+        "before failover_after_secs"
+    );
     let due = dr_watch::due(&s, T0 + 10_000, T0);
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { operation, audit, .. } = due[0].clone() else {
@@ -293,7 +296,10 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
     }
     let d = &s.db_status["shop"]["us-east/main"];
     assert_eq!(d.unreachable_since_unix_ms, Some(T0), "since the first of the run");
-    assert!(dr_watch::due(&s, T0 + 9_999, T0).is_empty(), "before failover_after_secs");
+    assert!(
+        dr_watch::due(&s, T0 + 9_999, T0).is_empty(),
+        "before failover_after_secs"
+    );
     let due = dr_watch::due(&s, T0 + 10_000, T0);
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { operation, .. } = &due[0] else {

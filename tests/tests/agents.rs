@@ -94,6 +94,49 @@ async fn agent_up_down_within_three_intervals_and_up_again() {
         .await
         .expect_err("a token the service never gave out is refused");
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    // GetStatus pages every cluster's state the same way; an app's status
+    // is one page, and paging it is refused.
+    let status = |page_size, page_token: &str, app: &str| pb::GetStatusRequest {
+        app: app.into(),
+        page_size,
+        page_token: page_token.into(),
+    };
+    let status_of = |s: &pb::ClusterStatus| {
+        let c = s.cluster.clone().unwrap_or_default();
+        (format!("{}/{}", c.region, c.cluster), s.agent_state)
+    };
+    let up = pb::AgentState::Up as i32;
+    let all = op.get_status(status(0, "", "")).await.unwrap().into_inner();
+    assert_eq!(
+        all.clusters.iter().map(status_of).collect::<Vec<_>>(),
+        [
+            ("eu-west/eu-west-1".to_string(), up),
+            ("us-east/us-east-1".to_string(), up)
+        ]
+    );
+    assert!(all.next_page_token.is_empty(), "one page holds them all");
+    let first = op.get_status(status(1, "", "")).await.unwrap().into_inner();
+    assert_eq!(
+        first.clusters.iter().map(status_of).collect::<Vec<_>>(),
+        [("eu-west/eu-west-1".to_string(), up)]
+    );
+    let second = op
+        .get_status(status(1, &first.next_page_token, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second.clusters.iter().map(status_of).collect::<Vec<_>>(),
+        [("us-east/us-east-1".to_string(), up)]
+    );
+    assert!(second.next_page_token.is_empty(), "the last page says so");
+    for (req, why) in [
+        (status(1, "../etc", ""), "a token the service never gave out"),
+        (status(1, "", "shop"), "paging an app's status"),
+    ] {
+        let e = op.get_status(req).await.expect_err(why);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{why}: {e:?}");
+    }
 
     let died = Instant::now();
     c.stop_agent(0).await;

@@ -145,7 +145,10 @@ async fn deploy_gates_switch_status_and_rollback() {
 
     // status: v2 active, v1 warm.
     let st = op
-        .get_status(pb::GetStatusRequest { app: "shop".into() })
+        .get_status(pb::GetStatusRequest {
+            app: "shop".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

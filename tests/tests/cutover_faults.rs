@@ -227,7 +227,11 @@ async fn assert_not_half_switched(pc: &ProcessCluster, spec: &AppSpec, op: &pb::
     loop {
         let status = pc
             .any("GetStatus", |mut c| async move {
-                c.get_status(pb::GetStatusRequest { app: "shop".into() }).await
+                c.get_status(pb::GetStatusRequest {
+                    app: "shop".into(),
+                    ..Default::default()
+                })
+                .await
             })
             .await
             .unwrap();

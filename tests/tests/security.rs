@@ -241,7 +241,10 @@ async fn bad_input_is_refused_with_clear_errors() {
     let err = op.run_task(task("mars", "c1")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     let err = op
-        .get_status(pb::GetStatusRequest { app: "nope".into() })
+        .get_status(pb::GetStatusRequest {
+            app: "nope".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);

@@ -166,6 +166,60 @@ pub const MAX_LIST_LIMIT: usize = 1000;
 /// 18,000 agents, `bench fanin`).
 pub const AGENT_PAGE_BYTES: usize = 3 << 20;
 
+/// A page token as [`agent_page`] gives them out (a `region/cluster`
+/// key), or `None` for the first page; anything else is refused.
+fn page_token(token: &str) -> Result<Option<String>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let valid = token
+        .split_once('/')
+        .is_some_and(|(region, cluster)| ClusterRef::new(region, cluster).is_ok());
+    if !valid {
+        return Err(ApiError::InvalidArgument(format!(
+            "page_token {} is not one this service gave out",
+            domain::quote(token)
+        )));
+    }
+    Ok(Some(token.to_owned()))
+}
+
+/// The page of `agents` after the key `after`: `page_size` entries
+/// (capped at [`MAX_LIST_LIMIT`]), or with none asked as many as fit in
+/// [`AGENT_PAGE_BYTES`] encoded; and the token of the next page, empty on
+/// the last. Keys are `region/cluster`, so pages follow that order.
+fn agent_page<T: prost::Message>(
+    agents: &BTreeMap<String, domain::AgentRecord>,
+    after: Option<&String>,
+    page_size: u32,
+    entry: impl Fn(&domain::AgentRecord) -> T,
+) -> (Vec<T>, String) {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let size = match page_size {
+        0 => usize::MAX,
+        n => (n as usize).min(MAX_LIST_LIMIT),
+    };
+    let range = match after {
+        Some(k) => agents.range::<String, _>((Excluded(k), Unbounded)),
+        None => agents.range::<String, _>(..),
+    };
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut last: Option<&String> = None;
+    for (key, a) in range {
+        let item = entry(a);
+        // The field's tag and length prefix: a few bytes more.
+        let len = item.encoded_len() + 8;
+        if page.len() == size || (!page.is_empty() && bytes + len > AGENT_PAGE_BYTES) {
+            return (page, last.cloned().unwrap_or_default());
+        }
+        bytes += len;
+        last = Some(key);
+        page.push(item);
+    }
+    (page, String::new())
+}
+
 fn list_limit(asked: u32) -> usize {
     match asked {
         0 => DEFAULT_LIST_LIMIT,
@@ -594,65 +648,37 @@ impl ControlApi {
     /// with none asked as many as fit in [`AGENT_PAGE_BYTES`]. The token is
     /// the last key of the page before (clients treat it as opaque).
     pub async fn list_agents(&self, r: pb::ListAgentsRequest) -> Result<pb::ListAgentsResponse, ApiError> {
-        let after = if r.page_token.is_empty() {
-            None
-        } else {
-            let valid = r
-                .page_token
-                .split_once('/')
-                .is_some_and(|(region, cluster)| ClusterRef::new(region, cluster).is_ok());
-            if !valid {
-                return Err(ApiError::InvalidArgument(format!(
-                    "page_token {} is not one this service gave out",
-                    domain::quote(&r.page_token)
-                )));
-            }
-            Some(r.page_token)
-        };
-        let size = match r.page_size {
-            0 => usize::MAX,
-            n => (n as usize).min(MAX_LIST_LIMIT),
-        };
-        Ok(self.consensus.read(|s| {
-            use std::ops::Bound::{Excluded, Unbounded};
-            let range = match &after {
-                Some(k) => s.agents.range::<String, _>((Excluded(k), Unbounded)),
-                None => s.agents.range::<String, _>(..),
-            };
-            let mut page = pb::ListAgentsResponse::default();
-            let mut bytes = 0;
-            let mut last: Option<&String> = None;
-            for (key, a) in range {
-                let agent: pb::Agent = a.clone().into();
-                // The field's tag and length prefix: a few bytes more.
-                let len = prost::Message::encoded_len(&agent) + 8;
-                if page.agents.len() == size || (!page.agents.is_empty() && bytes + len > AGENT_PAGE_BYTES) {
-                    page.next_page_token = last.cloned().unwrap_or_default();
-                    break;
-                }
-                bytes += len;
-                last = Some(key);
-                page.agents.push(agent);
-            }
-            page
-        }))
+        let after = page_token(&r.page_token)?;
+        let (agents, next_page_token) = self
+            .consensus
+            .read(|s| agent_page(&s.agents, after.as_ref(), r.page_size, |a| pb::Agent::from(a.clone())));
+        Ok(pb::ListAgentsResponse {
+            agents,
+            next_page_token,
+        })
     }
 
+    /// Every cluster's agent state, in pages as [`Self::list_agents`]; or,
+    /// with an app, its clusters and its state in each (one message: an
+    /// app runs in a handful of clusters, and paging is refused there).
     pub async fn get_status(&self, r: pb::GetStatusRequest) -> Result<pb::GetStatusResponse, ApiError> {
-        let clusters = if r.app.is_empty() {
+        let (clusters, next_page_token) = if r.app.is_empty() {
+            let after = page_token(&r.page_token)?;
             self.consensus.read(|s| {
-                s.agents
-                    .values()
-                    .map(|a| pb::ClusterStatus {
-                        cluster: Some(a.cluster.clone().into()),
-                        agent_state: pb::AgentState::from(a.state) as i32,
-                        app: None,
-                    })
-                    .collect()
+                agent_page(&s.agents, after.as_ref(), r.page_size, |a| pb::ClusterStatus {
+                    cluster: Some(a.cluster.clone().into()),
+                    agent_state: pb::AgentState::from(a.state) as i32,
+                    app: None,
+                })
             })
         } else {
+            if r.page_size != 0 || !r.page_token.is_empty() {
+                return Err(ApiError::invalid_argument(
+                    "page_size and page_token page the status of every cluster; an app's status is one page",
+                ));
+            }
             let spec = self.app(&r.app)?;
-            self.consensus.read(|s| {
+            let clusters = self.consensus.read(|s| {
                 spec.clusters
                     .iter()
                     .map(|c| {
@@ -673,11 +699,13 @@ impl ControlApi {
                         }
                     })
                     .collect()
-            })
+            });
+            (clusters, String::new())
         };
         Ok(pb::GetStatusResponse {
             clusters,
             leader_id: self.consensus.status().leader.unwrap_or(0),
+            next_page_token,
         })
     }
 
