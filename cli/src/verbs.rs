@@ -830,24 +830,15 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
         }
         Verb::Status { app, conn } => {
             let app = app.unwrap_or_default();
-            let mut r = call(&conn, |mut c| {
-                let app = app.clone();
-                async move {
-                    c.get_status(pb::GetStatusRequest {
-                        app,
-                        ..Default::default()
-                    })
-                    .await
-                }
-            })
-            .await?;
-            // A fleet larger than one message: the pages after the first.
-            while !r.next_page_token.is_empty() {
-                let token = std::mem::take(&mut r.next_page_token);
-                let next = call(&conn, |mut c| {
-                    let page_token = token.clone();
+            // Page by page: a fleet can be larger than one message.
+            let mut r = pb::GetStatusResponse::default();
+            let mut token = String::new();
+            loop {
+                let page = call(&conn, |mut c| {
+                    let (app, page_token) = (app.clone(), token.clone());
                     async move {
                         c.get_status(pb::GetStatusRequest {
+                            app,
                             page_token,
                             ..Default::default()
                         })
@@ -855,8 +846,12 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     }
                 })
                 .await?;
-                r.clusters.extend(next.clusters);
-                r.next_page_token = next.next_page_token;
+                r.leader_id = page.leader_id;
+                r.clusters.extend(page.clusters);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
             }
             let image_of = |s: &pb::AppClusterStatus, color: i32| {
                 s.colors.iter().find(|c| c.color == color).map(|c| {

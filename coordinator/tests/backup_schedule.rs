@@ -4,62 +4,25 @@
 //! simulated. What the catalog keeps at the end is exactly what the policy
 //! says; each slot ran once; every deletion is audited.
 
+mod common;
+
 use std::collections::BTreeSet;
 
 use cutover_coordinator::orchestrator::{self, Inputs, schedule};
-use cutover_coordinator::state::{AuditDraft, Command, State};
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LocalSpec};
+use cutover_coordinator::state::{Command, State};
+use cutover_shared::app::AppSpec;
 use cutover_shared::backup::{BackupAction, BackupObject, BackupSchedule, BackupTrigger, RetentionPolicy, Validation};
 use cutover_shared::domain::{ClusterRef, OperationKind, TaskResult, TaskState};
 use cutover_shared::task::{TaskKind, TaskParams, outputs::BackupOutputs};
 
-const HOUR: i64 = 3_600_000;
-const DAY: i64 = 24 * HOUR;
-/// 2026-01-01 00:00 UTC, a Thursday.
-const JAN_1: i64 = 1_767_225_600_000;
-
-fn audit(at: i64) -> AuditDraft {
-    AuditDraft {
-        at_unix_ms: at,
-        actor: "operator/test".into(),
-        action: "test".into(),
-        parameters: String::new(),
-        outcome: "ok".into(),
-    }
-}
+use common::{DAY, HOUR, JAN_1, audit};
 
 fn cluster() -> ClusterRef {
-    ClusterRef::new("us-east", "main").unwrap()
+    common::cluster("us-east")
 }
 
 fn app() -> AppSpec {
-    AppSpec {
-        dr: Default::default(),
-        name: "shop".into(),
-        clusters: vec![AppCluster {
-            region: "us-east".into(),
-            cluster: "main".into(),
-            driver: DriverKind::Local,
-            local: Some(LocalSpec {
-                command: vec!["shop".into(), "{listen}".into()],
-                listen: "127.0.0.1:1".into(),
-                preview_listen: "127.0.0.1:2".into(),
-                drain_timeout_ms: 1000,
-            }),
-            kubernetes: None,
-        }],
-        health: vec![],
-        load: Default::default(),
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs: 0,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
-    }
+    common::app_spec("shop", &["us-east"], 0)
 }
 
 fn apply(state: &mut State, cmd: Command) -> Option<String> {

@@ -6,60 +6,21 @@
 //! is gone), and never for an app that did not ask for it; a primary whose
 //! agent is up but whose server it cannot reach fails over too, unfenced.
 
+mod common;
+
 use cutover_coordinator::orchestrator::dr_watch;
-use cutover_coordinator::state::{AuditDraft, Command, State};
-use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LocalSpec};
+use cutover_coordinator::state::{Command, State};
+use cutover_shared::app::AppSpec;
 use cutover_shared::config::DbDriver;
 use cutover_shared::domain::{ClusterRef, TaskState};
 use cutover_shared::dr::{DatabaseStatus, DbRole, RegionHealth};
 
-const T0: i64 = 1_767_225_600_000;
+use common::{audit, cluster};
 
-fn audit(at: i64) -> AuditDraft {
-    AuditDraft {
-        at_unix_ms: at,
-        actor: "operator/test".into(),
-        action: "test".into(),
-        parameters: String::new(),
-        outcome: "ok".into(),
-    }
-}
-
-fn cluster(region: &str) -> ClusterRef {
-    ClusterRef::new(region, "main").unwrap()
-}
+const T0: i64 = common::JAN_1;
 
 fn app(automatic: bool) -> AppSpec {
-    let mut spec = AppSpec {
-        dr: Default::default(),
-        name: "shop".into(),
-        clusters: ["us-east", "eu-west"]
-            .iter()
-            .map(|r| AppCluster {
-                region: r.to_string(),
-                cluster: "main".into(),
-                driver: DriverKind::Local,
-                local: Some(LocalSpec {
-                    command: vec!["shop".into()],
-                    listen: "127.0.0.1:1".into(),
-                    preview_listen: "127.0.0.1:2".into(),
-                    drain_timeout_ms: 1000,
-                }),
-                kubernetes: None,
-            })
-            .collect(),
-        health: vec![],
-        load: Default::default(),
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs: 0,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
-    };
+    let mut spec = common::app_spec("shop", &["us-east", "eu-west"], 0);
     spec.dr.automatic = automatic;
     spec.dr.failover_after_secs = 10;
     spec.dr.max_data_loss_secs = 5;

@@ -5,64 +5,20 @@
 //! serving in the target; a slot whose target agent is down waits and runs
 //! late, not never; the reports are kept, newest last.
 
+mod common;
+
 use cutover_coordinator::orchestrator::{self, Inputs, schedule};
-use cutover_coordinator::state::{AuditDraft, Command, State};
-use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, ColorStatus, DriverKind, LocalSpec};
-use cutover_shared::domain::{ClusterRef, OperationKind, TaskResult};
+use cutover_coordinator::state::{Command, State};
+use cutover_shared::app::{AppClusterStatus, AppSpec, Color, ColorStatus};
+use cutover_shared::domain::{OperationKind, TaskResult};
 use cutover_shared::dr::DrillSchedule;
 use cutover_shared::task::outputs::DrillOutputs;
 use cutover_shared::task::{TaskKind, TaskParams};
 
-const HOUR: i64 = 3_600_000;
-const DAY: i64 = 24 * HOUR;
-/// 2026-01-01 00:00 UTC.
-const JAN_1: i64 = 1_767_225_600_000;
-
-fn audit(at: i64) -> AuditDraft {
-    AuditDraft {
-        at_unix_ms: at,
-        actor: "operator/test".into(),
-        action: "test".into(),
-        parameters: String::new(),
-        outcome: "ok".into(),
-    }
-}
-
-fn cluster(region: &str) -> ClusterRef {
-    ClusterRef::new(region, "main").unwrap()
-}
+use common::{DAY, HOUR, JAN_1, audit, cluster};
 
 fn app() -> AppSpec {
-    let local = LocalSpec {
-        command: vec!["shop".into(), "{listen}".into()],
-        listen: "127.0.0.1:1".into(),
-        preview_listen: "127.0.0.1:2".into(),
-        drain_timeout_ms: 1000,
-    };
-    AppSpec {
-        dr: Default::default(),
-        name: "shop".into(),
-        clusters: ["us-east", "eu-west"]
-            .map(|r| AppCluster {
-                region: r.into(),
-                cluster: "main".into(),
-                driver: DriverKind::Local,
-                local: Some(local.clone()),
-                kubernetes: None,
-            })
-            .to_vec(),
-        health: vec![],
-        load: Default::default(),
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs: 0,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
-    }
+    common::app_spec("shop", &["us-east", "eu-west"], 0)
 }
 
 fn apply(state: &mut State, cmd: Command) -> Option<String> {

@@ -6,11 +6,13 @@
 //! steps, agents that crash after acting but before reporting, and
 //! proposals committed twice by a new leader.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use cutover_coordinator::orchestrator::{self, Inputs};
 use cutover_coordinator::state::{AuditDraft, Command, State};
-use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKind, LocalSpec};
+use cutover_shared::app::{AppClusterStatus, AppSpec, Color};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskState};
 use cutover_shared::operation::{FailoverSpec, MigrateSpec, OperationSpec, Strategy};
 use cutover_shared::release::{Bundle, Release};
@@ -21,50 +23,15 @@ use rand::{Rng, SeedableRng};
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 
 fn audit() -> AuditDraft {
-    AuditDraft {
-        at_unix_ms: 1,
-        actor: "operator/test".into(),
-        action: "test".into(),
-        parameters: String::new(),
-        outcome: "ok".into(),
-    }
+    common::audit(1)
 }
 
 fn target(region: &str) -> ClusterRef {
-    ClusterRef::new(region, "main").unwrap()
+    common::cluster(region)
 }
 
 fn spec(bake_secs: u64) -> AppSpec {
-    AppSpec {
-        dr: Default::default(),
-        name: "shop".into(),
-        clusters: REGIONS
-            .iter()
-            .map(|r| AppCluster {
-                region: r.to_string(),
-                cluster: "main".into(),
-                driver: DriverKind::Local,
-                local: Some(LocalSpec {
-                    command: vec!["shop".into(), "{listen}".into()],
-                    listen: "127.0.0.1:1".into(),
-                    preview_listen: "127.0.0.1:2".into(),
-                    drain_timeout_ms: 1000,
-                }),
-                kubernetes: None,
-            })
-            .collect(),
-        health: vec![],
-        load: Default::default(),
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
-    }
+    common::app_spec("shop", &REGIONS, bake_secs)
 }
 
 fn bundle() -> Bundle {

@@ -36,17 +36,21 @@
 //! the same run (each seed's trace digest is checked against a second run
 //! for the first seeds of every invocation).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use cutover_coordinator::orchestrator::{self, Inputs};
-use cutover_coordinator::state::{AuditDraft, Command, State};
-use cutover_shared::app::{AppCluster, AppClusterStatus, AppSpec, Color, DriverKind, LocalSpec};
+use cutover_coordinator::state::{Command, State};
+use cutover_shared::app::{AppClusterStatus, AppSpec, Color};
 use cutover_shared::domain::{ClusterRef, Operation, OperationKind, TaskResult, TaskSpec, TaskState};
 use cutover_shared::operation::{FailoverSpec, OperationSpec, Strategy};
 use cutover_shared::task::{self, FailoverAction, TaskParams};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use common::{audit, cluster};
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 /// App name and the regions it runs in: two apps share two clusters, so
@@ -58,51 +62,8 @@ const APPS: [(&str, &[&str]); 2] = [("shop", &REGIONS), ("cart", &["us-east", "e
 const FAULT_STEPS: usize = 400;
 const CALM_STEPS: usize = 5000;
 
-fn audit(at: i64) -> AuditDraft {
-    AuditDraft {
-        at_unix_ms: at,
-        actor: "operator/sim".into(),
-        action: "sim".into(),
-        parameters: String::new(),
-        outcome: "ok".into(),
-    }
-}
-
-fn cluster(region: &str) -> ClusterRef {
-    ClusterRef::new(region, "main").unwrap()
-}
-
 fn spec(name: &str, regions: &[&str]) -> AppSpec {
-    AppSpec {
-        dr: Default::default(),
-        name: name.into(),
-        clusters: regions
-            .iter()
-            .map(|r| AppCluster {
-                region: r.to_string(),
-                cluster: "main".into(),
-                driver: DriverKind::Local,
-                local: Some(LocalSpec {
-                    command: vec![name.into(), "{listen}".into()],
-                    listen: "127.0.0.1:1".into(),
-                    preview_listen: "127.0.0.1:2".into(),
-                    drain_timeout_ms: 1000,
-                }),
-                kubernetes: None,
-            })
-            .collect(),
-        health: vec![],
-        load: Default::default(),
-        scale_down_delay_secs: None,
-        waves: vec![],
-        bake_secs: 5,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
-    }
+    common::app_spec(name, regions, 5)
 }
 
 /// A deploy of `app` to `image`, as `ControlService.Deploy` creates it.
