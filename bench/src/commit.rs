@@ -200,22 +200,69 @@ impl Params {
     }
 }
 
-async fn cutover_rows(p: &Params, value: &str, raft: RaftConfig) -> Result<Vec<Row>> {
-    let c = CutoverProcs::start_with(&[], raft).await?;
+/// What the leader spent building snapshots during one row: how many,
+/// and the mean of each phase (`cutover_raft_snapshot_seconds`).
+#[derive(Default)]
+struct Snapshots {
+    built: u64,
+    copy_ms: f64,
+    encode_ms: f64,
+    write_ms: f64,
+}
+
+const PHASES: [&str; 3] = ["copy", "encode", "write"];
+
+/// The leader's snapshot histograms, (sum, count) per phase.
+async fn snapshot_totals(ops: &str) -> Result<Vec<(f64, f64)>> {
+    let mut out = Vec::new();
+    for phase in PHASES {
+        out.push(util::histogram(ops, "cutover_raft_snapshot_seconds", &format!("{{phase=\"{phase}\"}}")).await?);
+    }
+    Ok(out)
+}
+
+fn snapshots_between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Snapshots {
+    let mean_ms = |i: usize| {
+        let n = after[i].1 - before[i].1;
+        if n > 0.0 {
+            1000.0 * (after[i].0 - before[i].0) / n
+        } else {
+            0.0
+        }
+    };
+    Snapshots {
+        built: (after[0].1 - before[0].1) as u64,
+        copy_ms: mean_ms(0),
+        encode_ms: mean_ms(1),
+        write_ms: mean_ms(2),
+    }
+}
+
+async fn cutover_rows(p: &Params, value: &str, raft: RaftConfig) -> Result<(Vec<Row>, Vec<Snapshots>)> {
+    let ops_addrs: Vec<String> = (0..3).map(|_| cutover_tests::stable_free_addr()).collect();
+    let ops_for_config = ops_addrs.clone();
+    let c = CutoverProcs::start_configured(&[], &[], move |cfg| {
+        let i = usize::try_from(cfg.node_id).unwrap_or(1).saturating_sub(1);
+        cfg.ops_listen = ops_for_config.get(i).cloned();
+        cfg.raft = raft.clone();
+    })
+    .await?;
     let leader = c.wait_leader(Duration::from_secs(30)).await?;
+    let ops = ops_addrs[leader].clone();
     let pid = c.pid(leader).expect("leader runs");
     // The first write also commits the initial membership.
     c.operator(leader)
         .create_attestation(util::attestation("bench/commit:warm".into(), value))
         .await?;
     let mut rows = Vec::new();
+    let mut snapshots = Vec::new();
     for &n in &p.clients {
-        let mut ops: Vec<Op> = Vec::new();
+        let mut clients: Vec<Op> = Vec::new();
         for k in 0..n {
             let ch = c.tc.pki.operator.channel(&c.addr(leader), None)?;
             let client = cutover_shared::proto::control_service_client::ControlServiceClient::new(ch);
             let value = value.to_string();
-            ops.push(Box::new(move |seq| {
+            clients.push(Box::new(move |seq| {
                 let mut client = client.clone();
                 let req = util::attestation(format!("bench/commit:c{k}-{}", seq % 64), &value);
                 Box::pin(async move {
@@ -229,7 +276,9 @@ async fn cutover_rows(p: &Params, value: &str, raft: RaftConfig) -> Result<Vec<R
             &pid,
             p.warmup.as_secs_f64() + p.dur.as_secs_f64(),
         );
-        let row = drive(ops, p.warmup, p.dur, &pid).await?;
+        let before = snapshot_totals(&ops).await?;
+        let row = drive(clients, p.warmup, p.dur, &pid).await?;
+        snapshots.push(snapshots_between(&before, &snapshot_totals(&ops).await?));
         for mut p in perf {
             let _ = p.wait();
         }
@@ -238,7 +287,7 @@ async fn cutover_rows(p: &Params, value: &str, raft: RaftConfig) -> Result<Vec<R
         }
         rows.push(row);
     }
-    Ok(rows)
+    Ok((rows, snapshots))
 }
 
 async fn etcd_rows(p: &Params, value: &str, opts: EtcdOpts) -> Result<Vec<Row>> {
@@ -298,7 +347,7 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
     let fsync_pre = util::fsync_latency(probe.path(), 200, false)?;
     let fsync_dir = std::env::temp_dir();
     drop(probe);
-    let cut = cutover_rows(&p, &value, raft.clone()).await?;
+    let (cut, snapshots) = cutover_rows(&p, &value, raft.clone()).await?;
     let tls = EtcdOpts {
         tls: true,
         ..EtcdOpts::default()
@@ -335,12 +384,24 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
     let rows_tls = table(&cut, &etc_tls);
     println!("etcd plaintext:");
     let rows = table(&cut, &etc);
+    println!(
+        "cutover's leader building snapshots during each row (cutover_raft_snapshot_seconds; the copy holds the state's read lock, so applies wait for it):"
+    );
+    for (n, sn) in p.clients.iter().zip(&snapshots) {
+        println!(
+            "{n:>7} clients: {} built, mean copy {:.1} ms, encode {:.1} ms, write {:.1} ms",
+            sn.built, sn.copy_ms, sn.encode_ms, sn.write_ms
+        );
+    }
     Ok(json!({
         "scenario": "commit",
         "seconds_per_row": p.dur.as_secs_f64(),
         "cutover_snapshot_every": raft.snapshot_every,
         "value_bytes": 256,
         "etcd_version": version,
+        "cutover_snapshots": p.clients.iter().zip(&snapshots).map(|(n, sn)| json!({
+            "clients": n, "built": sn.built, "copy_ms": sn.copy_ms, "encode_ms": sn.encode_ms, "write_ms": sn.write_ms,
+        })).collect::<Vec<_>>(),
         "fsync_ms": {
             "dir": fsync_dir.display().to_string(),
             "append": {"p50": fsync.0, "p99": fsync.1},

@@ -189,27 +189,6 @@ async fn session(tls: &TlsFiles, addr: &mut String, delay: Duration, shared: &Ar
     }
 }
 
-/// `GET /metrics` on the ops port: the sum and count of a histogram.
-async fn histogram(ops: &str, name: &str) -> Result<(f64, f64)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(ops)
-        .await
-        .with_context(|| format!("connecting to {ops}"))?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {ops}\r\n\r\n").as_bytes())
-        .await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    // `name_sum{labels} value` or `name_sum value`.
-    let value = |suffix: &str| {
-        let series = format!("{name}_{suffix}");
-        body.lines()
-            .filter(|l| l.strip_prefix(&series).is_some_and(|rest| rest.starts_with([' ', '{'])))
-            .find_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    Ok((value("sum"), value("count")))
-}
-
 /// Runs `n` more ad-hoc `noop` operations, 64 at a time, and waits until
 /// the agents answered them all.
 async fn fill_history(
@@ -438,12 +417,12 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         shared.first.lock().expect("samples").clear();
         let tasks0 = shared.tasks.load(Ordering::SeqCst);
         let cpu0 = util::cpu_ticks(&pid)?;
-        let scan0 = histogram(&ops, "cutover_orchestrator_scan_seconds").await?;
+        let scan0 = util::histogram(&ops, "cutover_orchestrator_scan_seconds", "").await?;
         let t0 = Instant::now();
         let (completed, failed, refused) = cutovers(&c, leader, apps.clone(), &p, shared.clone()).await?;
         let secs = t0.elapsed().as_secs_f64();
         let cpu1 = util::cpu_ticks(&pid)?;
-        let scan1 = histogram(&ops, "cutover_orchestrator_scan_seconds").await?;
+        let scan1 = util::histogram(&ops, "cutover_orchestrator_scan_seconds", "").await?;
         let tasks = shared.tasks.load(Ordering::SeqCst) - tasks0;
         let cpu_s = (cpu1 - cpu0) as f64 / ticks;
         let scans = (scan1.1 - scan0.1).max(1.0);

@@ -415,3 +415,29 @@ pub async fn register_agent(
         }
     }
 }
+
+/// `GET /metrics` on the ops port `ops`: the sum and count of histogram
+/// `name`, of its series with exactly `labels` (e.g. `{phase="copy"}`), or
+/// with `""` of its first series.
+pub async fn histogram(ops: &str, name: &str, labels: &str) -> Result<(f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(ops)
+        .await
+        .with_context(|| format!("connecting to {ops}"))?;
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {ops}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    // `name_sum{labels} value` or `name_sum value`.
+    let value = |suffix: &str| {
+        let series = format!("{name}_{suffix}{labels}");
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(&series)
+                    .is_some_and(|rest| rest.starts_with(' ') || (labels.is_empty() && rest.starts_with('{')))
+            })
+            .find_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((value("sum"), value("count")))
+}

@@ -199,6 +199,9 @@ async fn leadership_moves_to_the_node_an_operator_names() {
 /// purge catches up by snapshot installation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshots_bound_the_log_and_bring_nodes_up_to_date() {
+    // The process-wide recorder, before any node: the snapshot metrics are
+    // checked at the end.
+    cutover_shared::telemetry::metrics_handle();
     let mut c = TestCluster::builder()
         .nodes(3)
         .spare_nodes(1)
@@ -256,6 +259,20 @@ async fn snapshots_bound_the_log_and_bring_nodes_up_to_date() {
         c.node(3).consensus().status().snapshot_index > 0,
         "the new node installed a snapshot"
     );
+    // What building them cost, phase by phase, and how big the last was.
+    let metrics = cutover_shared::telemetry::metrics_handle().render();
+    for phase in ["copy", "encode", "write"] {
+        let count = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("cutover_raft_snapshot_seconds_count{{phase=\"{phase}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+        assert!(count.is_some_and(|n| n > 0), "no {phase} timings in:\n{metrics}");
+    }
+    let bytes = metrics
+        .lines()
+        .find(|l| l.starts_with("cutover_raft_snapshot_bytes "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(bytes.is_some_and(|b| b > 0.0), "no snapshot size in:\n{metrics}");
     c.shutdown().await;
 }
 
