@@ -42,7 +42,7 @@ pub struct RaftConfig {
     /// Build a snapshot after this many new log entries. Default 10000:
     /// each snapshot copies and writes the whole state, and every 2,000
     /// entries (the default until 2026-12) cost a tenth of the throughput
-    /// at 64 clients and a third at 256 (`bench commit --snapshot-every`,
+    /// at 64 clients and 30% at 256 (`bench commit --snapshot-every`,
     /// BENCHMARKS.md). etcd's `--snapshot-count` is 100,000. Lower it to
     /// bound the log a restart replays; raise it for write-heavy clusters.
     pub snapshot_every: u64,

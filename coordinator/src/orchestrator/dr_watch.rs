@@ -40,11 +40,15 @@ pub const AUTO_ACTOR: &str = "cutover/dr-auto";
 
 /// The automatic failovers the state calls for now. The loss counts from
 /// no earlier than `watching_since`, when this leader took over by its own
-/// clock: `lost_since` was read off the clock of the node that recorded
-/// it, and a leader whose clock runs ahead of that one's would otherwise
+/// clock: an agent's `since_unix_ms` was stamped by the leader of the
+/// time, and a leader whose clock runs ahead of that one's would otherwise
 /// fail over at once, an outage of seconds seen as one of hours. A new
-/// leader may so wait up to one `failover_after_secs` longer; it never
-/// fails over early.
+/// leader may so wait up to one `failover_after_secs` longer. Not covered
+/// yet: `unreachable_since_unix_ms` comes from the agent's own clock (an
+/// agent whose clock is behind the leader's by more than
+/// `failover_after_secs` makes its first unreachable report count as an
+/// old loss), and the cooldown compares with the epoch's timestamp from
+/// the leader that made it; both want leader-stamped times.
 fn automatic(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
     let mut out = Vec::new();
     for spec in s.apps.values().filter(|a| a.dr.automatic) {
