@@ -431,7 +431,6 @@ mod tests {
 
     fn spec(health: Vec<Probe>) -> AppSpec {
         AppSpec {
-            dr: Default::default(),
             name: "web".into(),
             clusters: vec![],
             health,
@@ -446,15 +445,8 @@ mod tests {
                 max_error_rate: 0.01,
                 min_rps: 0.0,
             },
-            scale_down_delay_secs: None,
-            waves: vec![],
             bake_secs: 0,
-            required_attestations: Default::default(),
-            migration_checks: vec![],
-            analysis: vec![],
-            strategy: Default::default(),
-            canary: None,
-            unreachable: None,
+            ..Default::default()
         }
     }
 

@@ -251,7 +251,6 @@ async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json
         .filter_map(|c| c.local.as_ref().map(|l| l.listen.clone()))
         .collect();
     let spec = AppSpec {
-        dr: Default::default(),
         name: "bench".into(),
         clusters,
         health: vec![Probe::Http {
@@ -265,15 +264,8 @@ async fn switch_regions(n: usize, regions: &[(&str, &str)]) -> Result<serde_json
             min_rps: 10.0,
             ..LoadProbe::default()
         },
-        scale_down_delay_secs: None,
-        waves: vec![],
         bake_secs: 0,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
+        ..Default::default()
     };
     let mut op = c.operator(leader);
     op.apply_app(pb::ApplyAppRequest { app: Some(spec.into()) }).await?;

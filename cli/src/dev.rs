@@ -314,7 +314,6 @@ impl DevSystem {
             });
         }
         let spec = AppSpec {
-            dr: Default::default(),
             name: "sample".into(),
             clusters,
             health: vec![Probe::Http {
@@ -323,7 +322,6 @@ impl DevSystem {
                 body_contains: None,
             }],
             load: LoadProbe::default(),
-            scale_down_delay_secs: None,
             waves: {
                 let regions: Vec<String> = self.pki.agents.iter().map(|(r, _, _)| r.clone()).collect();
                 let (first, rest) = regions.split_at(1);
@@ -333,14 +331,10 @@ impl DevSystem {
                     .collect()
             },
             bake_secs: 2,
-            required_attestations: Default::default(),
-            migration_checks: vec![],
             // The built-in checks, which need no Prometheus, judge each
             // release under the gates' load before it takes traffic.
             analysis: builtin_analysis(),
-            strategy: Default::default(),
-            canary: None,
-            unreachable: None,
+            ..Default::default()
         };
         let mut client =
             pb::control_service_client::ControlServiceClient::new(self.pki.operator.channel(&self.addrs[0], None)?);

@@ -33,7 +33,6 @@ pub fn local(program: &Path) -> cutover_shared::app::LocalSpec {
 pub fn spec(name: &str, regions: &[(&str, &str)], program: &Path) -> cutover_shared::app::AppSpec {
     use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
     AppSpec {
-        dr: Default::default(),
         name: name.into(),
         clusters: regions
             .iter()
@@ -56,14 +55,7 @@ pub fn spec(name: &str, regions: &[(&str, &str)], program: &Path) -> cutover_sha
             min_rps: 10.0,
             ..LoadProbe::default()
         },
-        scale_down_delay_secs: None,
-        waves: vec![],
         bake_secs: 1,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
+        ..Default::default()
     }
 }

@@ -339,6 +339,31 @@ fn bad(field: &str, why: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("{field}: {why}"))
 }
 
+/// Every optional setting at the default an app file gets when it leaves
+/// the setting out (bake 10 s, no probes, blue-green). Not a valid
+/// definition alone: `name` and `clusters` must be set, e.g.
+/// `AppSpec { name, clusters, ..Default::default() }`.
+impl Default for AppSpec {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            clusters: vec![],
+            health: vec![],
+            load: LoadProbe::default(),
+            scale_down_delay_secs: None,
+            waves: vec![],
+            bake_secs: default_bake_secs(),
+            required_attestations: Default::default(),
+            migration_checks: vec![],
+            dr: Default::default(),
+            analysis: vec![],
+            strategy: Default::default(),
+            canary: None,
+            unreachable: None,
+        }
+    }
+}
+
 impl AppSpec {
     /// The definition as an app file (TOML) that `cutover apps apply -f`
     /// takes back unchanged. Unset optional fields are left out: TOML has no

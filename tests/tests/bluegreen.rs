@@ -16,7 +16,6 @@ const T: Duration = Duration::from_secs(60);
 
 fn app(name: &str) -> AppSpec {
     AppSpec {
-        dr: Default::default(),
         name: name.into(),
         clusters: vec![AppCluster {
             region: "us-east".into(),
@@ -38,15 +37,8 @@ fn app(name: &str) -> AppSpec {
             min_rps: 50.0,
             ..LoadProbe::default()
         },
-        scale_down_delay_secs: None,
-        waves: vec![],
         bake_secs: 0,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
+        ..Default::default()
     }
 }
 

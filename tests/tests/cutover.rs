@@ -19,7 +19,6 @@ const REGIONS: &[(&str, &str)] = &[
 
 fn app() -> AppSpec {
     AppSpec {
-        dr: Default::default(),
         load: LoadProbe {
             requests: 40,
             rate_per_sec: 100,

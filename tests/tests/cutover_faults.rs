@@ -37,7 +37,6 @@ fn app() -> AppSpec {
     let script = "case '{image}' in *-delayed) sleep 1;; esac; \
                   exec \"$0\" sample-app --version '{image}' --listen '{listen}'";
     AppSpec {
-        dr: Default::default(),
         name: "shop".into(),
         clusters: REGIONS
             .iter()
@@ -66,15 +65,9 @@ fn app() -> AppSpec {
             min_rps: 5.0,
             ..LoadProbe::default()
         },
-        scale_down_delay_secs: None,
         waves: vec![vec!["us-east".into()], vec!["eu-west".into(), "ap-south".into()]],
         bake_secs: BAKE_SECS,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
+        ..Default::default()
     }
 }
 

@@ -32,7 +32,6 @@ pub fn cluster(region: &str) -> ClusterRef {
 /// driver, baking `bake_secs` after each switch; everything else default.
 pub fn app_spec(name: &str, regions: &[&str], bake_secs: u64) -> AppSpec {
     AppSpec {
-        dr: Default::default(),
         name: name.into(),
         clusters: regions
             .iter()
@@ -49,16 +48,7 @@ pub fn app_spec(name: &str, regions: &[&str], bake_secs: u64) -> AppSpec {
                 kubernetes: None,
             })
             .collect(),
-        health: vec![],
-        load: Default::default(),
-        scale_down_delay_secs: None,
-        waves: vec![],
         bake_secs,
-        required_attestations: Default::default(),
-        migration_checks: vec![],
-        analysis: vec![],
-        strategy: Default::default(),
-        canary: None,
-        unreachable: None,
+        ..Default::default()
     }
 }
