@@ -561,13 +561,25 @@ impl AgentService for AgentApi {
                     }
                     Some(connect_request::Message::DatabaseStatus(r)) => {
                         // Malformed entries are dropped one by one: the
-                        // rest of the report still counts.
+                        // rest of the report still counts. Stamped with
+                        // the leader's clock on arrival, not the agent's:
+                        // a database's unreachable-since, a stray
+                        // primary's freshness and a standby's data-loss
+                        // window are all compared with leader-stamped
+                        // times (an agent's up/down), and an agent clock
+                        // behind the leader's by more than
+                        // `failover_after_secs` would make its first
+                        // unreachable report an old loss.
+                        let at = now_unix_ms();
                         let databases: Vec<_> = r
                             .databases
                             .into_iter()
                             .take(crate::state::MAX_REPORTED_DATABASES)
                             .filter_map(|d| match cutover_shared::convert::database_status_from_proto(d) {
-                                Ok(d) => Some(d),
+                                Ok(mut d) => {
+                                    d.observed_at_unix_ms = at;
+                                    Some(d)
+                                }
                                 Err(e) => {
                                     tracing::warn!(agent = %reader_cluster, "database status refused: {e}");
                                     None

@@ -1061,6 +1061,35 @@ impl State {
         };
     }
 
+    /// The latest time a leader stamped into the state: agents' up/down,
+    /// database and region reports, audit events, failover epochs. A new
+    /// leader reads it at takeover to bound how far its clock may run
+    /// ahead of its predecessors' (`orchestrator::dr_watch::Leadership`).
+    pub fn latest_stamp_unix_ms(&self) -> i64 {
+        let agents = self.agents.values().map(|a| a.since_unix_ms);
+        let databases = self
+            .db_status
+            .values()
+            .flat_map(|m| m.values())
+            .map(|d| d.observed_at_unix_ms);
+        let regions = self
+            .region_health
+            .values()
+            .flat_map(|m| m.values())
+            .map(|r| r.since_unix_ms);
+        let epochs = self.dr_epochs.values().map(|e| e.at_unix_ms);
+        let operations = self.operations.values().map(|o| o.updated_at_unix_ms);
+        let audit = self.audit.last().map(|a| a.at_unix_ms);
+        agents
+            .chain(databases)
+            .chain(regions)
+            .chain(epochs)
+            .chain(operations)
+            .chain(audit)
+            .max()
+            .unwrap_or(i64::MIN)
+    }
+
     /// The unfinished operations, in id order: through the index, or by
     /// scanning them all while it is unbuilt.
     pub fn running_operations(&self) -> Box<dyn Iterator<Item = &Operation> + '_> {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use cutover_coordinator::orchestrator::dr_watch;
+use cutover_coordinator::orchestrator::dr_watch::{self, Leadership};
 use cutover_coordinator::state::{Command, State};
 use cutover_shared::app::AppSpec;
 use cutover_shared::config::DbDriver;
@@ -45,6 +45,15 @@ fn db(role: DbRole, lag_ms: Option<u64>) -> DatabaseStatus {
         // primary is gone).
         streaming: (role == DbRole::Standby).then_some(false),
         unreachable_since_unix_ms: None,
+    }
+}
+
+/// A leader that took over at `since` (by its clock) a state whose
+/// latest stamp is `T0` (the primary's agent marked down).
+fn lead(since: i64) -> Leadership {
+    Leadership {
+        since_unix_ms: since,
+        inherited_unix_ms: T0,
     }
 }
 
@@ -106,10 +115,10 @@ fn world(automatic: bool, lag_ms: u64) -> State {
 fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
     let mut s = world(true, 200);
     assert!(
-        dr_watch::due(&s, T0 + 9_999, T0).is_empty(),
+        dr_watch::due(&s, T0 + 9_999, &lead(T0)).is_empty(),
         "before failover_after_secs"
     );
-    let due = dr_watch::due(&s, T0 + 10_000, T0);
+    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { operation, audit, .. } = due[0].clone() else {
         panic!("{:?}", due[0]);
@@ -127,7 +136,7 @@ fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
     apply(&mut s, due[0].clone());
     assert!(s.apply(due[0].clone()).error.is_some());
     // While it runs, and after it ended, within the cooldown: nothing more.
-    assert!(dr_watch::due(&s, T0 + 11_000, T0).is_empty());
+    assert!(dr_watch::due(&s, T0 + 11_000, &lead(T0)).is_empty());
     apply(
         &mut s,
         Command::FinishOperation {
@@ -138,7 +147,7 @@ fn an_automatic_failover_waits_for_failover_after_and_runs_once() {
         },
     );
     assert_eq!(s.dr_epochs["shop"].primary, Some(cluster("eu-west")));
-    assert!(dr_watch::due(&s, T0 + 60_000, T0).is_empty());
+    assert!(dr_watch::due(&s, T0 + 60_000, &lead(T0)).is_empty());
 }
 
 /// The loss was stamped by the leader of the time, by its clock. A leader
@@ -151,22 +160,109 @@ fn a_new_leader_counts_failover_after_from_its_takeover() {
     let s = world(true, 200);
     let took_over = T0 + 8_000;
     assert!(
-        dr_watch::due(&s, T0 + 10_000, took_over).is_empty(),
+        dr_watch::due(&s, T0 + 10_000, &lead(took_over)).is_empty(),
         "failed over 2 s after taking over"
     );
-    assert!(dr_watch::due(&s, took_over + 9_999, took_over).is_empty());
-    assert_eq!(dr_watch::due(&s, took_over + 10_000, took_over).len(), 1);
+    assert!(dr_watch::due(&s, took_over + 9_999, &lead(took_over)).is_empty());
+    assert_eq!(dr_watch::due(&s, took_over + 10_000, &lead(took_over)).len(), 1);
+    // What the leader reads off the state at takeover: the down mark.
+    assert_eq!(Leadership::taking_over(&s, took_over), lead(took_over));
+}
+
+/// The last failover's time was stamped by the leader that started it. A
+/// leader that took over since with a clock an hour ahead of that one's
+/// reads a failover of a minute ago as past the app's one-hour cooldown:
+/// when the new primary's region is lost in turn, it must still wait out
+/// the cooldown, not fail back at once (a flapping pair of regions).
+#[test]
+fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
+    let mut s = world(true, 200);
+    // The first failover, to eu-west, started at T0 + 10 s.
+    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
+    let Command::CreateOperation { operation, .. } = due[0].clone() else {
+        panic!("{due:?}");
+    };
+    apply(&mut s, due[0].clone());
+    apply(
+        &mut s,
+        Command::FinishOperation {
+            operation_id: operation.id.clone(),
+            state: TaskState::Succeeded,
+            summary: "ok".into(),
+            at_unix_ms: T0 + 12_000,
+        },
+    );
+    // us-east comes back as eu-west's standby; then eu-west's agent is
+    // lost, at T0 + 30 s.
+    apply(
+        &mut s,
+        Command::AgentUp {
+            cluster: cluster("us-east"),
+            agent_version: "test".into(),
+            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
+            at_unix_ms: T0 + 20_000,
+            session: 3,
+            traffic_apps: vec![],
+        },
+    );
+    for (region, role, lag) in [
+        ("us-east", DbRole::Standby, Some(200)),
+        ("eu-west", DbRole::Primary, None),
+    ] {
+        let mut d = db(role, lag);
+        d.observed_at_unix_ms = T0 + 29_000;
+        apply(
+            &mut s,
+            Command::DatabaseStatusReported {
+                from: cluster(region),
+                databases: vec![d],
+            },
+        );
+    }
+    apply(
+        &mut s,
+        Command::AgentDown {
+            cluster: cluster("eu-west"),
+            at_unix_ms: T0 + 30_000,
+            session: 2,
+        },
+    );
+    let hour = 3_600_000;
+    // The same leader: not within the cooldown, and then back.
+    let same = Leadership {
+        since_unix_ms: T0,
+        inherited_unix_ms: T0,
+    };
+    assert!(dr_watch::due(&s, T0 + 40_000, &same).is_empty(), "within the cooldown");
+    let back = dr_watch::due(&s, T0 + 10_000 + hour, &same);
+    assert_eq!(back.len(), 1, "{back:?}");
+    // A leader whose clock is an hour ahead, taking over 1 s after the loss
+    // (real time): by its clock the failover was an hour and 21 s ago.
+    let took_over = T0 + 31_000 + hour;
+    let ahead = Leadership::taking_over(&s, took_over);
+    assert_eq!(ahead.inherited_unix_ms, T0 + 30_000);
+    assert!(
+        dr_watch::due(&s, took_over + 10_000, &ahead).is_empty(),
+        "failed back 41 s after the last failover"
+    );
+    // It waits the whole cooldown, counted as if the failover had been
+    // stamped when the loss was (the most the skew can be).
+    assert!(dr_watch::due(&s, T0 + 10_000 + hour + ahead.ahead_ms() - 1, &ahead).is_empty());
+    assert_eq!(
+        dr_watch::due(&s, T0 + 10_000 + hour + ahead.ahead_ms(), &ahead).len(),
+        1
+    );
 }
 
 #[test]
 fn no_automatic_failover_past_a_lagging_standby_or_for_an_app_that_did_not_ask() {
     let s = world(true, 6_000);
     assert!(
-        dr_watch::due(&s, T0 + 60_000, T0).is_empty(),
+        dr_watch::due(&s, T0 + 60_000, &lead(T0)).is_empty(),
         "the lag is over max_data_loss"
     );
     let s = world(false, 0);
-    assert!(dr_watch::due(&s, T0 + 60_000, T0).is_empty(), "automatic is off");
+    assert!(dr_watch::due(&s, T0 + 60_000, &lead(T0)).is_empty(), "automatic is off");
 }
 
 /// Detection took 25 s (a slow heartbeat, as with Patroni's timings): by
@@ -196,7 +292,7 @@ fn a_lag_that_grew_after_the_primary_was_lost_does_not_block_the_failover() {
             databases: vec![standby],
         },
     );
-    let due = dr_watch::due(&s, T0 + 15_000, T0);
+    let due = dr_watch::due(&s, T0 + 15_000, &lead(T0));
     assert_eq!(due.len(), 1, "the grown lag blocked the failover: {due:?}");
     let Command::CreateOperation { operation, .. } = &due[0] else {
         panic!("{:?}", due[0]);
@@ -221,7 +317,7 @@ fn no_automatic_failover_while_the_standby_still_streams_from_the_primary() {
             databases: vec![standby],
         },
     );
-    assert!(dr_watch::due(&s, T0 + 60_000, T0).is_empty());
+    assert!(dr_watch::due(&s, T0 + 60_000, &lead(T0)).is_empty());
 }
 
 /// The primary's agent is up but reports its server unreachable; once that
@@ -258,10 +354,10 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
     let d = &s.db_status["shop"]["us-east/main"];
     assert_eq!(d.unreachable_since_unix_ms, Some(T0), "since the first of the run");
     assert!(
-        dr_watch::due(&s, T0 + 9_999, T0).is_empty(),
+        dr_watch::due(&s, T0 + 9_999, &lead(T0)).is_empty(),
         "before failover_after_secs"
     );
-    let due = dr_watch::due(&s, T0 + 10_000, T0);
+    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { operation, .. } = &due[0] else {
         panic!("{:?}", due[0]);
@@ -278,7 +374,7 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
         },
     );
     assert_eq!(s.db_status["shop"]["us-east/main"].unreachable_since_unix_ms, None);
-    assert!(dr_watch::due(&s, T0 + 20_000, T0).is_empty());
+    assert!(dr_watch::due(&s, T0 + 20_000, &lead(T0)).is_empty());
 }
 
 /// `world`, with a front-door agent in `global/edge` moving shop's traffic
@@ -329,12 +425,12 @@ fn world_behind_a_front_door(healthy: bool) -> State {
 fn a_region_the_front_door_still_reaches_does_not_fail_over() {
     let s = world_behind_a_front_door(true);
     assert!(
-        dr_watch::due(&s, T0 + 60_000, T0).is_empty(),
+        dr_watch::due(&s, T0 + 60_000, &lead(T0)).is_empty(),
         "the front door still reaches us-east"
     );
 
     let mut s = world_behind_a_front_door(false);
-    let due = dr_watch::due(&s, T0 + 10_000, T0);
+    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
     assert_eq!(due.len(), 1, "{due:?}");
     let Command::CreateOperation { audit, .. } = &due[0] else {
         panic!("{:?}", due[0]);
@@ -352,7 +448,7 @@ fn a_region_the_front_door_still_reaches_does_not_fail_over() {
             session: 9,
         },
     );
-    assert_eq!(dr_watch::due(&stale, T0 + 10_000, T0).len(), 1);
+    assert_eq!(dr_watch::due(&stale, T0 + 10_000, &lead(T0)).len(), 1);
 
     let r = s.apply(Command::RegionHealthReported {
         from: cluster("eu-west"),
@@ -392,7 +488,7 @@ fn a_region_stays_down_since_the_report_that_changed_it() {
 #[test]
 fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     let mut s = world(true, 200);
-    let due = dr_watch::due(&s, T0 + 10_000, T0);
+    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
     let Command::CreateOperation { operation, .. } = due[0].clone() else {
         panic!("{due:?}");
     };
@@ -418,7 +514,7 @@ fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
         },
     );
     let fences = |s: &State, now: i64| {
-        dr_watch::due(s, now, T0)
+        dr_watch::due(s, now, &lead(T0))
             .into_iter()
             .filter(|c| matches!(c, Command::CreateOperation { operation, .. } if operation.created_by == dr_watch::FENCE_ACTOR))
             .count()

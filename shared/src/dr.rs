@@ -89,6 +89,9 @@ pub struct DatabaseStatus {
     /// Why the server could not be asked (credentials redacted).
     #[serde(default)]
     pub error: Option<String>,
+    /// When the leader received the report, by its own clock: the
+    /// coordinator replaces the agent's reading, so an agent's clock never
+    /// meets a leader-stamped time in a comparison.
     pub observed_at_unix_ms: i64,
     /// A primary that refuses writes: one a failover fenced.
     #[serde(default)]

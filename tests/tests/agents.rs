@@ -505,3 +505,66 @@ async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
     drop(tx);
     c.shutdown().await;
 }
+
+/// A database report is dated by the leader's clock when it arrives, not
+/// by the agent's: an agent whose clock is an hour behind must not make
+/// its first "server unreachable" report an hour-old loss (automatic
+/// failover counts the loss from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_report_is_dated_by_the_leader_not_the_agents_clock() {
+    use cutover_shared::proto::agent_service_client::AgentServiceClient;
+    use pb::connect_request::Message as Up;
+
+    let c = TestCluster::builder().nodes(1).regions(REGIONS).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    let tls = c.pki.agents[1].2.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConnectRequest>(16);
+    let send = |m: Up| {
+        let tx = tx.clone();
+        async move { tx.send(pb::ConnectRequest { message: Some(m) }).await.unwrap() }
+    };
+    send(Up::Register(pb::Register {
+        cluster: None,
+        agent_version: "skewed".into(),
+        task_kinds: vec![],
+        traffic_apps: vec![],
+    }))
+    .await;
+    let mut client = AgentServiceClient::new(tls.channel(&c.configs[leader].listen, None).unwrap());
+    let _inbound = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let an_hour_ago = cutover_shared::clock::now_unix_ms() - 3_600_000;
+    let sent_after = cutover_shared::clock::now_unix_ms();
+    send(Up::DatabaseStatus(pb::DatabaseStatusReport {
+        databases: vec![pb::DatabaseStatus {
+            app: "shop".into(),
+            driver: "postgres".into(),
+            configured_role: pb::DatabaseRole::Primary as i32,
+            error: "connection refused".into(),
+            observed_at_unix_ms: an_hour_ago,
+            ..Default::default()
+        }],
+    }))
+    .await;
+    c.wait_state(leader, T, "the report applied", |s| {
+        s.db_status
+            .get("shop")
+            .is_some_and(|m| m.contains_key("eu-west/eu-west-1"))
+    })
+    .await
+    .unwrap();
+    let d = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.db_status["shop"]["eu-west/eu-west-1"].clone());
+    assert!(
+        d.observed_at_unix_ms >= sent_after,
+        "dated {} ms before it was sent",
+        sent_after - d.observed_at_unix_ms
+    );
+    assert_eq!(d.unreachable_since_unix_ms, Some(d.observed_at_unix_ms));
+    c.shutdown().await;
+}

@@ -33,23 +33,65 @@ use cutover_shared::operation::{FailoverSpec, OperationSpec};
 
 use crate::state::{AuditDraft, Command, State};
 
+/// This node's term as leader, by its own clock: what it needs to read
+/// times other leaders stamped into the state without trusting that their
+/// clocks agreed with its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leadership {
+    /// When it took over.
+    pub since_unix_ms: i64,
+    /// The latest time stamped into the state when it took over
+    /// ([`State::latest_stamp_unix_ms`]), by whichever leader stamped it.
+    pub inherited_unix_ms: i64,
+}
+
+impl Leadership {
+    /// A leader that took over at `since_unix_ms` (its clock) the state `s`.
+    pub fn taking_over(s: &State, since_unix_ms: i64) -> Self {
+        Leadership {
+            since_unix_ms,
+            inherited_unix_ms: s.latest_stamp_unix_ms(),
+        }
+    }
+
+    /// At most how far this leader's clock runs ahead of the clock that
+    /// stamped the state it took over (0 when behind). The inherited stamp
+    /// was made before the takeover, so takeover minus stamp is the skew
+    /// plus the real time between them: it errs toward waiting, by about
+    /// an election's length.
+    pub fn ahead_ms(&self) -> i64 {
+        self.since_unix_ms.saturating_sub(self.inherited_unix_ms).max(0)
+    }
+
+    /// A stamped time on this leader's clock: one stamped before it took
+    /// over moves later by [`Self::ahead_ms`], its own stamps stay. Time
+    /// elapsed since `local(t)` never exceeds the real time since `t`, so
+    /// nothing that waits for a duration (failover after a loss, a
+    /// cooldown) acts early after a leader change with a skewed clock.
+    pub fn local(&self, stamped_unix_ms: i64) -> i64 {
+        if stamped_unix_ms < self.since_unix_ms {
+            stamped_unix_ms.saturating_add(self.ahead_ms())
+        } else {
+            stamped_unix_ms
+        }
+    }
+}
+
 /// Who stray primaries are fenced by.
 pub const FENCE_ACTOR: &str = "cutover/dr-fence";
 /// Who automatic failovers are started by.
 pub const AUTO_ACTOR: &str = "cutover/dr-auto";
 
-/// The automatic failovers the state calls for now. The loss counts from
-/// no earlier than `watching_since`, when this leader took over by its own
-/// clock: an agent's `since_unix_ms` was stamped by the leader of the
-/// time, and a leader whose clock runs ahead of that one's would otherwise
-/// fail over at once, an outage of seconds seen as one of hours. A new
-/// leader may so wait up to one `failover_after_secs` longer. Not covered
-/// yet: `unreachable_since_unix_ms` comes from the agent's own clock (an
-/// agent whose clock is behind the leader's by more than
-/// `failover_after_secs` makes its first unreachable report count as an
-/// old loss), and the cooldown compares with the epoch's timestamp from
-/// the leader that made it; both want leader-stamped times.
-fn automatic(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
+/// The automatic failovers the state calls for now. Both the loss and the
+/// last failover (for the cooldown) were stamped by the leader of the
+/// time, by its clock; a leader whose clock runs ahead of that one's would
+/// otherwise see an outage of seconds as one of hours and fail over at
+/// once, or a failover of a minute ago as one past the cooldown and fail
+/// over again. Both are read through [`Leadership::local`], which never
+/// makes them older than they are. A database's
+/// `unreachable_since_unix_ms` is leader-stamped too (reports are stamped
+/// on arrival, never with the agent's clock).
+fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
     let mut out = Vec::new();
     for spec in s.apps.values().filter(|a| a.dr.automatic) {
         let views = crate::dr::cluster_views(s, spec);
@@ -80,7 +122,7 @@ fn automatic(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
         if agent.state == AgentState::Down && probed.is_some_and(|v| v.healthy) {
             continue;
         }
-        let down_for = now.saturating_sub(lost_since.max(watching_since));
+        let down_for = now.saturating_sub(lead.local(lost_since));
         let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         if down_for < after_ms {
             continue;
@@ -88,7 +130,7 @@ fn automatic(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
         let cooldown_ms = i64::try_from(spec.dr.cooldown_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         if s.dr_epochs
             .get(&spec.name)
-            .is_some_and(|e| now.saturating_sub(e.at_unix_ms) < cooldown_ms)
+            .is_some_and(|e| now.saturating_sub(lead.local(e.at_unix_ms)) < cooldown_ms)
         {
             continue;
         }
@@ -175,9 +217,9 @@ fn new_operation(
 const RETRY_MS: i64 = 60_000;
 
 /// The automatic failovers and fence operations the state calls for now,
-/// on a leader that took over at `watching_since` (by its clock).
-pub fn due(s: &State, now: i64, watching_since: i64) -> Vec<Command> {
-    let mut out = automatic(s, now, watching_since);
+/// on leader `lead`.
+pub fn due(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
+    let mut out = automatic(s, now, lead);
     for (app, epoch) in &s.dr_epochs {
         let Some(primary) = &epoch.primary else { continue };
         let Some(dbs) = s.db_status.get(app) else { continue };

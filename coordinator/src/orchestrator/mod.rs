@@ -267,12 +267,12 @@ pub async fn advance(consensus: &Consensus, leading_since: i64) {
 
 /// Proposes what the backup schedules and their retention, and the
 /// primaries a failover superseded, call for now.
-/// `leading_since`: when this node became leader, by its clock.
-pub async fn run_schedules(consensus: &Consensus, leading_since: i64) {
+/// `lead`: this node's term as leader.
+pub async fn run_schedules(consensus: &Consensus, lead: &dr_watch::Leadership) {
     let now = now_unix_ms();
     let commands = consensus.read(|s| {
         let mut c = schedule::due(s, now);
-        c.extend(dr_watch::due(s, now, leading_since));
+        c.extend(dr_watch::due(s, now, lead));
         c
     });
     for cmd in commands {
@@ -324,7 +324,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut last_gauges: Option<std::time::Instant> = None;
     let mut exported = gauges::Exported::default();
     let node = consensus.node_id().to_string();
-    let mut leading_since: Option<i64> = None;
+    let mut leading: Option<dr_watch::Leadership> = None;
     loop {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
         // Every node, from its own applied state, at most once a second.
@@ -333,15 +333,19 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
             consensus.read(|s| gauges::export(s, &node, now_unix_ms(), &mut exported));
         }
         if !consensus.is_leader() {
-            leading_since = None;
+            leading = None;
         } else {
-            let since = *leading_since.get_or_insert_with(now_unix_ms);
-            advance(&consensus, since).await;
+            // The state read now may not have applied all of the previous
+            // leaders' entries yet: its latest stamp is then older, which
+            // errs toward waiting (see `Leadership::ahead_ms`).
+            let lead =
+                *leading.get_or_insert_with(|| consensus.read(|s| dr_watch::Leadership::taking_over(s, now_unix_ms())));
+            advance(&consensus, lead.since_unix_ms).await;
             // Slots are minutes apart and retention scans every backup, so
             // at most once a second, however busy the log is.
             if last_schedules.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
                 last_schedules = Some(std::time::Instant::now());
-                run_schedules(&consensus, since).await;
+                run_schedules(&consensus, &lead).await;
             }
             if last_compaction.elapsed() >= COMPACT_EVERY {
                 last_compaction = std::time::Instant::now();
