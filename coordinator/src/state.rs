@@ -244,17 +244,30 @@ impl PartialEq for RunningIndex {
     }
 }
 
-/// The replicated state.
+/// A map of the state that grows with use, persistent (structurally
+/// shared): cloning it is O(1) and a write after a clone copies one path
+/// of the tree, not the map, so a snapshot's copy of the state never
+/// stalls applies for longer than it takes to bump reference counts. Same
+/// order and serialized form as `BTreeMap`: logs and snapshots written
+/// before read back unchanged.
+pub type Map<K, V> = imbl::OrdMap<K, V>;
+/// A list of the state that grows with use, persistent like [`Map`];
+/// serialized as a `Vec`.
+pub type List<T> = imbl::Vector<T>;
+
+/// The replicated state. The maps that grow with the fleet and its history
+/// (agents, operations and their tasks, attestations, the audit) are
+/// persistent ([`Map`], [`List`]); the rest are small and plain.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     /// Keyed by `region/cluster`.
-    pub agents: BTreeMap<String, AgentRecord>,
-    pub operations: BTreeMap<String, Operation>,
+    pub agents: Map<String, AgentRecord>,
+    pub operations: Map<String, Operation>,
     /// Task id → operation id.
-    pub task_index: BTreeMap<String, String>,
+    pub task_index: Map<String, String>,
     /// Image → check → attestation.
-    pub attestations: BTreeMap<String, BTreeMap<String, Attestation>>,
-    pub audit: Vec<AuditEvent>,
+    pub attestations: Map<String, BTreeMap<String, Attestation>>,
+    pub audit: List<AuditEvent>,
     /// Bumped whenever tasks are created, so dispatchers know when to look.
     pub task_generation: u64,
     /// Declared apps by name.
@@ -322,7 +335,7 @@ impl State {
             .map_or(1, |e| e.sequence + 1)
             .max(self.audit_sequence + 1);
         self.audit_sequence = sequence;
-        self.audit.push(AuditEvent {
+        self.audit.push_back(AuditEvent {
             sequence,
             at_unix_ms: d.at_unix_ms,
             actor: d.actor,
@@ -959,7 +972,8 @@ impl State {
         self.specs.retain(|d, _| used.contains(d));
         self.compact_releases(retention, now);
         let n = self.expired_audit(retention, now);
-        let pruned: Vec<AuditEvent> = self.audit.drain(..n).collect();
+        let kept = self.audit.split_off(n);
+        let pruned = std::mem::replace(&mut self.audit, kept);
         self.pruned_audit.extend(pruned);
     }
 
@@ -1027,8 +1041,19 @@ impl State {
             )
             .collect();
         let cutoff = now.saturating_sub(hours_ms(retention.operation_max_age_hours));
-        self.attestations
-            .retain(|image, checks| images.contains(image.as_str()) || checks.values().any(|a| a.at_unix_ms >= cutoff));
+        // (A persistent map has no `retain`: the expired are removed one
+        // by one, each a path copy at most.)
+        let expired: Vec<String> = self
+            .attestations
+            .iter()
+            .filter(|(image, checks)| {
+                !images.contains(image.as_str()) && checks.values().all(|a| a.at_unix_ms < cutoff)
+            })
+            .map(|(image, _)| image.clone())
+            .collect();
+        for image in expired {
+            self.attestations.remove(&image);
+        }
     }
 
     /// Takes the audit events compaction removed since the last call.

@@ -1180,7 +1180,7 @@ fn an_unreachable_agent_fails_its_step_only_under_rollback_and_in_its_time() {
             traffic_apps: vec![],
             session: 1,
         };
-        BTreeMap::from([(target("eu-west").to_string(), record)])
+        cutover_coordinator::state::Map::from_iter([(target("eu-west").to_string(), record)])
     };
     let rollback = UnreachablePolicy {
         action: UnreachableAction::Rollback,
@@ -1191,9 +1191,10 @@ fn an_unreachable_agent_fails_its_step_only_under_rollback_and_in_its_time() {
         after_secs: 30,
     };
     let down_early = agent(AgentState::Down, 10_000);
-    let give_up = |op: &Operation, p: Option<&UnreachablePolicy>, a: &BTreeMap<String, AgentRecord>, now: i64| {
-        orchestrator::give_up_unreachable(op, p, a, now, 0)
-    };
+    let give_up = |op: &Operation,
+                   p: Option<&UnreachablePolicy>,
+                   a: &cutover_coordinator::state::Map<String, AgentRecord>,
+                   now: i64| { orchestrator::give_up_unreachable(op, p, a, now, 0) };
     // Waiting counts from the step's start (50 s) here, the later of the two.
     assert!(give_up(&op, Some(&rollback), &down_early, 79_999).is_none());
     let Some(Command::TaskFinished { from, result, .. }) = give_up(&op, Some(&rollback), &down_early, 80_000) else {

@@ -189,7 +189,7 @@ fn page_token(token: &str) -> Result<Option<String>, ApiError> {
 /// [`AGENT_PAGE_BYTES`] encoded; and the token of the next page, empty on
 /// the last. Keys are `region/cluster`, so pages follow that order.
 fn agent_page<T: prost::Message>(
-    agents: &BTreeMap<String, domain::AgentRecord>,
+    agents: &crate::state::Map<String, domain::AgentRecord>,
     after: Option<&String>,
     page_size: u32,
     entry: impl Fn(&domain::AgentRecord) -> T,
@@ -200,8 +200,8 @@ fn agent_page<T: prost::Message>(
         n => (n as usize).min(MAX_LIST_LIMIT),
     };
     let range = match after {
-        Some(k) => agents.range::<String, _>((Excluded(k), Unbounded)),
-        None => agents.range::<String, _>(..),
+        Some(k) => agents.range::<_, String>((Excluded(k), Unbounded)),
+        None => agents.range::<_, String>(..),
     };
     let mut page = Vec::new();
     let mut bytes = 0;
@@ -938,7 +938,7 @@ impl ControlApi {
                     .take(limit)
                     .cloned()
                     .collect(),
-                s.audit.first().map(|e| e.sequence),
+                s.audit.front().map(|e| e.sequence),
             )
         });
         if since > 0 && events.len() < limit {

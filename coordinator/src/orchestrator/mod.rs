@@ -194,7 +194,7 @@ pub fn next_command(op: &Operation, inputs: &Inputs<'_>, now: i64) -> Option<Com
 pub fn give_up_unreachable(
     op: &Operation,
     policy: Option<&UnreachablePolicy>,
-    agents: &BTreeMap<String, AgentRecord>,
+    agents: &crate::state::Map<String, AgentRecord>,
     now: i64,
     watching_since: i64,
 ) -> Option<Command> {
