@@ -113,8 +113,10 @@ pub struct RaftStatus {
 #[derive(Clone)]
 pub struct Consensus {
     raft: Raft,
-    /// The storage, to know when shutdown has really let go of it.
+    /// The storage (the log's database, the snapshot's), to know when
+    /// shutdown has really let go of it.
     db: std::sync::Weak<Database>,
+    snapshots: std::sync::Weak<Database>,
     node_id: NodeId,
     shared: Arc<Shared>,
     peers: PeerChannels,
@@ -187,9 +189,16 @@ impl Consensus {
         }
         .validate()
         .map_err(|e| OpenError::Config(e.to_string()))?;
+        let snapshots = Arc::new(
+            open_database(&data_dir.join("snapshot.redb"))
+                .await
+                .map_err(|e| storage(&e))?,
+        );
         let weak_db = Arc::downgrade(&db);
+        let weak_snapshots = Arc::downgrade(&snapshots);
         let log = log_store::LogStore::new(db.clone()).map_err(|e| storage(&e))?;
-        let sm = StateMachineStore::open(db, data_dir).map_err(|e| storage(&e))?;
+        let sm = StateMachineStore::open(snapshots, &db, data_dir).map_err(|e| storage(&e))?;
+        drop(db);
         let shared = sm.shared.clone();
         let peers = PeerChannels::new(tls);
         let raft = Raft::new(node_id, Arc::new(config), peers.clone(), log, sm)
@@ -198,6 +207,7 @@ impl Consensus {
         let this = Self {
             raft,
             db: weak_db,
+            snapshots: weak_snapshots,
             node_id,
             shared,
             peers,
@@ -644,8 +654,8 @@ impl Consensus {
 
     /// The stored snapshot's last log index and encoded size in bytes.
     pub fn snapshot_size(&self) -> Option<(u64, usize)> {
-        let db = self.db.upgrade()?;
-        state_machine::stored_snapshot_size(&db).ok().flatten()
+        let (db, snapshots) = (self.db.upgrade()?, self.snapshots.upgrade()?);
+        state_machine::stored_snapshot_size(&snapshots, &db).ok().flatten()
     }
 
     /// Builds a snapshot now (and lets the log be purged behind it).
@@ -661,12 +671,10 @@ impl Consensus {
             tracing::warn!("raft shutdown: {e}");
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.db.strong_count() > 0 {
+        let holders = || self.db.strong_count() + self.snapshots.strong_count();
+        while holders() > 0 {
             if Instant::now() > deadline {
-                tracing::warn!(
-                    "raft storage still open 5 s after shutdown ({} holders)",
-                    self.db.strong_count()
-                );
+                tracing::warn!("raft storage still open 5 s after shutdown ({} holders)", holders());
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -744,8 +752,13 @@ mod storage_suite {
                     .await
                     .map_err(|e| io(&e))?,
             );
+            let snapshots = Arc::new(
+                super::open_database(&dir.path().join("snapshot.redb"))
+                    .await
+                    .map_err(|e| io(&e))?,
+            );
             let log = LogStore::new(db.clone()).map_err(|e| io(&e))?;
-            let sm = StateMachineStore::open(db, dir.path()).map_err(|e| io(&e))?;
+            let sm = StateMachineStore::open(snapshots, &db, dir.path()).map_err(|e| io(&e))?;
             Ok((dir, log, sm))
         }
     }

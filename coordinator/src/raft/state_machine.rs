@@ -1,5 +1,11 @@
 //! Adapts the pure `State` to openraft's state-machine storage, with
-//! snapshots persisted in the same redb database as the log.
+//! snapshots persisted in their own redb database (`snapshot.redb`), not
+//! the log's: redb runs one write transaction at a time per database, and
+//! storing a snapshot of a big state takes hundreds of milliseconds
+//! (`bench commit`: 168 ms at 256 clients), during which every log append
+//! (and so every commit) waited when both lived in `raft.redb`. Snapshots
+//! that older releases stored in `raft.redb` are still read, and removed
+//! there once a newer one is stored.
 
 use std::io;
 use std::sync::{Arc, RwLock};
@@ -52,7 +58,11 @@ struct StoredSnapshot {
 #[derive(Clone)]
 pub struct StateMachineStore {
     pub shared: Arc<Shared>,
-    db: Arc<Database>,
+    /// `snapshot.redb`: the snapshot, alone.
+    snapshots: Arc<Database>,
+    /// The log's database, where older releases stored the snapshot; kept
+    /// while such a snapshot is there.
+    legacy: Option<Arc<Database>>,
     /// Where compacted audit events go (`<data_dir>/audit.jsonl`).
     audit: Arc<std::sync::Mutex<AuditLog>>,
 }
@@ -60,13 +70,18 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     /// Opens the state machine, restoring the latest snapshot if there is one.
     /// Entries after it are re-applied by openraft from the log.
-    pub fn open(db: Arc<Database>, data_dir: &std::path::Path) -> io::Result<Self> {
+    /// `snapshots` is `snapshot.redb`, `log` the log's database (read for
+    /// a snapshot an older release stored there).
+    pub fn open(snapshots: Arc<Database>, log: &Arc<Database>, data_dir: &std::path::Path) -> io::Result<Self> {
         let audit = AuditLog::open(data_dir).map_err(io_err)?;
-        let tx = db.begin_write().map_err(io_err)?;
-        tx.open_table(SNAPSHOT).map_err(io_err)?;
-        tx.commit().map_err(io_err)?;
+        for db in [&snapshots, log] {
+            let tx = db.begin_write().map_err(io_err)?;
+            tx.open_table(SNAPSHOT).map_err(io_err)?;
+            tx.commit().map_err(io_err)?;
+        }
+        let legacy = read_stored(log)?.is_some().then(|| log.clone());
         let mut data = SmData::default();
-        if let Some(s) = read_snapshot(&db)? {
+        if let Some(s) = read_snapshot(&snapshots, legacy.as_deref())? {
             data = codec::decode(&s.data).map_err(io_err)?;
             data.state.reindex();
         }
@@ -77,7 +92,8 @@ impl StateMachineStore {
                 data: RwLock::new(data),
                 applied: tx,
             }),
-            db,
+            snapshots,
+            legacy,
             audit: Arc::new(std::sync::Mutex::new(audit)),
         })
     }
@@ -88,9 +104,12 @@ impl StateMachineStore {
     /// snapshot installed meanwhile is newer, and the log before it is gone.
     /// Overwriting it with the older build would leave a restart with a
     /// snapshot that the remaining log does not continue.
+    /// (A build and an install both store here, so the check in this
+    /// database's write transaction is enough: a snapshot in the log's
+    /// database is older than any state this node built or installed.)
     fn save_snapshot(&self, s: &StoredSnapshot) -> io::Result<bool> {
         let meta = codec::encode(&s.meta).map_err(io_err)?;
-        let tx = self.db.begin_write().map_err(io_err)?;
+        let tx = self.snapshots.begin_write().map_err(io_err)?;
         {
             let mut t = tx.open_table(SNAPSHOT).map_err(io_err)?;
             let stored: Option<SnapshotMetaOf<TypeConfig>> = match t.get(CURRENT_META).map_err(io_err)? {
@@ -105,16 +124,49 @@ impl StateMachineStore {
             t.remove(CURRENT).map_err(io_err)?;
         }
         tx.commit().map_err(io_err)?;
+        if let Some(log) = &self.legacy {
+            // Superseded: free its space in the log's database, once (a
+            // store that still holds the handle just finds nothing).
+            remove_stored(log)?;
+        }
         Ok(true)
     }
 }
 
-/// The stored snapshot's last log index and size in bytes, if there is one.
-pub(crate) fn stored_snapshot_size(db: &Database) -> io::Result<Option<(u64, usize)>> {
-    Ok(read_snapshot(db)?.map(|s| (s.meta.last_log_id.map_or(0, |l| l.index), s.data.len())))
+/// Removes the snapshot stored in `db`, if any.
+fn remove_stored(db: &Database) -> io::Result<()> {
+    if read_stored(db)?.is_none() {
+        return Ok(());
+    }
+    let tx = db.begin_write().map_err(io_err)?;
+    {
+        let mut t = tx.open_table(SNAPSHOT).map_err(io_err)?;
+        for key in [CURRENT, CURRENT_META, CURRENT_DATA] {
+            t.remove(key).map_err(io_err)?;
+        }
+    }
+    tx.commit().map_err(io_err)
 }
 
-fn read_snapshot(db: &Database) -> io::Result<Option<StoredSnapshot>> {
+/// The stored snapshot's last log index and size in bytes, if there is one
+/// (`snapshots`: `snapshot.redb`; `log`: the log's database).
+pub(crate) fn stored_snapshot_size(snapshots: &Database, log: &Database) -> io::Result<Option<(u64, usize)>> {
+    Ok(read_snapshot(snapshots, Some(log))?.map(|s| (s.meta.last_log_id.map_or(0, |l| l.index), s.data.len())))
+}
+
+/// The current snapshot: the one in `snapshot.redb`, else one an older
+/// release left in the log's database.
+fn read_snapshot(snapshots: &Database, legacy: Option<&Database>) -> io::Result<Option<StoredSnapshot>> {
+    match read_stored(snapshots)? {
+        Some(s) => Ok(Some(s)),
+        None => match legacy {
+            Some(db) => read_stored(db),
+            None => Ok(None),
+        },
+    }
+}
+
+fn read_stored(db: &Database) -> io::Result<Option<StoredSnapshot>> {
     let tx = db.begin_read().map_err(io_err)?;
     let table = tx.open_table(SNAPSHOT).map_err(io_err)?;
     if let (Some(meta), Some(data)) = (
@@ -266,10 +318,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        Ok(read_snapshot(&self.db)?.map(|s| openraft::Snapshot {
-            meta: s.meta,
-            snapshot: s.data,
-        }))
+        Ok(
+            read_snapshot(&self.snapshots, self.legacy.as_deref())?.map(|s| openraft::Snapshot {
+                meta: s.meta,
+                snapshot: s.data,
+            }),
+        )
     }
 }
 
@@ -292,8 +346,9 @@ mod tests {
     #[test]
     fn an_older_snapshot_never_replaces_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(Database::create(dir.path().join("raft.redb")).unwrap());
-        let store = StateMachineStore::open(db.clone(), dir.path()).unwrap();
+        let log = Arc::new(Database::create(dir.path().join("raft.redb")).unwrap());
+        let db = Arc::new(Database::create(dir.path().join("snapshot.redb")).unwrap());
+        let store = StateMachineStore::open(db.clone(), &log, dir.path()).unwrap();
         let newer = StoredSnapshot {
             meta: meta(100),
             data: b"newer".to_vec(),
@@ -304,7 +359,7 @@ mod tests {
         };
         assert!(store.save_snapshot(&newer).unwrap());
         assert!(!store.save_snapshot(&older).unwrap(), "the older build was stored");
-        let current = read_snapshot(&db).unwrap().unwrap();
+        let current = read_stored(&db).unwrap().unwrap();
         assert_eq!(current.meta.last_log_id.unwrap().index, 100);
         assert_eq!(current.data, b"newer");
         // A newer one still replaces it.
@@ -315,6 +370,62 @@ mod tests {
                     data: b"x".to_vec()
                 })
                 .unwrap()
+        );
+    }
+
+    /// A data directory of an older release holds its snapshot in the
+    /// log's database: it is restored from there, and the first snapshot
+    /// stored since (in `snapshot.redb`) removes it, so it is neither read
+    /// again nor kept taking space.
+    #[test]
+    fn a_snapshot_left_in_the_log_database_is_read_then_superseded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Database::create(dir.path().join("raft.redb")).unwrap());
+        let mut state = SmData {
+            last_applied: meta(40).last_log_id,
+            ..Default::default()
+        };
+        state.state.task_generation = 7;
+        let old = StoredSnapshot {
+            meta: meta(40),
+            data: codec::encode(&state).unwrap(),
+        };
+        // As an older release stored it.
+        let tx = log.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(SNAPSHOT).unwrap();
+            t.insert(CURRENT_META, codec::encode(&old.meta).unwrap().as_slice())
+                .unwrap();
+            t.insert(CURRENT_DATA, old.data.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+        let snapshots = Arc::new(Database::create(dir.path().join("snapshot.redb")).unwrap());
+        let store = StateMachineStore::open(snapshots.clone(), &log, dir.path()).unwrap();
+        assert_eq!(
+            store.shared.data.read().unwrap().state.task_generation,
+            7,
+            "not restored"
+        );
+        assert_eq!(
+            stored_snapshot_size(&snapshots, &log).unwrap().map(|(i, _)| i),
+            Some(40)
+        );
+        assert!(
+            store
+                .save_snapshot(&StoredSnapshot {
+                    meta: meta(90),
+                    data: b"new".to_vec()
+                })
+                .unwrap()
+        );
+        assert!(
+            read_stored(&log).unwrap().is_none(),
+            "the old snapshot was kept in the log's database"
+        );
+        assert_eq!(read_stored(&snapshots).unwrap().unwrap().data, b"new");
+        assert_eq!(
+            stored_snapshot_size(&snapshots, &log).unwrap().map(|(i, _)| i),
+            Some(90)
         );
     }
 }
