@@ -193,44 +193,58 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
-        // A copy under the read lock, encoded and written off the lock:
-        // applies, which take the write lock, wait only for the copy. That
-        // copy is not cheap: `bench commit` measured 22 ms at 64 clients
-        // and 80 ms at 256 (BENCHMARKS.md), the commit tail at 256;
-        // structurally shared maps would make it O(1). Each phase's time
-        // goes to `cutover_raft_snapshot_seconds{phase}`: the copy is what
-        // stalls commits, the rest what a snapshot costs the node.
+        // A copy under the read lock (O(1): the state's growing maps are
+        // persistent), encoded and written off the lock, so applies, which
+        // take the write lock, barely wait. Each phase's time goes to
+        // `cutover_raft_snapshot_seconds{phase}`: the copy is what stalls
+        // commits, the rest what a snapshot costs the node.
         let started = std::time::Instant::now();
         let d = self.shared.data.read().map_err(io_err)?.clone();
         snapshot_phase("copy", started);
         let this = self.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let stored = StoredSnapshot {
-                meta: SnapshotMetaOf::<TypeConfig> {
-                    last_log_id: d.last_applied,
-                    last_membership: d.last_membership.clone(),
-                },
-                data: codec::encode(&d).map_err(io_err)?,
-            };
-            snapshot_phase("encode", started);
-            metrics::gauge!("cutover_raft_snapshot_bytes").set(stored.data.len() as f64);
-            let started = std::time::Instant::now();
-            if !this.save_snapshot(&stored)? {
-                tracing::info!("a newer snapshot was installed while this one was built; keeping the newer");
-            }
-            snapshot_phase("write", started);
-            // The copy is dropped here, off the async workers.
-            drop(d);
-            Ok::<_, io::Error>(stored)
-        })
-        .await
-        .map_err(io_err)??;
+        // Encoding a big state is 40-180 ms of CPU (`bench commit`) that
+        // commits on a busy node should not wait behind: it runs on its
+        // own thread at a lower priority (nice 10), which a pooled
+        // blocking thread could not be given (nothing unprivileged can
+        // raise it back for the pool's next task).
+        let (done, result) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("cutover-snapshot".into())
+            .spawn(move || {
+                if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+                    tracing::debug!("snapshot thread keeps its priority: {e}");
+                }
+                let _ = done.send(encode_and_store(&this, d));
+            })?;
+        let stored = result.await.map_err(io_err)??;
         Ok(openraft::Snapshot {
             meta: stored.meta,
             snapshot: stored.data,
         })
     }
+}
+
+/// Encodes the copied state `d` and stores it (a build's work off the
+/// state's lock).
+fn encode_and_store(this: &StateMachineStore, d: SmData) -> io::Result<StoredSnapshot> {
+    let started = std::time::Instant::now();
+    let stored = StoredSnapshot {
+        meta: SnapshotMetaOf::<TypeConfig> {
+            last_log_id: d.last_applied,
+            last_membership: d.last_membership.clone(),
+        },
+        data: codec::encode(&d).map_err(io_err)?,
+    };
+    snapshot_phase("encode", started);
+    metrics::gauge!("cutover_raft_snapshot_bytes").set(stored.data.len() as f64);
+    let started = std::time::Instant::now();
+    if !this.save_snapshot(&stored)? {
+        tracing::info!("a newer snapshot was installed while this one was built; keeping the newer");
+    }
+    snapshot_phase("write", started);
+    // The copy is dropped here, off the async workers.
+    drop(d);
+    Ok(stored)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
