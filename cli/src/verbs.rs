@@ -330,6 +330,7 @@ fn members_json(m: &[pb::ClusterMember]) -> serde_json::Value {
         m.iter()
             .map(|m| json!({
                 "node_id": m.node_id, "address": m.address, "leader": m.leader,
+                "feature_level": (m.feature_level > 0).then_some(m.feature_level),
                 "role": if m.role == pb::MemberRole::Voter as i32 { "voter" } else { "learner" },
             }))
             .collect::<Vec<_>>()
@@ -383,18 +384,24 @@ pub(crate) fn audit_json(e: &pb::AuditEvent) -> serde_json::Value {
 }
 
 fn print_members(m: &[pb::ClusterMember]) {
-    println!("{:<6} {:<24} {:<8} LEADER", "NODE", "ADDRESS", "ROLE");
+    println!("{:<6} {:<24} {:<8} {:<6} LEADER", "NODE", "ADDRESS", "ROLE", "LEVEL");
     for m in m {
         let role = if m.role == pb::MemberRole::Voter as i32 {
             "voter"
         } else {
             "learner"
         };
+        // Unknown: an older release, or a member this node has not heard.
+        let level = match m.feature_level {
+            0 => "-".to_owned(),
+            l => l.to_string(),
+        };
         println!(
-            "{:<6} {:<24} {:<8} {}",
+            "{:<6} {:<24} {:<8} {:<6} {}",
             m.node_id,
             m.address,
             role,
+            level,
             if m.leader { "*" } else { "" }
         );
     }

@@ -577,6 +577,32 @@ async fn atomic_cutover_survives_a_leader_kill9_at_its_switch() {
     assert_executed_once(&pc, &[&v1, &op], None);
 }
 
+const LEVEL: u32 = cutover_coordinator::raft::level::FEATURE_LEVEL;
+
+/// Waits until node `at`'s cluster status shows each (node index, feature
+/// level) of `want` (0: not known, as for the previous release).
+async fn wait_levels(pc: &ProcessCluster, at: usize, want: &[(usize, u32)]) {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = pc.cluster_status(at).await;
+        let level = |n: usize| {
+            s.as_ref()
+                .and_then(|s| s.members.iter().find(|m| m.node_id == n as u64 + 1))
+                .map(|m| m.feature_level)
+        };
+        if want.iter().all(|&(n, l)| level(n) == Some(l)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never showed the levels {want:?}: {:?}",
+            at + 1,
+            s.map(|s| s.members)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A rolling upgrade from the previous release (`scripts/previous-release`)
 /// in the middle of a cutover. The cluster and its agents start on the
 /// previous release's binary, with their config files as it reads them,
@@ -586,7 +612,8 @@ async fn atomic_cutover_survives_a_leader_kill9_at_its_switch() {
 /// leader, then the other follower, so the cluster elects and commits with
 /// mixed versions at every step, and the previous release's agents carry
 /// out the cutover for coordinators of both. The cutover completes, is not
-/// half switched, and no task ran twice. Then each agent is restarted on
+/// half switched, and no task ran twice. An upgraded leader knows which
+/// members run the new release (their feature level) and which do not. Then each agent is restarted on
 /// this release, on its own task store, and a cutover back to v1 runs on
 /// the upgraded fleet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -651,7 +678,15 @@ async fn a_rolling_upgrade_from_the_previous_release_in_the_middle_of_a_cutover(
             leading + 1,
             op.tasks.len()
         );
+        if i == leader && leading != followers[1] {
+            // Mixed, under an upgraded leader: it knows the other upgraded
+            // node's feature level and none for the previous release's.
+            let levels = [(followers[0], LEVEL), (leader, LEVEL), (followers[1], 0)];
+            wait_levels(&pc, leading, &levels).await;
+        }
     }
+    let leading = pc.wait_leader(T).await.unwrap();
+    wait_levels(&pc, leading, &[(0, LEVEL), (1, LEVEL), (2, LEVEL)]).await;
     let op = pc
         .wait_finished(&id, FINISH)
         .await

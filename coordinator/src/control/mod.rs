@@ -114,6 +114,7 @@ fn members(s: &RaftStatus) -> Vec<pb::ClusterMember> {
                 pb::MemberRole::Learner
             } as i32,
             leader: s.leader == Some(*id),
+            feature_level: s.feature_levels.get(id).copied().unwrap_or(0),
         })
         .collect()
 }

@@ -4,6 +4,7 @@
 //! membership, look at progress. An openraft upgrade touches only this folder.
 
 pub mod codec;
+pub mod level;
 mod log_store;
 mod network;
 pub mod service;
@@ -107,6 +108,10 @@ pub struct RaftStatus {
     pub server_state: &'static str,
     /// (id, address, is_voter)
     pub members: Vec<(NodeId, String, bool)>,
+    /// Each member's feature level as this node last heard it (its own:
+    /// [`level::FEATURE_LEVEL`]); absent: not heard from, or a release
+    /// that does not say (older than levels).
+    pub feature_levels: BTreeMap<NodeId, u32>,
 }
 
 /// A running Raft node and the replicated state it applies.
@@ -477,6 +482,20 @@ impl Consensus {
         };
         match proposal {
             Proposal::Command(cmd) => {
+                // Nothing a voter of an older release could not apply.
+                let needed = level::needed(&cmd);
+                if needed > level::UNADVERTISED_LEVEL {
+                    let m = self.raft.metrics().borrow_watched().clone();
+                    let voters = m.membership_config.membership().voter_ids().map(|id| {
+                        let heard = if id == self.node_id {
+                            Some(Some(level::FEATURE_LEVEL))
+                        } else {
+                            self.peers.levels.get(id)
+                        };
+                        (id, heard)
+                    });
+                    level::check(needed, voters.collect::<Vec<_>>()).map_err(ProposeError::Rejected)?;
+                }
                 // Propose to applied on the leader: append, replicate to a
                 // majority, fsync, apply.
                 let started = Instant::now();
@@ -628,9 +647,20 @@ impl Consensus {
         let m = self.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let members = membership
+        let members: Vec<_> = membership
             .nodes()
             .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+            .collect();
+        let feature_levels = members
+            .iter()
+            .filter_map(|(id, _, _)| {
+                let level = if *id == self.node_id {
+                    Some(level::FEATURE_LEVEL)
+                } else {
+                    self.peers.levels.get(*id).flatten()
+                };
+                level.map(|l| (*id, l))
+            })
             .collect();
         RaftStatus {
             node_id: self.node_id,
@@ -649,6 +679,7 @@ impl Consensus {
                 ServerState::Shutdown => "shutdown",
             },
             members,
+            feature_levels,
         }
     }
 

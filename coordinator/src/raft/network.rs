@@ -38,6 +38,8 @@ pub const MAX_SNAPSHOT: usize = 8 * 1024 * 1024 * 1024;
 pub struct PeerChannels {
     tls: TlsFiles,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// The feature level each peer last answered with.
+    pub levels: super::level::PeerLevels,
 }
 
 impl PeerChannels {
@@ -45,6 +47,7 @@ impl PeerChannels {
         Self {
             tls,
             channels: Default::default(),
+            levels: Default::default(),
         }
     }
 
@@ -72,6 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
         PeerClient {
             target,
             client: self.client(&node.addr).map_err(|e| e.to_string()),
+            levels: self.levels.clone(),
         }
     }
 }
@@ -80,6 +84,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerChannels {
 pub struct PeerClient {
     target: NodeId,
     client: Result<RaftServiceClient<Channel>, String>,
+    levels: super::level::PeerLevels,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +136,12 @@ impl PeerClient {
         self.client.clone().map_err(|e| RPCError::Unreachable(unreachable(e)))
     }
 
+    /// Notes the peer's feature level from its answer and unwraps it.
+    fn heard<T>(&self, r: tonic::Response<T>) -> T {
+        self.levels.heard(self.target, r.metadata());
+        r.into_inner()
+    }
+
     fn decode<T: serde::de::DeserializeOwned>(&self, payload: &[u8]) -> Result<T, RPCError<TypeConfig>> {
         super::codec::decode(payload).map_err(|e| {
             RPCError::Network(NetworkError::new(&Msg(format!(
@@ -160,8 +171,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .client()?
             .append_entries(request(AppendEntriesRequest { payload }, deadline))
             .await
-            .map_err(status_to_rpc)?
-            .into_inner();
+            .map_err(status_to_rpc)?;
+        let reply = self.heard(reply);
         let r: Result<AppendEntriesResponse<TypeConfig>, String> = self.decode(&reply.payload)?;
         if let Some((first, last, start_us)) = traced {
             super::trace::rpc("send", self.target, first, last, start_us, super::trace::now_us());
@@ -196,7 +207,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .pre_vote(request(PreVoteRequest { payload }, option.hard_ttl()))
             .await
         {
-            Ok(r) => r.into_inner(),
+            Ok(r) => self.heard(r),
             // A peer of a release before Pre-Vote: count it as granting,
             // which is what it would have done before (the real vote
             // still decides), so a cluster mid-upgrade keeps electing.

@@ -145,7 +145,9 @@ impl RaftService for RaftGrpc {
         if let (Some(start_us), Some((first, last))) = (start_us, span) {
             super::trace::rpc("receive", sender, first, last, start_us, super::trace::now_us());
         }
-        Ok(Response::new(AppendEntriesResponse { payload: encode(&r)? }))
+        Ok(super::level::stamp(Response::new(AppendEntriesResponse {
+            payload: encode(&r)?,
+        })))
     }
 
     async fn vote(&self, req: Request<VoteRequest>) -> Result<Response<VoteResponse>, Status> {
@@ -153,7 +155,9 @@ impl RaftService for RaftGrpc {
         let rpc: openraft::raft::VoteRequest<super::TypeConfig> = decode(&req.into_inner().payload, "vote")?;
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "vote request")?;
         let r = self.consensus.raft.vote(rpc).await.map_err(|e| e.to_string());
-        Ok(Response::new(VoteResponse { payload: encode(&r)? }))
+        Ok(super::level::stamp(Response::new(VoteResponse {
+            payload: encode(&r)?,
+        })))
     }
 
     async fn pre_vote(&self, req: Request<PreVoteRequest>) -> Result<Response<PreVoteResponse>, Status> {
@@ -161,7 +165,9 @@ impl RaftService for RaftGrpc {
         let rpc: openraft::raft::VoteRequest<super::TypeConfig> = decode(&req.into_inner().payload, "pre-vote")?;
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "pre-vote request")?;
         let r = self.consensus.raft.pre_vote(rpc).await.map_err(|e| e.to_string());
-        Ok(Response::new(PreVoteResponse { payload: encode(&r)? }))
+        Ok(super::level::stamp(Response::new(PreVoteResponse {
+            payload: encode(&r)?,
+        })))
     }
 
     async fn transfer_leader(
@@ -182,7 +188,9 @@ impl RaftService for RaftGrpc {
             .handle_transfer_leader(rpc)
             .await
             .map_err(|e| e.to_string());
-        Ok(Response::new(TransferLeaderResponse { payload: encode(&r)? }))
+        Ok(super::level::stamp(Response::new(TransferLeaderResponse {
+            payload: encode(&r)?,
+        })))
     }
 
     async fn install_snapshot(
@@ -206,7 +214,9 @@ impl RaftService for RaftGrpc {
             .install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| e.to_string());
-        Ok(Response::new(InstallSnapshotResponse { payload: encode(&r)? }))
+        Ok(super::level::stamp(Response::new(InstallSnapshotResponse {
+            payload: encode(&r)?,
+        })))
     }
 
     async fn propose(&self, req: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
@@ -221,7 +231,9 @@ impl RaftService for RaftGrpc {
             }
             other => other.map_err(|e| e.to_string()),
         };
-        Ok(Response::new(ProposeResponse { payload: encode(&r)? }))
+        Ok(super::level::stamp(Response::new(ProposeResponse {
+            payload: encode(&r)?,
+        })))
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
