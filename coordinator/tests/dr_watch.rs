@@ -169,6 +169,25 @@ fn a_new_leader_counts_failover_after_from_its_takeover() {
     assert_eq!(Leadership::taking_over(&s, took_over), lead(took_over));
 }
 
+/// The automatic failover of `world`, started at T0 + 10 s and succeeded
+/// at T0 + 12 s: eu-west is primary.
+fn failed_over_to_eu_west(s: &mut State) {
+    let due = dr_watch::due(s, T0 + 10_000, &lead(T0));
+    let Command::CreateOperation { operation, .. } = due[0].clone() else {
+        panic!("{due:?}");
+    };
+    apply(s, due[0].clone());
+    apply(
+        s,
+        Command::FinishOperation {
+            operation_id: operation.id,
+            state: TaskState::Succeeded,
+            summary: "ok".into(),
+            at_unix_ms: T0 + 12_000,
+        },
+    );
+}
+
 /// The last failover's time was stamped by the leader that started it. A
 /// leader that took over since with a clock an hour ahead of that one's
 /// reads a failover of a minute ago as past the app's one-hour cooldown:
@@ -177,21 +196,7 @@ fn a_new_leader_counts_failover_after_from_its_takeover() {
 #[test]
 fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
     let mut s = world(true, 200);
-    // The first failover, to eu-west, started at T0 + 10 s.
-    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
-    let Command::CreateOperation { operation, .. } = due[0].clone() else {
-        panic!("{due:?}");
-    };
-    apply(&mut s, due[0].clone());
-    apply(
-        &mut s,
-        Command::FinishOperation {
-            operation_id: operation.id.clone(),
-            state: TaskState::Succeeded,
-            summary: "ok".into(),
-            at_unix_ms: T0 + 12_000,
-        },
-    );
+    failed_over_to_eu_west(&mut s);
     // us-east comes back as eu-west's standby; then eu-west's agent is
     // lost, at T0 + 30 s.
     apply(
@@ -488,20 +493,7 @@ fn a_region_stays_down_since_the_report_that_changed_it() {
 #[test]
 fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     let mut s = world(true, 200);
-    let due = dr_watch::due(&s, T0 + 10_000, &lead(T0));
-    let Command::CreateOperation { operation, .. } = due[0].clone() else {
-        panic!("{due:?}");
-    };
-    apply(&mut s, due[0].clone());
-    apply(
-        &mut s,
-        Command::FinishOperation {
-            operation_id: operation.id,
-            state: TaskState::Succeeded,
-            summary: "ok".into(),
-            at_unix_ms: T0 + 12_000,
-        },
-    );
+    failed_over_to_eu_west(&mut s);
     apply(
         &mut s,
         Command::AgentUp {

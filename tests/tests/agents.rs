@@ -364,6 +364,43 @@ async fn a_watch_whose_client_went_away_is_released_while_the_operation_runs() {
     c.shutdown().await;
 }
 
+/// An agent spoken by hand on the leader's real stream: region `i`'s
+/// certificate, registered as `version` offering `task_kinds`. Returns the
+/// sender of its messages (`buffer` deep) and the leader's answers.
+async fn hand_spoken_agent(
+    c: &TestCluster,
+    leader: usize,
+    i: usize,
+    version: &str,
+    task_kinds: &[&str],
+    buffer: usize,
+) -> (
+    tokio::sync::mpsc::Sender<pb::ConnectRequest>,
+    tonic::Streaming<pb::ConnectResponse>,
+) {
+    use cutover_shared::proto::agent_service_client::AgentServiceClient;
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConnectRequest>(buffer);
+    let register = pb::connect_request::Message::Register(pb::Register {
+        cluster: None,
+        agent_version: version.into(),
+        task_kinds: task_kinds.iter().map(|k| k.to_string()).collect(),
+        traffic_apps: vec![],
+    });
+    tx.send(pb::ConnectRequest {
+        message: Some(register),
+    })
+    .await
+    .unwrap();
+    let tls = c.pki.agents[i].2.clone();
+    let mut client = AgentServiceClient::new(tls.channel(&c.configs[leader].listen, None).unwrap());
+    let inbound = client
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, inbound)
+}
+
 /// Resident memory of this test process (the coordinators run in it).
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
@@ -376,7 +413,6 @@ fn rss_bytes() -> u64 {
 /// on time throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
-    use cutover_shared::proto::agent_service_client::AgentServiceClient;
     use pb::connect_request::Message as Up;
     use pb::connect_response::Message as Down;
 
@@ -393,25 +429,11 @@ async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
         .read(|s| s.agents["us-east/us-east-1"].session);
 
     // The flooder: eu-west's own certificate, speaking the protocol by hand.
-    let tls = c.pki.agents[1].2.clone();
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConnectRequest>(4096);
+    let (tx, mut inbound) = hand_spoken_agent(&c, leader, 1, "flood", &["echo"], 4096).await;
     let send = |m: Up| {
         let tx = tx.clone();
         async move { tx.send(pb::ConnectRequest { message: Some(m) }).await.unwrap() }
     };
-    send(Up::Register(pb::Register {
-        cluster: None,
-        agent_version: "flood".into(),
-        task_kinds: vec!["echo".into()],
-        traffic_apps: vec![],
-    }))
-    .await;
-    let mut client = AgentServiceClient::new(tls.channel(&c.configs[leader].listen, None).unwrap());
-    let mut inbound = client
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     let mut seq = 0u64;
     // Sends a heartbeat and waits for its acknowledgement: every message
     // sent before it has then been read by the coordinator.
@@ -512,30 +534,15 @@ async fn a_flooding_agent_cannot_grow_the_log_or_starve_other_agents() {
 /// failover counts the loss from it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_report_is_dated_by_the_leader_not_the_agents_clock() {
-    use cutover_shared::proto::agent_service_client::AgentServiceClient;
     use pb::connect_request::Message as Up;
 
     let c = TestCluster::builder().nodes(1).regions(REGIONS).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
-    let tls = c.pki.agents[1].2.clone();
-    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConnectRequest>(16);
+    let (tx, _inbound) = hand_spoken_agent(&c, leader, 1, "skewed", &[], 16).await;
     let send = |m: Up| {
         let tx = tx.clone();
         async move { tx.send(pb::ConnectRequest { message: Some(m) }).await.unwrap() }
     };
-    send(Up::Register(pb::Register {
-        cluster: None,
-        agent_version: "skewed".into(),
-        task_kinds: vec![],
-        traffic_apps: vec![],
-    }))
-    .await;
-    let mut client = AgentServiceClient::new(tls.channel(&c.configs[leader].listen, None).unwrap());
-    let _inbound = client
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     let an_hour_ago = cutover_shared::clock::now_unix_ms() - 3_600_000;
     let sent_after = cutover_shared::clock::now_unix_ms();
     send(Up::DatabaseStatus(pb::DatabaseStatusReport {
