@@ -246,7 +246,8 @@ impl PartialEq for RunningIndex {
 
 /// A map of the state that grows with use, persistent (structurally
 /// shared): cloning it is O(1) and a write after a clone copies one path
-/// of the tree, not the map, so a snapshot's copy of the state never
+/// of the tree (a leaf's up to 16 entries with it), not the map, so a
+/// snapshot's copy of the state never
 /// stalls applies for longer than it takes to bump reference counts. Same
 /// order and serialized form as `BTreeMap`: logs and snapshots written
 /// before read back unchanged.
@@ -1102,14 +1103,14 @@ impl State {
             .values()
             .flat_map(|m| m.values())
             .map(|r| r.since_unix_ms);
+        // (Not operations' times: an agent's progress report sets one from
+        // the agent's clock.)
         let epochs = self.dr_epochs.values().map(|e| e.at_unix_ms);
-        let operations = self.operations.values().map(|o| o.updated_at_unix_ms);
         let audit = self.audit.last().map(|a| a.at_unix_ms);
         agents
             .chain(databases)
             .chain(regions)
             .chain(epochs)
-            .chain(operations)
             .chain(audit)
             .max()
             .unwrap_or(i64::MIN)

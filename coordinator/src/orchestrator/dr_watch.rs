@@ -64,10 +64,16 @@ impl Leadership {
     }
 
     /// A stamped time on this leader's clock: one stamped before it took
-    /// over moves later by [`Self::ahead_ms`], its own stamps stay. Time
-    /// elapsed since `local(t)` never exceeds the real time since `t`, so
-    /// nothing that waits for a duration (failover after a loss, a
-    /// cooldown) acts early after a leader change with a skewed clock.
+    /// over moves later by [`Self::ahead_ms`], its own stamps stay. Never
+    /// earlier than `t`, so a wait counted from it is never shorter than
+    /// one counted from `t`. When `t` and the state's latest stamp came
+    /// from the same clock, time elapsed since `local(t)` never exceeds the
+    /// real time since `t`. Not a bound in general: with stamps from two
+    /// earlier leaders whose clocks disagree (the latest from one ahead),
+    /// `ahead_ms` underestimates the skew to the other's stamps, and a
+    /// lease lapse makes this node take over again with its own stamps
+    /// latest (`ahead_ms` near 0). A sound bound needs the latest stamp
+    /// per leader (term) kept in the state: not built.
     pub fn local(&self, stamped_unix_ms: i64) -> i64 {
         if stamped_unix_ms < self.since_unix_ms {
             stamped_unix_ms.saturating_add(self.ahead_ms())
@@ -83,14 +89,18 @@ pub const FENCE_ACTOR: &str = "cutover/dr-fence";
 pub const AUTO_ACTOR: &str = "cutover/dr-auto";
 
 /// The automatic failovers the state calls for now. Both the loss and the
-/// last failover (for the cooldown) were stamped by the leader of the
-/// time, by its clock; a leader whose clock runs ahead of that one's would
-/// otherwise see an outage of seconds as one of hours and fail over at
-/// once, or a failover of a minute ago as one past the cooldown and fail
-/// over again. Both are read through [`Leadership::local`], which never
-/// makes them older than they are. A database's
-/// `unreachable_since_unix_ms` is leader-stamped too (reports are stamped
-/// on arrival, never with the agent's clock).
+/// last failover (for the cooldown) were stamped by some earlier leader,
+/// by its clock; a leader whose clock runs ahead of that one's would see
+/// an outage of seconds as one of hours and fail over at once, or a
+/// failover of a minute ago as one past the cooldown and fail over again.
+/// The loss counts from no earlier than this leader's takeover (sound
+/// whatever the clocks: a new leader may wait up to one
+/// `failover_after_secs` longer). The cooldown's start is read through
+/// [`Leadership::local`], which never counts it shorter than the raw
+/// comparison and covers one previous leader's skew; it is not a bound
+/// when several clocks stamped the state (see `Leadership`). A database's
+/// `unreachable_since_unix_ms` is leader-stamped (reports are stamped on
+/// arrival, never with the agent's clock).
 fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
     let mut out = Vec::new();
     for spec in s.apps.values().filter(|a| a.dr.automatic) {
@@ -122,7 +132,7 @@ fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
         if agent.state == AgentState::Down && probed.is_some_and(|v| v.healthy) {
             continue;
         }
-        let down_for = now.saturating_sub(lead.local(lost_since));
+        let down_for = now.saturating_sub(lost_since.max(lead.since_unix_ms));
         let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         if down_for < after_ms {
             continue;

@@ -211,6 +211,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         std::thread::Builder::new()
             .name("cutover-snapshot".into())
             .spawn(move || {
+                #[cfg(target_os = "linux")]
                 if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
                     tracing::debug!("snapshot thread keeps its priority: {e}");
                 }
