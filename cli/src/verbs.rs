@@ -343,6 +343,7 @@ pub(crate) fn cluster_status_json(s: &pb::GetClusterStatusResponse) -> serde_jso
         "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "server_state": s.server_state,
         "last_log_index": s.last_log_index, "commit_index": s.commit_index, "applied_index": s.applied_index,
         "snapshot_index": s.snapshot_index, "purged_index": s.purged_index, "members": members_json(&s.members),
+        "clock_term": s.clock_term,
     })
 }
 
@@ -758,6 +759,11 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                         s.last_log_index, s.commit_index, s.applied_index, s.snapshot_index, s.purged_index
                     );
                     print_members(&s.members);
+                    if s.clock_term == 0 {
+                        println!("cluster clock: not ticking (a member runs a release without it)");
+                    } else {
+                        println!("cluster clock: last ticked in term {}", s.clock_term);
+                    }
                 }
                 if s.leader_id == 0 {
                     eprintln!("error: no leader");

@@ -2,6 +2,7 @@
 //!
 //! - `raft`: consensus (the only module that knows openraft) and its storage;
 //! - `state`: the replicated state machine, pure and deterministic;
+//! - `cluster_clock`: real time as the leaders measured it, in the state;
 //! - `control`: the operator-facing `ControlService`;
 //! - `orchestrator`: advances app operations step by step (leader only);
 //! - `agents`: the `AgentService` stream, agent liveness and task dispatch,
@@ -13,6 +14,7 @@
 
 pub mod agents;
 pub mod audit_log;
+pub mod cluster_clock;
 pub mod control;
 pub mod dr;
 pub mod node;

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec};
+
+pub use crate::cluster_clock::ClusterClock;
 use cutover_shared::backup::{BackupAction, BackupEntry, BackupSchedule, MAX_VALIDATIONS, Validation};
 use cutover_shared::config::RetentionConfig;
 use cutover_shared::domain::{
@@ -180,6 +182,11 @@ pub enum Command {
         regions: Vec<RegionHealth>,
         at_unix_ms: i64,
     },
+    /// The leader of `term` has led for `led_ms` by its monotonic clock:
+    /// advances the cluster clock ([`ClusterClock`]). Applied only from an
+    /// entry of that term (a leader deposed between reading its term and
+    /// proposing cannot place its reading on another term's count).
+    Tick { term: u64, led_ms: u64 },
 }
 
 /// Which kind of schedule a command acts on: backups and drills share the
@@ -325,6 +332,9 @@ pub struct State {
     /// outside (front door only).
     #[serde(default)]
     pub region_health: BTreeMap<String, BTreeMap<String, RegionHealthView>>,
+    /// Real time as the leaders measured it (failover cooldowns).
+    #[serde(default)]
+    pub clock: ClusterClock,
 }
 
 impl State {
@@ -344,6 +354,17 @@ impl State {
             parameters: d.parameters,
             outcome: d.outcome,
         });
+    }
+
+    /// Applies one command of a log entry of Raft term `term`: a `Tick`
+    /// that claims another term is ignored (see [`Command::Tick`]).
+    pub fn apply_in(&mut self, term: u64, cmd: Command) -> CommandResponse {
+        if let Command::Tick { term: claimed, .. } = &cmd
+            && *claimed != term
+        {
+            return CommandResponse::default();
+        }
+        self.apply(cmd)
     }
 
     /// Applies one command.
@@ -694,6 +715,7 @@ impl State {
                     );
                 }
             }
+            Command::Tick { term, led_ms } => self.clock.tick(term, led_ms, &self.dr_epochs),
         }
         CommandResponse::default()
     }
@@ -1375,6 +1397,7 @@ impl std::fmt::Display for Command {
         match self {
             Command::AgentUp { cluster, .. } => write!(f, "AgentUp({cluster})"),
             Command::AgentDown { cluster, .. } => write!(f, "AgentDown({cluster})"),
+            Command::Tick { term, led_ms } => write!(f, "Tick(term {term}, led {led_ms} ms)"),
             Command::CreateOperation { operation, .. } => write!(f, "CreateOperation({})", operation.id),
             Command::TaskDispatched { task_id } => write!(f, "TaskDispatched({task_id})"),
             Command::TaskProgress { progress, .. } => write!(f, "TaskProgress({})", progress.task_id),

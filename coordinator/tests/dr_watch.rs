@@ -8,7 +8,7 @@
 
 mod common;
 
-use cutover_coordinator::orchestrator::dr_watch::{self, Leadership};
+use cutover_coordinator::orchestrator::dr_watch::{self, ClusterTime, Leadership};
 use cutover_coordinator::state::{Command, State};
 use cutover_shared::app::AppSpec;
 use cutover_shared::config::DbDriver;
@@ -49,11 +49,13 @@ fn db(role: DbRole, lag_ms: Option<u64>) -> DatabaseStatus {
 }
 
 /// A leader that took over at `since` (by its clock) a state whose
-/// latest stamp is `T0` (the primary's agent marked down).
+/// latest stamp is `T0` (the primary's agent marked down), in a cluster
+/// that cannot tick (wall clocks only).
 fn lead(since: i64) -> Leadership {
     Leadership {
         since_unix_ms: since,
         inherited_unix_ms: T0,
+        clock: ClusterTime::Unavailable,
     }
 }
 
@@ -166,7 +168,13 @@ fn a_new_leader_counts_failover_after_from_its_takeover() {
     assert!(dr_watch::due(&s, took_over + 9_999, &lead(took_over)).is_empty());
     assert_eq!(dr_watch::due(&s, took_over + 10_000, &lead(took_over)).len(), 1);
     // What the leader reads off the state at takeover: the down mark.
-    assert_eq!(Leadership::taking_over(&s, took_over), lead(took_over));
+    assert_eq!(
+        Leadership::taking_over(&s, took_over),
+        Leadership {
+            clock: ClusterTime::Pending,
+            ..lead(took_over)
+        }
+    );
 }
 
 /// The automatic failover of `world`, started at T0 + 10 s and succeeded
@@ -197,10 +205,109 @@ fn failed_over_to_eu_west(s: &mut State) {
 fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
     let mut s = world(true, 200);
     failed_over_to_eu_west(&mut s);
-    // us-east comes back as eu-west's standby; then eu-west's agent is
-    // lost, at T0 + 30 s.
+    eu_west_lost(&mut s);
+    let hour = 3_600_000;
+    // The same leader: not within the cooldown, and then back.
+    let same = Leadership {
+        since_unix_ms: T0,
+        ..lead(T0)
+    };
+    assert!(dr_watch::due(&s, T0 + 40_000, &same).is_empty(), "within the cooldown");
+    let back = dr_watch::due(&s, T0 + 10_000 + hour, &same);
+    assert_eq!(back.len(), 1, "{back:?}");
+    // A leader whose clock is an hour ahead, taking over 1 s after the loss
+    // (real time): by its clock the failover was an hour and 21 s ago.
+    let took_over = T0 + 31_000 + hour;
+    let ahead = Leadership {
+        clock: ClusterTime::Unavailable,
+        ..Leadership::taking_over(&s, took_over)
+    };
+    assert_eq!(ahead.inherited_unix_ms, T0 + 30_000);
+    assert!(
+        dr_watch::due(&s, took_over + 10_000, &ahead).is_empty(),
+        "failed back 41 s after the last failover"
+    );
+    // It waits the whole cooldown, counted as if the failover had been
+    // stamped when the loss was (the most the skew can be).
+    assert!(dr_watch::due(&s, T0 + 10_000 + hour + ahead.ahead_ms() - 1, &ahead).is_empty());
+    assert_eq!(
+        dr_watch::due(&s, T0 + 10_000 + hour + ahead.ahead_ms(), &ahead).len(),
+        1
+    );
+}
+
+/// The cooldown on the cluster clock, which leaders' wall clocks do not
+/// move. Leader A (term 2) ticks when it takes over and pins the
+/// failover's epoch 2 s after it; eu-west is lost in turn. Leader B (term
+/// 5) takes over with a wall clock an hour ahead of A's (by which the
+/// failover was an hour ago): it waits the cooldown out on the cluster
+/// clock, and not at all before its own tick has been applied.
+#[test]
+fn the_cooldown_is_counted_on_the_cluster_clock_whatever_the_leaders_wall_clocks() {
+    let mut s = world(true, 200);
+    apply(&mut s, Command::Tick { term: 2, led_ms: 0 });
+    failed_over_to_eu_west(&mut s);
+    let epoch = s.dr_epochs["shop"].epoch;
+    assert_eq!(s.clock.epoch("shop", epoch), None, "not pinned before a tick");
     apply(
         &mut s,
+        Command::Tick {
+            term: 2,
+            led_ms: 12_000,
+        },
+    );
+    assert_eq!(s.clock.epoch("shop", epoch), Some(12_000));
+    eu_west_lost(&mut s);
+    let hour = 3_600_000;
+    let on = |s: &State, term: u64, since: i64, led_ms: u64| Leadership {
+        since_unix_ms: since,
+        clock: s.clock.now(term, led_ms).map_or(ClusterTime::Pending, ClusterTime::Now),
+        ..lead(T0)
+    };
+    // A, 40 s in: within the cooldown; an hour after the pin, not.
+    assert!(dr_watch::due(&s, T0 + 40_000, &on(&s, 2, T0, 40_000)).is_empty());
+    assert_eq!(dr_watch::due(&s, T0 + 40_000, &on(&s, 2, T0, 12_000 + hour)).len(), 1);
+    // B took over 1 s after the loss (real time); its wall clock reads
+    // `now(led)` after leading for `led` ms.
+    let since = T0 + 31_000 + hour as i64;
+    let now = |led_ms: u64| since + led_ms as i64;
+    assert_eq!(on(&s, 5, since, 60_000).clock, ClusterTime::Pending);
+    assert!(
+        dr_watch::due(&s, now(60_000), &on(&s, 5, since, 60_000)).is_empty(),
+        "failed back before its first tick"
+    );
+    apply(&mut s, Command::Tick { term: 5, led_ms: 500 });
+    // The election between A's last tick and B's takeover is not counted:
+    // 12 s of A's and B's own count since the failover's pin.
+    assert_eq!(on(&s, 5, since, 600).clock, ClusterTime::Now(12_600));
+    assert!(
+        dr_watch::due(&s, now(60_000), &on(&s, 5, since, 60_000)).is_empty(),
+        "failed back a minute after taking over with a clock an hour ahead"
+    );
+    assert!(dr_watch::due(&s, now(hour - 1), &on(&s, 5, since, hour - 1)).is_empty());
+    assert_eq!(dr_watch::due(&s, now(hour), &on(&s, 5, since, hour)).len(), 1);
+    // A tick proposed in term 4 but committed in a term-5 entry (its
+    // leader deposed in between) does not move the clock.
+    let before = s.clock.clone();
+    assert_eq!(
+        s.apply_in(
+            5,
+            Command::Tick {
+                term: 4,
+                led_ms: 90_000
+            }
+        )
+        .error,
+        None
+    );
+    assert_eq!(s.clock, before);
+}
+
+/// After [`failed_over_to_eu_west`]: us-east comes back as eu-west's
+/// standby; then eu-west's agent is lost, at T0 + 30 s.
+fn eu_west_lost(s: &mut State) {
+    apply(
+        s,
         Command::AgentUp {
             cluster: cluster("us-east"),
             agent_version: "test".into(),
@@ -217,7 +324,7 @@ fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
         let mut d = db(role, lag);
         d.observed_at_unix_ms = T0 + 29_000;
         apply(
-            &mut s,
+            s,
             Command::DatabaseStatusReported {
                 from: cluster(region),
                 databases: vec![d],
@@ -225,37 +332,12 @@ fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
         );
     }
     apply(
-        &mut s,
+        s,
         Command::AgentDown {
             cluster: cluster("eu-west"),
             at_unix_ms: T0 + 30_000,
             session: 2,
         },
-    );
-    let hour = 3_600_000;
-    // The same leader: not within the cooldown, and then back.
-    let same = Leadership {
-        since_unix_ms: T0,
-        inherited_unix_ms: T0,
-    };
-    assert!(dr_watch::due(&s, T0 + 40_000, &same).is_empty(), "within the cooldown");
-    let back = dr_watch::due(&s, T0 + 10_000 + hour, &same);
-    assert_eq!(back.len(), 1, "{back:?}");
-    // A leader whose clock is an hour ahead, taking over 1 s after the loss
-    // (real time): by its clock the failover was an hour and 21 s ago.
-    let took_over = T0 + 31_000 + hour;
-    let ahead = Leadership::taking_over(&s, took_over);
-    assert_eq!(ahead.inherited_unix_ms, T0 + 30_000);
-    assert!(
-        dr_watch::due(&s, took_over + 10_000, &ahead).is_empty(),
-        "failed back 41 s after the last failover"
-    );
-    // It waits the whole cooldown, counted as if the failover had been
-    // stamped when the loss was (the most the skew can be).
-    assert!(dr_watch::due(&s, T0 + 10_000 + hour + ahead.ahead_ms() - 1, &ahead).is_empty());
-    assert_eq!(
-        dr_watch::due(&s, T0 + 10_000 + hour + ahead.ahead_ms(), &ahead).len(),
-        1
     );
 }
 

@@ -603,6 +603,110 @@ async fn wait_levels(pc: &ProcessCluster, at: usize, want: &[(usize, u32)]) {
     }
 }
 
+/// Waits until node `i` has applied what node `leading` had applied, and
+/// knows a leader.
+async fn wait_caught_up(pc: &ProcessCluster, i: usize, leading: usize) {
+    let applied = pc.cluster_status(leading).await.map_or(0, |s| s.applied_index);
+    let deadline = Instant::now() + T;
+    while !pc
+        .cluster_status(i)
+        .await
+        .is_some_and(|s| s.applied_index >= applied && s.leader_id > 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not catch up with node {}\n{}",
+            i + 1,
+            leading + 1,
+            pc.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Restarts coordinator `i` on `bin` (SIGTERM, then its data directory)
+/// and waits until it has caught up with the leader.
+async fn restart_on(pc: &mut ProcessCluster, i: usize, bin: &std::path::Path) {
+    let status = pc
+        .stop_coordinator(i, T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    assert!(status.success(), "node {} exited with {status} on SIGTERM", i + 1);
+    pc.set_coordinator_binary(i, bin);
+    pc.start_coordinator(i).unwrap();
+    let leading = pc
+        .wait_leader(T)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
+    wait_caught_up(pc, i, leading).await;
+}
+
+/// A cluster of mixed releases under a leader of this one: two
+/// coordinators upgraded, the third on the previous release and not
+/// leading (restarted on it while it led, so the upgraded two elect). The
+/// leader proposes no tick of the cluster clock (an entry the previous
+/// release could not apply): it says so, the old member keeps applying
+/// everything (an app applied and deployed through it), and no node has a
+/// tick. Once the third is upgraded, the leader ticks in its term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_proposes_nothing_a_member_of_the_previous_release_could_not_apply() {
+    let previous = cutover_tests::previous_release();
+    let this = cutover_bin();
+    let mut pc = ProcessCluster::start_on_previous(3, REGIONS, &previous).await.unwrap();
+    let first = pc.wait_leader(T).await.unwrap();
+    let follower = (0..3).find(|&i| i != first).unwrap();
+    restart_on(&mut pc, follower, &this).await;
+    restart_on(&mut pc, first, &this).await;
+    let old = (0..3).find(|&i| i != first && i != follower).unwrap();
+    let mut leading = pc.wait_leader(T).await.unwrap();
+    if leading == old {
+        restart_on(&mut pc, old, &previous).await;
+        leading = pc.wait_leader(T).await.unwrap();
+    }
+    assert_ne!(leading, old, "the old release still leads");
+    wait_levels(&pc, leading, &[(first, LEVEL), (follower, LEVEL), (old, 0)]).await;
+    let deadline = Instant::now() + T;
+    while !pc.coordinator_log(leading).contains("cluster clock not ticking") {
+        assert!(
+            Instant::now() < deadline,
+            "leader {} never said its tick was refused\n{}",
+            leading + 1,
+            pc.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Fixture { mut pc, .. } = setup_on(pc, app()).await;
+    let leading = pc.wait_leader(T).await.unwrap();
+    wait_caught_up(&pc, old, leading).await;
+    for i in 0..3 {
+        let s = pc.cluster_status(i).await.unwrap();
+        assert_eq!(s.clock_term, 0, "node {} applied a tick: {s:?}", i + 1);
+    }
+    assert!(pc.coordinator_exited(old).is_none(), "the old member stopped");
+    restart_on(&mut pc, old, &this).await;
+    let leading = pc.wait_leader(T).await.unwrap();
+    wait_levels(&pc, leading, &[(0, LEVEL), (1, LEVEL), (2, LEVEL)]).await;
+    wait_clock_ticked(&pc, leading).await;
+}
+
+/// Waits until node `at`, leading, has applied its own term's tick.
+async fn wait_clock_ticked(pc: &ProcessCluster, at: usize) {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = pc.cluster_status(at).await;
+        if s.as_ref().is_some_and(|s| s.clock_term > 0 && s.clock_term == s.term) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never ticked the cluster clock in its term: {s:?}\n{}",
+            at + 1,
+            pc.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A rolling upgrade from the previous release (`scripts/previous-release`)
 /// in the middle of a cutover. The cluster and its agents start on the
 /// previous release's binary, with their config files as it reads them,
@@ -613,7 +717,9 @@ async fn wait_levels(pc: &ProcessCluster, at: usize, want: &[(usize, u32)]) {
 /// mixed versions at every step, and the previous release's agents carry
 /// out the cutover for coordinators of both. The cutover completes, is not
 /// half switched, and no task ran twice. An upgraded leader knows which
-/// members run the new release (their feature level) and which do not. Then each agent is restarted on
+/// members run the new release (their feature level) and which do not,
+/// and proposes no entry the previous release could not apply (the
+/// cluster clock's tick) until every member is upgraded. Then each agent is restarted on
 /// this release, on its own task store, and a cutover back to v1 runs on
 /// the upgraded fleet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -656,21 +762,7 @@ async fn a_rolling_upgrade_from_the_previous_release_in_the_middle_of_a_cutover(
             .wait_leader(T)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", pc.log_tails(30)));
-        let applied = pc.cluster_status(leading).await.map_or(0, |s| s.applied_index);
-        let deadline = Instant::now() + T;
-        while !pc
-            .cluster_status(i)
-            .await
-            .is_some_and(|s| s.applied_index >= applied && s.leader_id > 0)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "upgraded node {} did not catch up\n{}",
-                i + 1,
-                pc.log_tails(30)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_caught_up(&pc, i, leading).await;
         eprintln!(
             "node {} upgraded and caught up in {:?}; node {} leads; the cutover has {} task(s)",
             i + 1,
@@ -683,10 +775,19 @@ async fn a_rolling_upgrade_from_the_previous_release_in_the_middle_of_a_cutover(
             // node's feature level and none for the previous release's.
             let levels = [(followers[0], LEVEL), (leader, LEVEL), (followers[1], 0)];
             wait_levels(&pc, leading, &levels).await;
+            // It has not ticked the cluster clock: the previous release
+            // could not apply a tick (it would stop on the entry).
+            let s = pc.cluster_status(leading).await.unwrap();
+            assert_eq!(
+                s.clock_term, 0,
+                "the cluster clock ticked with a member of the previous release"
+            );
         }
     }
     let leading = pc.wait_leader(T).await.unwrap();
     wait_levels(&pc, leading, &[(0, LEVEL), (1, LEVEL), (2, LEVEL)]).await;
+    // Every member upgraded: the leader ticks the cluster clock in its term.
+    wait_clock_ticked(&pc, leading).await;
     let op = pc
         .wait_finished(&id, FINISH)
         .await

@@ -562,6 +562,7 @@ impl ControlApi {
             purged_index: s.purged_index,
             members: members(&s),
             server_state: s.server_state.to_owned(),
+            clock_term: self.consensus.read(|st| st.clock.term),
         })
     }
 

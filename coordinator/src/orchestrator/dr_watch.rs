@@ -43,14 +43,31 @@ pub struct Leadership {
     /// The latest time stamped into the state when it took over
     /// ([`State::latest_stamp_unix_ms`]), by whichever leader stamped it.
     pub inherited_unix_ms: i64,
+    /// The cluster clock as this leader reads it now.
+    pub clock: ClusterTime,
+}
+
+/// The cluster clock ([`crate::cluster_clock`]) as the leader reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterTime {
+    /// Its reading now.
+    Now(i64),
+    /// Not yet: this leader's first tick (or the tick that pins a new
+    /// epoch) has not been applied; it is proposed within a second.
+    Pending,
+    /// The cluster cannot tick: a member runs a release without the clock
+    /// (a rolling upgrade). Wall clocks are read as [`Leadership::local`].
+    Unavailable,
 }
 
 impl Leadership {
     /// A leader that took over at `since_unix_ms` (its clock) the state `s`.
+    /// Its cluster clock reading starts [`ClusterTime::Pending`].
     pub fn taking_over(s: &State, since_unix_ms: i64) -> Self {
         Leadership {
             since_unix_ms,
             inherited_unix_ms: s.latest_stamp_unix_ms(),
+            clock: ClusterTime::Pending,
         }
     }
 
@@ -72,8 +89,8 @@ impl Leadership {
     /// earlier leaders whose clocks disagree (the latest from one ahead),
     /// `ahead_ms` underestimates the skew to the other's stamps, and a
     /// lease lapse makes this node take over again with its own stamps
-    /// latest (`ahead_ms` near 0). A sound bound needs the latest stamp
-    /// per leader (term) kept in the state: not built.
+    /// latest (`ahead_ms` near 0). The cluster clock is the sound reading;
+    /// this one serves only while it is [`ClusterTime::Unavailable`].
     pub fn local(&self, stamped_unix_ms: i64) -> i64 {
         if stamped_unix_ms < self.since_unix_ms {
             stamped_unix_ms.saturating_add(self.ahead_ms())
@@ -95,10 +112,11 @@ pub const AUTO_ACTOR: &str = "cutover/dr-auto";
 /// failover of a minute ago as one past the cooldown and fail over again.
 /// The loss counts from no earlier than this leader's takeover (sound
 /// whatever the clocks: a new leader may wait up to one
-/// `failover_after_secs` longer). The cooldown's start is read through
-/// [`Leadership::local`], which never counts it shorter than the raw
-/// comparison and covers one previous leader's skew; it is not a bound
-/// when several clocks stamped the state (see `Leadership`). A database's
+/// `failover_after_secs` longer). The cooldown is read on the cluster
+/// clock, which never counts more time than has passed (see
+/// [`crate::cluster_clock`]); only while a member cannot tick (a rolling
+/// upgrade) through [`Leadership::local`], which is not a bound when
+/// several clocks stamped the state. A database's
 /// `unreachable_since_unix_ms` is leader-stamped (reports are stamped on
 /// arrival, never with the agent's clock).
 fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
@@ -137,11 +155,7 @@ fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
         if down_for < after_ms {
             continue;
         }
-        let cooldown_ms = i64::try_from(spec.dr.cooldown_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        if s.dr_epochs
-            .get(&spec.name)
-            .is_some_and(|e| now.saturating_sub(lead.local(e.at_unix_ms)) < cooldown_ms)
-        {
+        if cooling_down(s, &spec.name, spec.dr.cooldown_secs, now, lead) {
             continue;
         }
         let Ok(plan) = crate::dr::plan(s, spec, None, now) else {
@@ -206,6 +220,25 @@ fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
         });
     }
     out
+}
+
+/// Whether `app`'s last failover ran within `cooldown_secs`.
+fn cooling_down(s: &State, app: &str, cooldown_secs: u64, now: i64, lead: &Leadership) -> bool {
+    let Some(e) = s.dr_epochs.get(app) else {
+        return false;
+    };
+    let cooldown_ms = i64::try_from(cooldown_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    if cooldown_ms == 0 {
+        return false;
+    }
+    match lead.clock {
+        ClusterTime::Now(clock) => s
+            .clock
+            .epoch(app, e.epoch)
+            .is_none_or(|at| clock.saturating_sub(at) < cooldown_ms),
+        ClusterTime::Pending => true,
+        ClusterTime::Unavailable => now.saturating_sub(lead.local(e.at_unix_ms)) < cooldown_ms,
+    }
 }
 
 fn new_operation(

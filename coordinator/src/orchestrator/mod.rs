@@ -286,6 +286,51 @@ pub async fn run_schedules(consensus: &Consensus, lead: &dr_watch::Leadership) {
     }
 }
 
+/// This node's leadership, as the orchestrator keeps it.
+struct Led {
+    term: u64,
+    /// When it began, by the monotonic clock: the cluster clock's origin.
+    origin: std::time::Instant,
+    lead: dr_watch::Leadership,
+    /// Whether it logged that a member cannot apply a tick.
+    told_refused: bool,
+}
+
+/// The cluster clock ([`crate::cluster_clock`]) as the leader of `term`,
+/// leading since `origin`, reads it; first proposing the tick the state
+/// wants (this term's first, or one that pins a new failover epoch).
+/// `told_refused`: whether this term already logged a refused tick.
+pub async fn read_clock(
+    consensus: &Consensus,
+    term: u64,
+    origin: std::time::Instant,
+    told_refused: &mut bool,
+) -> dr_watch::ClusterTime {
+    use dr_watch::ClusterTime;
+    let led_ms = || u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let wants = consensus.read(|s| s.clock.wants_tick(term, s.dr_epochs.iter()));
+    if wants {
+        let tick = Command::Tick { term, led_ms: led_ms() };
+        match consensus.propose(Proposal::Command(tick)).await {
+            Ok(_) => {}
+            // A member that cannot apply a tick (a rolling upgrade).
+            Err(crate::raft::ProposeError::Rejected(e)) => {
+                if !std::mem::replace(told_refused, true) {
+                    tracing::info!("cluster clock not ticking, failover cooldowns read on wall clocks: {e}");
+                }
+                return ClusterTime::Unavailable;
+            }
+            Err(e) => {
+                tracing::warn!("cluster clock: could not commit a tick: {e}");
+                return ClusterTime::Pending;
+            }
+        }
+    }
+    consensus
+        .read(|s| s.clock.now(term, led_ms()))
+        .map_or(ClusterTime::Pending, ClusterTime::Now)
+}
+
 /// How often the leader checks the state against the retention policy.
 /// How often the leader looks for due backup slots and expired backups.
 const SCHEDULE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -324,7 +369,10 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut last_gauges: Option<std::time::Instant> = None;
     let mut exported = gauges::Exported::default();
     let node = consensus.node_id().to_string();
-    let mut leading: Option<dr_watch::Leadership> = None;
+    // This node's leadership: its term, when it began by the monotonic
+    // clock (the cluster clock's origin) and what it took over. Kept
+    // across a lease lapse within the term: the term's leader is the same.
+    let mut leading: Option<Led> = None;
     loop {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
         // Every node, from its own applied state, at most once a second.
@@ -332,20 +380,39 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
             last_gauges = Some(std::time::Instant::now());
             consensus.read(|s| gauges::export(s, &node, now_unix_ms(), &mut exported));
         }
-        if !consensus.is_leader() {
-            leading = None;
-        } else {
-            // The state read now may not have applied all of the previous
-            // leaders' entries yet: its latest stamp is then older, which
-            // errs toward waiting (see `Leadership::ahead_ms`).
-            let lead =
-                *leading.get_or_insert_with(|| consensus.read(|s| dr_watch::Leadership::taking_over(s, now_unix_ms())));
+        let Some(term) = consensus.leader_term() else {
+            continue;
+        };
+        if leading.as_ref().is_none_or(|l| l.term != term) {
+            // Every earlier leader's entries applied first: what it took
+            // over is the whole state, not a lagging copy of it.
+            if let Err(e) = consensus.catch_up().await {
+                tracing::debug!("new leader not caught up yet: {e}");
+                continue;
+            }
+            let origin = std::time::Instant::now();
+            let lead = consensus.read(|s| dr_watch::Leadership::taking_over(s, now_unix_ms()));
+            leading = Some(Led {
+                term,
+                origin,
+                lead,
+                told_refused: false,
+            });
+        }
+        if let Some(Led {
+            term,
+            origin,
+            lead,
+            told_refused,
+        }) = &mut leading
+        {
             advance(&consensus, lead.since_unix_ms).await;
             // Slots are minutes apart and retention scans every backup, so
             // at most once a second, however busy the log is.
             if last_schedules.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
                 last_schedules = Some(std::time::Instant::now());
-                run_schedules(&consensus, &lead).await;
+                lead.clock = read_clock(&consensus, *term, *origin, told_refused).await;
+                run_schedules(&consensus, lead).await;
             }
             if last_compaction.elapsed() >= COMPACT_EVERY {
                 last_compaction = std::time::Instant::now();

@@ -5,10 +5,14 @@
 //! (etcd's cluster version, by the same idea).
 //!
 //! Every node answers each Raft RPC with its level in the
-//! `cutover-feature-level` header; the leader, which hears every voter
-//! each heartbeat, keeps the last level it heard from each. A release
-//! before this one sends no header: it is taken to be at
-//! [`UNADVERTISED_LEVEL`]. A command needs [`needed`] of every voter.
+//! `cutover-feature-level` header; the leader, which hears every member
+//! (voters and learners: both apply every entry) each heartbeat, keeps the
+//! last level it heard from each. A release before levels were advertised
+//! sends no header: it is taken to be at [`UNADVERTISED_LEVEL`]. A command
+//! needs [`needed`] of every member.
+//!
+//! Levels: 1, every command of the releases before levels; 2, `Tick` (the
+//! cluster clock).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +24,7 @@ use crate::state::Command;
 /// (or a field an older node would refuse) raises it and returns the new
 /// level from [`needed`] for what it added; the previous release then
 /// cannot be handed such an entry while it is a voter.
-pub const FEATURE_LEVEL: u32 = 1;
+pub const FEATURE_LEVEL: u32 = 2;
 
 /// What a peer that sends no level is taken to apply: every command of the
 /// releases before levels were advertised.
@@ -29,10 +33,12 @@ pub const UNADVERTISED_LEVEL: u32 = 1;
 /// The response header that carries a node's level.
 pub const HEADER: &str = "cutover-feature-level";
 
-/// The level a member needs to apply `cmd`. Every command so far is level
-/// 1: the previous release applies all of them.
-pub fn needed(_cmd: &Command) -> u32 {
-    1
+/// The level a member needs to apply `cmd`.
+pub fn needed(cmd: &Command) -> u32 {
+    match cmd {
+        Command::Tick { .. } => 2,
+        _ => 1,
+    }
 }
 
 /// Adds this node's level to a response.
@@ -67,16 +73,16 @@ impl PeerLevels {
     }
 }
 
-/// Refuses a command of level `needed` unless every voter is known to
-/// apply it: `voters` are each voter's id and what was heard from it (as
-/// [`PeerLevels::get`], with this node's own level for itself). A voter
+/// Refuses a command of level `needed` unless every member is known to
+/// apply it: `members` are each member's id and what was heard from it (as
+/// [`PeerLevels::get`], with this node's own level for itself). A member
 /// not heard from yet counts as [`UNADVERTISED_LEVEL`] (a leader hears
-/// every live voter within a heartbeat).
-pub fn check(needed: u32, voters: impl IntoIterator<Item = (NodeId, Option<Option<u32>>)>) -> Result<(), String> {
+/// every live member within a heartbeat).
+pub fn check(needed: u32, members: impl IntoIterator<Item = (NodeId, Option<Option<u32>>)>) -> Result<(), String> {
     if needed <= UNADVERTISED_LEVEL {
         return Ok(());
     }
-    let behind: Vec<String> = voters
+    let behind: Vec<String> = members
         .into_iter()
         .filter_map(|(id, heard)| {
             let level = heard.flatten().unwrap_or(UNADVERTISED_LEVEL);
@@ -108,6 +114,9 @@ mod tests {
         assert!(e.contains("finish the rolling upgrade"), "{e}");
         // Once every voter said it is at level 2, it passes.
         assert_eq!(check(2, [(1, Some(Some(2))), (2, Some(Some(3)))]), Ok(()));
+        // The cluster clock's tick is the first level-2 command.
+        assert_eq!(needed(&Command::Tick { term: 1, led_ms: 0 }), 2);
+        assert_eq!(needed(&Command::TaskDispatched { task_id: "t".into() }), 1);
     }
 
     #[test]

@@ -295,6 +295,12 @@ impl Consensus {
         leads(&self.raft.metrics().borrow_watched(), self.lease)
     }
 
+    /// The Raft term this node leads in, if it leads (as [`Self::is_leader`]).
+    pub fn leader_term(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        leads(&m, self.lease).then_some(m.current_term)
+    }
+
     /// The current leader's id and address, if known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics().borrow_watched().clone();
@@ -482,11 +488,12 @@ impl Consensus {
         };
         match proposal {
             Proposal::Command(cmd) => {
-                // Nothing a voter of an older release could not apply.
+                // Nothing a member (voter or learner) of an older release
+                // could not apply.
                 let needed = level::needed(&cmd);
                 if needed > level::UNADVERTISED_LEVEL {
                     let m = self.raft.metrics().borrow_watched().clone();
-                    let voters = m.membership_config.membership().voter_ids().map(|id| {
+                    let members = m.membership_config.membership().nodes().map(|(&id, _)| {
                         let heard = if id == self.node_id {
                             Some(Some(level::FEATURE_LEVEL))
                         } else {
@@ -494,7 +501,7 @@ impl Consensus {
                         };
                         (id, heard)
                     });
-                    level::check(needed, voters.collect::<Vec<_>>()).map_err(ProposeError::Rejected)?;
+                    level::check(needed, members.collect::<Vec<_>>()).map_err(ProposeError::Rejected)?;
                 }
                 // Propose to applied on the leader: append, replicate to a
                 // majority, fsync, apply.

@@ -276,7 +276,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => CommandResponse::default(),
                     EntryPayload::Normal(cmd) => {
-                        let r = d.state.apply(cmd);
+                        let r = d.state.apply_in(entry.log_id.leader_id.term, cmd);
                         pruned = d.state.take_pruned_audit();
                         r
                     }
