@@ -39,6 +39,8 @@ pub async fn observe(db: &DatabaseConfig, data_dir: &Path) -> DatabaseStatus {
         fenced: false,
         streaming: None,
         unreachable_since_unix_ms: None,
+        observed_age_ms: 0,
+        session: 0,
     };
     if db.driver == DbDriver::Sqlite {
         // A SQLite file has no replication: it is what the config says.
@@ -66,7 +68,8 @@ pub async fn observe(db: &DatabaseConfig, data_dir: &Path) -> DatabaseStatus {
         Ok(Err(e)) => status.error = Some(e.to_string()),
         Err(_) => status.error = Some(format!("no answer within {OBSERVE_TIMEOUT:?}")),
     }
-    status.observed_at_unix_ms = now_unix_ms();
+    // `observed_at_unix_ms` stays when the observation began: the lag is as
+    // of then or later, so the age counted from it is never short.
     status
 }
 

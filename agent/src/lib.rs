@@ -510,6 +510,14 @@ async fn report_database_statuses(
                 *st = dr::observe(db, &data_dir).await;
             }
         }
+        // How old each observation is as it leaves (the leader dates the
+        // report by its own clock on arrival).
+        let now = cutover_shared::domain::now_unix_ms();
+        for st in &mut statuses {
+            st.observed_age_ms = u64::try_from(now.saturating_sub(st.observed_at_unix_ms))
+                .unwrap_or(0)
+                .min(cutover_shared::dr::MAX_OBSERVED_AGE_MS);
+        }
         let msg = ConnectRequest {
             message: Some(connect_request::Message::DatabaseStatus(proto::DatabaseStatusReport {
                 databases: statuses.into_iter().map(Into::into).collect(),

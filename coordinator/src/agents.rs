@@ -578,6 +578,7 @@ impl AgentService for AgentApi {
                             .filter_map(|d| match cutover_shared::convert::database_status_from_proto(d) {
                                 Ok(mut d) => {
                                     d.observed_at_unix_ms = at;
+                                    d.session = session_id;
                                     Some(d)
                                 }
                                 Err(e) => {

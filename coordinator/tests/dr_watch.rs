@@ -45,6 +45,8 @@ fn db(role: DbRole, lag_ms: Option<u64>) -> DatabaseStatus {
         // primary is gone).
         streaming: (role == DbRole::Standby).then_some(false),
         unreachable_since_unix_ms: None,
+        observed_age_ms: 0,
+        session: 0,
     }
 }
 
@@ -570,12 +572,24 @@ fn a_region_stays_down_since_the_report_that_changed_it() {
 }
 
 /// After a forced failover, us-east's agent comes back. The report it made
-/// before its region was lost (a writable primary) fences nothing; the
-/// first one it makes after coming back, if it still says so, does.
+/// before its region was lost (a writable primary) fences nothing, even
+/// dated after the agent's return by a leader whose clock ran ahead of the
+/// one that marked it up; the first one it makes after coming back (on its
+/// new session), if it still says so, does.
 #[test]
 fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     let mut s = world(true, 200);
     failed_over_to_eu_west(&mut s);
+    let mut stale = db(DbRole::Primary, None);
+    stale.observed_at_unix_ms = T0 + 25_000;
+    stale.session = 1;
+    apply(
+        &mut s,
+        Command::DatabaseStatusReported {
+            from: cluster("us-east"),
+            databases: vec![stale],
+        },
+    );
     apply(
         &mut s,
         Command::AgentUp {
@@ -596,6 +610,7 @@ fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     assert_eq!(fences(&s, T0 + 20_500), 0, "fenced on a report from before the loss");
     let mut back = db(DbRole::Primary, None);
     back.observed_at_unix_ms = T0 + 21_000;
+    back.session = 7;
     apply(
         &mut s,
         Command::DatabaseStatusReported {

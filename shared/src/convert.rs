@@ -677,6 +677,7 @@ impl From<crate::dr::DatabaseStatus> for proto::DatabaseStatus {
             fenced: d.fenced,
             streaming: d.streaming,
             unreachable_since_unix_ms: d.unreachable_since_unix_ms.unwrap_or(0),
+            observed_age_ms: d.observed_age_ms,
         }
     }
 }
@@ -733,6 +734,13 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
             return Err(Error::InvalidArgument(format!("follows: {f:?} is not region/cluster")));
         }
     }
+    if d.observed_age_ms > crate::dr::MAX_OBSERVED_AGE_MS {
+        return Err(Error::InvalidArgument(format!(
+            "observed_age_ms: {} is more than {} (an hour)",
+            d.observed_age_ms,
+            crate::dr::MAX_OBSERVED_AGE_MS
+        )));
+    }
     // An error message is the agent's own text; bound it like any report.
     let error = bounded(&d.error, 1024);
     Ok(crate::dr::DatabaseStatus {
@@ -749,6 +757,8 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
         fenced: d.fenced,
         streaming: d.streaming,
         unreachable_since_unix_ms: None,
+        observed_age_ms: d.observed_age_ms,
+        session: 0,
     })
 }
 
@@ -771,5 +781,30 @@ impl From<crate::dr::DrillReport> for proto::DrillReport {
             image: d.image,
             requested_by: d.requested_by,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent's database report: what it may claim is bounded, and a
+    /// refused entry says why.
+    #[test]
+    fn a_database_report_keeps_its_observation_age_and_refuses_an_absurd_one() {
+        let report = |observed_age_ms| proto::DatabaseStatus {
+            app: "shop".into(),
+            driver: "postgres".into(),
+            configured_role: proto::DatabaseRole::Standby as i32,
+            lag_ms: Some(250),
+            observed_age_ms,
+            ..Default::default()
+        };
+        let d = database_status_from_proto(report(1_500)).unwrap();
+        assert_eq!((d.observed_age_ms, d.lag_ms), (1_500, Some(250)));
+        assert_eq!(proto::DatabaseStatus::from(d).observed_age_ms, 1_500);
+        assert!(database_status_from_proto(report(crate::dr::MAX_OBSERVED_AGE_MS)).is_ok());
+        let e = database_status_from_proto(report(crate::dr::MAX_OBSERVED_AGE_MS + 1)).unwrap_err();
+        assert!(e.to_string().contains("observed_age_ms"), "{e}");
     }
 }

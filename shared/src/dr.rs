@@ -105,7 +105,25 @@ pub struct DatabaseStatus {
     /// agent sends is ignored), so every node agrees.
     #[serde(default)]
     pub unreachable_since_unix_ms: Option<i64>,
+    /// How long before sending the report its agent began the observation
+    /// (its own clock, a duration): `lag_ms` is as of
+    /// `observed_at_unix_ms - observed_age_ms`, which the data-loss window
+    /// counts from (the arrival alone would understate it by the
+    /// observation's time and the report's wait). At most
+    /// [`MAX_OBSERVED_AGE_MS`].
+    #[serde(default)]
+    pub observed_age_ms: u64,
+    /// The agent registration (session) whose stream carried the report,
+    /// set by the leader on arrival (what an agent sends is ignored; 0 in
+    /// reports applied before it was recorded): whether a report was made
+    /// since the agent last came back is a comparison of sessions, not of
+    /// times two leaders' clocks stamped.
+    #[serde(default)]
+    pub session: u64,
 }
+
+/// The oldest observation a report may carry.
+pub const MAX_OBSERVED_AGE_MS: u64 = 3_600_000;
 
 /// An app's primary epoch: bumped (committed) by every failover before it
 /// acts, so agents can refuse work from a superseded decision.
@@ -586,9 +604,11 @@ fn window_at_loss(t: &ClusterView, from: Option<&ClusterView>) -> Option<u64> {
     let Some(lost_at) = from.and_then(|f| f.lost_at_unix_ms) else {
         return Some(lag);
     };
-    // When the standby last replayed a transaction.
+    // When the standby last replayed a transaction: its lag is as of the
+    // observation, which began `observed_age_ms` before the report left.
     let replayed_at = db
         .observed_at_unix_ms
+        .saturating_sub(i64::try_from(db.observed_age_ms).unwrap_or(i64::MAX))
         .saturating_sub(i64::try_from(lag).unwrap_or(i64::MAX));
     Some(u64::try_from(lost_at.saturating_sub(replayed_at)).unwrap_or(0).min(lag))
 }
@@ -660,6 +680,8 @@ mod tests {
             fenced: false,
             streaming: None,
             unreachable_since_unix_ms: None,
+            observed_age_ms: 0,
+            session: 0,
         }
     }
 
@@ -743,6 +765,10 @@ mod tests {
         // was 40.3 s old, so 300 ms before the loss.
         let mut standby = db(Some(DbRole::Standby), DbRole::Standby, Some(40_300));
         standby.observed_at_unix_ms = lost_at + 40_000;
+        // A report that arrived 2 s after its observation began: the lag
+        // is as of then (window 2.3 s, not 300 ms).
+        let mut late = standby.clone();
+        late.observed_age_ms = 2_000;
         let mut primary = view("us-east", false, Some(db(Some(DbRole::Primary), DbRole::Primary, None)));
         primary.lost_at_unix_ms = Some(lost_at);
         let clusters = vec![primary, view("eu-west", true, Some(standby.clone()))];
@@ -754,6 +780,10 @@ mod tests {
             "{:?}",
             p.blockers
         );
+        let mut primary = view("us-east", false, Some(db(Some(DbRole::Primary), DbRole::Primary, None)));
+        primary.lost_at_unix_ms = Some(lost_at);
+        let p = plan(&input(&app, vec![primary, view("eu-west", true, Some(late))], None)).unwrap();
+        assert_eq!(p.data_loss_window_ms, Some(2_300));
         // A primary that is there: the lag now.
         let clusters = vec![
             view("us-east", true, Some(db(Some(DbRole::Primary), DbRole::Primary, None))),

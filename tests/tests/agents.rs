@@ -552,6 +552,7 @@ async fn a_database_report_is_dated_by_the_leader_not_the_agents_clock() {
             configured_role: pb::DatabaseRole::Primary as i32,
             error: "connection refused".into(),
             observed_at_unix_ms: an_hour_ago,
+            observed_age_ms: 1_500,
             ..Default::default()
         }],
     }))
@@ -573,5 +574,8 @@ async fn a_database_report_is_dated_by_the_leader_not_the_agents_clock() {
         sent_after - d.observed_at_unix_ms
     );
     assert_eq!(d.unreachable_since_unix_ms, Some(d.observed_at_unix_ms));
+    // How old the observation was when sent is kept: the data-loss window
+    // counts from then.
+    assert_eq!(d.observed_age_ms, 1_500);
     c.shutdown().await;
 }

@@ -277,8 +277,10 @@ pub fn due(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
             // Only what the agent observed since it came back: the report
             // it made before its region was lost still says "primary",
             // and a fence started on that would run against a server that
-            // may not even be up (and hold the app against a rejoin).
-            if d.observed_at_unix_ms < agent.since_unix_ms {
+            // may not even be up (and hold the app against a rejoin). The
+            // report's session says which registration's stream carried it
+            // (its time and the agent's return may be two leaders' clocks).
+            if d.session != agent.session {
                 continue;
             }
             let Some(cluster) = key

@@ -199,6 +199,12 @@ impl Consensus {
                 .await
                 .map_err(|e| storage(&e))?,
         );
+        // The files may have just been created: their directory entries
+        // are durable only once the directory is synced (what redb's own
+        // fsyncs do not cover), before anything is acknowledged from them.
+        std::fs::File::open(data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| storage(&e))?;
         let weak_db = Arc::downgrade(&db);
         let weak_snapshots = Arc::downgrade(&snapshots);
         let log = log_store::LogStore::new(db.clone()).map_err(|e| storage(&e))?;
