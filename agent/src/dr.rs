@@ -39,6 +39,7 @@ pub async fn observe(db: &DatabaseConfig, data_dir: &Path) -> DatabaseStatus {
         fenced: false,
         streaming: None,
         unreachable_since_unix_ms: None,
+        unreachable_since_term: 0,
         observed_age_ms: 0,
         session: 0,
     };

@@ -304,6 +304,11 @@ pub struct State {
     /// agent hub look at those instead of every operation kept.
     #[serde(skip)]
     pub running: RunningIndex,
+    /// The Raft term of the entry being applied ([`Self::apply_in`]; 0
+    /// through [`Self::apply`] alone): times a command stamps are recorded
+    /// with the term whose leader stamped them.
+    #[serde(skip)]
+    pub applying_term: u64,
     /// The last audit sequence number given out.
     #[serde(default)]
     pub audit_sequence: u64,
@@ -335,6 +340,10 @@ pub struct State {
     /// Real time as the leaders measured it (failover cooldowns).
     #[serde(default)]
     pub clock: ClusterClock,
+    /// The highest feature level of a command the log has held
+    /// (`raft::level::needed`; 0 reads as 1): a node added must apply it.
+    #[serde(default)]
+    pub level_in_use: u32,
 }
 
 impl State {
@@ -359,11 +368,14 @@ impl State {
     /// Applies one command of a log entry of Raft term `term`: a `Tick`
     /// that claims another term is ignored (see [`Command::Tick`]).
     pub fn apply_in(&mut self, term: u64, cmd: Command) -> CommandResponse {
+        // Whatever it does, the entry is in the log a new member receives.
+        self.level_in_use = self.level_in_use.max(crate::raft::level::needed(&cmd));
         if let Command::Tick { term: claimed, .. } = &cmd
             && *claimed != term
         {
             return CommandResponse::default();
         }
+        self.applying_term = term;
         self.apply(cmd)
     }
 
@@ -391,6 +403,7 @@ impl State {
                         task_kinds,
                         traffic_apps,
                         session,
+                        since_term: self.applying_term,
                     },
                 );
             }
@@ -405,6 +418,7 @@ impl State {
                 {
                     a.state = AgentState::Down;
                     a.since_unix_ms = at_unix_ms;
+                    a.since_term = self.applying_term;
                 }
             }
             Command::CreateOperation {
@@ -662,12 +676,16 @@ impl State {
                 for mut d in databases {
                     // Unreachable since the first of an unbroken run of
                     // reports that could not ask the server.
-                    d.unreachable_since_unix_ms = d.error.is_some().then(|| {
-                        before
-                            .get(&d.app)
-                            .and_then(|b| b.unreachable_since_unix_ms)
-                            .unwrap_or(d.observed_at_unix_ms)
-                    });
+                    let run = before
+                        .get(&d.app)
+                        .and_then(|b| b.unreachable_since_unix_ms.map(|at| (at, b.unreachable_since_term)));
+                    let (since, term) = match (d.error.is_some(), run) {
+                        (false, _) => (None, 0),
+                        (true, Some((at, term))) => (Some(at), term),
+                        (true, None) => (Some(d.observed_at_unix_ms), self.applying_term),
+                    };
+                    d.unreachable_since_unix_ms = since;
+                    d.unreachable_since_term = term;
                     self.db_status.entry(d.app.clone()).or_default().insert(key.clone(), d);
                 }
                 self.db_status.retain(|_, by_cluster| !by_cluster.is_empty());

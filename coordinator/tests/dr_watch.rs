@@ -45,6 +45,7 @@ fn db(role: DbRole, lag_ms: Option<u64>) -> DatabaseStatus {
         // primary is gone).
         streaming: (role == DbRole::Standby).then_some(false),
         unreachable_since_unix_ms: None,
+        unreachable_since_term: 0,
         observed_age_ms: 0,
         session: 0,
     }
@@ -57,8 +58,20 @@ fn lead(since: i64) -> Leadership {
     Leadership {
         since_unix_ms: since,
         inherited_unix_ms: T0,
+        term: 0,
         clock: ClusterTime::Unavailable,
     }
+}
+
+/// `region`'s agent reports `d`.
+fn report(s: &mut State, region: &str, d: DatabaseStatus) {
+    apply(
+        s,
+        Command::DatabaseStatusReported {
+            from: cluster(region),
+            databases: vec![d],
+        },
+    );
 }
 
 fn apply(s: &mut State, cmd: Command) {
@@ -90,20 +103,8 @@ fn world(automatic: bool, lag_ms: u64) -> State {
             audit: audit(T0 - 60_000),
         },
     );
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("us-east"),
-            databases: vec![db(DbRole::Primary, None)],
-        },
-    );
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("eu-west"),
-            databases: vec![db(DbRole::Standby, Some(lag_ms))],
-        },
-    );
+    report(&mut s, "us-east", db(DbRole::Primary, None));
+    report(&mut s, "eu-west", db(DbRole::Standby, Some(lag_ms)));
     apply(
         &mut s,
         Command::AgentDown {
@@ -171,12 +172,60 @@ fn a_new_leader_counts_failover_after_from_its_takeover() {
     assert_eq!(dr_watch::due(&s, took_over + 10_000, &lead(took_over)).len(), 1);
     // What the leader reads off the state at takeover: the down mark.
     assert_eq!(
-        Leadership::taking_over(&s, took_over),
+        Leadership::taking_over(&s, 0, took_over),
         Leadership {
             clock: ClusterTime::Pending,
             ..lead(took_over)
         }
     );
+}
+
+/// The loss was stamped in term 2 by a leader whose clock ran an hour
+/// ahead of the one that takes over in term 3: counted from that stamp,
+/// the new leader would wait an hour past `failover_after_secs` (and with
+/// the skew the other way, fail over at once, as the test above). A stamp
+/// of an earlier term counts from the takeover.
+#[test]
+fn a_loss_stamped_by_an_earlier_leader_counts_from_the_takeover_whatever_its_clock() {
+    let mut s = world(true, 200);
+    let hour = 3_600_000;
+    // world() marked it down in term 0: up again, then down in term 2.
+    assert_eq!(s.agents["us-east/main"].since_term, 0);
+    apply(
+        &mut s,
+        Command::AgentUp {
+            cluster: cluster("us-east"),
+            agent_version: "test".into(),
+            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
+            at_unix_ms: T0 - 1_000,
+            session: 5,
+            traffic_apps: vec![],
+        },
+    );
+    s.apply_in(
+        2,
+        Command::AgentDown {
+            cluster: cluster("us-east"),
+            at_unix_ms: T0 + hour,
+            session: 5,
+        },
+    );
+    assert_eq!(s.agents["us-east/main"].since_term, 2);
+    let took_over = T0 + 1_000;
+    let next = Leadership {
+        term: 3,
+        ..lead(took_over)
+    };
+    assert!(dr_watch::due(&s, took_over + 9_999, &next).is_empty());
+    assert_eq!(
+        dr_watch::due(&s, took_over + 10_000, &next).len(),
+        1,
+        "waited past failover_after for a loss another clock dated an hour ahead"
+    );
+    // The leader that stamped it (term 2) counts from its stamp.
+    let same = Leadership { term: 2, ..lead(T0) };
+    assert!(dr_watch::due(&s, T0 + hour + 9_999, &same).is_empty());
+    assert_eq!(dr_watch::due(&s, T0 + hour + 10_000, &same).len(), 1);
 }
 
 /// The automatic failover of `world`, started at T0 + 10 s and succeeded
@@ -222,7 +271,7 @@ fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
     let took_over = T0 + 31_000 + hour;
     let ahead = Leadership {
         clock: ClusterTime::Unavailable,
-        ..Leadership::taking_over(&s, took_over)
+        ..Leadership::taking_over(&s, 0, took_over)
     };
     assert_eq!(ahead.inherited_unix_ms, T0 + 30_000);
     assert!(
@@ -325,13 +374,7 @@ fn eu_west_lost(s: &mut State) {
     ] {
         let mut d = db(role, lag);
         d.observed_at_unix_ms = T0 + 29_000;
-        apply(
-            s,
-            Command::DatabaseStatusReported {
-                from: cluster(region),
-                databases: vec![d],
-            },
-        );
+        report(s, region, d);
     }
     apply(
         s,
@@ -363,24 +406,12 @@ fn a_lag_that_grew_after_the_primary_was_lost_does_not_block_the_failover() {
     let mut s = world(true, 200);
     let mut primary = db(DbRole::Primary, None);
     primary.observed_at_unix_ms = T0 - 25_000;
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("us-east"),
-            databases: vec![primary],
-        },
-    );
+    report(&mut s, "us-east", primary);
     // Replayed its last transaction 200 ms before the primary's last
     // report; observed 40 s later.
     let mut standby = db(DbRole::Standby, Some(40_200));
     standby.observed_at_unix_ms = T0 + 15_000;
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("eu-west"),
-            databases: vec![standby],
-        },
-    );
+    report(&mut s, "eu-west", standby);
     let due = dr_watch::due(&s, T0 + 15_000, &lead(T0));
     assert_eq!(due.len(), 1, "the grown lag blocked the failover: {due:?}");
     let Command::CreateOperation { operation, .. } = &due[0] else {
@@ -399,13 +430,7 @@ fn no_automatic_failover_while_the_standby_still_streams_from_the_primary() {
     let mut s = world(true, 0);
     let mut standby = db(DbRole::Standby, Some(0));
     standby.streaming = Some(true);
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("eu-west"),
-            databases: vec![standby],
-        },
-    );
+    report(&mut s, "eu-west", standby);
     assert!(dr_watch::due(&s, T0 + 60_000, &lead(T0)).is_empty());
 }
 
@@ -432,13 +457,7 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
         primary.lsn = None;
         primary.error = Some("connection refused".into());
         primary.observed_at_unix_ms = at;
-        apply(
-            &mut s,
-            Command::DatabaseStatusReported {
-                from: cluster("us-east"),
-                databases: vec![primary],
-            },
-        );
+        report(&mut s, "us-east", primary);
     }
     let d = &s.db_status["shop"]["us-east/main"];
     assert_eq!(d.unreachable_since_unix_ms, Some(T0), "since the first of the run");
@@ -455,13 +474,7 @@ fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
     assert_eq!((f.to.clone(), f.fence), (cluster("eu-west"), false));
     assert_eq!(operation.targets, vec![cluster("eu-west")]);
     // A report that reaches the server again ends the run.
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("us-east"),
-            databases: vec![db(DbRole::Primary, None)],
-        },
-    );
+    report(&mut s, "us-east", db(DbRole::Primary, None));
     assert_eq!(s.db_status["shop"]["us-east/main"].unreachable_since_unix_ms, None);
     assert!(dr_watch::due(&s, T0 + 20_000, &lead(T0)).is_empty());
 }
@@ -583,13 +596,7 @@ fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     let mut stale = db(DbRole::Primary, None);
     stale.observed_at_unix_ms = T0 + 25_000;
     stale.session = 1;
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("us-east"),
-            databases: vec![stale],
-        },
-    );
+    report(&mut s, "us-east", stale);
     apply(
         &mut s,
         Command::AgentUp {
@@ -611,12 +618,6 @@ fn a_stray_primary_is_fenced_on_what_its_agent_reports_after_coming_back() {
     let mut back = db(DbRole::Primary, None);
     back.observed_at_unix_ms = T0 + 21_000;
     back.session = 7;
-    apply(
-        &mut s,
-        Command::DatabaseStatusReported {
-            from: cluster("us-east"),
-            databases: vec![back],
-        },
-    );
+    report(&mut s, "us-east", back);
     assert_eq!(fences(&s, T0 + 21_500), 1);
 }

@@ -1179,6 +1179,7 @@ fn an_unreachable_agent_fails_its_step_only_under_rollback_and_in_its_time() {
             task_kinds: vec![],
             traffic_apps: vec![],
             session: 1,
+            since_term: 0,
         };
         cutover_coordinator::state::Map::from_iter([(target("eu-west").to_string(), record)])
     };

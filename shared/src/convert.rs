@@ -757,6 +757,7 @@ pub fn database_status_from_proto(d: proto::DatabaseStatus) -> Result<crate::dr:
         fenced: d.fenced,
         streaming: d.streaming,
         unreachable_since_unix_ms: None,
+        unreachable_since_term: 0,
         observed_age_ms: d.observed_age_ms,
         session: 0,
     })

@@ -345,6 +345,12 @@ pub struct AgentRecord {
     /// from logs written before sessions were recorded.
     #[serde(default)]
     pub session: u64,
+    /// The Raft term of the entry that set `since_unix_ms`: the leader of
+    /// that term stamped it, by its clock (0: unknown, a log from before
+    /// terms were recorded). A later leader cannot read another's stamp
+    /// on its own clock.
+    #[serde(default)]
+    pub since_term: u64,
 }
 
 /// A fact CI established about a release image.

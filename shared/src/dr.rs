@@ -105,6 +105,10 @@ pub struct DatabaseStatus {
     /// agent sends is ignored), so every node agrees.
     #[serde(default)]
     pub unreachable_since_unix_ms: Option<i64>,
+    /// The Raft term of the entry that set `unreachable_since_unix_ms`
+    /// (see `AgentRecord::since_term`).
+    #[serde(default)]
+    pub unreachable_since_term: u64,
     /// How long before sending the report its agent began the observation
     /// (its own clock, a duration): `lag_ms` is as of
     /// `observed_at_unix_ms - observed_age_ms`, which the data-loss window
@@ -680,6 +684,7 @@ mod tests {
             fenced: false,
             streaming: None,
             unreachable_since_unix_ms: None,
+            unreachable_since_term: 0,
             observed_age_ms: 0,
             session: 0,
         }

@@ -217,6 +217,12 @@ impl TestCluster {
         self.listeners.iter_mut().for_each(|l| drop(l.take()));
     }
 
+    /// Takes the port reserved for node `i`, to serve something else on
+    /// its address; [`Self::start_node`] binds it again.
+    pub fn take_listener(&mut self, i: usize) -> Option<TcpListener> {
+        self.listeners[i].take()
+    }
+
     /// Starts (or restarts, from its data directory) node `i` in-process.
     pub async fn start_node(&mut self, i: usize) -> Result<()> {
         let listener = match self.listeners[i].take() {

@@ -54,6 +54,67 @@ async fn leader_loss_then_restart_from_disk_catches_up() {
     c.shutdown().await;
 }
 
+/// A node of an older release is not added once the log holds entries it
+/// could not apply (the cluster clock's ticks, feature level 2): the leader
+/// asks the node its level first, and a release before levels answers
+/// UNIMPLEMENTED (here a server on the node's address with its
+/// certificate that serves no `RaftService`, as such a release serves no
+/// `Level`). The error names the node and the fix, and the membership is
+/// unchanged; the same node on this release is added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_of_an_older_release_is_refused_once_the_log_needs_a_newer_one() {
+    let mut c = TestCluster::builder().nodes(3).spare_nodes(1).start().await.unwrap();
+    let leader = c.wait_leader(T).await.unwrap();
+    c.wait_state(leader, T, "the leader's first tick", |s| s.level_in_use >= 2)
+        .await
+        .unwrap();
+    let addr = c.configs[3].listen.clone();
+    let listener = c.take_listener(3).unwrap();
+    let acceptor = cutover_shared::listener::MtlsAcceptor::new(&c.configs[3].tls).unwrap();
+    let (_, health) = tonic_health::server::health_reporter();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let old = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(acceptor.incoming(listener), async {
+                let _ = stopped.await;
+            }),
+    );
+    let add = |c: &TestCluster| {
+        let mut op = c.operator(leader);
+        let address = addr.clone();
+        async move { op.add_node(pb::AddNodeRequest { node_id: 4, address }).await }
+    };
+    let e = add(&c).await.unwrap_err();
+    for part in ["node 4", "feature level 1", "level 2", "start it on this release"] {
+        assert!(e.message().contains(part), "{part:?} not in {e:?}");
+    }
+    let members = |c: &TestCluster| {
+        let mut op = c.operator(leader);
+        async move {
+            op.get_cluster_status(pb::GetClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .members
+                .len()
+        }
+    };
+    assert_eq!(members(&c).await, 3, "the membership changed");
+    stop.send(()).unwrap();
+    old.await.unwrap().unwrap();
+    // Its accept loop lets the port go once it sees the server gone.
+    let deadline = std::time::Instant::now() + T;
+    while std::net::TcpListener::bind(&addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{addr} still bound");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.start_node(3).await.unwrap();
+    add(&c).await.unwrap();
+    assert_eq!(members(&c).await, 4);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn membership_three_to_four_to_three_while_writing() {
     let mut c = TestCluster::builder().nodes(3).spare_nodes(1).start().await.unwrap();

@@ -43,6 +43,9 @@ pub struct Leadership {
     /// The latest time stamped into the state when it took over
     /// ([`State::latest_stamp_unix_ms`]), by whichever leader stamped it.
     pub inherited_unix_ms: i64,
+    /// The Raft term it leads in: a time stamped in this term is its own
+    /// clock's.
+    pub term: u64,
     /// The cluster clock as this leader reads it now.
     pub clock: ClusterTime,
 }
@@ -61,13 +64,29 @@ pub enum ClusterTime {
 }
 
 impl Leadership {
-    /// A leader that took over at `since_unix_ms` (its clock) the state `s`.
-    /// Its cluster clock reading starts [`ClusterTime::Pending`].
-    pub fn taking_over(s: &State, since_unix_ms: i64) -> Self {
+    /// The leader of `term` that took over at `since_unix_ms` (its clock)
+    /// the state `s`. Its cluster clock reading starts
+    /// [`ClusterTime::Pending`].
+    pub fn taking_over(s: &State, term: u64, since_unix_ms: i64) -> Self {
         Leadership {
             since_unix_ms,
             inherited_unix_ms: s.latest_stamp_unix_ms(),
+            term,
             clock: ClusterTime::Pending,
+        }
+    }
+
+    /// When a wait that began at `stamped_unix_ms`, stamped by the leader
+    /// of term `stamped_in`, counts from on this leader's clock: the stamp
+    /// itself when this leader made it, else its takeover (the stamp was
+    /// made before it: an earlier term's entries were all proposed before
+    /// this term's election), so another leader's clock, ahead or behind,
+    /// neither shortens nor lengthens the wait past one takeover.
+    pub fn counts_from(&self, stamped_unix_ms: i64, stamped_in: u64) -> i64 {
+        if stamped_in == self.term {
+            stamped_unix_ms.max(self.since_unix_ms)
+        } else {
+            self.since_unix_ms
         }
     }
 
@@ -110,9 +129,10 @@ pub const AUTO_ACTOR: &str = "cutover/dr-auto";
 /// by its clock; a leader whose clock runs ahead of that one's would see
 /// an outage of seconds as one of hours and fail over at once, or a
 /// failover of a minute ago as one past the cooldown and fail over again.
-/// The loss counts from no earlier than this leader's takeover (sound
-/// whatever the clocks: a new leader may wait up to one
-/// `failover_after_secs` longer). The cooldown is read on the cluster
+/// The loss counts from its stamp when this leader made it (in its term),
+/// else from this leader's takeover ([`Leadership::counts_from`]): sound
+/// whatever the clocks, and a new leader waits at most one
+/// `failover_after_secs` longer, however far its clock is behind. The cooldown is read on the cluster
 /// clock, which never counts more time than has passed (see
 /// [`crate::cluster_clock`]); only while a member cannot tick (a rolling
 /// upgrade) through [`Leadership::local`], which is not a bound when
@@ -133,10 +153,10 @@ fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
             .iter()
             .find(|v| v.cluster == primary)
             .and_then(|v| v.database.as_ref())
-            .and_then(|d| d.unreachable_since_unix_ms);
+            .and_then(|d| d.unreachable_since_unix_ms.map(|at| (at, d.unreachable_since_term)));
         let lost_since = match (agent.state, unreachable_since) {
-            (AgentState::Down, _) => agent.since_unix_ms,
-            (_, Some(since)) => since,
+            (AgentState::Down, _) => lead.counts_from(agent.since_unix_ms, agent.since_term),
+            (_, Some((since, term))) => lead.counts_from(since, term),
             _ => continue,
         };
         // The other regions' view of the app: a traffic agent that is up
@@ -150,7 +170,7 @@ fn automatic(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
         if agent.state == AgentState::Down && probed.is_some_and(|v| v.healthy) {
             continue;
         }
-        let down_for = now.saturating_sub(lost_since.max(lead.since_unix_ms));
+        let down_for = now.saturating_sub(lost_since);
         let after_ms = i64::try_from(spec.dr.failover_after_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         if down_for < after_ms {
             continue;

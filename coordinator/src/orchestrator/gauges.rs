@@ -134,6 +134,7 @@ mod tests {
             task_kinds: vec![],
             traffic_apps: vec![],
             session: 1,
+            since_term: 0,
         }
     }
 

@@ -391,7 +391,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
                 continue;
             }
             let origin = std::time::Instant::now();
-            let lead = consensus.read(|s| dr_watch::Leadership::taking_over(s, now_unix_ms()));
+            let lead = consensus.read(|s| dr_watch::Leadership::taking_over(s, term, now_unix_ms()));
             leading = Some(Led {
                 term,
                 origin,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cutover_shared::config::{Member, RaftConfig};
-use cutover_shared::proto::{ProposeRequest, ReadIndexRequest};
+use cutover_shared::proto::{LevelRequest, ProposeRequest, ReadIndexRequest};
 use cutover_shared::tls::TlsFiles;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
@@ -423,6 +423,23 @@ impl Consensus {
     }
 
     /// The read index of the leader at `addr`, if it answers in time.
+    /// The feature level of the node at `addr` (which need not be a member
+    /// yet): a release before levels answers UNIMPLEMENTED, and is at
+    /// [`level::UNADVERTISED_LEVEL`].
+    async fn remote_level(&self, addr: &str) -> Result<u32, String> {
+        let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(LevelRequest {});
+        req.set_timeout(Duration::from_secs(5));
+        match client.level(req).await {
+            Ok(r) => Ok(r.into_inner().level),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(level::UNADVERTISED_LEVEL),
+            Err(s) => Err(format!(
+                "cannot ask the node at {addr} for its feature level: {}",
+                s.message()
+            )),
+        }
+    }
+
     async fn remote_read_index(&self, addr: &str) -> Option<u64> {
         let mut client = self.peers.client(addr).ok()?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
@@ -530,6 +547,18 @@ impl Consensus {
                         .map(|(i, a)| (Some(i), Some(BasicNode { addr: a })))
                         .unwrap_or((None, None));
                     return Err(not_leader(l, n));
+                }
+                // It will receive the log: refused if the log holds entries
+                // its release could not apply (it would stop on them).
+                let in_use = self.read(|s| s.level_in_use);
+                if in_use > level::UNADVERTISED_LEVEL {
+                    let theirs = self.remote_level(&address).await.map_err(ProposeError::Rejected)?;
+                    if theirs < in_use {
+                        return Err(ProposeError::Rejected(format!(
+                            "node {id} at {address} is at feature level {theirs} (an older release), and this \
+                             cluster's log holds entries of level {in_use}: start it on this release or later"
+                        )));
+                    }
                 }
                 // Learner first: it catches up on the log without affecting
                 // the quorum, then becomes a voter.

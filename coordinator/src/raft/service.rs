@@ -14,9 +14,9 @@
 use cutover_shared::grpc::caller;
 use cutover_shared::proto::raft_service_server::RaftService;
 use cutover_shared::proto::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, PreVoteRequest,
-    PreVoteResponse, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, LevelRequest,
+    LevelResponse, PreVoteRequest, PreVoteResponse, ProposeRequest, ProposeResponse, ReadIndexRequest,
+    ReadIndexResponse, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use futures::StreamExt;
 use openraft::vote::RaftLeaderId;
@@ -233,6 +233,15 @@ impl RaftService for RaftGrpc {
         };
         Ok(super::level::stamp(Response::new(ProposeResponse {
             payload: encode(&r)?,
+        })))
+    }
+
+    async fn level(&self, req: Request<LevelRequest>) -> Result<Response<LevelResponse>, Status> {
+        // Asked by a cluster's leader before adding this node, so before
+        // it is a member: any coordinator certificate will do.
+        self.peer(&req)?;
+        Ok(super::level::stamp(Response::new(LevelResponse {
+            level: super::level::FEATURE_LEVEL,
         })))
     }
 
