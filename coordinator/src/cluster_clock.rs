@@ -128,8 +128,9 @@ mod tests {
         assert_eq!(c.now(1, 60_000), None);
         assert_eq!(c.now(3, 10_500), Some(14_500));
         assert_eq!(c.epoch("shop", 1), Some(4_000), "a pinned reading stays");
-        // A leader that restarted its count within its term (a lease
-        // lapse) counts nothing until it passes its last reading.
+        // A leader that restarted its count within its term (a process
+        // restart that took the leadership back in the same term) counts
+        // nothing until it passes its last reading.
         c.tick(3, 200, &epochs(1));
         assert_eq!(c.elapsed_ms, 4_500);
         // A tick that claims an older term changes nothing.

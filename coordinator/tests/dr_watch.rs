@@ -63,6 +63,22 @@ fn lead(since: i64) -> Leadership {
     }
 }
 
+/// `region`'s agent (database, gates and maintenance tasks) registers at
+/// `at` on `session`.
+fn agent_up(s: &mut State, region: &str, at: i64, session: u64) {
+    apply(
+        s,
+        Command::AgentUp {
+            cluster: cluster(region),
+            agent_version: "test".into(),
+            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
+            at_unix_ms: at,
+            session,
+            traffic_apps: vec![],
+        },
+    );
+}
+
 /// `region`'s agent reports `d`.
 fn report(s: &mut State, region: &str, d: DatabaseStatus) {
     apply(
@@ -84,17 +100,7 @@ fn apply(s: &mut State, cmd: Command) {
 fn world(automatic: bool, lag_ms: u64) -> State {
     let mut s = State::default();
     for (i, r) in ["us-east", "eu-west"].iter().enumerate() {
-        apply(
-            &mut s,
-            Command::AgentUp {
-                cluster: cluster(r),
-                agent_version: "test".into(),
-                task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
-                at_unix_ms: T0 - 60_000,
-                session: i as u64 + 1,
-                traffic_apps: vec![],
-            },
-        );
+        agent_up(&mut s, r, T0 - 60_000, i as u64 + 1);
     }
     apply(
         &mut s,
@@ -191,17 +197,7 @@ fn a_loss_stamped_by_an_earlier_leader_counts_from_the_takeover_whatever_its_clo
     let hour = 3_600_000;
     // world() marked it down in term 0: up again, then down in term 2.
     assert_eq!(s.agents["us-east/main"].since_term, 0);
-    apply(
-        &mut s,
-        Command::AgentUp {
-            cluster: cluster("us-east"),
-            agent_version: "test".into(),
-            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
-            at_unix_ms: T0 - 1_000,
-            session: 5,
-            traffic_apps: vec![],
-        },
-    );
+    agent_up(&mut s, "us-east", T0 - 1_000, 5);
     s.apply_in(
         2,
         Command::AgentDown {
@@ -357,17 +353,7 @@ fn the_cooldown_is_counted_on_the_cluster_clock_whatever_the_leaders_wall_clocks
 /// After [`failed_over_to_eu_west`]: us-east comes back as eu-west's
 /// standby; then eu-west's agent is lost, at T0 + 30 s.
 fn eu_west_lost(s: &mut State) {
-    apply(
-        s,
-        Command::AgentUp {
-            cluster: cluster("us-east"),
-            agent_version: "test".into(),
-            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
-            at_unix_ms: T0 + 20_000,
-            session: 3,
-            traffic_apps: vec![],
-        },
-    );
+    agent_up(s, "us-east", T0 + 20_000, 3);
     for (region, role, lag) in [
         ("us-east", DbRole::Standby, Some(200)),
         ("eu-west", DbRole::Primary, None),
@@ -440,17 +426,7 @@ fn no_automatic_failover_while_the_standby_still_streams_from_the_primary() {
 #[test]
 fn a_primary_server_unreachable_from_both_regions_fails_over_unfenced() {
     let mut s = world(true, 0);
-    apply(
-        &mut s,
-        Command::AgentUp {
-            cluster: cluster("us-east"),
-            agent_version: "test".into(),
-            task_kinds: vec!["db.failover".into(), "app.gates".into(), "app.maintenance".into()],
-            at_unix_ms: T0,
-            session: 3,
-            traffic_apps: vec![],
-        },
-    );
+    agent_up(&mut s, "us-east", T0, 3);
     for at in [T0, T0 + 5_000, T0 + 9_000] {
         let mut primary = db(DbRole::Primary, None);
         primary.role = None;
