@@ -16,9 +16,12 @@
 //! between one leader's last tick and the next leader's takeover (an
 //! election) is not counted: the clock runs slow, by that much, never fast.
 //!
-//! A time is pinned by the first tick applied after it (a failover epoch's
-//! reading is that tick's), so the time since it is counted from a point
-//! after it: a wait measured on this clock is never shorter than asked.
+//! A time is pinned by the first tick applied after it that names it (a
+//! failover epoch's reading is that tick's): the leader reads its
+//! monotonic clock after the epochs it names were applied, so an epoch
+//! committed while a tick was on its way is left to the next tick, and the
+//! time since an epoch is counted from a point after it: a wait measured on
+//! this clock is never shorter than asked.
 //! Bounded: one reading per app's current epoch.
 
 use std::collections::BTreeMap;
@@ -45,8 +48,16 @@ pub struct ClusterClock {
 
 impl ClusterClock {
     /// Applies a tick of the leader of `term` that had led for `led_ms`,
-    /// and pins the apps' epochs that have no reading yet.
-    pub fn tick<'a>(&mut self, term: u64, led_ms: u64, epochs: impl IntoIterator<Item = (&'a String, &'a DrEpoch)>) {
+    /// and pins those of the apps' current `epochs` that have no reading
+    /// yet and that the tick names in `pins` (app → epoch: what its leader
+    /// had applied before reading `led_ms`).
+    pub fn tick<'a>(
+        &mut self,
+        term: u64,
+        led_ms: u64,
+        pins: &BTreeMap<String, u64>,
+        epochs: impl IntoIterator<Item = (&'a String, &'a DrEpoch)>,
+    ) {
         let gained = if term == self.term {
             led_ms.saturating_sub(self.led_ms)
         } else if term > self.term {
@@ -67,7 +78,9 @@ impl ClusterClock {
         for (app, e) in epochs {
             let reading = match self.epochs.get(app) {
                 Some(&(epoch, at)) if epoch == e.epoch => at,
-                _ => self.elapsed_ms,
+                _ if pins.get(app) == Some(&e.epoch) => self.elapsed_ms,
+                // Committed after this tick's reading was taken.
+                _ => continue,
             };
             pinned.insert(app.clone(), (e.epoch, reading));
         }
@@ -90,6 +103,11 @@ impl ClusterClock {
         self.epochs.get(app).filter(|(e, _)| *e == epoch).map(|(_, at)| *at)
     }
 
+    /// The epochs a tick should name: each app's current one.
+    pub fn pins<'a>(epochs: impl Iterator<Item = (&'a String, &'a DrEpoch)>) -> BTreeMap<String, u64> {
+        epochs.map(|(app, e)| (app.clone(), e.epoch)).collect()
+    }
+
     /// Whether a tick is wanted: none yet in `term`, or an epoch not pinned.
     pub fn wants_tick<'a>(&self, term: u64, mut epochs: impl Iterator<Item = (&'a String, &'a DrEpoch)>) -> bool {
         self.term != term || epochs.any(|(app, e)| self.epoch(app, e.epoch).is_none())
@@ -99,6 +117,10 @@ impl ClusterClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pins(n: u64) -> BTreeMap<String, u64> {
+        BTreeMap::from([("shop".to_string(), n)])
+    }
 
     fn epochs(n: u64) -> BTreeMap<String, DrEpoch> {
         BTreeMap::from([(
@@ -114,16 +136,22 @@ mod tests {
     fn counts_each_leaders_time_once_and_never_the_elections() {
         let mut c = ClusterClock::default();
         assert_eq!(c.now(1, 5_000), None, "no tick yet");
-        c.tick(1, 1_000, &epochs(0));
+        c.tick(1, 1_000, &pins(0), &epochs(0));
         // The first tick of a term counts the time its leader had led.
         assert_eq!(c.elapsed_ms, 1_000);
         assert_eq!(c.now(1, 4_000), Some(4_000));
-        c.tick(1, 4_000, &epochs(1));
+        c.tick(1, 4_000, &pins(1), &epochs(1));
         assert_eq!(c.elapsed_ms, 4_000);
         assert_eq!(c.epoch("shop", 1), Some(4_000), "pinned by the first tick after it");
+        // An epoch committed after a tick's reading was taken (the tick
+        // does not name it) waits for the next tick.
+        let mut late = c.clone();
+        late.tick(1, 4_100, &pins(1), &epochs(2));
+        assert_eq!(late.epoch("shop", 2), None);
+        assert!(late.wants_tick(1, epochs(2).iter()));
         // A new leader (term 3) that has led 500 ms: the election between
         // is not counted, and the old term's leader can no longer read.
-        c.tick(3, 500, &epochs(1));
+        c.tick(3, 500, &pins(1), &epochs(1));
         assert_eq!(c.elapsed_ms, 4_500);
         assert_eq!(c.now(1, 60_000), None);
         assert_eq!(c.now(3, 10_500), Some(14_500));
@@ -131,10 +159,10 @@ mod tests {
         // A leader that restarted its count within its term (a process
         // restart that took the leadership back in the same term) counts
         // nothing until it passes its last reading.
-        c.tick(3, 200, &epochs(1));
+        c.tick(3, 200, &pins(1), &epochs(1));
         assert_eq!(c.elapsed_ms, 4_500);
         // A tick that claims an older term changes nothing.
-        c.tick(2, 99_000, &epochs(2));
+        c.tick(2, 99_000, &pins(2), &epochs(2));
         assert_eq!((c.term, c.elapsed_ms, c.epoch("shop", 2)), (3, 4_500, None));
         assert!(c.wants_tick(3, epochs(2).iter()));
         assert!(!c.wants_tick(3, epochs(1).iter()));

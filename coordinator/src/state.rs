@@ -186,7 +186,14 @@ pub enum Command {
     /// advances the cluster clock ([`ClusterClock`]). Applied only from an
     /// entry of that term (a leader deposed between reading its term and
     /// proposing cannot place its reading on another term's count).
-    Tick { term: u64, led_ms: u64 },
+    Tick {
+        term: u64,
+        led_ms: u64,
+        /// The failover epochs (app → epoch) its leader had applied before
+        /// reading `led_ms`: the ones this tick may pin.
+        #[serde(default)]
+        pins: BTreeMap<String, u64>,
+    },
 }
 
 /// Which kind of schedule a command acts on: backups and drills share the
@@ -733,7 +740,7 @@ impl State {
                     );
                 }
             }
-            Command::Tick { term, led_ms } => self.clock.tick(term, led_ms, &self.dr_epochs),
+            Command::Tick { term, led_ms, pins } => self.clock.tick(term, led_ms, &pins, &self.dr_epochs),
         }
         CommandResponse::default()
     }
@@ -1415,7 +1422,7 @@ impl std::fmt::Display for Command {
         match self {
             Command::AgentUp { cluster, .. } => write!(f, "AgentUp({cluster})"),
             Command::AgentDown { cluster, .. } => write!(f, "AgentDown({cluster})"),
-            Command::Tick { term, led_ms } => write!(f, "Tick(term {term}, led {led_ms} ms)"),
+            Command::Tick { term, led_ms, .. } => write!(f, "Tick(term {term}, led {led_ms} ms)"),
             Command::CreateOperation { operation, .. } => write!(f, "CreateOperation({})", operation.id),
             Command::TaskDispatched { task_id } => write!(f, "TaskDispatched({task_id})"),
             Command::TaskProgress { progress, .. } => write!(f, "TaskProgress({})", progress.task_id),

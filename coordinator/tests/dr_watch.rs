@@ -292,17 +292,19 @@ fn a_new_leader_with_a_clock_ahead_still_waits_out_the_cooldown() {
 #[test]
 fn the_cooldown_is_counted_on_the_cluster_clock_whatever_the_leaders_wall_clocks() {
     let mut s = world(true, 200);
-    apply(&mut s, Command::Tick { term: 2, led_ms: 0 });
+    apply(&mut s, tick(2, 0, &[]));
     failed_over_to_eu_west(&mut s);
     let epoch = s.dr_epochs["shop"].epoch;
     assert_eq!(s.clock.epoch("shop", epoch), None, "not pinned before a tick");
-    apply(
-        &mut s,
-        Command::Tick {
-            term: 2,
-            led_ms: 12_000,
-        },
+    // A tick whose reading was taken before the epoch was applied (it does
+    // not name it) leaves it to the next.
+    apply(&mut s, tick(2, 11_000, &[]));
+    assert_eq!(
+        s.clock.epoch("shop", epoch),
+        None,
+        "pinned by a reading taken before it"
     );
+    apply(&mut s, tick(2, 12_000, &[("shop", epoch)]));
     assert_eq!(s.clock.epoch("shop", epoch), Some(12_000));
     eu_west_lost(&mut s);
     let hour = 3_600_000;
@@ -323,7 +325,7 @@ fn the_cooldown_is_counted_on_the_cluster_clock_whatever_the_leaders_wall_clocks
         dr_watch::due(&s, now(60_000), &on(&s, 5, since, 60_000)).is_empty(),
         "failed back before its first tick"
     );
-    apply(&mut s, Command::Tick { term: 5, led_ms: 500 });
+    apply(&mut s, tick(5, 500, &[("shop", epoch)]));
     // The election between A's last tick and B's takeover is not counted:
     // 12 s of A's and B's own count since the failover's pin.
     assert_eq!(on(&s, 5, since, 600).clock, ClusterTime::Now(12_600));
@@ -336,18 +338,18 @@ fn the_cooldown_is_counted_on_the_cluster_clock_whatever_the_leaders_wall_clocks
     // A tick proposed in term 4 but committed in a term-5 entry (its
     // leader deposed in between) does not move the clock.
     let before = s.clock.clone();
-    assert_eq!(
-        s.apply_in(
-            5,
-            Command::Tick {
-                term: 4,
-                led_ms: 90_000
-            }
-        )
-        .error,
-        None
-    );
+    assert_eq!(s.apply_in(5, tick(4, 90_000, &[("shop", epoch)])).error, None);
     assert_eq!(s.clock, before);
+}
+
+/// A tick of the leader of `term` that had led `led_ms` and applied the
+/// failover epochs `pins`.
+fn tick(term: u64, led_ms: u64, pins: &[(&str, u64)]) -> Command {
+    Command::Tick {
+        term,
+        led_ms,
+        pins: pins.iter().map(|&(app, e)| (app.to_string(), e)).collect(),
+    }
 }
 
 /// After [`failed_over_to_eu_west`]: us-east comes back as eu-west's

@@ -255,6 +255,46 @@ async fn leadership_moves_to_the_node_an_operator_names() {
     c.shutdown().await;
 }
 
+/// A region's coordinator is lost, and the leadership then moves (an
+/// operator's transfer) to a node that has not heard from the lost one
+/// since it (re)started. The new leader still ticks the cluster clock in
+/// its term: the log already holds ticks, so the member it cannot hear
+/// cannot be one that could not apply them, and failover cooldowns stay on
+/// the cluster clock (not the wall clocks) while a region is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_ticks_the_cluster_clock_with_a_coordinator_lost() {
+    let mut c = TestCluster::builder().nodes(3).start().await.unwrap();
+    let old = c.wait_leader(T).await.unwrap();
+    let term = c.node(old).consensus().status().term;
+    c.wait_state(old, T, "the first leader's tick", |s| s.clock.term == term)
+        .await
+        .unwrap();
+    let lost = (old + 1) % 3;
+    let next = (old + 2) % 3;
+    c.stop_node(lost).await;
+    // Restarted, so it has heard nothing from the lost node (not even a
+    // vote answer from the first election).
+    c.stop_node(next).await;
+    c.start_node(next).await.unwrap();
+    c.wait_state(next, T, "the restarted node to catch up", |s| s.clock.term == term)
+        .await
+        .unwrap();
+    c.operator(old)
+        .transfer_leadership(pb::TransferLeadershipRequest {
+            node_id: next as u64 + 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.wait_leader(T).await.unwrap(), next);
+    let term = c.node(next).consensus().status().term;
+    c.wait_state(next, T, "the new leader's tick with a member lost", |s| {
+        s.clock.term == term
+    })
+    .await
+    .unwrap();
+    c.shutdown().await;
+}
+
 /// Snapshots and purging keep the log bounded; a restarted node recovers
 /// from its snapshot plus the log after it, and a node added after the
 /// purge catches up by snapshot installation.

@@ -79,7 +79,9 @@ impl From<ProposeError> for ApiError {
         match e {
             ProposeError::Rejected(m) => ApiError::FailedPrecondition(m),
             ProposeError::UnknownNode(id) => ApiError::NotFound(format!("node {id} is not a member of the cluster")),
-            ProposeError::NotLeader { .. } | ProposeError::NoLeader(_) => ApiError::Unavailable(e.to_string()),
+            ProposeError::NotLeader { .. } | ProposeError::NoLeader(_) | ProposeError::LevelUnknown(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             ProposeError::Raft(m) => ApiError::Unavailable(format!("raft: {m}")),
         }
     }

@@ -299,8 +299,10 @@ pub fn due(s: &State, now: i64, lead: &Leadership) -> Vec<Command> {
             // and a fence started on that would run against a server that
             // may not even be up (and hold the app against a rejoin). The
             // report's session says which registration's stream carried it
-            // (its time and the agent's return may be two leaders' clocks).
-            if d.session != agent.session {
+            // (its time and the agent's return may be two leaders' clocks);
+            // a report no session stamped (0, from a release before
+            // sessions were stamped) says nothing about which.
+            if d.session == 0 || d.session != agent.session {
                 continue;
             }
             let Some(cluster) = key

@@ -29,6 +29,7 @@ use cutover_shared::task::TaskParams;
 
 pub use plan::{Inputs, Step, plan, switch_targets};
 
+use crate::cluster_clock::ClusterClock;
 use crate::raft::{Consensus, Proposal};
 use crate::state::Command;
 
@@ -308,13 +309,36 @@ pub async fn read_clock(
 ) -> dr_watch::ClusterTime {
     use dr_watch::ClusterTime;
     let led_ms = || u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let wants = consensus.read(|s| s.clock.wants_tick(term, s.dr_epochs.iter()));
-    if wants {
-        let tick = Command::Tick { term, led_ms: led_ms() };
+    let wants = consensus.read(|s| {
+        s.clock
+            .wants_tick(term, s.dr_epochs.iter())
+            .then(|| ClusterClock::pins(s.dr_epochs.iter()))
+    });
+    if let Some(pins) = wants {
+        // Read after the epochs it pins were applied: never before them.
+        let tick = Command::Tick {
+            term,
+            led_ms: led_ms(),
+            pins,
+        };
         match consensus.propose(Proposal::Command(tick)).await {
             Ok(_) => {}
             // A member that cannot apply a tick (a rolling upgrade).
             Err(crate::raft::ProposeError::Rejected(e)) => {
+                if !std::mem::replace(told_refused, true) {
+                    tracing::info!("cluster clock not ticking, failover cooldowns read on wall clocks: {e}");
+                }
+                return ClusterTime::Unavailable;
+            }
+            // A member not heard from since this node took over, in a
+            // cluster that has never ticked: its level is not known. A
+            // leader hears every live member within a heartbeat; one not
+            // heard from for longer is down (a lost region), and may be of
+            // an older release, so the clock cannot start without it.
+            Err(crate::raft::ProposeError::LevelUnknown(e)) => {
+                if origin.elapsed() < UNHEARD_GRACE {
+                    return ClusterTime::Pending;
+                }
                 if !std::mem::replace(told_refused, true) {
                     tracing::info!("cluster clock not ticking, failover cooldowns read on wall clocks: {e}");
                 }
@@ -331,7 +355,11 @@ pub async fn read_clock(
         .map_or(ClusterTime::Pending, ClusterTime::Now)
 }
 
-/// How often the leader checks the state against the retention policy.
+/// How long a new leader waits to hear a member's feature level before
+/// taking it for down, in a cluster that has never ticked
+/// ([`read_clock`]): many heartbeats and election timeouts.
+const UNHEARD_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often the leader looks for due backup slots and expired backups.
 const SCHEDULE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 

@@ -73,49 +73,104 @@ impl PeerLevels {
     }
 }
 
+/// Why a command was not let through by [`check`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A member said it is at a lower level (an older release, a rolling
+    /// upgrade under way).
+    Behind(String),
+    /// A member has not been heard from since this node began leading, and
+    /// the log holds no entry of that level yet: its level is not known.
+    Unheard(String),
+}
+
 /// Refuses a command of level `needed` unless every member is known to
 /// apply it: `members` are each member's id and what was heard from it (as
-/// [`PeerLevels::get`], with this node's own level for itself). A member
-/// not heard from yet counts as [`UNADVERTISED_LEVEL`] (a leader hears
-/// every live member within a heartbeat).
-pub fn check(needed: u32, members: impl IntoIterator<Item = (NodeId, Option<Option<u32>>)>) -> Result<(), String> {
-    if needed <= UNADVERTISED_LEVEL {
+/// [`PeerLevels::get`], with this node's own level for itself);
+/// `in_use` is the highest level of an entry already in the log
+/// (`State::level_in_use`).
+///
+/// Once the log holds an entry of level `needed`, it passes whatever the
+/// members say: that entry was let through only when every member said it
+/// applies it, and no node below it is added since (`AddNode` checks), so
+/// a member not heard from (a lost region's coordinator) cannot hold the
+/// leader back. A member restarted on an older release after that is a
+/// downgrade, which is not supported (as etcd's cluster version, the level
+/// in use never goes down).
+pub fn check(
+    needed: u32,
+    in_use: u32,
+    members: impl IntoIterator<Item = (NodeId, Option<Option<u32>>)>,
+) -> Result<(), Refusal> {
+    if needed <= UNADVERTISED_LEVEL || in_use >= needed {
         return Ok(());
     }
-    let behind: Vec<String> = members
-        .into_iter()
-        .filter_map(|(id, heard)| {
-            let level = heard.flatten().unwrap_or(UNADVERTISED_LEVEL);
-            (level < needed).then(|| format!("node {id} at level {level}"))
-        })
-        .collect();
-    if behind.is_empty() {
-        return Ok(());
+    let mut behind = Vec::new();
+    let mut unheard = Vec::new();
+    for (id, heard) in members {
+        match heard {
+            None => unheard.push(format!("node {id}")),
+            Some(level) => {
+                let level = level.unwrap_or(UNADVERTISED_LEVEL);
+                if level < needed {
+                    behind.push(format!("node {id} at level {level}"));
+                }
+            }
+        }
     }
-    Err(format!(
-        "this write needs every coordinator at feature level {needed} or later, and {} (an older release): \
-         finish the rolling upgrade first",
-        behind.join(", ")
-    ))
+    if !behind.is_empty() {
+        return Err(Refusal::Behind(format!(
+            "this write needs every coordinator at feature level {needed} or later, and {} (an older release): \
+             finish the rolling upgrade first",
+            behind.join(", ")
+        )));
+    }
+    if !unheard.is_empty() {
+        return Err(Refusal::Unheard(format!(
+            "this write needs every coordinator at feature level {needed} or later, and {} not heard from yet",
+            unheard.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[test]
     fn a_write_older_voters_cannot_apply_is_refused_naming_them() {
-        let voters = || [(1, Some(Some(2))), (2, Some(None)), (3, None)];
+        let voters = || [(1, Some(Some(2))), (2, Some(None)), (3, Some(Some(1))), (4, None)];
         // What every release applies passes, whatever the members say.
-        assert_eq!(check(1, voters()), Ok(()));
-        let e = check(2, voters()).unwrap_err();
+        assert_eq!(check(1, 1, voters()), Ok(()));
+        let Err(Refusal::Behind(e)) = check(2, 1, voters()) else {
+            panic!("a member heard at level 1 lets a level-2 write through")
+        };
         assert!(e.contains("node 2 at level 1, node 3 at level 1"), "{e}");
-        assert!(!e.contains("node 1"), "{e}");
+        assert!(!e.contains("node 1") && !e.contains("node 4"), "{e}");
         assert!(e.contains("finish the rolling upgrade"), "{e}");
+        // A member not heard from: its level is not known, which is not
+        // the same as known to be behind.
+        let Err(Refusal::Unheard(e)) = check(2, 1, [(1, Some(Some(2))), (4, None)]) else {
+            panic!("an unheard member is taken to be at some level")
+        };
+        assert!(e.contains("node 4 not heard from"), "{e}");
         // Once every voter said it is at level 2, it passes.
-        assert_eq!(check(2, [(1, Some(Some(2))), (2, Some(Some(3)))]), Ok(()));
+        assert_eq!(check(2, 1, [(1, Some(Some(2))), (2, Some(Some(3)))]), Ok(()));
+        // Once the log holds a level-2 entry, a member not heard from (a
+        // lost region's coordinator) does not hold the leader back.
+        assert_eq!(check(2, 2, [(1, Some(Some(2))), (4, None)]), Ok(()));
         // The cluster clock's tick is the first level-2 command.
-        assert_eq!(needed(&Command::Tick { term: 1, led_ms: 0 }), 2);
+        assert_eq!(
+            needed(&Command::Tick {
+                term: 1,
+                led_ms: 0,
+                pins: BTreeMap::new()
+            }),
+            2
+        );
         assert_eq!(needed(&Command::TaskDispatched { task_id: "t".into() }), 1);
     }
 

@@ -77,6 +77,10 @@ pub enum ProposeError {
     NoLeader(Duration),
     #[error("{0}")]
     Rejected(String),
+    /// A write of a newer feature level while a member's level is not
+    /// known yet (not heard from since this node began leading).
+    #[error("{0}")]
+    LevelUnknown(String),
     #[error("node {0} is not a member")]
     UnknownNode(NodeId),
     #[error("raft: {0}")]
@@ -524,7 +528,11 @@ impl Consensus {
                         };
                         (id, heard)
                     });
-                    level::check(needed, members.collect::<Vec<_>>()).map_err(ProposeError::Rejected)?;
+                    let in_use = self.read(|s| s.level_in_use);
+                    level::check(needed, in_use, members.collect::<Vec<_>>()).map_err(|r| match r {
+                        level::Refusal::Behind(m) => ProposeError::Rejected(m),
+                        level::Refusal::Unheard(m) => ProposeError::LevelUnknown(m),
+                    })?;
                 }
                 // Propose to applied on the leader: append, replicate to a
                 // majority, fsync, apply.
