@@ -109,6 +109,14 @@ struct AppEpoch {
     /// (as opposed to a failover's fence, which only a rejoin lifts).
     #[serde(default)]
     self_fenced: bool,
+    /// The epoch of the last failover whose fence this agent started, and
+    /// whether it found the server already fenced by someone else (an
+    /// operator's `default_transaction_read_only`): that failover's
+    /// compensation then leaves the fence where it found it. Recorded
+    /// before the fence acts, once per epoch, so a re-sent fence does not
+    /// take the fence it set itself for an operator's.
+    #[serde(default)]
+    fence_found: Option<(u64, bool)>,
 }
 
 fn read_epochs(path: &Path) -> BTreeMap<String, AppEpoch> {
@@ -418,6 +426,17 @@ impl DrRuntime {
         let msg = match f.action {
             FailoverAction::Fence => {
                 progress(format!("fencing {app}'s database (epoch {})", f.epoch));
+                let known = self.epochs.read().get(app).copied().unwrap_or_default();
+                if known.fence_found.is_none_or(|(epoch, _)| epoch != f.epoch) {
+                    // A fence this agent set when its lease ran out is its
+                    // own, not an operator's.
+                    let found = !known.self_fenced
+                        && matches!(
+                            tokio::time::timeout(OBSERVE_TIMEOUT, migrate::replication(&cfg)).await,
+                            Ok(Ok(Some(r))) if !r.in_recovery && r.read_only
+                        );
+                    self.epochs.update(app, |e| e.fence_found = Some((f.epoch, found)))?;
+                }
                 self.epochs.set_promoted(app, false)?;
                 let lsn = migrate::fence(&cfg).await.map_err(|e| e.to_string())?;
                 out.lsn = Some(lsn);
@@ -427,8 +446,17 @@ impl DrRuntime {
                 )
             }
             FailoverAction::Unfence => {
-                migrate::unfence(&cfg).await.map_err(|e| e.to_string())?;
-                format!("{app}'s database takes writes again")
+                let found = self.epochs.read().get(app).and_then(|e| e.fence_found);
+                if found == Some((f.epoch, true)) {
+                    format!(
+                        "{app}'s database stays read-only: it already was when this failover fenced it \
+                         (epoch {}); lift that fence yourself when it is time",
+                        f.epoch
+                    )
+                } else {
+                    migrate::unfence(&cfg).await.map_err(|e| e.to_string())?;
+                    format!("{app}'s database takes writes again")
+                }
             }
             FailoverAction::Rejoin => {
                 let source = f.source.as_ref().ok_or("a rejoin task names no source")?;
