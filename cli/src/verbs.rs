@@ -760,7 +760,10 @@ pub async fn run(v: Verb) -> Result<ExitCode> {
                     );
                     print_members(&s.members);
                     if s.clock_term == 0 {
-                        println!("cluster clock: not ticking (a member runs a release without it)");
+                        println!(
+                            "cluster clock: no tick applied on this node yet (a member runs a release without \
+                             the clock, or this node has not caught up)"
+                        );
                     } else {
                         println!("cluster clock: last ticked in term {}", s.clock_term);
                     }
