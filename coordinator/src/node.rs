@@ -128,9 +128,9 @@ pub struct Node {
 impl Node {
     /// Starts a node serving on `listener` (and the ops endpoint on
     /// `ops_listener`, if given).
-    pub async fn start(
+    pub async fn start<L: cutover_shared::net::Listener>(
         cfg: CoordinatorConfig,
-        listener: TcpListener,
+        listener: L,
         ops_listener: Option<TcpListener>,
     ) -> Result<Node, NodeError> {
         cfg.validate()?;

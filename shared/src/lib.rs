@@ -22,6 +22,7 @@ pub mod identity;
 pub mod listener;
 pub mod load;
 pub mod material;
+pub mod net;
 pub mod operation;
 pub mod proto;
 pub mod release;

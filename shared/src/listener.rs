@@ -37,7 +37,6 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -47,6 +46,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::Error;
 use crate::material::{ConnectionCheck, LiveTls};
+use crate::net::{Accepted, Conn, Listener};
 use crate::tls::TlsFiles;
 
 /// How long a client gets to finish the TLS handshake.
@@ -184,7 +184,7 @@ impl MtlsAcceptor {
         self.cut.clone()
     }
 
-    fn stream(&self, io: Either<TlsStream<TcpStream>, TcpStream>, info: PeerInfo) -> io::Result<MtlsStream> {
+    fn stream(&self, io: Either<TlsStream<Conn>, Conn>, info: PeerInfo) -> io::Result<MtlsStream> {
         let verified = info.tls && info.cert_error.is_none() && info.certs.as_ref().is_some_and(|c| !c.is_empty());
         let (lifetime, slot) = if verified {
             let left = info
@@ -217,10 +217,10 @@ impl MtlsAcceptor {
 
     /// Sorts a fresh connection: TLS (a handshake record comes first) or
     /// plaintext, and for TLS the verdict on the client's certificate.
-    async fn accept(&self, tcp: TcpStream) -> io::Result<MtlsStream> {
-        let remote = tcp.peer_addr().ok();
+    async fn accept<C: Accepted>(&self, mut tcp: C, remote: Option<SocketAddr>) -> io::Result<MtlsStream> {
         let mut first = [0u8; 1];
         let n = tcp.peek(&mut first).await?;
+        let tcp: Conn = Box::new(tcp);
         // 0x16: a TLS handshake record.
         if n == 0 || first[0] != 0x16 {
             let info = PeerInfo {
@@ -265,14 +265,14 @@ impl MtlsAcceptor {
     /// Accepts connections on `listener` until the returned stream is
     /// dropped. Handshakes run concurrently, bounded by a timeout, so a slow
     /// or silent client never holds up others.
-    pub fn incoming(self, listener: TcpListener) -> ReceiverStream<io::Result<MtlsStream>> {
+    pub fn incoming<L: Listener>(self, listener: L) -> ReceiverStream<io::Result<MtlsStream>> {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let tcp = tokio::select! {
+                let (tcp, remote) = tokio::select! {
                     _ = tx.closed() => return,
                     r = listener.accept() => match r {
-                        Ok((tcp, _)) => tcp,
+                        Ok(accepted) => accepted,
                         Err(e) => {
                             tracing::warn!("accept: {e}");
                             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -280,11 +280,10 @@ impl MtlsAcceptor {
                         }
                     },
                 };
-                let _ = tcp.set_nodelay(true);
                 let this = self.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, this.accept(tcp)).await {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, this.accept(tcp, Some(remote))).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;
                         }
@@ -300,7 +299,7 @@ impl MtlsAcceptor {
 
 /// A connection accepted by [`MtlsAcceptor`].
 pub struct MtlsStream {
-    io: Either<TlsStream<TcpStream>, TcpStream>,
+    io: Either<TlsStream<Conn>, Conn>,
     info: PeerInfo,
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Fires when a request found the certificate no longer valid.

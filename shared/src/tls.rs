@@ -99,9 +99,8 @@ impl TlsFiles {
             let authority = authority.clone();
             async move {
                 let io = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                    let tcp = tokio::net::TcpStream::connect(&authority).await?;
-                    tcp.set_nodelay(true)?;
-                    connector.connect(name, tcp).await
+                    let conn = crate::net::dial(&authority).await?;
+                    connector.connect(name, conn).await
                 })
                 .await
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;

@@ -255,6 +255,46 @@ async fn leadership_moves_to_the_node_an_operator_names() {
     c.shutdown().await;
 }
 
+/// The failed forwards counted so far in this process.
+fn forward_failures() -> u64 {
+    cutover_shared::telemetry::metrics_handle()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("cutover_raft_forward_failures_total "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The leader stops; a write through a follower that still names it waits
+/// for the election to name another instead of retrying the stopped leader
+/// in a loop (a connection refused at once, a core and a socket spent per
+/// turn until the election ends: found by the network simulation,
+/// `coordinator/tests/netsim.rs`, as ports exhausted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_through_a_follower_waits_out_a_stopped_leader_without_spinning() {
+    forward_failures();
+    let mut c = TestCluster::builder().nodes(3).start().await.unwrap();
+    let old = c.wait_leader(T).await.unwrap();
+    c.write(old, "img:before").await.unwrap();
+    let follower = (old + 1) % 3;
+    c.wait_state(follower, T, "the follower to apply the first write", |s| {
+        s.attestations.contains_key("img:before")
+    })
+    .await
+    .unwrap();
+    let before = forward_failures();
+    c.stop_node(old).await;
+    c.write(follower, "img:after").await.unwrap();
+    // One election (200 to 400 ms here): a try per 200 ms at most, and
+    // other tests of this binary may forward meanwhile; a loop made
+    // thousands.
+    let failed = forward_failures() - before;
+    assert!(
+        failed < 50,
+        "{failed} failed forwards to the stopped leader during one election"
+    );
+    c.shutdown().await;
+}
+
 /// A region's coordinator is lost, and the leadership then moves (an
 /// operator's transfer) to a node that has not heard from the lost one
 /// since it (re)started. The new leader still ticks the cluster clock in

@@ -153,6 +153,10 @@ fn leads(m: &openraft::RaftMetrics<TypeConfig>, lease: Duration) -> bool {
 /// How long a write waits for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The longest a write or read waits between two tries at the leader it
+/// knows, when no other leader is learnt of sooner.
+const RETRY_WAIT: Duration = Duration::from_millis(200);
+
 /// Opens the node's redb file. A previous instance in this process may still
 /// be closing it (its last holder dropped, the file lock not yet released),
 /// so "already open" is retried for a short while before it is an error.
@@ -389,9 +393,10 @@ impl Consensus {
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
         let deadline = Instant::now() + PROPOSE_DEADLINE;
         loop {
-            let index = match self.leader() {
-                Some((id, _)) if id == self.node_id => self.read_index().await.ok(),
-                Some((_, addr)) => self.remote_read_index(&addr).await,
+            let leader = self.leader();
+            let index = match &leader {
+                Some((id, _)) if *id == self.node_id => self.read_index().await.ok(),
+                Some((_, addr)) => self.remote_read_index(addr).await,
                 None => None,
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -407,9 +412,7 @@ impl Consensus {
             if left.is_zero() {
                 return Err(ProposeError::NoLeader(PROPOSE_DEADLINE));
             }
-            // Wait for the metrics to change (a new leader) rather than spin.
-            let mut m = self.raft.metrics();
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), m.changed()).await;
+            self.leader_change(leader.map(|(id, _)| id), left.min(RETRY_WAIT)).await;
         }
     }
 
@@ -643,25 +646,30 @@ impl Consensus {
     pub async fn propose(&self, proposal: Proposal) -> Result<CommandResponse, ProposeError> {
         let deadline = Instant::now() + PROPOSE_DEADLINE;
         loop {
+            let mut tried = None;
             let err = match self.propose_local(proposal.clone()).await {
                 Err(ProposeError::NotLeader {
                     leader: Some((id, addr)),
-                }) if id != self.node_id => match self.forward(&addr, &proposal).await {
-                    Ok(r) => {
-                        // Read your writes: answer once this node has applied
-                        // the entry too, so that a read through this node
-                        // right after (GetOperation, WatchOperation) sees it.
-                        if let Ok(resp) = &r
-                            && resp.log_index > 0
-                        {
-                            let left = deadline.saturating_duration_since(Instant::now());
-                            let mut applied = self.applied();
-                            let _ = tokio::time::timeout(left, applied.wait_for(|i| *i >= resp.log_index)).await;
+                }) if id != self.node_id => {
+                    tried = Some(id);
+                    match self.forward(&addr, &proposal).await {
+                        Ok(r) => {
+                            // Read your writes: answer once this node has
+                            // applied the entry too, so that a read through
+                            // this node right after (GetOperation,
+                            // WatchOperation) sees it.
+                            if let Ok(resp) = &r
+                                && resp.log_index > 0
+                            {
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                let mut applied = self.applied();
+                                let _ = tokio::time::timeout(left, applied.wait_for(|i| *i >= resp.log_index)).await;
+                            }
+                            return r;
                         }
-                        return r;
+                        Err(e) => e,
                     }
-                    Err(e) => e,
-                },
+                }
                 Err(ProposeError::NotLeader { .. }) => "no leader".to_owned(),
                 other => return other,
             };
@@ -670,10 +678,38 @@ impl Consensus {
                 tracing::warn!("giving up on a write: {err}");
                 return Err(ProposeError::NoLeader(PROPOSE_DEADLINE));
             }
-            // Wait for the metrics to change (a new leader) rather than spin.
-            let mut m = self.raft.metrics();
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), m.changed()).await;
+            if tried.is_some() {
+                metrics::counter!("cutover_raft_forward_failures_total").increment(1);
+            }
+            // The leader tried, or the one known now (even this node, in a
+            // transition where it cannot take the write).
+            let known = tried.or(self.raft.metrics().borrow_watched().current_leader);
+            self.leader_change(known, left.min(RETRY_WAIT)).await;
         }
+    }
+
+    /// Waits, at most `max`, until this node knows a leader other than
+    /// `known`: what a write or read that found no leader, or could not
+    /// reach `known`, waits for before it tries again. A leader that is
+    /// down refuses connections at once, so without the wait a follower
+    /// retried in a loop until the election ended, a connection attempt
+    /// (and a socket) per turn (found by `tests/netsim.rs`: ports
+    /// exhausted). Each call's receiver is new, so the first `changed`
+    /// answers at once for any change ever made: the leader is compared,
+    /// not the notification trusted.
+    async fn leader_change(&self, known: Option<NodeId>, max: Duration) {
+        let mut m = self.raft.metrics();
+        let changed = async {
+            loop {
+                if m.borrow_watched().current_leader != known {
+                    return;
+                }
+                if m.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, changed).await;
     }
 
     /// Sends a proposal to the leader at `addr`. The outer error means "try
