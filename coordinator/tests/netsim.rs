@@ -70,7 +70,7 @@ const FAULTY: Duration = Duration::from_secs(30);
 const CALM: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(10);
 /// The seeds CI runs.
-const CI_SEEDS: u64 = 4;
+const CI_SEEDS: u64 = 6;
 
 fn host(i: usize) -> String {
     format!("coordinator-{}", i + 1)
