@@ -48,6 +48,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+mod common;
+
 use cutover_coordinator::node::Node;
 use cutover_coordinator::raft::Consensus;
 use cutover_shared::config::{CoordinatorConfig, Member, RaftConfig};
@@ -338,27 +340,10 @@ fn run_seed(seed: u64, totals: &mut Totals) -> Result<Vec<String>, (String, Vec<
         let ms = elapsed.as_millis();
         if elapsed < FAULTY && steps > 0 && steps.is_multiple_of(every) {
             // Heal what the last fault did, then maybe make a new one.
-            if cut {
-                for h in &hosts {
-                    sim.repair(AGENT, h.as_str());
-                }
-                sim.repair("operator", "coordinator-1");
-                for a in &hosts {
-                    for b in &hosts {
-                        if a != b {
-                            sim.repair(a.as_str(), b.as_str());
-                        }
-                    }
-                }
-                cut = false;
+            if std::mem::take(&mut cut) {
                 run.note(ms, "network repaired".into());
             }
-            for i in std::mem::take(&mut down) {
-                handles.borrow_mut()[i] = None;
-                sim.bounce(host(i));
-                run.seen[i].1 = 0;
-                run.note(ms, format!("node {} restarted", i + 1));
-            }
+            heal(&mut sim, &mut run, ms, &mut down, &handles);
             match rng.random_range(0..6) {
                 0 => {
                     let i = rng.random_range(0..NODES);
@@ -404,24 +389,8 @@ fn run_seed(seed: u64, totals: &mut Totals) -> Result<Vec<String>, (String, Vec<
             }
         }
         if elapsed >= FAULTY && (cut || !down.is_empty()) {
-            for h in &hosts {
-                sim.repair(AGENT, h.as_str());
-            }
-            sim.repair("operator", "coordinator-1");
-            for a in &hosts {
-                for b in &hosts {
-                    if a != b {
-                        sim.repair(a.as_str(), b.as_str());
-                    }
-                }
-            }
             cut = false;
-            for i in std::mem::take(&mut down) {
-                handles.borrow_mut()[i] = None;
-                sim.bounce(host(i));
-                run.seen[i].1 = 0;
-                run.note(ms, format!("node {} restarted", i + 1));
-            }
+            heal(&mut sim, &mut run, ms, &mut down, &handles);
             run.note(ms, "faults stopped".into());
         }
         let finished = match sim.step() {
@@ -501,6 +470,33 @@ fn run_seed(seed: u64, totals: &mut Totals) -> Result<Vec<String>, (String, Vec<
     Ok(run.trace)
 }
 
+/// Repairs every link and restarts every crashed node (from its data
+/// directory), its handle dropped first so its files are closed.
+fn heal(
+    sim: &mut turmoil::Sim<'_>,
+    run: &mut Run,
+    ms: u128,
+    down: &mut BTreeSet<usize>,
+    handles: &RefCell<Vec<Option<Consensus>>>,
+) {
+    let hosts: Vec<String> = (0..NODES).map(host).collect();
+    for a in &hosts {
+        sim.repair(AGENT, a.as_str());
+        for b in &hosts {
+            if a != b {
+                sim.repair(a.as_str(), b.as_str());
+            }
+        }
+    }
+    sim.repair("operator", "coordinator-1");
+    for i in std::mem::take(down) {
+        handles.borrow_mut()[i] = None;
+        sim.bounce(host(i));
+        run.seen[i].1 = 0;
+        run.note(ms, format!("node {} restarted", i + 1));
+    }
+}
+
 /// Whether every node runs, has applied every acknowledged write, and
 /// has every accepted task run finished.
 fn settled(nodes: &[Option<Consensus>], history: &History) -> bool {
@@ -570,18 +566,7 @@ fn main() {
         })
     });
     assert!(cutover_shared::net::install_dialer(dialer));
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name} takes a number")))
-    };
-    let (seeds, verbose): (Vec<u64>, bool) = match (arg("--seed"), arg("--seeds")) {
-        (Some(s), _) => (vec![s], true),
-        (None, Some(n)) => ((0..n).collect(), false),
-        (None, None) => ((0..CI_SEEDS).collect(), false),
-    };
+    let (seeds, verbose) = common::seeds_from_args(CI_SEEDS);
     let mut totals = Totals::default();
     for seed in seeds {
         eprintln!("netsim: seed {seed}");

@@ -717,18 +717,7 @@ impl Sim {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name} takes a number")))
-    };
-    let (seeds, verbose): (Vec<u64>, bool) = match (arg("--seed"), arg("--seeds")) {
-        (Some(s), _) => (vec![s], true),
-        (None, Some(n)) => ((0..n).collect(), false),
-        (None, None) => ((0..200).collect(), false),
-    };
+    let (seeds, verbose) = common::seeds_from_args(200);
     let mut total = Stats::default();
     for &seed in &seeds {
         let mut sim = Sim::new(seed);

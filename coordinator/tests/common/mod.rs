@@ -1,6 +1,7 @@
 //! What the coordinator's state-machine tests share: a fixed clock origin,
 //! an operator's audit draft, clusters named `<region>/main`, and an app
-//! spec on the local driver. Each test binary uses a part of it.
+//! spec on the local driver, and the seeded simulations' arguments. Each
+//! test binary uses a part of it.
 #![allow(dead_code)]
 
 use cutover_coordinator::state::AuditDraft;
@@ -50,5 +51,22 @@ pub fn app_spec(name: &str, regions: &[&str], bake_secs: u64) -> AppSpec {
             .collect(),
         bake_secs,
         ..Default::default()
+    }
+}
+
+/// The seeds a seeded simulation runs, from its arguments: `--seed S`
+/// (that seed alone, verbose), `--seeds N` (0..N), or 0..`default`.
+pub fn seeds_from_args(default: u64) -> (Vec<u64>, bool) {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name} takes a number")))
+    };
+    match (arg("--seed"), arg("--seeds")) {
+        (Some(s), _) => (vec![s], true),
+        (None, Some(n)) => ((0..n).collect(), false),
+        (None, None) => ((0..default).collect(), false),
     }
 }
