@@ -418,12 +418,8 @@ fn run_seed(seed: u64, totals: &mut Totals) -> Result<Vec<String>, (String, Vec<
         let Some(c) = c else {
             return fail(&mut run, format!("node {} is not running at the end", i + 1));
         };
-        let (applied, images) = c.read(|s| {
-            (
-                s.attestations.len(),
-                s.attestations.keys().cloned().collect::<BTreeSet<_>>(),
-            )
-        });
+        let applied = c.status().applied_index;
+        let images = c.read(|s| s.attestations.keys().cloned().collect::<BTreeSet<_>>());
         let missing: Vec<&String> = history.acked.difference(&images).collect();
         if !missing.is_empty() {
             return fail(
@@ -455,8 +451,15 @@ fn run_seed(seed: u64, totals: &mut Totals) -> Result<Vec<String>, (String, Vec<
             return fail(&mut run, format!("task {task} of {op} started {n} times on the agent"));
         }
     }
-    if views.windows(2).any(|w| w[0] != w[1]) {
-        return fail(&mut run, "the nodes' states differ at the end".into());
+    if let Some(w) = views.windows(2).find(|w| w[0] != w[1]) {
+        let ((a, x), (b, y)) = (&w[0], &w[1]);
+        return fail(
+            &mut run,
+            format!(
+                "the nodes' states differ at the end: applied {a} and {b}; attestations on one only: {:?}",
+                x.symmetric_difference(y).collect::<Vec<_>>()
+            ),
+        );
     }
     if history.acked.is_empty() {
         return fail(&mut run, "no write was acknowledged in the whole run".into());
@@ -500,17 +503,24 @@ fn heal(
 /// Whether every node runs, has applied every acknowledged write, and
 /// has every accepted task run finished.
 fn settled(nodes: &[Option<Consensus>], history: &History) -> bool {
-    nodes.iter().all(|c| {
-        c.as_ref().is_some_and(|c| {
-            c.read(|s| {
-                history.acked.iter().all(|a| s.attestations.contains_key(a))
-                    && history
-                        .tasks
-                        .keys()
-                        .all(|op| s.operations.get(op).is_some_and(|o| o.state.is_finished()))
+    // One applied index on every node: what a write that was not
+    // acknowledged (a timeout) committed has reached them all too.
+    let applied: BTreeSet<Option<u64>> = nodes
+        .iter()
+        .map(|c| c.as_ref().map(|c| c.status().applied_index))
+        .collect();
+    applied.len() == 1
+        && nodes.iter().all(|c| {
+            c.as_ref().is_some_and(|c| {
+                c.read(|s| {
+                    history.acked.iter().all(|a| s.attestations.contains_key(a))
+                        && history
+                            .tasks
+                            .keys()
+                            .all(|op| s.operations.get(op).is_some_and(|o| o.state.is_finished()))
+                })
             })
         })
-    })
 }
 
 /// An `echo` task on the agent that takes 300 ms.
