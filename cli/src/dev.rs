@@ -287,29 +287,20 @@ impl DevSystem {
     /// app run by this very binary) and deploys `image` everywhere. Returns
     /// each region's service address.
     pub async fn install_sample_app(&mut self, image: &str) -> Result<Vec<(String, String)>> {
-        use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, LocalSpec, Probe};
+        use cutover_shared::app::{AppCluster, AppSpec, DriverKind, LoadProbe, Probe};
         use cutover_shared::proto as pb;
-        let exe = std::env::current_exe()?.display().to_string();
-        let free = || -> Result<String> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
+        let exe = std::env::current_exe()?;
         let mut clusters = Vec::new();
         for (region, cluster, _) in &self.pki.agents {
             clusters.push(AppCluster {
                 region: region.clone(),
                 cluster: cluster.clone(),
                 driver: DriverKind::Local,
-                local: Some(LocalSpec {
-                    command: vec![
-                        exe.clone(),
-                        "sample-app".into(),
-                        "--version".into(),
-                        "{image}".into(),
-                        "--listen".into(),
-                        "{listen}".into(),
-                    ],
-                    listen: free()?,
-                    preview_listen: free()?,
-                    drain_timeout_ms: 5000,
-                }),
+                // Ports below the ephemeral range: a `bind(0)` port, released,
+                // can be taken by another process's outgoing connection
+                // before the router binds it (CI saw "router cannot listen
+                // on 127.0.0.1:38413: Address already in use").
+                local: Some(cutover_devkit::sample_app::local(&exe)),
                 kubernetes: None,
             });
         }
