@@ -85,3 +85,61 @@ impl Listener for tokio::net::TcpListener {
         tokio::net::TcpListener::local_addr(self)
     }
 }
+
+/// A free loopback port below the kernel's ephemeral range, for a process
+/// started to listen on it (the local driver's apps; the demo's and tests'
+/// servers). A port from `bind(0)`, released, can be taken by another
+/// process's outgoing connection or `bind(0)` before the process it was
+/// chosen for binds it ("Address already in use"); no kernel-chosen port
+/// comes from below the ephemeral range. Falls back to a kernel-chosen
+/// port when every port below it is taken.
+pub fn free_loopback_port() -> io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Within this process, successive calls walk a permutation of the range
+    // (a step coprime with its size), so no port is handed out twice in a
+    // row; the start differs between processes.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static SEED: OnceLock<u32> = OnceLock::new();
+    const SPAN: u32 = 12_000;
+    const STEP: u32 = 7919;
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768);
+    let first = low.saturating_sub(SPAN).max(1024);
+    let span = low.saturating_sub(first).max(1);
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+    });
+    for _ in 0..span {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = first + (seed % span + (k % span) * STEP) % span;
+        if let Ok(port) = u16::try_from(port)
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return Ok(port);
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_loopback_ports_lie_below_the_ephemeral_range_and_do_not_repeat() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ports: Vec<u16> = (0..50).map(|_| super::free_loopback_port().unwrap()).collect();
+        assert!(ports.iter().all(|p| *p < low && *p >= 1024), "{ports:?}");
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    }
+}

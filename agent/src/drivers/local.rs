@@ -432,10 +432,10 @@ impl LocalDriver {
         color: &'static str,
         image: &str,
     ) -> Result<(ColorState, u32, Option<u64>, SocketAddr), DriverError> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| err(format!("no free loopback port: {e}")))?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port.port()));
+        // Below the ephemeral range: a `bind(0)` port, released, can be
+        // taken by an outgoing connection before the app binds it.
+        let port = cutover_shared::net::free_loopback_port().map_err(|e| err(format!("no free loopback port: {e}")))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = self.spawn(color, image, addr)?;
         let pid = child
             .id()

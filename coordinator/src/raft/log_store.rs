@@ -52,6 +52,10 @@ fn decode<T: DeserializeOwned>(b: &[u8]) -> io::Result<T> {
 /// Entries handed to `append` and not yet committed to redb, by index.
 type Unflushed = Arc<Mutex<BTreeMap<u64, EntryOf<TypeConfig>>>>;
 
+/// The last committed log id openraft saved (encoded), not yet written:
+/// it goes to disk with the writer's next transaction.
+type PendingCommitted = Arc<Mutex<Option<Vec<u8>>>>;
+
 /// What the writer thread does, in the order queued.
 enum Job {
     Append {
@@ -76,6 +80,7 @@ enum Job {
 pub struct LogStore {
     db: Arc<Database>,
     unflushed: Unflushed,
+    committed: PendingCommitted,
     writer: Sender<Job>,
 }
 
@@ -87,13 +92,19 @@ impl LogStore {
         tx.open_table(META).map_err(io_err)?;
         tx.commit().map_err(io_err)?;
         let unflushed = Unflushed::default();
+        let committed = PendingCommitted::default();
         let (writer, jobs) = std::sync::mpsc::channel();
-        let (w_db, w_unflushed) = (db.clone(), unflushed.clone());
+        let (w_db, w_unflushed, w_committed) = (db.clone(), unflushed.clone(), committed.clone());
         // Ends when the last store (and so the last sender) is dropped.
         std::thread::Builder::new()
             .name("raft-log-writer".into())
-            .spawn(move || write_loop(&w_db, &w_unflushed, &jobs))?;
-        Ok(Self { db, unflushed, writer })
+            .spawn(move || write_loop(&w_db, &w_unflushed, &w_committed, &jobs))?;
+        Ok(Self {
+            db,
+            unflushed,
+            committed,
+            writer,
+        })
     }
 
     fn queue(&self, job: Job) -> io::Result<()> {
@@ -111,17 +122,12 @@ impl LogStore {
         }
     }
 
-    /// Writes a metadata value. `durable: false` skips the fsync: the value
-    /// reaches the disk with the next durable commit (the next append), and
-    /// losing it in a crash before then is harmless (see `save_committed`).
-    async fn write_meta<T: Serialize>(&self, key: &'static str, value: &T, durable: bool) -> io::Result<()> {
+    /// Writes a metadata value durably (with fsync).
+    async fn write_meta<T: Serialize>(&self, key: &'static str, value: &T) -> io::Result<()> {
         let bytes = encode(value)?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let mut tx = db.begin_write().map_err(io_err)?;
-            if !durable {
-                tx.set_durability(redb::Durability::None).map_err(io_err)?;
-            }
+            let tx = db.begin_write().map_err(io_err)?;
             tx.open_table(META)
                 .map_err(io_err)?
                 .insert(key, bytes.as_slice())
@@ -148,13 +154,19 @@ impl LogStore {
 /// The writer thread: takes every job queued since the last commit, applies
 /// them in order in one write transaction, commits it (fsync), then reports
 /// each job's outcome.
-fn write_loop(db: &Database, unflushed: &Mutex<BTreeMap<u64, EntryOf<TypeConfig>>>, jobs: &Receiver<Job>) {
+fn write_loop(
+    db: &Database,
+    unflushed: &Mutex<BTreeMap<u64, EntryOf<TypeConfig>>>,
+    committed: &Mutex<Option<Vec<u8>>>,
+    jobs: &Receiver<Job>,
+) {
     let mut slow = SlowDisk::default();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         let started = std::time::Instant::now();
-        let result = commit_batch(db, &batch);
+        let committed = committed.lock().ok().and_then(|mut c| c.take());
+        let result = commit_batch(db, &batch, committed.as_deref());
         slow.record(started.elapsed());
         let end_us = super::trace::enabled().then(super::trace::now_us);
         for job in batch {
@@ -236,8 +248,14 @@ impl SlowDisk {
     }
 }
 
-fn commit_batch(db: &Database, batch: &[Job]) -> io::Result<()> {
+fn commit_batch(db: &Database, batch: &[Job], committed: Option<&[u8]>) -> io::Result<()> {
     let tx = db.begin_write().map_err(io_err)?;
+    if let Some(c) = committed {
+        tx.open_table(META)
+            .map_err(io_err)?
+            .insert(COMMITTED, c)
+            .map_err(io_err)?;
+    }
     {
         let mut log = tx.open_table(LOG).map_err(io_err)?;
         for job in batch {
@@ -320,18 +338,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        self.write_meta(VOTE, vote, true).await
+        self.write_meta(VOTE, vote).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
-        // Not fsynced on its own: this was the second fsync of every write.
+        // Neither fsynced nor written here: it goes to disk with the log
+        // writer's next transaction. openraft applies a commit only after
+        // this returns, so a write transaction of its own here (it was one,
+        // not fsynced) waited behind the writer's fsync on every commit.
         // A committed index lost in a crash only means the node re-learns it
-        // from the leader (Raft's own recovery); the entries themselves were
-        // appended durably.
-        self.write_meta(COMMITTED, &committed, false).await
+        // from the leader (Raft's own recovery); the entries up to it were
+        // queued before it, so they are on disk first.
+        let bytes = encode(&committed)?;
+        *self.committed.lock().map_err(io_err)? = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
+        if let Some(bytes) = self.committed.lock().map_err(io_err)?.as_deref() {
+            return decode::<Option<LogIdOf<TypeConfig>>>(bytes);
+        }
         Ok(self.read_meta::<Option<LogIdOf<TypeConfig>>>(COMMITTED)?.flatten())
     }
 
@@ -373,5 +399,45 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let upto = log_id.index;
         self.delete((Bound::Unbounded, Bound::Included(upto)), Some(log_id))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::{LogStore, TypeConfig};
+
+    /// The commit marker is kept in memory when openraft saves it and
+    /// reaches the disk with the writer's next transaction: a store opened
+    /// on the same database afterwards reads it back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_commit_marker_reaches_the_disk_with_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(
+            super::super::open_database(&dir.path().join("raft.redb"))
+                .await
+                .unwrap(),
+        );
+        let mut store = LogStore::new(db.clone()).unwrap();
+        let entries = (1..=3).map(|i| blank_ent::<TypeConfig>(1, 1, i)).collect::<Vec<_>>();
+        store.append(entries, IOFlushed::noop()).await.unwrap();
+        let committed = Some(log_id::<TypeConfig>(1, 1, 2));
+        store.save_committed(committed).await.unwrap();
+        // Read from memory before anything wrote it.
+        assert_eq!(store.read_committed().await.unwrap(), committed);
+        // The next append carries it; a truncation after it returns once
+        // the writer has committed both (one queue, in order).
+        store
+            .append([blank_ent::<TypeConfig>(1, 1, 4)], IOFlushed::noop())
+            .await
+            .unwrap();
+        store.truncate_after(Some(log_id::<TypeConfig>(1, 1, 4))).await.unwrap();
+        drop(store);
+        let mut reopened = LogStore::new(db).unwrap();
+        assert_eq!(reopened.read_committed().await.unwrap(), committed);
     }
 }
