@@ -345,6 +345,8 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
     let probe = tempfile::Builder::new().prefix("cutover-bench-fsync-").tempdir()?;
     let fsync = util::fsync_latency(probe.path(), 200, true)?;
     let fsync_pre = util::fsync_latency(probe.path(), 200, false)?;
+    let redb_one = util::redb_commit_latency(probe.path(), 200, 1)?;
+    let redb_two = util::redb_commit_latency(probe.path(), 200, 2)?;
     let fsync_dir = std::env::temp_dir();
     drop(probe);
     let (cut, snapshots) = cutover_rows(&p, &value, raft.clone()).await?;
@@ -377,6 +379,10 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
         fsync_pre.0,
         fsync_pre.1
     );
+    println!(
+        "redb commit of one 256-byte row (the log writer's commit of one append), 200 per database: one database p50 {:.2} ms, p99 {:.2} ms; two at once p50 {:.2} ms, p99 {:.2} ms",
+        redb_one.0, redb_one.1, redb_two.0, redb_two.1
+    );
     println!("load average before the run: {load}");
     println!(
         "etcd with mutual TLS on client and peer ports (--client-cert-auth, --peer-client-cert-auth, certificates from cutover's CA):"
@@ -406,6 +412,8 @@ pub async fn run(quick: bool, snapshot_every: Option<u64>) -> Result<serde_json:
             "dir": fsync_dir.display().to_string(),
             "append": {"p50": fsync.0, "p99": fsync.1},
             "preallocated": {"p50": fsync_pre.0, "p99": fsync_pre.1},
+            "redb_commit_one": {"p50": redb_one.0, "p99": redb_one.1},
+            "redb_commit_two_at_once": {"p50": redb_two.0, "p99": redb_two.1},
         },
         "loadavg_before": load,
         "rows_etcd_tls": rows_tls,

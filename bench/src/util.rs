@@ -74,6 +74,50 @@ pub fn fsync_latency(dir: &Path, n: usize, append: bool) -> Result<(f64, f64)> {
     Ok((p50, p99))
 }
 
+/// Latency of one redb write transaction holding one 256-byte row, with
+/// redb's default durability (one fdatasync), as cutover's log writer
+/// commits a single append: (p50, p99) in ms over `n` commits in each of
+/// `writers` databases under `dir`, committing at once (two: a leader's and
+/// a follower's log on one disk). Each database first holds 10,000 rows,
+/// as a log between snapshots does.
+pub fn redb_commit_latency(dir: &Path, n: usize, writers: usize) -> Result<(f64, f64)> {
+    const LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+    let row = vec![0xa5u8; 256];
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let (path, row) = (dir.join(format!("redb-probe-{w}.redb")), row.clone());
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let db = redb::Database::create(&path)?;
+                let tx = db.begin_write()?;
+                {
+                    let mut t = tx.open_table(LOG)?;
+                    for i in 0..10_000u64 {
+                        t.insert(i, row.as_slice())?;
+                    }
+                }
+                tx.commit()?;
+                let mut samples = Vec::with_capacity(n);
+                for i in 10_000..10_000 + n as u64 {
+                    let t0 = Instant::now();
+                    let tx = db.begin_write()?;
+                    tx.open_table(LOG)?.insert(i, row.as_slice())?;
+                    tx.commit()?;
+                    samples.push(ms_since(t0));
+                }
+                drop(db);
+                std::fs::remove_file(&path)?;
+                Ok(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(n * writers);
+    for t in threads {
+        samples.extend(t.join().map_err(|_| anyhow::anyhow!("redb probe thread panicked"))??);
+    }
+    let (p50, p99, _) = summary(samples);
+    Ok((p50, p99))
+}
+
 /// Clock ticks per second for `/proc/<pid>/stat` times.
 pub fn clock_ticks() -> f64 {
     Command::new("getconf")

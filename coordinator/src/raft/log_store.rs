@@ -236,9 +236,11 @@ impl SlowDisk {
             tracing::warn!(
                 slowest_ms = self.worst.as_millis() as u64,
                 slow_commits = self.slow,
-                "the Raft log's disk is slow: a write and fsync took {} ms (healthy: under 10 ms). Every \
-                 write waits for the leader's fsync and a majority's: if this node leads, transfer the \
-                 leadership away; check its disk (latency, errors, noisy neighbours)",
+                "the Raft log's disk is slow: a write and fsync took {} ms (healthy: under 10 ms). A \
+                 write commits once a majority has it on disk, so this disk delays every write a \
+                 majority needs it for (any, with another member slow or down), and this node's \
+                 snapshots and restart: if it leads, transfer the leadership away; check its disk \
+                 (latency, errors, noisy neighbours)",
                 self.worst.as_millis()
             );
             self.warned = Some(std::time::Instant::now());
