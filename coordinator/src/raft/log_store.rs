@@ -162,10 +162,13 @@ fn write_loop(
 ) {
     let mut slow = SlowDisk::default();
     while let Ok(first) = jobs.recv() {
+        // The commit marker is taken before the queue is drained: openraft
+        // queues the entries up to a marker before saving it, so every
+        // entry the marker covers is in this batch or an earlier one.
+        let committed = committed.lock().ok().and_then(|mut c| c.take());
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         let started = std::time::Instant::now();
-        let committed = committed.lock().ok().and_then(|mut c| c.take());
         let result = commit_batch(db, &batch, committed.as_deref());
         slow.record(started.elapsed());
         let end_us = super::trace::enabled().then(super::trace::now_us);

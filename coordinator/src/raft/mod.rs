@@ -412,7 +412,11 @@ impl Consensus {
             if left.is_zero() {
                 return Err(ProposeError::NoLeader(PROPOSE_DEADLINE));
             }
-            self.leader_change(leader.map(|(id, _)| id), left.min(RETRY_WAIT)).await;
+            // The leader openraft knows, even one not in this node's
+            // membership yet (`leader()` says None for it): comparing None
+            // with it would return at once, a busy loop.
+            let known = self.raft.metrics().borrow_watched().current_leader;
+            self.leader_change(known, left.min(RETRY_WAIT)).await;
         }
     }
 
