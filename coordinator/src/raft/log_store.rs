@@ -206,6 +206,14 @@ fn write_loop(
             }
         }
     }
+    // Every store is gone (a clean shutdown): a marker saved since the last
+    // append goes to disk now, so a restart applies what it knew committed
+    // without waiting to hear it from a leader again.
+    if let Some(c) = committed.lock().ok().and_then(|mut c| c.take())
+        && let Err(e) = commit_batch(db, &[], Some(&c))
+    {
+        tracing::warn!(error = %e, "could not store the Raft commit marker at shutdown");
+    }
 }
 
 /// A log commit (write and fsync) slower than this is a disk problem: on

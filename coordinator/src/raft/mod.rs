@@ -153,6 +153,9 @@ fn leads(m: &openraft::RaftMetrics<TypeConfig>, lease: Duration) -> bool {
 /// How long a write waits for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a follower waits for the leader's read index in one try.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The longest a write or read waits between two tries at the leader it
 /// knows, when no other leader is learnt of sooner.
 const RETRY_WAIT: Duration = Duration::from_millis(200);
@@ -341,7 +344,7 @@ impl Consensus {
         }
         let committed = self.raft.metrics().borrow_watched().local_committed.map(|l| l.index);
         let leaders = match self.leader() {
-            Some((id, addr)) if id != self.node_id => self.remote_read_index(&addr).await,
+            Some((id, addr)) if id != self.node_id => self.remote_read_index(&addr, READ_INDEX_TIMEOUT).await,
             // Elected, not yet under a fresh lease: entries of the previous
             // term it holds count as committed only once its own first entry
             // commits, and its committed index is stale until then (CI saw a
@@ -396,7 +399,10 @@ impl Consensus {
             let leader = self.leader();
             let index = match &leader {
                 Some((id, _)) if *id == self.node_id => self.read_index().await.ok(),
-                Some((_, addr)) => self.remote_read_index(addr).await,
+                Some((_, addr)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.remote_read_index(addr, left.min(READ_INDEX_TIMEOUT)).await
+                }
                 None => None,
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -451,10 +457,13 @@ impl Consensus {
         }
     }
 
-    async fn remote_read_index(&self, addr: &str) -> Option<u64> {
+    async fn remote_read_index(&self, addr: &str, timeout: Duration) -> Option<u64> {
+        if timeout.is_zero() {
+            return None;
+        }
         let mut client = self.peers.client(addr).ok()?;
         let mut req = tonic::Request::new(ReadIndexRequest {});
-        req.set_timeout(Duration::from_secs(2));
+        req.set_timeout(timeout);
         match client.read_index(req).await {
             Ok(r) => Some(r.into_inner().index),
             Err(s) => {
@@ -656,7 +665,10 @@ impl Consensus {
                     leader: Some((id, addr)),
                 }) if id != self.node_id => {
                     tried = Some(id);
-                    match self.forward(&addr, &proposal).await {
+                    // Within the write's own deadline: a forward that
+                    // outlived it would answer a caller that gave up.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self.forward(&addr, &proposal, left).await {
                         Ok(r) => {
                             // Read your writes: answer once this node has
                             // applied the entry too, so that a read through
@@ -718,11 +730,19 @@ impl Consensus {
 
     /// Sends a proposal to the leader at `addr`. The outer error means "try
     /// again" (the leader moved or is unreachable).
-    async fn forward(&self, addr: &str, proposal: &Proposal) -> Result<Result<CommandResponse, ProposeError>, String> {
+    async fn forward(
+        &self,
+        addr: &str,
+        proposal: &Proposal,
+        timeout: Duration,
+    ) -> Result<Result<CommandResponse, ProposeError>, String> {
+        if timeout.is_zero() {
+            return Err(format!("forward to {addr}: the write's deadline has passed"));
+        }
         let mut client = self.peers.client(addr).map_err(|e| e.to_string())?;
         let command = codec::encode(proposal).map_err(|e| e.to_string())?;
         let mut req = tonic::Request::new(ProposeRequest { command });
-        req.set_timeout(PROPOSE_DEADLINE);
+        req.set_timeout(timeout);
         let reply = client
             .propose(req)
             .await
