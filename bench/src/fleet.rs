@@ -237,6 +237,24 @@ async fn fill_history(
     Ok(())
 }
 
+/// One group's figures for one row (raw, so that groups can be merged).
+struct GroupRow {
+    history: usize,
+    completed: usize,
+    failed: usize,
+    refused: u64,
+    step: Vec<f64>,
+    first: Vec<f64>,
+    tasks: u64,
+    /// Leader CPU seconds over the window, and the window's length.
+    cpu_s: f64,
+    secs: f64,
+    /// The orchestrator's scan seconds summed, and the scans counted.
+    scan_s: f64,
+    scans: f64,
+    sessions_lost: u64,
+}
+
 struct RowOut {
     history: usize,
     completed: usize,
@@ -246,10 +264,39 @@ struct RowOut {
     step: (f64, f64, f64),
     first: (f64, f64),
     tasks: u64,
-    leader_cpu: f64,
+    /// Per group.
+    leader_cpu: Vec<f64>,
     cpu_ms_per_task: f64,
     scan_us: f64,
     scans_per_s: f64,
+    sessions_lost: u64,
+}
+
+impl RowOut {
+    /// One row from every group's figures for it.
+    fn merge(rows: &[GroupRow], window: Duration) -> RowOut {
+        let sum = |f: &dyn Fn(&GroupRow) -> f64| rows.iter().map(f).sum::<f64>();
+        let completed = rows.iter().map(|r| r.completed).sum::<usize>();
+        let tasks = rows.iter().map(|r| r.tasks).sum::<u64>();
+        let step = util::summary(rows.iter().flat_map(|r| r.step.iter().copied()).collect());
+        let first = util::summary(rows.iter().flat_map(|r| r.first.iter().copied()).collect());
+        let scans = sum(&|r| r.scans).max(1.0);
+        RowOut {
+            history: rows.iter().map(|r| r.history).sum(),
+            completed,
+            failed: rows.iter().map(|r| r.failed).sum(),
+            refused: rows.iter().map(|r| r.refused).sum(),
+            per_min: completed as f64 / window.as_secs_f64() * 60.0,
+            step,
+            first: (first.0, first.1),
+            tasks,
+            leader_cpu: rows.iter().map(|r| r.cpu_s / r.secs * 100.0).collect(),
+            cpu_ms_per_task: sum(&|r| r.cpu_s) * 1000.0 / tasks.max(1) as f64,
+            scan_us: sum(&|r| r.scan_s) / scans * 1e6,
+            scans_per_s: rows.iter().map(|r| r.scans / r.secs).sum(),
+            sessions_lost: rows.iter().map(|r| r.sessions_lost).sum(),
+        }
+    }
 }
 
 /// Keeps `p.running` deploys going for the window; returns (completed,
@@ -330,9 +377,52 @@ async fn cutovers(
     Ok((ok, failed, refused.load(Ordering::SeqCst)))
 }
 
-pub async fn run(quick: bool) -> Result<serde_json::Value> {
-    let p = Params::new(quick);
+/// The whole fleet in `groups` independent Raft groups (the apps, the
+/// clusters, the running deploys and the history split evenly, each group
+/// with its own three coordinator processes and agents), measured over
+/// the same windows: what splitting one group into several buys on the
+/// same machine.
+pub async fn run(quick: bool, groups: usize) -> Result<serde_json::Value> {
+    let groups = groups.max(1);
+    let full = Params::new(quick);
+    let split = |n: usize| (n / groups).max(1);
+    let p = Arc::new(Params {
+        apps: split(full.apps),
+        clusters_per_region: split(full.clusters_per_region),
+        running: split(full.running),
+        task_delay: full.task_delay,
+        window: full.window,
+        history: full.history.iter().map(|&h| h / groups).collect(),
+    });
     let load = util::loadavg();
+    // Every group starts each row's window together.
+    let barrier = Arc::new(tokio::sync::Barrier::new(groups));
+    let mut set = tokio::task::JoinSet::new();
+    for g in 0..groups {
+        set.spawn(group(g, p.clone(), barrier.clone()));
+    }
+    let mut per_group = Vec::new();
+    while let Some(r) = set.join_next().await {
+        per_group.push(r??);
+    }
+    let rows: Vec<RowOut> = (0..p.history.len())
+        .map(|_| {
+            let row: Vec<GroupRow> = per_group.iter_mut().map(|g| g.remove(0)).collect();
+            RowOut::merge(&row, p.window)
+        })
+        .collect();
+    let shown = |n: usize| {
+        if groups == 1 {
+            n.to_string()
+        } else {
+            format!("{groups} x {n}")
+        }
+    };
+    print_rows(&rows, &p, groups, &shown, &load)
+}
+
+/// One group: its coordinators, agents and apps; a row per history size.
+async fn group(g: usize, p: Arc<Params>, barrier: Arc<tokio::sync::Barrier>) -> Result<Vec<GroupRow>> {
     let clusters: Vec<(String, String)> = REGIONS
         .iter()
         .flat_map(|r| (0..p.clusters_per_region).map(move |k| (r.to_string(), format!("c{k:02}"))))
@@ -396,7 +486,11 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             .with_context(|| format!("ApplyApp {name}"))?;
         names.push_back(name);
     }
-    eprintln!("fleet: {} apps applied in {:.1} s", p.apps, t.elapsed().as_secs_f64());
+    eprintln!(
+        "fleet: group {g}: {} apps applied in {:.1} s",
+        p.apps,
+        t.elapsed().as_secs_f64()
+    );
     let apps = Arc::new(Mutex::new(names));
     let ticks = util::clock_ticks();
     let ops = ops_addrs[leader].clone();
@@ -407,12 +501,13 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             let t = Instant::now();
             fill_history(&c, leader, &clusters, target - history, &shared).await?;
             eprintln!(
-                "fleet: {} filler operations in {:.1} s",
+                "fleet: group {g}: {} filler operations in {:.1} s",
                 target - history,
                 t.elapsed().as_secs_f64()
             );
             history = target;
         }
+        barrier.wait().await;
         shared.step.lock().expect("samples").clear();
         shared.first.lock().expect("samples").clear();
         let tasks0 = shared.tasks.load(Ordering::SeqCst);
@@ -425,43 +520,57 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         let scan1 = util::histogram(&ops, "cutover_orchestrator_scan_seconds", "").await?;
         let tasks = shared.tasks.load(Ordering::SeqCst) - tasks0;
         let cpu_s = (cpu1 - cpu0) as f64 / ticks;
-        let scans = (scan1.1 - scan0.1).max(1.0);
-        let step = util::summary(std::mem::take(&mut *shared.step.lock().expect("samples")));
-        let first = util::summary(std::mem::take(&mut *shared.first.lock().expect("samples")));
+        let step = std::mem::take(&mut *shared.step.lock().expect("samples"));
+        let first = std::mem::take(&mut *shared.first.lock().expect("samples"));
         if completed == 0 {
-            bail!("no deploy completed in the window with {history} finished operations kept");
+            bail!("group {g}: no deploy completed in the window with {history} finished operations kept");
         }
+        let (p50, p99, _) = util::summary(step.clone());
+        let sessions_lost = shared.sessions_lost.load(Ordering::SeqCst);
         eprintln!(
-            "fleet: history {history}: {completed} deploys completed ({failed} failed), step overhead p50 {:.1} p99 {:.1} ms, {} agent sessions lost so far",
-            step.0,
-            step.1,
-            shared.sessions_lost.load(Ordering::SeqCst)
+            "fleet: group {g}, history {history}: {completed} deploys completed ({failed} failed), step overhead p50 {p50:.1} p99 {p99:.1} ms, {sessions_lost} agent sessions lost so far",
         );
-        rows.push(RowOut {
+        rows.push(GroupRow {
             history,
             completed,
             failed,
             refused,
-            per_min: completed as f64 / p.window.as_secs_f64() * 60.0,
             step,
-            first: (first.0, first.1),
+            first,
             tasks,
-            leader_cpu: cpu_s / secs * 100.0,
-            cpu_ms_per_task: cpu_s * 1000.0 / tasks.max(1) as f64,
-            scan_us: (scan1.0 - scan0.0) / scans * 1e6,
-            scans_per_s: scans / secs,
+            cpu_s,
+            secs,
+            scan_s: scan1.0 - scan0.0,
+            scans: scan1.1 - scan0.1,
+            sessions_lost,
         });
         // Let what the window left running finish before the next row.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     agents.abort_all();
+    Ok(rows)
+}
+
+/// Prints the table and returns the results as JSON.
+fn print_rows(
+    rows: &[RowOut],
+    p: &Params,
+    groups: usize,
+    shown: &dyn Fn(usize) -> String,
+    load: &str,
+) -> Result<serde_json::Value> {
     println!(
-        "fleet: {} apps in 3 regions ({} clusters each, one simulated agent per cluster, tasks succeed after {} ms), {} deploys in waves running at all times for {:.0} s per row, 3 coordinator processes",
-        p.apps,
-        p.clusters_per_region,
+        "fleet: {} apps in 3 regions ({} clusters each, one simulated agent per cluster, tasks succeed after {} ms), {} deploys in waves running at all times for {:.0} s per row, {}",
+        shown(p.apps),
+        shown(p.clusters_per_region),
         p.task_delay.as_millis(),
-        p.running,
-        p.window.as_secs_f64()
+        shown(p.running),
+        p.window.as_secs_f64(),
+        if groups == 1 {
+            "3 coordinator processes".to_owned()
+        } else {
+            format!("{groups} Raft groups of 3 coordinator processes each, all on this machine")
+        }
     );
     println!("load average before the run: {load}");
     println!(
@@ -482,9 +591,10 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         "scans/s"
     );
     let mut out = Vec::new();
-    for r in &rows {
+    for r in rows {
+        let cpu: Vec<String> = r.leader_cpu.iter().map(|c| format!("{c:.0}")).collect();
         println!(
-            "{:>8} {:>6} {:>5} {:>7} {:>8.0} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>7.1} ms {:>7.1} ms {:>8.0} {:>6.2} ms {:>6.0} us {:>8.0}",
+            "{:>8} {:>6} {:>5} {:>7} {:>8.0} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>7.1} ms {:>7.1} ms {:>8} {:>6.2} ms {:>6.0} us {:>8.0}",
             r.history,
             r.completed,
             r.failed,
@@ -495,7 +605,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             r.step.2,
             r.first.0,
             r.first.1,
-            r.leader_cpu,
+            cpu.join("+"),
             r.cpu_ms_per_task,
             r.scan_us,
             r.scans_per_s
@@ -513,16 +623,18 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             "leader_cpu_ms_per_task": r.cpu_ms_per_task,
             "orchestrator_scan_us": r.scan_us,
             "orchestrator_scans_per_s": r.scans_per_s,
+            "agent_sessions_lost": r.sessions_lost,
         }));
     }
     println!(
-        "(history = finished operations kept in the state; step = an agent's last result of a step to the next step's first task; first = Deploy answered to the first task; cpu/task = leader CPU per task dispatched; scan = the orchestrator's scan of the state per tick, mean)"
+        "(history = finished operations kept in the state, all groups; ldr cpu% = each group's leader; step = an agent's last result of a step to the next step's first task; first = Deploy answered to the first task; cpu/task = leader CPU per task dispatched; scan = the orchestrator's scan of the state per tick, mean)"
     );
     Ok(json!({
         "scenario": "fleet",
-        "apps": p.apps,
-        "clusters_per_region": p.clusters_per_region,
-        "running": p.running,
+        "groups": groups,
+        "apps": p.apps * groups,
+        "clusters_per_region": p.clusters_per_region * groups,
+        "running": p.running * groups,
         "task_delay_ms": p.task_delay.as_millis() as u64,
         "window_secs": p.window.as_secs_f64(),
         "loadavg_before": load,

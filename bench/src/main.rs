@@ -13,8 +13,9 @@
 //! - `fanin`: thousands of simulated agents on the real agent stream: leader
 //!   CPU and memory, heartbeat round trip, time to mark a silent agent down.
 //! - `switch`: operator call to the new color serving, over many switches,
-//!   with the failed-request count of a steady load running throughout.
-//!   (1 region; the 3-region figure needs the multi-region cutover.)
+//!   with the failed-request count of a steady load running throughout, for
+//!   1 and 3 regions; then a planned failover's move of traffic to another
+//!   region through the front door and through Route 53 (moto).
 //! - `backup`: backup and restore of a pgbench database into Garage by the
 //!   agent process, beside `pg_dump | zstd | aws s3 cp -` and back, with the
 //!   agent's peak memory at two sizes.
@@ -41,6 +42,7 @@ mod etcd;
 mod failover;
 mod fanin;
 mod fleet;
+mod region_switch;
 mod trace;
 mod util;
 
@@ -95,6 +97,11 @@ enum Scenario {
     Fleet {
         #[arg(long)]
         quick: bool,
+        /// Split the same fleet into this many Raft groups (each its own
+        /// three coordinators, agents and apps) on this machine; results
+        /// go to fleet-groups-N.json.
+        #[arg(long, default_value_t = 1)]
+        groups: usize,
     },
     /// Where one write's time goes: client, leader, fsync, replication,
     /// commit, apply, reply.
@@ -200,6 +207,7 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
     for regions in [1, 3] {
         rows.push(switch_regions(n, &SWITCH_REGIONS[..regions]).await?);
     }
+    let between = region_switch::run(quick, 10).await?;
     println!("switch: operator call to every region's new color serving, {n} switches per row, under steady load");
     println!(
         "{:<10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
@@ -219,7 +227,9 @@ async fn switch(quick: bool, switches: usize) -> Result<serde_json::Value> {
             f("load_rps")
         );
     }
-    Ok(serde_json::json!({ "scenario": "switch", "switches": n, "rows": rows }))
+    println!();
+    region_switch::print(&between);
+    Ok(serde_json::json!({ "scenario": "switch", "switches": n, "rows": rows, "between_regions": between }))
 }
 
 /// `n` switches of every region in `regions` at once (one `Switch` call
@@ -356,7 +366,7 @@ async fn scenario(name: &str, quick: bool) -> Result<()> {
         "failover" => failover::run(quick, None).await?,
         "fanin" => fanin::run(quick).await?,
         "trace" => trace::run(quick).await?,
-        "fleet" => fleet::run(quick).await?,
+        "fleet" => fleet::run(quick, 1).await?,
         "backup" => backup::run(quick).await?,
         "switch" => switch(quick, 100).await?,
         "dr" => dr::run(quick, 20).await?,
@@ -419,7 +429,11 @@ fn main() -> Result<()> {
             }
             Scenario::Fanin { quick } => scenario("fanin", quick).await?,
             Scenario::Trace { quick } => scenario("trace", quick).await?,
-            Scenario::Fleet { quick } => scenario("fleet", quick).await?,
+            Scenario::Fleet { quick, groups: 1 } => scenario("fleet", quick).await?,
+            Scenario::Fleet { quick, groups } => {
+                let v = fleet::run(quick, groups).await?;
+                write_results(&format!("fleet-groups-{groups}"), &v)?;
+            }
             Scenario::Backup { quick } => scenario("backup", quick).await?,
             Scenario::Dr { quick, trials } => {
                 let v = dr::run(quick, trials).await?;
