@@ -64,6 +64,23 @@ struct Trial {
     lost: usize,
 }
 
+/// Starts the first region's agent with `shop`'s primary at `primary_url`
+/// and the second's with its standby at `standby_url`, following the
+/// first (`us-east/c1`).
+pub(crate) fn start_database_agents(c: &mut TestCluster, primary_url: &str, standby_url: &str) -> Result<()> {
+    let dir = c.tmp.path().to_owned();
+    let (pf, sf) = (dir.join("primary-url"), dir.join("standby-url"));
+    std::fs::write(&pf, primary_url)?;
+    std::fs::write(&sf, standby_url)?;
+    let mut cfg = c.agent_config(0);
+    cfg.databases = vec![database("shop", &pf, DbRole::Primary, None)];
+    c.start_agent_with(0, cfg)?;
+    let mut cfg = c.agent_config(1);
+    cfg.databases = vec![database("shop", &sf, DbRole::Standby, Some("us-east/c1"))];
+    c.start_agent_with(1, cfg)?;
+    Ok(())
+}
+
 async fn trial(d: Detection, synchronous: bool) -> Result<Trial> {
     let primary = TestPostgres::start()?;
     let url = primary.create_database("shop")?;
@@ -81,16 +98,7 @@ async fn trial(d: Detection, synchronous: bool) -> Result<Trial> {
         .start()
         .await?;
     let leader = c.wait_leader(T).await?;
-    let dir = c.tmp.path().to_owned();
-    let (pf, sf) = (dir.join("primary-url"), dir.join("standby-url"));
-    std::fs::write(&pf, &url)?;
-    std::fs::write(&sf, standby.url("shop"))?;
-    let mut cfg = c.agent_config(0);
-    cfg.databases = vec![database("shop", &pf, DbRole::Primary, None)];
-    c.start_agent_with(0, cfg)?;
-    let mut cfg = c.agent_config(1);
-    cfg.databases = vec![database("shop", &sf, DbRole::Standby, Some("us-east/c1"))];
-    c.start_agent_with(1, cfg)?;
+    start_database_agents(&mut c, &url, &standby.url("shop"))?;
     c.wait_state(leader, T, "both agents up", |s| {
         s.agents.values().filter(|a| a.state == AgentState::Up).count() == 2
     })

@@ -32,7 +32,6 @@ use cutover_shared::dr::DbRole;
 use cutover_shared::proto as pb;
 use cutover_tests::postgres::TestPostgres;
 use cutover_tests::s3::TestS3;
-use cutover_tests::writer::database;
 use cutover_tests::{TestCluster, sample_app_spec};
 use serde_json::json;
 
@@ -50,22 +49,10 @@ struct Trial {
     done_ms: f64,
 }
 
-/// A Route 53 client for moto (which checks no signature).
-fn route53(endpoint: &str) -> aws_sdk_route53::Client {
-    use aws_sdk_route53::config::{BehaviorVersion, Credentials, Region};
-    let conf = aws_sdk_route53::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("AKIDBENCH", "bench-secret", None, None, "bench"))
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_route53::Client::from_conf(conf)
-}
-
 /// moto's Route 53 with a hosted zone for `example.com.`: the driver's
 /// configuration, and a client to watch the zone with.
 async fn hosted_zone(moto: &TestS3, dir: &Path) -> Result<(Route53Config, aws_sdk_route53::Client, String)> {
-    let r53 = route53(&moto.endpoint());
+    let r53 = moto.route53();
     let zone = r53
         .create_hosted_zone()
         .name("example.com.")
@@ -80,7 +67,7 @@ async fn hosted_zone(moto: &TestS3, dir: &Path) -> Result<(Route53Config, aws_sd
     let creds = dir.join("aws-credentials");
     std::fs::write(
         &creds,
-        "[default]\naws_access_key_id = AKIDBENCH\naws_secret_access_key = bench-secret\n",
+        "[default]\naws_access_key_id = AKIDTEST\naws_secret_access_key = test-secret\n",
     )?;
     let cfg = Route53Config {
         hosted_zone_id: zone.clone(),
@@ -169,18 +156,10 @@ async fn trial(moto: Option<&TestS3>) -> Result<Trial> {
         }
         None => (None, None),
     };
-    let (pf, sf) = (dir.join("primary-url"), dir.join("standby-url"));
-    std::fs::write(&pf, &url)?;
-    std::fs::write(&sf, standby.url("shop"))?;
+    crate::dr::start_database_agents(&mut c, &url, &standby.url("shop"))?;
     let mut spec = sample_app_spec("shop", &REGIONS[..2]);
     spec.dr.max_data_loss_secs = 5;
     spec.bake_secs = 0;
-    let mut cfg = c.agent_config(0);
-    cfg.databases = vec![database("shop", &pf, DbRole::Primary, None)];
-    c.start_agent_with(0, cfg)?;
-    let mut cfg = c.agent_config(1);
-    cfg.databases = vec![database("shop", &sf, DbRole::Standby, Some("us-east/c1"))];
-    c.start_agent_with(1, cfg)?;
     let mut cfg = c.agent_config(2);
     cfg.traffic = Some(traffic(&spec, route53));
     c.start_agent_with(2, cfg)?;

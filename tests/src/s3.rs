@@ -103,6 +103,20 @@ impl TestS3 {
         Ok((status, reply))
     }
 
+    /// A Route 53 client for this server (moto checks no signature).
+    // The agent's tests include this file and do not call it.
+    #[allow(dead_code)]
+    pub fn route53(&self) -> aws_sdk_route53::Client {
+        use aws_sdk_route53::config::{BehaviorVersion, Credentials, Region};
+        let conf = aws_sdk_route53::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("AKIDTEST", "test-secret", None, None, "test"))
+            .endpoint_url(self.endpoint())
+            .build();
+        aws_sdk_route53::Client::from_conf(conf)
+    }
+
     /// A Route 53 `GET` (moto routes by the signing scope, and checks no
     /// signature), answered with the body: the raw XML, which keeps what
     /// moto wraps in CDATA (record values), unlike the SDK's parser.

@@ -651,25 +651,13 @@ async fn a_planned_failover_through_the_front_door_fails_no_request() {
     c.shutdown().await;
 }
 
-/// A Route 53 client for moto at `endpoint` (moto checks no signature).
-fn route53(endpoint: &str) -> aws_sdk_route53::Client {
-    use aws_sdk_route53::config::{BehaviorVersion, Credentials, Region};
-    let conf = aws_sdk_route53::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("AKIDTEST", "test-secret", None, None, "test"))
-        .endpoint_url(endpoint)
-        .build();
-    aws_sdk_route53::Client::from_conf(conf)
-}
-
 /// A failover whose traffic driver is Route 53 (moto's server): the move
 /// step upserts one weighted record set per region, the new primary's
 /// weighted 100 and the old one's 0, and nothing else in the zone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_moves_route53_weights_to_the_new_region() {
     let moto = cutover_tests::s3::TestS3::start().unwrap();
-    let r53 = route53(&moto.endpoint());
+    let r53 = moto.route53();
     let zone = r53
         .create_hosted_zone()
         .name("example.com.")

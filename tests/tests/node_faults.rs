@@ -242,7 +242,10 @@ async fn a_leader_with_a_slow_disk_says_so_and_a_crash_loses_nothing_acknowledge
             // A leader change meanwhile ("commit status unknown"): not
             // acknowledged, so not counted; the next write goes through
             // whichever node leads.
-            Err(e) if e.code() == tonic::Code::Unavailable => failed += 1,
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                println!("write {n} unavailable: {}", e.message());
+                failed += 1
+            }
             Err(e) => panic!("write {n} on the slow leader: {e}\n{}", pc.log_tails(20)),
         }
         if warned.is_none() {
