@@ -106,8 +106,14 @@ pub fn free_loopback_port() -> io::Result<u16> {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
         .unwrap_or(32768);
+    let kernel_chosen = || -> io::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
     let first = low.saturating_sub(SPAN).max(1024);
-    let span = low.saturating_sub(first).max(1);
+    if low <= first {
+        // No unprivileged port lies below the ephemeral range.
+        return kernel_chosen();
+    }
+    let span = low - first;
+    let step = coprime_step(STEP, span);
     let seed = *SEED.get_or_init(|| {
         std::process::id().wrapping_mul(2_654_435_761)
             ^ std::time::SystemTime::now()
@@ -116,14 +122,29 @@ pub fn free_loopback_port() -> io::Result<u16> {
     });
     for _ in 0..span {
         let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = first + (seed % span + (k % span) * STEP) % span;
+        // At most 12,000 + 11,999 * (7,919 + a few): no overflow.
+        let port = first + (seed % span + (k % span) * step) % span;
         if let Ok(port) = u16::try_from(port)
             && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
         {
             return Ok(port);
         }
     }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    kernel_chosen()
+}
+
+/// The first step from `from` up that shares no factor with `span`: a
+/// step that did would revisit ports before it had tried them all.
+fn coprime_step(from: u32, span: u32) -> u32 {
+    let mut step = from;
+    while gcd(step, span) != 1 {
+        step += 1;
+    }
+    step
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 #[cfg(test)]
@@ -141,5 +162,14 @@ mod tests {
         assert!(ports.iter().all(|p| *p < low && *p >= 1024), "{ports:?}");
         let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    }
+
+    #[test]
+    fn the_walk_visits_every_port_even_when_the_span_is_a_multiple_of_the_step() {
+        for span in [7919, 12_000, 1, 2] {
+            let step = super::coprime_step(7919, span);
+            let seen: std::collections::BTreeSet<u32> = (0..span).map(|k| (5 + k * step) % span).collect();
+            assert_eq!(seen.len(), span as usize, "span {span}, step {step}");
+        }
     }
 }
