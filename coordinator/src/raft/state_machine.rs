@@ -290,7 +290,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // Durable before the command counts as applied: events leave
                 // the state only into the file. A failure here is a storage
                 // failure like a failed log write: Raft stops on this node.
-                self.audit.lock().map_err(io_err)?.append(&pruned).map_err(io_err)?;
+                // The append fsyncs: off the async workers, which a slow
+                // disk would otherwise stall (Raft's heartbeats with them).
+                let audit = self.audit.clone();
+                tokio::task::spawn_blocking(move || audit.lock().map_err(io_err)?.append(&pruned).map_err(io_err))
+                    .await
+                    .map_err(io_err)??;
             }
             response.log_index = entry.log_id.index;
             last = Some(entry.log_id.index);
