@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use cutover_shared::app::AppSpec;
-use cutover_shared::config::{Route53Config, TrafficApp, TrafficConfig, TrafficDriverKind};
+use cutover_shared::config::{Route53Config, TrafficConfig, TrafficDriverKind};
 use cutover_shared::domain::{AgentState, Operation, TaskState, now_unix_ms};
 use cutover_shared::dr::DbRole;
 use cutover_shared::proto as pb;
@@ -78,50 +78,23 @@ async fn hosted_zone(moto: &TestS3, dir: &Path) -> Result<(Route53Config, aws_sd
     Ok((cfg, r53, zone))
 }
 
-/// `shop`'s `[traffic]`: us-east serving, through the front door or
-/// Route 53 records whose values are the regions' host names.
+/// `shop`'s `[traffic]` (the DR tests'): us-east serving, through the
+/// front door or through Route 53.
 fn traffic(spec: &AppSpec, route53: Option<Route53Config>) -> TrafficConfig {
-    let router = |i: usize| {
-        spec.clusters[i]
-            .local
-            .as_ref()
-            .map(|l| l.listen.clone())
-            .unwrap_or_default()
+    let (driver, listen) = match route53 {
+        None => (TrafficDriverKind::FrontDoor, Some(cutover_tests::stable_free_addr())),
+        Some(_) => (TrafficDriverKind::Route53, None),
     };
-    let (driver, regions, record, listen) = match &route53 {
-        None => (
-            TrafficDriverKind::FrontDoor,
-            [("us-east", router(0)), ("eu-west", router(1))],
-            None,
-            Some(cutover_tests::stable_free_addr()),
-        ),
-        Some(_) => (
-            TrafficDriverKind::Route53,
-            [
-                ("us-east", "shop.us-east.example.com".to_owned()),
-                ("eu-west", "shop.eu-west.example.com".to_owned()),
-            ],
-            Some("shop.example.com.".to_owned()),
-            None,
-        ),
-    };
-    TrafficConfig {
-        driver,
-        max_hold_ms: 30_000,
+    let mut cfg = TrafficConfig {
         route53,
-        probe_interval_ms: 200,
-        probe_failures: 2,
-        apps: vec![TrafficApp {
-            app: "shop".into(),
-            regions: regions.into_iter().map(|(r, v)| (r.to_owned(), v)).collect(),
-            primary: "us-east".into(),
-            listen,
-            record,
-            record_type: "CNAME".into(),
-            ttl: 60,
-            health: Vec::new(),
-        }],
+        ..cutover_tests::shop_traffic_config(spec, driver, listen.as_deref())
+    };
+    // No probes of the regions in the background: the failover is what is
+    // timed (the front door's move still checks the app's own probes).
+    for app in &mut cfg.apps {
+        app.health.clear();
     }
+    cfg
 }
 
 /// Whether `zone` weights eu-west 100 and us-east 0 for `shop.example.com.`.

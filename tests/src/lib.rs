@@ -483,6 +483,47 @@ pub fn sample_app_spec(name: &str, regions: &[(&str, &str)]) -> cutover_shared::
     cutover_devkit::sample_app::spec(name, regions, &cutover_bin())
 }
 
+/// `[traffic]` for `shop` in us-east and eu-west, us-east serving: the
+/// front door on `listen` before the regions' routers, or Route 53 records
+/// whose values are the regions' host names.
+pub fn shop_traffic_config(
+    spec: &cutover_shared::app::AppSpec,
+    driver: cutover_shared::config::TrafficDriverKind,
+    listen: Option<&str>,
+) -> cutover_shared::config::TrafficConfig {
+    use cutover_shared::config::{TrafficApp, TrafficConfig, TrafficDriverKind};
+    let router = |i: usize| spec.clusters[i].local.as_ref().unwrap().listen.clone();
+    let (regions, record) = match driver {
+        TrafficDriverKind::FrontDoor => ([("us-east", router(0)), ("eu-west", router(1))], None),
+        TrafficDriverKind::Route53 => (
+            [
+                ("us-east", "shop.us-east.example.com".to_owned()),
+                ("eu-west", "shop.eu-west.example.com".to_owned()),
+            ],
+            Some("shop.example.com.".to_owned()),
+        ),
+    };
+    TrafficConfig {
+        driver,
+        // Roomier than the default 10 s: the failover must end within it
+        // on a loaded CI machine too.
+        max_hold_ms: 30_000,
+        route53: None,
+        probe_interval_ms: 200,
+        probe_failures: 2,
+        apps: vec![TrafficApp {
+            app: "shop".into(),
+            regions: regions.into_iter().map(|(r, v)| (r.to_owned(), v)).collect(),
+            primary: "us-east".into(),
+            listen: listen.map(str::to_owned),
+            record,
+            record_type: "CNAME".into(),
+            ttl: 60,
+            health: vec![cutover_shared::app::Probe::http("/health")],
+        }],
+    }
+}
+
 /// An `echo` task for the agent of `region`'s cluster `cluster`,
 /// answering `message` after `delay_ms`.
 pub fn echo_task(region: &str, cluster: &str, message: &str, delay_ms: u64) -> pb::RunTaskRequest {

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cutover_shared::app::AppSpec;
-use cutover_shared::config::{DatabaseConfig, Route53Config, TrafficApp, TrafficConfig, TrafficDriverKind};
+use cutover_shared::config::{DatabaseConfig, Route53Config, TrafficConfig, TrafficDriverKind};
 use cutover_shared::domain::ClusterRef;
 use cutover_shared::dr::{DbRole, parse_lsn};
 use cutover_shared::proto as pb;
@@ -515,42 +515,6 @@ async fn a_planned_failover_under_writes_loses_nothing_and_fences_the_old_primar
     c.shutdown().await;
 }
 
-/// `[traffic]` for `shop` in us-east and eu-west, us-east serving: the
-/// front door on `listen` before the regions' routers, or Route 53 records
-/// whose values are the regions' host names.
-fn traffic_config(spec: &AppSpec, driver: TrafficDriverKind, listen: Option<&str>) -> TrafficConfig {
-    let router = |i: usize| spec.clusters[i].local.as_ref().unwrap().listen.clone();
-    let (regions, record) = match driver {
-        TrafficDriverKind::FrontDoor => ([("us-east", router(0)), ("eu-west", router(1))], None),
-        TrafficDriverKind::Route53 => (
-            [
-                ("us-east", "shop.us-east.example.com".to_owned()),
-                ("eu-west", "shop.eu-west.example.com".to_owned()),
-            ],
-            Some("shop.example.com.".to_owned()),
-        ),
-    };
-    TrafficConfig {
-        driver,
-        // Roomier than the default 10 s: the failover must end within it
-        // on a loaded CI machine too.
-        max_hold_ms: 30_000,
-        route53: None,
-        probe_interval_ms: 200,
-        probe_failures: 2,
-        apps: vec![TrafficApp {
-            app: "shop".into(),
-            regions: regions.into_iter().map(|(r, v)| (r.to_owned(), v)).collect(),
-            primary: "us-east".into(),
-            listen: listen.map(str::to_owned),
-            record,
-            record_type: "CNAME".into(),
-            ttl: 60,
-            health: vec![cutover_shared::app::Probe::http("/health")],
-        }],
-    }
-}
-
 /// A planned failover behind the built-in front door, under steady load
 /// through it: no request fails. The front door (on a third agent) holds
 /// new requests from before the fence until the standby is promoted, then
@@ -568,7 +532,7 @@ async fn a_planned_failover_through_the_front_door_fails_no_request() {
         "create table seq (n bigint primary key)",
         None,
         false,
-        Some(&|spec: &AppSpec| traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door))),
+        Some(&|spec: &AppSpec| cutover_tests::shop_traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door))),
     )
     .await;
     wait_caught_up(&primary, &c, leader).await;
@@ -693,7 +657,7 @@ async fn a_failover_moves_route53_weights_to_the_new_region() {
         false,
         Some(&|spec: &AppSpec| TrafficConfig {
             route53: Some(r53_config.clone()),
-            ..traffic_config(spec, TrafficDriverKind::Route53, None)
+            ..cutover_tests::shop_traffic_config(spec, TrafficDriverKind::Route53, None)
         }),
     )
     .await;
@@ -1444,7 +1408,7 @@ async fn an_automatic_failover_waits_for_the_front_door_to_lose_the_region() {
         None,
         false,
         Some(&|spec: &AppSpec| {
-            let mut t = traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door));
+            let mut t = cutover_tests::shop_traffic_config(spec, TrafficDriverKind::FrontDoor, Some(&door));
             t.apps[0].regions.insert("us-east".into(), east_addr.clone());
             t
         }),
