@@ -191,6 +191,15 @@ async fn read_back(pc: &ProcessCluster, i: usize, acked: &[String]) {
 /// meanwhile, is not acknowledged): the new leader has every write, and the old one,
 /// restarted on a healed disk, reads them all back. The way out for an
 /// operator is `transfer-leader` to a node with a healthy disk.
+///
+/// Not yet explained (3 of 8 local runs, 2026-12-05): right after its
+/// first slow fsync the slow leader logs nothing for about one fsync's
+/// length (800 ms), its Raft RPCs time out, and the third node, whose
+/// leader lease the leadership transfer cleared, is elected after its
+/// 1 s election timeout; the write in flight comes back unavailable.
+/// What stalls the leader for that long is open (not the commit marker,
+/// kept in memory; not log purges, none this early; not the audit file's
+/// fsync, off the async workers since).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_with_a_slow_disk_says_so_and_a_crash_loses_nothing_acknowledged() {
     let mut pc = ProcessCluster::start(3, &[("us-east", "us-east-1")]).await.unwrap();
@@ -242,8 +251,13 @@ async fn a_leader_with_a_slow_disk_says_so_and_a_crash_loses_nothing_acknowledge
             // A leader change meanwhile ("commit status unknown"): not
             // acknowledged, so not counted; the next write goes through
             // whichever node leads.
+            // With CUTOVER_DEBUG_SLOW_DISK set, the nodes' logs are printed
+            // then (see the note above the test).
             Err(e) if e.code() == tonic::Code::Unavailable => {
                 println!("write {n} unavailable: {}", e.message());
+                if std::env::var_os("CUTOVER_DEBUG_SLOW_DISK").is_some() {
+                    println!("{}", pc.log_tails(200));
+                }
                 failed += 1
             }
             Err(e) => panic!("write {n} on the slow leader: {e}\n{}", pc.log_tails(20)),
