@@ -192,7 +192,7 @@ async fn read_back(pc: &ProcessCluster, i: usize, acked: &[String]) {
 /// restarted on a healed disk, reads them all back. The way out for an
 /// operator is `transfer-leader` to a node with a healthy disk.
 ///
-/// Not yet explained (3 of 8 local runs, 2026-12-05): right after its
+/// Not yet explained (5 of 8 local runs, 2026-12-05): right after its
 /// first slow fsync the slow leader logs nothing for about one fsync's
 /// length (800 ms), its Raft RPCs time out, and the third node, whose
 /// leader lease the leadership transfer cleared, is elected after its
