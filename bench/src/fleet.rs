@@ -411,14 +411,7 @@ pub async fn run(quick: bool, groups: usize) -> Result<serde_json::Value> {
             RowOut::merge(&row, p.window)
         })
         .collect();
-    let shown = |n: usize| {
-        if groups == 1 {
-            n.to_string()
-        } else {
-            format!("{groups} x {n}")
-        }
-    };
-    print_rows(&rows, &p, groups, &shown, &load)
+    print_rows(&rows, &p, groups, &load)
 }
 
 /// One group: its coordinators, agents and apps; a row per history size.
@@ -552,13 +545,15 @@ async fn group(g: usize, p: Arc<Params>, barrier: Arc<tokio::sync::Barrier>) -> 
 }
 
 /// Prints the table and returns the results as JSON.
-fn print_rows(
-    rows: &[RowOut],
-    p: &Params,
-    groups: usize,
-    shown: &dyn Fn(usize) -> String,
-    load: &str,
-) -> Result<serde_json::Value> {
+fn print_rows(rows: &[RowOut], p: &Params, groups: usize, load: &str) -> Result<serde_json::Value> {
+    // Per group, as "2 x 250", where there are several.
+    let shown = |n: usize| {
+        if groups == 1 {
+            n.to_string()
+        } else {
+            format!("{groups} x {n}")
+        }
+    };
     println!(
         "fleet: {} apps in 3 regions ({} clusters each, one simulated agent per cluster, tasks succeed after {} ms), {} deploys in waves running at all times for {:.0} s per row, {}",
         shown(p.apps),
