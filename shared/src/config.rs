@@ -30,14 +30,18 @@ pub struct Member {
 pub struct RaftConfig {
     /// Leader heartbeat to followers, ms. Default 50.
     pub heartbeat_interval_ms: u64,
-    /// Lower bound of the randomized election timeout, ms. Default 150.
+    /// Lower bound of the randomized election timeout, ms. Default 300.
     ///
-    /// A leader's loss is noticed after its lease (openraft sets it to
-    /// `election_timeout_max_ms`) plus one election timeout, so these two
-    /// bound failover: 150..300 gives a new leader in 0.5-0.7 s on loopback
-    /// (BENCHMARKS.md). Raise them on slow or distant networks.
+    /// As in Raft and etcd: a follower that has heard nothing from a
+    /// leader (and granted no vote) for a timeout drawn from
+    /// `election_timeout_min_ms..election_timeout_max_ms` stands for
+    /// election, and a voter refuses other candidates for the minimum after
+    /// hearing from its leader. So the two bound failover: 300..600 gives a
+    /// new leader in about 0.3-0.65 s on loopback (BENCHMARKS.md,
+    /// "failover"). Raise them on slow or distant networks, or where long
+    /// pauses (a loaded machine) would otherwise start needless elections.
     pub election_timeout_min_ms: u64,
-    /// Upper bound of the randomized election timeout, ms. Default 300.
+    /// Upper bound of the randomized election timeout, ms. Default 600.
     pub election_timeout_max_ms: u64,
     /// Build a snapshot after this many new log entries. Default 10000:
     /// each snapshot copies and writes the whole state, and every 2,000
@@ -60,8 +64,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         Self {
             heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             snapshot_every: 10_000,
             keep_after_snapshot: 500,
             pre_vote: true,
@@ -176,11 +180,16 @@ impl CoordinatorConfig {
                 self.node_id
             )));
         }
-        if self.raft.election_timeout_min_ms <= self.raft.heartbeat_interval_ms
+        // Two heartbeats per shortest timeout at least: openraft rounds a
+        // heartbeat up to its next tick (a fifth of the interval), and one
+        // late heartbeat must not start an election.
+        if self.raft.heartbeat_interval_ms == 0
+            || self.raft.election_timeout_min_ms < 2 * self.raft.heartbeat_interval_ms
             || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
         {
             return Err(Error::Config(
-                "raft timings need heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into(),
+                "raft timings need 0 < 2 x heartbeat_interval_ms <= election_timeout_min_ms < election_timeout_max_ms"
+                    .into(),
             ));
         }
         if self.agent_heartbeat_interval_ms == 0 {
@@ -977,6 +986,33 @@ mod tests {
         let coordinator: CoordinatorConfig = toml::from_str(&example("coordinator-1.toml")).unwrap();
         assert_eq!(coordinator.raft, RaftConfig::default());
         assert_eq!(coordinator.retention, RetentionConfig::default());
+    }
+
+    /// Raft timings a follower could not keep: a timeout shorter than two
+    /// heartbeats (one late heartbeat would start an election) or an empty
+    /// range are refused, naming the rule.
+    #[test]
+    fn raft_timings_need_two_heartbeats_per_timeout() {
+        let base: CoordinatorConfig = toml::from_str(&example("coordinator-1.toml")).unwrap();
+        base.validate().unwrap();
+        for (hb, min, max, ok) in [
+            (50, 100, 101, true),
+            (50, 99, 300, false),
+            (0, 150, 300, false),
+            (50, 300, 300, false),
+        ] {
+            let mut c = base.clone();
+            c.raft.heartbeat_interval_ms = hb;
+            c.raft.election_timeout_min_ms = min;
+            c.raft.election_timeout_max_ms = max;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{hb}/{min}/{max} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{hb}/{min}/{max}: {e}");
+                    assert!(e.to_string().contains("2 x heartbeat_interval_ms"), "{e}");
+                }
+            }
+        }
     }
 
     /// The edge example's front door parses with its defaults; what a

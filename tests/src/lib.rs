@@ -131,8 +131,12 @@ impl TestClusterBuilder {
                 agent_heartbeat_interval_ms: AGENT_HEARTBEAT_MS,
                 raft: RaftConfig {
                     heartbeat_interval_ms: 50,
-                    election_timeout_min_ms: 200,
-                    election_timeout_max_ms: 400,
+                    // 600..800 ms of silence before a follower stands:
+                    // short enough that failover tests stay quick, long
+                    // enough that a debug build on two loaded cores does
+                    // not start needless elections.
+                    election_timeout_min_ms: 600,
+                    election_timeout_max_ms: 800,
                     snapshot_every: 2000,
                     keep_after_snapshot: 100,
                     pre_vote: true,

@@ -206,8 +206,8 @@ impl ProcessCluster {
         .await?;
         let builder = TestCluster::builder().nodes(nodes).regions(regions).configure(|cfg| {
             cfg.raft.heartbeat_interval_ms = 100;
-            cfg.raft.election_timeout_min_ms = 1000;
-            cfg.raft.election_timeout_max_ms = 2000;
+            cfg.raft.election_timeout_min_ms = 3000;
+            cfg.raft.election_timeout_max_ms = 4000;
             cfg.agent_heartbeat_interval_ms = 1000;
         });
         Self::start_inner(builder, regions, |_, _, _| {}, Some(net), Some(wan), false, None).await

@@ -52,10 +52,10 @@ async fn snapshots_stay_bounded_by_retention_and_a_new_node_installs_one() {
         .configure(|cfg| {
             cfg.raft.snapshot_every = 1000;
             // Megabyte entries in a debug build on two cores can hold a
-            // follower's append past the harness's 200 ms election timeout;
+            // follower's append past the harness's 600 ms election timeout;
             // this test is about snapshot size, not failover.
-            cfg.raft.election_timeout_min_ms = 1500;
-            cfg.raft.election_timeout_max_ms = 3000;
+            cfg.raft.election_timeout_min_ms = 4500;
+            cfg.raft.election_timeout_max_ms = 6000;
             cfg.raft.keep_after_snapshot = 50;
             cfg.retention.operations = KEEP;
             cfg.retention.audit_events = KEEP;

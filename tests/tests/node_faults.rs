@@ -196,7 +196,7 @@ async fn read_back(pc: &ProcessCluster, i: usize, acked: &[String]) {
 /// first slow fsync the slow leader logs nothing for about one fsync's
 /// length (800 ms), its Raft RPCs time out, and the third node, whose
 /// leader lease the leadership transfer cleared, is elected after its
-/// 1 s election timeout; the write in flight comes back unavailable.
+/// election timeout; the write in flight comes back unavailable.
 /// What stalls the leader for that long is open (not the commit marker,
 /// kept in memory; not log purges, none this early; not the audit file's
 /// fsync, off the async workers since).

@@ -4,6 +4,7 @@
 //! membership, look at progress. An openraft upgrade touches only this folder.
 
 pub mod codec;
+mod election;
 pub mod level;
 mod log_store;
 mod network;
@@ -132,12 +133,17 @@ pub struct Consensus {
     /// How long a quorum's acknowledgement keeps this node leading (the
     /// election timeout's minimum): see [`leads`].
     lease: Duration,
+    /// When this node last heard from a leader: the election timer's.
+    election: Arc<election::ElectionClock>,
 }
 
 /// Whether `m` shows this node leading under a fresh lease: a quorum
 /// acknowledged its heartbeats within `lease`, the shortest election
-/// timeout, so no other node can have been elected since (a follower
-/// grants no vote within its own timeout of hearing from this leader).
+/// timeout, so no other node can have been elected since (a voter grants
+/// no vote within openraft's lease of hearing from this leader, set to
+/// that same shortest timeout: `election.rs`; openraft dates the
+/// acknowledgement from when the heartbeat was sent, before the voter
+/// heard it).
 /// openraft keeps a leader that lost its quorum in the Leader state until
 /// it hears of a higher term; past its lease, cutover's leader duties
 /// (dispatching tasks, orchestrating, holding agent streams) stop. A lone
@@ -196,8 +202,14 @@ impl Consensus {
         let config = openraft::Config {
             cluster_name: "cutover".into(),
             heartbeat_interval: timings.heartbeat_interval_ms,
-            election_timeout_min: timings.election_timeout_min_ms,
-            election_timeout_max: timings.election_timeout_max_ms,
+            // `election.rs` runs the election timer; openraft's is off and
+            // its timeout bounds serve only as the lease: a voter refuses
+            // other candidates for `election_timeout_max` after hearing from
+            // its leader, here the shortest configured election timeout.
+            // The minimum only has to sit between the heartbeat and that.
+            election_timeout_min: (timings.heartbeat_interval_ms + timings.election_timeout_min_ms) / 2,
+            election_timeout_max: timings.election_timeout_min_ms,
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(timings.snapshot_every),
             max_in_snapshot_log_to_keep: timings.keep_after_snapshot,
             enable_pre_vote: Some(timings.pre_vote),
@@ -234,8 +246,16 @@ impl Consensus {
             shared,
             peers,
             lease: Duration::from_millis(timings.election_timeout_min_ms),
+            election: election::ElectionClock::new(),
         };
         this.spawn_metrics();
+        tokio::spawn(election::run(
+            this.raft.clone(),
+            this.election.clone(),
+            Duration::from_millis(timings.election_timeout_min_ms),
+            Duration::from_millis(timings.election_timeout_max_ms),
+            timings.pre_vote,
+        ));
         Ok(this)
     }
 

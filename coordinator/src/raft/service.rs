@@ -142,6 +142,11 @@ impl RaftService for RaftGrpc {
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "append-entries")?;
         let span = start_us.and_then(|_| super::trace::span(&rpc.entries));
         let r = self.consensus.raft.append_entries(rpc).await.map_err(|e| e.to_string());
+        // Accepted from the leader (heartbeats included): no election yet.
+        // A higher vote means the sender is a deposed leader.
+        if matches!(&r, Ok(resp) if !matches!(resp, openraft::raft::AppendEntriesResponse::HigherVote(_))) {
+            self.consensus.election.reset();
+        }
         if let (Some(start_us), Some((first, last))) = (start_us, span) {
             super::trace::rpc("receive", sender, first, last, start_us, super::trace::now_us());
         }
@@ -155,6 +160,11 @@ impl RaftService for RaftGrpc {
         let rpc: openraft::raft::VoteRequest<super::TypeConfig> = decode(&req.into_inner().payload, "vote")?;
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "vote request")?;
         let r = self.consensus.raft.vote(rpc).await.map_err(|e| e.to_string());
+        // Raft: a node that granted its vote waits a whole timeout before
+        // standing itself, giving the candidate time to win.
+        if matches!(&r, Ok(resp) if resp.vote_granted) {
+            self.consensus.election.reset();
+        }
         Ok(super::level::stamp(Response::new(VoteResponse {
             payload: encode(&r)?,
         })))
@@ -214,6 +224,9 @@ impl RaftService for RaftGrpc {
             .install_full_snapshot(vote, snapshot)
             .await
             .map_err(|e| e.to_string());
+        if matches!(&r, Ok(resp) if resp.vote == vote) {
+            self.consensus.election.reset();
+        }
         Ok(super::level::stamp(Response::new(InstallSnapshotResponse {
             payload: encode(&r)?,
         })))

@@ -1,0 +1,111 @@
+//! The election timer: when a follower stands for election.
+//!
+//! Raft's rule (and etcd's, and what an operator reads in
+//! `election_timeout_min_ms..election_timeout_max_ms`): a follower that has
+//! heard nothing from a leader, and granted no vote, for a randomized
+//! election timeout stands for election. openraft (0.10.0-alpha.37) waits
+//! longer: its follower stands only once the leader lease *and* an election
+//! timeout have passed since the leader's last contact, and it fixes the
+//! lease at `election_timeout_max`, so 150..300 ms became 450..600 ms of
+//! silence before a leader's loss was even noticed (BENCHMARKS.md,
+//! "failover"). No setting of that release separates the two.
+//!
+//! So cutover runs the timer itself, here, and turns openraft's off
+//! (`enable_elect: false`): this task stands for election (through
+//! `Trigger::elect`, with Pre-Vote when configured) after the configured
+//! timeout of silence, and openraft is given `election_timeout_max =
+//! election_timeout_min_ms`, which makes its lease, the time a voter refuses
+//! other candidates after hearing from its leader, the shortest election
+//! timeout: a candidate that waited out its own timeout finds the other
+//! voters' leases over too, as etcd's check-quorum lease does. The leader's
+//! own lease ([`super::leads`]) is no longer than that.
+//!
+//! What resets the timer is what the RaftService server sees
+//! (`service.rs`): an append-entries or snapshot the node accepted from a
+//! leader (heartbeats are empty append-entries), and a vote it granted.
+//! Standing resets it too, so a split vote is retried after a fresh random
+//! timeout.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::Raft;
+
+/// When this node last heard from a leader (or granted a vote, or stood).
+pub(crate) struct ElectionClock {
+    last: Mutex<Instant>,
+}
+
+impl ElectionClock {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            last: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The node heard from its leader, or granted a vote: no election for
+    /// another timeout.
+    pub(crate) fn reset(&self) {
+        *self.last.lock().expect("election clock poisoned") = Instant::now();
+    }
+
+    fn last(&self) -> Instant {
+        *self.last.lock().expect("election clock poisoned")
+    }
+}
+
+/// Runs the timer until Raft shuts down. `min..max` is the election
+/// timeout, drawn afresh each time the clock is reset or the node stands.
+pub(crate) async fn run(raft: Raft, clock: Arc<ElectionClock>, min: Duration, max: Duration, pre_vote: bool) {
+    let mut metrics = raft.metrics();
+    loop {
+        let timeout = rand::rng().random_range(min..max);
+        // Sleep until `timeout` after the last reset. A reset only moves
+        // the deadline later, so waking at the old one and looking again is
+        // enough: no need to be woken by each heartbeat.
+        loop {
+            let deadline = clock.last() + timeout;
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                changed = metrics.changed() => {
+                    // The sender lives in openraft's core task: closed, Raft
+                    // has shut down.
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let (leading, voters) = {
+            let m = metrics.borrow_watched();
+            (
+                m.state == ServerState::Leader,
+                m.membership_config.membership().voter_ids().count(),
+            )
+        };
+        clock.reset();
+        // A learner is refused by openraft itself; a lone voter is its own
+        // quorum and has no one to ask first.
+        if leading || voters == 0 {
+            continue;
+        }
+        let pre_vote = pre_vote && voters > 1;
+        tracing::info!(
+            timeout_ms = timeout.as_millis() as u64,
+            pre_vote,
+            "no leader heard from within the election timeout: standing for election"
+        );
+        if raft.trigger().elect(pre_vote).await.is_err() {
+            return;
+        }
+    }
+}
