@@ -270,6 +270,11 @@ pub type Map<K, V> = imbl::OrdMap<K, V>;
 /// serialized as a `Vec`.
 pub type List<T> = imbl::Vector<T>;
 
+/// Audit events the state may hold beyond what retention keeps before the
+/// leader compacts ahead of its schedule ([`State::audit_backlog`]): a
+/// few seconds of a busy cluster's writes.
+pub const AUDIT_SLACK: usize = 10_000;
+
 /// The replicated state. The maps that grow with the fleet and its history
 /// (agents, operations and their tasks, attestations, the audit) are
 /// persistent ([`Map`], [`List`]); the rest are small and plain.
@@ -981,6 +986,17 @@ impl State {
             .collect();
         out.reverse();
         out
+    }
+
+    /// Whether the audit held in the state has outgrown what `retention`
+    /// keeps by [`AUDIT_SLACK`] events or by as many again, whichever is
+    /// more: then compaction cannot wait for its minute. Every write
+    /// appends an event, so a busy cluster (thousands of writes a second)
+    /// would otherwise carry hundreds of thousands of them until the next
+    /// compaction, and every snapshot in between encodes and writes them
+    /// all (`bench commit`: the snapshots were the 64-client p99).
+    pub fn audit_backlog(&self, retention: &RetentionConfig) -> bool {
+        self.audit.len() >= retention.audit_events + retention.audit_events.max(AUDIT_SLACK)
     }
 
     /// How many audit events `retention` would move out of the state at `now`.

@@ -163,6 +163,44 @@ fn compaction_keeps_the_newest_and_each_apps_last_traffic_move_and_moves_audit_o
     assert_eq!(s.operations.keys().collect::<Vec<_>>(), ["op-deploy"]);
 }
 
+/// A busy cluster appends an audit event per write; the leader compacts
+/// ahead of its minute once the state holds retention's events plus
+/// `AUDIT_SLACK` (or twice retention's, if more), so a snapshot never
+/// carries a minute of a busy cluster's audit.
+#[test]
+fn an_audit_backlog_past_the_slack_asks_for_compaction_at_once() {
+    use cutover_coordinator::state::AUDIT_SLACK;
+    let mut s = State::default();
+    let policy = RetentionConfig {
+        audit_events: 4,
+        ..RetentionConfig::default()
+    };
+    for _ in 0..4 + AUDIT_SLACK - 1 {
+        s.apply(Command::Audit(audit(1)));
+    }
+    assert!(!s.audit_backlog(&policy));
+    s.apply(Command::Audit(audit(1)));
+    assert!(s.audit_backlog(&policy));
+    s.apply(Command::Compact {
+        retention: policy.clone(),
+        at_unix_ms: 2,
+    });
+    assert_eq!(s.audit.len(), 4);
+    assert!(!s.audit_backlog(&policy));
+    // Retention larger than the slack: up to twice it.
+    let big = RetentionConfig {
+        audit_events: AUDIT_SLACK + 1,
+        ..policy
+    };
+    let mut s = State::default();
+    for _ in 0..2 * (AUDIT_SLACK + 1) - 1 {
+        s.apply(Command::Audit(audit(1)));
+    }
+    assert!(!s.audit_backlog(&big));
+    s.apply(Command::Audit(audit(1)));
+    assert!(s.audit_backlog(&big));
+}
+
 /// Releases (and their 1 MiB bundles) and attestations are bounded too: an
 /// app keeps its newest releases, plus any a kept operation acts with or a
 /// cluster runs; bundles and attestations go with the last release that

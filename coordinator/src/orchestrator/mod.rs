@@ -388,7 +388,8 @@ pub async fn compact(consensus: &Consensus, retention: &RetentionConfig) -> Opti
 /// Runs for the node's lifetime: after every apply (and once a second, for a
 /// leader that just took over), advances operations if this node leads; at
 /// most once a second the leader starts due backup slots and retention, and
-/// once a minute it compacts finished history. Every node exports the
+/// once a minute it compacts finished history (sooner when the audit in the
+/// state has outgrown retention: [`crate::state::State::audit_backlog`]). Every node exports the
 /// state's gauges ([`gauges`]) at most once a second.
 pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     let mut applied = consensus.applied();
@@ -442,7 +443,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
                 lead.clock = read_clock(&consensus, *term, *origin, told_refused).await;
                 run_schedules(&consensus, lead).await;
             }
-            if last_compaction.elapsed() >= COMPACT_EVERY {
+            if last_compaction.elapsed() >= COMPACT_EVERY || consensus.read(|s| s.audit_backlog(&retention)) {
                 last_compaction = std::time::Instant::now();
                 compact(&consensus, &retention).await;
             }
