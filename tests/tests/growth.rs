@@ -278,8 +278,11 @@ async fn compacted_audit_events_read_back_with_since() {
         "newest first, no gaps: {seqs:?}"
     );
     assert_eq!(list(start, 7).await.len(), 7, "the limit holds across both");
-    // The file is a valid chain on every node.
+    // The file is a valid chain on every node, once each has applied the
+    // compaction and its audit thread has written it.
     for i in 0..3 {
+        c.wait_state(i, T, "compacted", |s| s.audit.len() == 5).await.unwrap();
+        c.node(i).consensus().audit_flushed().await.unwrap();
         let lines = cutover_coordinator::audit_log::read(&c.configs[i].data_dir.join("audit.jsonl")).unwrap();
         assert_eq!(lines.len(), 15, "node {i}");
     }

@@ -944,6 +944,12 @@ impl ControlApi {
             )
         });
         if since > 0 && events.len() < limit {
+            // Events that left the state before the read above are in the
+            // file once this returns.
+            self.consensus
+                .audit_flushed()
+                .await
+                .map_err(|e| ApiError::data_loss(e.to_string()))?;
             let path = self.data_dir.join("audit.jsonl");
             let archived = tokio::task::spawn_blocking(move || crate::audit_log::read(&path))
                 .await

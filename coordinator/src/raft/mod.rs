@@ -305,6 +305,14 @@ impl Consensus {
         f(&self.shared.data.read().expect("state lock poisoned").state)
     }
 
+    /// Waits until every audit event compaction has moved out of this
+    /// node's state so far is in its audit file (`audit_log.rs`: the file
+    /// is written off the apply path).
+    pub async fn audit_flushed(&self) -> std::io::Result<()> {
+        let upto = self.shared.audit.sent();
+        self.shared.audit.flushed(upto).await
+    }
+
     /// Fires with the last applied index after every apply.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.shared.applied.subscribe()
@@ -830,6 +838,12 @@ impl Consensus {
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
+        }
+        // The audit file is written by a thread of its own: done with it
+        // before a next instance in this process reopens it.
+        let shared = self.shared.clone();
+        if tokio::task::spawn_blocking(move || shared.audit.close()).await.is_err() {
+            tracing::warn!("audit file thread did not stop cleanly");
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         let holders = || self.db.strong_count() + self.snapshots.strong_count();

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::log_store::io_err;
 use super::{TypeConfig, codec};
-use crate::audit_log::AuditLog;
+use crate::audit_log::{AuditLog, AuditWriter};
 use crate::state::{CommandResponse, State};
 
 const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
@@ -46,6 +46,9 @@ pub struct Shared {
     pub data: RwLock<SmData>,
     /// Last applied log index; watchers wake on every apply.
     pub applied: watch::Sender<u64>,
+    /// Where compacted audit events go (`<data_dir>/audit.jsonl`), written
+    /// off the apply path.
+    pub audit: AuditWriter,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,8 +66,6 @@ pub struct StateMachineStore {
     /// The log's database, where older releases stored the snapshot; kept
     /// while such a snapshot is there.
     legacy: Option<Arc<Database>>,
-    /// Where compacted audit events go (`<data_dir>/audit.jsonl`).
-    audit: Arc<std::sync::Mutex<AuditLog>>,
 }
 
 impl StateMachineStore {
@@ -91,10 +92,10 @@ impl StateMachineStore {
             shared: Arc::new(Shared {
                 data: RwLock::new(data),
                 applied: tx,
+                audit: AuditWriter::start(audit)?,
             }),
             snapshots,
             legacy,
-            audit: Arc::new(std::sync::Mutex::new(audit)),
         })
     }
 
@@ -199,8 +200,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // `cutover_raft_snapshot_seconds{phase}`: the copy is what stalls
         // commits, the rest what a snapshot costs the node.
         let started = std::time::Instant::now();
-        let d = self.shared.data.read().map_err(io_err)?.clone();
+        let (d, audit_sent) = {
+            let d = self.shared.data.read().map_err(io_err)?;
+            (d.clone(), self.shared.audit.sent())
+        };
         snapshot_phase("copy", started);
+        // Events compacted out of this copy leave the node's keeping only
+        // once they are in the audit file.
+        self.shared.audit.flushed(audit_sent).await?;
         let this = self.clone();
         // Encoding a big state is 40-180 ms of CPU (`bench commit`) that
         // commits on a busy node should not wait behind: it runs on its
@@ -269,7 +276,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             first.get_or_insert(entry.log_id.index);
-            let mut pruned = Vec::new();
             let mut response = {
                 let mut d = self.shared.data.write().map_err(io_err)?;
                 d.last_applied = Some(entry.log_id);
@@ -277,7 +283,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Blank => CommandResponse::default(),
                     EntryPayload::Normal(cmd) => {
                         let r = d.state.apply_in(entry.log_id.leader_id.term, cmd);
-                        pruned = d.state.take_pruned_audit();
+                        // Handed over under the lock: a snapshot copied
+                        // after this apply sees them as sent, and waits
+                        // for them to be on disk before it is stored.
+                        self.shared.audit.send(d.state.take_pruned_audit())?;
                         r
                     }
                     EntryPayload::Membership(m) => {
@@ -286,17 +295,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 }
             };
-            if !pruned.is_empty() {
-                // Durable before the command counts as applied: events leave
-                // the state only into the file. A failure here is a storage
-                // failure like a failed log write: Raft stops on this node.
-                // The append fsyncs: off the async workers, which a slow
-                // disk would otherwise stall (Raft's heartbeats with them).
-                let audit = self.audit.clone();
-                tokio::task::spawn_blocking(move || audit.lock().map_err(io_err)?.append(&pruned).map_err(io_err))
-                    .await
-                    .map_err(io_err)??;
-            }
             response.log_index = entry.log_id.index;
             last = Some(entry.log_id.index);
             if let Some(r) = responder {
