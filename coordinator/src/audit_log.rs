@@ -110,6 +110,20 @@ impl AuditLog {
     }
 }
 
+/// Tells the writer's waiters when its thread ends, however it ends: a
+/// panic must not leave `flushed` waiting forever.
+struct Stopped(tokio::sync::watch::Sender<Result<u64, String>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.send_modify(|d| {
+            if d.is_ok() {
+                *d = Err("the audit file's writer stopped".into());
+            }
+        });
+    }
+}
+
 /// Appends a node's pruned audit events on a thread of its own, in order,
 /// so that applying a `Compact` does not wait for the file's write and
 /// fsync (10,000 events at a time on a busy cluster: every apply on the
@@ -134,23 +148,24 @@ impl AuditWriter {
     pub fn start(mut log: AuditLog) -> io::Result<AuditWriter> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<AuditEvent>>();
         let (durable, _) = tokio::sync::watch::channel(Ok(log.last_sequence));
-        let report = durable.clone();
+        let report = Stopped(durable.clone());
         let thread = std::thread::Builder::new()
             .name("cutover-audit".into())
             .spawn(move || {
+                let report = report;
                 while let Ok(mut events) = rx.recv() {
                     // Whatever queued meanwhile goes in the same write.
                     events.extend(rx.try_iter().flatten());
                     let last = events.last().map_or(0, |e| e.sequence);
                     match log.append(&events) {
-                        Ok(_) => report.send_modify(|d| {
+                        Ok(_) => report.0.send_modify(|d| {
                             if let Ok(seq) = d {
                                 *seq = (*seq).max(last);
                             }
                         }),
                         Err(e) => {
                             tracing::error!("audit file: {e}; this node stops applying");
-                            let _ = report.send_replace(Err(e.to_string()));
+                            let _ = report.0.send_replace(Err(e.to_string()));
                             return;
                         }
                     }
@@ -168,6 +183,9 @@ impl AuditWriter {
     /// the thread. Fails once the file could not be written, or after
     /// [`AuditWriter::close`].
     pub fn send(&self, events: Vec<AuditEvent>) -> io::Result<()> {
+        // Checked on every apply, events or not: a node whose audit file
+        // cannot be written stops at its next apply, not its next
+        // compaction.
         if let Err(e) = &*self.durable.borrow() {
             return Err(io::Error::other(e.clone()));
         }

@@ -20,11 +20,18 @@
 //! voters' leases over too, as etcd's check-quorum lease does. The leader's
 //! own lease ([`super::leads`]) is no longer than that.
 //!
-//! What resets the timer is what the RaftService server sees
-//! (`service.rs`): an append-entries or snapshot the node accepted from a
-//! leader (heartbeats are empty append-entries), and a vote it granted.
-//! Standing resets it too, so a split vote is retried after a fresh random
-//! timeout.
+//! What resets the timer: what the RaftService server sees (`service.rs`),
+//! an append-entries as it arrives and again once accepted (heartbeats are
+//! empty append-entries; a slow log flush delays the reply, not the
+//! reset), a snapshot accepted, a vote granted; any change of this node's
+//! vote, role or known leader (openraft's server metrics: a leader that
+//! learnt it was deposed starts a whole timeout then); and standing, so a
+//! split vote is retried after a fresh random timeout.
+//!
+//! Lost with openraft's timer: its longer wait after seeing a longer log
+//! than its own (with Pre-Vote, on by default, such a node is refused
+//! anyway), and a lone voter electing itself at once at start (it now
+//! waits one timeout).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -63,7 +70,9 @@ impl ElectionClock {
 /// Runs the timer until Raft shuts down. `min..max` is the election
 /// timeout, drawn afresh each time the clock is reset or the node stands.
 pub(crate) async fn run(raft: Raft, clock: Arc<ElectionClock>, min: Duration, max: Duration, pre_vote: bool) {
-    let mut metrics = raft.metrics();
+    // Vote, role, leader and membership: changes only on those events,
+    // not on every apply.
+    let mut server = raft.server_metrics();
     loop {
         let timeout = rand::rng().random_range(min..max);
         // Sleep until `timeout` after the last reset. A reset only moves
@@ -76,26 +85,32 @@ pub(crate) async fn run(raft: Raft, clock: Arc<ElectionClock>, min: Duration, ma
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {}
-                changed = metrics.changed() => {
+                changed = server.changed() => {
                     // The sender lives in openraft's core task: closed, Raft
                     // has shut down.
                     if changed.is_err() {
                         return;
                     }
+                    // A new term or vote, or a role or leader change (a
+                    // leader that learnt it was deposed, a vote granted):
+                    // Raft restarts the timer.
+                    clock.reset();
                 }
             }
         }
-        let (leading, voters) = {
-            let m = metrics.borrow_watched();
+        let (leading, voter, voters) = {
+            let m = server.borrow_watched();
+            let membership = m.membership_config.membership();
             (
                 m.state == ServerState::Leader,
-                m.membership_config.membership().voter_ids().count(),
+                membership.voter_ids().any(|id| id == m.id),
+                membership.voter_ids().count(),
             )
         };
         clock.reset();
-        // A learner is refused by openraft itself; a lone voter is its own
-        // quorum and has no one to ask first.
-        if leading || voters == 0 {
+        // A learner (a node being added, catching up) does not stand; a
+        // lone voter is its own quorum and has no one to ask first.
+        if leading || !voter {
             continue;
         }
         let pre_vote = pre_vote && voters > 1;

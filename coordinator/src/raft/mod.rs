@@ -131,15 +131,16 @@ pub struct Consensus {
     shared: Arc<Shared>,
     peers: PeerChannels,
     /// How long a quorum's acknowledgement keeps this node leading (the
-    /// election timeout's minimum): see [`leads`].
+    /// election timeout's minimum less a heartbeat): see [`leads`].
     lease: Duration,
     /// When this node last heard from a leader: the election timer's.
     election: Arc<election::ElectionClock>,
 }
 
 /// Whether `m` shows this node leading under a fresh lease: a quorum
-/// acknowledged its heartbeats within `lease`, the shortest election
-/// timeout, so no other node can have been elected since (a voter grants
+/// acknowledged its heartbeats within `lease`, a heartbeat less than the
+/// shortest election timeout, so no other node can have been elected
+/// since (a voter grants
 /// no vote within openraft's lease of hearing from this leader, set to
 /// that same shortest timeout: `election.rs`; openraft dates the
 /// acknowledgement from when the heartbeat was sent, before the voter
@@ -245,7 +246,14 @@ impl Consensus {
             node_id,
             shared,
             peers,
-            lease: Duration::from_millis(timings.election_timeout_min_ms),
+            // A heartbeat's worth of margin under the voters' lease (the
+            // shortest election timeout): for a pause between checking
+            // and acting, and clocks that run at different rates.
+            lease: Duration::from_millis(
+                timings
+                    .election_timeout_min_ms
+                    .saturating_sub(timings.heartbeat_interval_ms),
+            ),
             election: election::ElectionClock::new(),
         };
         this.spawn_metrics();

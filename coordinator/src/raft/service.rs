@@ -140,6 +140,10 @@ impl RaftService for RaftGrpc {
         let rpc: openraft::raft::AppendEntriesRequest<super::TypeConfig> =
             decode(&req.into_inner().payload, "append-entries")?;
         speaks_for(sender, *rpc.vote.leader_id().node_id(), "append-entries")?;
+        // Heard from a leader: reset on arrival as well as on acceptance,
+        // since a reply waits for the log's flush, which a slow disk makes
+        // longer than a timeout.
+        self.consensus.election.reset();
         let span = start_us.and_then(|_| super::trace::span(&rpc.entries));
         let r = self.consensus.raft.append_entries(rpc).await.map_err(|e| e.to_string());
         // Accepted from the leader (heartbeats included): no election yet.

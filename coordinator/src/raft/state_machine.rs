@@ -325,6 +325,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data: snapshot,
         };
+        // The leader's snapshot replaces this node's state, and the log
+        // before it may be purged once it is stored: events this node
+        // compacted out earlier must be on disk first.
+        self.shared.audit.flushed(self.shared.audit.sent()).await?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.save_snapshot(&stored))
             .await
