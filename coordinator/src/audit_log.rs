@@ -11,6 +11,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cutover_shared::domain::AuditEvent;
 use serde::{Deserialize, Serialize};
@@ -34,7 +36,18 @@ fn chain_hash(prev: &str, event: &AuditEvent) -> String {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(serde_json::to_vec(event).unwrap_or_default());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize())
+}
+
+/// Lower-case hex of `bytes`, without a `String` per byte.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// Errors of the audit file.
@@ -110,17 +123,30 @@ impl AuditLog {
     }
 }
 
-/// Tells the writer's waiters when its thread ends, however it ends: a
-/// panic must not leave `flushed` waiting forever.
-struct Stopped(tokio::sync::watch::Sender<Result<u64, String>>);
+/// What the writer thread reports: how far the file is durable, or why it
+/// cannot be written.
+struct Report {
+    durable: tokio::sync::watch::Sender<Result<u64, String>>,
+    /// Set with the error, so that `send` checks one atomic per apply.
+    failed: Arc<AtomicBool>,
+}
 
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        self.0.send_modify(|d| {
+impl Report {
+    fn fail(&self, why: String) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.durable.send_modify(|d| {
             if d.is_ok() {
-                *d = Err("the audit file's writer stopped".into());
+                *d = Err(why);
             }
         });
+    }
+}
+
+/// Tells the writer's waiters when its thread ends, however it ends: a
+/// panic must not leave `flushed` waiting forever.
+impl Drop for Report {
+    fn drop(&mut self) {
+        self.fail("the audit file's writer stopped".into());
     }
 }
 
@@ -138,9 +164,11 @@ pub struct AuditWriter {
     queue: std::sync::Mutex<Option<std::sync::mpsc::Sender<Vec<AuditEvent>>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The highest sequence handed to the thread.
-    sent: std::sync::atomic::AtomicU64,
+    sent: AtomicU64,
     /// The highest sequence on disk, or why the file cannot be written.
     durable: tokio::sync::watch::Sender<Result<u64, String>>,
+    /// Whether `durable` holds an error.
+    failed: Arc<AtomicBool>,
 }
 
 impl AuditWriter {
@@ -148,7 +176,11 @@ impl AuditWriter {
     pub fn start(mut log: AuditLog) -> io::Result<AuditWriter> {
         let (tx, rx) = std::sync::mpsc::channel::<Vec<AuditEvent>>();
         let (durable, _) = tokio::sync::watch::channel(Ok(log.last_sequence));
-        let report = Stopped(durable.clone());
+        let failed = Arc::new(AtomicBool::new(false));
+        let report = Report {
+            durable: durable.clone(),
+            failed: failed.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("cutover-audit".into())
             .spawn(move || {
@@ -158,14 +190,14 @@ impl AuditWriter {
                     events.extend(rx.try_iter().flatten());
                     let last = events.last().map_or(0, |e| e.sequence);
                     match log.append(&events) {
-                        Ok(_) => report.0.send_modify(|d| {
+                        Ok(_) => report.durable.send_modify(|d| {
                             if let Ok(seq) = d {
                                 *seq = (*seq).max(last);
                             }
                         }),
                         Err(e) => {
                             tracing::error!("audit file: {e}; this node stops applying");
-                            let _ = report.0.send_replace(Err(e.to_string()));
+                            report.fail(e.to_string());
                             return;
                         }
                     }
@@ -174,8 +206,9 @@ impl AuditWriter {
         Ok(AuditWriter {
             queue: std::sync::Mutex::new(Some(tx)),
             thread: std::sync::Mutex::new(Some(thread)),
-            sent: std::sync::atomic::AtomicU64::new(0),
+            sent: AtomicU64::new(0),
             durable,
+            failed,
         })
     }
 
@@ -186,7 +219,9 @@ impl AuditWriter {
         // Checked on every apply, events or not: a node whose audit file
         // cannot be written stops at its next apply, not its next
         // compaction.
-        if let Err(e) = &*self.durable.borrow() {
+        if self.failed.load(Ordering::SeqCst)
+            && let Err(e) = &*self.durable.borrow()
+        {
             return Err(io::Error::other(e.clone()));
         }
         let Some(last) = events.last().map(|e| e.sequence) else {
@@ -199,13 +234,18 @@ impl AuditWriter {
         let tx = queue.as_ref().ok_or_else(|| io::Error::other("audit file closed"))?;
         tx.send(events)
             .map_err(|_| io::Error::other("audit file thread gone"))?;
-        self.sent.fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+        self.sent.fetch_max(last, Ordering::SeqCst);
         Ok(())
     }
 
     /// The highest sequence handed over so far.
     pub fn sent(&self) -> u64 {
-        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Waits until everything handed over so far is on disk.
+    pub async fn flushed_all(&self) -> io::Result<()> {
+        self.flushed(self.sent()).await
     }
 
     /// Waits until every event up to sequence `upto` is on disk.
@@ -321,6 +361,16 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("previous"), "{err}");
     }
 
+    /// Hashes are written as before the hand-rolled hex: files written by
+    /// an earlier release still verify.
+    #[test]
+    fn hashes_keep_their_lower_case_hex_form() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex(&bytes), expected);
+        assert_eq!(chain_hash(GENESIS, &event(1)).len(), GENESIS.len());
+    }
+
     /// The writer thread appends what it is handed in order; `flushed`
     /// returns once those events are in the file, `close` writes what is
     /// queued; and a file that cannot be written stops the node's applies
@@ -333,7 +383,7 @@ mod tests {
         w.send(vec![]).unwrap();
         w.send(vec![event(3)]).unwrap();
         assert_eq!(w.sent(), 3);
-        w.flushed(w.sent()).await.unwrap();
+        w.flushed_all().await.unwrap();
         let seqs = |p: &Path| read(p).unwrap().iter().map(|l| l.event.sequence).collect::<Vec<_>>();
         assert_eq!(seqs(&dir.path().join("audit.jsonl")), [1, 2, 3]);
         w.send(vec![event(4)]).unwrap();

@@ -317,8 +317,7 @@ impl Consensus {
     /// node's state so far is in its audit file (`audit_log.rs`: the file
     /// is written off the apply path).
     pub async fn audit_flushed(&self) -> std::io::Result<()> {
-        let upto = self.shared.audit.sent();
-        self.shared.audit.flushed(upto).await
+        self.shared.audit.flushed_all().await
     }
 
     /// Fires with the last applied index after every apply.

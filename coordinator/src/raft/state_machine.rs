@@ -328,7 +328,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // The leader's snapshot replaces this node's state, and the log
         // before it may be purged once it is stored: events this node
         // compacted out earlier must be on disk first.
-        self.shared.audit.flushed(self.shared.audit.sent()).await?;
+        self.shared.audit.flushed_all().await?;
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.save_snapshot(&stored))
             .await
