@@ -191,7 +191,7 @@ async fn trial(moto: Option<&TestS3>) -> Result<Trial> {
     })
     .await?;
     let done_ms = util::ms_since(called);
-    let done: Operation = c.node(leader).consensus().read(|s| s.operations[&id].clone());
+    let done: Operation = c.node(leader).consensus().read(|s| (*s.operations[&id]).clone());
     if done.state != TaskState::Succeeded {
         bail!("the failover failed: {}", done.summary);
     }

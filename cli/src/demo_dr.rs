@@ -217,7 +217,7 @@ async fn finished(sys: &DevSystem, id: &str) -> Result<Operation> {
         s.operations.get(id).is_some_and(|o| o.state.is_finished())
     })
     .await?;
-    let op = sys.any_node().consensus().read(|s| s.operations[id].clone());
+    let op = sys.any_node().consensus().read(|s| (*s.operations[id]).clone());
     if op.state != TaskState::Succeeded {
         bail!("{} {id} failed: {}", op.kind.as_str(), op.summary);
     }

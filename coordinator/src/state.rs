@@ -5,6 +5,7 @@
 //! no randomness: times and ids travel inside the commands).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cutover_shared::app::{AppClusterStatus, AppSpec};
 
@@ -282,7 +283,7 @@ pub const AUDIT_SLACK: usize = 10_000;
 pub struct State {
     /// Keyed by `region/cluster`.
     pub agents: Map<String, AgentRecord>,
-    pub operations: Map<String, Operation>,
+    pub operations: Map<String, Arc<Operation>>,
     /// Task id → operation id.
     pub task_index: Map<String, String>,
     /// Image → check → attestation.
@@ -650,7 +651,7 @@ impl State {
                 summary,
                 at_unix_ms,
             } => {
-                if let Some(op) = self.operations.get_mut(&operation_id)
+                if let Some(op) = self.operations.get_mut(&operation_id).map(Arc::make_mut)
                     && !op.state.is_finished()
                 {
                     if state.is_finished() {
@@ -858,7 +859,7 @@ impl State {
         if !operation.state.is_finished() {
             self.running.ids.insert(operation.id.clone());
         }
-        self.operations.insert(operation.id.clone(), operation);
+        self.operations.insert(operation.id.clone(), Arc::new(operation));
         self.task_generation += 1;
         self.audit(audit);
         CommandResponse::default()
@@ -866,13 +867,13 @@ impl State {
 
     /// The operation holding `task_id` and the task's index in it.
     fn task_mut(&mut self, task_id: &str) -> Option<(&mut Operation, usize)> {
-        let op = self.operations.get_mut(self.task_index.get(task_id)?)?;
+        let op = Arc::make_mut(self.operations.get_mut(self.task_index.get(task_id)?)?);
         let idx = op.tasks.iter().position(|t| t.spec.task_id == task_id)?;
         Some((op, idx))
     }
 
     fn add_tasks(&mut self, operation_id: String, index: usize, tasks: Vec<TaskRecord>) -> CommandResponse {
-        let Some(op) = self.operations.get_mut(&operation_id) else {
+        let Some(op) = self.operations.get_mut(&operation_id).map(Arc::make_mut) else {
             return CommandResponse::err(format!("no operation {operation_id}"));
         };
         if op.state.is_finished() || op.tasks.len() != index {
@@ -894,6 +895,7 @@ impl State {
         let op = self
             .operations
             .get_mut(id)
+            .map(Arc::make_mut)
             .ok_or_else(|| format!("unknown operation {id:?}"))?;
         if op.state.is_finished() {
             return Err(format!("operation {id} already finished ({:?})", op.state));
@@ -960,7 +962,12 @@ impl State {
     /// first. Unfinished operations stay, and so does each app's last
     /// finished traffic-moving operation (a rollback reads it).
     pub fn expired_operations(&self, retention: &RetentionConfig, now: i64) -> Vec<String> {
-        let mut finished: Vec<&Operation> = self.operations.values().filter(|o| o.state.is_finished()).collect();
+        let mut finished: Vec<&Operation> = self
+            .operations
+            .values()
+            .map(|o| &**o)
+            .filter(|o| o.state.is_finished())
+            .collect();
         // Newest first: the first `retention.operations` are kept by count.
         finished.sort_by(|a, b| (b.updated_at_unix_ms, &b.id).cmp(&(a.updated_at_unix_ms, &a.id)));
         let mut last_traffic: BTreeMap<&str, &str> = BTreeMap::new();
@@ -1187,11 +1194,16 @@ impl State {
                 self.running
                     .ids
                     .iter()
-                    .filter_map(|id| self.operations.get(id))
+                    .filter_map(|id| self.operations.get(id).map(|o| &**o))
                     .filter(|o| !o.state.is_finished()),
             )
         } else {
-            Box::new(self.operations.values().filter(|o| !o.state.is_finished()))
+            Box::new(
+                self.operations
+                    .values()
+                    .map(|o| &**o)
+                    .filter(|o| !o.state.is_finished()),
+            )
         }
     }
 

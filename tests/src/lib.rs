@@ -322,7 +322,7 @@ impl TestCluster {
             s.operations[&id].state.is_finished()
         })
         .await?;
-        Ok(self.node(i).consensus().read(|s| s.operations[&id].clone()))
+        Ok(self.node(i).consensus().read(|s| (*s.operations[&id]).clone()))
     }
 
     /// Operation `id` as node `i`'s API shows it (with the gate it waits at).

@@ -330,6 +330,47 @@ async fn run_task_refuses_app_and_database_kinds() {
     c.shutdown().await;
 }
 
+/// `WatchOperation` sends the operation as it is, then its changes, and
+/// ends once it finished: the last message is the finished record, as the
+/// state holds it. (The watch notices a change by the
+/// state's `Arc` for the operation being replaced, not by comparing whole
+/// operations on every apply.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_streams_each_change_until_the_operation_ends() {
+    let (c, leader) = cluster_with_us_east_agent().await;
+    let id = run_echo(&c, leader, "us-east", "us-east-1", &[("delay_ms", "300")]).await;
+    let mut stream = c
+        .operator(leader)
+        .watch_operation(pb::WatchOperationRequest {
+            operation_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(m) = tokio::time::timeout(T, stream.message()).await.unwrap().unwrap() {
+        seen.push(m.operation.unwrap());
+    }
+    let succeeded = pb::TaskState::Succeeded as i32;
+    assert!(seen.len() >= 2, "{} messages: {seen:?}", seen.len());
+    assert_ne!(seen[0].state, succeeded, "the first message is the running operation");
+    let last = seen.last().unwrap();
+    assert_eq!(last.state, succeeded, "{last:?}");
+    let stored = c.node(leader).consensus().read(|s| (*s.operations[&id]).clone());
+    assert_eq!(last.tasks.len(), stored.tasks.len());
+    assert_eq!(last.summary, stored.summary);
+    // An unknown operation is refused, not watched forever.
+    let err = c
+        .operator(leader)
+        .watch_operation(pb::WatchOperationRequest {
+            operation_id: "op-none".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    c.shutdown().await;
+}
+
 /// A `WatchOperation` client that goes away releases its stream at once,
 /// even while the operation it watched runs on unchanged (it used to hold a
 /// task until the operation's next change).

@@ -77,7 +77,7 @@ async fn finish(c: &TestCluster, node: usize, id: &str) -> cutover_shared::domai
     })
     .await
     .unwrap();
-    c.node(node).consensus().read(|s| s.operations[id].clone())
+    c.node(node).consensus().read(|s| (*s.operations[id]).clone())
 }
 
 async fn deploy(c: &TestCluster, node: usize, app: &str, image: &str) -> Result<String, tonic::Status> {

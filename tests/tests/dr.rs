@@ -169,13 +169,17 @@ async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) 
 async fn automatic_failover(c: &TestCluster, leader: usize) -> cutover_shared::domain::Operation {
     let auto = |o: &&cutover_shared::domain::Operation| o.created_by == "cutover/dr-auto";
     c.wait_state(leader, T, "the automatic failover to finish", |s| {
-        s.operations.values().filter(auto).any(|o| o.state.is_finished())
+        s.operations
+            .values()
+            .map(|o| &**o)
+            .filter(auto)
+            .any(|o| o.state.is_finished())
     })
     .await
     .unwrap();
     c.node(leader)
         .consensus()
-        .read(|s| s.operations.values().find(auto).cloned().unwrap())
+        .read(|s| s.operations.values().map(|o| &**o).find(auto).cloned().unwrap())
 }
 
 /// Waits until operation `id` ended, asserts it succeeded, returns it.
@@ -183,7 +187,7 @@ async fn succeeded(c: &TestCluster, leader: usize, id: &str, what: &str) -> cuto
     c.wait_state(leader, T, what, |s| s.operations[id].state.is_finished())
         .await
         .unwrap();
-    let done = c.node(leader).consensus().read(|s| s.operations[id].clone());
+    let done = c.node(leader).consensus().read(|s| (*s.operations[id]).clone());
     assert_eq!(
         done.state,
         cutover_shared::domain::TaskState::Succeeded,

@@ -42,7 +42,10 @@ async fn a_data_directory_from_the_landed_main_opens_and_reads_back_unchanged() 
     let check = |c: &TestCluster| {
         let (got, apps, releases, audit) = c.node(0).consensus().read(|s| {
             (
-                s.operations.clone().into_iter().collect::<BTreeMap<_, _>>(),
+                s.operations
+                    .iter()
+                    .map(|(k, o)| (k.clone(), (**o).clone()))
+                    .collect::<BTreeMap<_, _>>(),
                 s.apps.keys().cloned().collect::<Vec<_>>(),
                 s.releases.get("shop").map_or(0, |r| r.len()),
                 s.audit.len(),

@@ -177,7 +177,7 @@ mod tests {
         let now = 1_800_000_000_000;
         s.operations.insert(
             "op-run".into(),
-            operation("op-run", OperationKind::Deploy, TaskState::Running, now - 100_000, now),
+            operation("op-run", OperationKind::Deploy, TaskState::Running, now - 100_000, now).into(),
         );
         s.operations.insert(
             "op-rb".into(),
@@ -187,7 +187,8 @@ mod tests {
                 TaskState::Succeeded,
                 now - 9_000,
                 now - 5_000,
-            ),
+            )
+            .into(),
         );
         let mut last = Exported::default();
         export(&s, "gauges-test", now, &mut last);
@@ -217,7 +218,7 @@ mod tests {
         );
 
         // The deploy finishes: its series goes to 0 rather than stay at 100.
-        s.operations.get_mut("op-run").unwrap().state = TaskState::Succeeded;
+        std::sync::Arc::make_mut(s.operations.get_mut("op-run").unwrap()).state = TaskState::Succeeded;
         export(&s, "gauges-test", now + 1_000, &mut last);
         let text = handle.render();
         assert_eq!(
