@@ -651,8 +651,13 @@ impl State {
                 summary,
                 at_unix_ms,
             } => {
-                if let Some(op) = self.operations.get_mut(&operation_id).map(Arc::make_mut)
-                    && !op.state.is_finished()
+                // Checked before `make_mut`: a finish of a finished
+                // operation changes nothing, so it copies nothing.
+                if let Some(op) = self
+                    .operations
+                    .get_mut(&operation_id)
+                    .filter(|op| !op.state.is_finished())
+                    .map(Arc::make_mut)
                 {
                     if state.is_finished() {
                         self.running.ids.remove(&operation_id);
@@ -962,12 +967,7 @@ impl State {
     /// first. Unfinished operations stay, and so does each app's last
     /// finished traffic-moving operation (a rollback reads it).
     pub fn expired_operations(&self, retention: &RetentionConfig, now: i64) -> Vec<String> {
-        let mut finished: Vec<&Operation> = self
-            .operations
-            .values()
-            .map(|o| &**o)
-            .filter(|o| o.state.is_finished())
-            .collect();
+        let mut finished: Vec<&Operation> = self.all_operations().filter(|o| o.state.is_finished()).collect();
         // Newest first: the first `retention.operations` are kept by count.
         finished.sort_by(|a, b| (b.updated_at_unix_ms, &b.id).cmp(&(a.updated_at_unix_ms, &a.id)));
         let mut last_traffic: BTreeMap<&str, &str> = BTreeMap::new();
@@ -1186,6 +1186,12 @@ impl State {
             .unwrap_or(i64::MIN)
     }
 
+    /// Every kept operation, in id order (the map holds each behind an
+    /// `Arc`).
+    pub fn all_operations(&self) -> impl Iterator<Item = &Operation> + '_ {
+        self.operations.values().map(|o| &**o)
+    }
+
     /// The unfinished operations, in id order: through the index, or by
     /// scanning them all while it is unbuilt.
     pub fn running_operations(&self) -> Box<dyn Iterator<Item = &Operation> + '_> {
@@ -1198,12 +1204,7 @@ impl State {
                     .filter(|o| !o.state.is_finished()),
             )
         } else {
-            Box::new(
-                self.operations
-                    .values()
-                    .map(|o| &**o)
-                    .filter(|o| !o.state.is_finished()),
-            )
+            Box::new(self.all_operations().filter(|o| !o.state.is_finished()))
         }
     }
 

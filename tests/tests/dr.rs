@@ -169,17 +169,13 @@ async fn wait_caught_up(primary: &TestPostgres, c: &TestCluster, leader: usize) 
 async fn automatic_failover(c: &TestCluster, leader: usize) -> cutover_shared::domain::Operation {
     let auto = |o: &&cutover_shared::domain::Operation| o.created_by == "cutover/dr-auto";
     c.wait_state(leader, T, "the automatic failover to finish", |s| {
-        s.operations
-            .values()
-            .map(|o| &**o)
-            .filter(auto)
-            .any(|o| o.state.is_finished())
+        s.all_operations().filter(auto).any(|o| o.state.is_finished())
     })
     .await
     .unwrap();
     c.node(leader)
         .consensus()
-        .read(|s| s.operations.values().map(|o| &**o).find(auto).cloned().unwrap())
+        .read(|s| s.all_operations().find(auto).cloned().unwrap())
 }
 
 /// Waits until operation `id` ended, asserts it succeeded, returns it.

@@ -353,9 +353,7 @@ impl ControlApi {
     fn running_on(&self, app: &str) -> Vec<String> {
         self.consensus.read(|s| {
             let mut ops: Vec<&domain::Operation> = s
-                .operations
-                .values()
-                .map(|o| &**o)
+                .all_operations()
                 .filter(|o| !o.state.is_finished() && o.app.as_deref() == Some(app))
                 .collect();
             ops.sort_by_key(|o| o.created_at_unix_ms);
@@ -379,9 +377,7 @@ impl ControlApi {
     fn rollback_migrations(&self, spec: &AppSpec, targets: &[ClusterRef]) -> Result<OperationSpec, ApiError> {
         let crossing = self.consensus.read(|s| {
             let mut ops: Vec<&domain::Operation> = s
-                .operations
-                .values()
-                .map(|o| &**o)
+                .all_operations()
                 .filter(|o| o.app.as_deref() == Some(spec.name.as_str()) && o.state.is_finished())
                 .filter(|o| {
                     matches!(
@@ -805,7 +801,7 @@ impl ControlApi {
         // Sort references and copy only the page: a listing costs the page,
         // not the whole history.
         let ops: Vec<domain::Operation> = self.consensus.read(|s| {
-            let mut refs: Vec<&domain::Operation> = s.operations.values().map(|o| &**o).collect();
+            let mut refs: Vec<&domain::Operation> = s.all_operations().collect();
             refs.sort_by(|a, b| b.created_at_unix_ms.cmp(&a.created_at_unix_ms).then(b.id.cmp(&a.id)));
             refs.into_iter().take(limit).cloned().collect()
         });
