@@ -157,6 +157,10 @@ fn leads(m: &openraft::RaftMetrics<TypeConfig>, lease: Duration) -> bool {
                 .is_some_and(|t| openraft::async_runtime::Instant::elapsed(&**t) < lease))
 }
 
+/// How often, at most, the Raft gauges (`cutover_raft_*_index`, term,
+/// leader) are refreshed from openraft's metrics.
+const METRICS_REFRESH: Duration = Duration::from_millis(100);
+
 /// How long a write waits for a leader before giving up.
 const PROPOSE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -403,16 +407,29 @@ impl Consensus {
     /// disk), or a panic inside openraft. Raft does not resume after one, so
     /// the node must restart from its data directory; until this resolves
     /// it never does (a clean shutdown is not fatal).
+    ///
+    /// It waits on the server metrics (role, leader, membership), not the
+    /// full metrics, which change several times per write: the binary's
+    /// main thread waits here, and was woken (a futex wake and a context
+    /// switch) on each of those changes, a few per write. The core sets
+    /// the full metrics' `running_state` when it stops and then drops its
+    /// metrics senders, so the server metrics' `changed` ends in an error
+    /// once it has stopped, for whatever reason.
     pub async fn fatal(&self) -> String {
-        let mut metrics = self.raft.metrics();
+        let failed = || match &self.raft.metrics().borrow_watched().running_state {
+            Err(f) if !matches!(f, openraft::errors::Fatal::Stopped) => Some(f.to_string()),
+            _ => None,
+        };
+        let mut server = self.raft.server_metrics();
         loop {
-            if let Err(f) = &metrics.borrow_watched().running_state
-                && !matches!(f, openraft::errors::Fatal::Stopped)
-            {
-                return f.to_string();
+            if let Some(reason) = failed() {
+                return reason;
             }
-            if metrics.changed().await.is_err() {
-                return std::future::pending().await;
+            if server.changed().await.is_err() {
+                return match failed() {
+                    Some(reason) => reason,
+                    None => std::future::pending().await,
+                };
             }
         }
     }
@@ -521,9 +538,14 @@ impl Consensus {
     /// Watches for leadership changes of this node (true while it leads
     /// under a fresh lease, see [`leads`]). A lease runs out without any
     /// change of the metrics, so a node in the Leader state also looks at
-    /// them every quarter lease; others wait for a change.
+    /// them every quarter lease; others wait for a change of role, leader
+    /// or membership (the server metrics). Only a node in the Leader state
+    /// without a fresh lease (just elected, or cut off) also wakes on the
+    /// full metrics, to see its first quorum acknowledgement at once: they
+    /// change several times per write, and this task woke on every change.
     pub fn leadership(&self) -> watch::Receiver<bool> {
         let mut metrics = self.raft.metrics();
+        let mut server = self.raft.server_metrics();
         let lease = self.lease;
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
@@ -535,16 +557,10 @@ impl Consensus {
                 if tx.send_if_modified(|v| std::mem::replace(v, leading) != leading) && !leading {
                     tracing::info!("not leading under a fresh lease: leader duties stop");
                 }
-                let recheck = async {
-                    if leader_state {
-                        tokio::time::sleep(lease / 4).await
-                    } else {
-                        std::future::pending().await
-                    }
-                };
                 tokio::select! {
-                    r = metrics.changed() => if r.is_err() { break },
-                    () = recheck => {}
+                    r = server.changed() => if r.is_err() { break },
+                    r = metrics.changed(), if leader_state && !leading => if r.is_err() { break },
+                    () = tokio::time::sleep(lease / 4), if leader_state => {}
                 }
                 if tx.is_closed() {
                     break;
@@ -894,6 +910,10 @@ impl Consensus {
                     metrics::gauge!("cutover_raft_applied_index", &l)
                         .set(m.last_applied.as_ref().map_or(0, |x| x.index) as f64);
                 }
+                // For a scrape every few seconds: refreshed at most every
+                // `METRICS_REFRESH`, not on each of the several changes of
+                // the metrics per write (each a wake-up of this task).
+                tokio::time::sleep(METRICS_REFRESH).await;
                 if rx.changed().await.is_err() {
                     break;
                 }
