@@ -165,7 +165,10 @@ impl AgentHub {
                     }
                     self.publish_connected();
                 }
-                r = applied.changed() => {
+                // Only a leader dispatches: a follower is not woken by
+                // every apply (one that starts leading finds the changes
+                // it missed at once, and `seen_generation` was reset).
+                r = applied.changed(), if *leadership.borrow() => {
                     if r.is_err() { return; }
                     let generation = self.consensus.read(|s| s.task_generation);
                     if generation != seen_generation && *leadership.borrow() {

@@ -402,8 +402,25 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
     // clock (the cluster clock's origin) and what it took over. Kept
     // across a lease lapse within the term: the term's leader is the same.
     let mut leading: Option<Led> = None;
+    let mut leadership = consensus.leadership();
     loop {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), applied.changed()).await;
+        // A leader acts after every apply; a follower only needs to know
+        // when it starts leading (and its gauges once a second), so it is
+        // not woken by every apply (on every follower, each write's).
+        let leads = *leadership.borrow_and_update();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            // A closed channel (Raft stopped) waits out the second rather
+            // than spinning.
+            let open = if leads {
+                applied.changed().await.is_ok()
+            } else {
+                leadership.changed().await.is_ok()
+            };
+            if !open {
+                std::future::pending::<()>().await;
+            }
+        })
+        .await;
         // Every node, from its own applied state, at most once a second.
         if last_gauges.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
             last_gauges = Some(std::time::Instant::now());

@@ -353,13 +353,17 @@ impl Consensus {
 
     /// The Raft term this node leads in, if it leads (as [`Self::is_leader`]).
     pub fn leader_term(&self) -> Option<u64> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        // Read in place: the orchestrator asks after every apply, and a
+        // clone of the metrics copies the membership and replication maps.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
         leads(&m, self.lease).then_some(m.current_term)
     }
 
     /// The current leader's id and address, if known.
     pub fn leader(&self) -> Option<(NodeId, String)> {
-        let m = self.raft.metrics().borrow_watched().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
         Some((id, addr))
