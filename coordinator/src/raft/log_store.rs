@@ -161,11 +161,24 @@ fn write_loop(
     jobs: &Receiver<Job>,
 ) {
     let mut slow = SlowDisk::default();
+    let mut marker_written: Option<std::time::Instant> = None;
     while let Ok(first) = jobs.recv() {
         // The commit marker is taken before the queue is drained: openraft
         // queues the entries up to a marker before saving it, so every
         // entry the marker covers is in this batch or an earlier one.
-        let committed = committed.lock().ok().and_then(|mut c| c.take());
+        // At most every `MARKER_EVERY`: at one write at a time every
+        // commit carried a new marker, a second table's pages in each
+        // fsync, for what only spares a restarted node re-learning its
+        // commit index from the leader.
+        let committed = if marker_written.is_none_or(|t| t.elapsed() >= MARKER_EVERY) {
+            let c = committed.lock().ok().and_then(|mut c| c.take());
+            if c.is_some() {
+                marker_written = Some(std::time::Instant::now());
+            }
+            c
+        } else {
+            None
+        };
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
         let started = std::time::Instant::now();
@@ -215,6 +228,10 @@ fn write_loop(
         tracing::warn!(error = %e, "could not store the Raft commit marker at shutdown");
     }
 }
+
+/// How often, at most, the commit marker goes to disk with the log's
+/// entries (and always at a clean shutdown).
+const MARKER_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A log commit (write and fsync) slower than this is a disk problem: on
 /// a healthy SSD it takes well under 10 ms. etcd warns from 1 s; half that
@@ -356,7 +373,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
         // Neither fsynced nor written here: it goes to disk with the log
-        // writer's next transaction. openraft applies a commit only after
+        // writer's next transaction (at most every `MARKER_EVERY`, and at
+        // a clean shutdown). openraft applies a commit only after
         // this returns, so a write transaction of its own here (it was one,
         // not fsynced) waited behind the writer's fsync on every commit.
         // A committed index lost in a crash only means the node re-learns it
