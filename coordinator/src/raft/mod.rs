@@ -554,10 +554,15 @@ impl Consensus {
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             loop {
-                let (leading, leader_state) = {
-                    let m = metrics.borrow_and_update();
-                    (leads(&m, lease), m.state == ServerState::Leader)
-                };
+                // The role from the server metrics, which woke this task:
+                // openraft sends the full metrics after them, so these may
+                // not show the new role yet (CI caught a new leader whose
+                // duties never started: woken by the server metrics, it
+                // read a Candidate from the full ones, and waited for the
+                // server metrics alone). A Leader without a fresh lease
+                // then waits for the full metrics too.
+                let leader_state = server.borrow_and_update().state == ServerState::Leader;
+                let leading = leader_state && leads(&metrics.borrow_and_update(), lease);
                 if tx.send_if_modified(|v| std::mem::replace(v, leading) != leading) && !leading {
                     tracing::info!("not leading under a fresh lease: leader duties stop");
                 }
