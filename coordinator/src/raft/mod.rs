@@ -135,6 +135,9 @@ pub struct Consensus {
     lease: Duration,
     /// When this node last heard from a leader: the election timer's.
     election: Arc<election::ElectionClock>,
+    /// Whether this node leads under a fresh lease, kept by one task
+    /// (`spawn_leadership`) for every caller of [`Self::leadership`].
+    leadership: watch::Receiver<bool>,
 }
 
 /// Whether `m` shows this node leading under a fresh lease: a quorum
@@ -240,6 +243,7 @@ impl Consensus {
         drop(db);
         let shared = sm.shared.clone();
         let peers = PeerChannels::new(tls);
+        let (leadership_tx, leadership) = watch::channel(false);
         let raft = Raft::new(node_id, Arc::new(config), peers.clone(), log, sm)
             .await
             .map_err(|e| OpenError::Raft(e.to_string()))?;
@@ -259,8 +263,10 @@ impl Consensus {
                     .saturating_sub(timings.heartbeat_interval_ms),
             ),
             election: election::ElectionClock::new(),
+            leadership,
         };
         this.spawn_metrics();
+        this.spawn_leadership(leadership_tx);
         tokio::spawn(election::run(
             this.raft.clone(),
             this.election.clone(),
@@ -540,18 +546,23 @@ impl Consensus {
     }
 
     /// Watches for leadership changes of this node (true while it leads
-    /// under a fresh lease, see [`leads`]). A lease runs out without any
+    /// under a fresh lease, see [`leads`]). Every caller shares the one
+    /// task that keeps it.
+    pub fn leadership(&self) -> watch::Receiver<bool> {
+        self.leadership.clone()
+    }
+
+    /// Keeps [`Self::leadership`] until Raft stops. A lease runs out without any
     /// change of the metrics, so a node in the Leader state also looks at
     /// them every quarter lease; others wait for a change of role, leader
     /// or membership (the server metrics). Only a node in the Leader state
     /// without a fresh lease (just elected, or cut off) also wakes on the
     /// full metrics, to see its first quorum acknowledgement at once: they
     /// change several times per write, and this task woke on every change.
-    pub fn leadership(&self) -> watch::Receiver<bool> {
+    fn spawn_leadership(&self, tx: watch::Sender<bool>) {
         let mut metrics = self.raft.metrics();
         let mut server = self.raft.server_metrics();
         let lease = self.lease;
-        let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {
             loop {
                 // The role from the server metrics, which woke this task:
@@ -571,12 +582,8 @@ impl Consensus {
                     r = metrics.changed(), if leader_state && !leading => if r.is_err() { break },
                     () = tokio::time::sleep(lease / 4), if leader_state => {}
                 }
-                if tx.is_closed() {
-                    break;
-                }
             }
         });
-        rx
     }
 
     /// Applies `proposal` if this node leads.
