@@ -168,7 +168,18 @@ impl World {
         self.now += 1;
         let op = self.op(id);
         let (spec, bundle) = self.state.operation_inputs(op).expect("inputs");
-        orchestrator::next_command(op, &Inputs::new(op, spec, bundle), self.now)
+        let inputs = Inputs::new(op, spec, bundle);
+        let next = orchestrator::next_command(op, &inputs, self.now);
+        // Whether there is a next step depends on the record alone, not on
+        // the clock: the leader's scan skips an unchanged operation that
+        // had none (`orchestrator::Quiet`), however much later it is.
+        let an_hour_later = orchestrator::next_command(op, &inputs, self.now + 3_600_000);
+        assert_eq!(
+            next.is_some(),
+            an_hour_later.is_some(),
+            "the decision for {id} changed with the clock alone: {next:?} / {an_hour_later:?}"
+        );
+        next
     }
 
     /// The model agent runs one task as the leader sends it (content

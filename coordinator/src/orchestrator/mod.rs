@@ -234,21 +234,57 @@ pub fn give_up_unreachable(
         })
 }
 
+/// The operations whose last scan found no next step, by the address of
+/// their record, each held so that the address stays theirs: while it is
+/// held, an apply that changes the operation replaces its `Arc` (a new
+/// address) rather than writing in place.
+///
+/// [`next_command`] decides from the operation's record and its inputs
+/// alone, and the inputs of an operation that names its definition's
+/// digest are fixed (definitions are stored by digest), so an unchanged
+/// record has no next step still: the scan skips planning it. Most running
+/// operations wait on their agents most of the time, and planning every
+/// one of them on every apply was most of a busy leader's scan (`bench
+/// fleet`). Only the time-based give-up on an unreachable agent is judged
+/// on every scan.
+#[derive(Default)]
+pub struct Quiet(std::collections::HashMap<usize, std::sync::Arc<Operation>>);
+
 /// Proposes the next step of every unfinished app operation, or the
 /// failure of a step whose agent is unreachable past its app's policy.
-/// `leading_since`: when this node became leader, by its clock.
-pub async fn advance(consensus: &Consensus, leading_since: i64) {
+/// `leading_since`: when this node became leader, by its clock. `quiet`:
+/// what the previous scan of this leadership found with nothing to do.
+pub async fn advance(consensus: &Consensus, leading_since: i64, quiet: &mut Quiet) {
     let now = now_unix_ms();
     let scan = std::time::Instant::now();
     let commands: Vec<Command> = consensus.read(|s| {
-        s.running_operations()
+        let mut still = std::collections::HashMap::with_capacity(quiet.0.len());
+        let commands = s
+            .running_operations()
             .filter(|o| o.kind != OperationKind::Task)
             .filter_map(|o| {
                 let (spec, bundle) = s.operation_inputs(o)?;
-                give_up_unreachable(o, spec.unreachable.as_ref(), &s.agents, now, leading_since)
-                    .or_else(|| next_command(o, &Inputs::new(o, spec, bundle), now))
+                if let Some(cmd) = give_up_unreachable(o, spec.unreachable.as_ref(), &s.agents, now, leading_since) {
+                    return Some(cmd);
+                }
+                let address = std::ptr::from_ref(o) as usize;
+                if let Some(held) = quiet.0.remove(&address) {
+                    still.insert(address, held);
+                    return None;
+                }
+                let cmd = next_command(o, &Inputs::new(o, spec, bundle), now);
+                if cmd.is_none()
+                    && o.spec_digest.is_some()
+                    && let Some(held) = s.operations.get(&o.id)
+                    && std::ptr::eq(&**held, o)
+                {
+                    still.insert(address, held.clone());
+                }
+                cmd
             })
-            .collect()
+            .collect();
+        quiet.0 = still;
+        commands
     });
     // What a tick costs the leader, apart from committing its decisions
     // (`bench fleet` reads it).
@@ -295,6 +331,7 @@ struct Led {
     lead: dr_watch::Leadership,
     /// Whether it logged that a member cannot apply a tick.
     told_refused: bool,
+    quiet: Quiet,
 }
 
 /// The cluster clock ([`crate::cluster_clock`]) as the leader of `term`,
@@ -443,6 +480,7 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
                 origin,
                 lead,
                 told_refused: false,
+                quiet: Quiet::default(),
             });
         }
         if let Some(Led {
@@ -450,9 +488,10 @@ pub async fn run(consensus: Consensus, retention: RetentionConfig) {
             origin,
             lead,
             told_refused,
+            quiet,
         }) = &mut leading
         {
-            advance(&consensus, lead.since_unix_ms).await;
+            advance(&consensus, lead.since_unix_ms, quiet).await;
             // Slots are minutes apart and retention scans every backup, so
             // at most once a second, however busy the log is.
             if last_schedules.is_none_or(|t| t.elapsed() >= SCHEDULE_EVERY) {
