@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::agents::{AgentApi, AgentHub};
-use crate::control::{ControlApi, OperationWatches};
+use crate::control::ControlApi;
 use crate::raft::{Consensus, OpenError};
 
 /// Errors starting or running a node.
@@ -157,12 +157,10 @@ impl Node {
         let (reflection_v1, reflection_v1alpha) = reflection_services();
         let policy: Policy = Arc::new(access_policy);
         let watches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let operation_watches = Arc::new(OperationWatches::default());
         let control = ControlServiceServer::new(ControlApi {
             consensus: consensus.clone(),
             data_dir: cfg.data_dir.clone(),
             watches: watches.clone(),
-            operation_watches: operation_watches.clone(),
         });
         let agent = AgentServiceServer::new(AgentApi { hub: hub.clone() });
         let raft = consensus.grpc_service();
@@ -191,10 +189,6 @@ impl Node {
         let mut tasks = vec![
             tokio::spawn(hub.clone().run()),
             tokio::spawn(crate::orchestrator::run(consensus.clone(), cfg.retention.clone())),
-            tokio::spawn({
-                let c = consensus.clone();
-                async move { operation_watches.run(c).await }
-            }),
         ];
         let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(ops) = ops_listener {

@@ -13,14 +13,13 @@
 mod dr;
 mod error;
 mod grpc;
-mod watch;
 
 pub use error::ApiError;
-pub use watch::OperationWatches;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cutover_shared::app::{AppSpec, Color, validate_image_ref};
 use cutover_shared::backup::{
@@ -58,8 +57,6 @@ pub struct ControlApi {
     /// Open `WatchOperation` streams (each holds a task until its client
     /// goes away or the operation ends).
     pub watches: Arc<std::sync::atomic::AtomicUsize>,
-    /// What feeds those streams (its `run` is one of the node's tasks).
-    pub operation_watches: Arc<OperationWatches>,
 }
 
 /// Counts one open watch stream while it lives.
@@ -823,34 +820,54 @@ impl ControlApi {
     pub async fn watch_operation(&self, r: pb::WatchOperationRequest) -> Result<WatchStream, ApiError> {
         let id = r.operation_id;
         validate_id("operation_id", &id)?;
-        // Woken only when the operation changed (`watch.rs`), with its new
-        // `Arc`: it clones only what it sends.
-        let Some(mut changes) = self.operation_watches.watch(&self.consensus, &id) else {
+        // The state holds each operation behind an `Arc` that an apply
+        // replaces when it changes the operation while anyone else holds
+        // it, so holding `last` makes "unchanged" one pointer comparison:
+        // with a hundred watchers, cloning and comparing whole operations
+        // on every apply was a quarter of a busy leader's CPU (`bench
+        // fleet`).
+        let Some(mut last) = self.consensus.read(|s| s.operations.get(&id).cloned()) else {
             return Err(ApiError::not_found(format!("no operation {id}")));
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let consensus = self.consensus.clone();
+        let mut applied = consensus.applied();
         let guard = WatchGuard::new(&self.watches);
         tokio::spawn(async move {
             let _guard = guard;
-            let mut last = changes.borrow_and_update().clone();
-            loop {
-                let sent = tx
-                    .send(Ok(pb::WatchOperationResponse {
-                        operation: Some(operation_proto(&consensus, domain::Operation::clone(&last))),
-                    }))
-                    .await;
-                if sent.is_err() || last.state.is_finished() {
-                    return;
-                }
-                // A client that went away ends the task at once, not at the
-                // operation's next change; so does the operation leaving
-                // the state (its sender dropped).
+            if tx
+                .send(Ok(pb::WatchOperationResponse {
+                    operation: Some(operation_proto(&consensus, domain::Operation::clone(&last))),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while !last.state.is_finished() {
+                // A periodic wake-up as well, in case this node stops applying
+                // (it lost contact with the leader): the client then still
+                // sees the stream alive. A client that went away ends the
+                // task at once, not at the operation's next change.
                 tokio::select! {
                     _ = tx.closed() => return,
-                    r = changes.changed() => if r.is_err() { return },
+                    _ = tokio::time::timeout(Duration::from_secs(5), applied.changed()) => {}
                 }
-                last = changes.borrow_and_update().clone();
+                let Some(now) = consensus.read(|s| s.operations.get(&id).cloned()) else {
+                    return;
+                };
+                if !Arc::ptr_eq(&now, &last) && now != last {
+                    last = now;
+                    if tx
+                        .send(Ok(pb::WatchOperationResponse {
+                            operation: Some(operation_proto(&consensus, domain::Operation::clone(&last))),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
             }
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
