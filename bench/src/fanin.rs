@@ -135,6 +135,10 @@ struct RowOut {
     acks: usize,
     leader_cpu: f64,
     leader_rss: f64,
+    /// All three coordinators: the largest resident set, and their CPU
+    /// together (% of one core).
+    max_rss: f64,
+    all_cpu: f64,
     bench_cpu: f64,
     machine_busy: f64,
     down_after: f64,
@@ -184,6 +188,12 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
     let leader = c.wait_leader(Duration::from_secs(30)).await?;
     let pid = c.pid(leader).expect("leader runs");
     let leader_addr = c.addr(leader);
+    // Agents dial a coordinator of the three in turn, as real agents pick
+    // one at random and stay; `BENCH_FANIN_DIAL=leader` sends them all to
+    // the leader (every node serves agents since 2026-12-06; before, only
+    // the leader did, and these rows measured that).
+    let spread = std::env::var("BENCH_FANIN_DIAL").as_deref() != Ok("leader");
+    let pids: Vec<String> = (0..3).filter_map(|i| c.pid(i)).collect();
     let shared = Arc::new(Shared::default());
     let ramp = Arc::new(Semaphore::new(64));
     let mut tasks = tokio::task::JoinSet::new();
@@ -202,7 +212,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             tasks.spawn(agent(
                 i,
                 c.tc.pki.agents[i].2.clone(),
-                leader_addr.clone(),
+                if spread { c.addr(i % 3) } else { leader_addr.clone() },
                 shared.clone(),
                 ctl,
                 ramp.clone(),
@@ -226,6 +236,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         let lost0 = shared.sessions_lost.load(Ordering::SeqCst);
         shared.rtts.lock().expect("rtts").clear();
         let cpu0 = util::cpu_ticks(&pid)?;
+        let all0: u64 = pids.iter().map(|p| util::cpu_ticks(p)).sum::<Result<u64>>()?;
         let self0 = util::cpu_ticks(&self_pid)?;
         let (idle0, total0) = util::machine_ticks()?;
         shared.measuring.store(true, Ordering::SeqCst);
@@ -233,12 +244,19 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         tokio::time::sleep(window).await;
         shared.measuring.store(false, Ordering::SeqCst);
         let cpu1 = util::cpu_ticks(&pid)?;
+        let all1: u64 = pids.iter().map(|p| util::cpu_ticks(p)).sum::<Result<u64>>()?;
         let self1 = util::cpu_ticks(&self_pid)?;
         let (idle1, total1) = util::machine_ticks()?;
         for mut p in perf {
             let _ = p.wait();
         }
         let rss = util::rss_mib(&pid)?;
+        let max_rss = pids
+            .iter()
+            .map(|p| util::rss_mib(p))
+            .collect::<Result<Vec<f64>>>()?
+            .into_iter()
+            .fold(0.0, f64::max);
         let rtts = std::mem::take(&mut *shared.rtts.lock().expect("rtts"));
         let acks = rtts.len();
         let (hb_p50, hb_p99, hb_max) = util::summary(rtts);
@@ -290,6 +308,8 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             acks,
             leader_cpu: (cpu1 - cpu0) as f64 / ticks / w * 100.0,
             leader_rss: rss,
+            max_rss,
+            all_cpu: (all1 - all0) as f64 / ticks / w * 100.0,
             bench_cpu: (self1 - self0) as f64 / ticks / w * 100.0,
             machine_busy: (1.0 - (idle1 - idle0) as f64 / (total1 - total0).max(1) as f64) * 100.0,
             down_after: (down_at - last).as_secs_f64(),
@@ -309,12 +329,13 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
     tasks.abort_all();
     drop(c);
     println!(
-        "fanin: simulated agents on AgentService.Connect (mTLS, one certificate and connection each), 1 s heartbeats, 3 coordinator processes; {:.0} s window per row",
+        "fanin: simulated agents on AgentService.Connect (mTLS, one certificate and connection each), 1 s heartbeats, 3 coordinator processes, agents dialing {}; {:.0} s window per row",
+        if spread { "the three in turn" } else { "the leader" },
         window.as_secs_f64()
     );
     println!("load average before the run: {load}");
     println!(
-        "{:>7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>7} {:>6}",
+        "{:>7} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6}",
         "agents",
         "connect s",
         "hb p50",
@@ -323,6 +344,8 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         "acks/s",
         "ldr cpu%",
         "ldr RSS",
+        "max RSS",
+        "all cpu%",
         "gen cpu%",
         "busy%",
         "down s",
@@ -332,7 +355,7 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
     let mut out = Vec::new();
     for r in &rows {
         println!(
-            "{:>7} {:>10.1} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>8.0} {:>8.0} {:>5.0} MiB {:>8.0} {:>8.0} {:>8.2} {:>7} {:>6}",
+            "{:>7} {:>10.1} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>8.0} {:>8.0} {:>5.0} MiB {:>5.0} MiB {:>8.0} {:>8.0} {:>8.0} {:>8.2} {:>7} {:>6}",
             r.agents,
             r.connect_secs,
             r.hb_p50,
@@ -341,6 +364,8 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             r.acks as f64 / window.as_secs_f64(),
             r.leader_cpu,
             r.leader_rss,
+            r.max_rss,
+            r.all_cpu,
             r.bench_cpu,
             r.machine_busy,
             r.down_after,
@@ -355,6 +380,8 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
             "acks_per_s": r.acks as f64 / window.as_secs_f64(),
             "leader_cpu_pct": r.leader_cpu,
             "leader_rss_mib": r.leader_rss,
+            "max_node_rss_mib": r.max_rss,
+            "coordinators_cpu_pct": r.all_cpu,
             "generator_cpu_pct": r.bench_cpu,
             "machine_busy_pct": r.machine_busy,
             "silenced_down_after_last_heartbeat_s": r.down_after,
@@ -363,11 +390,12 @@ pub async fn run(quick: bool) -> Result<serde_json::Value> {
         }));
     }
     println!(
-        "(hb = heartbeat sent to its ack received, in this process; ldr = the leader process; gen = this load generator, % of one core; busy = both cores; down s = last heartbeat of a silenced agent to ListAgents showing it down; lost = sessions lost in the window; terms = Raft term changes over the row)"
+        "(hb = heartbeat sent to its ack received, in this process; ldr = the leader process; max RSS = the largest of the three coordinators; all cpu% = the three together; gen = this load generator, % of one core; busy = both cores; down s = last heartbeat of a silenced agent to ListAgents showing it down; lost = sessions lost in the window; terms = Raft term changes over the row)"
     );
     Ok(json!({
         "scenario": "fanin",
         "heartbeat_interval_ms": 1000,
+        "agents_dial": if spread { "spread" } else { "leader" },
         "window_secs": window.as_secs_f64(),
         "loadavg_before": load,
         "rows": out,

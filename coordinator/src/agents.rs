@@ -1,11 +1,30 @@
 //! The agent side of the coordinator: the `AgentService.Connect` stream,
-//! agent liveness, and task dispatch. Only the leader serves agents.
+//! agent liveness, and task dispatch.
 //!
-//! Heartbeats stay out of the log: the leader keeps `last_seen` per agent in
-//! memory and commits only transitions (up on register, down after
-//! `DEAD_AFTER_INTERVALS` silent heartbeat intervals). A new leader starts
-//! every agent's clock at the moment it took over, so agents that do not
-//! reconnect to it are marked down just as promptly.
+//! Every node serves agents, as Nomad's and Consul's servers serve their
+//! clients: an agent dials a coordinator at random and stays with it, so
+//! each node holds a share of the fleet's connections (HTTP/2 and TLS state
+//! is most of what an agent costs a node: BENCHMARKS.md, "fanin"), and a
+//! leader change does not make the whole fleet reconnect. A node sends its
+//! agents the tasks its replicated state assigns them, and their reports go
+//! to the leader as writes (forwarded from a follower).
+//!
+//! Heartbeats stay out of the log: the node holding a session keeps
+//! `last_seen` in memory, a follower relays the sessions heard from to the
+//! leader every tenth of an interval (`RaftService.RelayAgents`), and the
+//! leader commits only transitions (up on register, down after
+//! `DEAD_AFTER_INTERVALS` silent heartbeat intervals, counted from the
+//! latest heartbeat any node heard or relayed). A new leader starts every
+//! agent's clock at the moment it took over, so agents that nobody relays
+//! to it are marked down just as promptly.
+//!
+//! An agent's heartbeat acknowledgement renews its lease (it fences its own
+//! primaries when cut off: `dr`), so a node acknowledges only while it
+//! *serves*: it leads under a fresh lease, or the leader answered one of its
+//! relays within the last heartbeat interval (only a leader under a fresh
+//! lease answers them). A node that does not serve takes no new agents
+//! (they are redirected to the leader it knows) and sends no tasks; its
+//! agents, unacknowledged, find another node after three intervals.
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -88,11 +107,16 @@ struct Session {
     backlogged: bool,
 }
 
-/// Agent sessions on this node (empty unless it leads).
+/// Agent sessions on this node, and the leader's view of the others'.
 pub struct AgentHub {
     consensus: Consensus,
     heartbeat: Duration,
     sessions: Mutex<HashMap<ClusterRef, Session>>,
+    /// On the leader: the latest heartbeat other nodes relayed per agent,
+    /// with the registration it came on. Emptied when leadership starts.
+    relayed: Mutex<HashMap<ClusterRef, (u64, Instant)>>,
+    /// When this node's latest relay the leader answered was sent.
+    relay_answered: tokio::sync::watch::Sender<Option<Instant>>,
     leader_since: Mutex<Instant>,
     /// Set when the node shuts down: no new sessions after that.
     closed: std::sync::atomic::AtomicBool,
@@ -112,6 +136,8 @@ impl AgentHub {
             consensus,
             heartbeat,
             sessions: Mutex::new(HashMap::new()),
+            relayed: Mutex::new(HashMap::new()),
+            relay_answered: tokio::sync::watch::Sender::new(None),
             leader_since: Mutex::new(Instant::now()),
             closed: false.into(),
             registering: Admission::new(MAX_REGISTERING),
@@ -127,8 +153,113 @@ impl AgentHub {
         self.sessions.lock().expect("sessions").len()
     }
 
-    /// Runs the leader duties (reaping silent agents, dispatching new tasks)
-    /// for as long as the node lives. Duties are idle while it follows.
+    /// Whether this node may acknowledge heartbeats, take registrations and
+    /// send tasks: it leads under a fresh lease, or such a leader answered
+    /// a relay of its sent within the last heartbeat interval.
+    pub fn serving(&self) -> bool {
+        self.consensus.is_leader() || self.relay_fresh(&self.relay_answered.borrow())
+    }
+
+    fn relay_fresh(&self, answered: &Option<Instant>) -> bool {
+        answered.is_some_and(|t| t.elapsed() < self.heartbeat)
+    }
+
+    /// On a follower, every tenth of a heartbeat interval: tells the leader
+    /// which of this node's agents heartbeated since the last relay it
+    /// answered (an empty relay too: its answer is what lets this node
+    /// serve). Runs for as long as the node lives.
+    pub async fn relay(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval((self.heartbeat / 10).max(Duration::from_millis(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Heartbeats heard since this instant are not yet known relayed.
+        let mut unrelayed_since = Instant::now();
+        loop {
+            ticker.tick().await;
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if self.consensus.in_leader_state() {
+                continue;
+            }
+            let started = Instant::now();
+            let agents: Vec<proto::RelayedAgent> = self
+                .sessions
+                .lock()
+                .expect("sessions")
+                .iter()
+                .filter(|(_, s)| s.last_seen >= unrelayed_since)
+                .map(|(c, s)| proto::RelayedAgent {
+                    region: c.region.clone(),
+                    cluster: c.cluster.clone(),
+                    session: s.id,
+                })
+                .collect();
+            match self.consensus.relay_agents(agents, self.heartbeat / 2).await {
+                Ok(()) => {
+                    unrelayed_since = started;
+                    self.relay_answered.send_replace(Some(started));
+                }
+                Err(e) => tracing::debug!("agent liveness not relayed: {e}"),
+            }
+        }
+    }
+
+    /// Ends the sessions whose registration this node's state shows
+    /// replaced by another (the agent registered again, elsewhere) or
+    /// marked down (the leader judged it silent, say while this node could
+    /// not relay): the agent must register again to be served.
+    fn end_superseded(&self) {
+        let held: Vec<(ClusterRef, u64)> = {
+            let sessions = self.sessions.lock().expect("sessions");
+            if sessions.is_empty() {
+                return;
+            }
+            sessions.iter().map(|(c, s)| (c.clone(), s.id)).collect()
+        };
+        // A session is listed only once this node has applied its
+        // registration, so a state that shows another one shows a newer one.
+        let recorded: Vec<Option<(u64, bool)>> = self.consensus.read(|s| {
+            held.iter()
+                .map(|(c, _)| {
+                    s.agents
+                        .get(&c.to_string())
+                        .map(|a| (a.session, a.state == AgentState::Up))
+                })
+                .collect()
+        });
+        let mut ended = 0;
+        {
+            let mut sessions = self.sessions.lock().expect("sessions");
+            for ((cluster, id), rec) in held.iter().zip(recorded) {
+                let current = rec.is_some_and(|(session, up)| session == *id && up);
+                if !current && sessions.get(cluster).is_some_and(|s| s.id == *id) {
+                    sessions.remove(cluster);
+                    ended += 1;
+                }
+            }
+        }
+        if ended > 0 {
+            tracing::info!(sessions = ended, "agent sessions ended: replaced or marked down");
+            self.publish_connected();
+        }
+    }
+
+    /// Sends what this node has not sent yet, if it serves and the tasks
+    /// changed since `seen_generation`.
+    fn dispatch_changed(self: &Arc<Self>, seen_generation: &mut u64) {
+        if self.sessions.lock().expect("sessions").is_empty() || !self.serving() {
+            return;
+        }
+        let generation = self.consensus.read(|s| s.task_generation);
+        if generation != *seen_generation {
+            *seen_generation = generation;
+            self.dispatch_all();
+        }
+    }
+
+    /// Runs the node's agent duties for as long as it lives: sending its
+    /// agents new tasks, ending sessions the state superseded, and, while
+    /// it leads, reaping silent agents.
     pub async fn run(self: Arc<Self>) {
         let mut leadership = self.consensus.leadership();
         let mut applied = self.consensus.applied();
@@ -138,68 +269,39 @@ impl AgentHub {
         let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_generation = u64::MAX;
-        // When this node's lease lapsed while it stayed in Raft's Leader
-        // state: its sessions are kept for up to one agent heartbeat
-        // interval. Under load (a starved follower answering late) the lease
-        // lapses for a few hundred milliseconds and returns; closing every
-        // stream then made the whole fleet reconnect (`bench fleet` lost
-        // 200 sessions a minute that way, each a second's stall). Duties
-        // (dispatch, reaping, new registrations) stop at once either way.
-        let mut lapsed_since: Option<Instant> = None;
+        self.publish_connected();
         loop {
             tokio::select! {
                 r = leadership.changed() => {
                     if r.is_err() { return; }
-                    let leading = *leadership.borrow_and_update();
-                    if leading {
-                        if let Some(t) = lapsed_since.take() {
-                            tracing::info!(lapse_ms = t.elapsed().as_millis() as u64, "leading again: agent sessions kept");
-                        }
+                    // Sessions stay whatever the role: a deposed leader
+                    // relays its agents to the next one. Only the clocks
+                    // start over with a leadership.
+                    if *leadership.borrow_and_update() {
                         *self.leader_since.lock().expect("leader_since") = Instant::now();
-                        seen_generation = u64::MAX;
-                    } else if self.consensus.in_leader_state() {
-                        lapsed_since.get_or_insert_with(Instant::now);
-                    } else {
-                        self.close_sessions();
-                        lapsed_since = None;
+                        self.relayed.lock().expect("relayed").clear();
                     }
+                    seen_generation = u64::MAX;
                     self.publish_connected();
                 }
-                // Only a leader dispatches: a follower is not woken by
-                // every apply (one that starts leading finds the changes
-                // it missed at once, and `seen_generation` was reset).
-                r = applied.changed(), if *leadership.borrow() => {
+                r = applied.changed() => {
                     if r.is_err() { return; }
-                    let generation = self.consensus.read(|s| s.task_generation);
-                    if generation != seen_generation && *leadership.borrow() {
-                        seen_generation = generation;
-                        self.dispatch_all();
-                    }
+                    self.dispatch_changed(&mut seen_generation);
                 }
                 _ = ticker.tick() => {
                     if *leadership.borrow() {
                         self.reap().await;
+                    }
+                    self.end_superseded();
+                    // A node that did not serve for a while sends what it
+                    // missed once it does again.
+                    self.dispatch_changed(&mut seen_generation);
+                    if self.serving() {
                         self.dispatch_backlog();
-                    } else if let Some(t) = lapsed_since
-                        && (t.elapsed() >= self.heartbeat || !self.consensus.in_leader_state())
-                    {
-                        // Deposed, or cut off from a quorum for longer than
-                        // a blip: agents must find the leader.
-                        self.close_sessions();
-                        lapsed_since = None;
                     }
                 }
             }
         }
-    }
-
-    /// Ends every agent stream: agents must follow the leader.
-    fn close_sessions(&self) {
-        let closed = std::mem::take(&mut *self.sessions.lock().expect("sessions")).len();
-        if closed > 0 {
-            tracing::info!(sessions = closed, "no longer leading: agent streams closed");
-        }
-        self.publish_connected();
     }
 
     fn publish_connected(&self) {
@@ -220,43 +322,55 @@ impl AgentHub {
                 .map(|a| (a.cluster.clone(), a.session, a.since_unix_ms))
                 .collect()
         });
-        for (cluster, session, up_since_ms) in up {
-            let last = {
-                let sessions = self.sessions.lock().expect("sessions");
-                // Only the registration the state records counts: a newer
-                // one has its own clock (its AgentUp may still be in flight).
-                match sessions.get(&cluster) {
-                    Some(s) if s.id != session && session != 0 => continue,
-                    Some(s) => s.last_seen.max(since),
-                    // No session here: the agent is gone, or its AgentUp
-                    // has committed and the registration has not reached
-                    // `sessions` yet. Either way its clock starts at that
-                    // AgentUp, not earlier: counting from when this node
-                    // began leading marked just-registered agents down.
+        // Judged under both locks at once (taken once per tick, not per
+        // agent: a leader may list tens of thousands), proposed after.
+        let silent: Vec<(ClusterRef, u64, Duration)> = {
+            let mut sessions = self.sessions.lock().expect("sessions");
+            let mut relayed = self.relayed.lock().expect("relayed");
+            let mut silent = Vec::new();
+            for (cluster, session, up_since_ms) in up {
+                // Only the registration the state records counts, heard
+                // here or relayed. (A session here under another id is one
+                // the state has moved past: `end_superseded` ends it.)
+                let ours = |id: u64| id == session || session == 0;
+                let local = sessions.get(&cluster).filter(|s| ours(s.id)).map(|s| s.last_seen);
+                let far = relayed.get(&cluster).filter(|(id, _)| ours(*id)).map(|(_, t)| *t);
+                let last = match local.into_iter().chain(far).max() {
+                    Some(heard) => heard.max(since),
+                    // Not heard from here or through a relay: the agent is
+                    // gone, or its AgentUp has committed and neither the
+                    // registration nor a relay of it has arrived yet.
+                    // Either way its clock starts at that AgentUp, not
+                    // earlier: counting from when this node began leading
+                    // marked just-registered agents down.
                     None => {
                         let age = Duration::from_millis(wall_now.saturating_sub(up_since_ms).max(0) as u64);
                         since.max(now.checked_sub(age).unwrap_or(now))
                     }
-                }
-            };
-            if now.duration_since(last) > self.dead_after() {
-                {
-                    let mut sessions = self.sessions.lock().expect("sessions");
-                    if sessions.get(&cluster).is_some_and(|s| s.id == session || session == 0) {
+                };
+                if now.duration_since(last) > self.dead_after() {
+                    if local.is_some() {
                         sessions.remove(&cluster);
                     }
+                    // A session on another node ends there once its state
+                    // shows the agent down (`end_superseded`).
+                    relayed.remove(&cluster);
+                    silent.push((cluster, session, now.duration_since(last)));
                 }
-                tracing::warn!(agent = %cluster, "no heartbeat for {:?}: marking agent down", now.duration_since(last));
-                // Names the registration it judged: if the agent registered
-                // again meanwhile, the state machine ignores this.
-                let cmd = Command::AgentDown {
-                    cluster: cluster.clone(),
-                    at_unix_ms: now_unix_ms(),
-                    session,
-                };
-                if let Err(e) = self.consensus.propose(Proposal::Command(cmd)).await {
-                    tracing::warn!(agent = %cluster, "could not commit agent down: {e}");
-                }
+            }
+            silent
+        };
+        for (cluster, session, silent_for) in silent {
+            tracing::warn!(agent = %cluster, "no heartbeat for {silent_for:?}: marking agent down");
+            // Names the registration it judged: if the agent registered
+            // again meanwhile, the state machine ignores this.
+            let cmd = Command::AgentDown {
+                cluster: cluster.clone(),
+                at_unix_ms: now_unix_ms(),
+                session,
+            };
+            if let Err(e) = self.consensus.propose(Proposal::Command(cmd)).await {
+                tracing::warn!(agent = %cluster, "could not commit agent down: {e}");
             }
         }
     }
@@ -353,11 +467,29 @@ impl AgentHub {
         }
     }
 
-    fn refuse_if_follower(&self) -> Result<(), Status> {
-        if self.consensus.is_leader() {
+    /// Refuses an agent while this node does not serve, with the leader's
+    /// address when it knows one. A follower that knows a leader but has
+    /// had no relay answered yet (it just started, or a leader was just
+    /// elected) waits for one, up to half an interval: refused, the agent
+    /// would go to the leader and stay, and a fleet starting with its
+    /// coordinators would pile onto one node.
+    async fn refuse_unless_serving(&self) -> Result<(), Status> {
+        if self.serving() {
             return Ok(());
         }
-        let mut status = Status::unavailable("this coordinator is not the leader; reconnect to the leader");
+        if self
+            .consensus
+            .leader()
+            .is_some_and(|(id, _)| id != self.consensus.node_id())
+        {
+            let mut answered = self.relay_answered.subscribe();
+            let fresh = answered.wait_for(|t| self.relay_fresh(t));
+            if let Ok(Ok(_)) = tokio::time::timeout(self.heartbeat / 2, fresh).await {
+                return Ok(());
+            }
+        }
+        let mut status =
+            Status::unavailable("this coordinator cannot reach a leader holding a quorum; reconnect to the leader");
         if let Some((_, addr)) = self.consensus.leader()
             && let Ok(v) = addr.parse()
         {
@@ -384,7 +516,7 @@ impl AgentService for AgentApi {
             .agent_cluster()
             .ok_or_else(|| Status::permission_denied(format!("{identity} is not an agent")))?;
         let hub = self.hub.clone();
-        hub.refuse_if_follower()?;
+        hub.refuse_unless_serving().await?;
         let mut inbound = req.into_inner();
         let first = inbound
             .next()
@@ -434,13 +566,26 @@ impl AgentService for AgentApi {
                 .collect(),
             at_unix_ms: now_unix_ms(),
         };
-        hub.consensus
+        let committed = hub
+            .consensus
             .propose(Proposal::Command(up))
             .await
             .map_err(propose_status)?;
+        // What `Registered` carries (the epochs) is read from this node's
+        // state, so it must include everything committed before this
+        // registration, and the session is listed only once the state
+        // shows it (`end_superseded` ends any it does not): a follower
+        // answers once it has applied it.
+        let mut applied = hub.consensus.applied();
+        let caught_up = applied.wait_for(|i| *i >= committed.log_index);
+        if !matches!(tokio::time::timeout(hub.heartbeat, caught_up).await, Ok(Ok(_))) {
+            return Err(Status::unavailable(
+                "this coordinator has not caught up with the agent's registration; retry",
+            ));
+        }
 
         let (tx, rx) = mpsc::channel::<Outbound>(256);
-        let leader = hub.consensus.node_id();
+        let leader = hub.consensus.leader().map_or(hub.consensus.node_id(), |(id, _)| id);
         tx.try_send(Box::new(ConnectResponse {
             message: Some(connect_response::Message::Registered(proto::Registered {
                 session_id: session_id.to_string(),
@@ -464,9 +609,9 @@ impl AgentService for AgentApi {
             // take: a session registered while the node was stopping or
             // stepping down would otherwise outlive them.
             let mut sessions = hub.sessions.lock().expect("sessions");
-            if hub.closed.load(std::sync::atomic::Ordering::SeqCst) || !hub.consensus.is_leader() {
+            if hub.closed.load(std::sync::atomic::Ordering::SeqCst) || !hub.serving() {
                 return Err(Status::unavailable(
-                    "this coordinator stopped leading while the agent registered",
+                    "this coordinator lost the leader while the agent registered",
                 ));
             }
             sessions.insert(
@@ -502,10 +647,17 @@ impl AgentService for AgentApi {
                 match msg.message {
                     Some(connect_request::Message::Heartbeat(hb)) => {
                         metrics::counter!("cutover_agent_heartbeats_total").increment(1);
+                        // Heard either way (a relay carries it once relays
+                        // are answered again); acknowledged, which renews
+                        // the agent's lease, only while this node serves.
+                        let serving = reader_hub.serving();
                         let sessions = &mut *reader_hub.sessions.lock().expect("sessions");
                         match sessions.get_mut(&reader_cluster) {
                             Some(s) if s.id == session_id => {
                                 s.last_seen = Instant::now();
+                                if !serving {
+                                    continue;
+                                }
                                 let ack = connect_response::Message::HeartbeatAck(proto::HeartbeatAck {
                                     sequence: hb.sequence,
                                 });
@@ -724,6 +876,19 @@ async fn write_reports(hub: Arc<AgentHub>, reports: Arc<Reports>, mut results: m
                 for c in reports.take() {
                     propose(c).await;
                 }
+            }
+        }
+    }
+}
+
+impl crate::raft::AgentRelay for AgentHub {
+    fn relayed(&self, agents: Vec<proto::RelayedAgent>) {
+        let now = Instant::now();
+        let mut relayed = self.relayed.lock().expect("relayed");
+        for a in agents {
+            // A name no certificate could carry names no agent: dropped.
+            if let Ok(cluster) = ClusterRef::new(&a.region, &a.cluster) {
+                relayed.insert(cluster, (a.session, now));
             }
         }
     }

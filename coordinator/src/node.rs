@@ -163,7 +163,7 @@ impl Node {
             watches: watches.clone(),
         });
         let agent = AgentServiceServer::new(AgentApi { hub: hub.clone() });
-        let raft = consensus.grpc_service();
+        let raft = consensus.grpc_service(hub.clone());
         let mut shutdown = stop_rx.clone();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -188,6 +188,7 @@ impl Node {
 
         let mut tasks = vec![
             tokio::spawn(hub.clone().run()),
+            tokio::spawn(hub.clone().relay()),
             tokio::spawn(crate::orchestrator::run(consensus.clone(), cfg.retention.clone())),
         ];
         let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -252,6 +253,12 @@ impl Node {
     /// Agents with an open stream to this node.
     pub fn connected_agents(&self) -> usize {
         self.hub.connected()
+    }
+
+    /// Whether this node takes agents now: it leads, or its leader answered
+    /// its latest relay of agent liveness (`agents.rs`).
+    pub fn serves_agents(&self) -> bool {
+        self.hub.serving()
     }
 
     /// Resolves when Raft has stopped on a fatal error (see

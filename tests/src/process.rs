@@ -669,6 +669,14 @@ impl ProcessCluster {
             .collect()
     }
 
+    /// Everything agent `i` logged (JSON lines), over all its runs.
+    pub fn agent_log(&self, i: usize) -> String {
+        self.agent_logs[i]
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
     /// The last `lines` lines of every log, for failure messages.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

@@ -197,9 +197,22 @@ async fn cluster_with_us_east_agent() -> (TestCluster, usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
     let (mut c, leader) = cluster_with_us_east_agent().await;
-    // Agents stream only to the leader: stop it.
-    c.stop_node(leader).await;
-    let new = c.wait_leader(T).await.unwrap();
+    // Stop the node the agent streams to (any node serves agents; it lists
+    // the stream once it has applied the registration).
+    let deadline = Instant::now() + T;
+    let held = loop {
+        if let Some(i) = (0..3).find(|&i| c.node(i).connected_agents() == 1) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no node lists the agent's stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    c.stop_node(held).await;
+    let new = if held == leader {
+        c.wait_leader(T).await.unwrap()
+    } else {
+        leader
+    };
     // The agent finds the new leader on its own and runs work from it.
     let op = run_echo(&c, new, "us-east", "us-east-1", &[("message", "still here")]).await;
     c.wait_state(new, T, "echo on the new leader", |s| {
@@ -213,6 +226,92 @@ async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
         .read(|s| s.operations[&op].tasks[0].result.clone().unwrap());
     assert_eq!(result.message, "still here");
     assert!(!result.replayed);
+    c.shutdown().await;
+}
+
+/// An agent that dials a follower is served there: registered, sent its
+/// tasks, its results committed through the leader, its liveness relayed.
+/// When the leader stops, the agent keeps its session (no re-registration)
+/// and runs work from the next leader; when the agent stops, the leader
+/// marks it down although it never held its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_on_a_follower_is_served_and_keeps_its_session_across_a_leader_change() {
+    let (mut c, leader) = cluster_with_default_heartbeat().await;
+    let follower = (leader + 1) % 3;
+    let deadline = Instant::now() + T;
+    while !c.node(follower).serves_agents() {
+        assert!(Instant::now() < deadline, "the follower never served agents");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut cfg = c.agent_config(0);
+    cfg.coordinators = vec![c.configs[follower].listen.clone()];
+    c.start_agent_with(0, cfg).unwrap();
+    c.wait_state(leader, T, "agent up", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Up)
+    })
+    .await
+    .unwrap();
+    // The follower lists the session once it has applied the registration.
+    let deadline = Instant::now() + T;
+    while c.node(follower).connected_agents() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never listed the agent's stream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.node(leader).connected_agents(), 0, "the leader does not hold it");
+    let session = |c: &TestCluster, n: usize| c.node(n).consensus().read(|s| s.agents["us-east/us-east-1"].session);
+    let registered = session(&c, leader);
+
+    let op = run_echo(&c, leader, "us-east", "us-east-1", &[("message", "via a follower")]).await;
+    c.wait_state(leader, T, "echo through the follower", |s| {
+        s.operations[&op].state == TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+    let message = c
+        .node(leader)
+        .consensus()
+        .read(|s| s.operations[&op].tasks[0].result.clone().unwrap().message);
+    assert_eq!(message, "via a follower");
+
+    // Past several heartbeat intervals with only relays to go by, the
+    // leader still has the agent up under the same registration.
+    tokio::time::sleep(Duration::from_millis(3 * DEFAULT_AGENT_HEARTBEAT_MS)).await;
+    assert_eq!(
+        c.node(leader).consensus().read(|s| agent_state(s, "us-east/us-east-1")),
+        Some(AgentState::Up),
+        "relayed heartbeats keep the agent up"
+    );
+
+    c.stop_node(leader).await;
+    let new = c.wait_leader(T).await.unwrap();
+    let op = run_echo(&c, new, "us-east", "us-east-1", &[("message", "after the leader left")]).await;
+    c.wait_state(new, T, "echo from the next leader", |s| {
+        s.operations[&op].state == TaskState::Succeeded
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        session(&c, new),
+        registered,
+        "the agent kept its session through the leader change"
+    );
+    assert_eq!(c.node(follower).connected_agents(), 1);
+
+    let stopped = Instant::now();
+    c.stop_agent(0).await;
+    c.wait_state(new, T, "agent down", |s| {
+        agent_state(s, "us-east/us-east-1") == Some(AgentState::Down)
+    })
+    .await
+    .unwrap();
+    let down_after = stopped.elapsed();
+    assert!(
+        down_after < Duration::from_millis(4 * DEFAULT_AGENT_HEARTBEAT_MS),
+        "marked down {down_after:?} after the agent stopped"
+    );
     c.shutdown().await;
 }
 

@@ -51,11 +51,16 @@ async fn only_current_members_may_call_raft() {
     let c = TestCluster::builder().nodes(3).start().await.unwrap();
     let leader = c.wait_leader(T).await.unwrap();
     let addr = &c.configs[leader].listen;
-    // The new leader's own first entry must be committed before counting.
+    // The new leader's own entries (its first, blank, and its term's first
+    // cluster-clock tick) must be committed before counting.
     let deadline = std::time::Instant::now() + T;
     loop {
         let st = c.node(leader).consensus().status();
-        if st.commit_index > 0 && st.commit_index == st.last_log_index {
+        let ticked = c
+            .node(leader)
+            .consensus()
+            .read(|s| !s.clock.wants_tick(st.term, s.dr_epochs.iter()));
+        if st.commit_index > 0 && st.commit_index == st.last_log_index && ticked {
             break;
         }
         assert!(

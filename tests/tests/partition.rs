@@ -185,6 +185,74 @@ async fn a_partitioned_leader_is_replaced_and_its_operation_finishes_once() {
     }
 }
 
+/// The coordinators agent `i` registered with, in order (from its log).
+fn registrations(pc: &ProcessCluster, i: usize) -> Vec<usize> {
+    pc.agent_log(i)
+        .lines()
+        .filter(|l| l.contains(r#""message":"registered""#))
+        .filter_map(|l| {
+            let at = l.split(r#""coordinator":""#).nth(1)?.split('"').next()?;
+            // Agents in namespaces dial coordinators by name.
+            (0..3).find(|&n| pc.addr(n) == at || at.starts_with(&format!("coordinator-{}:", n + 1)))
+        })
+        .collect()
+}
+
+/// A coordinator cut off from the other coordinators but not from the
+/// agent it holds stops acknowledging the agent: no leader answers its
+/// relays, so it cannot vouch for the agent's lease. The agent leaves it
+/// for a node that serves (the leader it is redirected to, or the next it
+/// tries), and work started after the cut runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_leaves_a_coordinator_cut_off_from_the_leader() {
+    let pc = up().await;
+    let net = pc.net.as_ref().unwrap();
+    let leader = pc.wait_leader(T).await.unwrap();
+    let before = registrations(&pc, 0);
+    let held = *before
+        .last()
+        .unwrap_or_else(|| panic!("the agent registered:\n{}", pc.agent_log(0)));
+
+    let name = format!("coordinator-{}", held + 1);
+    let majority: Vec<usize> = (0..3).filter(|&i| i != held).collect();
+    let others: Vec<String> = majority.iter().map(|i| format!("coordinator-{}", i + 1)).collect();
+    let others: Vec<&str> = others.iter().map(String::as_str).collect();
+    net.partition(&[&name], &others).unwrap();
+    let leader = if held == leader {
+        new_leader(&pc, &majority, held).await.unwrap().0
+    } else {
+        leader
+    };
+
+    let deadline = Instant::now() + T;
+    let moved_to = loop {
+        let now = registrations(&pc, 0);
+        if now.len() > before.len()
+            && let Some(&at) = now.last()
+            && at != held
+        {
+            break at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent stayed with the cut-off node {}: {now:?}\n{}",
+            held + 1,
+            pc.log_tails(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("agent moved from cut-off node {} to node {}", held + 1, moved_to + 1);
+    let r = pc
+        .operator(leader)
+        .run_task(echo("after its coordinator was cut off", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let op = pc.wait_finished(&r.operation_id, T).await.unwrap();
+    assert_eq!(op.state, pb::TaskState::Succeeded as i32, "{}", describe(Some(&op)));
+    net.heal().unwrap();
+}
+
 /// Whether coordinator `i` has applied operation `id` as succeeded.
 async fn succeeded_on(pc: &ProcessCluster, i: usize, id: &str) -> bool {
     pc.operator(i)

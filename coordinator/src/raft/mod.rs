@@ -99,6 +99,13 @@ pub enum OpenError {
     Raft(String),
 }
 
+/// Where agent liveness relayed by followers goes on the leader: the agent
+/// hub. The Raft layer only carries it (peer traffic, between members,
+/// answered by a leader under a fresh lease) and does not interpret it.
+pub trait AgentRelay: Send + Sync + 'static {
+    fn relayed(&self, agents: Vec<cutover_shared::proto::RelayedAgent>);
+}
+
 /// Raft progress as seen by this node.
 #[derive(Clone, Debug)]
 pub struct RaftStatus {
@@ -819,6 +826,28 @@ impl Consensus {
         Ok(r.map_err(ProposeError::Rejected))
     }
 
+    /// Relays agent liveness to the leader (`RaftService.RelayAgents`).
+    /// `Ok` only when a node leading under a fresh lease took it: then this
+    /// node knows that, within `timeout`, a leader with a quorum heard it.
+    pub async fn relay_agents(
+        &self,
+        agents: Vec<cutover_shared::proto::RelayedAgent>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let (id, addr) = self.leader().ok_or("no leader known")?;
+        if id == self.node_id {
+            return Err("this node is the leader".into());
+        }
+        let mut client = self.peers.client(&addr).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(cutover_shared::proto::RelayAgentsRequest { agents });
+        req.set_timeout(timeout);
+        client
+            .relay_agents(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("relay to {addr}: {:?}: {}", s.code(), s.message()))
+    }
+
     /// Raft progress and membership as this node sees them.
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow_watched().clone();
@@ -896,9 +925,13 @@ impl Consensus {
     }
 
     /// The `RaftService` implementation for this node.
-    pub fn grpc_service(&self) -> cutover_shared::proto::raft_service_server::RaftServiceServer<service::RaftGrpc> {
+    pub fn grpc_service(
+        &self,
+        agents: Arc<dyn AgentRelay>,
+    ) -> cutover_shared::proto::raft_service_server::RaftServiceServer<service::RaftGrpc> {
         cutover_shared::proto::raft_service_server::RaftServiceServer::new(service::RaftGrpc {
             consensus: self.clone(),
+            agents,
         })
         .max_decoding_message_size(MAX_PEER_MESSAGE)
         .max_encoding_message_size(MAX_PEER_MESSAGE)

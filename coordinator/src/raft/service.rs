@@ -16,7 +16,8 @@ use cutover_shared::proto::raft_service_server::RaftService;
 use cutover_shared::proto::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, LevelRequest,
     LevelResponse, PreVoteRequest, PreVoteResponse, ProposeRequest, ProposeResponse, ReadIndexRequest,
-    ReadIndexResponse, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    ReadIndexResponse, RelayAgentsRequest, RelayAgentsResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
 };
 use futures::StreamExt;
 use openraft::vote::RaftLeaderId;
@@ -27,6 +28,8 @@ use super::{Consensus, NodeId, ProposeError};
 
 pub struct RaftGrpc {
     pub consensus: Consensus,
+    /// Takes the agent liveness followers relay (the agent hub).
+    pub agents: std::sync::Arc<dyn super::AgentRelay>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, Status> {
@@ -260,6 +263,18 @@ impl RaftService for RaftGrpc {
         Ok(super::level::stamp(Response::new(LevelResponse {
             level: super::level::FEATURE_LEVEL,
         })))
+    }
+
+    async fn relay_agents(&self, req: Request<RelayAgentsRequest>) -> Result<Response<RelayAgentsResponse>, Status> {
+        self.peer(&req)?;
+        // Only a leader with a fresh lease: the follower's OK is its proof
+        // that a quorum's leader hears it, which its agents' acks (their
+        // lease) rely on.
+        if !self.consensus.is_leader() {
+            return Err(Status::failed_precondition("not leading under a fresh lease"));
+        }
+        self.agents.relayed(req.into_inner().agents);
+        Ok(Response::new(RelayAgentsResponse {}))
     }
 
     async fn read_index(&self, req: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
