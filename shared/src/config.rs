@@ -203,8 +203,9 @@ impl CoordinatorConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Coordinator addresses (`host:port`); any node will do, the agent
-    /// follows redirects to the leader.
+    /// Coordinator addresses (`host:port`); any node will do: the agent
+    /// starts at a random one and stays with it, and follows the redirect
+    /// of a node cut off from the leader.
     pub coordinators: Vec<String>,
     /// Where the agent keeps its record of finished tasks.
     pub data_dir: PathBuf,
