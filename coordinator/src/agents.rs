@@ -717,7 +717,9 @@ impl AgentService for AgentApi {
                     Some(connect_request::Message::DatabaseStatus(r)) => {
                         // Malformed entries are dropped one by one: the
                         // rest of the report still counts. Stamped with
-                        // the leader's clock on arrival, not the agent's:
+                        // the coordinator's clock on arrival (the leader's:
+                        // it re-dates a forwarded report, `stamp_arrival`),
+                        // not the agent's:
                         // a database's unreachable-since, a stray
                         // primary's freshness and a standby's data-loss
                         // window are all compared with leader-stamped

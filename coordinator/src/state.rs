@@ -197,6 +197,30 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Dates, with `now_unix_ms` (the leader's clock as the write reaches
+    /// it), the times the node holding an agent's session stamps on the
+    /// agent's registration and reports as they arrive. They are compared
+    /// with leader-stamped times (an agent's down, a failover's wait), and
+    /// an entry's times are read on the clock of its term's leader
+    /// (`since_term`); any node may hold the session and forward the write,
+    /// so the leader re-dates it. Other commands keep their times.
+    pub fn stamp_arrival(&mut self, now_unix_ms: i64) {
+        match self {
+            Command::AgentUp { at_unix_ms, .. }
+            | Command::AgentDown { at_unix_ms, .. }
+            | Command::TaskFinished { at_unix_ms, .. }
+            | Command::RegionHealthReported { at_unix_ms, .. } => *at_unix_ms = now_unix_ms,
+            Command::DatabaseStatusReported { databases, .. } => {
+                for d in databases {
+                    d.observed_at_unix_ms = now_unix_ms;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Which kind of schedule a command acts on: backups and drills share the
 /// slot rule.
 #[derive(Clone, Copy)]

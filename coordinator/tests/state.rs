@@ -353,3 +353,22 @@ fn running_operations_follow_every_way_an_operation_finishes() {
     assert!(running_ids(&s).is_empty(), "an ad-hoc task's last result ends it");
     assert_eq!(s.running_operation("shop", &cluster()), None);
 }
+
+/// A report forwarded from the follower holding the agent's session is
+/// re-dated on the leader's clock: an agent's registration and down are
+/// the times the leader compares with its own. Other commands keep theirs.
+#[test]
+fn a_forwarded_agent_report_is_dated_by_the_leader() {
+    let mut c = up(7);
+    c.stamp_arrival(1_000);
+    assert!(matches!(c, Command::AgentUp { at_unix_ms: 1_000, .. }), "{c:?}");
+    let mut c = down(7);
+    c.stamp_arrival(2_000);
+    assert!(matches!(c, Command::AgentDown { at_unix_ms: 2_000, .. }), "{c:?}");
+    let mut c = Command::Compact {
+        retention: RetentionConfig::default(),
+        at_unix_ms: 5,
+    };
+    c.stamp_arrival(3_000);
+    assert!(matches!(c, Command::Compact { at_unix_ms: 5, .. }), "{c:?}");
+}

@@ -241,7 +241,12 @@ impl RaftService for RaftGrpc {
 
     async fn propose(&self, req: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
         self.peer(&req)?;
-        let cmd = decode(&req.into_inner().command, "command")?;
+        let mut cmd: super::Proposal = decode(&req.into_inner().command, "command")?;
+        // Agent reports are dated on this leader's clock, whichever node
+        // holds the agent's session (`Command::stamp_arrival`).
+        if let super::Proposal::Command(c) = &mut cmd {
+            c.stamp_arrival(cutover_shared::domain::now_unix_ms());
+        }
         // Only the leader takes forwarded writes: one hop, no forwarding loops.
         let r = match self.consensus.propose_local(cmd).await {
             Err(ProposeError::NotLeader { .. }) => {
