@@ -269,6 +269,10 @@ impl AgentHub {
         let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_generation = u64::MAX;
+        // The applied index `end_superseded` last looked at: a session is
+        // listed only once its registration is applied, so only a later
+        // apply can supersede it, and a tick with none has nothing to end.
+        let mut superseded_checked = 0;
         self.publish_connected();
         loop {
             tokio::select! {
@@ -292,7 +296,11 @@ impl AgentHub {
                     if *leadership.borrow() {
                         self.reap().await;
                     }
-                    self.end_superseded();
+                    let applied_now = *applied.borrow();
+                    if applied_now != superseded_checked {
+                        superseded_checked = applied_now;
+                        self.end_superseded();
+                    }
                     // A node that did not serve for a while sends what it
                     // missed once it does again.
                     self.dispatch_changed(&mut seen_generation);

@@ -181,6 +181,16 @@ async fn run_echo(c: &TestCluster, node: usize, region: &str, cluster: &str, par
     r.operation_id
 }
 
+/// Polls `done` until it holds, for at most `T`: what a node keeps in
+/// memory alone (its sessions) has no replicated state to wait on.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !done() {
+        assert!(Instant::now() < deadline, "not within {T:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A 3-node cluster with the us-east agent registered, and its leader.
 async fn cluster_with_us_east_agent() -> (TestCluster, usize) {
     let mut c = TestCluster::builder().nodes(3).regions(REGIONS).start().await.unwrap();
@@ -199,14 +209,13 @@ async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
     let (mut c, leader) = cluster_with_us_east_agent().await;
     // Stop the node the agent streams to (any node serves agents; it lists
     // the stream once it has applied the registration).
-    let deadline = Instant::now() + T;
-    let held = loop {
-        if let Some(i) = (0..3).find(|&i| c.node(i).connected_agents() == 1) {
-            break i;
-        }
-        assert!(Instant::now() < deadline, "no node lists the agent's stream");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut held = None;
+    until("a node lists the agent's stream", || {
+        held = (0..3).find(|&i| c.node(i).connected_agents() == 1);
+        held.is_some()
+    })
+    .await;
+    let held = held.unwrap();
     c.stop_node(held).await;
     let new = if held == leader {
         c.wait_leader(T).await.unwrap()
@@ -238,11 +247,7 @@ async fn agent_reconnects_by_itself_when_its_coordinator_dies() {
 async fn an_agent_on_a_follower_is_served_and_keeps_its_session_across_a_leader_change() {
     let (mut c, leader) = cluster_with_default_heartbeat().await;
     let follower = (leader + 1) % 3;
-    let deadline = Instant::now() + T;
-    while !c.node(follower).serves_agents() {
-        assert!(Instant::now() < deadline, "the follower never served agents");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the follower serves agents", || c.node(follower).serves_agents()).await;
     let mut cfg = c.agent_config(0);
     cfg.coordinators = vec![c.configs[follower].listen.clone()];
     c.start_agent_with(0, cfg).unwrap();
@@ -252,14 +257,10 @@ async fn an_agent_on_a_follower_is_served_and_keeps_its_session_across_a_leader_
     .await
     .unwrap();
     // The follower lists the session once it has applied the registration.
-    let deadline = Instant::now() + T;
-    while c.node(follower).connected_agents() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the follower never listed the agent's stream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the follower lists the agent's stream", || {
+        c.node(follower).connected_agents() == 1
+    })
+    .await;
     assert_eq!(c.node(leader).connected_agents(), 0, "the leader does not hold it");
     let session = |c: &TestCluster, n: usize| c.node(n).consensus().read(|s| s.agents["us-east/us-east-1"].session);
     let registered = session(&c, leader);
